@@ -1,1 +1,13 @@
-//! placeholder
+//! The nodus node daemon: configuration, the routing core ([`router`]), the message cache
+//! ([`cache`]) and the I/O driver ([`server`]) that runs them on Unix and TCP listeners.
+//!
+//! Entry point: [`Daemon::bind`] then [`Daemon::run`] with a shutdown future.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod config;
+pub mod router;
+pub mod server;
+
+pub use config::Config;
+pub use server::{now_ms, Daemon};

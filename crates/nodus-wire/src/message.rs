@@ -150,12 +150,14 @@ impl Message {
         self.params.get(name).map(String::as_str)
     }
 
-    /// A reply to this message: addressed to its sender and correlated by `reply_to`.
+    /// A reply to this message: addressed to its sender (when the sender is a named service) and
+    /// correlated by `reply_to`.
     pub fn reply(&self, command: impl Into<String>) -> Message {
         let mut m = Message::new(command);
-        m.to = self.from.clone();
+        if !self.from.service.is_empty() {
+            m.to = self.from.clone();
+        }
         m.envelope.reply_to = self.envelope.id;
-        m.envelope.pid = self.envelope.id;
         m
     }
 

@@ -1,0 +1,191 @@
+//! Node configuration: an embedded default, overridden by a TOML file and by flags.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The embedded default configuration (also the documentation of every key).
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's server name; empty means the host name.
+    pub server_name: String,
+    /// Directory holding the node's state.
+    pub data_dir: PathBuf,
+    /// Unix socket path; empty means `<data_dir>/nodus.sock`.
+    pub unix_socket: PathBuf,
+    /// TCP listen address; empty disables the TCP listener.
+    pub tcp_listen: String,
+    /// Services whose messages are cached until they register.
+    pub expected_services: Vec<String>,
+    /// Resource bounds.
+    pub limits: Limits,
+}
+
+/// Every bound the node enforces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame or line, bytes.
+    pub max_frame_bytes: usize,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Per-connection outbound queue bound, messages.
+    pub max_outbound_messages: usize,
+    /// Per-connection outbound queue bound, bytes.
+    pub max_outbound_bytes: usize,
+    /// Cache bound, messages.
+    pub cache_max_messages: usize,
+    /// Cache bound, bytes.
+    pub cache_max_bytes: usize,
+    /// Default cache TTL, seconds.
+    pub cache_default_ttl_secs: u64,
+    /// Smallest accepted cache TTL, seconds.
+    pub cache_min_ttl_secs: u64,
+    /// Largest accepted cache TTL, seconds.
+    pub cache_max_ttl_secs: u64,
+    /// Most requests tracked for reply correlation.
+    pub max_pending_requests: usize,
+    /// How long a request is tracked, seconds.
+    pub request_timeout_secs: u64,
+    /// Graceful shutdown grace period, seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+/// Configuration loading failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has an unknown key.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded default is part of the binary and covered by a test.
+        Config::from_toml("").expect("embedded default config is valid")
+    }
+}
+
+impl Config {
+    /// The default configuration with `overrides` (TOML text) merged on top.
+    ///
+    /// Fails when the TOML is invalid, names an unknown key or a value is out of range.
+    pub fn from_toml(overrides: &str) -> Result<Config, ConfigError> {
+        let mut base: toml::Table =
+            DEFAULT_TOML.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        let top: toml::Table = overrides.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        merge(&mut base, top);
+        let mut config: Config =
+            toml::Value::Table(base).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.resolve();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `path` and merges it over the defaults.
+    ///
+    /// Fails when the file cannot be read or [`Config::from_toml`] fails.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::from_toml(&text)
+    }
+
+    /// Fills derived values (server name, socket path).
+    pub fn resolve(&mut self) {
+        if self.server_name.is_empty() {
+            self.server_name = host_name();
+        }
+        if self.unix_socket.as_os_str().is_empty() {
+            self.unix_socket = self.data_dir.join("nodus.sock");
+        }
+    }
+
+    /// Checks ranges and names.
+    ///
+    /// Fails with a message naming the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !nodus_wire::valid_name(&self.server_name) || self.server_name.is_empty() {
+            return bad(format!("server_name {:?} must match [A-Za-z0-9_.-]+", self.server_name));
+        }
+        for s in &self.expected_services {
+            if s.is_empty() || !nodus_wire::valid_name(s) {
+                return bad(format!("expected_services entry {s:?} is not a valid service name"));
+            }
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes must be at least 1024".into());
+        }
+        if l.max_connections == 0 || l.max_outbound_messages == 0 {
+            return bad("limits.max_connections and limits.max_outbound_messages must be positive".into());
+        }
+        if l.cache_min_ttl_secs > l.cache_max_ttl_secs
+            || !(l.cache_min_ttl_secs..=l.cache_max_ttl_secs).contains(&l.cache_default_ttl_secs)
+        {
+            return bad("limits.cache_default_ttl_secs must lie within cache_min_ttl_secs..=cache_max_ttl_secs".into());
+        }
+        Ok(())
+    }
+}
+
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The host name, made into a valid server name.
+pub fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let name: String =
+        raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::default();
+        assert_eq!(c.tcp_listen, "127.0.0.1:4040");
+        assert!(c.unix_socket.ends_with("nodus.sock"));
+    }
+
+    #[test]
+    fn overrides_merge_and_unknown_keys_fail() {
+        let c = Config::from_toml("server_name = \"a1\"\n[limits]\nmax_connections = 3\n").unwrap();
+        assert_eq!(c.server_name, "a1");
+        assert_eq!(c.limits.max_connections, 3);
+        assert_eq!(c.limits.max_frame_bytes, 4194304);
+        assert!(Config::from_toml("nope = 1").is_err());
+        assert!(Config::from_toml("server_name = \"bad name\"").is_err());
+    }
+}

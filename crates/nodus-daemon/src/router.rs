@@ -1,0 +1,651 @@
+//! The local router: the protocol core of a node. It owns the table of connections and registered
+//! services, the request/reply correlation table and the message cache, and turns each input
+//! (`connect`, `handle`, `handle_invalid`, `disconnect`, `tick`, `begin_shutdown`) into
+//! [`Action`]s. It does no I/O and reads no clock: `now` (Unix milliseconds) is an argument.
+//!
+//! Invariants:
+//! - a message's `from` is always stamped here, never taken from the client;
+//! - an expired message (`expires_at <= now`) is never delivered; its sender gets `ERROR code=expired`;
+//! - every request the router tracks ends in exactly one of: the reply, `ERROR code=disconnected`
+//!   (responder gone) or `ERROR code=timeout`;
+//! - all tables are bounded by [`RouterLimits`].
+
+use crate::cache::{Cache, CacheLimits};
+use nodus_wire::{Message, MessageError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Identifies one client connection of this node.
+pub type ConnId = u64;
+
+/// The name under which the node itself answers (also reached with an empty service).
+pub const NODE_SERVICE: &str = "node";
+
+/// What the driver must do after an input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Queue the message on the connection.
+    Deliver(ConnId, Message),
+    /// Close the connection once what is queued has been written.
+    Close(ConnId),
+    /// A client asked the node to stop: begin a graceful shutdown.
+    Shutdown,
+}
+
+/// Bounds and timeouts of the router.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterLimits {
+    /// Cache bounds.
+    pub cache: CacheLimits,
+    /// Default cache TTL, ms.
+    pub cache_default_ttl_ms: i64,
+    /// Accepted cache TTL range, ms (values outside are clamped).
+    pub cache_ttl_range_ms: (i64, i64),
+    /// Most requests tracked for correlation.
+    pub max_pending: usize,
+    /// How long a request is tracked, ms.
+    pub request_timeout_ms: i64,
+}
+
+impl RouterLimits {
+    /// Limits from the node configuration.
+    pub fn from_config(l: &crate::config::Limits) -> Self {
+        RouterLimits {
+            cache: CacheLimits { max_messages: l.cache_max_messages, max_bytes: l.cache_max_bytes },
+            cache_default_ttl_ms: l.cache_default_ttl_secs as i64 * 1000,
+            cache_ttl_range_ms: (l.cache_min_ttl_secs as i64 * 1000, l.cache_max_ttl_secs as i64 * 1000),
+            max_pending: l.max_pending_requests,
+            request_timeout_ms: l.request_timeout_secs as i64 * 1000,
+        }
+    }
+}
+
+/// Live counters, reported by `INFO`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Messages accepted from clients.
+    pub received: u64,
+    /// Messages queued to clients.
+    pub delivered: u64,
+    /// Units rejected as `INVALID`.
+    pub invalid: u64,
+    /// Messages dropped because they had expired.
+    pub expired: u64,
+    /// Messages stored in the cache.
+    pub cached: u64,
+    /// Messages that could not be delivered nor cached.
+    pub undeliverable: u64,
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    service: Option<String>,
+    commands: Option<HashSet<String>>,
+    sniff: Option<SniffFilter>,
+    in_flight: u32,
+}
+
+impl Conn {
+    fn understands(&self, command: &str) -> bool {
+        self.commands.as_ref().is_none_or(|c| c.contains(command))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct SniffFilter {
+    service: Option<String>,
+    command: Option<String>,
+}
+
+impl SniffFilter {
+    fn matches(&self, m: &Message) -> bool {
+        self.service.as_ref().is_none_or(|s| &m.to.service == s || &m.from.service == s)
+            && self.command.as_ref().is_none_or(|c| &m.command == c)
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    origin: ConnId,
+    deadline: i64,
+    command: String,
+}
+
+/// The routing core of one node.
+#[derive(Debug)]
+pub struct Router {
+    server: String,
+    limits: RouterLimits,
+    started_at: i64,
+    conns: HashMap<ConnId, Conn>,
+    services: BTreeMap<String, Vec<ConnId>>,
+    pending: HashMap<(ConnId, u64), Pending>,
+    cache: Cache,
+    expected: HashSet<String>,
+    sniffers: Vec<ConnId>,
+    quitting: bool,
+    rr: usize,
+    stats: Stats,
+}
+
+enum CacheMode {
+    Cache { ttl_ms: i64 },
+    No { reply: bool },
+}
+
+impl Router {
+    /// A router for node `server` that caches messages for `expected` services.
+    pub fn new(server: &str, expected: &[String], limits: RouterLimits, now: i64) -> Self {
+        Router {
+            server: server.to_string(),
+            limits,
+            started_at: now,
+            conns: HashMap::new(),
+            services: BTreeMap::new(),
+            pending: HashMap::new(),
+            cache: Cache::new(limits.cache),
+            expected: expected.iter().cloned().collect(),
+            sniffers: Vec::new(),
+            quitting: false,
+            rr: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// This node's server name.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Requests currently awaiting a reply.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Messages currently cached.
+    pub fn cached_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// True once a shutdown began.
+    pub fn is_quitting(&self) -> bool {
+        self.quitting
+    }
+
+    /// A new connection.
+    pub fn connect(&mut self, conn: ConnId) {
+        self.conns.insert(conn, Conn::default());
+    }
+
+    /// Starts a graceful shutdown: new registrations and requests are answered `QUITTING`;
+    /// replies to requests in flight are still routed.
+    pub fn begin_shutdown(&mut self) {
+        self.quitting = true;
+    }
+
+    /// Tells every connection the node is going away.
+    pub fn farewell(&mut self, out: &mut Vec<Action>) {
+        for id in self.conns.keys() {
+            let mut m = Message::new("QUITTING");
+            m.from = self.node_address();
+            out.push(Action::Deliver(*id, m));
+        }
+    }
+
+    /// A unit from `conn` that could not be decoded into a message.
+    pub fn handle_invalid(&mut self, conn: ConnId, error: &MessageError, out: &mut Vec<Action>) {
+        self.stats.invalid += 1;
+        let mut m = Message::new("INVALID").param("message", error.to_string());
+        m.from = self.node_address();
+        out.push(Action::Deliver(conn, m));
+    }
+
+    /// A message from `conn`.
+    pub fn handle(&mut self, conn: ConnId, mut msg: Message, now: i64, out: &mut Vec<Action>) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        self.stats.received += 1;
+        msg.from.server.clone_from(&self.server);
+        match &c.service {
+            Some(s) => msg.from.service.clone_from(s),
+            None => msg.from.service.clear(),
+        }
+        if msg.envelope.expires_at != 0 && msg.envelope.expires_at <= now {
+            self.stats.expired += 1;
+            let e = self.error(&msg, "expired", "the message expired before it could be delivered");
+            out.push(Action::Deliver(conn, e));
+            return;
+        }
+        if !self.sniffers.is_empty() {
+            self.sniff(conn, &msg, out);
+        }
+        let reply_to = msg.envelope.reply_to;
+        if reply_to != 0 {
+            if let Some(p) = self.pending.remove(&(conn, reply_to)) {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
+                if self.conns.contains_key(&p.origin) {
+                    self.stats.delivered += 1;
+                    out.push(Action::Deliver(p.origin, msg));
+                }
+                return;
+            }
+        }
+        if self.quitting && reply_to == 0 {
+            out.push(Action::Deliver(conn, self.answer(&msg, "QUITTING")));
+            return;
+        }
+        let to_server = msg.to.server.as_str();
+        if !(to_server.is_empty() || to_server == "." || to_server == "*" || to_server == self.server) {
+            if to_server == "?" {
+                // Remote nodes only: this node has no cluster links, so there is nobody to reach.
+                return;
+            }
+            let text = format!("no route to server {to_server:?}");
+            self.undeliverable(conn, &msg, "unknown_server", text, out);
+            return;
+        }
+        match msg.to.service.as_str() {
+            "" | NODE_SERVICE | "communicatord" => {
+                if reply_to == 0 {
+                    self.command(conn, msg, now, out);
+                }
+            }
+            "*" | "." => self.broadcast(conn, msg, out),
+            _ => self.route(conn, msg, now, out),
+        }
+    }
+
+    fn route(&mut self, origin: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        let target = match self.services.get(&msg.to.service) {
+            Some(instances) if !instances.is_empty() => {
+                self.rr = self.rr.wrapping_add(1);
+                pick(self.rr, instances, &self.conns)
+            }
+            _ => return self.absent(origin, msg, now, out),
+        };
+        let t = &self.conns[&target];
+        if !t.understands(&msg.command) {
+            let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
+            out.push(Action::Deliver(origin, reply));
+            return;
+        }
+        self.deliver_tracked(origin, target, msg, now, out);
+    }
+
+    fn deliver_tracked(&mut self, origin: ConnId, target: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        let id = msg.envelope.id;
+        if id != 0 && msg.envelope.reply_to == 0 && self.pending.len() < self.limits.max_pending {
+            let deadline = match msg.envelope.expires_at {
+                0 => now + self.limits.request_timeout_ms,
+                e => e.min(now + self.limits.request_timeout_ms),
+            };
+            let prev = self.pending.insert((target, id), Pending { origin, deadline, command: msg.command.clone() });
+            if prev.is_none() {
+                if let Some(c) = self.conns.get_mut(&target) {
+                    c.in_flight += 1;
+                }
+            }
+        }
+        self.stats.delivered += 1;
+        out.push(Action::Deliver(target, msg));
+    }
+
+    fn broadcast(&mut self, origin: ConnId, msg: Message, out: &mut Vec<Action>) {
+        for (id, c) in &self.conns {
+            if *id != origin && c.service.is_some() && c.understands(&msg.command) {
+                self.stats.delivered += 1;
+                out.push(Action::Deliver(*id, msg.clone()));
+            }
+        }
+    }
+
+    /// The destination service is not registered: cache, report or drop as the message asks.
+    fn absent(&mut self, origin: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        let mode = self.cache_mode(&msg);
+        let expected = self.expected.contains(&msg.to.service);
+        match mode {
+            CacheMode::Cache { ttl_ms } if expected => {
+                let mut expires_at = now + ttl_ms;
+                if msg.envelope.expires_at != 0 {
+                    expires_at = expires_at.min(msg.envelope.expires_at);
+                }
+                let report = self.report(&msg, "cached");
+                let service = msg.to.service.clone();
+                if self.cache.push(&service, msg.clone(), expires_at, now) {
+                    self.stats.cached += 1;
+                    if let Some(r) = report {
+                        out.push(Action::Deliver(origin, r));
+                    }
+                } else {
+                    self.undeliverable(origin, &msg, "cache_full", "the message cache is full".into(), out);
+                }
+            }
+            CacheMode::No { reply: false } => {
+                self.stats.undeliverable += 1;
+                if let Some(r) = self.report(&msg, "failed") {
+                    out.push(Action::Deliver(origin, r));
+                }
+            }
+            _ => {
+                let text = format!("service {:?} is not registered on {}", msg.to.service, self.server);
+                self.undeliverable(origin, &msg, "unavailable", text, out);
+            }
+        }
+    }
+
+    fn undeliverable(&mut self, origin: ConnId, msg: &Message, why: &str, text: String, out: &mut Vec<Action>) {
+        self.stats.undeliverable += 1;
+        if let Some(r) = self.report(msg, "failed") {
+            out.push(Action::Deliver(origin, r));
+        }
+        let m = self
+            .answer(msg, "SERVICE_UNAVAILABLE")
+            .param("destination_service", &msg.to.service)
+            .param("command", &msg.command)
+            .param("reason", why)
+            .param("message", text);
+        out.push(Action::Deliver(origin, m));
+    }
+
+    fn report(&self, msg: &Message, status: &str) -> Option<Message> {
+        (msg.get("transmission_report") == Some("failure")).then(|| {
+            self.answer(msg, "TRANSMISSION_REPORT")
+                .param("status", status)
+                .param("command", &msg.command)
+                .param("destination_service", &msg.to.service)
+        })
+    }
+
+    fn cache_mode(&self, msg: &Message) -> CacheMode {
+        let mut ttl_ms = self.limits.cache_default_ttl_ms;
+        let (mut no, mut reply) = (false, false);
+        for opt in msg.get("cache").unwrap_or("").split(';').map(str::trim) {
+            match opt {
+                "no" => no = true,
+                "reply" => reply = true,
+                _ => {
+                    if let Some(secs) = opt.strip_prefix("ttl=").and_then(|v| v.parse::<i64>().ok()) {
+                        let (lo, hi) = self.limits.cache_ttl_range_ms;
+                        ttl_ms = secs.saturating_mul(1000).clamp(lo, hi);
+                    }
+                }
+            }
+        }
+        if no {
+            CacheMode::No { reply }
+        } else {
+            CacheMode::Cache { ttl_ms }
+        }
+    }
+
+    /// A command addressed to the node itself.
+    fn command(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        match msg.command.as_str() {
+            "REGISTER" => self.register(conn, &msg, now, out),
+            "UNREGISTER" => self.unregister(conn, &msg, out),
+            "COMMANDS" => {
+                let list = msg.get("list").unwrap_or("");
+                let set = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.commands = Some(set);
+                }
+            }
+            "SERVICE_STATUS" => {
+                let Some(name) = msg.get("service") else {
+                    return self.invalid_request(conn, &msg, "SERVICE_STATUS needs service=NAME", out);
+                };
+                let reply = self.status_message(name).with_reply_to(&msg);
+                out.push(Action::Deliver(conn, reply));
+            }
+            "LIST_SERVICES" => {
+                let list = self.services.keys().cloned().collect::<Vec<_>>().join(",");
+                out.push(Action::Deliver(conn, self.answer(&msg, "SERVICES").param("list", list)));
+            }
+            "INFO" => {
+                let s = &self.stats;
+                let instances: usize = self.services.values().map(Vec::len).sum();
+                let reply = self
+                    .answer(&msg, "INFO")
+                    .param("server", &self.server)
+                    .param("version", env!("CARGO_PKG_VERSION"))
+                    .param("uptime_ms", now - self.started_at)
+                    .param("connections", self.conns.len())
+                    .param("services", self.services.len())
+                    .param("instances", instances)
+                    .param("pending", self.pending.len())
+                    .param("cached", self.cache.len())
+                    .param("received", s.received)
+                    .param("delivered", s.delivered)
+                    .param("invalid", s.invalid)
+                    .param("expired", s.expired)
+                    .param("undeliverable", s.undeliverable)
+                    .param("quitting", self.quitting);
+                out.push(Action::Deliver(conn, reply));
+            }
+            "SNIFF" => {
+                let filter = SniffFilter {
+                    service: msg.get("service").map(String::from),
+                    command: msg.get("command").map(String::from),
+                };
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.sniff = Some(filter);
+                    if !self.sniffers.contains(&conn) {
+                        self.sniffers.push(conn);
+                    }
+                }
+                out.push(Action::Deliver(conn, self.answer(&msg, "SNIFFING")));
+            }
+            "PING" => out.push(Action::Deliver(conn, self.answer(&msg, "PONG"))),
+            "CLUSTER_STATUS" => {
+                // A node without cluster links is a cluster of one: quorum 1 of 1, complete.
+                for status in ["CLUSTER_UP", "CLUSTER_COMPLETE"] {
+                    out.push(Action::Deliver(conn, self.answer(&msg, status).param("neighbors_count", 0)));
+                }
+            }
+            "CLOCK_STATUS" => out.push(Action::Deliver(conn, self.answer(&msg, "CLOCK_STABLE"))),
+            "STOP" => {
+                out.push(Action::Deliver(conn, self.answer(&msg, "STOPPING")));
+                out.push(Action::Shutdown);
+            }
+            _ => {
+                let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
+                out.push(Action::Deliver(conn, reply));
+            }
+        }
+    }
+
+    fn register(&mut self, conn: ConnId, msg: &Message, now: i64, out: &mut Vec<Action>) {
+        let Some(name) = msg.get("service") else {
+            return self.invalid_request(conn, msg, "REGISTER needs service=NAME;version=1", out);
+        };
+        if msg.get("version") != Some("1") {
+            return self.invalid_request(conn, msg, "REGISTER needs version=1 (the only protocol version)", out);
+        }
+        if name.is_empty()
+            || !nodus_wire::valid_name(name)
+            || name.contains(['*', '?'])
+            || matches!(name, "." | NODE_SERVICE | "communicatord")
+        {
+            return self.invalid_request(conn, msg, &format!("{name:?} cannot be registered as a service name"), out);
+        }
+        if let Some(current) = self.conns.get(&conn).and_then(|c| c.service.clone()) {
+            let text = format!("this connection is already registered as {current:?}; send UNREGISTER first");
+            return self.invalid_request(conn, msg, &text, out);
+        }
+        let name = name.to_string();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.service = Some(name.clone());
+        }
+        self.services.entry(name.clone()).or_default().push(conn);
+        out.push(Action::Deliver(conn, self.answer(msg, "HELP")));
+        out.push(Action::Deliver(conn, self.answer(msg, "READY").param("server", &self.server)));
+        for cached in self.cache.take(&name, now) {
+            self.stats.delivered += 1;
+            out.push(Action::Deliver(conn, cached));
+        }
+        self.notify_status(&name, out);
+    }
+
+    fn unregister(&mut self, conn: ConnId, msg: &Message, out: &mut Vec<Action>) {
+        let name = self.conns.get_mut(&conn).and_then(|c| c.service.take());
+        match name {
+            Some(name) => {
+                self.remove_instance(conn, &name);
+                self.notify_status(&name, out);
+            }
+            None => self.invalid_request(conn, msg, "UNREGISTER from a connection that is not registered", out),
+        }
+    }
+
+    fn remove_instance(&mut self, conn: ConnId, name: &str) {
+        if let Some(list) = self.services.get_mut(name) {
+            list.retain(|c| *c != conn);
+            if list.is_empty() {
+                self.services.remove(name);
+            }
+        }
+    }
+
+    fn status_message(&self, name: &str) -> Message {
+        let n = self.services.get(name).map_or(0, Vec::len);
+        let mut m = Message::new("STATUS")
+            .param("service", name)
+            .param("server", &self.server)
+            .param("status", if n > 0 { "up" } else { "down" })
+            .param("instances", n);
+        m.from = self.node_address();
+        m
+    }
+
+    /// `STATUS` to every service that declared it understands `STATUS`.
+    fn notify_status(&mut self, name: &str, out: &mut Vec<Action>) {
+        let status = self.status_message(name);
+        for (id, c) in &self.conns {
+            if c.service.as_deref() != Some(name) && c.commands.as_ref().is_some_and(|s| s.contains("STATUS")) {
+                out.push(Action::Deliver(*id, status.clone()));
+            }
+        }
+    }
+
+    fn sniff(&self, origin: ConnId, msg: &Message, out: &mut Vec<Action>) {
+        for s in &self.sniffers {
+            if *s != origin && self.conns.get(s).and_then(|c| c.sniff.as_ref()).is_some_and(|f| f.matches(msg)) {
+                out.push(Action::Deliver(*s, msg.clone()));
+            }
+        }
+    }
+
+    /// A connection closed.
+    pub fn disconnect(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        self.sniffers.retain(|s| *s != conn);
+        if let Some(name) = c.service {
+            self.remove_instance(conn, &name);
+            self.notify_status(&name, out);
+        }
+        let server = self.server.clone();
+        let mut failed = Vec::new();
+        self.pending.retain(|(responder, id), p| {
+            if *responder == conn {
+                failed.push((p.origin, *id, std::mem::take(&mut p.command)));
+                false
+            } else {
+                p.origin != conn
+            }
+        });
+        for (origin, id, command) in failed {
+            if self.conns.contains_key(&origin) {
+                let mut m = Message::new("ERROR")
+                    .param("code", "disconnected")
+                    .param("command", command)
+                    .param("message", "the service handling the request disconnected before replying");
+                m.from = nodus_wire::Address::new(&server, NODE_SERVICE);
+                m.envelope.reply_to = id;
+                out.push(Action::Deliver(origin, m));
+            }
+        }
+    }
+
+    /// Time passes: expire cached messages and tracked requests.
+    pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.cache.sweep(now);
+        let mut timed_out = Vec::new();
+        self.pending.retain(|(responder, id), p| {
+            let keep = p.deadline > now;
+            if !keep {
+                timed_out.push((*responder, p.origin, *id, std::mem::take(&mut p.command)));
+            }
+            keep
+        });
+        for (responder, origin, id, command) in timed_out {
+            if let Some(c) = self.conns.get_mut(&responder) {
+                c.in_flight = c.in_flight.saturating_sub(1);
+            }
+            if self.conns.contains_key(&origin) {
+                let mut m = Message::new("ERROR")
+                    .param("code", "timeout")
+                    .param("command", command)
+                    .param("message", "no reply arrived before the request timed out");
+                m.from = self.node_address();
+                m.envelope.reply_to = id;
+                out.push(Action::Deliver(origin, m));
+            }
+        }
+    }
+
+    fn node_address(&self) -> nodus_wire::Address {
+        nodus_wire::Address::new(&self.server, NODE_SERVICE)
+    }
+
+    /// A message from the node answering `req`.
+    fn answer(&self, req: &Message, command: &str) -> Message {
+        let mut m = req.reply(command);
+        m.from = self.node_address();
+        m
+    }
+
+    fn error(&self, req: &Message, code: &str, text: &str) -> Message {
+        self.answer(req, "ERROR").param("code", code).param("command", &req.command).param("message", text)
+    }
+
+    fn invalid_request(&mut self, conn: ConnId, req: &Message, text: &str, out: &mut Vec<Action>) {
+        self.stats.invalid += 1;
+        let m = self.answer(req, "INVALID").param("command", &req.command).param("message", text);
+        out.push(Action::Deliver(conn, m));
+    }
+}
+
+trait ReplyTo {
+    fn with_reply_to(self, req: &Message) -> Self;
+}
+
+impl ReplyTo for Message {
+    fn with_reply_to(mut self, req: &Message) -> Self {
+        self.envelope.reply_to = req.envelope.id;
+        if !req.from.service.is_empty() {
+            self.to = req.from.clone();
+        }
+        self
+    }
+}
+
+/// Picks the least loaded instance, rotating the starting point among equals.
+fn pick(rr: usize, instances: &[ConnId], conns: &HashMap<ConnId, Conn>) -> ConnId {
+    let n = instances.len();
+    let mut best = instances[rr % n];
+    let mut best_load = conns[&best].in_flight;
+    for i in 1..n {
+        let id = instances[(rr + i) % n];
+        let load = conns[&id].in_flight;
+        if load < best_load {
+            best = id;
+            best_load = load;
+        }
+    }
+    best
+}

@@ -1,0 +1,497 @@
+//! The node's I/O driver: listeners (Unix socket and TCP), one reader and one writer task per
+//! connection, the periodic tick, and graceful shutdown. All protocol decisions are made by the
+//! [`Router`]; this module only moves bytes and applies [`Action`]s.
+//!
+//! Bounds enforced here: `max_connections` (more are refused), `max_frame_bytes` (a longer frame
+//! or line closes the connection after an `INVALID`), and the per-connection outbound queue
+//! (`max_outbound_messages`/`max_outbound_bytes`: a consumer that falls behind is disconnected).
+
+use crate::config::Config;
+use crate::router::{Action, ConnId, Router, RouterLimits};
+use anyhow::Context;
+use bytes::BytesMut;
+use nodus_wire::{binary, detect, text, Decoded, Form, FrameError, Message};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Wall-clock time in Unix milliseconds (the only clock read in the daemon's routing path).
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Most decoded messages handled under one lock acquisition.
+const BATCH: usize = 256;
+/// Writer flushes once this many bytes are encoded.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+enum Outbound {
+    Msg(Message),
+    Close,
+}
+
+struct Handle {
+    tx: mpsc::Sender<Outbound>,
+    queued_bytes: Arc<AtomicUsize>,
+    kill: CancellationToken,
+}
+
+struct State {
+    router: Router,
+    handles: std::collections::HashMap<ConnId, Handle>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    config: Config,
+    stop: CancellationToken,
+    idle: Notify,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; keep serving with the state as it is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, state: &mut State, actions: &mut Vec<Action>) {
+        let max_bytes = self.config.limits.max_outbound_bytes;
+        for action in actions.drain(..) {
+            match action {
+                Action::Deliver(conn, msg) => {
+                    let Some(h) = state.handles.get(&conn) else { continue };
+                    let size = msg.approx_size();
+                    let queued = h.queued_bytes.load(Ordering::Relaxed);
+                    if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg)).is_err() {
+                        if !h.kill.is_cancelled() {
+                            warn!(conn, queued, "slow consumer: outbound queue full, disconnecting");
+                            h.kill.cancel();
+                        }
+                    } else {
+                        h.queued_bytes.fetch_add(size, Ordering::Relaxed);
+                    }
+                }
+                Action::Close(conn) => {
+                    if let Some(h) = state.handles.get(&conn) {
+                        if h.tx.try_send(Outbound::Close).is_err() {
+                            h.kill.cancel();
+                        }
+                    }
+                }
+                Action::Shutdown => self.stop.cancel(),
+            }
+        }
+        if state.router.is_quitting() && state.router.pending_len() == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+/// A bound but not yet running node.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Daemon {
+    /// Creates the data directory and binds the configured listeners.
+    ///
+    /// Fails when a listener cannot be bound (address in use, permissions) or another node already
+    /// listens on the Unix socket.
+    pub async fn bind(config: Config) -> anyhow::Result<Daemon> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        let tcp = if config.tcp_listen.is_empty() {
+            None
+        } else {
+            Some(
+                TcpListener::bind(&config.tcp_listen)
+                    .await
+                    .with_context(|| format!("cannot listen on TCP {}", config.tcp_listen))?,
+            )
+        };
+        let unix = if config.unix_socket.as_os_str().is_empty() {
+            None
+        } else {
+            let path = config.unix_socket.clone();
+            Some((bind_unix(&path).await?, path))
+        };
+        let router = Router::new(
+            &config.server_name,
+            &config.expected_services,
+            RouterLimits::from_config(&config.limits),
+            now_ms(),
+        );
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { router, handles: Default::default() }),
+            config,
+            stop: CancellationToken::new(),
+            idle: Notify::new(),
+            next_conn: AtomicU64::new(1),
+        });
+        Ok(Daemon { shared, tcp, unix })
+    }
+
+    /// The bound TCP address, if the TCP listener is enabled.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The Unix socket path, if enabled.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(_, p)| p.as_path())
+    }
+
+    /// This node's server name.
+    pub fn server_name(&self) -> &str {
+        &self.shared.config.server_name
+    }
+
+    /// Serves until `shutdown` completes or a client sends `STOP`, then drains: new requests are
+    /// answered `QUITTING`, requests in flight get `shutdown_grace_secs` to be answered, every
+    /// client gets `QUITTING`, and connections close after their queues are written.
+    ///
+    /// Fails only if an accept loop hits an unrecoverable error.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+        let conns_done = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut accepts = JoinSet::new();
+        let (conn_tx, mut conn_rx) = mpsc::channel::<tokio::task::JoinHandle<()>>(64);
+        if let Some(l) = self.tcp {
+            info!(addr = %l.local_addr()?, "listening on TCP");
+            let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
+            accepts.spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, peer)) => {
+                            let _ = s.set_nodelay(true);
+                            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                                warn!(%peer, "connection refused: max_connections reached");
+                                continue;
+                            };
+                            let (r, w) = s.into_split();
+                            let h = tokio::spawn(connection(shared.clone(), r, w, permit));
+                            let _ = conn_tx.send(h).await;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "TCP accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, path)) = self.unix {
+            info!(path = %path.display(), "listening on Unix socket");
+            let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
+            accepts.spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => {
+                            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                                warn!("connection refused: max_connections reached");
+                                continue;
+                            };
+                            let (r, w) = s.into_split();
+                            let h = tokio::spawn(connection(shared.clone(), r, w, permit));
+                            let _ = conn_tx.send(h).await;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "Unix accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        drop(conn_tx);
+        // Collect connection handles so shutdown can wait for them.
+        let collector = {
+            let done = conns_done.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        h = conn_rx.recv() => match h {
+                            Some(h) => { tasks.spawn(async move { let _ = h.await; }); }
+                            None => break,
+                        },
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        _ = done.cancelled() => break,
+                    }
+                }
+                tasks
+            })
+        };
+        let ticker = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(500));
+                let mut out = Vec::new();
+                loop {
+                    every.tick().await;
+                    let mut st = shared.lock();
+                    st.router.tick(now_ms(), &mut out);
+                    shared.apply(&mut st, &mut out);
+                }
+            })
+        };
+
+        tokio::select! {
+            _ = shutdown => info!("shutdown requested"),
+            _ = shared.stop.cancelled() => info!("STOP received"),
+        }
+        // Stop accepting, then drain requests in flight under the grace period.
+        accepts.abort_all();
+        shared.lock().router.begin_shutdown();
+        let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let idle = shared.idle.notified();
+            let pending = shared.lock().router.pending_len();
+            if pending == 0 {
+                break;
+            }
+            debug!(pending, "draining requests in flight");
+            tokio::select! {
+                _ = idle => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(pending, "grace period over with requests still in flight");
+                    break;
+                }
+            }
+        }
+        ticker.abort();
+        {
+            let mut out = Vec::new();
+            let mut st = shared.lock();
+            st.router.farewell(&mut out);
+            let ids: Vec<ConnId> = st.handles.keys().copied().collect();
+            out.extend(ids.into_iter().map(Action::Close));
+            shared.apply(&mut st, &mut out);
+        }
+        conns_done.cancel();
+        let mut tasks = collector.await.unwrap_or_default();
+        let all_closed = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), all_closed).await.is_err() {
+            warn!("some connections did not close in time");
+        }
+        if let Some(p) = unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        info!("node stopped");
+        Ok(())
+    }
+}
+
+async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another node is already listening on {}; stop it or choose another unix_socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("cannot listen on Unix socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict permissions of {}", path.display()))?;
+    Ok(l)
+}
+
+enum Decoder {
+    Text(text::LineDecoder),
+    Binary(binary::FrameDecoder),
+}
+
+impl Decoder {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, FrameError> {
+        match self {
+            Decoder::Text(d) => d.decode(buf),
+            Decoder::Binary(d) => d.decode(buf),
+        }
+    }
+}
+
+async fn connection<R, W>(shared: Arc<Shared>, mut rd: R, wr: W, _permit: tokio::sync::OwnedSemaphorePermit)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let max_frame = shared.config.limits.max_frame_bytes;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // The first bytes tell which form the peer speaks.
+    let form = loop {
+        if let Some(form) = detect(&buf) {
+            break form;
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            _ = shared.stop.cancelled() => return,
+        }
+    };
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(shared.config.limits.max_outbound_messages);
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let kill = CancellationToken::new();
+    {
+        let mut st = shared.lock();
+        if st.router.is_quitting() {
+            return;
+        }
+        st.router.connect(id);
+        st.handles.insert(id, Handle { tx, queued_bytes: queued_bytes.clone(), kill: kill.clone() });
+    }
+    debug!(conn = id, ?form, "connection open");
+    let writer = tokio::spawn(write_loop(wr, rx, form, max_frame, queued_bytes, kill.clone()));
+    let mut decoder = match form {
+        Form::Text => Decoder::Text(text::LineDecoder::new(max_frame)),
+        Form::Binary => Decoder::Binary(binary::FrameDecoder::new(max_frame)),
+    };
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut out = Vec::new();
+    'conn: loop {
+        let mut fatal = None;
+        let mut full = false;
+        while batch.len() < BATCH {
+            match decoder.decode(&mut buf) {
+                Ok(Some(d)) => {
+                    batch.push(d);
+                    full = batch.len() == BATCH;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() || fatal.is_some() {
+            let now = now_ms();
+            let mut st = shared.lock();
+            for d in batch.drain(..) {
+                match d {
+                    Decoded::Message(m) => st.router.handle(id, m, now, &mut out),
+                    Decoded::Invalid(e) => st.router.handle_invalid(id, &e, &mut out),
+                }
+            }
+            if let Some(e) = &fatal {
+                warn!(conn = id, error = %e, "closing connection");
+                st.router.handle_invalid(id, &nodus_wire::MessageError::Malformed(e.to_string()), &mut out);
+                out.push(Action::Close(id));
+            }
+            shared.apply(&mut st, &mut out);
+        }
+        if fatal.is_some() {
+            break 'conn;
+        }
+        if full {
+            // More complete units may already be buffered: handle them before reading again.
+            continue;
+        }
+        if buf.capacity() - buf.len() < 8192 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break 'conn,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(conn = id, error = %e, "read failed");
+                    break 'conn;
+                }
+            },
+            _ = kill.cancelled() => break 'conn,
+        }
+    }
+    {
+        let mut st = shared.lock();
+        st.router.disconnect(id, &mut out);
+        shared.apply(&mut st, &mut out);
+        // Dropping the handle closes the queue: the writer drains it and stops.
+        st.handles.remove(&id);
+    }
+    let _ = writer.await;
+    debug!(conn = id, "connection closed");
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Outbound>,
+    form: Form,
+    max_frame: usize,
+    queued_bytes: Arc<AtomicUsize>,
+    kill: CancellationToken,
+) {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    if form == Form::Binary {
+        out.extend_from_slice(&binary::PREFACE);
+    }
+    let encode = |m: Message, out: &mut BytesMut| {
+        queued_bytes.fetch_sub(m.approx_size(), Ordering::Relaxed);
+        match form {
+            Form::Text => text::encode(&m, out),
+            Form::Binary => {
+                if let Err(e) = binary::encode(&m, out, max_frame) {
+                    warn!(error = %e, command = %m.command, "dropping message too large to send");
+                }
+            }
+        }
+    };
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            _ = kill.cancelled() => break,
+        };
+        let mut close = false;
+        match first {
+            None => close = true,
+            Some(Outbound::Close) => close = true,
+            Some(Outbound::Msg(m)) => encode(m, &mut out),
+        }
+        while !close && out.len() < WRITE_CHUNK {
+            match rx.try_recv() {
+                Ok(Outbound::Msg(m)) => encode(m, &mut out),
+                Ok(Outbound::Close) => close = true,
+                Err(_) => break,
+            }
+        }
+        if !out.is_empty() {
+            let written = tokio::select! {
+                r = wr.write_all(&out) => r.is_ok(),
+                _ = kill.cancelled() => false,
+            };
+            out.clear();
+            if !written {
+                break;
+            }
+        }
+        if close {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+    // Wake the reader in case the peer keeps the connection half open.
+    kill.cancel();
+}

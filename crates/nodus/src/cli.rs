@@ -1,0 +1,300 @@
+//! Subcommands of the `nodus` binary.
+
+use crate::output;
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use nodus_client::{Client, ClientConfig};
+use nodus_daemon::{Config, Daemon};
+use nodus_wire::{text, Message};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// nodus — a self-hosted cluster runtime: one daemon per host routes messages between services.
+#[derive(Parser, Debug)]
+#[command(name = "nodus", version, about)]
+pub struct Args {
+    /// The node to talk to: host:port, unix:/path or /path.
+    #[arg(long, global = true, env = "NODUS_NODE", default_value = "127.0.0.1:4040")]
+    pub node: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node (embedded defaults; data in ./nodus-data).
+    Daemon(DaemonArgs),
+    /// Send one message, e.g. `nodus send 'images/REPROCESS url=x;priority=1'`. Exit 0 when the node
+    /// accepted it (delivered or cached), 1 when it could not be delivered.
+    Send {
+        /// The message in communicatord's text form.
+        message: String,
+        /// How long to wait for the node's verdict.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Send a request and print the reply: `nodus call SERVICE COMMAND [name=value ...]`.
+    Call {
+        /// Destination `[server:]service`.
+        service: String,
+        /// Command name.
+        command: String,
+        /// Parameters as name=value.
+        params: Vec<String>,
+        /// Payload (UTF-8 text).
+        #[arg(long)]
+        payload: Option<String>,
+        /// How long to wait for the reply.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Show the messages passing through the node, live.
+    Sniff {
+        /// Only messages to or from this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only messages with this command.
+        #[arg(long)]
+        command: Option<String>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// List the services registered on the node.
+    Services,
+    /// Show the node's state and counters.
+    Status,
+    /// Ask the node to stop gracefully.
+    Stop,
+    /// Print the embedded default configuration.
+    Config,
+}
+
+/// `nodus daemon` options; each overrides the config file, which overrides the embedded default.
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This node's server name.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Unix socket path.
+    #[arg(long)]
+    unix_socket: Option<PathBuf>,
+    /// TCP listen address (host:port; empty disables TCP).
+    #[arg(long)]
+    listen: Option<String>,
+    /// A service whose messages are cached until it registers (repeatable).
+    #[arg(long = "expect")]
+    expect: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}: use e.g. 500ms, 5s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Runs the subcommand; returns the process exit code.
+///
+/// Fails when the node cannot be reached or the arguments are invalid.
+pub async fn run(args: Args) -> anyhow::Result<u8> {
+    match args.command {
+        Command::Daemon(d) => daemon(d).await,
+        Command::Config => {
+            output::line(nodus_daemon::config::DEFAULT_TOML);
+            Ok(0)
+        }
+        Command::Send { message, timeout } => send(&args.node, &message, timeout, args.json).await,
+        Command::Call { service, command, params, payload, timeout } => {
+            let mut msg = Message::new(command).to(&service);
+            for p in params {
+                let (k, v) = p.split_once('=').with_context(|| format!("parameter {p:?} is not name=value"))?;
+                msg.params.insert(k.to_string(), v.to_string());
+            }
+            if let Some(p) = payload {
+                msg.payload = p.into_bytes();
+            }
+            msg.validate().context("invalid message")?;
+            let client = anonymous(&args.node).await?;
+            let reply = client.request(msg, timeout).await?;
+            output::message(&reply, args.json);
+            Ok(if is_failure(&reply) { 1 } else { 0 })
+        }
+        Command::Sniff { service, command, count } => {
+            let (client, mut incoming) = Client::connect(ClientConfig::new(&args.node).no_reconnect()).await?;
+            let mut req = Message::new("SNIFF");
+            if let Some(s) = service {
+                req.params.insert("service".into(), s);
+            }
+            if let Some(c) = command {
+                req.params.insert("command".into(), c);
+            }
+            client.request(req, Duration::from_secs(5)).await?;
+            let mut seen = 0;
+            while let Some(m) = incoming.recv().await {
+                output::message(&m, args.json);
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+            Ok(0)
+        }
+        Command::Services => {
+            let client = anonymous(&args.node).await?;
+            let reply = client.request(Message::new("LIST_SERVICES"), Duration::from_secs(5)).await?;
+            let list: Vec<&str> = reply.get("list").unwrap_or("").split(',').filter(|s| !s.is_empty()).collect();
+            let mut rows = Vec::new();
+            for name in &list {
+                let st = Message::new("SERVICE_STATUS").param("service", name);
+                let st = client.request(st, Duration::from_secs(5)).await?;
+                rows.push((name.to_string(), st.get("instances").unwrap_or("0").to_string()));
+            }
+            if args.json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(n, i)| json!({"service": n, "instances": i.parse::<u64>().unwrap_or(0)}))
+                    .collect();
+                output::json(&json!(v));
+            } else if rows.is_empty() {
+                output::line("no services registered");
+            } else {
+                output::line(&format!("{:<32} INSTANCES", "SERVICE"));
+                for (n, i) in rows {
+                    output::line(&format!("{n:<32} {i}"));
+                }
+            }
+            Ok(0)
+        }
+        Command::Status => {
+            let client = anonymous(&args.node).await?;
+            let reply = client.request(Message::new("INFO"), Duration::from_secs(5)).await?;
+            if args.json {
+                output::json(&json!(reply.params));
+            } else {
+                for (k, v) in &reply.params {
+                    output::line(&format!("{k:<14} {v}"));
+                }
+            }
+            Ok(0)
+        }
+        Command::Stop => {
+            let client = anonymous(&args.node).await?;
+            let reply = client.request(Message::new("STOP"), Duration::from_secs(5)).await?;
+            output::message(&reply, args.json);
+            Ok(0)
+        }
+    }
+}
+
+async fn anonymous(node: &str) -> anyhow::Result<Client> {
+    let (client, _incoming) = Client::connect(ClientConfig::new(node).no_reconnect()).await?;
+    Ok(client)
+}
+
+/// Replies that mean the request failed.
+fn is_failure(m: &Message) -> bool {
+    matches!(m.command.as_str(), "ERROR" | "SERVICE_UNAVAILABLE" | "UNKNOWN" | "INVALID" | "QUITTING")
+        || (m.command == "TRANSMISSION_REPORT" && m.get("status") == Some("failed"))
+}
+
+async fn send(node: &str, line: &str, timeout: Duration, as_json: bool) -> anyhow::Result<u8> {
+    let mut msg = text::from_line(line).with_context(|| format!("cannot parse {line:?}"))?;
+    let (client, mut incoming) = Client::connect(ClientConfig::new(node).no_reconnect()).await?;
+    let id = client.next_id();
+    msg.envelope.id = id;
+    client.send(msg).await?;
+    // The node handles one connection's messages in order: once the barrier is answered, every
+    // verdict about the message (unavailable, unknown, cached...) has already arrived.
+    client.request(Message::new("PING"), timeout).await?;
+    let mut code = 0;
+    let mut verdict = "sent".to_string();
+    while let Some(m) = incoming.try_recv() {
+        if m.envelope.reply_to != id {
+            continue;
+        }
+        if is_failure(&m) {
+            code = 1;
+            let why = m.get("message").or(m.get("status")).unwrap_or("");
+            verdict = format!("{} {why}", m.command).trim().to_string();
+        } else if m.command == "TRANSMISSION_REPORT" {
+            verdict = m.get("status").unwrap_or("sent").to_string();
+        }
+    }
+    if as_json {
+        output::json(&json!({"ok": code == 0, "result": verdict}));
+    } else if code != 0 {
+        output::error(&verdict);
+    }
+    Ok(code)
+}
+
+async fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
+    let mut table: toml::Table = match &a.config {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .parse()
+            .with_context(|| format!("invalid TOML in {}", p.display()))?,
+        None => toml::Table::new(),
+    };
+    let mut set = |k: &str, v: toml::Value| {
+        table.insert(k.to_string(), v);
+    };
+    if let Some(v) = a.server_name {
+        set("server_name", v.into());
+    }
+    if let Some(v) = a.data_dir {
+        set("data_dir", v.display().to_string().into());
+    }
+    if let Some(v) = a.unix_socket {
+        set("unix_socket", v.display().to_string().into());
+    }
+    if let Some(v) = a.listen {
+        set("tcp_listen", v.into());
+    }
+    if !a.expect.is_empty() {
+        set("expected_services", toml::Value::Array(a.expect.into_iter().map(Into::into).collect()));
+    }
+    let config = Config::from_toml(&table.to_string())?;
+    let daemon = Daemon::bind(config).await?;
+    let Some(addr) = daemon.tcp_addr().map(|a| a.to_string()).or(daemon.unix_path().map(|p| p.display().to_string()))
+    else {
+        bail!("no listener configured: set tcp_listen or unix_socket");
+    };
+    tracing::info!(server = daemon.server_name(), %addr, "nodus node ready");
+    daemon.run(shutdown_signal()).await?;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}

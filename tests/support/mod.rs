@@ -1,0 +1,249 @@
+//! Test support: start a real node on `127.0.0.1:0` and a temporary Unix socket, and talk to it
+//! with raw text or binary connections. Every wait has a timeout; nothing sleeps to wait.
+#![allow(missing_docs)]
+
+use bytes::BytesMut;
+use nodus_daemon::{Config, Daemon};
+use nodus_wire::{binary, text, Decoded, Message};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A node running in this process.
+pub struct Node {
+    pub tcp: SocketAddr,
+    pub unix: PathBuf,
+    pub server: String,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Node {
+    /// Starts a node with the default config plus `extra` TOML.
+    pub async fn start(extra: &str) -> Node {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), extra).await
+    }
+
+    /// Starts a node whose data directory is `dir` (reused across restarts).
+    pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Node {
+        let base = format!(
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}",
+            dir.path().join("data").display().to_string()
+        );
+        Self::start_config(dir, Config::from_toml(&base).expect("test config")).await
+    }
+
+    /// Starts a node with a full config.
+    pub async fn start_config(dir: tempfile::TempDir, config: Config) -> Node {
+        let daemon = Daemon::bind(config).await.expect("bind node");
+        let tcp = daemon.tcp_addr().expect("tcp listener");
+        let unix = daemon.unix_path().expect("unix socket").to_path_buf();
+        let server = daemon.server_name().to_string();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            daemon
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+        });
+        Node { tcp, unix, server, dir, stop: Some(tx), task: Some(task) }
+    }
+
+    /// Triggers a graceful shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Stops the node gracefully and waits until it has stopped; returns its data directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.begin_stop();
+        self.wait_stopped().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Waits until `run` has returned.
+    pub async fn wait_stopped(&mut self) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task).await.expect("node stops in time").expect("node task").expect("node run");
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.begin_stop();
+    }
+}
+
+/// A raw connection speaking the text form.
+pub struct TextConn {
+    stream: UnixStream,
+    buf: BytesMut,
+    decoder: text::LineDecoder,
+}
+
+impl TextConn {
+    pub async fn connect(node: &Node) -> TextConn {
+        let stream = UnixStream::connect(&node.unix).await.expect("connect unix");
+        TextConn { stream, buf: BytesMut::new(), decoder: text::LineDecoder::new(1 << 20) }
+    }
+
+    /// Sends raw bytes (one or more lines, or garbage).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends one line (the newline is added).
+    pub async fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Next message; panics after [`WAIT`] or on EOF.
+    pub async fn recv(&mut self) -> Message {
+        self.try_recv(WAIT).await.expect("a message before the timeout")
+    }
+
+    /// Next message within `timeout`, or `None` on timeout or EOF.
+    pub async fn try_recv(&mut self, timeout: Duration) -> Option<Message> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(Decoded::Message(m))) => return Some(m),
+                    Ok(Some(Decoded::Invalid(e))) => panic!("node sent an invalid line: {e}"),
+                    Ok(None) => {}
+                    Err(e) => panic!("node sent a bad line: {e}"),
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Waits for a message with `command`, skipping others.
+    pub async fn expect(&mut self, command: &str) -> Message {
+        loop {
+            let m = self.recv().await;
+            if m.command == command {
+                return m;
+            }
+        }
+    }
+
+    /// Waits until the node closes the connection.
+    pub async fn expect_eof(&mut self) {
+        let r = tokio::time::timeout(WAIT, async {
+            let mut scratch = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "the node should close the connection");
+    }
+
+    /// Registers `service` and consumes HELP and READY.
+    pub async fn register(&mut self, service: &str) {
+        self.send(&format!("REGISTER service={service};version=1")).await;
+        assert_eq!(self.recv().await.command, "HELP");
+        assert_eq!(self.recv().await.command, "READY");
+    }
+}
+
+/// A raw connection speaking the binary form over TCP.
+pub struct BinConn {
+    stream: TcpStream,
+    buf: BytesMut,
+    decoder: binary::FrameDecoder,
+}
+
+impl BinConn {
+    pub async fn connect(node: &Node) -> BinConn {
+        let mut stream = TcpStream::connect(node.tcp).await.expect("connect tcp");
+        stream.write_all(&binary::PREFACE).await.expect("preface");
+        BinConn { stream, buf: BytesMut::new(), decoder: binary::FrameDecoder::new(1 << 24) }
+    }
+
+    pub async fn send(&mut self, m: &Message) {
+        let mut out = BytesMut::new();
+        binary::encode(m, &mut out, 1 << 24).expect("encode");
+        self.stream.write_all(&out).await.expect("write");
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    pub async fn recv(&mut self) -> Message {
+        self.try_recv(WAIT).await.expect("a message before the timeout")
+    }
+
+    pub async fn try_recv(&mut self, timeout: Duration) -> Option<Message> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(Decoded::Message(m))) => return Some(m),
+                    Ok(Some(Decoded::Invalid(e))) => panic!("node sent an invalid frame: {e}"),
+                    Ok(None) => {}
+                    Err(e) => panic!("node sent a bad frame: {e}"),
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    pub async fn expect(&mut self, command: &str) -> Message {
+        loop {
+            let m = self.recv().await;
+            if m.command == command {
+                return m;
+            }
+        }
+    }
+
+    pub async fn expect_eof(&mut self) {
+        let r = tokio::time::timeout(WAIT, async {
+            let mut scratch = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "the node should close the connection");
+    }
+
+    pub async fn register(&mut self, service: &str) {
+        self.send(&Message::new("REGISTER").param("service", service).param("version", 1)).await;
+        assert_eq!(self.recv().await.command, "HELP");
+        assert_eq!(self.recv().await.command, "READY");
+    }
+}
