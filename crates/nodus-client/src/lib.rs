@@ -181,7 +181,7 @@ pub struct Client {
     next_id: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
     state: watch::Receiver<State>,
-    hold: bool,
+    hold: usize,
     server: Arc<Mutex<String>>,
 }
 
@@ -236,7 +236,7 @@ impl Client {
                 next_id: Arc::new(AtomicU64::new(seed.max(1))),
                 connected,
                 state: state_rx,
-                hold: config.hold > 0,
+                hold: config.hold,
                 server,
             },
             Incoming(in_rx),
@@ -270,8 +270,12 @@ impl Client {
     /// then [`ClientError::QueueFull`] once the hold is full) and [`ClientError::Closed`] after close.
     pub async fn send(&self, msg: Message) -> Result<(), ClientError> {
         if !self.connected.load(Ordering::Relaxed) {
-            if !self.hold {
+            if self.hold == 0 {
                 return Err(ClientError::NotConnected);
+            }
+            let queued = self.out.max_capacity() - self.out.capacity();
+            if queued >= self.hold {
+                return Err(ClientError::QueueFull);
             }
             return self.out.try_send(msg).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => ClientError::QueueFull,

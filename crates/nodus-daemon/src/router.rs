@@ -649,3 +649,153 @@ fn pick(rr: usize, instances: &[ConnId], conns: &HashMap<ConnId, Conn>) -> ConnI
     }
     best
 }
+
+#[cfg(test)]
+mod tests {
+    //! Deterministic tests of the routing core: no sockets, a virtual clock.
+    use super::*;
+    use crate::config::Config;
+
+    fn router(expected: &[&str]) -> Router {
+        let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        Router::new("n1", &expected, RouterLimits::from_config(&Config::default().limits), 1_000)
+    }
+
+    fn delivered(out: &mut Vec<Action>) -> Vec<(ConnId, Message)> {
+        out.drain(..)
+            .filter_map(|a| match a {
+                Action::Deliver(c, m) => Some((c, m)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn register(r: &mut Router, conn: ConnId, name: &str) {
+        r.connect(conn);
+        let mut out = Vec::new();
+        r.handle(conn, Message::new("REGISTER").param("service", name).param("version", 1), 1_000, &mut out);
+        let got: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
+        assert_eq!(got[..2], ["HELP".to_string(), "READY".to_string()]);
+    }
+
+    #[test]
+    fn request_timeout_answers_the_caller_once() {
+        let mut r = router(&[]);
+        register(&mut r, 1, "svc");
+        r.connect(2);
+        let mut out = Vec::new();
+        r.handle(2, Message::new("ASK").to("svc").with_id(9), 1_000, &mut out);
+        assert_eq!(delivered(&mut out)[0].0, 1);
+        r.tick(1_000 + 299_999, &mut out);
+        assert!(out.is_empty(), "not yet timed out");
+        r.tick(1_000 + 300_000, &mut out);
+        let got = delivered(&mut out);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].1.command.as_str(), got[0].1.get("code")), (2, "ERROR", Some("timeout")));
+        assert_eq!(got[0].1.envelope.reply_to, 9);
+        // A late reply is dropped, not delivered as a second answer.
+        r.handle(1, Message::new("ANSWER").with_id(1).tap_reply_to(9), 400_000, &mut out);
+        assert!(delivered(&mut out).is_empty());
+        assert_eq!(r.pending_len(), 0);
+    }
+
+    #[test]
+    fn cached_message_expires_by_ttl_on_the_virtual_clock() {
+        let mut r = router(&["later"]);
+        r.connect(2);
+        let mut out = Vec::new();
+        r.handle(2, Message::new("A").to("later").param("cache", "ttl=10"), 1_000, &mut out);
+        r.handle(2, Message::new("B").to("later").param("cache", "ttl=30"), 1_000, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(r.cached_len(), 2);
+        r.tick(1_000 + 10_000, &mut out);
+        assert_eq!(r.cached_len(), 1);
+        r.connect(1);
+        r.handle(1, Message::new("REGISTER").param("service", "later").param("version", 1), 12_000, &mut out);
+        let cmds: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
+        assert_eq!(cmds, ["HELP", "READY", "B"]);
+    }
+
+    #[test]
+    fn ttl_is_clamped_to_the_configured_range() {
+        let mut r = router(&["later"]);
+        r.connect(2);
+        let mut out = Vec::new();
+        r.handle(2, Message::new("A").to("later").param("cache", "ttl=1"), 0, &mut out);
+        r.tick(9_999, &mut out);
+        assert_eq!(r.cached_len(), 1, "ttl=1 is raised to the 10 s minimum");
+        r.tick(10_000, &mut out);
+        assert_eq!(r.cached_len(), 0);
+    }
+
+    #[test]
+    fn least_loaded_instance_wins() {
+        let mut r = router(&[]);
+        register(&mut r, 1, "work");
+        register(&mut r, 2, "work");
+        r.connect(3);
+        let mut out = Vec::new();
+        let mut counts = HashMap::new();
+        for id in 1..=10 {
+            r.handle(3, Message::new("JOB").to("work").with_id(id), 1_000, &mut out);
+            for (c, _) in delivered(&mut out) {
+                *counts.entry(c).or_insert(0) += 1;
+            }
+        }
+        assert_eq!((counts[&1], counts[&2]), (5, 5), "unanswered requests spread evenly");
+        // Instance 1 answers everything; new work goes to it while 2 is still busy.
+        for id in 1..=10 {
+            r.handle(1, Message::new("DONE").tap_reply_to(id), 1_000, &mut out);
+        }
+        out.clear();
+        r.handle(3, Message::new("JOB").to("work").with_id(11), 1_000, &mut out);
+        assert_eq!(delivered(&mut out)[0].0, 1);
+    }
+
+    #[test]
+    fn sender_is_stamped_and_expired_messages_are_refused() {
+        let mut r = router(&[]);
+        register(&mut r, 1, "svc");
+        register(&mut r, 2, "me");
+        let mut out = Vec::new();
+        let mut m = Message::new("HI").to("svc");
+        m.from = nodus_wire::Address::new("evil", "spoof");
+        r.handle(2, m, 1_000, &mut out);
+        let got = delivered(&mut out);
+        assert_eq!(got[0].1.from, nodus_wire::Address::new("n1", "me"));
+        let mut m = Message::new("OLD").to("svc").with_id(4);
+        m.envelope.expires_at = 1_000;
+        r.handle(2, m, 1_000, &mut out);
+        let got = delivered(&mut out);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].1.get("code")), (2, Some("expired")));
+    }
+
+    #[test]
+    fn shutdown_refuses_new_requests_but_routes_replies() {
+        let mut r = router(&[]);
+        register(&mut r, 1, "svc");
+        r.connect(2);
+        let mut out = Vec::new();
+        r.handle(2, Message::new("ASK").to("svc").with_id(1), 1_000, &mut out);
+        out.clear();
+        r.begin_shutdown();
+        r.handle(2, Message::new("ASK").to("svc").with_id(2), 1_000, &mut out);
+        assert_eq!(delivered(&mut out)[0].1.command, "QUITTING");
+        r.handle(1, Message::new("ANSWER").tap_reply_to(1), 1_000, &mut out);
+        let got = delivered(&mut out);
+        assert_eq!((got[0].0, got[0].1.command.as_str()), (2, "ANSWER"));
+        assert_eq!(r.pending_len(), 0);
+    }
+
+    trait TapReply {
+        fn tap_reply_to(self, id: u64) -> Self;
+    }
+
+    impl TapReply for Message {
+        fn tap_reply_to(mut self, id: u64) -> Self {
+            self.envelope.reply_to = id;
+            self
+        }
+    }
+}

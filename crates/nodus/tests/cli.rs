@@ -1,0 +1,190 @@
+//! The `nodus` binary end to end: a daemon subprocess on a temporary Unix socket, driven by the
+//! CLI subcommands exactly as a shell script would.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NODUS: &str = env!("CARGO_BIN_EXE_nodus");
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("n.sock");
+        let child = Command::new(NODUS)
+            .args(["daemon", "--server-name", "cli1", "--listen", ""])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--unix-socket")
+            .arg(&socket)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, socket, _dir: dir };
+        // Ready once the socket accepts a connection.
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start listening");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn node(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(NODUS).arg("--node").arg(self.node()).args(args).output().unwrap()
+    }
+
+    /// Waits for the daemon process to exit; returns whether it exited successfully.
+    fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A text-form service on the node's socket that answers every request with `ANSWER`.
+fn text_service(socket: &Path, name: &str) -> std::thread::JoinHandle<Vec<String>> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    writeln!(s, "REGISTER service={name};version=1").unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    for expected in ["HELP", "READY"] {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains(expected), "{line}");
+    }
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return seen;
+            }
+            let msg = nodus_wire::text::from_line(line.trim_end()).unwrap();
+            if msg.command == "QUITTING" {
+                return seen;
+            }
+            seen.push(msg.command.clone());
+            if msg.envelope.id != 0 {
+                let reply = msg.reply("ANSWER").param("got", msg.get("x").unwrap_or("-"));
+                writeln!(s, "{}", nodus_wire::text::to_line(&reply)).unwrap();
+            }
+        }
+    })
+}
+
+#[test]
+fn send_exit_codes_tell_delivered_cached_or_failed() {
+    let d = Daemon::start(&["--expect", "later"]);
+    let svc = text_service(&d.socket, "images");
+    let ok = d.cli(&["send", "images/REPROCESS url=http://x/y;priority=normal"]);
+    assert!(ok.status.success(), "{ok:?}");
+    let cached = d.cli(&["--json", "send", "later/JOB transmission_report=failure"]);
+    assert!(cached.status.success());
+    assert!(stdout(&cached).contains("\"result\":\"cached\""), "{}", stdout(&cached));
+    let missing = d.cli(&["send", "nobody/JOB"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("SERVICE_UNAVAILABLE"));
+    let bad = d.cli(&["send", "not a message"]);
+    assert_eq!(bad.status.code(), Some(2));
+    drop(d);
+    assert_eq!(svc.join().unwrap(), ["REPROCESS"]);
+}
+
+#[test]
+fn call_prints_the_reply_and_services_status_list_the_node() {
+    let d = Daemon::start(&[]);
+    let _svc = text_service(&d.socket, "calc");
+    let out = d.cli(&["call", "calc", "ADD", "x=41"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("ANSWER got=41"), "{}", stdout(&out));
+    let json = d.cli(&["--json", "call", "calc", "ADD", "x=1"]);
+    assert!(stdout(&json).contains("\"command\":\"ANSWER\""));
+    let unknown = d.cli(&["call", "node", "NOPE"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stdout(&unknown).contains("UNKNOWN command=NOPE"));
+
+    let services = d.cli(&["--json", "services"]);
+    assert_eq!(stdout(&services).trim(), r#"[{"instances":1,"service":"calc"}]"#);
+    let human = d.cli(&["services"]);
+    assert!(stdout(&human).contains("calc"));
+    let status = d.cli(&["--json", "status"]);
+    assert!(stdout(&status).contains("\"server\":\"cli1\""), "{}", stdout(&status));
+}
+
+#[test]
+fn sniff_shows_traffic_live() {
+    let d = Daemon::start(&[]);
+    let _svc = text_service(&d.socket, "watched");
+    let mut sniff = Command::new(NODUS)
+        .args(["--node", &d.node(), "sniff", "--service", "watched", "--command", "POKE", "--count", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Keep poking until the sniffer (which subscribes asynchronously) has seen one.
+    let deadline = Instant::now() + WAIT;
+    while sniff.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "sniffer saw nothing");
+        assert!(d.cli(&["send", "watched/POKE n=1"]).status.success());
+        assert!(d.cli(&["send", "watched/OTHER"]).status.success());
+    }
+    let out = sniff.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("watched/POKE n=1"), "{text}");
+    assert!(!text.contains("OTHER"));
+}
+
+#[test]
+fn stop_and_sigterm_shut_the_daemon_down_cleanly() {
+    let mut d = Daemon::start(&[]);
+    let out = d.cli(&["stop"]);
+    assert!(stdout(&out).contains("STOPPING"));
+    assert!(d.wait_exit(), "exit status 0 after STOP");
+    assert!(!d.socket.exists(), "the socket file is removed");
+
+    let mut d = Daemon::start(&[]);
+    let pid = d.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(d.wait_exit(), "exit status 0 after SIGTERM");
+}
+
+#[test]
+fn config_prints_the_embedded_defaults_and_bad_config_is_refused() {
+    let out = Command::new(NODUS).arg("config").output().unwrap();
+    assert!(stdout(&out).contains("tcp_listen = \"127.0.0.1:4040\""));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "no_such_key = 1\n").unwrap();
+    let out = Command::new(NODUS).args(["daemon", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"), "{:?}", out);
+}
