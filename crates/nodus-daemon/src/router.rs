@@ -21,6 +21,8 @@ pub type ConnId = u64;
 pub const NODE_SERVICE: &str = "node";
 
 /// What the driver must do after an input.
+// Messages are the hot path: boxing them would cost an allocation per routed message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Queue the message on the connection.

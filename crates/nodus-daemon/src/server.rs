@@ -34,6 +34,8 @@ const BATCH: usize = 256;
 /// Writer flushes once this many bytes are encoded.
 const WRITE_CHUNK: usize = 256 * 1024;
 
+// Messages are the hot path: boxing them would cost an allocation per routed message.
+#[allow(clippy::large_enum_variant)]
 enum Outbound {
     Msg(Message),
     Close,
