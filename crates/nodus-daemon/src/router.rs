@@ -108,6 +108,8 @@ impl SniffFilter {
 #[derive(Debug)]
 struct Pending {
     origin: ConnId,
+    /// The id the requester chose; restored in the reply's `reply_to`.
+    origin_id: u64,
     deadline: i64,
     command: String,
 }
@@ -126,6 +128,7 @@ pub struct Router {
     sniffers: Vec<ConnId>,
     quitting: bool,
     rr: usize,
+    next_id: u64,
     stats: Stats,
 }
 
@@ -149,6 +152,7 @@ impl Router {
             sniffers: Vec::new(),
             quitting: false,
             rr: 0,
+            next_id: 1,
             stats: Stats::default(),
         }
     }
@@ -230,6 +234,7 @@ impl Router {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.in_flight = c.in_flight.saturating_sub(1);
                 }
+                msg.envelope.reply_to = p.origin_id;
                 if self.conns.contains_key(&p.origin) {
                     self.stats.delivered += 1;
                     out.push(Action::Deliver(p.origin, msg));
@@ -279,18 +284,23 @@ impl Router {
         self.deliver_tracked(origin, target, msg, now, out);
     }
 
-    fn deliver_tracked(&mut self, origin: ConnId, target: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+    /// Delivers to `target`; a request (id set, not a reply) is tracked so its reply finds the way
+    /// back. The target sees a node-unique id, so requests from different callers that happen to
+    /// use the same id never collide; the caller's own id is restored on the reply.
+    fn deliver_tracked(&mut self, origin: ConnId, target: ConnId, mut msg: Message, now: i64, out: &mut Vec<Action>) {
         let id = msg.envelope.id;
         if id != 0 && msg.envelope.reply_to == 0 && self.pending.len() < self.limits.max_pending {
             let deadline = match msg.envelope.expires_at {
                 0 => now + self.limits.request_timeout_ms,
                 e => e.min(now + self.limits.request_timeout_ms),
             };
-            let prev = self.pending.insert((target, id), Pending { origin, deadline, command: msg.command.clone() });
-            if prev.is_none() {
-                if let Some(c) = self.conns.get_mut(&target) {
-                    c.in_flight += 1;
-                }
+            let local_id = self.next_id;
+            self.next_id += 1;
+            msg.envelope.id = local_id;
+            let pending = Pending { origin, origin_id: id, deadline, command: msg.command.clone() };
+            self.pending.insert((target, local_id), pending);
+            if let Some(c) = self.conns.get_mut(&target) {
+                c.in_flight += 1;
             }
         }
         self.stats.delivered += 1;
@@ -552,9 +562,9 @@ impl Router {
         }
         let server = self.server.clone();
         let mut failed = Vec::new();
-        self.pending.retain(|(responder, id), p| {
+        self.pending.retain(|(responder, _), p| {
             if *responder == conn {
-                failed.push((p.origin, *id, std::mem::take(&mut p.command)));
+                failed.push((p.origin, p.origin_id, std::mem::take(&mut p.command)));
                 false
             } else {
                 p.origin != conn
@@ -577,10 +587,10 @@ impl Router {
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.cache.sweep(now);
         let mut timed_out = Vec::new();
-        self.pending.retain(|(responder, id), p| {
+        self.pending.retain(|(responder, _), p| {
             let keep = p.deadline > now;
             if !keep {
-                timed_out.push((*responder, p.origin, *id, std::mem::take(&mut p.command)));
+                timed_out.push((*responder, p.origin, p.origin_id, std::mem::take(&mut p.command)));
             }
             keep
         });
@@ -687,7 +697,9 @@ mod tests {
         r.connect(2);
         let mut out = Vec::new();
         r.handle(2, Message::new("ASK").to("svc").with_id(9), 1_000, &mut out);
-        assert_eq!(delivered(&mut out)[0].0, 1);
+        let got = delivered(&mut out);
+        assert_eq!(got[0].0, 1);
+        let seen_id = got[0].1.envelope.id;
         r.tick(1_000 + 299_999, &mut out);
         assert!(out.is_empty(), "not yet timed out");
         r.tick(1_000 + 300_000, &mut out);
@@ -696,9 +708,27 @@ mod tests {
         assert_eq!((got[0].0, got[0].1.command.as_str(), got[0].1.get("code")), (2, "ERROR", Some("timeout")));
         assert_eq!(got[0].1.envelope.reply_to, 9);
         // A late reply is dropped, not delivered as a second answer.
-        r.handle(1, Message::new("ANSWER").with_id(1).tap_reply_to(9), 400_000, &mut out);
+        r.handle(1, Message::new("ANSWER").with_id(1).tap_reply_to(seen_id), 400_000, &mut out);
         assert!(delivered(&mut out).is_empty());
         assert_eq!(r.pending_len(), 0);
+    }
+
+    #[test]
+    fn equal_ids_from_different_callers_do_not_collide() {
+        let mut r = router(&[]);
+        register(&mut r, 1, "svc");
+        r.connect(2);
+        r.connect(3);
+        let mut out = Vec::new();
+        r.handle(2, Message::new("ASK").to("svc").with_id(5), 1_000, &mut out);
+        r.handle(3, Message::new("ASK").to("svc").with_id(5), 1_000, &mut out);
+        let seen: Vec<u64> = delivered(&mut out).iter().map(|(_, m)| m.envelope.id).collect();
+        assert_ne!(seen[0], seen[1]);
+        r.handle(1, Message::new("TWO").tap_reply_to(seen[1]), 1_000, &mut out);
+        r.handle(1, Message::new("ONE").tap_reply_to(seen[0]), 1_000, &mut out);
+        let got: Vec<(ConnId, String, u64)> =
+            delivered(&mut out).into_iter().map(|(c, m)| (c, m.command, m.envelope.reply_to)).collect();
+        assert_eq!(got, [(3, "TWO".to_string(), 5), (2, "ONE".to_string(), 5)]);
     }
 
     #[test]
@@ -738,15 +768,19 @@ mod tests {
         r.connect(3);
         let mut out = Vec::new();
         let mut counts = HashMap::new();
+        let mut at_one = Vec::new();
         for id in 1..=10 {
             r.handle(3, Message::new("JOB").to("work").with_id(id), 1_000, &mut out);
-            for (c, _) in delivered(&mut out) {
+            for (c, m) in delivered(&mut out) {
                 *counts.entry(c).or_insert(0) += 1;
+                if c == 1 {
+                    at_one.push(m.envelope.id);
+                }
             }
         }
         assert_eq!((counts[&1], counts[&2]), (5, 5), "unanswered requests spread evenly");
         // Instance 1 answers everything; new work goes to it while 2 is still busy.
-        for id in 1..=10 {
+        for id in at_one {
             r.handle(1, Message::new("DONE").tap_reply_to(id), 1_000, &mut out);
         }
         out.clear();
@@ -780,13 +814,13 @@ mod tests {
         r.connect(2);
         let mut out = Vec::new();
         r.handle(2, Message::new("ASK").to("svc").with_id(1), 1_000, &mut out);
-        out.clear();
+        let seen_id = delivered(&mut out)[0].1.envelope.id;
         r.begin_shutdown();
         r.handle(2, Message::new("ASK").to("svc").with_id(2), 1_000, &mut out);
         assert_eq!(delivered(&mut out)[0].1.command, "QUITTING");
-        r.handle(1, Message::new("ANSWER").tap_reply_to(1), 1_000, &mut out);
+        r.handle(1, Message::new("ANSWER").tap_reply_to(seen_id), 1_000, &mut out);
         let got = delivered(&mut out);
-        assert_eq!((got[0].0, got[0].1.command.as_str()), (2, "ANSWER"));
+        assert_eq!((got[0].0, got[0].1.command.as_str(), got[0].1.envelope.reply_to), (2, "ANSWER", 1));
         assert_eq!(r.pending_len(), 0);
     }
 
