@@ -6,8 +6,10 @@
 
 pub mod cache;
 pub mod config;
+pub mod detector;
 pub mod router;
 pub mod server;
+pub mod topology;
 
 pub use config::Config;
 pub use server::{now_ms, Daemon};

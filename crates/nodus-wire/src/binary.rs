@@ -35,6 +35,7 @@ struct FrameRef<'a> {
     creator: &'a str,
     created_at: i64,
     expires_at: i64,
+    hops: u32,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +53,7 @@ struct FrameOwned {
     creator: String,
     created_at: i64,
     expires_at: i64,
+    hops: u32,
 }
 
 /// Encoding failure.
@@ -87,6 +89,7 @@ pub fn encode(msg: &Message, dst: &mut BytesMut, max_frame: usize) -> Result<(),
         creator: &msg.envelope.creator,
         created_at: msg.envelope.created_at,
         expires_at: msg.envelope.expires_at,
+        hops: msg.envelope.hops,
     };
     let mut w = dst.writer();
     // Writing into memory cannot fail, and every field type is serialisable.
@@ -120,6 +123,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, MessageError> {
             creator: f.creator,
             created_at: f.created_at,
             expires_at: f.expires_at,
+            hops: f.hops,
         },
     };
     msg.validate()?;

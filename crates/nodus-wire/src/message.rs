@@ -52,6 +52,8 @@ pub struct Envelope {
     pub created_at: i64,
     /// Expiry time, Unix milliseconds; an expired message is never delivered.
     pub expires_at: i64,
+    /// Node-to-node hops taken so far; nodes drop a message past their hop limit.
+    pub hops: u32,
 }
 
 /// One message: command, addressing, parameters, payload and envelope.

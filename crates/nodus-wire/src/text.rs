@@ -10,7 +10,7 @@
 //! (including a quoted value ending in a backslash, which the reference daemon got wrong).
 //!
 //! The envelope and payload travel as reserved parameters whose names start with `_`
-//! (`_id`, `_pid`, `_reply_to`, `_creator`, `_created_at`, `_expires_at`, `_payload` in base64),
+//! (`_id`, `_pid`, `_reply_to`, `_creator`, `_created_at`, `_expires_at`, `_hops`, `_payload` in base64),
 //! written only when set. User parameter names never start with `_`.
 
 use crate::{Decoded, FrameError, Message, MessageError};
@@ -23,6 +23,7 @@ const P_CREATOR: &str = "_creator";
 const P_CREATED_AT: &str = "_created_at";
 const P_EXPIRES_AT: &str = "_expires_at";
 const P_PAYLOAD: &str = "_payload";
+const P_HOPS: &str = "_hops";
 
 /// Writes `msg` as one text line, without the trailing newline.
 pub fn to_line(msg: &Message) -> String {
@@ -56,6 +57,9 @@ pub fn to_line(msg: &Message) -> String {
     }
     if env.expires_at != 0 {
         reserved.push((P_EXPIRES_AT, env.expires_at.to_string()));
+    }
+    if env.hops != 0 {
+        reserved.push((P_HOPS, env.hops.to_string()));
     }
     if env.id != 0 {
         reserved.push((P_ID, env.id.to_string()));
@@ -217,6 +221,9 @@ fn store_param(msg: &mut Message, name: String, value: String) -> Result<(), Mes
     let env = &mut msg.envelope;
     match name.as_str() {
         P_ID => env.id = id(&value)?,
+        P_HOPS => {
+            env.hops = u32::try_from(id(&value)?).map_err(|_| MessageError::Malformed("_hops is too large".into()))?
+        }
         P_PID => env.pid = id(&value)?,
         P_REPLY_TO => env.reply_to = id(&value)?,
         P_CREATOR => env.creator = value,

@@ -20,18 +20,20 @@ fn message() -> impl Strategy<Value = Message> {
         prop_oneof![Just(Address::default()), address()],
         proptest::collection::btree_map("[A-Za-z][A-Za-z0-9_]{0,8}", any::<String>(), 0..6),
         proptest::collection::vec(any::<u8>(), 0..64),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<String>(), any::<i64>(), any::<i64>()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<String>(), any::<i64>(), any::<i64>(), any::<u32>()),
     )
-        .prop_map(|(command, from, to, params, payload, (id, pid, reply_to, creator, created_at, expires_at))| {
-            Message {
-                command,
-                from,
-                to,
-                params: params.into_iter().collect::<BTreeMap<_, _>>(),
-                payload,
-                envelope: Envelope { id, pid, reply_to, creator, created_at, expires_at },
-            }
-        })
+        .prop_map(
+            |(command, from, to, params, payload, (id, pid, reply_to, creator, created_at, expires_at, hops))| {
+                Message {
+                    command,
+                    from,
+                    to,
+                    params: params.into_iter().collect::<BTreeMap<_, _>>(),
+                    payload,
+                    envelope: Envelope { id, pid, reply_to, creator, created_at, expires_at, hops },
+                }
+            },
+        )
 }
 
 proptest! {
