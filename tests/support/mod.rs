@@ -35,7 +35,7 @@ impl Node {
     /// Starts a node whose data directory is `dir` (reused across restarts).
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Node {
         let base = format!(
-            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}",
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n",
             dir.path().join("data").display().to_string()
         );
         Self::start_config(dir, Config::from_toml(&base).expect("test config")).await

@@ -22,6 +22,64 @@ pub struct Config {
     pub expected_services: Vec<String>,
     /// Resource bounds.
     pub limits: Limits,
+    /// Cluster links, failure detection, UDP and TLS.
+    pub cluster: ClusterConfig,
+}
+
+/// The `[cluster]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Plain TCP cluster listener; empty disables it.
+    pub listen: String,
+    /// Address advertised to other nodes; empty means `listen`.
+    pub advertise: String,
+    /// Neighbours to dial.
+    pub neighbors: Vec<String>,
+    /// Shared secret required in `CONNECT`.
+    pub secret: String,
+    /// Heartbeat period, ms.
+    pub heartbeat_ms: u64,
+    /// Phi threshold of the failure detector.
+    pub failure_phi: f64,
+    /// Clock offset threshold, ms.
+    pub clock_threshold_ms: i64,
+    /// Hop limit.
+    pub max_hops: u32,
+    /// Most cluster links.
+    pub max_links: usize,
+    /// UDP signal listener; empty disables it.
+    pub udp_listen: String,
+    /// Required `secret_code` on datagrams.
+    pub udp_secret: String,
+    /// TLS cluster listener; empty disables it.
+    pub tls_listen: String,
+    /// Certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// Private key (PEM).
+    pub tls_key: PathBuf,
+    /// Cluster CA (PEM).
+    pub tls_ca: PathBuf,
+}
+
+impl ClusterConfig {
+    /// The address other nodes should dial.
+    pub fn advertised(&self) -> &str {
+        if self.advertise.is_empty() {
+            if self.tls_listen.is_empty() {
+                &self.listen
+            } else {
+                &self.tls_listen
+            }
+        } else {
+            &self.advertise
+        }
+    }
+
+    /// True when links use TLS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
 }
 
 /// Every bound the node enforces.
@@ -138,6 +196,17 @@ impl Config {
             || !(l.cache_min_ttl_secs..=l.cache_max_ttl_secs).contains(&l.cache_default_ttl_secs)
         {
             return bad("limits.cache_default_ttl_secs must lie within cache_min_ttl_secs..=cache_max_ttl_secs".into());
+        }
+        let c = &self.cluster;
+        if c.heartbeat_ms < 10 || c.failure_phi <= 0.0 || c.max_hops == 0 {
+            return bad("cluster.heartbeat_ms must be >= 10, failure_phi > 0 and max_hops > 0".into());
+        }
+        let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
+        if tls_files != 0 && tls_files != 3 {
+            return bad("cluster.tls_cert, tls_key and tls_ca must be set together".into());
+        }
+        if !c.tls_listen.is_empty() && tls_files == 0 {
+            return bad("cluster.tls_listen needs tls_cert, tls_key and tls_ca".into());
         }
         Ok(())
     }

@@ -10,9 +10,15 @@
 //!   (responder gone) or `ERROR code=timeout`;
 //! - all tables are bounded by [`RouterLimits`].
 
+mod links;
+
 use crate::cache::{Cache, CacheLimits};
+use crate::detector::PhiDetector;
+use crate::topology::{Health, Topology};
 use nodus_wire::{Message, MessageError};
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+pub use links::ClusterParams;
 
 /// Identifies one client connection of this node.
 pub type ConnId = u64;
@@ -31,6 +37,8 @@ pub enum Action {
     Close(ConnId),
     /// A client asked the node to stop: begin a graceful shutdown.
     Shutdown,
+    /// The set of known nodes changed: persist it (name, address, was a direct neighbour).
+    SaveNodes(Vec<(String, String, bool)>),
 }
 
 /// Bounds and timeouts of the router.
@@ -84,11 +92,32 @@ struct Conn {
     commands: Option<HashSet<String>>,
     sniff: Option<SniffFilter>,
     in_flight: u32,
+    /// Came in on a cluster listener or was dialed by this node: may only become a link.
+    cluster: bool,
+    /// This node dialed it.
+    dialed: bool,
+    /// Established link: the peer node and what we measure about it.
+    link: Option<Link>,
+}
+
+#[derive(Debug)]
+struct Link {
+    peer: String,
+    detector: PhiDetector,
+    rtt_ms: Option<i64>,
+    offset_ms: Option<i64>,
+    /// The peer said DISCONNECT: report HANGUP rather than DISCONNECTED.
+    hung_up: bool,
 }
 
 impl Conn {
     fn understands(&self, command: &str) -> bool {
         self.commands.as_ref().is_none_or(|c| c.contains(command))
+    }
+
+    /// Declared this command explicitly (used for notifications nobody asked for otherwise).
+    fn declared(&self, command: &str) -> bool {
+        self.service.is_some() && self.commands.as_ref().is_some_and(|c| c.contains(command))
     }
 }
 
@@ -130,6 +159,15 @@ pub struct Router {
     rr: usize,
     next_id: u64,
     stats: Stats,
+    cluster: ClusterParams,
+    topology: Topology,
+    /// Peer node → link connection.
+    links: BTreeMap<String, ConnId>,
+    /// Nodes this node ever had a direct link with (dialed again after a restart).
+    neighbors: std::collections::BTreeSet<String>,
+    last_health: Health,
+    last_clock_stable: bool,
+    ticks: u64,
 }
 
 enum CacheMode {
@@ -139,8 +177,17 @@ enum CacheMode {
 
 impl Router {
     /// A router for node `server` that caches messages for `expected` services.
-    pub fn new(server: &str, expected: &[String], limits: RouterLimits, now: i64) -> Self {
+    pub fn new(server: &str, expected: &[String], limits: RouterLimits, cluster: ClusterParams, now: i64) -> Self {
+        let topology = Topology::new(server, &cluster.addr, now);
+        let last_health = topology.health();
         Router {
+            cluster,
+            topology,
+            links: BTreeMap::new(),
+            neighbors: Default::default(),
+            last_health,
+            last_clock_stable: true,
+            ticks: 0,
             server: server.to_string(),
             limits,
             started_at: now,
@@ -195,8 +242,9 @@ impl Router {
 
     /// Tells every connection the node is going away.
     pub fn farewell(&mut self, out: &mut Vec<Action>) {
-        for id in self.conns.keys() {
-            let mut m = Message::new("QUITTING");
+        for (id, c) in &self.conns {
+            let command = if c.link.is_some() { "DISCONNECT" } else { "QUITTING" };
+            let mut m = Message::new(command);
             m.from = self.node_address();
             out.push(Action::Deliver(*id, m));
         }
@@ -214,10 +262,24 @@ impl Router {
     pub fn handle(&mut self, conn: ConnId, mut msg: Message, now: i64, out: &mut Vec<Action>) {
         let Some(c) = self.conns.get(&conn) else { return };
         self.stats.received += 1;
-        msg.from.server.clone_from(&self.server);
-        match &c.service {
-            Some(s) => msg.from.service.clone_from(s),
-            None => msg.from.service.clear(),
+        let from_link = c.link.is_some();
+        if c.cluster && !from_link {
+            return self.link_handshake(conn, msg, now, out);
+        }
+        if from_link {
+            if self.link_control(conn, &msg, now, out) {
+                return;
+            }
+            if msg.envelope.hops > self.cluster.max_hops {
+                self.stats.undeliverable += 1;
+                return;
+            }
+        } else {
+            msg.from.server.clone_from(&self.server);
+            match &c.service {
+                Some(s) => msg.from.service.clone_from(s),
+                None => msg.from.service.clear(),
+            }
         }
         if msg.envelope.expires_at != 0 && msg.envelope.expires_at <= now {
             self.stats.expired += 1;
@@ -246,34 +308,55 @@ impl Router {
             out.push(Action::Deliver(conn, self.answer(&msg, "QUITTING")));
             return;
         }
-        let to_server = msg.to.server.as_str();
-        if !(to_server.is_empty() || to_server == "." || to_server == "*" || to_server == self.server) {
-            if to_server == "?" {
-                // Remote nodes only: this node has no cluster links, so there is nobody to reach.
-                return;
+        match msg.to.server.as_str() {
+            "" | "." => self.local(conn, msg, now, !from_link, out),
+            "*" | "?" => {
+                let everywhere = msg.to.server == "*";
+                for node in self.topology.live_remotes() {
+                    let mut copy = msg.clone();
+                    copy.to.server = node.clone();
+                    self.forward(conn, copy, &node, now, out);
+                }
+                if everywhere {
+                    self.local(conn, msg, now, false, out);
+                }
             }
-            let text = format!("no route to server {to_server:?}");
-            self.undeliverable(conn, &msg, "unknown_server", text, out);
-            return;
+            s if s == self.server => self.local(conn, msg, now, false, out),
+            _ => {
+                let dest = msg.to.server.clone();
+                self.forward(conn, msg, &dest, now, out);
+            }
         }
+    }
+
+    /// Delivery on this node; `anywhere` lets a service that is not registered here be found on
+    /// the nearest node that has it.
+    fn local(&mut self, conn: ConnId, msg: Message, now: i64, anywhere: bool, out: &mut Vec<Action>) {
         match msg.to.service.as_str() {
             "" | NODE_SERVICE | "communicatord" => {
-                if reply_to == 0 {
+                if msg.envelope.reply_to == 0 {
                     self.command(conn, msg, now, out);
                 }
             }
             "*" | "." => self.broadcast(conn, msg, out),
-            _ => self.route(conn, msg, now, out),
+            _ => self.route(conn, msg, now, anywhere, out),
         }
     }
 
-    fn route(&mut self, origin: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+    fn route(&mut self, origin: ConnId, msg: Message, now: i64, anywhere: bool, out: &mut Vec<Action>) {
         let target = match self.services.get(&msg.to.service) {
             Some(instances) if !instances.is_empty() => {
                 self.rr = self.rr.wrapping_add(1);
                 pick(self.rr, instances, &self.conns)
             }
-            _ => return self.absent(origin, msg, now, out),
+            _ => {
+                if anywhere {
+                    if let Some(node) = self.topology.nearest_with(&msg.to.service).map(String::from) {
+                        return self.forward(origin, msg, &node, now, out);
+                    }
+                }
+                return self.absent(origin, msg, now, out);
+            }
         };
         let t = &self.conns[&target];
         if !t.understands(&msg.command) {
@@ -309,7 +392,7 @@ impl Router {
 
     fn broadcast(&mut self, origin: ConnId, msg: Message, out: &mut Vec<Action>) {
         for (id, c) in &self.conns {
-            if *id != origin && c.service.is_some() && c.understands(&msg.command) {
+            if *id != origin && c.service.is_some() && c.link.is_none() && c.understands(&msg.command) {
                 self.stats.delivered += 1;
                 out.push(Action::Deliver(*id, msg.clone()));
             }
@@ -397,6 +480,19 @@ impl Router {
 
     /// A command addressed to the node itself.
     fn command(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        let from_link = self.conns.get(&conn).is_some_and(|c| c.link.is_some());
+        let remote_safe = matches!(
+            msg.command.as_str(),
+            "SERVICE_STATUS" | "LIST_SERVICES" | "INFO" | "PING" | "CLUSTER_STATUS" | "CLOCK_STATUS"
+        );
+        if from_link && !remote_safe {
+            let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
+            out.push(Action::Deliver(conn, reply));
+            return;
+        }
+        if self.cluster_command(conn, &msg, now, out) {
+            return;
+        }
         match msg.command.as_str() {
             "REGISTER" => self.register(conn, &msg, now, out),
             "UNREGISTER" => self.unregister(conn, &msg, out),
@@ -436,7 +532,10 @@ impl Router {
                     .param("invalid", s.invalid)
                     .param("expired", s.expired)
                     .param("undeliverable", s.undeliverable)
-                    .param("quitting", self.quitting);
+                    .param("quitting", self.quitting)
+                    .param("links", self.links.len())
+                    .param("known_nodes", self.topology.health().known)
+                    .param("live_nodes", self.topology.health().live);
                 out.push(Action::Deliver(conn, reply));
             }
             "SNIFF" => {
@@ -453,13 +552,6 @@ impl Router {
                 out.push(Action::Deliver(conn, self.answer(&msg, "SNIFFING")));
             }
             "PING" => out.push(Action::Deliver(conn, self.answer(&msg, "PONG"))),
-            "CLUSTER_STATUS" => {
-                // A node without cluster links is a cluster of one: quorum 1 of 1, complete.
-                for status in ["CLUSTER_UP", "CLUSTER_COMPLETE"] {
-                    out.push(Action::Deliver(conn, self.answer(&msg, status).param("neighbors_count", 0)));
-                }
-            }
-            "CLOCK_STATUS" => out.push(Action::Deliver(conn, self.answer(&msg, "CLOCK_STABLE"))),
             "STOP" => {
                 out.push(Action::Deliver(conn, self.answer(&msg, "STOPPING")));
                 out.push(Action::Shutdown);
@@ -501,6 +593,7 @@ impl Router {
             out.push(Action::Deliver(conn, cached));
         }
         self.notify_status(&name, out);
+        self.services_changed(out);
     }
 
     fn unregister(&mut self, conn: ConnId, msg: &Message, out: &mut Vec<Action>) {
@@ -509,6 +602,7 @@ impl Router {
             Some(name) => {
                 self.remove_instance(conn, &name);
                 self.notify_status(&name, out);
+                self.services_changed(out);
             }
             None => self.invalid_request(conn, msg, "UNREGISTER from a connection that is not registered", out),
         }
@@ -538,7 +632,7 @@ impl Router {
     fn notify_status(&mut self, name: &str, out: &mut Vec<Action>) {
         let status = self.status_message(name);
         for (id, c) in &self.conns {
-            if c.service.as_deref() != Some(name) && c.commands.as_ref().is_some_and(|s| s.contains("STATUS")) {
+            if c.service.as_deref() != Some(name) && c.declared("STATUS") {
                 out.push(Action::Deliver(*id, status.clone()));
             }
         }
@@ -559,6 +653,10 @@ impl Router {
         if let Some(name) = c.service {
             self.remove_instance(conn, &name);
             self.notify_status(&name, out);
+            self.services_changed(out);
+        }
+        if let Some(link) = c.link {
+            self.link_lost(conn, link, out);
         }
         let server = self.server.clone();
         let mut failed = Vec::new();
@@ -585,6 +683,7 @@ impl Router {
 
     /// Time passes: expire cached messages and tracked requests.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.cluster_tick(now, out);
         self.cache.sweep(now);
         let mut timed_out = Vec::new();
         self.pending.retain(|(responder, _), p| {
@@ -670,7 +769,9 @@ mod tests {
 
     fn router(expected: &[&str]) -> Router {
         let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-        Router::new("n1", &expected, RouterLimits::from_config(&Config::default().limits), 1_000)
+        let config = Config::default();
+        let cluster = ClusterParams::from_config(&config.cluster);
+        Router::new("n1", &expected, RouterLimits::from_config(&config.limits), cluster, 1_000)
     }
 
     fn delivered(out: &mut Vec<Action>) -> Vec<(ConnId, Message)> {

@@ -7,7 +7,7 @@
 //! (`max_outbound_messages`/`max_outbound_bytes`: a consumer that falls behind is disconnected).
 
 use crate::config::Config;
-use crate::router::{Action, ConnId, Router, RouterLimits};
+use crate::router::{Action, ClusterParams, ConnId, Router, RouterLimits};
 use anyhow::Context;
 use bytes::BytesMut;
 use nodus_wire::{binary, detect, text, Decoded, Form, FrameError, Message};
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,23 @@ pub fn now_ms() -> i64 {
 const BATCH: usize = 256;
 /// Writer flushes once this many bytes are encoded.
 const WRITE_CHUNK: usize = 256 * 1024;
+/// Largest datagram accepted on the UDP signal port.
+const MAX_DATAGRAM: usize = 1024;
+/// The router connection id standing for the UDP signal port (one-way: nothing is sent back).
+const UDP_CONN: ConnId = 0;
+/// File in the data directory that remembers the cluster's nodes.
+const NODES_FILE: &str = "nodes";
+
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A local client (Unix socket or TCP listener).
+    Client,
+    /// Accepted on the cluster listener: must become a link.
+    ClusterIn,
+    /// Dialed by this node to a neighbour.
+    Dialed,
+}
 
 // Messages are the hot path: boxing them would cost an allocation per routed message.
 #[allow(clippy::large_enum_variant)]
@@ -91,6 +108,11 @@ impl Shared {
                     }
                 }
                 Action::Shutdown => self.stop.cancel(),
+                Action::SaveNodes(nodes) => {
+                    if let Err(e) = save_nodes(&self.config.data_dir, &nodes) {
+                        warn!(error = %e, "cannot persist the cluster's nodes");
+                    }
+                }
             }
         }
         if state.router.is_quitting() && state.router.pending_len() == 0 {
@@ -104,6 +126,9 @@ pub struct Daemon {
     shared: Arc<Shared>,
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
+    cluster: Option<TcpListener>,
+    udp: Option<UdpSocket>,
+    neighbors: Vec<String>,
 }
 
 impl Daemon {
@@ -129,12 +154,42 @@ impl Daemon {
             let path = config.unix_socket.clone();
             Some((bind_unix(&path).await?, path))
         };
-        let router = Router::new(
+        let cluster = match config.cluster.listen.as_str() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr).await.with_context(|| format!("cannot listen for cluster links on {addr}"))?,
+            ),
+        };
+        let udp = match config.cluster.udp_listen.as_str() {
+            "" => None,
+            addr => {
+                Some(UdpSocket::bind(addr).await.with_context(|| format!("cannot bind the UDP signal port {addr}"))?)
+            }
+        };
+        let mut params = ClusterParams::from_config(&config.cluster);
+        if params.addr.is_empty() {
+            params.addr = config.cluster.listen.clone();
+        }
+        if let (Some(l), true) = (&cluster, params.addr.ends_with(":0")) {
+            // Bound to an ephemeral port: advertise the port actually bound.
+            params.addr = l.local_addr()?.to_string();
+        }
+        let remembered = load_nodes(&config.data_dir);
+        let mut neighbors = config.cluster.neighbors.clone();
+        for (_, addr, neighbor) in &remembered {
+            if *neighbor && !addr.is_empty() && !neighbors.contains(addr) {
+                neighbors.push(addr.clone());
+            }
+        }
+        let mut router = Router::new(
             &config.server_name,
             &config.expected_services,
             RouterLimits::from_config(&config.limits),
+            params,
             now_ms(),
         );
+        router.remember(remembered);
+        router.connect(UDP_CONN);
         let shared = Arc::new(Shared {
             state: Mutex::new(State { router, handles: Default::default() }),
             config,
@@ -142,7 +197,17 @@ impl Daemon {
             idle: Notify::new(),
             next_conn: AtomicU64::new(1),
         });
-        Ok(Daemon { shared, tcp, unix })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, neighbors })
+    }
+
+    /// The bound cluster listener address, if enabled.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound UDP signal port, if enabled.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     /// The bound TCP address, if the TCP listener is enabled.
@@ -172,8 +237,9 @@ impl Daemon {
         let mut tasks = JoinSet::new();
         let mut accepts = JoinSet::new();
         let (conn_tx, mut conn_rx) = mpsc::channel::<tokio::task::JoinHandle<()>>(64);
-        if let Some(l) = self.tcp {
-            info!(addr = %l.local_addr()?, "listening on TCP");
+        for (listener, kind) in [(self.tcp, Kind::Client), (self.cluster, Kind::ClusterIn)] {
+            let Some(l) = listener else { continue };
+            info!(addr = %l.local_addr()?, ?kind, "listening on TCP");
             let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
             accepts.spawn(async move {
                 loop {
@@ -185,7 +251,7 @@ impl Daemon {
                                 continue;
                             };
                             let (r, w) = s.into_split();
-                            let h = tokio::spawn(connection(shared.clone(), r, w, permit));
+                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), kind));
                             let _ = conn_tx.send(h).await;
                         }
                         Err(e) => {
@@ -195,6 +261,14 @@ impl Daemon {
                     }
                 }
             });
+        }
+        if let Some(udp) = self.udp {
+            info!(addr = %udp.local_addr()?, "listening for UDP signals");
+            accepts.spawn(udp_loop(shared.clone(), udp));
+        }
+        let mut dialers = JoinSet::new();
+        for addr in self.neighbors {
+            dialers.spawn(dialer(shared.clone(), addr));
         }
         let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
         if let Some((l, path)) = self.unix {
@@ -209,7 +283,7 @@ impl Daemon {
                                 continue;
                             };
                             let (r, w) = s.into_split();
-                            let h = tokio::spawn(connection(shared.clone(), r, w, permit));
+                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), Kind::Client));
                             let _ = conn_tx.send(h).await;
                         }
                         Err(e) => {
@@ -241,7 +315,9 @@ impl Daemon {
         let ticker = {
             let shared = shared.clone();
             tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_millis(500));
+                let period = Duration::from_millis(shared.config.cluster.heartbeat_ms.min(500));
+                let mut every = tokio::time::interval(period);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut out = Vec::new();
                 loop {
                     every.tick().await;
@@ -286,6 +362,10 @@ impl Daemon {
             shared.apply(&mut st, &mut out);
         }
         conns_done.cancel();
+        let dialers_done = async { while dialers.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), dialers_done).await.is_err() {
+            dialers.abort_all();
+        }
         let mut tasks = collector.await.unwrap_or_default();
         let all_closed = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(2), all_closed).await.is_err() {
@@ -333,15 +413,23 @@ impl Decoder {
     }
 }
 
-async fn connection<R, W>(shared: Arc<Shared>, mut rd: R, wr: W, _permit: tokio::sync::OwnedSemaphorePermit)
-where
+async fn connection<R, W>(
+    shared: Arc<Shared>,
+    mut rd: R,
+    wr: W,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    kind: Kind,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let max_frame = shared.config.limits.max_frame_bytes;
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    // The first bytes tell which form the peer speaks.
+    // The first bytes tell which form the peer speaks; links always speak binary.
     let form = loop {
+        if kind == Kind::Dialed {
+            break Form::Binary;
+        }
         if let Some(form) = detect(&buf) {
             break form;
         }
@@ -362,8 +450,16 @@ where
         if st.router.is_quitting() {
             return;
         }
-        st.router.connect(id);
         st.handles.insert(id, Handle { tx, queued_bytes: queued_bytes.clone(), kill: kill.clone() });
+        match kind {
+            Kind::Client => st.router.connect(id),
+            Kind::ClusterIn => st.router.connect_cluster(id),
+            Kind::Dialed => {
+                let mut out = Vec::new();
+                st.router.dial(id, &mut out);
+                shared.apply(&mut st, &mut out);
+            }
+        }
     }
     debug!(conn = id, ?form, "connection open");
     let writer = tokio::spawn(write_loop(wr, rx, form, max_frame, queued_bytes, kill.clone()));
@@ -496,4 +592,89 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
     // Wake the reader in case the peer keeps the connection half open.
     kill.cancel();
+}
+
+/// Keeps a link to the neighbour at `addr`: dials while no link to it exists, with jittered
+/// exponential backoff (100 ms .. 5 s), until the node stops.
+async fn dialer(shared: Arc<Shared>, addr: String) {
+    let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+    let mut delay = min;
+    while !shared.stop.is_cancelled() {
+        if !shared.lock().router.linked_to_addr(&addr) {
+            let started = tokio::time::Instant::now();
+            match TcpStream::connect(&addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    let (r, w) = s.into_split();
+                    connection(shared.clone(), r, w, None, Kind::Dialed).await;
+                    if started.elapsed() > max {
+                        delay = min;
+                    }
+                }
+                Err(e) => debug!(%addr, error = %e, "neighbour not reachable"),
+            }
+        }
+        let jittered = delay.mul_f64(0.5 + rand::random::<f64>());
+        tokio::select! {
+            _ = tokio::time::sleep(jittered) => {}
+            _ = shared.stop.cancelled() => break,
+        }
+        delay = (delay * 2).min(max);
+    }
+}
+
+/// The UDP signal port: one text message per datagram, one way.
+async fn udp_loop(shared: Arc<Shared>, socket: UdpSocket) {
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let secret = shared.config.cluster.udp_secret.clone();
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
+        if n > MAX_DATAGRAM {
+            warn!(%peer, "dropping a datagram over 1024 bytes");
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&buf[..n]) else {
+            warn!(%peer, "dropping a datagram that is not UTF-8");
+            continue;
+        };
+        let mut msg = match text::from_line(line.trim_end_matches(['\n', '\r'])) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(%peer, error = %e, "dropping an invalid datagram");
+                continue;
+            }
+        };
+        if !secret.is_empty() && msg.params.remove("secret_code").as_deref() != Some(secret.as_str()) {
+            warn!(%peer, "dropping a datagram without the right secret_code");
+            continue;
+        }
+        let mut out = Vec::new();
+        let mut st = shared.lock();
+        st.router.handle(UDP_CONN, msg, now_ms(), &mut out);
+        shared.apply(&mut st, &mut out);
+    }
+}
+
+/// Reads the remembered nodes: lines of `name address neighbor|known`.
+fn load_nodes(dir: &Path) -> Vec<(String, String, bool)> {
+    let Ok(text) = std::fs::read_to_string(dir.join(NODES_FILE)) else { return Vec::new() };
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (name, addr, kind) = (parts.next()?, parts.next().unwrap_or(""), parts.next().unwrap_or("known"));
+            let addr = if addr == "-" { "" } else { addr };
+            nodus_wire::valid_name(name).then(|| (name.to_string(), addr.to_string(), kind == "neighbor"))
+        })
+        .collect()
+}
+
+fn save_nodes(dir: &Path, nodes: &[(String, String, bool)]) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (name, addr, neighbor) in nodes {
+        let addr = if addr.is_empty() { "-" } else { addr };
+        text.push_str(&format!("{name} {addr} {}\n", if *neighbor { "neighbor" } else { "known" }));
+    }
+    let tmp = dir.join(format!("{NODES_FILE}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join(NODES_FILE))
 }

@@ -30,6 +30,8 @@ pub enum Form {
 }
 
 /// Outcome of decoding one unit from a buffer.
+// The message variant is the common case: boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decoded {
     /// A well-formed message.

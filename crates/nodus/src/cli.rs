@@ -96,6 +96,18 @@ pub struct DaemonArgs {
     /// A service whose messages are cached until it registers (repeatable).
     #[arg(long = "expect")]
     expect: Vec<String>,
+    /// Cluster listener address (empty disables cluster links).
+    #[arg(long)]
+    cluster_listen: Option<String>,
+    /// A neighbour's cluster address to link with (repeatable).
+    #[arg(long = "neighbor")]
+    neighbors: Vec<String>,
+    /// Shared cluster secret.
+    #[arg(long, env = "NODUS_CLUSTER_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// UDP signal port address (empty disables it).
+    #[arg(long)]
+    udp_listen: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -271,6 +283,23 @@ async fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
     if !a.expect.is_empty() {
         set("expected_services", toml::Value::Array(a.expect.into_iter().map(Into::into).collect()));
     }
+    let mut cluster = match table.remove("cluster") {
+        Some(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    if let Some(v) = a.cluster_listen {
+        cluster.insert("listen".into(), v.into());
+    }
+    if !a.neighbors.is_empty() {
+        cluster.insert("neighbors".into(), toml::Value::Array(a.neighbors.into_iter().map(Into::into).collect()));
+    }
+    if let Some(v) = a.secret {
+        cluster.insert("secret".into(), v.into());
+    }
+    if let Some(v) = a.udp_listen {
+        cluster.insert("udp_listen".into(), v.into());
+    }
+    table.insert("cluster".into(), toml::Value::Table(cluster));
     let config = Config::from_toml(&table.to_string())?;
     let daemon = Daemon::bind(config).await?;
     let Some(addr) = daemon.tcp_addr().map(|a| a.to_string()).or(daemon.unix_path().map(|p| p.display().to_string()))

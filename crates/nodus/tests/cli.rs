@@ -20,7 +20,7 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("n.sock");
         let child = Command::new(NODUS)
-            .args(["daemon", "--server-name", "cli1", "--listen", ""])
+            .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--unix-socket")

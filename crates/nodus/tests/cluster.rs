@@ -1,0 +1,282 @@
+//! Several `nodus daemon` processes on loopback forming a cluster: discovery by gossip, routing
+//! over two hops, broadcasts delivered once, failure detection (kill -9 and a frozen process),
+//! rejoin after restart, and refusal of a node with the wrong secret.
+//!
+//! Every wait is on an event (a notification or a status answer) with a deadline.
+
+use nodus_client::{Client, ClientConfig, Incoming};
+use nodus_wire::Message;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODUS: &str = env!("CARGO_BIN_EXE_nodus");
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Proc {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    neighbors: Vec<u16>,
+    secret: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Proc {
+    fn new(root: &tempfile::TempDir, name: &str, neighbors: &[u16], secret: &str) -> Proc {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut p = Proc {
+            name: name.into(),
+            port: free_port(),
+            dir,
+            child: None,
+            neighbors: neighbors.to_vec(),
+            secret: secret.into(),
+        };
+        p.start();
+        p
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("n.sock")
+    }
+
+    fn start(&mut self) {
+        let neighbors: Vec<String> = self.neighbors.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let config = format!(
+            "server_name = \"{}\"\ndata_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"\"\n\
+             [cluster]\nlisten = \"127.0.0.1:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n",
+            self.name,
+            self.dir.join("data").display(),
+            self.socket().display(),
+            self.port,
+            neighbors.join(","),
+            self.secret
+        );
+        let file = self.dir.join("nodus.toml");
+        std::fs::write(&file, config).unwrap();
+        let _ = std::fs::remove_file(self.socket());
+        let child = Command::new(NODUS).arg("daemon").arg("--config").arg(&file).stderr(Stdio::null()).spawn().unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(Instant::now() < deadline, "{} did not start", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket().display())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
+        self.kill9();
+    }
+}
+
+/// A service on one node that listens for cluster notifications.
+struct Watch {
+    client: Client,
+    incoming: Incoming,
+}
+
+const NOTIFICATIONS: [&str; 5] =
+    ["CLUSTER_UP", "CLUSTER_DOWN", "CLUSTER_COMPLETE", "CLUSTER_INCOMPLETE", "UNREACHABLE"];
+
+impl Watch {
+    async fn on(p: &Proc, name: &str) -> Watch {
+        let config = ClientConfig::new(p.endpoint()).service(name).commands(NOTIFICATIONS).no_reconnect();
+        let (client, incoming) = Client::connect(config).await.unwrap();
+        Watch { client, incoming }
+    }
+
+    async fn status(&self) -> (bool, bool, usize, usize) {
+        let m = self.client.request(Message::new("CLUSTER_STATUS"), WAIT).await.unwrap();
+        let num = |k: &str| m.get(k).unwrap().parse::<usize>().unwrap();
+        let up = m.command == "CLUSTER_UP";
+        // The second answer (COMPLETE/INCOMPLETE) arrives as an ordinary incoming message.
+        (up, num("live") == num("known"), num("live"), num("known"))
+    }
+
+    /// Waits until the node reports `live` of `known` nodes; returns how long it took.
+    async fn wait_for(&mut self, live: usize, known: usize) -> Duration {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, _, l, k) = self.status().await;
+            if (l, k) == (live, known) {
+                return start.elapsed();
+            }
+            // Wait for the next change notification (or re-check after a short while: gossip
+            // changes the counts without a notification when up/complete do not flip).
+            let next = tokio::time::timeout(Duration::from_millis(200), self.incoming.recv());
+            assert!(tokio::time::Instant::now() < deadline, "expected {live}/{known} live, have {l}/{k}");
+            let _ = next.await;
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "");
+        let b = Proc::new(&root, "b", &[a.port], "");
+        let c = Proc::new(&root, "c", &[b.port], "");
+        let mut wa = Watch::on(&a, "watch").await;
+        let mut wc = Watch::on(&c, "watch").await;
+        wa.wait_for(3, 3).await;
+        wc.wait_for(3, 3).await;
+        let (up, complete, _, _) = wa.status().await;
+        assert!(up && complete);
+
+        // a has no direct link to c: the request travels a → b → c and the reply comes back.
+        let info = wa.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
+        let links = info.get("links").unwrap();
+        assert!(links.starts_with("b@") && !links.contains("c@"), "{links}");
+        let (svc, mut inc) = Client::connect(ClientConfig::new(c.endpoint()).service("far")).await.unwrap();
+        tokio::spawn(async move {
+            while let Some(m) = inc.recv().await {
+                let _ = svc.send(m.reply("FROM_C").with_payload(m.payload.clone())).await;
+            }
+        });
+        // Wait until a has learned by gossip where `far` lives.
+        let deadline = Instant::now() + WAIT;
+        let reply = loop {
+            let r = wa.client.request(Message::new("ASK").to("far").with_payload(b"hi".to_vec()), WAIT).await.unwrap();
+            if r.command == "FROM_C" {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "service never became reachable: {r:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!((reply.from.server.as_str(), reply.payload.as_slice()), ("c", &b"hi"[..]));
+        let explicit = wa.client.request(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
+        assert_eq!(explicit.command, "FROM_C");
+        let missing = wa.client.request(Message::new("ASK").to("zz:far"), WAIT).await.unwrap();
+        assert_eq!((missing.command.as_str(), missing.get("reason")), ("SERVICE_UNAVAILABLE", Some("unknown_server")));
+        drop(b);
+    });
+}
+
+#[test]
+fn broadcasts_reach_every_service_exactly_once() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "");
+        let b = Proc::new(&root, "b", &[a.port], "");
+        let c = Proc::new(&root, "c", &[a.port, b.port], "");
+        let mut w = Watch::on(&a, "watch").await;
+        let mut listeners = Vec::new();
+        for p in [&a, &b, &c] {
+            let config = ClientConfig::new(p.endpoint()).service("bcast").commands(["HELLO"]).no_reconnect();
+            listeners.push(Client::connect(config).await.unwrap());
+        }
+        w.wait_for(3, 3).await;
+        // Gossip about the services is what matters here; wait until c sees a's and b's.
+        let wc = Watch::on(&c, "watch2").await;
+        let deadline = Instant::now() + WAIT;
+        while wc.client.request(Message::new("ASK").to("a:bcast"), WAIT).await.unwrap().command == "SERVICE_UNAVAILABLE"
+        {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.client.send(Message::new("HELLO").to("*:bcast").param("n", 1)).await.unwrap();
+        w.client.send(Message::new("HELLO").to("*:*").param("n", 2)).await.unwrap();
+        for (_, inc) in listeners.iter_mut() {
+            for n in ["1", "2"] {
+                let m = tokio::time::timeout(WAIT, inc.recv()).await.unwrap().unwrap();
+                assert_eq!((m.command.as_str(), m.get("n")), ("HELLO", Some(n)));
+            }
+        }
+        // Nothing else arrives: each broadcast was delivered once per service.
+        for (_, inc) in listeners.iter_mut() {
+            assert!(tokio::time::timeout(Duration::from_millis(300), inc.recv()).await.is_err());
+        }
+    });
+}
+
+#[test]
+fn failures_are_detected_and_restarted_nodes_rejoin() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "");
+        let b = Proc::new(&root, "b", &[a.port], "");
+        let mut c = Proc::new(&root, "c", &[a.port, b.port], "");
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(3, 3).await;
+
+        // kill -9: sockets close, detection is immediate; 2 of 3 keeps the quorum.
+        c.kill9();
+        let took = w.wait_for(2, 3).await;
+        let (up, complete, _, _) = w.status().await;
+        assert!(up && !complete, "2/3 is UP and INCOMPLETE");
+        assert!(took < Duration::from_secs(3), "detected in {took:?}");
+
+        // Restart: c dials its remembered neighbours and the cluster is complete again.
+        c.start();
+        w.wait_for(3, 3).await;
+
+        // A frozen process keeps its sockets open: only the failure detector can tell.
+        c.signal("-STOP");
+        let took = w.wait_for(2, 3).await;
+        assert!(took < Duration::from_secs(3), "phi-accrual detected a silent node in {took:?}");
+        c.signal("-CONT");
+        w.wait_for(3, 3).await;
+
+        // Losing two of three: the survivor reports DOWN.
+        drop(b);
+        c.kill9();
+        w.wait_for(1, 3).await;
+        let (up, _, _, _) = w.status().await;
+        assert!(!up, "1/3 is below the quorum");
+    });
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_is_refused() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "right");
+        let b = Proc::new(&root, "b", &[a.port], "right");
+        let intruder = Proc::new(&root, "x", &[a.port], "wrong");
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(2, 2).await;
+        let wx = Watch::on(&intruder, "watch").await;
+        // Give the intruder's dialer time for several attempts: each is refused.
+        for _ in 0..5 {
+            let (_, _, live, known) = wx.status().await;
+            assert_eq!((live, known), (1, 1));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let info = w.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
+        assert!(!info.get("nodes").unwrap().contains("x@"));
+        drop(b);
+    });
+}
