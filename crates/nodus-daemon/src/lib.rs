@@ -9,6 +9,7 @@ pub mod config;
 pub mod detector;
 pub mod router;
 pub mod server;
+pub mod tls;
 pub mod topology;
 
 pub use config::Config;

@@ -72,6 +72,7 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     config: Config,
+    tls: Option<crate::tls::Tls>,
     stop: CancellationToken,
     idle: Notify,
     next_conn: AtomicU64,
@@ -128,6 +129,7 @@ pub struct Daemon {
     unix: Option<(UnixListener, PathBuf)>,
     cluster: Option<TcpListener>,
     udp: Option<UdpSocket>,
+    tls_listener: Option<TcpListener>,
     neighbors: Vec<String>,
 }
 
@@ -174,6 +176,18 @@ impl Daemon {
             // Bound to an ephemeral port: advertise the port actually bound.
             params.addr = l.local_addr()?.to_string();
         }
+        let tls = crate::tls::Tls::load(&config.cluster)?;
+        let tls_listener = match config.cluster.tls_listen.as_str() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for TLS cluster links on {addr}"))?,
+            ),
+        };
+        if let (Some(l), true) = (&tls_listener, params.addr.ends_with(":0")) {
+            params.addr = l.local_addr()?.to_string();
+        }
         let remembered = load_nodes(&config.data_dir);
         let mut neighbors = config.cluster.neighbors.clone();
         for (_, addr, neighbor) in &remembered {
@@ -193,16 +207,22 @@ impl Daemon {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { router, handles: Default::default() }),
             config,
+            tls,
             stop: CancellationToken::new(),
             idle: Notify::new(),
             next_conn: AtomicU64::new(1),
         });
-        Ok(Daemon { shared, tcp, unix, cluster, udp, neighbors })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, neighbors })
     }
 
     /// The bound cluster listener address, if enabled.
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
         self.cluster.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound TLS cluster listener address, if enabled.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound UDP signal port, if enabled.
@@ -259,6 +279,31 @@ impl Daemon {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
+                }
+            });
+        }
+        if let (Some(l), Some(tls)) = (self.tls_listener, shared.tls.clone()) {
+            info!(addr = %l.local_addr()?, "listening for TLS cluster links");
+            let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
+            accepts.spawn(async move {
+                loop {
+                    let Ok((s, peer)) = l.accept().await else { continue };
+                    let _ = s.set_nodelay(true);
+                    let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
+                    let (shared, acceptor) = (shared.clone(), tls.acceptor.clone());
+                    let h = tokio::spawn(async move {
+                        // The handshake verifies the peer's certificate against the cluster CA.
+                        let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(s)).await;
+                        match handshake {
+                            Ok(Ok(stream)) => {
+                                let (r, w) = tokio::io::split(stream);
+                                connection(shared, r, w, Some(permit), Kind::ClusterIn).await;
+                            }
+                            Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
+                            Err(_) => warn!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                    let _ = conn_tx.send(h).await;
                 }
             });
         }
@@ -605,8 +650,25 @@ async fn dialer(shared: Arc<Shared>, addr: String) {
             match TcpStream::connect(&addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    let (r, w) = s.into_split();
-                    connection(shared.clone(), r, w, None, Kind::Dialed).await;
+                    match &shared.tls {
+                        None => {
+                            let (r, w) = s.into_split();
+                            connection(shared.clone(), r, w, None, Kind::Dialed).await;
+                        }
+                        Some(tls) => {
+                            let tls_stream = match crate::tls::server_name(&addr) {
+                                Ok(name) => tls.connector.connect(name, s).await.map_err(anyhow::Error::from),
+                                Err(e) => Err(e),
+                            };
+                            match tls_stream {
+                                Ok(stream) => {
+                                    let (r, w) = tokio::io::split(stream);
+                                    connection(shared.clone(), r, w, None, Kind::Dialed).await;
+                                }
+                                Err(e) => warn!(%addr, error = %e, "TLS handshake with neighbour failed"),
+                            }
+                        }
+                    }
                     if started.elapsed() > max {
                         delay = min;
                     }

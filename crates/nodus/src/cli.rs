@@ -37,7 +37,19 @@ pub enum Command {
         /// How long to wait for the node's verdict.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Send one datagram to the node's UDP signal port instead (no verdict: exit 0 once sent).
+        #[arg(long)]
+        udp: bool,
+        /// The UDP signal port.
+        #[arg(long, default_value = "127.0.0.1:4041")]
+        udp_addr: String,
+        /// `secret_code` for the UDP signal port.
+        #[arg(long, env = "NODUS_UDP_SECRET", hide_env_values = true)]
+        secret: Option<String>,
     },
+    /// Cluster state and operations.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Send a request and print the reply: `nodus call SERVICE COMMAND [name=value ...]`.
     Call {
         /// Destination `[server:]service`.
@@ -73,6 +85,20 @@ pub enum Command {
     Stop,
     /// Print the embedded default configuration.
     Config,
+}
+
+/// `nodus cluster ...`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Nodes, links, quorum and clock offsets as this node sees them.
+    Status,
+    /// Remove a node from the cluster's memory, on every node.
+    Forget {
+        /// The node's server name.
+        server: String,
+    },
+    /// Stop every node of the cluster.
+    Shutdown,
 }
 
 /// `nodus daemon` options; each overrides the config file, which overrides the embedded default.
@@ -132,7 +158,9 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
             output::line(nodus_daemon::config::DEFAULT_TOML);
             Ok(0)
         }
-        Command::Send { message, timeout } => send(&args.node, &message, timeout, args.json).await,
+        Command::Send { message, udp: true, udp_addr, secret, .. } => send_udp(&udp_addr, &message, secret).await,
+        Command::Send { message, timeout, .. } => send(&args.node, &message, timeout, args.json).await,
+        Command::Cluster(c) => cluster(&args.node, c, args.json).await,
         Command::Call { service, command, params, payload, timeout } => {
             let mut msg = Message::new(command).to(&service);
             for p in params {
@@ -255,6 +283,85 @@ async fn send(node: &str, line: &str, timeout: Duration, as_json: bool) -> anyho
         output::error(&verdict);
     }
     Ok(code)
+}
+
+async fn send_udp(addr: &str, line: &str, secret: Option<String>) -> anyhow::Result<u8> {
+    let mut msg = text::from_line(line).with_context(|| format!("cannot parse {line:?}"))?;
+    if let Some(s) = secret {
+        msg.params.insert("secret_code".into(), s);
+    }
+    let datagram = text::to_line(&msg);
+    if datagram.len() > 1024 {
+        bail!("the message is {} bytes; a UDP signal holds at most 1024", datagram.len());
+    }
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.context("cannot open a UDP socket")?;
+    socket.send_to(datagram.as_bytes(), addr).await.with_context(|| format!("cannot send to {addr}"))?;
+    Ok(0)
+}
+
+async fn cluster(node: &str, c: ClusterCommand, as_json: bool) -> anyhow::Result<u8> {
+    let client = anonymous(node).await?;
+    let wait = Duration::from_secs(5);
+    match c {
+        ClusterCommand::Status => {
+            let info = client.request(Message::new("CLUSTER_INFO"), wait).await?;
+            let list = |k: &str| -> Vec<Vec<String>> {
+                info.get(k)
+                    .unwrap_or("")
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.split('@').map(String::from).collect())
+                    .collect()
+            };
+            let (nodes, links) = (list("nodes"), list("links"));
+            let get = |k: &str| info.get(k).unwrap_or("?").to_string();
+            if as_json {
+                let nodes: Vec<_> =
+                    nodes.iter().map(|n| json!({"server": n[0], "addr": n.get(1), "state": n.get(2)})).collect();
+                let links: Vec<_> = links
+                    .iter()
+                    .map(|l| json!({"peer": l[0], "rtt_ms": l.get(1), "offset_ms": l.get(2), "phi": l.get(3)}))
+                    .collect();
+                output::json(&json!({
+                    "server": get("server"), "up": get("up") == "true", "complete": get("complete") == "true",
+                    "live": get("live"), "known": get("known"), "quorum": get("quorum"),
+                    "clock_stable": get("clock_stable") == "true", "nodes": nodes, "links": links,
+                }));
+            } else {
+                let up = if get("up") == "true" { "UP" } else { "DOWN" };
+                let complete = if get("complete") == "true" { "COMPLETE" } else { "INCOMPLETE" };
+                let clock = if get("clock_stable") == "true" { "stable" } else { "UNSTABLE" };
+                output::line(&format!(
+                    "cluster {up} {complete}: {} of {} nodes live (quorum {}), clock {clock}, seen from {}",
+                    get("live"),
+                    get("known"),
+                    get("quorum"),
+                    get("server")
+                ));
+                output::line(&format!("\n{:<20} {:<24} STATE", "NODE", "ADDRESS"));
+                for n in &nodes {
+                    let at = |i: usize| n.get(i).map_or("", String::as_str);
+                    output::line(&format!("{:<20} {:<24} {}", at(0), at(1), at(2)));
+                }
+                output::line(&format!("\n{:<20} {:>8} {:>10} {:>6}", "LINK", "RTT ms", "OFFSET ms", "PHI"));
+                for l in &links {
+                    let at = |i: usize| l.get(i).map_or("", String::as_str);
+                    output::line(&format!("{:<20} {:>8} {:>10} {:>6}", at(0), at(1), at(2), at(3)));
+                }
+            }
+            Ok(0)
+        }
+        ClusterCommand::Forget { server } => {
+            let reply = client.request(Message::new("FORGET").param("server", server), wait).await?;
+            output::message(&reply, as_json);
+            Ok(if is_failure(&reply) { 1 } else { 0 })
+        }
+        ClusterCommand::Shutdown => {
+            let reply = client.request(Message::new("SHUTDOWN"), wait).await?;
+            output::message(&reply, as_json);
+            Ok(0)
+        }
+    }
 }
 
 async fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {

@@ -19,8 +19,10 @@ impl Daemon {
     fn start(extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("n.sock");
+        let udp: &[&str] = if extra.contains(&"--udp-listen") { &[] } else { &["--udp-listen", ""] };
         let child = Command::new(NODUS)
-            .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
+            .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", ""])
+            .args(udp)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--unix-socket")
@@ -73,6 +75,15 @@ fn stdout(o: &Output) -> String {
 
 /// A text-form service on the node's socket that answers every request with `ANSWER`.
 fn text_service(socket: &Path, name: &str) -> std::thread::JoinHandle<Vec<String>> {
+    text_service_feeding(socket, name, None)
+}
+
+/// Like [`text_service`], also sending each command it receives to `feed` as it arrives.
+fn text_service_feeding(
+    socket: &Path,
+    name: &str,
+    feed: Option<std::sync::mpsc::Sender<String>>,
+) -> std::thread::JoinHandle<Vec<String>> {
     let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
     writeln!(s, "REGISTER service={name};version=1").unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
@@ -94,6 +105,9 @@ fn text_service(socket: &Path, name: &str) -> std::thread::JoinHandle<Vec<String
                 return seen;
             }
             seen.push(msg.command.clone());
+            if let Some(feed) = &feed {
+                let _ = feed.send(msg.command.clone());
+            }
             if msg.envelope.id != 0 {
                 let reply = msg.reply("ANSWER").param("got", msg.get("x").unwrap_or("-"));
                 writeln!(s, "{}", nodus_wire::text::to_line(&reply)).unwrap();
@@ -187,4 +201,34 @@ fn config_prints_the_embedded_defaults_and_bad_config_is_refused() {
     let out = Command::new(NODUS).args(["daemon", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"), "{:?}", out);
+}
+
+#[test]
+fn udp_signals_reach_services_and_need_the_secret() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("n.toml");
+    std::fs::write(&file, format!("[cluster]\nudp_listen = \"{addr}\"\nudp_secret = \"s3\"\n")).unwrap();
+    let file = file.display().to_string();
+    let d = Daemon::start(&["--config", &file, "--udp-listen", &addr]);
+    let (feed, fed) = std::sync::mpsc::channel();
+    let svc = text_service_feeding(&d.socket, "logrotate", Some(feed));
+    let udp = |secret: &str, msg: &str| {
+        Command::new(NODUS).args(["send", "--udp", "--udp-addr", &addr, "--secret", secret, msg]).output().unwrap()
+    };
+    assert!(udp("wrong", "logrotate/DROPPED").status.success(), "sending works; the node drops it");
+    assert!(udp("s3", "logrotate/ROTATE").status.success());
+    let long = format!("logrotate/BIG v={}", "x".repeat(1100));
+    assert_eq!(udp("s3", &long).status.code(), Some(2), "over 1024 bytes is refused before sending");
+    assert!(udp("s3", "logrotate/MARK").status.success());
+    // The node handles datagrams in order: once MARK is in, everything sent before it was handled.
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("MARK") {
+        got.push(fed.recv_timeout(WAIT).expect("datagrams delivered"));
+    }
+    assert_eq!(got, ["ROTATE", "MARK"]);
+    assert!(d.cli(&["stop"]).status.success());
+    let seen = svc.join().unwrap();
+    assert!(!seen.contains(&"DROPPED".to_string()) && !seen.contains(&"BIG".to_string()));
 }

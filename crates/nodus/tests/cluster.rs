@@ -20,6 +20,8 @@ struct Proc {
     child: Option<Child>,
     neighbors: Vec<u16>,
     secret: String,
+    /// Certificate, key and CA files: links use TLS only.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -28,15 +30,27 @@ fn free_port() -> u16 {
 
 impl Proc {
     fn new(root: &tempfile::TempDir, name: &str, neighbors: &[u16], secret: &str) -> Proc {
+        Self::with_tls(root, name, neighbors, secret, None)
+    }
+
+    fn with_tls(
+        root: &tempfile::TempDir,
+        name: &str,
+        neighbors: &[u16],
+        secret: &str,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    ) -> Proc {
         let dir = root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
         let mut p = Proc {
             name: name.into(),
-            port: free_port(),
+            port,
             dir,
             child: None,
             neighbors: neighbors.to_vec(),
             secret: secret.into(),
+            tls,
         };
         p.start();
         p
@@ -58,6 +72,19 @@ impl Proc {
             neighbors.join(","),
             self.secret
         );
+        let config = match &self.tls {
+            None => config,
+            Some((cert, key, ca)) => config.replace(
+                &format!("listen = \"127.0.0.1:{}\"", self.port),
+                &format!(
+                    "listen = \"\"\ntls_listen = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}",
+                    self.port,
+                    cert.display().to_string(),
+                    key.display().to_string(),
+                    ca.display().to_string()
+                ),
+            ),
+        };
         let file = self.dir.join("nodus.toml");
         std::fs::write(&file, config).unwrap();
         let _ = std::fs::remove_file(self.socket());
@@ -278,5 +305,132 @@ fn a_node_with_the_wrong_secret_is_refused() {
         let info = w.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
         assert!(!info.get("nodes").unwrap().contains("x@"));
         drop(b);
+    });
+}
+
+/// A cluster CA; `node` issues certificates for 127.0.0.1 signed by it.
+struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &std::path::Path, name: &str) -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), issuer.pem()).unwrap();
+        Ca { issuer, dir }
+    }
+
+    fn node(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k, self.dir.join("ca.pem"))
+    }
+}
+
+#[test]
+fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let ca = Ca::new(root.path(), "cluster-ca");
+        let rogue_ca = Ca::new(root.path(), "rogue-ca");
+        let a = Proc::with_tls(&root, "a", &[], "", Some(ca.node("a")));
+        let b = Proc::with_tls(&root, "b", &[a.port], "", Some(ca.node("b")));
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(2, 2).await;
+
+        // Routed traffic flows over the TLS link.
+        let (svc, mut inc) = Client::connect(ClientConfig::new(b.endpoint()).service("secure")).await.unwrap();
+        tokio::spawn(async move {
+            while let Some(m) = inc.recv().await {
+                let _ = svc.send(m.reply("OK")).await;
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        while w.client.request(Message::new("ASK").to("b:secure"), WAIT).await.unwrap().command != "OK" {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // A node whose certificate another CA signed never joins, in either direction.
+        let x = Proc::with_tls(&root, "x", &[a.port], "", Some(rogue_ca.node("x")));
+        let wx = Watch::on(&x, "watch").await;
+        for _ in 0..5 {
+            assert_eq!(wx.status().await.2, 1, "the rogue node stays alone");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(w.status().await.3, 2, "a never learned of the rogue node");
+        drop(b);
+    });
+}
+
+fn cli(p: &Proc, args: &[&str]) -> std::process::Output {
+    Command::new(NODUS).arg("--node").arg(p.endpoint()).args(args).output().unwrap()
+}
+
+fn wait_exit(p: &mut Proc) {
+    let deadline = Instant::now() + WAIT;
+    let child = p.child.as_mut().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{} did not stop", p.name);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.child = None;
+}
+
+#[test]
+fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let mut a = Proc::new(&root, "a", &[], "");
+        let mut b = Proc::new(&root, "b", &[a.port], "");
+        let mut c = Proc::new(&root, "c", &[a.port], "");
+        let mut d = Proc::new(&root, "d", &[b.port], "");
+        let mut e = Proc::new(&root, "e", &[c.port], "");
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(5, 5).await;
+        let status = String::from_utf8(cli(&a, &["cluster", "status"]).stdout).unwrap();
+        assert!(status.starts_with("cluster UP COMPLETE: 5 of 5 nodes live (quorum 3)"), "{status}");
+
+        d.kill9();
+        e.kill9();
+        w.wait_for(3, 5).await;
+        let (up, complete, _, _) = w.status().await;
+        assert!(up && !complete, "3 of 5 is UP and INCOMPLETE");
+        c.kill9();
+        w.wait_for(2, 5).await;
+        let json = String::from_utf8(cli(&a, &["--json", "cluster", "status"]).stdout).unwrap();
+        assert!(json.contains("\"up\":false") && json.contains("\"live\":\"2\""), "{json}");
+
+        c.start();
+        w.wait_for(3, 5).await;
+        assert!(w.status().await.0, "3 of 5 is UP again");
+
+        // Forget the two dead nodes everywhere: 3 of 3, complete.
+        for gone in ["d", "e"] {
+            assert!(cli(&a, &["cluster", "forget", gone]).status.success());
+        }
+        w.wait_for(3, 3).await;
+        let wc = Watch::on(&c, "watch").await;
+        let deadline = Instant::now() + WAIT;
+        while wc.status().await.3 != 3 {
+            assert!(Instant::now() < deadline, "FORGET reached c");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // SHUTDOWN stops every node.
+        assert!(cli(&b, &["cluster", "shutdown"]).status.success());
+        for p in [&mut a, &mut b, &mut c] {
+            wait_exit(p);
+        }
     });
 }
