@@ -37,6 +37,8 @@ const WRITE_CHUNK: usize = 256 * 1024;
 const MAX_DATAGRAM: usize = 1024;
 /// The router connection id standing for the UDP signal port (one-way: nothing is sent back).
 const UDP_CONN: ConnId = 0;
+/// How long dialing a neighbour may take before it is retried.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// File in the data directory that remembers the cluster's nodes.
 const NODES_FILE: &str = "nodes";
 
@@ -647,7 +649,9 @@ async fn dialer(shared: Arc<Shared>, addr: String) {
     while !shared.stop.is_cancelled() {
         if !shared.lock().router.linked_to_addr(&addr) {
             let started = tokio::time::Instant::now();
-            match TcpStream::connect(&addr).await {
+            // Bounded: during a partition a SYN can go unanswered for minutes.
+            let connect = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&addr)).await;
+            match connect.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     match &shared.tls {

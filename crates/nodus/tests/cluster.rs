@@ -4,170 +4,12 @@
 //!
 //! Every wait is on an event (a notification or a status answer) with a deadline.
 
-use nodus_client::{Client, ClientConfig, Incoming};
+mod common;
+
+use common::*;
+use nodus_client::{Client, ClientConfig};
 use nodus_wire::Message;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const NODUS: &str = env!("CARGO_BIN_EXE_nodus");
-const WAIT: Duration = Duration::from_secs(15);
-
-struct Proc {
-    name: String,
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-    neighbors: Vec<u16>,
-    secret: String,
-    /// Certificate, key and CA files: links use TLS only.
-    tls: Option<(PathBuf, PathBuf, PathBuf)>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Proc {
-    fn new(root: &tempfile::TempDir, name: &str, neighbors: &[u16], secret: &str) -> Proc {
-        Self::with_tls(root, name, neighbors, secret, None)
-    }
-
-    fn with_tls(
-        root: &tempfile::TempDir,
-        name: &str,
-        neighbors: &[u16],
-        secret: &str,
-        tls: Option<(PathBuf, PathBuf, PathBuf)>,
-    ) -> Proc {
-        let dir = root.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let mut p = Proc {
-            name: name.into(),
-            port,
-            dir,
-            child: None,
-            neighbors: neighbors.to_vec(),
-            secret: secret.into(),
-            tls,
-        };
-        p.start();
-        p
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("n.sock")
-    }
-
-    fn start(&mut self) {
-        let neighbors: Vec<String> = self.neighbors.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-        let config = format!(
-            "server_name = \"{}\"\ndata_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"\"\n\
-             [cluster]\nlisten = \"127.0.0.1:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n",
-            self.name,
-            self.dir.join("data").display(),
-            self.socket().display(),
-            self.port,
-            neighbors.join(","),
-            self.secret
-        );
-        let config = match &self.tls {
-            None => config,
-            Some((cert, key, ca)) => config.replace(
-                &format!("listen = \"127.0.0.1:{}\"", self.port),
-                &format!(
-                    "listen = \"\"\ntls_listen = \"127.0.0.1:{}\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}",
-                    self.port,
-                    cert.display().to_string(),
-                    key.display().to_string(),
-                    ca.display().to_string()
-                ),
-            ),
-        };
-        let file = self.dir.join("nodus.toml");
-        std::fs::write(&file, config).unwrap();
-        let _ = std::fs::remove_file(self.socket());
-        let child = Command::new(NODUS).arg("daemon").arg("--config").arg(&file).stderr(Stdio::null()).spawn().unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(Instant::now() < deadline, "{} did not start", self.name);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
-    }
-
-    fn endpoint(&self) -> String {
-        format!("unix:{}", self.socket().display())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal("-CONT");
-        }
-        self.kill9();
-    }
-}
-
-/// A service on one node that listens for cluster notifications.
-struct Watch {
-    client: Client,
-    incoming: Incoming,
-}
-
-const NOTIFICATIONS: [&str; 5] =
-    ["CLUSTER_UP", "CLUSTER_DOWN", "CLUSTER_COMPLETE", "CLUSTER_INCOMPLETE", "UNREACHABLE"];
-
-impl Watch {
-    async fn on(p: &Proc, name: &str) -> Watch {
-        let config = ClientConfig::new(p.endpoint()).service(name).commands(NOTIFICATIONS).no_reconnect();
-        let (client, incoming) = Client::connect(config).await.unwrap();
-        Watch { client, incoming }
-    }
-
-    async fn status(&self) -> (bool, bool, usize, usize) {
-        let m = self.client.request(Message::new("CLUSTER_STATUS"), WAIT).await.unwrap();
-        let num = |k: &str| m.get(k).unwrap().parse::<usize>().unwrap();
-        let up = m.command == "CLUSTER_UP";
-        // The second answer (COMPLETE/INCOMPLETE) arrives as an ordinary incoming message.
-        (up, num("live") == num("known"), num("live"), num("known"))
-    }
-
-    /// Waits until the node reports `live` of `known` nodes; returns how long it took.
-    async fn wait_for(&mut self, live: usize, known: usize) -> Duration {
-        let start = Instant::now();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (_, _, l, k) = self.status().await;
-            if (l, k) == (live, known) {
-                return start.elapsed();
-            }
-            // Wait for the next change notification (or re-check after a short while: gossip
-            // changes the counts without a notification when up/complete do not flip).
-            let next = tokio::time::timeout(Duration::from_millis(200), self.incoming.recv());
-            assert!(tokio::time::Instant::now() < deadline, "expected {live}/{known} live, have {l}/{k}");
-            let _ = next.await;
-        }
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
-}
 
 #[test]
 fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
@@ -308,35 +150,6 @@ fn a_node_with_the_wrong_secret_is_refused() {
     });
 }
 
-/// A cluster CA; `node` issues certificates for 127.0.0.1 signed by it.
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    dir: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &std::path::Path, name: &str) -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        let dir = dir.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("ca.pem"), issuer.pem()).unwrap();
-        Ca { issuer, dir }
-    }
-
-    fn node(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k, self.dir.join("ca.pem"))
-    }
-}
-
 #[test]
 fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
     rt().block_on(async {
@@ -371,20 +184,6 @@ fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
         assert_eq!(w.status().await.3, 2, "a never learned of the rogue node");
         drop(b);
     });
-}
-
-fn cli(p: &Proc, args: &[&str]) -> std::process::Output {
-    Command::new(NODUS).arg("--node").arg(p.endpoint()).args(args).output().unwrap()
-}
-
-fn wait_exit(p: &mut Proc) {
-    let deadline = Instant::now() + WAIT;
-    let child = p.child.as_mut().unwrap();
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "{} did not stop", p.name);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    p.child = None;
 }
 
 #[test]

@@ -534,3 +534,132 @@ impl Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The link protocol on a virtual clock, two routers wired by hand.
+    use super::*;
+    use crate::config::Config;
+    use crate::router::RouterLimits;
+
+    fn router(name: &str, secret: &str) -> Router {
+        let mut config = Config::default();
+        config.cluster.secret = secret.into();
+        config.cluster.heartbeat_ms = 100;
+        let cluster = ClusterParams::from_config(&config.cluster);
+        Router::new(name, &[], RouterLimits::from_config(&config.limits), cluster, 0)
+    }
+
+    fn sent(out: &mut Vec<Action>, conn: ConnId) -> Vec<Message> {
+        let mut got = Vec::new();
+        out.retain(|a| match a {
+            Action::Deliver(c, m) if *c == conn => {
+                got.push(m.clone());
+                false
+            }
+            _ => true,
+        });
+        got
+    }
+
+    /// Links `a` (dialing on its conn 10) with `b` (accepting on its conn 20).
+    fn link(a: &mut Router, b: &mut Router, now: i64) {
+        let (mut oa, mut ob) = (Vec::new(), Vec::new());
+        a.dial(10, &mut oa);
+        b.connect_cluster(20);
+        for m in sent(&mut oa, 10) {
+            b.handle(20, m, now, &mut ob);
+        }
+        for m in sent(&mut ob, 20) {
+            a.handle(10, m, now, &mut oa);
+        }
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_and_right_one_links() {
+        let (mut a, mut b) = (router("a", "s1"), router("b", "s2"));
+        link(&mut a, &mut b, 0);
+        assert!(a.links.is_empty() && b.links.is_empty());
+        let (mut a, mut b) = (router("a", "s"), router("b", "s"));
+        link(&mut a, &mut b, 0);
+        assert_eq!((a.links.get("b"), b.links.get("a")), (Some(&10), Some(&20)));
+    }
+
+    #[test]
+    fn one_link_per_pair_both_ends_keep_the_one_dialed_by_the_smaller_name() {
+        let mut b = router("b", "");
+        let mut out = Vec::new();
+        // b already has a link from its own dial (conn 1); a's dial (conn 2) arrives: a < b wins.
+        b.dial(1, &mut out);
+        b.handle(1, Message::new("ACCEPT").param("server", "a"), 0, &mut out);
+        assert_eq!(b.links.get("a"), Some(&1));
+        b.connect_cluster(2);
+        let connect = Message::new("CONNECT").param("server", "a").param("version", 1);
+        b.handle(2, connect, 0, &mut out);
+        assert_eq!(b.links.get("a"), Some(&2));
+        assert!(out.contains(&Action::Close(1)), "the losing link is closed");
+        // Seen from a, the same pair: its own dial wins over b's.
+        let mut a = router("a", "");
+        a.connect_cluster(5);
+        a.handle(5, Message::new("CONNECT").param("server", "b").param("version", 1), 0, &mut out);
+        a.dial(6, &mut out);
+        a.handle(6, Message::new("ACCEPT").param("server", "b"), 0, &mut out);
+        assert_eq!(a.links.get("b"), Some(&6));
+    }
+
+    #[test]
+    fn clock_offset_past_the_threshold_is_reported_unstable() {
+        let (mut a, mut b) = (router("a", ""), router("b", ""));
+        link(&mut a, &mut b, 0);
+        a.connect(1);
+        let mut out = Vec::new();
+        a.handle(1, Message::new("REGISTER").param("service", "w").param("version", 1), 0, &mut out);
+        a.handle(1, Message::new("COMMANDS").param("list", "CLOCK_STABLE,CLOCK_UNSTABLE"), 0, &mut out);
+        out.clear();
+        // Round trip 0 → 40 ms; the peer's clock read 520 at mid-point 20: offset 500 ms.
+        a.handle(10, Message::new("LINK_PONG").param("t0", 0).param("t1", 520), 40, &mut out);
+        let got = sent(&mut out, 1);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].command.as_str(), got[0].get("max_offset_ms")), ("CLOCK_UNSTABLE", Some("500")));
+        a.handle(10, Message::new("LINK_PONG").param("t0", 100).param("t1", 130), 140, &mut out);
+        assert_eq!(sent(&mut out, 1)[0].command, "CLOCK_STABLE");
+    }
+
+    #[test]
+    fn silent_links_are_declared_dead_by_the_detector() {
+        let (mut a, mut b) = (router("a", ""), router("b", ""));
+        link(&mut a, &mut b, 0);
+        let mut out = Vec::new();
+        for t in (100..=1000).step_by(100) {
+            a.handle(10, Message::new("LINK_PING").param("t", t), t, &mut out);
+            a.tick(t, &mut out);
+        }
+        assert!(a.links.contains_key("b"));
+        out.clear();
+        let mut t = 1000;
+        while a.links.contains_key("b") {
+            t += 100;
+            a.tick(t, &mut out);
+            assert!(t < 3000, "detected within the 3 s budget");
+        }
+        assert!(out.contains(&Action::Close(10)));
+        assert!(t - 1000 <= 1000, "silence detected after {} ms", t - 1000);
+    }
+
+    #[test]
+    fn messages_past_the_hop_limit_are_dropped() {
+        let (mut a, mut b) = (router("a", ""), router("b", ""));
+        link(&mut a, &mut b, 0);
+        b.connect(3);
+        let mut out = Vec::new();
+        b.handle(3, Message::new("REGISTER").param("service", "svc").param("version", 1), 0, &mut out);
+        out.clear();
+        let mut m = Message::new("LOOPY").to("b:svc");
+        m.envelope.hops = 17;
+        b.handle(20, m.clone(), 0, &mut out);
+        assert!(sent(&mut out, 3).is_empty());
+        m.envelope.hops = 3;
+        b.handle(20, m, 0, &mut out);
+        assert_eq!(sent(&mut out, 3).len(), 1);
+    }
+}
