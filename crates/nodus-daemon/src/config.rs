@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     pub failure_phi: f64,
     /// Clock offset threshold, ms.
     pub clock_threshold_ms: i64,
+    /// An unsynchronised system clock (per the kernel's NTP state) makes the clock unstable.
+    pub clock_require_ntp: bool,
     /// Hop limit.
     pub max_hops: u32,
     /// Most cluster links.

@@ -167,6 +167,7 @@ pub struct Router {
     neighbors: std::collections::BTreeSet<String>,
     last_health: Health,
     last_clock_stable: bool,
+    ntp: Option<bool>,
     ticks: u64,
 }
 
@@ -187,6 +188,7 @@ impl Router {
             neighbors: Default::default(),
             last_health,
             last_clock_stable: true,
+            ntp: None,
             ticks: 0,
             server: server.to_string(),
             limits,

@@ -366,9 +366,16 @@ impl Daemon {
                 let mut every = tokio::time::interval(period);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut out = Vec::new();
+                let mut n: u64 = 0;
                 loop {
                     every.tick().await;
+                    // The kernel's NTP state changes rarely: read it every few seconds.
+                    let ntp = n.is_multiple_of(20).then(crate::ntp::synchronized);
+                    n += 1;
                     let mut st = shared.lock();
+                    if let Some(ntp) = ntp {
+                        st.router.set_ntp(ntp, &mut out);
+                    }
                     st.router.tick(now_ms(), &mut out);
                     shared.apply(&mut st, &mut out);
                 }

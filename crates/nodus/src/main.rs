@@ -3,6 +3,8 @@
 //! `main` only parses arguments and dispatches; each subcommand lives in [`cli`] and the daemon in
 //! the `nodus-daemon` crate.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod output;
 

@@ -29,6 +29,8 @@ pub struct ClusterParams {
     pub failure_phi: f64,
     /// Clock offset threshold, ms.
     pub clock_threshold_ms: i64,
+    /// An unsynchronised system clock makes the clock unstable.
+    pub clock_require_ntp: bool,
     /// Hop limit.
     pub max_hops: u32,
     /// Most links.
@@ -44,6 +46,7 @@ impl ClusterParams {
             heartbeat_ms: c.heartbeat_ms,
             failure_phi: c.failure_phi,
             clock_threshold_ms: c.clock_threshold_ms,
+            clock_require_ntp: c.clock_require_ntp,
             max_hops: c.max_hops,
             max_links: c.max_links,
         }
@@ -283,7 +286,10 @@ impl Router {
             }
             "CLOCK_STATUS" => {
                 let command = if self.clock_stable() { "CLOCK_STABLE" } else { "CLOCK_UNSTABLE" };
-                let m = self.answer(msg, command).param("max_offset_ms", self.max_offset_ms());
+                let m = self
+                    .answer(msg, command)
+                    .param("max_offset_ms", self.max_offset_ms())
+                    .param("ntp", self.ntp_word());
                 out.push(Action::Deliver(conn, m));
             }
             "CLUSTER_INFO" => {
@@ -342,6 +348,7 @@ impl Router {
             .param("up", h.up())
             .param("complete", h.complete())
             .param("clock_stable", self.clock_stable())
+            .param("ntp", self.ntp_word())
             .param("nodes", nodes.join(","))
             .param("links", links.join(","))
     }
@@ -484,7 +491,24 @@ impl Router {
     }
 
     fn clock_stable(&self) -> bool {
-        self.max_offset_ms() <= self.cluster.clock_threshold_ms
+        let ntp_ok = !(self.cluster.clock_require_ntp && self.ntp == Some(false));
+        ntp_ok && self.max_offset_ms() <= self.cluster.clock_threshold_ms
+    }
+
+    fn ntp_word(&self) -> &'static str {
+        match self.ntp {
+            Some(true) => "synchronized",
+            Some(false) => "unsynchronized",
+            None => "unknown",
+        }
+    }
+
+    /// The system clock's NTP state changed (the driver reads it from the kernel).
+    pub fn set_ntp(&mut self, synchronized: Option<bool>, out: &mut Vec<Action>) {
+        if self.ntp != synchronized {
+            self.ntp = synchronized;
+            self.clock_changed(out);
+        }
     }
 
     fn clock_changed(&mut self, out: &mut Vec<Action>) {
@@ -493,7 +517,7 @@ impl Router {
             self.last_clock_stable = stable;
             let command = if stable { "CLOCK_STABLE" } else { "CLOCK_UNSTABLE" };
             let offset = self.max_offset_ms().to_string();
-            self.notify(command, &[("max_offset_ms", &offset)], out);
+            self.notify(command, &[("max_offset_ms", &offset), ("ntp", self.ntp_word())], out);
         }
     }
 
@@ -623,6 +647,14 @@ mod tests {
         assert_eq!((got[0].command.as_str(), got[0].get("max_offset_ms")), ("CLOCK_UNSTABLE", Some("500")));
         a.handle(10, Message::new("LINK_PONG").param("t0", 100).param("t1", 130), 140, &mut out);
         assert_eq!(sent(&mut out, 1)[0].command, "CLOCK_STABLE");
+        // An unsynchronised system clock only counts when the configuration requires NTP.
+        a.set_ntp(Some(false), &mut out);
+        assert!(sent(&mut out, 1).is_empty());
+        a.cluster.clock_require_ntp = true;
+        a.set_ntp(None, &mut out);
+        a.set_ntp(Some(false), &mut out);
+        let got = sent(&mut out, 1);
+        assert_eq!((got[0].command.as_str(), got[0].get("ntp")), ("CLOCK_UNSTABLE", Some("unsynchronized")));
     }
 
     #[test]
