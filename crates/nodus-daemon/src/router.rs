@@ -660,7 +660,6 @@ impl Router {
         if let Some(link) = c.link {
             self.link_lost(conn, link, out);
         }
-        let server = self.server.clone();
         let mut failed = Vec::new();
         self.pending.retain(|(responder, _), p| {
             if *responder == conn {
@@ -671,15 +670,8 @@ impl Router {
             }
         });
         for (origin, id, command) in failed {
-            if self.conns.contains_key(&origin) {
-                let mut m = Message::new("ERROR")
-                    .param("code", "disconnected")
-                    .param("command", command)
-                    .param("message", "the service handling the request disconnected before replying");
-                m.from = nodus_wire::Address::new(&server, NODE_SERVICE);
-                m.envelope.reply_to = id;
-                out.push(Action::Deliver(origin, m));
-            }
+            let text = "the service handling the request disconnected before replying";
+            self.fail_request(origin, id, "disconnected", command, text, out);
         }
     }
 
@@ -699,15 +691,17 @@ impl Router {
             if let Some(c) = self.conns.get_mut(&responder) {
                 c.in_flight = c.in_flight.saturating_sub(1);
             }
-            if self.conns.contains_key(&origin) {
-                let mut m = Message::new("ERROR")
-                    .param("code", "timeout")
-                    .param("command", command)
-                    .param("message", "no reply arrived before the request timed out");
-                m.from = self.node_address();
-                m.envelope.reply_to = id;
-                out.push(Action::Deliver(origin, m));
-            }
+            self.fail_request(origin, id, "timeout", command, "no reply arrived before the request timed out", out);
+        }
+    }
+
+    /// Tells the caller of a tracked request that no reply will come.
+    fn fail_request(&self, origin: ConnId, id: u64, code: &str, command: String, text: &str, out: &mut Vec<Action>) {
+        if self.conns.contains_key(&origin) {
+            let mut m = Message::new("ERROR").param("code", code).param("command", command).param("message", text);
+            m.from = self.node_address();
+            m.envelope.reply_to = id;
+            out.push(Action::Deliver(origin, m));
         }
     }
 
