@@ -1,6 +1,7 @@
 //! The message cache: messages for expected services that have not registered yet, each with a
 //! time to live, bounded in count and bytes. Expired entries are never handed out.
 
+use crate::router::ConnId;
 use nodus_wire::Message;
 use std::collections::{HashMap, VecDeque};
 
@@ -17,6 +18,7 @@ pub struct CacheLimits {
 struct Entry {
     expires_at: i64,
     size: usize,
+    origin: ConnId,
     msg: Message,
 }
 
@@ -35,9 +37,10 @@ impl Cache {
         Cache { limits, queues: HashMap::new(), count: 0, bytes: 0 }
     }
 
-    /// Stores `msg` for `service` until `expires_at` (Unix ms). Expired entries are dropped first
-    /// to make room. Returns false, storing nothing, when the cache is full.
-    pub fn push(&mut self, service: &str, msg: Message, expires_at: i64, now: i64) -> bool {
+    /// Stores `msg` (sent by connection `origin`) for `service` until `expires_at` (Unix ms).
+    /// Expired entries are dropped first to make room. Returns false, storing nothing, when the
+    /// cache is full.
+    pub fn push(&mut self, service: &str, origin: ConnId, msg: Message, expires_at: i64, now: i64) -> bool {
         let size = msg.approx_size();
         if self.count + 1 > self.limits.max_messages || self.bytes + size > self.limits.max_bytes {
             self.sweep(now);
@@ -47,19 +50,19 @@ impl Cache {
         }
         self.count += 1;
         self.bytes += size;
-        self.queues.entry(service.to_string()).or_default().push_back(Entry { expires_at, size, msg });
+        self.queues.entry(service.to_string()).or_default().push_back(Entry { expires_at, size, origin, msg });
         true
     }
 
-    /// Removes and returns every unexpired message for `service`, oldest first.
-    pub fn take(&mut self, service: &str, now: i64) -> Vec<Message> {
+    /// Removes and returns every unexpired message for `service` with its sender, oldest first.
+    pub fn take(&mut self, service: &str, now: i64) -> Vec<(ConnId, Message)> {
         let Some(queue) = self.queues.remove(service) else { return Vec::new() };
         let mut out = Vec::with_capacity(queue.len());
         for e in queue {
             self.count -= 1;
             self.bytes -= e.size;
             if e.expires_at > now {
-                out.push(e.msg);
+                out.push((e.origin, e.msg));
             }
         }
         out
@@ -105,21 +108,21 @@ mod tests {
     #[test]
     fn expired_entries_are_never_returned() {
         let mut c = Cache::new(limits(10));
-        assert!(c.push("a", Message::new("ONE"), 100, 0));
-        assert!(c.push("a", Message::new("TWO"), 300, 0));
+        assert!(c.push("a", 7, Message::new("ONE"), 100, 0));
+        assert!(c.push("a", 7, Message::new("TWO"), 300, 0));
         let got = c.take("a", 200);
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].command, "TWO");
+        assert_eq!((got[0].0, got[0].1.command.as_str()), (7, "TWO"));
         assert!(c.is_empty());
     }
 
     #[test]
     fn bounded_and_sweeps_to_make_room() {
         let mut c = Cache::new(limits(2));
-        assert!(c.push("a", Message::new("A"), 100, 0));
-        assert!(c.push("b", Message::new("B"), 1000, 0));
-        assert!(!c.push("b", Message::new("C"), 1000, 50));
-        assert!(c.push("b", Message::new("C"), 1000, 150), "the expired entry makes room");
+        assert!(c.push("a", 1, Message::new("A"), 100, 0));
+        assert!(c.push("b", 1, Message::new("B"), 1000, 0));
+        assert!(!c.push("b", 1, Message::new("C"), 1000, 50));
+        assert!(c.push("b", 1, Message::new("C"), 1000, 150), "the expired entry makes room");
         assert_eq!(c.len(), 2);
     }
 }

@@ -98,6 +98,8 @@ struct Conn {
     dialed: bool,
     /// Established link: the peer node and what we measure about it.
     link: Option<Link>,
+    /// The UDP signal port: one-way, not a client connection.
+    datagram: bool,
 }
 
 #[derive(Debug)]
@@ -236,6 +238,11 @@ impl Router {
         self.conns.insert(conn, Conn::default());
     }
 
+    /// The pseudo-connection messages from the UDP signal port arrive on (nothing is sent back).
+    pub fn connect_datagram(&mut self, conn: ConnId) {
+        self.conns.insert(conn, Conn { datagram: true, ..Conn::default() });
+    }
+
     /// Starts a graceful shutdown: new registrations and requests are answered `QUITTING`;
     /// replies to requests in flight are still routed.
     pub fn begin_shutdown(&mut self) {
@@ -244,7 +251,7 @@ impl Router {
 
     /// Tells every connection the node is going away.
     pub fn farewell(&mut self, out: &mut Vec<Action>) {
-        for (id, c) in &self.conns {
+        for (id, c) in self.conns.iter().filter(|(_, c)| !c.datagram) {
             let command = if c.link.is_some() { "DISCONNECT" } else { "QUITTING" };
             let mut m = Message::new(command);
             m.from = self.node_address();
@@ -413,7 +420,7 @@ impl Router {
                 }
                 let report = self.report(&msg, "cached");
                 let service = msg.to.service.clone();
-                if self.cache.push(&service, msg.clone(), expires_at, now) {
+                if self.cache.push(&service, origin, msg.clone(), expires_at, now) {
                     self.stats.cached += 1;
                     if let Some(r) = report {
                         out.push(Action::Deliver(origin, r));
@@ -524,7 +531,7 @@ impl Router {
                     .param("server", &self.server)
                     .param("version", env!("CARGO_PKG_VERSION"))
                     .param("uptime_ms", now - self.started_at)
-                    .param("connections", self.conns.len())
+                    .param("connections", self.conns.values().filter(|c| !c.datagram && c.link.is_none()).count())
                     .param("services", self.services.len())
                     .param("instances", instances)
                     .param("pending", self.pending.len())
@@ -590,9 +597,9 @@ impl Router {
         self.services.entry(name.clone()).or_default().push(conn);
         out.push(Action::Deliver(conn, self.answer(msg, "HELP")));
         out.push(Action::Deliver(conn, self.answer(msg, "READY").param("server", &self.server)));
-        for cached in self.cache.take(&name, now) {
-            self.stats.delivered += 1;
-            out.push(Action::Deliver(conn, cached));
+        for (origin, cached) in self.cache.take(&name, now) {
+            // Tracked like any delivery, so the reply to a cached request finds its caller.
+            self.deliver_tracked(origin, conn, cached, now, out);
         }
         self.notify_status(&name, out);
         self.services_changed(out);
@@ -661,12 +668,14 @@ impl Router {
             self.link_lost(conn, link, out);
         }
         let mut failed = Vec::new();
+        // Requests this connection was handling fail now. Requests it made stay tracked until
+        // answered or timed out, so the responder's load stays right; their replies are dropped.
         self.pending.retain(|(responder, _), p| {
             if *responder == conn {
                 failed.push((p.origin, p.origin_id, std::mem::take(&mut p.command)));
                 false
             } else {
-                p.origin != conn
+                true
             }
         });
         for (origin, id, command) in failed {

@@ -205,7 +205,9 @@ impl Daemon {
             now_ms(),
         );
         router.remember(remembered);
-        router.connect(UDP_CONN);
+        if udp.is_some() {
+            router.connect_datagram(UDP_CONN);
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State { router, handles: Default::default() }),
             config,
@@ -386,7 +388,9 @@ impl Daemon {
             _ = shutdown => info!("shutdown requested"),
             _ = shared.stop.cancelled() => info!("STOP received"),
         }
-        // Stop accepting, then drain requests in flight under the grace period.
+        // Stop accepting, then drain requests in flight under the grace period. Connections that
+        // have not said which form they speak yet are closed at once.
+        shared.stop.cancel();
         accepts.abort_all();
         shared.lock().router.begin_shutdown();
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
