@@ -8,7 +8,7 @@ use nodus_wire::{binary, text, Decoded, Message};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -88,27 +88,61 @@ impl Drop for Node {
     }
 }
 
-/// A raw connection speaking the text form.
-pub struct TextConn {
-    stream: UnixStream,
+/// A raw connection to a node: the stream, what has been read, and the form it speaks.
+pub struct Conn<S> {
+    stream: S,
     buf: BytesMut,
-    decoder: text::LineDecoder,
+    codec: Codec,
 }
 
-impl TextConn {
+enum Codec {
+    Text(text::LineDecoder),
+    Binary(binary::FrameDecoder),
+}
+
+/// Text form over the node's Unix socket.
+pub type TextConn = Conn<UnixStream>;
+/// Binary form over the node's TCP listener.
+pub type BinConn = Conn<TcpStream>;
+
+impl Conn<UnixStream> {
     pub async fn connect(node: &Node) -> TextConn {
         let stream = UnixStream::connect(&node.unix).await.expect("connect unix");
-        TextConn { stream, buf: BytesMut::new(), decoder: text::LineDecoder::new(1 << 20) }
-    }
-
-    /// Sends raw bytes (one or more lines, or garbage).
-    pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write");
+        Conn { stream, buf: BytesMut::new(), codec: Codec::Text(text::LineDecoder::new(1 << 20)) }
     }
 
     /// Sends one line (the newline is added).
     pub async fn send(&mut self, line: &str) {
         self.send_raw(format!("{line}\n").as_bytes()).await;
+    }
+}
+
+impl Conn<TcpStream> {
+    pub async fn connect(node: &Node) -> BinConn {
+        let mut stream = TcpStream::connect(node.tcp).await.expect("connect tcp");
+        stream.write_all(&binary::PREFACE).await.expect("preface");
+        Conn { stream, buf: BytesMut::new(), codec: Codec::Binary(binary::FrameDecoder::new(1 << 24)) }
+    }
+
+    pub async fn send(&mut self, m: &Message) {
+        self.send_message(m).await;
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Sends raw bytes (one or more units, or garbage).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends a message in the connection's form.
+    pub async fn send_message(&mut self, m: &Message) {
+        let mut out = BytesMut::new();
+        match self.codec {
+            Codec::Text(_) => text::encode(m, &mut out),
+            Codec::Binary(_) => binary::encode(m, &mut out, 1 << 24).expect("encode"),
+        }
+        self.send_raw(&out).await;
     }
 
     /// Next message; panics after [`WAIT`] or on EOF.
@@ -120,11 +154,15 @@ impl TextConn {
     pub async fn try_recv(&mut self, timeout: Duration) -> Option<Message> {
         tokio::time::timeout(timeout, async {
             loop {
-                match self.decoder.decode(&mut self.buf) {
+                let decoded = match &mut self.codec {
+                    Codec::Text(d) => d.decode(&mut self.buf),
+                    Codec::Binary(d) => d.decode(&mut self.buf),
+                };
+                match decoded {
                     Ok(Some(Decoded::Message(m))) => return Some(m),
-                    Ok(Some(Decoded::Invalid(e))) => panic!("node sent an invalid line: {e}"),
+                    Ok(Some(Decoded::Invalid(e))) => panic!("node sent an invalid unit: {e}"),
                     Ok(None) => {}
-                    Err(e) => panic!("node sent a bad line: {e}"),
+                    Err(e) => panic!("node sent a bad unit: {e}"),
                 }
                 match self.stream.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return None,
@@ -164,85 +202,7 @@ impl TextConn {
 
     /// Registers `service` and consumes HELP and READY.
     pub async fn register(&mut self, service: &str) {
-        self.send(&format!("REGISTER service={service};version=1")).await;
-        assert_eq!(self.recv().await.command, "HELP");
-        assert_eq!(self.recv().await.command, "READY");
-    }
-}
-
-/// A raw connection speaking the binary form over TCP.
-pub struct BinConn {
-    stream: TcpStream,
-    buf: BytesMut,
-    decoder: binary::FrameDecoder,
-}
-
-impl BinConn {
-    pub async fn connect(node: &Node) -> BinConn {
-        let mut stream = TcpStream::connect(node.tcp).await.expect("connect tcp");
-        stream.write_all(&binary::PREFACE).await.expect("preface");
-        BinConn { stream, buf: BytesMut::new(), decoder: binary::FrameDecoder::new(1 << 24) }
-    }
-
-    pub async fn send(&mut self, m: &Message) {
-        let mut out = BytesMut::new();
-        binary::encode(m, &mut out, 1 << 24).expect("encode");
-        self.stream.write_all(&out).await.expect("write");
-    }
-
-    pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write");
-    }
-
-    pub async fn recv(&mut self) -> Message {
-        self.try_recv(WAIT).await.expect("a message before the timeout")
-    }
-
-    pub async fn try_recv(&mut self, timeout: Duration) -> Option<Message> {
-        tokio::time::timeout(timeout, async {
-            loop {
-                match self.decoder.decode(&mut self.buf) {
-                    Ok(Some(Decoded::Message(m))) => return Some(m),
-                    Ok(Some(Decoded::Invalid(e))) => panic!("node sent an invalid frame: {e}"),
-                    Ok(None) => {}
-                    Err(e) => panic!("node sent a bad frame: {e}"),
-                }
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .ok()
-        .flatten()
-    }
-
-    pub async fn expect(&mut self, command: &str) -> Message {
-        loop {
-            let m = self.recv().await;
-            if m.command == command {
-                return m;
-            }
-        }
-    }
-
-    pub async fn expect_eof(&mut self) {
-        let r = tokio::time::timeout(WAIT, async {
-            let mut scratch = [0u8; 4096];
-            loop {
-                match self.stream.read(&mut scratch).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        assert!(r.is_ok(), "the node should close the connection");
-    }
-
-    pub async fn register(&mut self, service: &str) {
-        self.send(&Message::new("REGISTER").param("service", service).param("version", 1)).await;
+        self.send_message(&Message::new("REGISTER").param("service", service).param("version", 1)).await;
         assert_eq!(self.recv().await.command, "HELP");
         assert_eq!(self.recv().await.command, "READY");
     }
