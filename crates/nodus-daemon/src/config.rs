@@ -68,7 +68,7 @@ impl ClusterConfig {
     /// The address other nodes should dial.
     pub fn advertised(&self) -> &str {
         if self.advertise.is_empty() {
-            if self.tls_listen.is_empty() {
+            if self.tls_listen.is_empty() || !self.tls() {
                 &self.listen
             } else {
                 &self.tls_listen
@@ -206,9 +206,6 @@ impl Config {
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {
             return bad("cluster.tls_cert, tls_key and tls_ca must be set together".into());
-        }
-        if !c.tls_listen.is_empty() && tls_files == 0 {
-            return bad("cluster.tls_listen needs tls_cert, tls_key and tls_ca".into());
         }
         Ok(())
     }

@@ -180,6 +180,7 @@ impl Daemon {
         }
         let tls = crate::tls::Tls::load(&config.cluster)?;
         let tls_listener = match config.cluster.tls_listen.as_str() {
+            _ if tls.is_none() => None,
             "" => None,
             addr => Some(
                 TcpListener::bind(addr)
