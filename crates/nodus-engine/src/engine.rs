@@ -1,0 +1,1084 @@
+//! The engine driver (tokio): one actor task per app owns the app's [`Balancer`], the
+//! [`Worker`] state machine of each process and the open sessions; it consumes a closed
+//! [`AppEvent`] enum from a bounded channel and applies the cores' outputs (spawn, send, signal).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::balance::{Action, AppStatus, BalanceConfig, Balancer, Rejection, WorkerId};
+use crate::manifest::Manifest;
+use crate::process::{self, Launch, Running};
+use crate::profile::Profile;
+use crate::protocol::{Decoder, Message, Role, DEFAULT_MAX_MESSAGE_BYTES, FIRST_SESSION_CHANNEL};
+use crate::session::{Down, Session, SessionError, Up};
+use crate::worker::{ExitReport, FailReason, Output, Signal, State, Worker};
+
+/// Error categories the engine itself uses in `[ch,1,[[category,code],message]]`.
+pub mod category {
+    /// Errors raised by the engine (session abandoned, worker failed).
+    pub const ENGINE: i64 = 1;
+    /// Errors raised by an app's handler (worker SDK).
+    pub const APPLICATION: i64 = 2;
+}
+
+/// Engine settings and bounds.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory for the per-app worker sockets (`<dir>/<app>.sock`); keep the path short, a
+    /// Unix socket path has at most 107 bytes.
+    pub runtime_dir: PathBuf,
+    /// `HOST:PORT` passed to workers as `--locator`.
+    pub locator: String,
+    /// Largest message from a worker.
+    pub max_message_bytes: usize,
+    /// Messages queued for one worker connection; a worker that falls further behind is failed.
+    pub outbound_messages: usize,
+    /// Messages buffered per session: replies not yet read by the caller, or chunks sent before
+    /// a worker took the request. Past it the session fails with [`SessionError::Overflow`].
+    pub session_messages: usize,
+    /// Events queued for one app's actor (callers wait when it is full).
+    pub app_events: usize,
+    /// Last stderr lines kept per worker for the crashlog.
+    pub crashlog_lines: usize,
+    /// Worker exits kept per app for the crashlog.
+    pub crashlog_entries: usize,
+    /// Connections per app that have not handshaken yet.
+    pub pending_connections: usize,
+    /// From SIGTERM to SIGKILL (Cocaine: 5 s).
+    pub kill_grace: Duration,
+    /// Restart backoff and crash-loop window.
+    pub balance: BalanceConfig,
+}
+
+impl EngineConfig {
+    /// Defaults with sockets in `runtime_dir`.
+    pub fn new(runtime_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            runtime_dir: runtime_dir.into(),
+            locator: "127.0.0.1:10053".into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            outbound_messages: 65_536,
+            session_messages: 4096,
+            app_events: 4096,
+            crashlog_lines: 50,
+            crashlog_entries: 32,
+            pending_connections: 64,
+            kill_grace: Duration::from_secs(5),
+            balance: BalanceConfig::default(),
+        }
+    }
+}
+
+/// An app to run: name, directory (the workers' cwd), manifest and profile.
+#[derive(Debug, Clone)]
+pub struct AppSpec {
+    /// App name: 1..=64 of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// The app's directory; relative executables resolve against it and workers run in it.
+    pub dir: PathBuf,
+    /// What to run.
+    pub manifest: Manifest,
+    /// How to run it.
+    pub profile: Profile,
+}
+
+/// Why an engine call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// No app of that name.
+    #[error("no app named {0:?}; deploy it first")]
+    UnknownApp(String),
+    /// The name cannot be used.
+    #[error("invalid app name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 _ . -")]
+    InvalidName(String),
+    /// The request was refused by the app's balancer.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// The worker socket could not be created.
+    #[error("cannot listen on {path}: {error}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        error: String,
+    },
+    /// The engine is shutting down.
+    #[error("engine is shutting down")]
+    Gone,
+}
+
+/// One worker's exit, kept for `nodus app crashlog`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashRecord {
+    /// The worker's uuid.
+    pub uuid: String,
+    /// When it exited.
+    pub at: SystemTime,
+    /// Its exit status (`None` when it could not even be started).
+    pub status: Option<ExitReport>,
+    /// Why it counts as failed, if it does.
+    pub failure: Option<String>,
+    /// Its last stderr lines.
+    pub stderr: Vec<String>,
+}
+
+/// A snapshot of one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Id within the app.
+    pub id: WorkerId,
+    /// Uuid given on its command line.
+    pub uuid: String,
+    /// Process id.
+    pub pid: u32,
+    /// Lifecycle state.
+    pub state: State,
+    /// Open sessions.
+    pub load: usize,
+}
+
+/// A snapshot of one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppInfo {
+    /// App name.
+    pub name: String,
+    /// Running, failed or stopped.
+    pub status: AppStatus,
+    /// Requests waiting for a worker.
+    pub queued: usize,
+    /// Open sessions (queued and running).
+    pub sessions: usize,
+    /// Worker processes.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// Something that happened, for observers (CLI, metrics, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// A worker process was started.
+    Spawned {
+        /// App name.
+        app: String,
+        /// Worker id.
+        worker: WorkerId,
+        /// Process id.
+        pid: u32,
+    },
+    /// A worker heartbeated and takes requests.
+    Ready {
+        /// App name.
+        app: String,
+        /// Worker id.
+        worker: WorkerId,
+    },
+    /// A worker failed.
+    Failed {
+        /// App name.
+        app: String,
+        /// Worker id.
+        worker: WorkerId,
+        /// Why.
+        reason: FailReason,
+    },
+    /// A terminate was sent to a worker.
+    Terminating {
+        /// App name.
+        app: String,
+        /// Worker id.
+        worker: WorkerId,
+    },
+    /// A signal was sent to a worker.
+    Signalled {
+        /// App name.
+        app: String,
+        /// Worker id.
+        worker: WorkerId,
+        /// Which.
+        signal: Signal,
+    },
+    /// A worker process exited (or could not be started: `status` is `None`).
+    Exited {
+        /// App name.
+        app: String,
+        /// Worker id.
+        worker: WorkerId,
+        /// Exit status.
+        status: Option<ExitReport>,
+        /// Why it counts as failed, if it does.
+        failure: Option<String>,
+    },
+    /// The app's status changed.
+    Status {
+        /// App name.
+        app: String,
+        /// New status.
+        status: AppStatus,
+    },
+}
+
+struct AppHandle {
+    tx: mpsc::Sender<AppEvent>,
+    crashlog: Arc<Mutex<VecDeque<CrashRecord>>>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    apps: Mutex<HashMap<String, AppHandle>>,
+    events: broadcast::Sender<EngineEvent>,
+}
+
+/// The app engine. Cheap to clone; every clone drives the same apps.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("runtime_dir", &self.inner.config.runtime_dir).finish()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+impl Engine {
+    /// An engine with no apps. Must be called inside a tokio runtime when apps are started.
+    pub fn new(config: EngineConfig) -> Engine {
+        let (events, _) = broadcast::channel(4096);
+        Engine { inner: Arc::new(Inner { config, apps: Mutex::new(HashMap::new()), events }) }
+    }
+
+    /// Observes engine events from now on (a slow observer misses events, it never slows the
+    /// engine).
+    pub fn events(&self) -> broadcast::Receiver<EngineEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Names of the apps, sorted.
+    pub fn apps(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.apps.lock().expect("apps lock").keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn handle(&self, app: &str) -> Result<mpsc::Sender<AppEvent>, EngineError> {
+        let apps = self.inner.apps.lock().expect("apps lock");
+        apps.get(app).map(|h| h.tx.clone()).ok_or_else(|| EngineError::UnknownApp(app.to_string()))
+    }
+
+    /// Starts an app, or deploys a new version of a running one: the new manifest and profile
+    /// apply to new workers, the old workers are asked to terminate after their open sessions,
+    /// and queued requests wait for the new workers. A failed or stopped app starts again.
+    ///
+    /// # Errors
+    /// An invalid name, or a worker socket that cannot be created.
+    pub async fn start(&self, spec: AppSpec) -> Result<(), EngineError> {
+        if !valid_name(&spec.name) {
+            return Err(EngineError::InvalidName(spec.name));
+        }
+        // Creating an app is synchronous, so the apps lock is held from the lookup to the insert
+        // and two concurrent starts of one name cannot both create it.
+        let existing = {
+            let mut apps = self.inner.apps.lock().expect("apps lock");
+            match apps.get(&spec.name) {
+                Some(h) => Some(h.tx.clone()),
+                None => {
+                    let handle = self.create(spec.clone())?;
+                    apps.insert(spec.name.clone(), handle);
+                    None
+                }
+            }
+        };
+        if let Some(tx) = existing {
+            tx.send(AppEvent::Deploy { spec: Box::new(spec) }).await.map_err(|_| EngineError::Gone)?;
+        }
+        Ok(())
+    }
+
+    fn create(&self, spec: AppSpec) -> Result<AppHandle, EngineError> {
+        let config = &self.inner.config;
+        let socket = socket_path(&config.runtime_dir, &spec.name);
+        let sock_err = |e: std::io::Error| EngineError::Socket { path: socket.clone(), error: e.to_string() };
+        std::fs::create_dir_all(&config.runtime_dir).map_err(sock_err)?;
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(sock_err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+        }
+        let (tx, rx) = mpsc::channel(config.app_events);
+        let crashlog = Arc::new(Mutex::new(VecDeque::new()));
+        let accept =
+            tokio::spawn(accept_loop(listener, tx.clone(), config.outbound_messages, config.max_message_bytes));
+        let seed = rand::random::<u64>();
+        let actor = App {
+            name: spec.name.clone(),
+            balancer: Balancer::new(&spec.profile, config.balance, seed),
+            spec,
+            socket,
+            config: config.clone(),
+            tx: tx.downgrade(),
+            workers: HashMap::new(),
+            uuids: HashMap::new(),
+            conns: HashMap::new(),
+            sessions: HashMap::new(),
+            next_session: 1,
+            crashlog: crashlog.clone(),
+            events: self.inner.events.clone(),
+            stop_waiters: Vec::new(),
+            accept: accept.abort_handle(),
+        };
+        tokio::spawn(actor.run(rx));
+        Ok(AppHandle { tx, crashlog })
+    }
+
+    /// Stops an app: queued requests are refused, workers are terminated (terminate, then
+    /// SIGTERM, then SIGKILL); returns when every worker process has exited. The app stays
+    /// known (status `Stopped`) and can be started again.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub async fn stop(&self, app: &str) -> Result<(), EngineError> {
+        let tx = self.handle(app)?;
+        let (reply, done) = oneshot::channel();
+        tx.send(AppEvent::Stop { reply }).await.map_err(|_| EngineError::Gone)?;
+        done.await.map_err(|_| EngineError::Gone)
+    }
+
+    /// Stops an app and forgets it.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub async fn remove(&self, app: &str) -> Result<(), EngineError> {
+        self.stop(app).await?;
+        let handle = self.inner.apps.lock().expect("apps lock").remove(app);
+        if let Some(h) = handle {
+            let _ = h.tx.send(AppEvent::Exit).await;
+        }
+        Ok(())
+    }
+
+    /// Stops every app and waits for all worker processes to exit.
+    pub async fn shutdown(&self) {
+        for app in self.apps() {
+            let _ = self.remove(&app).await;
+        }
+    }
+
+    /// Opens a session: the request is queued for the app's next free worker.
+    ///
+    /// # Errors
+    /// An unknown app, or a refusal: queue full, app failed, app stopped.
+    pub async fn invoke(&self, app: &str, event: &str) -> Result<Session, EngineError> {
+        let tx = self.handle(app)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(AppEvent::Invoke { event: event.to_string(), reply }).await.map_err(|_| EngineError::Gone)?;
+        rx.await.map_err(|_| EngineError::Gone)?
+    }
+
+    /// A snapshot of an app.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub async fn info(&self, app: &str) -> Result<AppInfo, EngineError> {
+        let tx = self.handle(app)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(AppEvent::Info { reply }).await.map_err(|_| EngineError::Gone)?;
+        rx.await.map_err(|_| EngineError::Gone)
+    }
+
+    /// The app's recent worker exits, oldest first.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub fn crashlog(&self, app: &str) -> Result<Vec<CrashRecord>, EngineError> {
+        let apps = self.inner.apps.lock().expect("apps lock");
+        let h = apps.get(app).ok_or_else(|| EngineError::UnknownApp(app.to_string()))?;
+        let log = h.crashlog.lock().expect("crashlog lock");
+        Ok(log.iter().cloned().collect())
+    }
+}
+
+/// The closed set of inputs of an app's actor.
+#[derive(Debug)]
+pub(crate) enum AppEvent {
+    /// A caller opens a session.
+    Invoke { event: String, reply: oneshot::Sender<Result<Session, EngineError>> },
+    /// A caller sends up a session.
+    Up { session: u64, msg: Up },
+    /// A caller dropped its session.
+    Dropped { session: u64 },
+    /// A worker connection was accepted.
+    Accepted { conn: u64, writer: mpsc::Sender<Bytes>, reader: AbortHandle },
+    /// A message from a worker connection.
+    FromConn { conn: u64, msg: Message },
+    /// A worker connection closed (`error` when it sent garbage or failed).
+    ConnClosed { conn: u64, error: Option<String> },
+    /// A worker process exited.
+    Exited { worker: WorkerId, status: ExitReport, stderr: Vec<String> },
+    /// A new version (or a restart).
+    Deploy { spec: Box<AppSpec> },
+    /// Snapshot request.
+    Info { reply: oneshot::Sender<AppInfo> },
+    /// Stop request, answered when no worker is left.
+    Stop { reply: oneshot::Sender<()> },
+    /// The app is forgotten: end the actor.
+    Exit,
+}
+
+struct WorkerEntry {
+    uuid: String,
+    machine: Worker,
+    process: Running,
+    conn: Option<u64>,
+    next_channel: u64,
+    channels: HashMap<u64, u64>,
+}
+
+struct ConnEntry {
+    writer: mpsc::Sender<Bytes>,
+    reader: AbortHandle,
+    worker: Option<WorkerId>,
+}
+
+enum Place {
+    Queued { pending: Vec<Up> },
+    Open { worker: WorkerId, channel: u64 },
+}
+
+struct SessionEntry {
+    event: String,
+    down: mpsc::Sender<Down>,
+    place: Place,
+    /// The caller is gone or too slow: replies are dropped.
+    abandoned: bool,
+}
+
+struct App {
+    name: String,
+    spec: AppSpec,
+    socket: PathBuf,
+    config: EngineConfig,
+    tx: mpsc::WeakSender<AppEvent>,
+    balancer: Balancer,
+    workers: HashMap<WorkerId, WorkerEntry>,
+    uuids: HashMap<String, WorkerId>,
+    conns: HashMap<u64, ConnEntry>,
+    sessions: HashMap<u64, SessionEntry>,
+    next_session: u64,
+    crashlog: Arc<Mutex<VecDeque<CrashRecord>>>,
+    events: broadcast::Sender<EngineEvent>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    accept: AbortHandle,
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+impl App {
+    async fn run(mut self, mut rx: mpsc::Receiver<AppEvent>) {
+        tracing::info!(app = %self.name, socket = %self.socket.display(), "app started");
+        loop {
+            let deadline = self.next_deadline();
+            let ev = match deadline {
+                Some(d) => tokio::select! {
+                    ev = rx.recv() => ev,
+                    _ = tokio::time::sleep_until(Instant::from_std(d)) => {
+                        self.tick();
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(ev) = ev else { break };
+            if matches!(ev, AppEvent::Exit) {
+                break;
+            }
+            self.handle(ev);
+            self.pump();
+            self.answer_stop_waiters();
+        }
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.socket);
+        for (_, s) in self.sessions.drain() {
+            let _ = s.down.try_send(Down::Error(SessionError::EngineGone));
+        }
+        tracing::info!(app = %self.name, "app removed");
+        // Dropping the worker entries drops their process handles: kill_on_drop ends them.
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let workers = self.workers.values().filter_map(|w| w.machine.next_deadline()).min();
+        match (workers, self.balancer.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = now();
+        for w in self.workers.values_mut() {
+            w.machine.tick(now);
+        }
+        self.balancer.tick(now);
+        self.pump();
+        self.answer_stop_waiters();
+    }
+
+    fn emit(&self, ev: EngineEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    fn handle(&mut self, ev: AppEvent) {
+        let now = now();
+        match ev {
+            AppEvent::Invoke { event, reply } => {
+                let id = self.next_session;
+                self.next_session += 1;
+                match self.balancer.enqueue(id, now) {
+                    Err(e) => {
+                        let _ = reply.send(Err(EngineError::Rejected(e)));
+                    }
+                    Ok(()) => {
+                        let (down_tx, down_rx) = mpsc::channel(self.config.session_messages);
+                        let Some(app) = self.tx.upgrade() else { return };
+                        let session = Session { id, app, down: down_rx, up_closed: false, done: false };
+                        let entry = SessionEntry {
+                            event,
+                            down: down_tx,
+                            place: Place::Queued { pending: Vec::new() },
+                            abandoned: false,
+                        };
+                        self.sessions.insert(id, entry);
+                        if reply.send(Ok(session)).is_err() {
+                            // The caller gave up; its Session was dropped unsent.
+                            self.abandon(id, now);
+                        }
+                    }
+                }
+            }
+            AppEvent::Up { session, msg } => self.up(session, msg, now),
+            AppEvent::Dropped { session } => self.abandon(session, now),
+            AppEvent::Accepted { conn, writer, reader } => {
+                let pending = self.conns.values().filter(|c| c.worker.is_none()).count();
+                if pending >= self.config.pending_connections {
+                    tracing::warn!(app = %self.name, "too many connections without a handshake; closing one");
+                    reader.abort();
+                    return;
+                }
+                self.conns.insert(conn, ConnEntry { writer, reader, worker: None });
+            }
+            AppEvent::FromConn { conn, msg } => self.worker_message(conn, msg, now),
+            AppEvent::ConnClosed { conn, error } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    if let Some(e) = &error {
+                        tracing::warn!(app = %self.name, error = %e, "worker connection closed");
+                    }
+                    if let Some(w) = c.worker.and_then(|id| self.workers.get_mut(&id)) {
+                        w.conn = None;
+                        w.machine.handle_disconnect(now);
+                    }
+                }
+            }
+            AppEvent::Exited { worker, status, stderr } => {
+                let Some(w) = self.workers.get_mut(&worker) else { return };
+                w.machine.handle_exit(status, now);
+                // Recorded before the exit is announced, so an observer of the event finds it.
+                let failure = w.machine.failure().map(|f| f.to_string());
+                let uuid = w.uuid.clone();
+                self.record(CrashRecord { uuid, at: SystemTime::now(), status: Some(status), failure, stderr });
+                self.drain_worker(worker, now);
+                self.remove_worker(worker);
+            }
+            AppEvent::Deploy { spec } => {
+                tracing::info!(app = %self.name, "new version deployed; replacing workers");
+                self.balancer.set_profile(&spec.profile, now);
+                self.spec = *spec;
+                self.balancer.start(now);
+                self.balancer.retire_all(now);
+            }
+            AppEvent::Info { reply } => {
+                let loads: HashMap<WorkerId, usize> =
+                    self.balancer.loads().into_iter().map(|l| (l.id, l.load)).collect();
+                let mut workers: Vec<WorkerInfo> = self
+                    .workers
+                    .iter()
+                    .map(|(&id, w)| WorkerInfo {
+                        id,
+                        uuid: w.uuid.clone(),
+                        pid: w.process.pid,
+                        state: w.machine.state(),
+                        load: loads.get(&id).copied().unwrap_or(0),
+                    })
+                    .collect();
+                workers.sort_by_key(|w| w.id);
+                let _ = reply.send(AppInfo {
+                    name: self.name.clone(),
+                    status: self.balancer.status().clone(),
+                    queued: self.balancer.queue_len(),
+                    sessions: self.sessions.len(),
+                    workers,
+                });
+            }
+            AppEvent::Stop { reply } => {
+                self.balancer.stop();
+                self.stop_waiters.push(reply);
+            }
+            AppEvent::Exit => {}
+        }
+    }
+
+    fn answer_stop_waiters(&mut self) {
+        if !self.stop_waiters.is_empty() && self.workers.is_empty() {
+            for w in self.stop_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn record(&self, rec: CrashRecord) {
+        if let Ok(mut log) = self.crashlog.lock() {
+            if log.len() >= self.config.crashlog_entries {
+                log.pop_front();
+            }
+            log.push_back(rec);
+        }
+    }
+
+    /// Applies worker outputs and balancer actions until both are quiet.
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+            for id in ids {
+                let now = now();
+                progressed |= self.drain_worker(id, now);
+                let dead = self.workers.get(&id).is_some_and(|w| w.machine.state() == State::Dead);
+                if dead {
+                    self.remove_worker(id);
+                }
+            }
+            while let Some(action) = self.balancer.poll_action() {
+                progressed = true;
+                self.apply(action);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn remove_worker(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.remove(&id) {
+            self.uuids.remove(&w.uuid);
+            if let Some(c) = w.conn.and_then(|c| self.conns.remove(&c)) {
+                c.reader.abort();
+            }
+        }
+    }
+
+    /// Applies one worker's pending outputs. Returns whether there were any.
+    fn drain_worker(&mut self, id: WorkerId, now: std::time::Instant) -> bool {
+        let mut any = false;
+        loop {
+            let Some(w) = self.workers.get_mut(&id) else { return any };
+            let Some(out) = w.machine.poll_output() else { return any };
+            any = true;
+            match out {
+                Output::Send(msg) => {
+                    if matches!(msg, Message::Terminate { .. }) {
+                        self.emit(EngineEvent::Terminating { app: self.name.clone(), worker: id });
+                    }
+                    self.send_to_worker(id, &msg, now);
+                }
+                Output::Kill(signal) => {
+                    tracing::info!(app = %self.name, worker = id, ?signal, "signalling worker");
+                    let _ = w.process.signals.try_send(signal);
+                    self.emit(EngineEvent::Signalled { app: self.name.clone(), worker: id, signal });
+                }
+                Output::Ready => {
+                    self.emit(EngineEvent::Ready { app: self.name.clone(), worker: id });
+                    self.balancer.worker_ready(id, now);
+                }
+                Output::Draining => self.balancer.worker_draining(id, now),
+                Output::Failed(reason) => {
+                    tracing::warn!(app = %self.name, worker = id, %reason, "worker failed");
+                    self.emit(EngineEvent::Failed { app: self.name.clone(), worker: id, reason: reason.clone() });
+                    self.fail_sessions_of(id, &reason.to_string(), now);
+                }
+                Output::Exited { failure, status } => {
+                    tracing::info!(app = %self.name, worker = id, %status, failed = failure.is_some(), "worker exited");
+                    self.fail_sessions_of(id, "worker exited", now);
+                    let failure = failure.map(|f| f.to_string());
+                    self.emit(EngineEvent::Exited {
+                        app: self.name.clone(),
+                        worker: id,
+                        status: Some(status),
+                        failure: failure.clone(),
+                    });
+                    self.balancer.worker_exited(id, failure.as_deref(), now);
+                }
+            }
+        }
+    }
+
+    fn send_to_worker(&mut self, id: WorkerId, msg: &Message, now: std::time::Instant) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(conn) = w.conn.and_then(|c| self.conns.get(&c)) else { return };
+        if let Err(e) = conn.writer.try_send(msg.to_bytes()) {
+            tracing::warn!(app = %self.name, worker = id, error = %e, "worker connection is not keeping up; closing it");
+            let c = w.conn.take().and_then(|c| self.conns.remove(&c));
+            if let Some(c) = c {
+                c.reader.abort();
+            }
+            w.machine.handle_disconnect(now);
+        }
+    }
+
+    /// Fails every session open on `worker` (its process failed or exited).
+    fn fail_sessions_of(&mut self, worker: WorkerId, reason: &str, now: std::time::Instant) {
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        let sessions: Vec<u64> = w.channels.drain().map(|(_, s)| s).collect();
+        for s in sessions {
+            if let Some(entry) = self.sessions.remove(&s) {
+                let _ = entry.down.try_send(Down::Error(SessionError::WorkerFailed(reason.to_string())));
+            }
+            self.balancer.session_done(worker, false, now);
+        }
+    }
+
+    fn apply(&mut self, action: Action) {
+        let now = now();
+        match action {
+            Action::Spawn(id) => self.spawn(id, now),
+            Action::Assign { request, worker } => self.assign(request, worker, now),
+            Action::Retire(id) => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.machine.terminate("engine asked the worker to stop", now);
+                }
+            }
+            Action::Reject { request, error } => {
+                if let Some(entry) = self.sessions.remove(&request) {
+                    let _ = entry.down.try_send(Down::Error(SessionError::Rejected(error)));
+                }
+            }
+            Action::Status(status) => {
+                match &status {
+                    AppStatus::Failed { reason } => tracing::error!(app = %self.name, %reason, "app failed"),
+                    s => tracing::info!(app = %self.name, status = ?s, "app status"),
+                }
+                self.emit(EngineEvent::Status { app: self.name.clone(), status });
+            }
+        }
+    }
+
+    fn spawn(&mut self, id: WorkerId, now: std::time::Instant) {
+        let uuid = new_uuid();
+        let spec = &self.spec;
+        let launch = Launch {
+            app: self.name.clone(),
+            executable: spec.manifest.executable_path(&spec.dir),
+            args: spec.manifest.args.clone(),
+            env: spec.manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            cwd: spec.dir.clone(),
+            locator: self.config.locator.clone(),
+            endpoint: self.socket.clone(),
+            uuid: uuid.clone(),
+            stderr_lines: self.config.crashlog_lines,
+        };
+        let tx = self.tx.clone();
+        let on_exit = move |exit: process::Exit| {
+            if let Some(tx) = tx.upgrade() {
+                tokio::spawn(async move {
+                    let _ = tx.send(AppEvent::Exited { worker: id, status: exit.status, stderr: exit.stderr }).await;
+                });
+            }
+        };
+        match process::spawn(launch, on_exit) {
+            Ok(process) => {
+                tracing::info!(app = %self.name, worker = id, pid = process.pid, %uuid, "worker spawned");
+                self.emit(EngineEvent::Spawned { app: self.name.clone(), worker: id, pid: process.pid });
+                let mut timeouts = spec.profile.timeouts();
+                timeouts.kill_grace = self.config.kill_grace;
+                let machine = Worker::new(timeouts, now);
+                self.uuids.insert(uuid.clone(), id);
+                self.workers.insert(
+                    id,
+                    WorkerEntry {
+                        uuid,
+                        machine,
+                        process,
+                        conn: None,
+                        next_channel: FIRST_SESSION_CHANNEL,
+                        channels: HashMap::new(),
+                    },
+                );
+            }
+            Err(e) => {
+                let path = spec.manifest.executable_path(&spec.dir);
+                let failure = format!("cannot start {}: {e}", path.display());
+                tracing::error!(app = %self.name, worker = id, error = %failure, "spawn failed");
+                self.record(CrashRecord {
+                    uuid,
+                    at: SystemTime::now(),
+                    status: None,
+                    failure: Some(failure.clone()),
+                    stderr: Vec::new(),
+                });
+                self.emit(EngineEvent::Exited {
+                    app: self.name.clone(),
+                    worker: id,
+                    status: None,
+                    failure: Some(failure.clone()),
+                });
+                self.balancer.worker_exited(id, Some(&failure), now);
+            }
+        }
+    }
+
+    fn assign(&mut self, request: u64, worker: WorkerId, now: std::time::Instant) {
+        let Some(entry) = self.sessions.get_mut(&request) else {
+            // Withdrawn meanwhile.
+            self.balancer.session_done(worker, true, now);
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let channel = w.next_channel;
+        w.next_channel += 1;
+        w.channels.insert(channel, request);
+        let pending = match std::mem::replace(&mut entry.place, Place::Open { worker, channel }) {
+            Place::Queued { pending } => pending,
+            Place::Open { .. } => Vec::new(),
+        };
+        let invoke = Message::Invoke { channel, event: entry.event.clone() };
+        self.send_to_worker(worker, &invoke, now);
+        for up in pending {
+            self.send_to_worker(worker, &up_message(channel, up), now);
+        }
+    }
+
+    fn up(&mut self, session: u64, msg: Up, now: std::time::Instant) {
+        let limit = self.config.session_messages;
+        let Some(entry) = self.sessions.get_mut(&session) else { return };
+        match &mut entry.place {
+            Place::Queued { pending } => {
+                if pending.len() >= limit {
+                    let _ = entry.down.try_send(Down::Error(SessionError::Overflow(limit)));
+                    self.sessions.remove(&session);
+                    self.balancer.cancel(session);
+                } else {
+                    pending.push(msg);
+                }
+            }
+            Place::Open { worker, channel } => {
+                let (worker, channel) = (*worker, *channel);
+                self.send_to_worker(worker, &up_message(channel, msg), now);
+            }
+        }
+    }
+
+    /// The caller went away: withdraw a queued request; tell the worker of an open one.
+    fn abandon(&mut self, session: u64, now: std::time::Instant) {
+        let Some(entry) = self.sessions.get_mut(&session) else { return };
+        match entry.place {
+            Place::Queued { .. } => {
+                self.sessions.remove(&session);
+                self.balancer.cancel(session);
+            }
+            Place::Open { worker, channel } => {
+                if !entry.abandoned {
+                    entry.abandoned = true;
+                    let msg = Message::Error {
+                        channel,
+                        category: category::ENGINE,
+                        code: 1,
+                        message: "caller went away".into(),
+                    };
+                    self.send_to_worker(worker, &msg, now);
+                }
+            }
+        }
+    }
+
+    fn worker_message(&mut self, conn: u64, msg: Message, now: std::time::Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let worker = match (c.worker, &msg) {
+            (Some(w), _) => w,
+            (None, Message::Handshake { uuid }) => {
+                let Some(&id) = self.uuids.get(uuid) else {
+                    tracing::warn!(app = %self.name, %uuid, "handshake with an unknown uuid; closing");
+                    self.close_conn(conn);
+                    return;
+                };
+                let Some(w) = self.workers.get_mut(&id) else { return };
+                if w.conn.is_some() {
+                    tracing::warn!(app = %self.name, %uuid, "second connection for a worker; closing it");
+                    self.close_conn(conn);
+                    return;
+                }
+                w.conn = Some(conn);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.worker = Some(id);
+                }
+                id
+            }
+            (None, _) => {
+                tracing::warn!(app = %self.name, "message before handshake; closing");
+                self.close_conn(conn);
+                return;
+            }
+        };
+        match msg {
+            Message::Handshake { .. } | Message::Heartbeat | Message::Terminate { .. } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.machine.handle_message(&msg, now);
+                }
+            }
+            Message::Invoke { .. } => {}
+            Message::Chunk { channel, data } => self.down(worker, channel, Down::Chunk(data), now),
+            Message::Choke { channel } => self.down(worker, channel, Down::Choke, now),
+            Message::Error { channel, category, code, message } => {
+                let e = SessionError::Worker { category, code, message };
+                self.down(worker, channel, Down::Error(e), now)
+            }
+        }
+    }
+
+    fn close_conn(&mut self, conn: u64) {
+        if let Some(c) = self.conns.remove(&conn) {
+            c.reader.abort();
+        }
+    }
+
+    /// A message from a worker on a session channel.
+    fn down(&mut self, worker: WorkerId, channel: u64, msg: Down, now: std::time::Instant) {
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        let Some(&session) = w.channels.get(&channel) else { return };
+        let last = !matches!(msg, Down::Chunk(_));
+        if last {
+            w.channels.remove(&channel);
+        }
+        let limit = self.config.session_messages;
+        if let Some(entry) = self.sessions.get_mut(&session) {
+            if !entry.abandoned && entry.down.try_send(msg).is_err() {
+                // The caller reads too slowly (or is gone): stop buffering for it.
+                entry.abandoned = true;
+                let _ = entry.down.try_send(Down::Error(SessionError::Overflow(limit)));
+                let msg = Message::Error {
+                    channel,
+                    category: category::ENGINE,
+                    code: 2,
+                    message: "caller is not reading replies".into(),
+                };
+                self.send_to_worker(worker, &msg, now);
+            }
+        }
+        if last {
+            self.sessions.remove(&session);
+            self.balancer.session_done(worker, true, now);
+        }
+    }
+}
+
+fn up_message(channel: u64, up: Up) -> Message {
+    match up {
+        Up::Chunk(data) => Message::Chunk { channel, data },
+        Up::Choke => Message::Choke { channel },
+        Up::Error { category, code, message } => Message::Error { channel, category, code, message },
+    }
+}
+
+/// A random (version 4) UUID.
+pub(crate) fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let x =
+        (u128::from_be_bytes(b) & !(0xf000u128 << 64) & !(0xc000u128 << 48)) | (0x4000u128 << 64) | (0x8000u128 << 48);
+    let h = format!("{x:032x}");
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<AppEvent>, outbound: usize, max_message: usize) {
+    let mut next = 1u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a worker connection failed");
+                // Back off a little on fd exhaustion instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = next;
+        next += 1;
+        let (writer_tx, writer_rx) = mpsc::channel::<Bytes>(outbound);
+        let (r, w) = stream.into_split();
+        tokio::spawn(write_loop(w, writer_rx));
+        let reader = tokio::spawn(read_loop(r, conn, tx.clone(), max_message));
+        if tx.send(AppEvent::Accepted { conn, writer: writer_tx, reader: reader.abort_handle() }).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_loop(mut r: tokio::net::unix::OwnedReadHalf, conn: u64, tx: mpsc::Sender<AppEvent>, max: usize) {
+    let mut decoder = Decoder::new(Role::Engine, max);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let error = loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(msg)) => {
+                    if tx.send(AppEvent::FromConn { conn, msg }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(AppEvent::ConnClosed { conn, error: Some(e.to_string()) }).await;
+                    return;
+                }
+            }
+        }
+        match r.read_buf(&mut buf).await {
+            Ok(0) => break if buf.is_empty() { None } else { Some("connection closed mid-message".to_string()) },
+            Ok(_) => {}
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    let _ = tx.send(AppEvent::ConnClosed { conn, error }).await;
+}
+
+async fn write_loop(mut w: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        for b in batch.drain(..) {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// The path of an app's worker socket under `runtime_dir`.
+pub fn socket_path(runtime_dir: &Path, app: &str) -> PathBuf {
+    runtime_dir.join(format!("{app}.sock"))
+}

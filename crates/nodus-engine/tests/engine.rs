@@ -1,0 +1,342 @@
+//! The engine with real worker processes: every lifecycle path, balancing, streaming.
+//!
+//! Tests wait on engine events (with a timeout), never on sleeps.
+
+use std::time::Duration;
+
+use nodus_engine::balance::{AppStatus, BalanceConfig, Rejection};
+use nodus_engine::manifest::Manifest;
+use nodus_engine::profile::Profile;
+use nodus_engine::worker::{FailReason, Signal, State};
+use nodus_engine::{AppSpec, Engine, EngineConfig, EngineError, EngineEvent, Session, SessionError};
+use tokio::sync::broadcast;
+
+const WAIT: Duration = Duration::from_secs(15);
+const ECHO: &str = env!("CARGO_BIN_EXE_nodus-echo-worker");
+const ROGUE: &str = env!("CARGO_BIN_EXE_nodus-rogue-worker");
+
+struct Harness {
+    engine: Engine,
+    events: broadcast::Receiver<EngineEvent>,
+    dir: tempfile::TempDir,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::Builder::new().prefix("ne").tempdir().unwrap();
+    let mut config = EngineConfig::new(dir.path().join("run"));
+    config.kill_grace = Duration::from_millis(300);
+    config.balance = BalanceConfig {
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        crash_window: Duration::from_secs(60),
+    };
+    let engine = Engine::new(config);
+    let events = engine.events();
+    Harness { engine, events, dir }
+}
+
+fn profile() -> Profile {
+    Profile { heartbeat_timeout: Duration::from_secs(5), ..Profile::default() }
+}
+
+impl Harness {
+    fn spec(&self, name: &str, exe: &str, env: &[(&str, &str)], profile: Profile) -> AppSpec {
+        let mut manifest = Manifest::new(exe);
+        manifest.env.insert("NODUS_HEARTBEAT_MS".into(), "100".into());
+        for (k, v) in env {
+            manifest.env.insert(k.to_string(), v.to_string());
+        }
+        AppSpec { name: name.into(), dir: self.dir.path().to_path_buf(), manifest, profile }
+    }
+
+    async fn start(&self, name: &str, exe: &str, env: &[(&str, &str)], profile: Profile) {
+        self.engine.start(self.spec(name, exe, env, profile)).await.unwrap();
+    }
+
+    /// Waits for the first event matching `pred`, skipping others.
+    async fn wait_for(&mut self, what: &str, pred: impl Fn(&EngineEvent) -> bool) -> EngineEvent {
+        let fut = async {
+            loop {
+                match self.events.recv().await {
+                    Ok(ev) if pred(&ev) => return ev,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => panic!("engine gone while waiting for {what}"),
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    }
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+async fn echo_once(s: &mut Session, data: &str) {
+    s.send(data.to_string()).await.unwrap();
+    let got = within("echo reply", s.recv()).await.unwrap().unwrap();
+    assert_eq!(got, data.as_bytes());
+}
+
+#[tokio::test]
+async fn echo_streams_both_ways() {
+    let h = harness();
+    h.start("echo", ECHO, &[], profile()).await;
+    let mut s = h.engine.invoke("echo", "echo").await.unwrap();
+    echo_once(&mut s, "hello").await;
+    echo_once(&mut s, "world").await;
+    s.send("last").await.unwrap();
+    s.close().await.unwrap();
+    assert_eq!(within("last", s.recv()).await.unwrap().unwrap(), "last");
+    assert_eq!(within("choke", s.recv()).await.unwrap(), None);
+    let chunks = within("collect", h.engine.invoke("echo", "echo").await.unwrap().collect()).await.unwrap();
+    assert!(chunks.is_empty());
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn multi_chunk_replies_arrive_in_order() {
+    let h = harness();
+    h.start("chunks", ECHO, &[], profile()).await;
+    let mut s = h.engine.invoke("chunks", "chunks").await.unwrap();
+    s.send("500").await.unwrap();
+    let chunks = within("500 chunks", s.collect()).await.unwrap();
+    assert_eq!(chunks.len(), 500);
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c, i.to_string().as_bytes());
+    }
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn application_errors_and_unknown_events_reach_the_caller() {
+    let h = harness();
+    h.start("errs", ECHO, &[], profile()).await;
+    let mut s = h.engine.invoke("errs", "fail").await.unwrap();
+    let e = within("error", s.recv()).await.unwrap_err();
+    assert_eq!(e, SessionError::Worker { category: 2, code: 1, message: "requested failure".into() });
+    let mut s = h.engine.invoke("errs", "nope").await.unwrap();
+    let e = within("error", s.recv()).await.unwrap_err();
+    assert!(matches!(e, SessionError::Worker { code: 404, .. }), "{e:?}");
+    assert!(matches!(h.engine.invoke("other", "x").await, Err(EngineError::UnknownApp(_))));
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn crash_mid_request_fails_the_session_and_is_logged() {
+    let mut h = harness();
+    h.start("crashy", ECHO, &[], profile()).await;
+    let mut s = h.engine.invoke("crashy", "crash").await.unwrap();
+    s.send("boom").await.unwrap();
+    let e = within("crash error", s.recv()).await.unwrap_err();
+    assert!(matches!(e, SessionError::WorkerFailed(_)), "{e:?}");
+    h.wait_for("exit", |e| matches!(e, EngineEvent::Exited { failure: Some(_), .. })).await;
+    let log = h.engine.crashlog("crashy").unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].status.unwrap().code, Some(3));
+    assert!(log[0].stderr.iter().any(|l| l.contains("crashing on purpose")), "{:?}", log[0].stderr);
+    // The app recovers with a new worker.
+    let mut s = h.engine.invoke("crashy", "echo").await.unwrap();
+    echo_once(&mut s, "again").await;
+    // A dropped session is abandoned: the worker is told and the shutdown need not wait for it.
+    drop(s);
+    within("shutdown", h.engine.shutdown()).await;
+}
+
+#[tokio::test]
+async fn slow_handshake_is_killed_and_a_crash_loop_fails_the_app() {
+    let mut h = harness();
+    let p = Profile { startup_timeout: Duration::from_millis(300), crash_limit: 2, ..profile() };
+    h.start("slow", ROGUE, &[("ROGUE_MODE", "slow-handshake")], p).await;
+    let mut s = h.engine.invoke("slow", "echo").await.unwrap();
+    h.wait_for("startup failure", |e| matches!(e, EngineEvent::Failed { reason: FailReason::StartupTimeout, .. }))
+        .await;
+    h.wait_for("SIGTERM", |e| matches!(e, EngineEvent::Signalled { signal: Signal::Term, .. })).await;
+    let ev = h.wait_for("exit", |e| matches!(e, EngineEvent::Exited { .. })).await;
+    let EngineEvent::Exited { status, .. } = ev else { unreachable!() };
+    assert_eq!(status.unwrap().signal, Some(15));
+    h.wait_for("failed app", |e| matches!(e, EngineEvent::Status { status: AppStatus::Failed { .. }, .. })).await;
+    let e = within("rejection", s.recv()).await.unwrap_err();
+    assert!(matches!(e, SessionError::Rejected(Rejection::Failed { .. })), "{e:?}");
+    assert!(matches!(h.engine.invoke("slow", "echo").await, Err(EngineError::Rejected(Rejection::Failed { .. }))));
+    let info = h.engine.info("slow").await.unwrap();
+    assert!(matches!(info.status, AppStatus::Failed { .. }));
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_heartbeating_is_killed_and_its_session_fails() {
+    let mut h = harness();
+    let p = Profile { heartbeat_timeout: Duration::from_millis(500), ..profile() };
+    h.start("silent", ROGUE, &[("ROGUE_MODE", "no-heartbeat")], p).await;
+    let mut s = h.engine.invoke("silent", "echo").await.unwrap();
+    h.wait_for("ready", |e| matches!(e, EngineEvent::Ready { .. })).await;
+    h.wait_for("heartbeat failure", |e| matches!(e, EngineEvent::Failed { reason: FailReason::HeartbeatTimeout, .. }))
+        .await;
+    let e = within("session failure", s.recv()).await.unwrap_err();
+    assert!(matches!(e, SessionError::WorkerFailed(_)), "{e:?}");
+    h.wait_for("SIGTERM", |e| matches!(e, EngineEvent::Signalled { signal: Signal::Term, .. })).await;
+    h.wait_for("exit", |e| matches!(e, EngineEvent::Exited { failure: Some(_), .. })).await;
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_ignoring_terminate_gets_sigterm_then_sigkill() {
+    let mut h = harness();
+    let p = Profile { terminate_timeout: Duration::from_millis(300), ..profile() };
+    h.start("stubborn", ROGUE, &[("ROGUE_MODE", "ignore-terminate")], p).await;
+    let _s = h.engine.invoke("stubborn", "echo").await.unwrap();
+    h.wait_for("ready", |e| matches!(e, EngineEvent::Ready { .. })).await;
+    let engine = h.engine.clone();
+    let stop = tokio::spawn(async move { engine.stop("stubborn").await });
+    h.wait_for("terminate", |e| matches!(e, EngineEvent::Terminating { .. })).await;
+    h.wait_for("SIGTERM", |e| matches!(e, EngineEvent::Signalled { signal: Signal::Term, .. })).await;
+    h.wait_for("SIGKILL", |e| matches!(e, EngineEvent::Signalled { signal: Signal::Kill, .. })).await;
+    let ev = h.wait_for("exit", |e| matches!(e, EngineEvent::Exited { .. })).await;
+    let EngineEvent::Exited { status, .. } = ev else { unreachable!() };
+    assert_eq!(status.unwrap().signal, Some(9));
+    within("stop", stop).await.unwrap().unwrap();
+    assert_eq!(h.engine.info("stubborn").await.unwrap().status, AppStatus::Stopped);
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_says_terminate_and_lingers_gets_sigterm() {
+    let mut h = harness();
+    let p = Profile { terminate_timeout: Duration::from_millis(300), ..profile() };
+    h.start("linger", ROGUE, &[("ROGUE_MODE", "linger")], p).await;
+    let _s = h.engine.invoke("linger", "echo").await.unwrap();
+    h.wait_for("SIGTERM", |e| matches!(e, EngineEvent::Signalled { signal: Signal::Term, .. })).await;
+    let ev = h.wait_for("exit", |e| matches!(e, EngineEvent::Exited { .. })).await;
+    let EngineEvent::Exited { status, failure, .. } = ev else { unreachable!() };
+    assert_eq!(status.unwrap().code, Some(143), "the rogue exits 143 on SIGTERM");
+    assert_eq!(failure, None, "a worker that said terminate left normally");
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn crash_loop_puts_the_app_in_failed_state_until_restarted() {
+    let mut h = harness();
+    let p = Profile { crash_limit: 3, ..profile() };
+    h.start("loop", ECHO, &[("ECHO_CRASH_ON_START", "1")], p.clone()).await;
+    let mut s = h.engine.invoke("loop", "echo").await.unwrap();
+    let ev = h.wait_for("failed app", |e| matches!(e, EngineEvent::Status { .. })).await;
+    let EngineEvent::Status { status: AppStatus::Failed { reason }, .. } = ev else { panic!("{ev:?}") };
+    assert!(reason.contains("3 worker failures"), "{reason}");
+    let e = within("rejection", s.recv()).await.unwrap_err();
+    assert!(matches!(e, SessionError::Rejected(Rejection::Failed { .. })), "{e:?}");
+    let log = h.engine.crashlog("loop").unwrap();
+    assert_eq!(log.len(), 3);
+    for r in &log {
+        assert_eq!(r.status.unwrap().code, Some(3));
+        assert_eq!(r.stderr, vec!["crashing on start, as asked".to_string()]);
+    }
+    // A fixed version starts the app again.
+    h.start("loop", ECHO, &[], p).await;
+    let mut s = h.engine.invoke("loop", "echo").await.unwrap();
+    echo_once(&mut s, "fixed").await;
+    within("close", s.collect()).await.unwrap();
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn pool_grows_with_load_and_shrinks_when_idle() {
+    let mut h = harness();
+    let p = Profile { pool_limit: 3, concurrency: 1, idle_timeout: Some(Duration::from_millis(500)), ..profile() };
+    h.start("pool", ECHO, &[], p).await;
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut s = h.engine.invoke("pool", "echo").await.unwrap();
+        echo_once(&mut s, &format!("s{i}")).await;
+        open.push(s);
+    }
+    let info = h.engine.info("pool").await.unwrap();
+    assert_eq!(info.workers.len(), 3, "{info:?}");
+    assert!(info.workers.iter().all(|w| w.load == 1 && w.state == State::Active), "{info:?}");
+    // At the pool limit a fourth request waits for a free worker.
+    let mut fourth = h.engine.invoke("pool", "echo").await.unwrap();
+    fourth.send("s3").await.unwrap();
+    assert_eq!(h.engine.info("pool").await.unwrap().queued, 1);
+    let first = open.remove(0);
+    within("first", first.collect()).await.unwrap();
+    assert_eq!(within("fourth", fourth.recv()).await.unwrap().unwrap(), "s3");
+    open.push(fourth);
+    for s in open {
+        within("close", s.collect()).await.unwrap();
+    }
+    for _ in 0..3 {
+        h.wait_for("idle exit", |e| matches!(e, EngineEvent::Exited { failure: None, .. })).await;
+    }
+    let info = h.engine.info("pool").await.unwrap();
+    assert!(info.workers.is_empty(), "{info:?}");
+    // Load brings a worker back.
+    let mut s = h.engine.invoke("pool", "echo").await.unwrap();
+    echo_once(&mut s, "back").await;
+    within("close", s.collect()).await.unwrap();
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_requests_with_queue_full() {
+    let h = harness();
+    let p = Profile { pool_limit: 1, concurrency: 1, queue_limit: 1, ..profile() };
+    h.start("busy", ECHO, &[], p).await;
+    let mut a = h.engine.invoke("busy", "echo").await.unwrap();
+    echo_once(&mut a, "a").await;
+    let mut b = h.engine.invoke("busy", "echo").await.unwrap();
+    b.send("b").await.unwrap();
+    let c = h.engine.invoke("busy", "echo").await.unwrap_err();
+    assert_eq!(c, EngineError::Rejected(Rejection::QueueFull { limit: 1 }));
+    assert!(c.to_string().contains("queue full"), "{c}");
+    within("a done", a.collect()).await.unwrap();
+    assert_eq!(within("b served", b.recv()).await.unwrap().unwrap(), "b");
+    within("b done", b.collect()).await.unwrap();
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_version_replaces_workers_without_dropping_open_sessions() {
+    let mut h = harness();
+    h.start("ver", ECHO, &[("VERSION", "1")], profile()).await;
+    let mut old = h.engine.invoke("ver", "echo").await.unwrap();
+    echo_once(&mut old, "v1").await;
+    h.start("ver", ECHO, &[("VERSION", "2")], profile()).await;
+    h.wait_for("terminate", |e| matches!(e, EngineEvent::Terminating { .. })).await;
+    // The old worker finishes the open session before it leaves.
+    let mut new = h.engine.invoke("ver", "echo").await.unwrap();
+    echo_once(&mut new, "v2").await;
+    echo_once(&mut old, "still here").await;
+    within("old done", old.collect()).await.unwrap();
+    h.wait_for("old worker exit", |e| matches!(e, EngineEvent::Exited { worker: 1, failure: None, .. })).await;
+    within("new done", new.collect()).await.unwrap();
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_from_a_worker_closes_only_its_connection() {
+    let mut h = harness();
+    h.start("good", ECHO, &[], profile()).await;
+    let mut good = h.engine.invoke("good", "echo").await.unwrap();
+    echo_once(&mut good, "before").await;
+    h.start("bad", ROGUE, &[("ROGUE_MODE", "garbage")], profile()).await;
+    let bad = h.engine.invoke("bad", "echo").await.unwrap();
+    h.wait_for("disconnect", |e| matches!(e, EngineEvent::Failed { reason: FailReason::Disconnected, .. })).await;
+    h.wait_for("SIGTERM", |e| matches!(e, EngineEvent::Signalled { signal: Signal::Term, .. })).await;
+    echo_once(&mut good, "after").await;
+    within("close", good.collect()).await.unwrap();
+    drop(bad);
+    h.engine.shutdown().await;
+}
+
+#[test]
+fn the_example_app_files_are_valid() {
+    use nodus_engine::manifest::Format;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/echo-app");
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let m = Manifest::parse(&text, Format::Json).unwrap();
+    assert_eq!(m.executable, "nodus-echo-worker");
+    let text = std::fs::read_to_string(dir.join("profile.toml")).unwrap();
+    let p = Profile::parse(&text, Format::Toml).unwrap();
+    assert_eq!(p.pool_limit, 4);
+    assert_eq!(p.timeouts(), nodus_engine::worker::Timeouts::default());
+}
