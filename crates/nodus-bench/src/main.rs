@@ -1,1 +1,138 @@
-fn main() {}
+//! `nodus-bench`: request/reply through a real nodus daemon, measured against a raw two-hop
+//! baseline (a byte-copying forwarder in front of an echo server) over the same kind of socket.
+//!
+//! `main` only parses arguments and dispatches. The orchestration (child processes, the matrix,
+//! the ratio) lives in [`bench`]; the two systems under test in [`nodus_system`] and [`baseline`];
+//! percentiles in [`latency`]; everything printed in [`report`].
+//!
+//! The hidden subcommands `echo-service`, `raw-echo` and `raw-forwarder` are the child processes a
+//! run starts from this same executable; they print `ready <endpoint>` once serving and exit when
+//! their standard input closes (i.e. when the parent goes away).
+
+#![forbid(unsafe_code)]
+
+mod baseline;
+mod bench;
+mod child;
+mod latency;
+mod nodus_system;
+mod report;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// nodus-bench — request/reply throughput and latency of one nodus daemon, next to a raw baseline.
+///
+/// Without a subcommand it runs `all`: payload {64, 4096} × in flight {1, 64}.
+#[derive(Parser, Debug)]
+#[command(name = "nodus-bench", version, about)]
+struct Args {
+    #[command(flatten)]
+    options: Options,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Options shared by `reqrep` and `all`.
+#[derive(clap::Args, Debug, Clone)]
+struct Options {
+    /// Measured phase of each run, seconds.
+    #[arg(long, global = true, default_value = "3", value_parser = parse_secs)]
+    duration: Duration,
+    /// Unmeasured warm-up before each measured phase, seconds.
+    #[arg(long, global = true, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// One JSON object per measurement on stdout instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The `nodus` binary (default: next to this executable).
+    #[arg(long, global = true)]
+    nodus: Option<PathBuf>,
+    /// Socket kind for both the daemon and the baseline.
+    #[arg(long, global = true, value_enum, default_value_t = Transport::Unix)]
+    transport: Transport,
+}
+
+/// Socket kind used by every hop of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// Unix domain sockets in a scratch directory.
+    Unix,
+    /// TCP over 127.0.0.1.
+    Tcp,
+}
+
+/// What to run.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One request/reply measurement: nodus, then the raw baseline, then their throughput ratio.
+    /// With `--json`, stdout holds exactly one line: the nodus measurement.
+    Reqrep {
+        /// Payload bytes per request (the reply carries it back).
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Requests outstanding at once, multiplexed over one client connection.
+        #[arg(long, default_value_t = 1)]
+        inflight: usize,
+        /// Skip the raw baseline (and the ratio).
+        #[arg(long)]
+        no_baseline: bool,
+    },
+    /// The matrix payload {64, 4096} × in flight {1, 64}, nodus and baseline (the default).
+    All,
+    /// Child process: a nodus service `bench_echo` that answers every request with its payload.
+    #[command(hide = true)]
+    EchoService {
+        /// The node: unix:/path or host:port.
+        #[arg(long)]
+        node: String,
+    },
+    /// Child process: echoes length-prefixed frames back.
+    #[command(hide = true)]
+    RawEcho {
+        /// Where to listen: unix:/path or host:port.
+        #[arg(long)]
+        listen: String,
+    },
+    /// Child process: for each connection, opens one to `upstream` and copies bytes both ways.
+    #[command(hide = true)]
+    RawForwarder {
+        /// Where to listen: unix:/path or host:port.
+        #[arg(long)]
+        listen: String,
+        /// The raw echo server.
+        #[arg(long)]
+        upstream: String,
+    },
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} must be a non-negative number of seconds"))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            report::error(&format!("cannot start the async runtime: {e}"));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // Run on a worker thread, not in `block_on` on the main thread: a future polled there needs a
+    // cross-thread wake-up for every message the client's driver task hands it.
+    let work = runtime.spawn(bench::run(args.options, args.command.unwrap_or(Command::All)));
+    match runtime.block_on(work) {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            report::error(&format!("{e:#}"));
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            report::error(&format!("the benchmark task failed: {e}"));
+            std::process::ExitCode::from(2)
+        }
+    }
+}

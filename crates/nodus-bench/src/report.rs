@@ -1,0 +1,130 @@
+//! The output layer: the only place that prints. Figures go to stdout (a table, or one JSON
+//! object per line with `--json`); progress and errors go to stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use crate::latency::Summary;
+
+/// The throughput ratio nodus/baseline the project aims for.
+pub const TARGET_RATIO: f64 = 0.5;
+
+/// A child process tells its parent it is serving (read by [`crate::child::Child::ready`]).
+pub fn ready(endpoint: &str) {
+    println!("ready {endpoint}");
+}
+
+/// An error, on stderr.
+pub fn error(message: &str) {
+    eprintln!("nodus-bench: error: {message}");
+}
+
+/// Progress, on stderr (stdout stays clean for the figures).
+pub fn progress(message: &str) {
+    eprintln!("nodus-bench: {message}");
+}
+
+/// One measurement as one JSON object on one line (the shape scripts/bench-nats.sh consumes).
+pub fn json(s: &Summary) {
+    println!(
+        "{{\"system\":\"{}\",\"payload\":{},\"inflight\":{},\"requests\":{},\"secs\":{:.3},\
+         \"req_per_sec\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1}}}",
+        s.system.as_str(),
+        s.payload,
+        s.inflight,
+        s.requests,
+        s.secs,
+        s.req_per_sec(),
+        s.p50_us,
+        s.p99_us,
+        s.p999_us,
+    );
+}
+
+/// One measurement as one line for a person, on stdout.
+pub fn human(s: &Summary) {
+    println!("{}", human_line(s));
+}
+
+/// One measurement as one line for a person, on stderr (used when stdout carries JSON).
+pub fn human_to_stderr(s: &Summary) {
+    eprintln!("{}", human_line(s));
+}
+
+fn human_line(s: &Summary) -> String {
+    format!(
+        "{:<8} payload {:>5} B  inflight {:>3}: {:>9} req in {:.2} s = {:>9.0} req/s  \
+         p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us",
+        s.system.as_str(),
+        s.payload,
+        s.inflight,
+        s.requests,
+        s.secs,
+        s.req_per_sec(),
+        s.p50_us,
+        s.p99_us,
+        s.p999_us,
+    )
+}
+
+/// The throughput ratio nodus/baseline (0 when the baseline did nothing).
+pub fn ratio(nodus: &Summary, baseline: &Summary) -> f64 {
+    if baseline.req_per_sec() > 0.0 {
+        nodus.req_per_sec() / baseline.req_per_sec()
+    } else {
+        0.0
+    }
+}
+
+/// The ratio line printed after a `reqrep` run, on stdout or stderr.
+pub fn ratio_line(nodus: &Summary, baseline: &Summary, to_stderr: bool) {
+    let r = ratio(nodus, baseline);
+    let verdict = if r >= TARGET_RATIO { "meets" } else { "BELOW" };
+    let line = format!("throughput ratio nodus/baseline: {r:.2} ({verdict} the target of {TARGET_RATIO})");
+    if to_stderr {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+/// The header of the `all` table.
+pub fn table_header() {
+    println!(
+        "{:>7} {:>8} | {:>11} {:>8} {:>8} {:>8} | {:>11} {:>8} {:>8} {:>8} | {:>5}",
+        "payload",
+        "inflight",
+        "nodus req/s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "base req/s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "ratio"
+    );
+    println!("{}", "-".repeat(114));
+}
+
+/// One row of the `all` table.
+pub fn table_row(nodus: &Summary, baseline: &Summary) {
+    println!(
+        "{:>7} {:>8} | {:>11.0} {:>8.1} {:>8.1} {:>8.1} | {:>11.0} {:>8.1} {:>8.1} {:>8.1} | {:>5.2}",
+        nodus.payload,
+        nodus.inflight,
+        nodus.req_per_sec(),
+        nodus.p50_us,
+        nodus.p99_us,
+        nodus.p999_us,
+        baseline.req_per_sec(),
+        baseline.p50_us,
+        baseline.p99_us,
+        baseline.p999_us,
+        ratio(nodus, baseline),
+    );
+}
+
+/// The line after the `all` table.
+pub fn table_footer(worst: f64) {
+    let verdict = if worst >= TARGET_RATIO { "meets" } else { "BELOW" };
+    println!("lowest throughput ratio nodus/baseline: {worst:.2} ({verdict} the target of {TARGET_RATIO})");
+}
