@@ -27,7 +27,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts a node with the default config plus `extra` TOML.
+    /// Starts a bare node (no cluster listeners, no apps) with the default config plus `extra`
+    /// top-level TOML or `[limits]`.
     pub async fn start(extra: &str) -> Node {
         Self::start_in(tempfile::tempdir().expect("temp dir"), extra).await
     }
@@ -35,7 +36,7 @@ impl Node {
     /// Starts a node whose data directory is `dir` (reused across restarts).
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Node {
         let base = format!(
-            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n",
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n",
             dir.path().join("data").display().to_string()
         );
         Self::start_config(dir, Config::from_toml(&base).expect("test config")).await

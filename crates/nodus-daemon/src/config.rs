@@ -24,6 +24,22 @@ pub struct Config {
     pub limits: Limits,
     /// Cluster links, failure detection, UDP and TLS.
     pub cluster: ClusterConfig,
+    /// Deployed apps.
+    pub apps: AppsConfig,
+}
+
+/// The `[apps]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppsConfig {
+    /// Run apps on this node.
+    pub enabled: bool,
+    /// Locator address given to workers.
+    pub locator: String,
+    /// Largest deployment, bytes.
+    pub max_deploy_bytes: u64,
+    /// Most apps.
+    pub max_apps: usize,
 }
 
 /// The `[cluster]` section.

@@ -5,6 +5,7 @@
 // Unsafe code is denied everywhere except `ntp.rs`, which makes one read-only system call.
 #![deny(unsafe_code)]
 
+pub mod apps;
 pub mod cache;
 pub mod config;
 pub mod detector;

@@ -55,7 +55,7 @@ enum Kind {
 
 // Messages are the hot path: boxing them would cost an allocation per routed message.
 #[allow(clippy::large_enum_variant)]
-enum Outbound {
+pub(crate) enum Outbound {
     Msg(Message),
     Close,
 }
@@ -71,16 +71,54 @@ struct State {
     handles: std::collections::HashMap<ConnId, Handle>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     state: Mutex<State>,
     config: Config,
     tls: Option<crate::tls::Tls>,
     stop: CancellationToken,
     idle: Notify,
     next_conn: AtomicU64,
+    engine: Option<nodus_engine::Engine>,
 }
 
 impl Shared {
+    /// An in-process service: a connection with no socket, registered as `name`. What the router
+    /// delivers to it arrives on the returned queue; its answers go in through [`Shared::inject`].
+    pub(crate) fn attach(&self, name: &str) -> (ConnId, mpsc::Receiver<Outbound>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.limits.max_outbound_messages);
+        let handle = Handle { tx, queued_bytes: Arc::new(AtomicUsize::new(0)), kill: CancellationToken::new() };
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        st.handles.insert(id, handle);
+        st.router.connect(id);
+        st.router.handle(id, Message::new("REGISTER").param("service", name).param("version", 1), now_ms(), &mut out);
+        self.apply(&mut st, &mut out);
+        (id, rx)
+    }
+
+    /// A message from an in-process service.
+    pub(crate) fn inject(&self, conn: ConnId, msg: Message) {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        st.router.handle(conn, msg, now_ms(), &mut out);
+        self.apply(&mut st, &mut out);
+    }
+
+    /// Removes an in-process service; its queue closes.
+    pub(crate) fn detach(&self, conn: ConnId) {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        st.router.disconnect(conn, &mut out);
+        self.apply(&mut st, &mut out);
+        st.handles.remove(&conn);
+    }
+
+    /// The node configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; keep serving with the state as it is.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -209,7 +247,13 @@ impl Daemon {
         if udp.is_some() {
             router.connect_datagram(UDP_CONN);
         }
+        let engine = config.apps.enabled.then(|| {
+            let mut ec = nodus_engine::EngineConfig::new(config.data_dir.join("run"));
+            ec.locator.clone_from(&config.apps.locator);
+            nodus_engine::Engine::new(ec)
+        });
         let shared = Arc::new(Shared {
+            engine,
             state: Mutex::new(State { router, handles: Default::default() }),
             config,
             tls,
@@ -316,6 +360,7 @@ impl Daemon {
             info!(addr = %udp.local_addr()?, "listening for UDP signals");
             accepts.spawn(udp_loop(shared.clone(), udp));
         }
+        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
         let mut dialers = JoinSet::new();
         for addr in self.neighbors {
             dialers.spawn(dialer(shared.clone(), addr));
@@ -419,6 +464,9 @@ impl Daemon {
             let ids: Vec<ConnId> = st.handles.keys().copied().collect();
             out.extend(ids.into_iter().map(Action::Close));
             shared.apply(&mut st, &mut out);
+        }
+        if let Some(apps) = apps {
+            apps.shutdown().await;
         }
         conns_done.cancel();
         let dialers_done = async { while dialers.join_next().await.is_some() {} };

@@ -50,6 +50,17 @@ pub enum Command {
     /// Cluster state and operations.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Deploy and run apps (worker processes supervised by the node).
+    #[command(subcommand)]
+    App(AppCommand),
+    /// A built-in example worker (echo, upper, fail): deploy it with a manifest whose executable
+    /// is this binary and whose args are ["echo-worker"].
+    #[command(hide = true)]
+    EchoWorker {
+        /// `--app NAME --locator HOST:PORT --endpoint SOCKET --uuid UUID`, as the engine passes them.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Send a request and print the reply: `nodus call SERVICE COMMAND [name=value ...]`.
     Call {
         /// Destination `[server:]service`.
@@ -99,6 +110,53 @@ pub enum ClusterCommand {
     },
     /// Stop every node of the cluster.
     Shutdown,
+}
+
+/// `nodus app ...`
+#[derive(Subcommand, Debug)]
+pub enum AppCommand {
+    /// Store an app (an executable, or a directory with manifest.json/toml) and start it.
+    Deploy {
+        /// App name; also its service name.
+        name: String,
+        /// Executable file or app directory.
+        path: PathBuf,
+        /// Profile file (TOML or JSON): pool-limit, queue-limit, concurrency, timeouts.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+    },
+    /// Start a stopped (or failed) app.
+    Start {
+        /// App name.
+        name: String,
+    },
+    /// Stop an app's workers; it stays deployed.
+    Stop {
+        /// App name.
+        name: String,
+    },
+    /// Stop and start an app.
+    Restart {
+        /// App name.
+        name: String,
+    },
+    /// Stop an app and delete it.
+    Remove {
+        /// App name.
+        name: String,
+    },
+    /// The apps on the node.
+    List,
+    /// One app: version, status, workers, queue.
+    Info {
+        /// App name.
+        name: String,
+    },
+    /// Exit status and last stderr lines of the app's workers.
+    Crashlog {
+        /// App name.
+        name: String,
+    },
 }
 
 /// `nodus daemon` options; each overrides the config file, which overrides the embedded default.
@@ -161,6 +219,8 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Send { message, udp: true, udp_addr, secret, .. } => send_udp(&udp_addr, &message, secret).await,
         Command::Send { message, timeout, .. } => send(&args.node, &message, timeout, args.json).await,
         Command::Cluster(c) => cluster(&args.node, c, args.json).await,
+        Command::App(c) => app(&args.node, c, args.json).await,
+        Command::EchoWorker { args } => echo_worker(args).await,
         Command::Call { service, command, params, payload, timeout } => {
             let mut msg = Message::new(command).to(&service);
             for p in params {
@@ -362,6 +422,111 @@ async fn cluster(node: &str, c: ClusterCommand, as_json: bool) -> anyhow::Result
             Ok(0)
         }
     }
+}
+
+async fn app(node: &str, c: AppCommand, as_json: bool) -> anyhow::Result<u8> {
+    let client = anonymous(node).await?;
+    let absolute = |p: &PathBuf| -> anyhow::Result<String> {
+        let p = std::fs::canonicalize(p).with_context(|| format!("cannot find {}", p.display()))?;
+        Ok(p.display().to_string())
+    };
+    let req = match &c {
+        AppCommand::Deploy { name, path, profile } => {
+            let mut m = Message::new("DEPLOY").param("name", name).param("path", absolute(path)?);
+            if let Some(p) = profile {
+                m.params.insert("profile".into(), absolute(p)?);
+            }
+            m
+        }
+        AppCommand::Start { name } => Message::new("START").param("name", name),
+        AppCommand::Stop { name } => Message::new("STOP").param("name", name),
+        AppCommand::Restart { name } => Message::new("RESTART").param("name", name),
+        AppCommand::Remove { name } => Message::new("REMOVE").param("name", name),
+        AppCommand::List => Message::new("LIST"),
+        AppCommand::Info { name } => Message::new("INFO").param("name", name),
+        AppCommand::Crashlog { name } => Message::new("CRASHLOG").param("name", name),
+    };
+    let reply = client.request(req.to("apps"), Duration::from_secs(60)).await?;
+    if is_failure(&reply) {
+        let why = reply.get("message").unwrap_or(&reply.command).to_string();
+        if as_json {
+            output::json(&json!({"ok": false, "error": why}));
+        } else {
+            output::error(&why);
+        }
+        return Ok(1);
+    }
+    match c {
+        AppCommand::List => {
+            let rows: Vec<Vec<&str>> = reply
+                .get("list")
+                .unwrap_or("")
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|r| r.split('@').collect())
+                .collect();
+            if as_json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|r| json!({"name": r.first(), "version": r.get(1), "status": r.get(2), "workers": r.get(3)}))
+                    .collect();
+                output::json(&json!(v));
+            } else if rows.is_empty() {
+                output::line("no apps deployed");
+            } else {
+                output::line(&format!("{:<24} {:<8} {:<10} WORKERS", "APP", "VERSION", "STATUS"));
+                for r in rows {
+                    let at = |i: usize| r.get(i).copied().unwrap_or("");
+                    output::line(&format!("{:<24} {:<8} {:<10} {}", at(0), at(1), at(2), at(3)));
+                }
+            }
+        }
+        AppCommand::Crashlog { .. } if !as_json => {
+            let text = String::from_utf8_lossy(&reply.payload);
+            output::line(if text.is_empty() { "no worker has exited" } else { text.trim_end() });
+        }
+        _ if as_json => {
+            let mut v = json!(reply.params);
+            if !reply.payload.is_empty() {
+                v["text"] = json!(String::from_utf8_lossy(&reply.payload));
+            }
+            output::json(&v);
+        }
+        _ => {
+            for (k, v) in &reply.params {
+                output::line(&format!("{k:<10} {v}"));
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn echo_worker(args: Vec<String>) -> anyhow::Result<u8> {
+    use nodus_engine::worker_sdk::{HandlerResult, Request, Response, Worker, WorkerArgs};
+    async fn echo(mut req: Request, mut resp: Response) -> HandlerResult {
+        while let Some(chunk) = req.recv().await? {
+            resp.write(chunk).await?;
+        }
+        Ok(())
+    }
+    async fn upper(mut req: Request, mut resp: Response) -> HandlerResult {
+        while let Some(chunk) = req.recv().await? {
+            resp.write(chunk.to_ascii_uppercase()).await?;
+        }
+        Ok(())
+    }
+    async fn fail(_req: Request, _resp: Response) -> HandlerResult {
+        Err("failed on purpose".into())
+    }
+    let args = WorkerArgs::parse(args).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Worker::new(args)
+        .on("echo", echo)
+        .on("upper", upper)
+        .on("fail", fail)
+        .run()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(0)
 }
 
 async fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {

@@ -17,7 +17,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// A daemon whose data lives in `dir` (reused across restarts).
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let socket = dir.path().join("n.sock");
         let udp: &[&str] = if extra.contains(&"--udp-listen") { &[] } else { &["--udp-listen", ""] };
         let child = Command::new(NODUS)
@@ -148,7 +152,8 @@ fn call_prints_the_reply_and_services_status_list_the_node() {
     assert!(stdout(&unknown).contains("UNKNOWN command=NOPE"));
 
     let services = d.cli(&["--json", "services"]);
-    assert_eq!(stdout(&services).trim(), r#"[{"instances":1,"service":"calc"}]"#);
+    // `apps` is the node's built-in app management service.
+    assert_eq!(stdout(&services).trim(), r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"}]"#);
     let human = d.cli(&["services"]);
     assert!(stdout(&human).contains("calc"));
     let status = d.cli(&["--json", "status"]);
@@ -231,4 +236,62 @@ fn udp_signals_reach_services_and_need_the_secret() {
     assert!(d.cli(&["stop"]).status.success());
     let seen = svc.join().unwrap();
     assert!(!seen.contains(&"DROPPED".to_string()) && !seen.contains(&"BIG".to_string()));
+}
+
+#[test]
+fn apps_deploy_run_as_services_survive_restarts_and_stop() {
+    let d = Daemon::start(&[]);
+    let src = tempfile::tempdir().unwrap();
+    let manifest = format!("{{\"executable\": {NODUS:?}, \"args\": [\"echo-worker\"]}}");
+    std::fs::write(src.path().join("manifest.json"), manifest).unwrap();
+    std::fs::write(src.path().join("profile.toml"), "pool-limit = 2\nconcurrency = 4\n").unwrap();
+    let src_path = src.path().display().to_string();
+    let out = d.cli(&["app", "deploy", "hello", &src_path]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("v1"));
+
+    // The app is a service: commands map to events, the payload is the one chunk sent.
+    let out = d.cli(&["--json", "call", "hello", "UPPER", "--payload", "shout"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("\"payload\":\"SHOUT\""), "{}", stdout(&out));
+    let out = d.cli(&["--json", "call", "hello", "INVOKE", "event=echo", "--payload", "same"]);
+    assert!(stdout(&out).contains("\"payload\":\"same\""), "{}", stdout(&out));
+    let out = d.cli(&["call", "hello", "FAIL"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("code=app_error"), "{}", stdout(&out));
+    let list = stdout(&d.cli(&["--json", "app", "list"]));
+    assert!(list.contains("\"name\":\"hello\"") && list.contains("\"status\":\"running\""), "{list}");
+    let info = stdout(&d.cli(&["app", "info", "hello"]));
+    assert!(info.contains("version    v1") && info.contains("status     running"), "{info}");
+
+    // A restart of the node brings the app back by itself.
+    assert!(d.cli(&["stop"]).status.success());
+    let mut d = d;
+    assert!(d.wait_exit());
+    let dir = std::mem::replace(&mut d._dir, tempfile::tempdir().unwrap());
+    drop(d);
+    let d = Daemon::start_in(dir, &[]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = d.cli(&["--json", "call", "hello", "ECHO", "--payload", "back"]);
+        if stdout(&out).contains("\"payload\":\"back\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "app did not come back: {}", stdout(&out));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Stopped: no longer a service, and it stays stopped; its crashlog shows the exits.
+    assert!(d.cli(&["app", "stop", "hello"]).status.success());
+    let out = d.cli(&["call", "hello", "ECHO"]);
+    assert!(stdout(&out).contains("SERVICE_UNAVAILABLE"), "{}", stdout(&out));
+    assert!(stdout(&d.cli(&["--json", "app", "list"])).contains("\"status\":\"stopped\""));
+    let crashlog = stdout(&d.cli(&["app", "crashlog", "hello"]));
+    assert!(crashlog.contains("worker "), "{crashlog}");
+    assert!(d.cli(&["app", "remove", "hello"]).status.success());
+    assert_eq!(d.cli(&["app", "info", "hello"]).status.code(), Some(1));
+    // Bad deployments get clear errors.
+    let out = d.cli(&["app", "deploy", "bad name", &src_path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid app name"));
 }
