@@ -192,6 +192,9 @@ impl Driver {
                 m = self.out_rx.recv() => {
                     let Some(m) = m else { return Exit::Closed };
                     self.encode(&m, &mut out);
+                    // Let other tasks that are about to send run first, so their messages share
+                    // this write: one syscall for many requests under load.
+                    tokio::task::yield_now().await;
                     while out.len() < WRITE_CHUNK {
                         match self.out_rx.try_recv() {
                             Ok(m) => self.encode(&m, &mut out),

@@ -20,6 +20,30 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub use links::ClusterParams;
 
+/// Hasher for the router's integer keys. Every key (connection ids, node-assigned request ids)
+/// is chosen by the node itself, never by a peer, so a fast unkeyed hash cannot be attacked.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// A map keyed by node-chosen integers.
+pub type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// Identifies one client connection of this node.
 pub type ConnId = u64;
 
@@ -151,9 +175,9 @@ pub struct Router {
     server: String,
     limits: RouterLimits,
     started_at: i64,
-    conns: HashMap<ConnId, Conn>,
+    conns: IdMap<ConnId, Conn>,
     services: BTreeMap<String, Vec<ConnId>>,
-    pending: HashMap<(ConnId, u64), Pending>,
+    pending: IdMap<(ConnId, u64), Pending>,
     cache: Cache,
     expected: HashSet<String>,
     sniffers: Vec<ConnId>,
@@ -195,9 +219,9 @@ impl Router {
             server: server.to_string(),
             limits,
             started_at: now,
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             services: BTreeMap::new(),
-            pending: HashMap::new(),
+            pending: IdMap::default(),
             cache: Cache::new(limits.cache),
             expected: expected.iter().cloned().collect(),
             sniffers: Vec::new(),
@@ -751,7 +775,7 @@ impl ReplyTo for Message {
 }
 
 /// Picks the least loaded instance, rotating the starting point among equals.
-fn pick(rr: usize, instances: &[ConnId], conns: &HashMap<ConnId, Conn>) -> ConnId {
+fn pick(rr: usize, instances: &[ConnId], conns: &IdMap<ConnId, Conn>) -> ConnId {
     let n = instances.len();
     let mut best = instances[rr % n];
     let mut best_load = conns[&best].in_flight;

@@ -68,7 +68,7 @@ struct Handle {
 
 struct State {
     router: Router,
-    handles: std::collections::HashMap<ConnId, Handle>,
+    handles: crate::router::IdMap<ConnId, Handle>,
 }
 
 pub(crate) struct Shared {

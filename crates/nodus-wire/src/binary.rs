@@ -8,8 +8,11 @@
 
 use crate::{Address, Decoded, Envelope, FrameError, Message, MessageError};
 use bytes::{Buf, BufMut, BytesMut};
-use serde::{Deserialize, Serialize};
+use rmp::encode as enc;
 use std::collections::BTreeMap;
+
+/// Fields in a frame's MessagePack array.
+const FIELDS: u32 = 14;
 
 /// Protocol version carried in the preface.
 pub const VERSION: u8 = 1;
@@ -19,42 +22,6 @@ pub const PREFACE: [u8; 8] = [0, b'N', b'O', b'D', b'U', b'S', VERSION, b'\n'];
 
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
-
-#[derive(Serialize)]
-struct FrameRef<'a> {
-    command: &'a str,
-    from_server: &'a str,
-    from_service: &'a str,
-    to_server: &'a str,
-    to_service: &'a str,
-    params: &'a BTreeMap<String, String>,
-    payload: &'a serde_bytes::Bytes,
-    id: u64,
-    pid: u64,
-    reply_to: u64,
-    creator: &'a str,
-    created_at: i64,
-    expires_at: i64,
-    hops: u32,
-}
-
-#[derive(Deserialize)]
-struct FrameOwned {
-    command: String,
-    from_server: String,
-    from_service: String,
-    to_server: String,
-    to_service: String,
-    params: BTreeMap<String, String>,
-    payload: serde_bytes::ByteBuf,
-    id: u64,
-    pid: u64,
-    reply_to: u64,
-    creator: String,
-    created_at: i64,
-    expires_at: i64,
-    hops: u32,
-}
 
 /// Encoding failure.
 #[derive(Debug, thiserror::Error)]
@@ -75,25 +42,9 @@ pub enum EncodeError {
 pub fn encode(msg: &Message, dst: &mut BytesMut, max_frame: usize) -> Result<(), EncodeError> {
     let start = dst.len();
     dst.put_u32(0);
-    let frame = FrameRef {
-        command: &msg.command,
-        from_server: &msg.from.server,
-        from_service: &msg.from.service,
-        to_server: &msg.to.server,
-        to_service: &msg.to.service,
-        params: &msg.params,
-        payload: serde_bytes::Bytes::new(&msg.payload),
-        id: msg.envelope.id,
-        pid: msg.envelope.pid,
-        reply_to: msg.envelope.reply_to,
-        creator: &msg.envelope.creator,
-        created_at: msg.envelope.created_at,
-        expires_at: msg.envelope.expires_at,
-        hops: msg.envelope.hops,
-    };
     let mut w = dst.writer();
-    // Writing into memory cannot fail, and every field type is serialisable.
-    rmp_serde::encode::write(&mut w, &frame).expect("in-memory MessagePack encoding");
+    // Writing into memory cannot fail.
+    write_body(msg, &mut w).expect("in-memory MessagePack encoding");
     let dst = w.into_inner();
     let len = dst.len() - start - HEADER_LEN;
     if len > max_frame {
@@ -104,28 +55,169 @@ pub fn encode(msg: &Message, dst: &mut BytesMut, max_frame: usize) -> Result<(),
     Ok(())
 }
 
+/// The array `[command, from_server, from_service, to_server, to_service, {params}, payload,
+/// id, pid, reply_to, creator, created_at, expires_at, hops]`, written field by field.
+fn write_body<W: std::io::Write>(msg: &Message, w: &mut W) -> Result<(), enc::ValueWriteError> {
+    enc::write_array_len(w, FIELDS)?;
+    for s in [&msg.command, &msg.from.server, &msg.from.service, &msg.to.server, &msg.to.service] {
+        enc::write_str(w, s)?;
+    }
+    enc::write_map_len(w, msg.params.len() as u32)?;
+    for (k, v) in &msg.params {
+        enc::write_str(w, k)?;
+        enc::write_str(w, v)?;
+    }
+    enc::write_bin(w, &msg.payload)?;
+    let env = &msg.envelope;
+    for n in [env.id, env.pid, env.reply_to] {
+        enc::write_uint(w, n)?;
+    }
+    enc::write_str(w, &env.creator)?;
+    enc::write_sint(w, env.created_at)?;
+    enc::write_sint(w, env.expires_at)?;
+    enc::write_uint(w, u64::from(env.hops))?;
+    Ok(())
+}
+
+/// A cursor over a frame body; every read checks the bytes are there.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+fn bad(what: &str) -> MessageError {
+    MessageError::Malformed(format!("bad MessagePack frame: {what}"))
+}
+
+impl<'a> Reader<'a> {
+    fn marker(&mut self) -> Result<rmp::Marker, MessageError> {
+        rmp::decode::read_marker(&mut self.rest).map_err(|_| bad("truncated"))
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], MessageError> {
+        if self.rest.len() < len {
+            return Err(bad("truncated"));
+        }
+        let (head, tail) = self.rest.split_at(len);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn len_of(
+        &mut self,
+        m: rmp::Marker,
+        small: fn(rmp::Marker) -> Option<u32>,
+        what: &str,
+    ) -> Result<usize, MessageError> {
+        use rmp::Marker::*;
+        let n = match m {
+            _ if small(m).is_some() => small(m).unwrap_or(0),
+            Str8 | Bin8 => u32::from(self.take(1)?[0]),
+            Str16 | Bin16 | Map16 | Array16 => {
+                u32::from(u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad(what))?))
+            }
+            Str32 | Bin32 | Map32 | Array32 => u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad(what))?),
+            _ => return Err(bad(&format!("expected {what}"))),
+        };
+        Ok(n as usize)
+    }
+
+    fn str(&mut self) -> Result<String, MessageError> {
+        let m = self.marker()?;
+        if !matches!(m, rmp::Marker::FixStr(_) | rmp::Marker::Str8 | rmp::Marker::Str16 | rmp::Marker::Str32) {
+            return Err(bad("expected a string"));
+        }
+        let len =
+            self.len_of(m, |m| if let rmp::Marker::FixStr(n) = m { Some(u32::from(n)) } else { None }, "a string")?;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| bad("a string is not UTF-8"))
+    }
+
+    fn bin(&mut self) -> Result<Vec<u8>, MessageError> {
+        let m = self.marker()?;
+        if !matches!(m, rmp::Marker::Bin8 | rmp::Marker::Bin16 | rmp::Marker::Bin32) {
+            return Err(bad("expected binary payload"));
+        }
+        let len = self.len_of(m, |_| None, "binary payload")?;
+        Ok(self.take(len)?.to_vec())
+    }
+
+    fn map_len(&mut self) -> Result<usize, MessageError> {
+        let m = self.marker()?;
+        if !matches!(m, rmp::Marker::FixMap(_) | rmp::Marker::Map16 | rmp::Marker::Map32) {
+            return Err(bad("expected a map of parameters"));
+        }
+        self.len_of(m, |m| if let rmp::Marker::FixMap(n) = m { Some(u32::from(n)) } else { None }, "a map")
+    }
+
+    fn array_len(&mut self) -> Result<usize, MessageError> {
+        let m = self.marker()?;
+        if !matches!(m, rmp::Marker::FixArray(_) | rmp::Marker::Array16 | rmp::Marker::Array32) {
+            return Err(bad("expected an array"));
+        }
+        self.len_of(m, |m| if let rmp::Marker::FixArray(n) = m { Some(u32::from(n)) } else { None }, "an array")
+    }
+
+    /// Any MessagePack integer, as i128 so both u64 and i64 fit.
+    fn int(&mut self) -> Result<i128, MessageError> {
+        use rmp::Marker::*;
+        let m = self.marker()?;
+        Ok(match m {
+            FixPos(n) => i128::from(n),
+            FixNeg(n) => i128::from(n),
+            U8 => i128::from(self.take(1)?[0]),
+            U16 => i128::from(u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad("int"))?)),
+            U32 => i128::from(u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad("int"))?)),
+            U64 => i128::from(u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| bad("int"))?)),
+            I8 => i128::from(self.take(1)?[0] as i8),
+            I16 => i128::from(i16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad("int"))?)),
+            I32 => i128::from(i32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad("int"))?)),
+            I64 => i128::from(i64::from_be_bytes(self.take(8)?.try_into().map_err(|_| bad("int"))?)),
+            _ => return Err(bad("expected an integer")),
+        })
+    }
+
+    fn u64(&mut self) -> Result<u64, MessageError> {
+        u64::try_from(self.int()?).map_err(|_| bad("integer out of range"))
+    }
+
+    fn i64(&mut self) -> Result<i64, MessageError> {
+        i64::try_from(self.int()?).map_err(|_| bad("integer out of range"))
+    }
+}
+
 /// Decodes one frame body (without its header) into a message.
 ///
 /// Fails with [`MessageError`] when the body is not a MessagePack message or breaks a naming rule.
 pub fn decode_body(body: &[u8]) -> Result<Message, MessageError> {
-    let f: FrameOwned =
-        rmp_serde::from_slice(body).map_err(|e| MessageError::Malformed(format!("bad MessagePack frame: {e}")))?;
-    let msg = Message {
-        command: f.command,
-        from: Address { server: f.from_server, service: f.from_service },
-        to: Address { server: f.to_server, service: f.to_service },
-        params: f.params,
-        payload: f.payload.into_vec(),
-        envelope: Envelope {
-            id: f.id,
-            pid: f.pid,
-            reply_to: f.reply_to,
-            creator: f.creator,
-            created_at: f.created_at,
-            expires_at: f.expires_at,
-            hops: f.hops,
-        },
+    let mut r = Reader { rest: body };
+    if r.array_len()? != FIELDS as usize {
+        return Err(bad(&format!("expected an array of {FIELDS} fields")));
+    }
+    let command = r.str()?;
+    let from = Address { server: r.str()?, service: r.str()? };
+    let to = Address { server: r.str()?, service: r.str()? };
+    let mut params = BTreeMap::new();
+    for _ in 0..r.map_len()? {
+        let k = r.str()?;
+        let v = r.str()?;
+        if params.insert(k, v).is_some() {
+            return Err(bad("a parameter is given twice"));
+        }
+    }
+    let payload = r.bin()?;
+    let envelope = Envelope {
+        id: r.u64()?,
+        pid: r.u64()?,
+        reply_to: r.u64()?,
+        creator: r.str()?,
+        created_at: r.i64()?,
+        expires_at: r.i64()?,
+        hops: u32::try_from(r.u64()?).map_err(|_| bad("hops out of range"))?,
     };
+    if !r.rest.is_empty() {
+        return Err(bad("trailing bytes after the message"));
+    }
+    let msg = Message { command, from, to, params, payload, envelope };
     msg.validate()?;
     Ok(msg)
 }
