@@ -27,7 +27,8 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
             interruptible(reqrep(&options, payload, inflight, no_baseline)).await
         }
         Command::All => interruptible(all(&options)).await,
-        Command::EchoService { node } => nodus_system::echo_service(&node).await,
+        Command::Cluster => interruptible(cluster(&options)).await,
+        Command::EchoService { node, service } => nodus_system::echo_service_named(&node, &service).await,
         Command::RawEcho { listen } => child_role(baseline::raw_echo(&listen)).await,
         Command::RawForwarder { listen, upstream } => child_role(baseline::raw_forwarder(&listen, &upstream)).await,
     }
@@ -161,4 +162,43 @@ async fn all(options: &Options) -> anyhow::Result<()> {
         report::table_footer(worst);
     }
     Ok(())
+}
+
+/// Single node, cross-node and 5-node fan-out, 64 B, 1 and 64 in flight, in one run.
+async fn cluster(options: &Options) -> anyhow::Result<()> {
+    let nodus = nodus_system::nodus_binary(options.nodus.clone())?;
+    let scratch = ScratchDir::create()?;
+    let mut rows = Vec::new();
+    for inflight in MATRIX_INFLIGHT {
+        let load = load(options, 64, inflight)?;
+        report::progress(&format!("single node, inflight {inflight}"));
+        let dir = subdir(&scratch, &format!("s{inflight}"))?;
+        let mut single = NodusSystem::start(&nodus, options.transport, &dir).await?;
+        rows.push(single.measure(&load).await?);
+        single.stop().await;
+        report::progress(&format!("cross-node, inflight {inflight}"));
+        let dir = subdir(&scratch, &format!("x{inflight}"))?;
+        let mut cross = NodusSystem::start_cross_node(&nodus, options.transport, &dir).await?;
+        rows.push(cross.measure(&load).await?);
+        cross.stop().await;
+        report::progress(&format!("fan-out to 5 nodes, inflight {inflight}"));
+        let dir = subdir(&scratch, &format!("f{inflight}"))?;
+        let mut fan = crate::cluster::FanCluster::start(&nodus, options.transport, &dir, 5).await?;
+        rows.push(fan.measure(&load).await?);
+        fan.stop().await;
+    }
+    for r in &rows {
+        if options.json {
+            report::json(r);
+        } else {
+            report::human(r);
+        }
+    }
+    Ok(())
+}
+
+fn subdir(scratch: &ScratchDir, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = scratch.path().join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }

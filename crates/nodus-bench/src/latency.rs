@@ -11,6 +11,10 @@ pub enum System {
     Nodus,
     /// Through the raw byte-copying forwarder.
     Baseline,
+    /// Client on one node, service on another, over a cluster link.
+    CrossNode,
+    /// One broadcast to a service on each of five nodes, until all have answered.
+    Fanout,
 }
 
 impl System {
@@ -19,6 +23,8 @@ impl System {
         match self {
             System::Nodus => "nodus",
             System::Baseline => "baseline",
+            System::CrossNode => "cross-node",
+            System::Fanout => "fanout-5",
         }
     }
 }

@@ -14,6 +14,7 @@
 mod baseline;
 mod bench;
 mod child;
+mod cluster;
 mod latency;
 mod nodus_system;
 mod report;
@@ -81,12 +82,18 @@ enum Command {
     },
     /// The matrix payload {64, 4096} × in flight {1, 64}, nodus and baseline (the default).
     All,
+    /// Cluster figures: single node, then client on node a and service on node b, then a
+    /// broadcast to a service on each of 5 nodes; 64 B, 1 and 64 in flight.
+    Cluster,
     /// Child process: a nodus service `bench_echo` that answers every request with its payload.
     #[command(hide = true)]
     EchoService {
         /// The node: unix:/path or host:port.
         #[arg(long)]
         node: String,
+        /// The service name to register.
+        #[arg(long, default_value = "bench_echo")]
+        service: String,
     },
     /// Child process: echoes length-prefixed frames back.
     #[command(hide = true)]
