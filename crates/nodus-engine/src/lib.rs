@@ -3,14 +3,17 @@
 //! Pure cores (no I/O, no clock): [`protocol`] (framing and messages), [`worker`] (one worker
 //! process's lifecycle), [`balance`] (one app's queue and pool). Configuration: [`manifest`] and
 //! [`profile`]. The tokio driver around them is [`Engine`]; [`worker_sdk`] is the other side, for
-//! writing workers in Rust.
+//! writing workers in Rust. [`service`] is Cocaine's client-facing service protocol (pure) and
+//! [`locator`] serves it over TCP: the locator and every app as a Cocaine service.
 
 pub mod balance;
 mod engine;
+pub mod locator;
 pub mod manifest;
 mod process;
 pub mod profile;
 pub mod protocol;
+pub mod service;
 mod session;
 pub mod worker;
 pub mod worker_sdk;
@@ -18,4 +21,5 @@ pub mod worker_sdk;
 pub use engine::{
     category, socket_path, AppInfo, AppSpec, CrashRecord, Engine, EngineConfig, EngineError, EngineEvent, WorkerInfo,
 };
+pub use locator::{Locator, LocatorConfig, LocatorError};
 pub use session::{Session, SessionError};

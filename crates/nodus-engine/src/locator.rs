@@ -1,0 +1,574 @@
+//! The Cocaine locator and the apps as Cocaine services, over TCP (tokio driver around
+//! [`crate::service`]).
+//!
+//! A [`Locator`] listens (Cocaine's default port is 10053) and answers `resolve(name)`: for an
+//! app of the [`Engine`] it returns the app's own endpoint, for `locator` its own, and for
+//! anything else the error `[[10, 1], text]`. Cocaine clients connect to the resolved endpoint and
+//! speak the app's API there without naming the app, so every app gets its own TCP listener,
+//! bound on the locator's address with an ephemeral port when the app is first resolved (and
+//! dropped at a later resolve once the app is gone).
+//!
+//! On an app connection, `enqueue(event)` opens [`Engine::invoke`]: the client's chunks go to the
+//! worker, the worker's chunks, error or close come back; `info()` answers a map of the app's
+//! state. Connections are bounded in number, in open channels, in message size and in queued
+//! outbound messages (a client that does not read is cut off).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rmpv::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
+
+use crate::balance::{AppStatus, Rejection};
+use crate::engine::{AppInfo, Engine, EngineError};
+use crate::protocol::{Decoder, Role, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::service::{self, errors, Api, Dispatch, Input, Request};
+use crate::session::{Session, SessionError};
+
+/// The name under which the locator resolves itself.
+pub const LOCATOR_NAME: &str = "locator";
+
+/// Locator settings and bounds.
+#[derive(Debug, Clone)]
+pub struct LocatorConfig {
+    /// Host given to clients in `resolve` answers; `None` means the IP the locator is bound to
+    /// (`127.0.0.1` when it is bound to an unspecified address: set this for remote clients).
+    pub advertise_host: Option<String>,
+    /// Open client connections, locator and apps together; more are closed at once.
+    pub max_connections: usize,
+    /// Open channels per connection; more are refused with an error.
+    pub max_channels: usize,
+    /// Largest message from a client.
+    pub max_message_bytes: usize,
+    /// Messages queued for one connection; a client that falls further behind is disconnected.
+    pub outbound_messages: usize,
+    /// Client messages queued for one channel before the connection stops reading.
+    pub channel_messages: usize,
+    /// On shutdown, how long open channels may take to finish before connections are cut.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for LocatorConfig {
+    fn default() -> Self {
+        LocatorConfig {
+            advertise_host: None,
+            max_connections: 1024,
+            max_channels: 1024,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            outbound_messages: 4096,
+            channel_messages: 64,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the locator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocatorError {
+    /// The listening socket could not be opened.
+    #[error("cannot listen on {addr}: {error}; pick another address or stop what uses it")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The OS error.
+        error: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining,
+    Stopped,
+}
+
+struct AppListener {
+    port: u16,
+    accept: AbortHandle,
+}
+
+struct Shared {
+    engine: Engine,
+    config: LocatorConfig,
+    bind_ip: IpAddr,
+    advertise: String,
+    port: u16,
+    apps: Mutex<HashMap<String, AppListener>>,
+    connections: Arc<Semaphore>,
+    phase: watch::Sender<Phase>,
+}
+
+/// The locator service and the app services it hands out.
+pub struct Locator {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Locator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Locator").field("port", &self.shared.port).field("advertise", &self.shared.advertise).finish()
+    }
+}
+
+impl Locator {
+    /// Binds the locator's listener on `addr` (for example `0.0.0.0:10053`, or `127.0.0.1:0` in
+    /// tests).
+    ///
+    /// # Errors
+    /// The address cannot be resolved or bound.
+    pub async fn bind(engine: Engine, config: LocatorConfig, addr: &str) -> Result<Locator, LocatorError> {
+        let listener =
+            TcpListener::bind(addr).await.map_err(|error| LocatorError::Bind { addr: addr.to_string(), error })?;
+        Locator::from_listener(engine, config, listener)
+    }
+
+    /// Serves on a listener bound by the caller (useful when the engine's `--locator` argument
+    /// must name the port before the engine exists).
+    ///
+    /// # Errors
+    /// The listener has no local address.
+    pub fn from_listener(
+        engine: Engine,
+        config: LocatorConfig,
+        listener: TcpListener,
+    ) -> Result<Locator, LocatorError> {
+        let local = listener.local_addr().map_err(|error| LocatorError::Bind { addr: "listener".into(), error })?;
+        let advertise = match &config.advertise_host {
+            Some(h) => h.clone(),
+            None if local.ip().is_unspecified() => Ipv4Addr::LOCALHOST.to_string(),
+            None => local.ip().to_string(),
+        };
+        let (phase, _) = watch::channel(Phase::Running);
+        let shared = Arc::new(Shared {
+            engine,
+            bind_ip: local.ip(),
+            advertise,
+            port: local.port(),
+            apps: Mutex::new(HashMap::new()),
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            phase,
+        });
+        Ok(Locator { listener, shared })
+    }
+
+    /// The locator's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.shared.bind_ip, self.shared.port)
+    }
+
+    /// Serves until `shutdown` completes, then drains: stops accepting, refuses new channels,
+    /// lets open channels finish for up to `shutdown_grace`, and closes every connection.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Locator { listener, shared } = self;
+        tracing::info!(port = shared.port, advertise = %shared.advertise, "locator listening");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => admit(&shared, stream, peer, Target::Locator),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "locator accept failed");
+                        // Back off a little on fd exhaustion instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        for (_, app) in shared.apps.lock().expect("apps lock").drain() {
+            app.accept.abort();
+        }
+        let all = u32::try_from(shared.config.max_connections).unwrap_or(u32::MAX);
+        shared.phase.send_replace(Phase::Draining);
+        let drained = tokio::time::timeout(shared.config.shutdown_grace, shared.connections.acquire_many(all)).await;
+        if drained.is_err() {
+            tracing::warn!("locator: channels still open after the shutdown grace period; closing their connections");
+            shared.phase.send_replace(Phase::Stopped);
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.connections.acquire_many(all)).await;
+        }
+        tracing::info!("locator stopped");
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Locator,
+    App(String),
+}
+
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, target: Target) {
+    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, limit = shared.config.max_connections, "connection limit reached; closing");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    tokio::spawn(serve(shared.clone(), stream, target, permit));
+}
+
+impl Shared {
+    /// The endpoints of `name`, creating the app's listener on first use; `None` for an unknown
+    /// name.
+    fn resolve(self: &Arc<Self>, name: &str) -> Option<Result<u16, std::io::Error>> {
+        if name == LOCATOR_NAME {
+            return Some(Ok(self.port));
+        }
+        let known = self.engine.apps();
+        let mut apps = self.apps.lock().expect("apps lock");
+        apps.retain(|app, l| {
+            let keep = known.binary_search(app).is_ok();
+            if !keep {
+                l.accept.abort();
+            }
+            keep
+        });
+        if known.binary_search_by(|a| a.as_str().cmp(name)).is_err() {
+            return None;
+        }
+        if let Some(l) = apps.get(name) {
+            return Some(Ok(l.port));
+        }
+        if *self.phase.borrow() != Phase::Running {
+            return Some(Err(std::io::Error::other("shutting down")));
+        }
+        // A synchronous bind, so the lock is never held across an await and two resolves of one
+        // app cannot both create a listener.
+        let bound = std::net::TcpListener::bind(SocketAddr::new(self.bind_ip, 0)).and_then(|l| {
+            l.set_nonblocking(true)?;
+            let port = l.local_addr()?.port();
+            Ok((TcpListener::from_std(l)?, port))
+        });
+        let (listener, port) = match bound {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
+        let accept = tokio::spawn(accept_app(self.clone(), listener, name.to_string())).abort_handle();
+        apps.insert(name.to_string(), AppListener { port, accept });
+        tracing::info!(app = %name, port, "app service listening");
+        Some(Ok(port))
+    }
+}
+
+async fn accept_app(shared: Arc<Shared>, listener: TcpListener, app: String) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => admit(&shared, stream, peer, Target::App(app.clone())),
+            Err(e) => {
+                tracing::warn!(app = %app, error = %e, "app service accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The queue of encoded messages to one connection's writer; a full queue cuts the connection.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    cut: Arc<Cut>,
+}
+
+/// Set once when the connection must be closed for falling behind.
+#[derive(Default)]
+struct Cut {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl Outbox {
+    fn send(&self, b: Bytes) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(b) {
+            if !self.cut.done.swap(true, Ordering::Relaxed) {
+                tracing::warn!("service client is not reading its answers; closing its connection");
+                self.cut.notify.notify_one();
+            }
+        }
+    }
+}
+
+/// What a client sends up an open `enqueue` channel.
+#[derive(Debug)]
+enum Up {
+    Write(Bytes),
+    Close,
+    Error { category: i64, code: i64, message: String },
+}
+
+async fn serve(shared: Arc<Shared>, stream: TcpStream, target: Target, _permit: OwnedSemaphorePermit) {
+    let config = &shared.config;
+    let (mut reader, writer) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel(config.outbound_messages);
+    let writer = tokio::spawn(write_loop(writer, out_rx));
+    let out = Outbox { tx: out_tx, cut: Arc::new(Cut::default()) };
+    let api = match target {
+        Target::Locator => Api::Locator,
+        Target::App(_) => Api::App,
+    };
+    let mut dispatch = Dispatch::new(api, config.max_channels);
+    let mut decoder = Decoder::new(Role::Engine, config.max_message_bytes);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut ups: HashMap<u64, mpsc::Sender<Up>> = HashMap::new();
+    let mut tasks: JoinSet<u64> = JoinSet::new();
+    let mut phase = shared.phase.subscribe();
+    if *phase.borrow_and_update() != Phase::Running {
+        dispatch.drain();
+    }
+    'conn: loop {
+        loop {
+            let frame = match decoder.decode_frame(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad message from a service client; closing");
+                    break 'conn;
+                }
+            };
+            match dispatch.handle(frame) {
+                Input::Ignored => {}
+                Input::Reply(b) => out.send(b),
+                Input::Request(r) => {
+                    request(&shared, &target, r, &out, &mut dispatch, &mut ups, &mut tasks).await;
+                }
+            }
+        }
+        if *phase.borrow() != Phase::Running && dispatch.open_channels() == 0 {
+            break;
+        }
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => match joined {
+                Ok(channel) => {
+                    dispatch.finished(channel);
+                    ups.remove(&channel);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "service channel task failed; closing the connection");
+                    break;
+                }
+            },
+            _ = out.cut.notify.notified() => break,
+            changed = phase.changed() => match changed.map(|_| *phase.borrow_and_update()) {
+                Ok(Phase::Running) => {}
+                Ok(Phase::Draining) => dispatch.drain(),
+                Ok(Phase::Stopped) | Err(_) => break,
+            },
+        }
+    }
+    // Open channels end here: their sessions are dropped, which abandons them in the engine.
+    tasks.shutdown().await;
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+async fn request(
+    shared: &Arc<Shared>,
+    target: &Target,
+    r: Request,
+    out: &Outbox,
+    dispatch: &mut Dispatch,
+    ups: &mut HashMap<u64, mpsc::Sender<Up>>,
+    tasks: &mut JoinSet<u64>,
+) {
+    let app = match target {
+        Target::App(a) => a.as_str(),
+        Target::Locator => "",
+    };
+    match r {
+        Request::Resolve { channel, name } => {
+            let answer = match shared.resolve(&name) {
+                Some(Ok(port)) => {
+                    let api = if name == LOCATOR_NAME { Api::Locator } else { Api::App };
+                    let answer = service::resolve_answer(&[(shared.advertise.clone(), port)], api.graph());
+                    service::encode_value(channel, &answer)
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(app = %name, error = %e, "cannot open the app's service listener");
+                    let text = format!("service {name:?} cannot be served: {e}");
+                    service::encode_error(channel, errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE, &text)
+                }
+                None => {
+                    let text = format!("service {name:?} is not available; deploy an app of that name first");
+                    service::encode_error(channel, errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE, &text)
+                }
+            };
+            out.send(answer);
+            dispatch.finished(channel);
+        }
+        Request::Info { channel } => {
+            let engine = shared.engine.clone();
+            let (app, out) = (app.to_string(), out.clone());
+            tasks.spawn(async move {
+                match engine.info(&app).await {
+                    Ok(info) => out.send(service::encode_value(channel, &[info_value(&info)])),
+                    Err(e) => {
+                        let (category, code, text) = engine_error(&e);
+                        out.send(service::encode_error(channel, category, code, &text));
+                    }
+                }
+                channel
+            });
+        }
+        Request::Enqueue { channel, event } => {
+            // Invoked here, in the connection's order, so requests reach the app's queue in the
+            // order the client sent them (the call returns once the request is queued).
+            match shared.engine.invoke(app, &event).await {
+                Ok(session) => {
+                    let (tx, rx) = mpsc::channel(shared.config.channel_messages);
+                    ups.insert(channel, tx);
+                    tasks.spawn(run_channel(session, channel, rx, out.clone()));
+                }
+                Err(e) => {
+                    let (category, code, text) = engine_error(&e);
+                    out.send(service::encode_error(channel, category, code, &text));
+                    dispatch.finished(channel);
+                }
+            }
+        }
+        Request::Write { channel, data } => {
+            if let Some(tx) = ups.get(&channel) {
+                let _ = tx.send(Up::Write(data)).await;
+            }
+        }
+        Request::Close { channel } => {
+            if let Some(tx) = ups.remove(&channel) {
+                let _ = tx.send(Up::Close).await;
+            }
+        }
+        Request::Error { channel, category, code, message } => {
+            if let Some(tx) = ups.remove(&channel) {
+                let _ = tx.send(Up::Error { category, code, message }).await;
+            }
+        }
+    }
+}
+
+/// One `enqueue` channel: relays both ways until the worker's side ends.
+async fn run_channel(mut session: Session, channel: u64, mut up: mpsc::Receiver<Up>, out: Outbox) -> u64 {
+    let mut up_open = true;
+    loop {
+        tokio::select! {
+            msg = up.recv(), if up_open => {
+                let sent = match msg {
+                    Some(Up::Write(data)) => session.send(data).await,
+                    Some(Up::Close) => {
+                        up_open = false;
+                        session.close().await
+                    }
+                    Some(Up::Error { category, code, message }) => {
+                        up_open = false;
+                        session.fail(category, code, message).await
+                    }
+                    None => {
+                        up_open = false;
+                        Ok(())
+                    }
+                };
+                // A failed send means the app is gone; the receiving side reports it.
+                if sent.is_err() {
+                    up_open = false;
+                }
+            }
+            down = session.recv() => match down {
+                Ok(Some(chunk)) => out.send(service::encode_write(channel, &chunk)),
+                Ok(None) => {
+                    out.send(service::encode_close(channel));
+                    break;
+                }
+                Err(e) => {
+                    let (category, code, text) = session_error(&e);
+                    out.send(service::encode_error(channel, category, code, &text));
+                    break;
+                }
+            },
+        }
+    }
+    channel
+}
+
+fn rejection(r: &Rejection) -> i64 {
+    match r {
+        Rejection::QueueFull { .. } => errors::QUEUE_FULL,
+        Rejection::Failed { .. } => errors::APP_FAILED,
+        Rejection::Stopped => errors::APP_STOPPED,
+    }
+}
+
+/// The `[category, code]` and text a client gets for an engine refusal.
+fn engine_error(e: &EngineError) -> (i64, i64, String) {
+    let code = match e {
+        EngineError::Rejected(r) => rejection(r),
+        EngineError::UnknownApp(_) | EngineError::InvalidName(_) => errors::UNKNOWN_APP,
+        EngineError::Socket { .. } | EngineError::Gone => errors::ENGINE_GONE,
+    };
+    (errors::APP, code, e.to_string())
+}
+
+/// The `[category, code]` and text a client gets when a session ends in an error.
+fn session_error(e: &SessionError) -> (i64, i64, String) {
+    let code = match e {
+        SessionError::Worker { category, code, message } => return (*category, *code, message.clone()),
+        SessionError::WorkerFailed(_) => errors::WORKER_FAILED,
+        SessionError::Rejected(r) => rejection(r),
+        SessionError::Overflow(_) => errors::OVERFLOW,
+        SessionError::EngineGone | SessionError::Closed => errors::ENGINE_GONE,
+    };
+    (errors::APP, code, e.to_string())
+}
+
+/// The `info()` answer: `{state, [reason], queue: {depth}, sessions: {pending}, pool: {active,
+/// workers: {uuid: {pid, state, load}}}}`.
+fn info_value(info: &AppInfo) -> Value {
+    let kv = |k: &str, v: Value| (Value::from(k), v);
+    let (state, reason) = match &info.status {
+        AppStatus::Running => ("running", None),
+        AppStatus::Failed { reason } => ("failed", Some(reason.clone())),
+        AppStatus::Stopped => ("stopped", None),
+    };
+    let workers = info
+        .workers
+        .iter()
+        .map(|w| {
+            let v = Value::Map(vec![
+                kv("pid", Value::from(w.pid)),
+                kv("state", Value::from(format!("{:?}", w.state).to_lowercase())),
+                kv("load", Value::from(w.load as u64)),
+            ]);
+            (Value::from(w.uuid.as_str()), v)
+        })
+        .collect();
+    let mut map = vec![kv("app", Value::from(info.name.as_str())), kv("state", Value::from(state))];
+    if let Some(r) = reason {
+        map.push(kv("reason", Value::from(r)));
+    }
+    map.push(kv("queue", Value::Map(vec![kv("depth", Value::from(info.queued as u64))])));
+    map.push(kv("sessions", Value::Map(vec![kv("pending", Value::from(info.sessions as u64))])));
+    map.push(kv(
+        "pool",
+        Value::Map(vec![kv("active", Value::from(info.workers.len() as u64)), kv("workers", Value::Map(workers))]),
+    ));
+    Value::Map(map)
+}
+
+async fn write_loop(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        for b in batch.drain(..) {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = w.shutdown().await;
+}
