@@ -50,7 +50,7 @@ pub async fn start_daemon(
     let mut command = tokio::process::Command::new(nodus);
     command.arg("daemon").arg("--server-name").arg(name).arg("--data-dir").arg(&data_dir);
     // Only the listeners asked for: the default cluster and UDP ports are fixed and may be taken.
-    command.args(["--listen", &format!("127.0.0.1:{port}"), "--udp-listen", ""]);
+    command.args(["--listen", &format!("127.0.0.1:{port}"), "--udp-listen", "", "--locator-listen", ""]);
     match cluster {
         None => {
             command.args(["--cluster-listen", ""]);

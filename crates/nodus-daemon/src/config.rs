@@ -34,8 +34,8 @@ pub struct Config {
 pub struct AppsConfig {
     /// Run apps on this node.
     pub enabled: bool,
-    /// Locator address given to workers.
-    pub locator: String,
+    /// Locator listener (and the address given to workers); empty disables it.
+    pub locator_listen: String,
     /// Largest deployment, bytes.
     pub max_deploy_bytes: u64,
     /// Most apps.

@@ -170,6 +170,7 @@ pub struct Daemon {
     cluster: Option<TcpListener>,
     udp: Option<UdpSocket>,
     tls_listener: Option<TcpListener>,
+    locator: Option<nodus_engine::Locator>,
     neighbors: Vec<String>,
 }
 
@@ -247,11 +248,27 @@ impl Daemon {
         if udp.is_some() {
             router.connect_datagram(UDP_CONN);
         }
+        let locator_listener = match config.apps.locator_listen.as_str() {
+            _ if !config.apps.enabled => None,
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the locator on {addr}"))?,
+            ),
+        };
         let engine = config.apps.enabled.then(|| {
             let mut ec = nodus_engine::EngineConfig::new(config.data_dir.join("run"));
-            ec.locator.clone_from(&config.apps.locator);
+            if let Some(addr) = locator_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+                ec.locator = addr.to_string();
+            }
             nodus_engine::Engine::new(ec)
         });
+        let locator = match (locator_listener, &engine) {
+            (Some(l), Some(engine)) => Some(
+                nodus_engine::Locator::from_listener(engine.clone(), nodus_engine::LocatorConfig::default(), l)
+                    .context("cannot start the locator")?,
+            ),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
@@ -261,7 +278,7 @@ impl Daemon {
             idle: Notify::new(),
             next_conn: AtomicU64::new(1),
         });
-        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, neighbors })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors })
     }
 
     /// The bound cluster listener address, if enabled.
@@ -272,6 +289,11 @@ impl Daemon {
     /// The bound TLS cluster listener address, if enabled.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound locator address, if enabled.
+    pub fn locator_addr(&self) -> Option<SocketAddr> {
+        self.locator.as_ref().map(|l| l.local_addr())
     }
 
     /// The bound UDP signal port, if enabled.
@@ -361,6 +383,11 @@ impl Daemon {
             accepts.spawn(udp_loop(shared.clone(), udp));
         }
         let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        let locator_stop = CancellationToken::new();
+        let locator = self.locator.map(|l| {
+            let stop = locator_stop.clone();
+            tokio::spawn(l.run(async move { stop.cancelled().await }))
+        });
         let mut dialers = JoinSet::new();
         for addr in self.neighbors {
             dialers.spawn(dialer(shared.clone(), addr));
@@ -464,6 +491,10 @@ impl Daemon {
             let ids: Vec<ConnId> = st.handles.keys().copied().collect();
             out.extend(ids.into_iter().map(Action::Close));
             shared.apply(&mut st, &mut out);
+        }
+        locator_stop.cancel();
+        if let Some(l) = locator {
+            let _ = l.await;
         }
         if let Some(apps) = apps {
             apps.shutdown().await;

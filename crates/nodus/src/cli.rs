@@ -192,6 +192,9 @@ pub struct DaemonArgs {
     /// UDP signal port address (empty disables it).
     #[arg(long)]
     udp_listen: Option<String>,
+    /// Cocaine-compatible locator address (empty disables it).
+    #[arg(long)]
+    locator_listen: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -572,6 +575,14 @@ async fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
         cluster.insert("udp_listen".into(), v.into());
     }
     table.insert("cluster".into(), toml::Value::Table(cluster));
+    if let Some(v) = a.locator_listen {
+        let mut apps = match table.remove("apps") {
+            Some(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        apps.insert("locator_listen".into(), v.into());
+        table.insert("apps".into(), toml::Value::Table(apps));
+    }
     let config = Config::from_toml(&table.to_string())?;
     let daemon = Daemon::bind(config).await?;
     let Some(addr) = daemon.tcp_addr().map(|a| a.to_string()).or(daemon.unix_path().map(|p| p.display().to_string()))

@@ -26,6 +26,7 @@ impl Daemon {
         let udp: &[&str] = if extra.contains(&"--udp-listen") { &[] } else { &["--udp-listen", ""] };
         let child = Command::new(NODUS)
             .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", ""])
+            .args(if extra.contains(&"--locator-listen") { &[][..] } else { &["--locator-listen", "127.0.0.1:0"][..] })
             .args(udp)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -240,7 +241,9 @@ fn udp_signals_reach_services_and_need_the_secret() {
 
 #[test]
 fn apps_deploy_run_as_services_survive_restarts_and_stop() {
-    let d = Daemon::start(&[]);
+    let locator_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let locator = format!("127.0.0.1:{locator_port}");
+    let d = Daemon::start(&["--locator-listen", &locator]);
     let src = tempfile::tempdir().unwrap();
     let manifest = format!("{{\"executable\": {NODUS:?}, \"args\": [\"echo-worker\"]}}");
     std::fs::write(src.path().join("manifest.json"), manifest).unwrap();
@@ -264,13 +267,31 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
     let info = stdout(&d.cli(&["app", "info", "hello"]));
     assert!(info.contains("version    v1") && info.contains("status     running"), "{info}");
 
+    // The node's Cocaine locator resolves the app: [1, 0, ["hello"]] → [1, 0, [[[host, port]], ...]];
+    // an unknown name is an error on the channel: [1, 1, [[10, 1], text]].
+    let resolve = |name: &str| {
+        let mut s = std::net::TcpStream::connect(&locator).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut frame = vec![0x93, 0x01, 0x00, 0x91, 0xa0 | name.len() as u8];
+        frame.extend_from_slice(name.as_bytes());
+        s.write_all(&frame).unwrap();
+        let mut buf = [0u8; 512];
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    let found = resolve("hello");
+    assert_eq!(&found[..3], &[0x93, 0x01, 0x00], "a value on channel 1: {found:?}");
+    assert!(found.windows(9).any(|w| w == b"127.0.0.1"), "the endpoint's host: {found:?}");
+    let missing = resolve("nope");
+    assert_eq!(&missing[..7], &[0x93, 0x01, 0x01, 0x92, 0x92, 0x0a, 0x01], "error [[10, 1], ..]: {missing:?}");
+
     // A restart of the node brings the app back by itself.
     assert!(d.cli(&["stop"]).status.success());
     let mut d = d;
     assert!(d.wait_exit());
     let dir = std::mem::replace(&mut d._dir, tempfile::tempdir().unwrap());
     drop(d);
-    let d = Daemon::start_in(dir, &[]);
+    let d = Daemon::start_in(dir, &["--locator-listen", &locator]);
     let deadline = Instant::now() + WAIT;
     loop {
         let out = d.cli(&["--json", "call", "hello", "ECHO", "--payload", "back"]);
