@@ -69,8 +69,9 @@ impl AppStore {
 
     /// Stores a new version of `name` from `source` and returns it, ready to start.
     ///
-    /// `source` is either an executable file (it becomes the app, run with no arguments) or a
-    /// directory holding `manifest.json` or `manifest.toml` and the app's files. The profile comes
+    /// `source` is an executable file (it becomes the app, run with no arguments), a directory
+    /// holding `manifest.json` or `manifest.toml` and the app's files, or such a directory packed
+    /// as a `.tar`, `.tar.gz` or `.tgz` archive. The profile comes
     /// from `profile`, else the directory's `profile.toml`/`profile.json`, else the defaults.
     ///
     /// Fails when the name, manifest or profile is invalid, the source is too large, or the files
@@ -87,6 +88,9 @@ impl AppStore {
             let manifest = if meta.is_dir() {
                 let mut budget = (self.max_bytes, MAX_DEPLOY_FILES);
                 copy_tree(source, &staging, &mut budget)?;
+                read_manifest(&staging)?
+            } else if let Some(gzip) = archive_kind(source) {
+                unpack(source, gzip, &staging, (self.max_bytes, MAX_DEPLOY_FILES))?;
                 read_manifest(&staging)?
             } else {
                 if meta.len() > self.max_bytes {
@@ -242,6 +246,51 @@ fn copy_tree(from: &Path, to: &Path, budget: &mut (u64, usize)) -> anyhow::Resul
             std::fs::copy(entry.path(), &dest).with_context(|| format!("cannot copy {}", entry.path().display()))?;
         } else {
             bail!("{} is neither a file nor a directory; deployments cannot contain links", entry.path().display());
+        }
+    }
+    Ok(())
+}
+
+/// `Some(gzipped)` when `path` names a tar archive.
+fn archive_kind(path: &Path) -> Option<bool> {
+    let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        Some(true)
+    } else if name.ends_with(".tar") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Unpacks a tar archive into `to`: regular files and directories only, every path inside `to`,
+/// within the byte and file budget.
+fn unpack(archive: &Path, gzip: bool, to: &Path, mut budget: (u64, usize)) -> anyhow::Result<()> {
+    let file = std::fs::File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
+    let reader: Box<dyn std::io::Read> =
+        if gzip { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+    let mut tar = tar::Archive::new(reader);
+    let entries = tar.entries().with_context(|| format!("{} is not a tar archive", archive.display()))?;
+    for entry in entries {
+        let mut entry = entry.with_context(|| format!("{} is damaged", archive.display()))?;
+        let kind = entry.header().entry_type();
+        let path = entry.path().context("an archive entry has an invalid path")?.into_owned();
+        if !(kind.is_file() || kind.is_dir()) {
+            bail!(
+                "{} holds {:?}, which is neither a file nor a directory; deployments cannot contain links",
+                archive.display(),
+                path
+            );
+        }
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        if budget.1 == 0 || size > budget.0 {
+            bail!("the deployment is larger than apps.max_deploy_bytes or has more than {MAX_DEPLOY_FILES} files");
+        }
+        budget.0 -= size;
+        budget.1 -= 1;
+        // unpack_in refuses paths that would land outside `to` (absolute or with `..`).
+        if !entry.unpack_in(to).with_context(|| format!("cannot unpack {path:?}"))? {
+            bail!("{} holds {path:?}, which points outside the app directory", archive.display());
         }
     }
     Ok(())
@@ -572,6 +621,45 @@ mod tests {
         assert_eq!(store.wanted("echo"), Wanted::Stopped);
         store.remove("echo").unwrap();
         assert!(store.list().is_empty());
+    }
+
+    #[test]
+    fn archives_deploy_and_unsafe_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AppStore::new(dir.path(), 1 << 20);
+        let pack = |name: &str, gzip: bool, files: &[(&str, &[u8])]| {
+            let path = dir.path().join(name);
+            let file = std::fs::File::create(&path).unwrap();
+            let writer: Box<dyn std::io::Write> = if gzip {
+                Box::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast()))
+            } else {
+                Box::new(file)
+            };
+            let mut b = tar::Builder::new(writer);
+            for (n, data) in files {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o755);
+                // Written raw so that unsafe names reach the archive as they are.
+                h.as_old_mut().name[..n.len()].copy_from_slice(n.as_bytes());
+                h.set_cksum();
+                b.append(&h, *data).unwrap();
+            }
+            b.into_inner().unwrap().flush().unwrap();
+            path
+        };
+        let manifest: &[u8] = b"{\"executable\": \"./bin/run\"}";
+        let good = pack("app.tar.gz", true, &[("manifest.json", manifest), ("bin/run", b"#!/bin/sh\n")]);
+        let (spec, _) = store.deploy("packed", &good, None).unwrap();
+        assert!(spec.dir.join("bin/run").exists());
+        let plain = pack("app.tar", false, &[("manifest.json", manifest)]);
+        assert!(store.deploy("plain", &plain, None).is_ok());
+        let evil = pack("evil.tar", false, &[("manifest.json", manifest), ("../escape", b"x")]);
+        assert!(store.deploy("evil", &evil, None).is_err());
+        assert!(!dir.path().join("apps/evil/escape").exists() && !dir.path().join("apps/escape").exists());
+        let garbage = dir.path().join("junk.tgz");
+        std::fs::write(&garbage, b"not gzip at all").unwrap();
+        assert!(store.deploy("junk", &garbage, None).is_err());
     }
 
     #[test]
