@@ -321,6 +321,7 @@ impl Engine {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
         }
+        let socket_ino = socket_inode(&socket);
         let (tx, rx) = mpsc::channel(config.app_events);
         let crashlog = Arc::new(Mutex::new(VecDeque::new()));
         let accept =
@@ -331,6 +332,7 @@ impl Engine {
             balancer: Balancer::new(&spec.profile, config.balance, seed),
             spec,
             socket,
+            socket_ino,
             config: config.clone(),
             tx: tx.downgrade(),
             workers: HashMap::new(),
@@ -473,6 +475,9 @@ struct App {
     name: String,
     spec: AppSpec,
     socket: PathBuf,
+    /// Inode of the socket this app bound: a new app of the same name may have replaced the file
+    /// by the time this one exits, and that one must not be deleted.
+    socket_ino: Option<u64>,
     config: EngineConfig,
     tx: mpsc::WeakSender<AppEvent>,
     balancer: Balancer,
@@ -515,7 +520,9 @@ impl App {
             self.answer_stop_waiters();
         }
         self.accept.abort();
-        let _ = std::fs::remove_file(&self.socket);
+        if self.socket_ino.is_some() && socket_inode(&self.socket) == self.socket_ino {
+            let _ = std::fs::remove_file(&self.socket);
+        }
         for (_, s) in self.sessions.drain() {
             let _ = s.down.try_send(Down::Error(SessionError::EngineGone));
         }
@@ -1076,6 +1083,11 @@ async fn write_loop(mut w: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Recei
         }
     }
     let _ = w.shutdown().await;
+}
+
+fn socket_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 /// The path of an app's worker socket under `runtime_dir`.

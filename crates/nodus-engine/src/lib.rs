@@ -7,6 +7,7 @@
 //! [`locator`] serves it over TCP: the locator and every app as a Cocaine service.
 
 pub mod balance;
+pub mod client;
 mod engine;
 pub mod locator;
 pub mod manifest;
@@ -18,6 +19,7 @@ mod session;
 pub mod worker;
 pub mod worker_sdk;
 
+pub use client::{AppClient, ClientError, ClientOptions, Endpoints, ServiceHandle, Stream};
 pub use engine::{
     category, socket_path, AppInfo, AppSpec, CrashRecord, Engine, EngineConfig, EngineError, EngineEvent, WorkerInfo,
 };

@@ -340,3 +340,22 @@ fn the_example_app_files_are_valid() {
     assert_eq!(p.pool_limit, 4);
     assert_eq!(p.timeouts(), nodus_engine::worker::Timeouts::default());
 }
+
+#[tokio::test]
+async fn an_app_removed_and_started_again_at_once_keeps_its_new_socket() {
+    let h = harness();
+    for round in 0..5 {
+        h.start("again", ECHO, &[], profile()).await;
+        let mut s = h.engine.invoke("again", "echo").await.unwrap();
+        echo_once(&mut s, &format!("round {round}")).await;
+        drop(s);
+        // The old app's teardown must not delete the socket the next start creates.
+        h.engine.remove("again").await.unwrap();
+    }
+    h.start("again", ECHO, &[], profile()).await;
+    let mut s = h.engine.invoke("again", "echo").await.unwrap();
+    echo_once(&mut s, "still here").await;
+    s.close().await.unwrap();
+    assert_eq!(within("choke", s.recv()).await.unwrap(), None);
+    h.engine.shutdown().await;
+}
