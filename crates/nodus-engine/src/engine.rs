@@ -1073,7 +1073,9 @@ async fn read_loop(mut r: tokio::net::unix::OwnedReadHalf, conn: u64, tx: mpsc::
     let _ = tx.send(AppEvent::ConnClosed { conn, error }).await;
 }
 
-async fn write_loop(mut w: tokio::net::unix::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+/// Writes queued messages to a peer in batches until the queue closes or a write fails, then
+/// shuts the write side down. Shared by worker connections and locator clients.
+pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Bytes>) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, 64).await > 0 {
         for b in batch.drain(..) {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rmpv::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
@@ -307,7 +307,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, target: Target, _permit: 
     let config = &shared.config;
     let (mut reader, writer) = stream.into_split();
     let (out_tx, out_rx) = mpsc::channel(config.outbound_messages);
-    let writer = tokio::spawn(write_loop(writer, out_rx));
+    let writer = tokio::spawn(crate::engine::write_loop(writer, out_rx));
     let out = Outbox { tx: out_tx, cut: Arc::new(Cut::default()) };
     let api = match target {
         Target::Locator => Api::Locator,
@@ -559,16 +559,4 @@ fn info_value(info: &AppInfo) -> Value {
         Value::Map(vec![kv("active", Value::from(info.workers.len() as u64)), kv("workers", Value::Map(workers))]),
     ));
     Value::Map(map)
-}
-
-async fn write_loop(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, 64).await > 0 {
-        for b in batch.drain(..) {
-            if w.write_all(&b).await.is_err() {
-                return;
-            }
-        }
-    }
-    let _ = w.shutdown().await;
 }
