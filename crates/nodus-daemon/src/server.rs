@@ -64,6 +64,8 @@ struct Handle {
     tx: mpsc::Sender<Outbound>,
     queued_bytes: Arc<AtomicUsize>,
     kill: CancellationToken,
+    /// Socket connections count queued bytes (their writer counts them down).
+    count_bytes: bool,
 }
 
 struct State {
@@ -87,7 +89,14 @@ impl Shared {
     pub(crate) fn attach(&self, name: &str) -> (ConnId, mpsc::Receiver<Outbound>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.config.limits.max_outbound_messages);
-        let handle = Handle { tx, queued_bytes: Arc::new(AtomicUsize::new(0)), kill: CancellationToken::new() };
+        // In-process services take messages off their queue without a writer to count bytes down:
+        // their queue is bounded by message count only.
+        let handle = Handle {
+            tx,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            kill: CancellationToken::new(),
+            count_bytes: false,
+        };
         let mut out = Vec::new();
         let mut st = self.lock();
         st.handles.insert(id, handle);
@@ -130,7 +139,7 @@ impl Shared {
             match action {
                 Action::Deliver(conn, msg) => {
                     let Some(h) = state.handles.get(&conn) else { continue };
-                    let size = msg.approx_size();
+                    let size = if h.count_bytes { msg.approx_size() } else { 0 };
                     let queued = h.queued_bytes.load(Ordering::Relaxed);
                     if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg)).is_err() {
                         if !h.kill.is_cancelled() {
@@ -588,7 +597,7 @@ async fn connection<R, W>(
         if st.router.is_quitting() {
             return;
         }
-        st.handles.insert(id, Handle { tx, queued_bytes: queued_bytes.clone(), kill: kill.clone() });
+        st.handles.insert(id, Handle { tx, queued_bytes: queued_bytes.clone(), kill: kill.clone(), count_bytes: true });
         match kind {
             Kind::Client => st.router.connect(id),
             Kind::ClusterIn => st.router.connect_cluster(id),

@@ -316,3 +316,23 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid app name"));
 }
+
+#[test]
+fn apps_keep_answering_past_the_outbound_byte_bound() {
+    // In-process services (app bridges) once counted queued bytes up but never down: an app was
+    // cut off after max_outbound_bytes of traffic over the node's life.
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("n.toml");
+    std::fs::write(&file, "[limits]\nmax_outbound_bytes = 1048576\n").unwrap();
+    let file = file.display().to_string();
+    let d = Daemon::start(&["--config", &file]);
+    let src = tempfile::tempdir().unwrap();
+    let manifest = format!("{{\"executable\": {NODUS:?}, \"args\": [\"echo-worker\"]}}");
+    std::fs::write(src.path().join("manifest.json"), manifest).unwrap();
+    assert!(d.cli(&["app", "deploy", "big", &src.path().display().to_string()]).status.success());
+    let payload = "x".repeat(100 * 1024);
+    for i in 0..30 {
+        let out = d.cli(&["call", "big", "ECHO", "--payload", &payload]);
+        assert!(out.status.success(), "call {i} after {} KiB: {}", i * 100, stdout(&out));
+    }
+}
