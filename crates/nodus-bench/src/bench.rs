@@ -31,6 +31,9 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
         Command::EchoService { node, service } => nodus_system::echo_service_named(&node, &service).await,
         Command::RawEcho { listen } => child_role(baseline::raw_echo(&listen)).await,
         Command::RawForwarder { listen, upstream } => child_role(baseline::raw_forwarder(&listen, &upstream)).await,
+        Command::Apps { cold_starts } => interruptible(crate::apps::run(&options, cold_starts)).await,
+        // Normally handled in `main` before the runtime is built; harmless here too.
+        Command::ConnectOnce { socket } => crate::apps::connect_once(&socket),
     }
 }
 
@@ -53,7 +56,10 @@ async fn child_role(role: impl std::future::Future<Output = anyhow::Result<()>>)
     }
 }
 
-fn load(options: &Options, payload: usize, inflight: usize) -> anyhow::Result<Load> {
+/// The load for one measurement of the matrix, checked against the bounds.
+///
+/// Fails when the payload, the in-flight count or the duration is out of range.
+pub fn load(options: &Options, payload: usize, inflight: usize) -> anyhow::Result<Load> {
     if payload > MAX_PAYLOAD {
         bail!("--payload {payload} is too large: at most {MAX_PAYLOAD} bytes");
     }

@@ -15,6 +15,16 @@ pub enum System {
     CrossNode,
     /// One broadcast to a service on each of five nodes, until all have answered.
     Fanout,
+    /// An app invocation through a node: client → daemon → app bridge → engine → worker.
+    AppNode,
+    /// An app invocation through an engine in the benchmark's own process → worker.
+    AppEngine,
+    /// Cold start baseline: fork + exec of a trivial child until its byte arrives on a socket.
+    ColdBaseline,
+    /// Cold start of `nodus echo-worker` under the engine: spawn → handshake → first reply.
+    ColdNodusWorker,
+    /// Cold start of the engine's small example worker `nodus-echo-worker`.
+    ColdTinyWorker,
 }
 
 impl System {
@@ -25,6 +35,11 @@ impl System {
             System::Baseline => "baseline",
             System::CrossNode => "cross-node",
             System::Fanout => "fanout-5",
+            System::AppNode => "app-node",
+            System::AppEngine => "app-engine",
+            System::ColdBaseline => "cold-baseline",
+            System::ColdNodusWorker => "cold-nodus-echo-worker",
+            System::ColdTinyWorker => "cold-tiny-worker",
         }
     }
 }
@@ -139,6 +154,49 @@ impl Summary {
     }
 }
 
+/// Repeated one-off timings (cold starts): nearest-rank percentiles over the samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdStart {
+    /// What was started.
+    pub system: System,
+    /// How many times.
+    pub samples: usize,
+    /// Median time to the first answer, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile (with few samples, the largest), microseconds.
+    pub p99_us: f64,
+    /// Largest, microseconds.
+    pub max_us: f64,
+    /// Median time until the worker could take requests, when observed, microseconds.
+    pub ready_p50_us: Option<f64>,
+}
+
+impl ColdStart {
+    /// Builds the summary from times to the first answer and to readiness, in nanoseconds.
+    pub fn new(system: System, mut totals_ns: Vec<u64>, mut ready_ns: Vec<u64>) -> Self {
+        totals_ns.sort_unstable();
+        ready_ns.sort_unstable();
+        let us = |v: &[u64], q| percentile(v, q) as f64 / 1_000.0;
+        ColdStart {
+            system,
+            samples: totals_ns.len(),
+            p50_us: us(&totals_ns, 0.50),
+            p99_us: us(&totals_ns, 0.99),
+            max_us: us(&totals_ns, 1.0),
+            ready_p50_us: (!ready_ns.is_empty()).then(|| us(&ready_ns, 0.50)),
+        }
+    }
+
+    /// This median over `baseline`'s (0 when the baseline has none).
+    pub fn ratio_to(&self, baseline: &ColdStart) -> f64 {
+        if baseline.p50_us > 0.0 {
+            self.p50_us / baseline.p50_us
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Nearest-rank percentile `q` (0 < q <= 1) of an ascending slice; 0 for an empty one.
 pub fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
@@ -160,6 +218,15 @@ mod tests {
         assert_eq!(percentile(&v, 0.999), 999);
         assert_eq!(percentile(&[7], 0.999), 7);
         assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn cold_start_percentiles_and_ratio() {
+        let c = ColdStart::new(System::ColdNodusWorker, vec![3_000, 1_000, 2_000], vec![500]);
+        assert_eq!((c.samples, c.p50_us, c.p99_us, c.max_us, c.ready_p50_us), (3, 2.0, 3.0, 3.0, Some(0.5)));
+        let b = ColdStart::new(System::ColdBaseline, vec![1_000], Vec::new());
+        assert_eq!(b.ready_p50_us, None);
+        assert_eq!(c.ratio_to(&b), 2.0);
     }
 
     #[test]

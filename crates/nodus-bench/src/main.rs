@@ -7,10 +7,12 @@
 //!
 //! The hidden subcommands `echo-service`, `raw-echo` and `raw-forwarder` are the child processes a
 //! run starts from this same executable; they print `ready <endpoint>` once serving and exit when
-//! their standard input closes (i.e. when the parent goes away).
+//! their standard input closes (i.e. when the parent goes away). `connect-once` is the cold-start
+//! baseline of `apps` ([`apps`]): it connects, writes one byte and exits, without an async runtime.
 
 #![forbid(unsafe_code)]
 
+mod apps;
 mod baseline;
 mod bench;
 mod child;
@@ -85,6 +87,21 @@ enum Command {
     /// Cluster figures: single node, then client on node a and service on node b, then a
     /// broadcast to a service on each of 5 nodes; 64 B, 1 and 64 in flight.
     Cluster,
+    /// App engine figures: invoke throughput and latency through a node and through the engine
+    /// in-process (64 B / 4 KiB × 1 / 64 in flight), then worker cold start next to a bare
+    /// fork+exec+connect baseline.
+    Apps {
+        /// Cold starts of each kind (the baseline and every worker).
+        #[arg(long, default_value_t = 20)]
+        cold_starts: usize,
+    },
+    /// Child process: connects to a Unix socket, writes one byte and exits (cold-start baseline).
+    #[command(hide = true)]
+    ConnectOnce {
+        /// The socket to connect to.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Child process: a nodus service `bench_echo` that answers every request with its payload.
     #[command(hide = true)]
     EchoService {
@@ -121,6 +138,16 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(Command::ConnectOnce { socket }) = &args.command {
+        // Before any runtime: the cold-start baseline is fork + exec + connect and little else.
+        return match apps::connect_once(socket) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                report::error(&format!("{e:#}"));
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -45,10 +45,24 @@ pub async fn start_daemon(
     name: &str,
     cluster: Option<(u16, &[u16])>,
 ) -> anyhow::Result<(Child, String)> {
+    start_daemon_with(nodus, transport, dir, name, cluster, &[]).await
+}
+
+/// As [`start_daemon`], with `extra` arguments for `nodus daemon` (e.g. `--config FILE`).
+///
+/// Fails as [`start_daemon`].
+pub async fn start_daemon_with(
+    nodus: &Path,
+    transport: Transport,
+    dir: &Path,
+    name: &str,
+    cluster: Option<(u16, &[u16])>,
+    extra: &[&str],
+) -> anyhow::Result<(Child, String)> {
     let data_dir = dir.join(name);
     let port = child::free_port()?;
     let mut command = tokio::process::Command::new(nodus);
-    command.arg("daemon").arg("--server-name").arg(name).arg("--data-dir").arg(&data_dir);
+    command.arg("daemon").arg("--server-name").arg(name).arg("--data-dir").arg(&data_dir).args(extra);
     // Only the listeners asked for: the default cluster and UDP ports are fixed and may be taken.
     command.args(["--listen", &format!("127.0.0.1:{port}"), "--udp-listen", "", "--locator-listen", ""]);
     match cluster {

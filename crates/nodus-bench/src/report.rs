@@ -2,10 +2,14 @@
 //! object per line with `--json`); progress and errors go to stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use crate::latency::Summary;
+use crate::latency::{ColdStart, Summary};
 
 /// The throughput ratio nodus/baseline the project aims for.
 pub const TARGET_RATIO: f64 = 0.5;
+/// Invocations per second through a node the project aims for at 64 B with 64 in flight.
+pub const TARGET_INVOKES: f64 = 100_000.0;
+/// Largest worker cold start (median) over the fork+exec+connect baseline the project aims for.
+pub const TARGET_COLD_RATIO: f64 = 2.0;
 
 /// A child process tells its parent it is serving (read by [`crate::child::Child::ready`]).
 pub fn ready(endpoint: &str) {
@@ -127,4 +131,103 @@ pub fn table_row(nodus: &Summary, baseline: &Summary) {
 pub fn table_footer(worst: f64) {
     let verdict = if worst >= TARGET_RATIO { "meets" } else { "BELOW" };
     println!("lowest throughput ratio nodus/baseline: {worst:.2} ({verdict} the target of {TARGET_RATIO})");
+}
+
+/// The header of the `apps` invoke table.
+pub fn apps_header() {
+    println!("app invoke: node = client -> daemon -> bridge -> engine -> worker; engine = in-process engine -> worker");
+    println!(
+        "{:>7} {:>8} | {:>10} {:>8} {:>8} {:>8} | {:>10} {:>8} {:>8} {:>8} | {:>11}",
+        "payload",
+        "inflight",
+        "node inv/s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "eng inv/s",
+        "p50 us",
+        "p99 us",
+        "p999 us",
+        "node/engine"
+    );
+    println!("{}", "-".repeat(114));
+}
+
+/// One row of the `apps` invoke table: the same load through the node and through the engine.
+pub fn apps_row(node: &Summary, engine: &Summary) {
+    let ratio = if engine.req_per_sec() > 0.0 { node.req_per_sec() / engine.req_per_sec() } else { 0.0 };
+    println!(
+        "{:>7} {:>8} | {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>11.2}",
+        node.payload,
+        node.inflight,
+        node.req_per_sec(),
+        node.p50_us,
+        node.p99_us,
+        node.p999_us,
+        engine.req_per_sec(),
+        engine.p50_us,
+        engine.p99_us,
+        engine.p999_us,
+        ratio,
+    );
+}
+
+/// The verdict after the invoke table: the node's figure at 64 B × 64 against the target.
+pub fn apps_footer(node: &[Summary]) {
+    if let Some(s) = node.iter().find(|s| s.payload == 64 && s.inflight == 64) {
+        let rate = s.req_per_sec();
+        let verdict = if rate >= TARGET_INVOKES { "meets" } else { "BELOW" };
+        println!("invokes/s through the node at 64 B x 64 in flight: {rate:.0} ({verdict} the target of {TARGET_INVOKES:.0})");
+    }
+}
+
+/// The header of the cold-start table.
+pub fn cold_header(samples: usize) {
+    println!();
+    println!("cold start, {samples} runs each: spawn -> handshake -> heartbeat -> first reply (baseline: fork+exec+connect+1 byte)");
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>13} {:>11}",
+        "what", "p50 us", "p99 us", "max us", "ready p50 us", "x baseline"
+    );
+    println!("{}", "-".repeat(83));
+}
+
+/// One row of the cold-start table, with its median over the baseline's.
+pub fn cold_row(c: &ColdStart, baseline: &ColdStart) {
+    let ready = c.ready_p50_us.map_or_else(|| "-".to_string(), |r| format!("{r:.1}"));
+    println!(
+        "{:<24} {:>10.1} {:>10.1} {:>10.1} {:>13} {:>11.2}",
+        c.system.as_str(),
+        c.p50_us,
+        c.p99_us,
+        c.max_us,
+        ready,
+        c.ratio_to(baseline)
+    );
+}
+
+/// The verdict after the cold-start table, one line per worker.
+pub fn cold_footer(workers: &[ColdStart], baseline: &ColdStart) {
+    for c in workers {
+        let r = c.ratio_to(baseline);
+        let verdict = if r <= TARGET_COLD_RATIO { "meets" } else { "ABOVE" };
+        println!(
+            "{}: median cold start {r:.2}x the baseline ({verdict} the target of at most {TARGET_COLD_RATIO}x)",
+            c.system.as_str()
+        );
+    }
+}
+
+/// One cold-start measurement as one JSON object on one line.
+pub fn cold_json(c: &ColdStart) {
+    let ready = c.ready_p50_us.map_or_else(|| "null".to_string(), |r| format!("{r:.1}"));
+    println!(
+        "{{\"system\":\"{}\",\"samples\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"max_us\":{:.1},\"ready_p50_us\":{}}}",
+        c.system.as_str(),
+        c.samples,
+        c.p50_us,
+        c.p99_us,
+        c.max_us,
+        ready,
+    );
 }
