@@ -1077,11 +1077,15 @@ async fn read_loop(mut r: tokio::net::unix::OwnedReadHalf, conn: u64, tx: mpsc::
 /// shuts the write side down. Shared by worker connections and locator clients.
 pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Bytes>) {
     let mut batch = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 64).await > 0 {
+        // One write for the whole batch: an invocation is three messages (invoke, chunk, close).
+        out.clear();
         for b in batch.drain(..) {
-            if w.write_all(&b).await.is_err() {
-                return;
-            }
+            out.extend_from_slice(&b);
+        }
+        if w.write_all(&out).await.is_err() {
+            return;
         }
     }
     let _ = w.shutdown().await;

@@ -20,7 +20,14 @@ fn main() -> std::process::ExitCode {
         })
     });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // A worker process serves one connection: a single-threaded runtime starts faster and avoids
+    // cross-thread wake-ups on every message.
+    let builder = if matches!(args.command, cli::Command::EchoWorker { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match { builder }.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             output::error(&format!("cannot start the async runtime: {e}"));
