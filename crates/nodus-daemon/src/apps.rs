@@ -415,8 +415,8 @@ struct Ctx {
 impl Ctx {
     async fn serve(&self, conn: ConnId, mut rx: mpsc::Receiver<Outbound>) {
         while let Some(out) = rx.recv().await {
-            let Outbound::Msg(req) = out else { continue };
-            if req.envelope.reply_to != 0 || matches!(req.command.as_str(), "HELP" | "READY" | "STATUS" | "QUITTING") {
+            let Outbound::Msg(req, _) = out else { continue };
+            if !is_request(&req) {
                 continue;
             }
             let reply = match self.command(&req).await {
@@ -563,10 +563,8 @@ impl Ctx {
         let (shared, engine, app) = (self.shared.clone(), self.engine.clone(), name.to_string());
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {
-                let Outbound::Msg(req) = out else { continue };
-                if req.envelope.reply_to != 0
-                    || matches!(req.command.as_str(), "HELP" | "READY" | "STATUS" | "QUITTING")
-                {
+                let Outbound::Msg(req, _) = out else { continue };
+                if !is_request(&req) {
                     continue;
                 }
                 let (shared, engine, app) = (shared.clone(), engine.clone(), app.clone());
@@ -587,6 +585,12 @@ impl Ctx {
             self.shared.detach(conn);
         }
     }
+}
+
+/// What an in-process service should act on: not replies, and not the node's own notices to a
+/// registered service (HELP, READY, STATUS, QUITTING).
+fn is_request(m: &Message) -> bool {
+    m.envelope.reply_to == 0 && !matches!(m.command.as_str(), "HELP" | "READY" | "STATUS" | "QUITTING")
 }
 
 fn status_word(s: &nodus_engine::balance::AppStatus) -> String {

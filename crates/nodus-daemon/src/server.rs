@@ -56,7 +56,8 @@ enum Kind {
 // Messages are the hot path: boxing them would cost an allocation per routed message.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Outbound {
-    Msg(Message),
+    /// A message and the bytes it was counted as on its connection's queue.
+    Msg(Message, usize),
     Close,
 }
 
@@ -141,7 +142,7 @@ impl Shared {
                     let Some(h) = state.handles.get(&conn) else { continue };
                     let size = if h.count_bytes { msg.approx_size() } else { 0 };
                     let queued = h.queued_bytes.load(Ordering::Relaxed);
-                    if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg)).is_err() {
+                    if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg, size)).is_err() {
                         if !h.kill.is_cancelled() {
                             warn!(conn, queued, "slow consumer: outbound queue full, disconnecting");
                             h.kill.cancel();
@@ -693,8 +694,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     if form == Form::Binary {
         out.extend_from_slice(&binary::PREFACE);
     }
-    let encode = |m: Message, out: &mut BytesMut| {
-        queued_bytes.fetch_sub(m.approx_size(), Ordering::Relaxed);
+    let encode = |m: Message, size: usize, out: &mut BytesMut| {
+        queued_bytes.fetch_sub(size, Ordering::Relaxed);
         match form {
             Form::Text => text::encode(&m, out),
             Form::Binary => {
@@ -713,11 +714,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         match first {
             None => close = true,
             Some(Outbound::Close) => close = true,
-            Some(Outbound::Msg(m)) => encode(m, &mut out),
+            Some(Outbound::Msg(m, size)) => encode(m, size, &mut out),
         }
         while !close && out.len() < WRITE_CHUNK {
             match rx.try_recv() {
-                Ok(Outbound::Msg(m)) => encode(m, &mut out),
+                Ok(Outbound::Msg(m, size)) => encode(m, size, &mut out),
                 Ok(Outbound::Close) => close = true,
                 Err(_) => break,
             }
