@@ -18,8 +18,6 @@ use crate::topology::{Health, Topology};
 use nodus_wire::{Message, MessageError};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub use links::ClusterParams;
-
 /// Hasher for the router's integer keys. Every key (connection ids, node-assigned request ids)
 /// is chosen by the node itself, never by a peer, so a fast unkeyed hash cannot be attacked.
 #[derive(Debug, Default, Clone, Copy)]
@@ -185,7 +183,9 @@ pub struct Router {
     rr: usize,
     next_id: u64,
     stats: Stats,
-    cluster: ClusterParams,
+    cluster: crate::config::ClusterConfig,
+    /// Address other nodes dial to reach this one (advertised in CONNECT, ACCEPT and gossip).
+    cluster_addr: String,
     topology: Topology,
     /// Peer node → link connection.
     links: BTreeMap<String, ConnId>,
@@ -204,11 +204,19 @@ enum CacheMode {
 
 impl Router {
     /// A router for node `server` that caches messages for `expected` services.
-    pub fn new(server: &str, expected: &[String], limits: RouterLimits, cluster: ClusterParams, now: i64) -> Self {
-        let topology = Topology::new(server, &cluster.addr, now);
+    pub fn new(
+        server: &str,
+        expected: &[String],
+        limits: RouterLimits,
+        cluster: crate::config::ClusterConfig,
+        cluster_addr: String,
+        now: i64,
+    ) -> Self {
+        let topology = Topology::new(server, &cluster_addr, now);
         let last_health = topology.health();
         Router {
             cluster,
+            cluster_addr,
             topology,
             links: BTreeMap::new(),
             neighbors: Default::default(),
@@ -799,8 +807,8 @@ mod tests {
     fn router(expected: &[&str]) -> Router {
         let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
         let config = Config::default();
-        let cluster = ClusterParams::from_config(&config.cluster);
-        Router::new("n1", &expected, RouterLimits::from_config(&config.limits), cluster, 1_000)
+        let limits = RouterLimits::from_config(&config.limits);
+        Router::new("n1", &expected, limits, config.cluster.clone(), String::new(), 1_000)
     }
 
     fn delivered(out: &mut Vec<Action>) -> Vec<(ConnId, Message)> {

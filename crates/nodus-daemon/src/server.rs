@@ -7,7 +7,7 @@
 //! (`max_outbound_messages`/`max_outbound_bytes`: a consumer that falls behind is disconnected).
 
 use crate::config::Config;
-use crate::router::{Action, ClusterParams, ConnId, Router, RouterLimits};
+use crate::router::{Action, ConnId, Router, RouterLimits};
 use anyhow::Context;
 use bytes::BytesMut;
 use nodus_wire::{binary, detect, text, Decoded, Form, FrameError, Message};
@@ -219,13 +219,10 @@ impl Daemon {
                 Some(UdpSocket::bind(addr).await.with_context(|| format!("cannot bind the UDP signal port {addr}"))?)
             }
         };
-        let mut params = ClusterParams::from_config(&config.cluster);
-        if params.addr.is_empty() {
-            params.addr = config.cluster.listen.clone();
-        }
-        if let (Some(l), true) = (&cluster, params.addr.ends_with(":0")) {
+        let mut advertised = config.cluster.advertised().to_string();
+        if let (Some(l), true) = (&cluster, advertised.ends_with(":0")) {
             // Bound to an ephemeral port: advertise the port actually bound.
-            params.addr = l.local_addr()?.to_string();
+            advertised = l.local_addr()?.to_string();
         }
         let tls = crate::tls::Tls::load(&config.cluster)?;
         let tls_listener = match config.cluster.tls_listen.as_str() {
@@ -237,8 +234,8 @@ impl Daemon {
                     .with_context(|| format!("cannot listen for TLS cluster links on {addr}"))?,
             ),
         };
-        if let (Some(l), true) = (&tls_listener, params.addr.ends_with(":0")) {
-            params.addr = l.local_addr()?.to_string();
+        if let (Some(l), true) = (&tls_listener, advertised.ends_with(":0")) {
+            advertised = l.local_addr()?.to_string();
         }
         let remembered = load_nodes(&config.data_dir);
         let mut neighbors = config.cluster.neighbors.clone();
@@ -251,7 +248,8 @@ impl Daemon {
             &config.server_name,
             &config.expected_services,
             RouterLimits::from_config(&config.limits),
-            params,
+            config.cluster.clone(),
+            advertised,
             now_ms(),
         );
         router.remember(remembered);

@@ -16,43 +16,6 @@ const GOSSIP_EVERY_TICKS: u64 = 20;
 /// Smallest standard deviation the failure detector assumes, ms.
 const MIN_STD_MS: f64 = 50.0;
 
-/// Cluster settings the router needs.
-#[derive(Debug, Clone)]
-pub struct ClusterParams {
-    /// Address advertised to other nodes.
-    pub addr: String,
-    /// Shared secret required in `CONNECT` (empty: none).
-    pub secret: String,
-    /// Heartbeat period, ms.
-    pub heartbeat_ms: u64,
-    /// Phi threshold.
-    pub failure_phi: f64,
-    /// Clock offset threshold, ms.
-    pub clock_threshold_ms: i64,
-    /// An unsynchronised system clock makes the clock unstable.
-    pub clock_require_ntp: bool,
-    /// Hop limit.
-    pub max_hops: u32,
-    /// Most links.
-    pub max_links: usize,
-}
-
-impl ClusterParams {
-    /// From the `[cluster]` configuration section.
-    pub fn from_config(c: &crate::config::ClusterConfig) -> Self {
-        ClusterParams {
-            addr: c.advertised().to_string(),
-            secret: c.secret.clone(),
-            heartbeat_ms: c.heartbeat_ms,
-            failure_phi: c.failure_phi,
-            clock_threshold_ms: c.clock_threshold_ms,
-            clock_require_ntp: c.clock_require_ntp,
-            max_hops: c.max_hops,
-            max_links: c.max_links,
-        }
-    }
-}
-
 impl Router {
     /// A connection accepted on a cluster listener: it may only become a link.
     pub fn connect_cluster(&mut self, conn: ConnId) {
@@ -70,7 +33,7 @@ impl Router {
             c.dialed = true;
         }
         let mut m =
-            Message::new("CONNECT").param("server", &self.server).param("version", 1).param("addr", &self.cluster.addr);
+            Message::new("CONNECT").param("server", &self.server).param("version", 1).param("addr", &self.cluster_addr);
         if !self.cluster.secret.is_empty() {
             m.params.insert("secret".into(), self.cluster.secret.clone());
         }
@@ -121,7 +84,7 @@ impl Router {
                     out.push(Action::Close(conn));
                     return;
                 }
-                let mut m = Message::new("ACCEPT").param("server", &self.server).param("addr", &self.cluster.addr);
+                let mut m = Message::new("ACCEPT").param("server", &self.server).param("addr", &self.cluster_addr);
                 m.from = self.node_address();
                 out.push(Action::Deliver(conn, m));
                 self.establish(conn, peer, msg.get("addr").unwrap_or(""), now, out);
@@ -570,8 +533,7 @@ mod tests {
         let mut config = Config::default();
         config.cluster.secret = secret.into();
         config.cluster.heartbeat_ms = 100;
-        let cluster = ClusterParams::from_config(&config.cluster);
-        Router::new(name, &[], RouterLimits::from_config(&config.limits), cluster, 0)
+        Router::new(name, &[], RouterLimits::from_config(&config.limits), config.cluster.clone(), String::new(), 0)
     }
 
     fn sent(out: &mut Vec<Action>, conn: ConnId) -> Vec<Message> {
