@@ -248,6 +248,73 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Completes one [`AppCaller::call`]: the worker's chunks once it closed its side, or why the
+/// call failed. It runs exactly once, on the app's task, so it must not block; dropped unrun
+/// (the app went away with the call queued) it runs with [`SessionError::EngineGone`].
+pub struct CallDone(Option<Box<dyn FnOnce(CallResult) + Send>>);
+
+/// What a call ends with: the reply chunks, or why there are none.
+pub type CallResult = Result<Vec<Bytes>, SessionError>;
+
+impl CallDone {
+    /// Wraps the completion.
+    pub fn new(f: impl FnOnce(CallResult) + Send + 'static) -> Self {
+        CallDone(Some(Box::new(f)))
+    }
+
+    fn complete(mut self, result: CallResult) {
+        if let Some(f) = self.0.take() {
+            f(result)
+        }
+    }
+}
+
+impl Drop for CallDone {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(SessionError::EngineGone))
+        }
+    }
+}
+
+impl std::fmt::Debug for CallDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallDone")
+    }
+}
+
+/// Calls one app without a name lookup or a task per call: the request path of the node's app
+/// services. Cheap to clone. Obtained from [`Engine::caller`].
+#[derive(Debug, Clone)]
+pub struct AppCaller {
+    tx: mpsc::Sender<AppEvent>,
+    limit: usize,
+}
+
+impl AppCaller {
+    /// Calls `event` with `body` as its one input chunk (no chunk when empty), closes the
+    /// input, and hands the worker's reply chunks to `done` once the worker closed its side.
+    ///
+    /// Never waits: when the app's event queue is full, `done` runs at once with a retryable
+    /// queue-full rejection. Returns `false` when the app no longer exists (`done` got
+    /// [`SessionError::EngineGone`]): drop this caller and ask the engine for a new one.
+    pub fn call(&self, event: impl Into<String>, body: Bytes, done: CallDone) -> bool {
+        let ev = AppEvent::Call { event: event.into(), body, done };
+        match self.tx.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(AppEvent::Call { done, .. })) => {
+                done.complete(Err(SessionError::Rejected(Rejection::QueueFull { limit: self.limit })));
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(AppEvent::Call { done, .. })) => {
+                done.complete(Err(SessionError::EngineGone));
+                false
+            }
+            Err(_) => unreachable!("try_send gives back the event it was given"),
+        }
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -274,6 +341,14 @@ impl Engine {
         let mut names: Vec<String> = self.inner.apps.lock().expect("apps lock").keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// A caller for `app`: see [`AppCaller::call`].
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub fn caller(&self, app: &str) -> Result<AppCaller, EngineError> {
+        Ok(AppCaller { tx: self.handle(app)?, limit: self.inner.config.app_events })
     }
 
     fn handle(&self, app: &str) -> Result<mpsc::Sender<AppEvent>, EngineError> {
@@ -344,6 +419,7 @@ impl Engine {
             events: self.inner.events.clone(),
             stop_waiters: Vec::new(),
             accept: accept.abort_handle(),
+            dirty: Vec::new(),
         };
         tokio::spawn(actor.run(rx));
         Ok(AppHandle { tx, crashlog })
@@ -421,14 +497,16 @@ impl Engine {
 pub(crate) enum AppEvent {
     /// A caller opens a session.
     Invoke { event: String, reply: oneshot::Sender<Result<Session, EngineError>> },
+    /// A caller makes a one-chunk call and collects the reply.
+    Call { event: String, body: Bytes, done: CallDone },
     /// A caller sends up a session.
     Up { session: u64, msg: Up },
     /// A caller dropped its session.
     Dropped { session: u64 },
     /// A worker connection was accepted.
     Accepted { conn: u64, writer: mpsc::Sender<Bytes>, reader: AbortHandle },
-    /// A message from a worker connection.
-    FromConn { conn: u64, msg: Message },
+    /// Messages from a worker connection (everything one read decoded).
+    FromConn { conn: u64, msgs: Vec<Message> },
     /// A worker connection closed (`error` when it sent garbage or failed).
     ConnClosed { conn: u64, error: Option<String> },
     /// A worker process exited.
@@ -456,6 +534,8 @@ struct ConnEntry {
     writer: mpsc::Sender<Bytes>,
     reader: AbortHandle,
     worker: Option<WorkerId>,
+    /// Encoded messages not yet handed to the writer: flushed once per batch of events.
+    out: BytesMut,
 }
 
 enum Place {
@@ -463,12 +543,64 @@ enum Place {
     Open { worker: WorkerId, channel: u64 },
 }
 
+/// Where a session's replies go.
+enum Sink {
+    /// A streaming [`Session`]'s channel.
+    Stream(mpsc::Sender<Down>),
+    /// An [`AppCaller::call`]: chunks are kept until the worker closes its side.
+    Collect { chunks: Vec<Bytes>, done: Option<CallDone> },
+}
+
 struct SessionEntry {
     event: String,
-    down: mpsc::Sender<Down>,
+    sink: Sink,
     place: Place,
     /// The caller is gone or too slow: replies are dropped.
     abandoned: bool,
+}
+
+impl SessionEntry {
+    /// Hands a message from the worker to the caller; `false` when the caller cannot take it
+    /// (a stream read too slowly, or a call collected more than `limit` chunks).
+    fn deliver(&mut self, msg: Down, limit: usize) -> bool {
+        match &mut self.sink {
+            Sink::Stream(tx) => tx.try_send(msg).is_ok(),
+            Sink::Collect { chunks, done } => {
+                match msg {
+                    Down::Chunk(b) if chunks.len() >= limit => {
+                        drop(b);
+                        return false;
+                    }
+                    Down::Chunk(b) => chunks.push(b),
+                    Down::Choke => {
+                        if let Some(d) = done.take() {
+                            d.complete(Ok(std::mem::take(chunks)));
+                        }
+                    }
+                    Down::Error(e) => {
+                        if let Some(d) = done.take() {
+                            d.complete(Err(e));
+                        }
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Ends the session for its caller with `e` (a stream that is full already misses it).
+    fn fail(&mut self, e: SessionError) {
+        match &mut self.sink {
+            Sink::Stream(tx) => {
+                let _ = tx.try_send(Down::Error(e));
+            }
+            Sink::Collect { done, .. } => {
+                if let Some(d) = done.take() {
+                    d.complete(Err(e));
+                }
+            }
+        }
+    }
 }
 
 struct App {
@@ -490,7 +622,12 @@ struct App {
     events: broadcast::Sender<EngineEvent>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     accept: AbortHandle,
+    /// Connections with encoded messages in `out`.
+    dirty: Vec<u64>,
 }
+
+/// Most events an app's actor takes off its queue before it settles and writes to workers.
+const EVENT_BATCH: usize = 128;
 
 fn now() -> std::time::Instant {
     Instant::now().into_std()
@@ -499,35 +636,61 @@ fn now() -> std::time::Instant {
 impl App {
     async fn run(mut self, mut rx: mpsc::Receiver<AppEvent>) {
         tracing::info!(app = %self.name, socket = %self.socket.display(), "app started");
-        loop {
+        // One timer for the actor's whole life, moved only when the next deadline changes.
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        let mut armed: Option<std::time::Instant> = None;
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
+        'run: loop {
             let deadline = self.next_deadline();
-            let ev = match deadline {
-                Some(d) => tokio::select! {
-                    ev = rx.recv() => ev,
-                    _ = tokio::time::sleep_until(Instant::from_std(d)) => {
-                        self.tick();
-                        continue;
-                    }
-                },
-                None => rx.recv().await,
-            };
-            let Some(ev) = ev else { break };
-            if matches!(ev, AppEvent::Exit) {
-                break;
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    sleep.as_mut().reset(Instant::from_std(d));
+                }
+                armed = deadline;
             }
-            self.handle(ev);
-            self.pump();
-            self.answer_stop_waiters();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, EVENT_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                _ = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    self.tick();
+                    continue;
+                }
+            }
+            let now = now();
+            for ev in batch.drain(..) {
+                if matches!(ev, AppEvent::Exit) {
+                    break 'run;
+                }
+                self.handle(ev, now);
+            }
+            self.settle();
         }
         self.accept.abort();
         if self.socket_ino.is_some() && socket_inode(&self.socket) == self.socket_ino {
             let _ = std::fs::remove_file(&self.socket);
         }
-        for (_, s) in self.sessions.drain() {
-            let _ = s.down.try_send(Down::Error(SessionError::EngineGone));
+        for (_, mut s) in self.sessions.drain() {
+            s.fail(SessionError::EngineGone);
         }
         tracing::info!(app = %self.name, "app removed");
         // Dropping the worker entries drops their process handles: kill_on_drop ends them.
+    }
+
+    /// After a batch of events: apply what the cores want until quiet, write to the workers,
+    /// answer stop requests.
+    fn settle(&mut self) {
+        loop {
+            self.pump();
+            if !self.flush() {
+                break;
+            }
+        }
+        self.answer_stop_waiters();
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
@@ -544,16 +707,14 @@ impl App {
             w.machine.tick(now);
         }
         self.balancer.tick(now);
-        self.pump();
-        self.answer_stop_waiters();
+        self.settle();
     }
 
     fn emit(&self, ev: EngineEvent) {
         let _ = self.events.send(ev);
     }
 
-    fn handle(&mut self, ev: AppEvent) {
-        let now = now();
+    fn handle(&mut self, ev: AppEvent, now: std::time::Instant) {
         match ev {
             AppEvent::Invoke { event, reply } => {
                 let id = self.next_session;
@@ -568,20 +729,41 @@ impl App {
                         let session = Session { id, app, down: down_rx, up_closed: false, done: false };
                         let entry = SessionEntry {
                             event,
-                            down: down_tx,
+                            sink: Sink::Stream(down_tx),
                             place: Place::Queued { pending: Vec::new() },
                             abandoned: false,
                         };
                         self.sessions.insert(id, entry);
                         if reply.send(Ok(session)).is_err() {
                             // The caller gave up; its Session was dropped unsent.
-                            self.abandon(id, now);
+                            self.abandon(id);
                         }
                     }
                 }
             }
-            AppEvent::Up { session, msg } => self.up(session, msg, now),
-            AppEvent::Dropped { session } => self.abandon(session, now),
+            AppEvent::Call { event, body, done } => {
+                let id = self.next_session;
+                self.next_session += 1;
+                match self.balancer.enqueue(id, now) {
+                    Err(e) => done.complete(Err(SessionError::Rejected(e))),
+                    Ok(()) => {
+                        let mut pending = Vec::with_capacity(2);
+                        if !body.is_empty() {
+                            pending.push(Up::Chunk(body));
+                        }
+                        pending.push(Up::Choke);
+                        let entry = SessionEntry {
+                            event,
+                            sink: Sink::Collect { chunks: Vec::new(), done: Some(done) },
+                            place: Place::Queued { pending },
+                            abandoned: false,
+                        };
+                        self.sessions.insert(id, entry);
+                    }
+                }
+            }
+            AppEvent::Up { session, msg } => self.up(session, msg),
+            AppEvent::Dropped { session } => self.abandon(session),
             AppEvent::Accepted { conn, writer, reader } => {
                 let pending = self.conns.values().filter(|c| c.worker.is_none()).count();
                 if pending >= self.config.pending_connections {
@@ -589,9 +771,13 @@ impl App {
                     reader.abort();
                     return;
                 }
-                self.conns.insert(conn, ConnEntry { writer, reader, worker: None });
+                self.conns.insert(conn, ConnEntry { writer, reader, worker: None, out: BytesMut::new() });
             }
-            AppEvent::FromConn { conn, msg } => self.worker_message(conn, msg, now),
+            AppEvent::FromConn { conn, msgs } => {
+                for msg in msgs {
+                    self.worker_message(conn, msg, now);
+                }
+            }
             AppEvent::ConnClosed { conn, error } => {
                 if let Some(c) = self.conns.remove(&conn) {
                     if let Some(e) = &error {
@@ -670,11 +856,11 @@ impl App {
 
     /// Applies worker outputs and balancer actions until both are quiet.
     fn pump(&mut self) {
+        let now = now();
         loop {
             let mut progressed = false;
             let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
             for id in ids {
-                let now = now();
                 progressed |= self.drain_worker(id, now);
                 let dead = self.workers.get(&id).is_some_and(|w| w.machine.state() == State::Dead);
                 if dead {
@@ -712,7 +898,7 @@ impl App {
                     if matches!(msg, Message::Terminate { .. }) {
                         self.emit(EngineEvent::Terminating { app: self.name.clone(), worker: id });
                     }
-                    self.send_to_worker(id, &msg, now);
+                    self.send_to_worker(id, &msg);
                 }
                 Output::Kill(signal) => {
                     tracing::info!(app = %self.name, worker = id, ?signal, "signalling worker");
@@ -745,17 +931,43 @@ impl App {
         }
     }
 
-    fn send_to_worker(&mut self, id: WorkerId, msg: &Message, now: std::time::Instant) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
-        let Some(conn) = w.conn.and_then(|c| self.conns.get(&c)) else { return };
-        if let Err(e) = conn.writer.try_send(msg.to_bytes()) {
-            tracing::warn!(app = %self.name, worker = id, error = %e, "worker connection is not keeping up; closing it");
-            let c = w.conn.take().and_then(|c| self.conns.remove(&c));
-            if let Some(c) = c {
-                c.reader.abort();
-            }
-            w.machine.handle_disconnect(now);
+    /// Queues `msg` for the worker's connection; [`App::flush`] writes it.
+    fn send_to_worker(&mut self, id: WorkerId, msg: &Message) {
+        let Some(conn) = self.workers.get(&id).and_then(|w| w.conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.out.is_empty() {
+            self.dirty.push(conn);
         }
+        msg.encode(&mut c.out);
+    }
+
+    /// Hands each connection's queued messages to its writer as one buffer. A worker whose
+    /// writer queue is full is not keeping up: its connection is closed. Returns whether that
+    /// happened (the worker machines then have outputs to pump).
+    fn flush(&mut self) -> bool {
+        let mut closed = false;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for conn in dirty.drain(..) {
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            if c.out.is_empty() {
+                continue;
+            }
+            let bytes = c.out.split().freeze();
+            if let Err(e) = c.writer.try_send(bytes) {
+                let worker = c.worker;
+                tracing::warn!(app = %self.name, ?worker, error = %e, "worker connection is not keeping up; closing it");
+                if let Some(c) = self.conns.remove(&conn) {
+                    c.reader.abort();
+                }
+                if let Some(w) = worker.and_then(|id| self.workers.get_mut(&id)) {
+                    w.conn = None;
+                    w.machine.handle_disconnect(now());
+                }
+                closed = true;
+            }
+        }
+        self.dirty = dirty;
+        closed
     }
 
     /// Fails every session open on `worker` (its process failed or exited).
@@ -763,8 +975,8 @@ impl App {
         let Some(w) = self.workers.get_mut(&worker) else { return };
         let sessions: Vec<u64> = w.channels.drain().map(|(_, s)| s).collect();
         for s in sessions {
-            if let Some(entry) = self.sessions.remove(&s) {
-                let _ = entry.down.try_send(Down::Error(SessionError::WorkerFailed(reason.to_string())));
+            if let Some(mut entry) = self.sessions.remove(&s) {
+                entry.fail(SessionError::WorkerFailed(reason.to_string()));
             }
             self.balancer.session_done(worker, false, now);
         }
@@ -781,8 +993,8 @@ impl App {
                 }
             }
             Action::Reject { request, error } => {
-                if let Some(entry) = self.sessions.remove(&request) {
-                    let _ = entry.down.try_send(Down::Error(SessionError::Rejected(error)));
+                if let Some(mut entry) = self.sessions.remove(&request) {
+                    entry.fail(SessionError::Rejected(error));
                 }
             }
             Action::Status(status) => {
@@ -876,19 +1088,19 @@ impl App {
             Place::Open { .. } => Vec::new(),
         };
         let invoke = Message::Invoke { channel, event: entry.event.clone() };
-        self.send_to_worker(worker, &invoke, now);
+        self.send_to_worker(worker, &invoke);
         for up in pending {
-            self.send_to_worker(worker, &up_message(channel, up), now);
+            self.send_to_worker(worker, &up_message(channel, up));
         }
     }
 
-    fn up(&mut self, session: u64, msg: Up, now: std::time::Instant) {
+    fn up(&mut self, session: u64, msg: Up) {
         let limit = self.config.session_messages;
         let Some(entry) = self.sessions.get_mut(&session) else { return };
         match &mut entry.place {
             Place::Queued { pending } => {
                 if pending.len() >= limit {
-                    let _ = entry.down.try_send(Down::Error(SessionError::Overflow(limit)));
+                    entry.fail(SessionError::Overflow(limit));
                     self.sessions.remove(&session);
                     self.balancer.cancel(session);
                 } else {
@@ -897,13 +1109,13 @@ impl App {
             }
             Place::Open { worker, channel } => {
                 let (worker, channel) = (*worker, *channel);
-                self.send_to_worker(worker, &up_message(channel, msg), now);
+                self.send_to_worker(worker, &up_message(channel, msg));
             }
         }
     }
 
     /// The caller went away: withdraw a queued request; tell the worker of an open one.
-    fn abandon(&mut self, session: u64, now: std::time::Instant) {
+    fn abandon(&mut self, session: u64) {
         let Some(entry) = self.sessions.get_mut(&session) else { return };
         match entry.place {
             Place::Queued { .. } => {
@@ -919,7 +1131,7 @@ impl App {
                         code: 1,
                         message: "caller went away".into(),
                     };
-                    self.send_to_worker(worker, &msg, now);
+                    self.send_to_worker(worker, &msg);
                 }
             }
         }
@@ -985,17 +1197,17 @@ impl App {
         }
         let limit = self.config.session_messages;
         if let Some(entry) = self.sessions.get_mut(&session) {
-            if !entry.abandoned && entry.down.try_send(msg).is_err() {
+            if !entry.abandoned && !entry.deliver(msg, limit) {
                 // The caller reads too slowly (or is gone): stop buffering for it.
                 entry.abandoned = true;
-                let _ = entry.down.try_send(Down::Error(SessionError::Overflow(limit)));
+                entry.fail(SessionError::Overflow(limit));
                 let msg = Message::Error {
                     channel,
                     category: category::ENGINE,
                     code: 2,
                     message: "caller is not reading replies".into(),
                 };
-                self.send_to_worker(worker, &msg, now);
+                self.send_to_worker(worker, &msg);
             }
         }
         if last {
@@ -1050,19 +1262,21 @@ async fn read_loop(mut r: tokio::net::unix::OwnedReadHalf, conn: u64, tx: mpsc::
     let mut decoder = Decoder::new(Role::Engine, max);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let error = loop {
-        loop {
+        // Everything one read decoded travels as one event.
+        let mut msgs = Vec::new();
+        let failed = loop {
             match decoder.decode(&mut buf) {
-                Ok(Some(msg)) => {
-                    if tx.send(AppEvent::FromConn { conn, msg }).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(AppEvent::ConnClosed { conn, error: Some(e.to_string()) }).await;
-                    return;
-                }
+                Ok(Some(msg)) => msgs.push(msg),
+                Ok(None) => break None,
+                Err(e) => break Some(e.to_string()),
             }
+        };
+        if !msgs.is_empty() && tx.send(AppEvent::FromConn { conn, msgs }).await.is_err() {
+            return;
+        }
+        if let Some(e) = failed {
+            let _ = tx.send(AppEvent::ConnClosed { conn, error: Some(e) }).await;
+            return;
         }
         match r.read_buf(&mut buf).await {
             Ok(0) => break if buf.is_empty() { None } else { Some("connection closed mid-message".to_string()) },
@@ -1079,6 +1293,13 @@ pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut w: W, mut r
     let mut batch = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 64).await > 0 {
+        if batch.len() == 1 {
+            let b = batch.pop().expect("one buffer");
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+            continue;
+        }
         // One write for the whole batch: an invocation is three messages (invoke, chunk, close).
         out.clear();
         for b in batch.drain(..) {

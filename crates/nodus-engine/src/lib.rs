@@ -21,7 +21,8 @@ pub mod worker_sdk;
 
 pub use client::{AppClient, ClientError, ClientOptions, Endpoints, ServiceHandle, Stream};
 pub use engine::{
-    category, socket_path, AppInfo, AppSpec, CrashRecord, Engine, EngineConfig, EngineError, EngineEvent, WorkerInfo,
+    category, socket_path, AppCaller, AppInfo, AppSpec, CallDone, CallResult, CrashRecord, Engine, EngineConfig,
+    EngineError, EngineEvent, WorkerInfo,
 };
 pub use locator::{Locator, LocatorConfig, LocatorError};
 pub use session::{Session, SessionError};

@@ -359,3 +359,69 @@ async fn an_app_removed_and_started_again_at_once_keeps_its_new_socket() {
     assert_eq!(within("choke", s.recv()).await.unwrap(), None);
     h.engine.shutdown().await;
 }
+
+/// One [`nodus_engine::AppCaller::call`], awaited.
+async fn call(caller: &nodus_engine::AppCaller, event: &str, body: &str) -> Result<Vec<bytes::Bytes>, SessionError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = nodus_engine::CallDone::new(move |r| {
+        let _ = tx.send(r);
+    });
+    assert!(caller.call(event, bytes::Bytes::from(body.to_string()), done), "the app is gone");
+    within(event, rx).await.expect("every call is completed")
+}
+
+#[tokio::test]
+async fn calls_collect_replies_and_every_failure_completes_them() {
+    let h = harness();
+    h.start("calls", ECHO, &[], profile()).await;
+    let caller = h.engine.caller("calls").unwrap();
+    assert_eq!(call(&caller, "echo", "hi").await.unwrap(), vec!["hi"]);
+    let chunks = call(&caller, "chunks", "300").await.unwrap();
+    assert_eq!(chunks.len(), 300);
+    assert_eq!(chunks[299], "299");
+    let e = call(&caller, "fail", "").await.unwrap_err();
+    assert_eq!(e, SessionError::Worker { category: 2, code: 1, message: "requested failure".into() });
+    let e = call(&caller, "crash", "boom").await.unwrap_err();
+    assert!(matches!(e, SessionError::WorkerFailed(_)), "{e:?}");
+    // A new worker takes the next call.
+    assert_eq!(call(&caller, "echo", "again").await.unwrap(), vec!["again"]);
+    assert!(matches!(h.engine.caller("other"), Err(EngineError::UnknownApp(_))));
+    // Once the app is removed, a call completes with EngineGone (even one queued behind the
+    // removal), and then tells the caller to re-resolve.
+    h.engine.remove("calls").await.unwrap();
+    let gone = |alive: &mut Vec<bool>| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        alive.push(caller.call("echo", bytes::Bytes::new(), nodus_engine::CallDone::new(move |r| drop(tx.send(r)))));
+        rx
+    };
+    let mut alive = Vec::new();
+    assert_eq!(within("gone", gone(&mut alive)).await.unwrap(), Err(SessionError::EngineGone));
+    assert_eq!(within("gone again", gone(&mut alive)).await.unwrap(), Err(SessionError::EngineGone));
+    assert!(!alive[1], "a caller of a removed app must say so");
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_refused_by_a_full_queue_or_collecting_too_much_fails_cleanly() {
+    let dir = tempfile::Builder::new().prefix("ne").tempdir().unwrap();
+    let mut config = EngineConfig::new(dir.path().join("run"));
+    config.session_messages = 10;
+    let engine = Engine::new(config);
+    let mut manifest = Manifest::new(ECHO);
+    manifest.env.insert("NODUS_HEARTBEAT_MS".into(), "100".into());
+    let p = Profile { pool_limit: 1, concurrency: 1, queue_limit: 1, ..profile() };
+    engine.start(AppSpec { name: "small".into(), dir: dir.path().to_path_buf(), manifest, profile: p }).await.unwrap();
+    let caller = engine.caller("small").unwrap();
+    // More reply chunks than a session may hold: the call fails, the worker is told, and the
+    // app serves the next call.
+    assert_eq!(call(&caller, "chunks", "50").await.unwrap_err(), SessionError::Overflow(10));
+    assert_eq!(call(&caller, "echo", "ok").await.unwrap(), vec!["ok"]);
+    // One session on the worker, one queued: the call is refused at once with queue full.
+    let mut a = engine.invoke("small", "echo").await.unwrap();
+    echo_once(&mut a, "a").await;
+    let b = engine.invoke("small", "echo").await.unwrap();
+    let e = call(&caller, "echo", "c").await.unwrap_err();
+    assert_eq!(e, SessionError::Rejected(Rejection::QueueFull { limit: 1 }));
+    drop((a, b));
+    engine.shutdown().await;
+}
