@@ -7,9 +7,11 @@
 use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
 use anyhow::{bail, Context};
+use bytes::Bytes;
+use nodus_engine::balance::Rejection;
 use nodus_engine::manifest::{Format, Manifest};
 use nodus_engine::profile::Profile;
-use nodus_engine::{AppSpec, Engine, EngineError, SessionError};
+use nodus_engine::{AppSpec, CallDone, Engine, SessionError};
 use nodus_wire::Message;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -296,60 +298,33 @@ fn unpack(archive: &Path, gzip: bool, to: &Path, mut budget: (u64, usize)) -> an
     Ok(())
 }
 
-/// Runs one request against an app and builds the reply message.
-pub async fn invoke(engine: &Engine, app: &str, req: &Message) -> Message {
-    let event = req.get("event").map(String::from).unwrap_or_else(|| req.command.to_ascii_lowercase());
-    let result = async {
-        let mut session = engine.invoke(app, &event).await.map_err(Failure::Engine)?;
-        if !req.payload.is_empty() {
-            session.send(req.payload.clone()).await.map_err(Failure::Session)?;
-        }
-        session.close().await.map_err(Failure::Session)?;
-        session.collect().await.map_err(Failure::Session)
-    }
-    .await;
+/// The engine event a request calls: its `event` parameter, else its command in lower case.
+fn event_of(req: &Message) -> String {
+    req.get("event").map(String::from).unwrap_or_else(|| req.command.to_ascii_lowercase())
+}
+
+/// The reply to a request that called `event`: RESULT with the worker's chunks joined, or
+/// ERROR with a stable code (the caller may retry on `queue_full` and `worker_failed`).
+fn call_reply(req: &Message, event: &str, result: Result<Vec<Bytes>, SessionError>) -> Message {
     match result {
         Ok(chunks) => {
-            let mut payload = Vec::with_capacity(chunks.iter().map(|c| c.len()).sum());
-            for c in &chunks {
-                payload.extend_from_slice(c);
-            }
-            req.reply("RESULT").param("chunks", chunks.len()).param("event", &event).with_payload(payload)
+            let payload = match chunks.as_slice() {
+                [one] => one.to_vec(),
+                _ => chunks.concat(),
+            };
+            req.reply("RESULT").param("chunks", chunks.len()).param("event", event).with_payload(payload)
         }
-        Err(f) => {
-            let (code, text) = f.describe();
-            req.reply("ERROR").param("code", code).param("command", &req.command).param("message", text)
+        Err(e) => {
+            let code = match &e {
+                SessionError::Rejected(Rejection::QueueFull { .. }) => "queue_full",
+                SessionError::Rejected(_) => "rejected",
+                SessionError::Worker { .. } => "app_error",
+                SessionError::WorkerFailed(_) => "worker_failed",
+                SessionError::EngineGone => "unavailable",
+                SessionError::Overflow(_) | SessionError::Closed => "session",
+            };
+            req.reply("ERROR").param("code", code).param("command", &req.command).param("message", e.to_string())
         }
-    }
-}
-
-enum Failure {
-    Engine(EngineError),
-    Session(SessionError),
-}
-
-impl Failure {
-    /// A stable error code (the caller may retry on `queue_full` and `worker_failed`) and text.
-    fn describe(&self) -> (&'static str, String) {
-        let code = match self {
-            Failure::Engine(EngineError::Rejected(r)) | Failure::Session(SessionError::Rejected(r)) => {
-                if r.to_string().starts_with("queue full") {
-                    "queue_full"
-                } else {
-                    "rejected"
-                }
-            }
-            Failure::Engine(EngineError::UnknownApp(_)) => "unavailable",
-            Failure::Engine(_) => "engine",
-            Failure::Session(SessionError::Worker { .. }) => "app_error",
-            Failure::Session(SessionError::WorkerFailed(_)) => "worker_failed",
-            Failure::Session(_) => "session",
-        };
-        let text = match self {
-            Failure::Engine(e) => e.to_string(),
-            Failure::Session(e) => e.to_string(),
-        };
-        (code, text)
     }
 }
 
@@ -360,6 +335,9 @@ pub(crate) struct Apps {
     service: tokio::task::JoinHandle<()>,
     bridges: Arc<Mutex<HashMap<String, ConnId>>>,
 }
+
+/// Requests an app's bridge takes off its queue at a time.
+const BRIDGE_BATCH: usize = 128;
 
 /// The built-in service's name.
 pub const APPS_SERVICE: &str = "apps";
@@ -562,19 +540,40 @@ impl Ctx {
         bridges.insert(name.to_string(), conn);
         let (shared, engine, app) = (self.shared.clone(), self.engine.clone(), name.to_string());
         tokio::spawn(async move {
-            while let Some(out) = rx.recv().await {
-                let Outbound::Msg(req, _) = out else { continue };
-                if !is_request(&req) {
-                    continue;
-                }
-                let (shared, engine, app) = (shared.clone(), engine.clone(), app.clone());
-                // Each request is its own session; the engine's queue-limit bounds how many wait.
-                tokio::spawn(async move {
-                    let reply = invoke(&engine, &app, &req).await;
-                    if req.envelope.id != 0 {
-                        shared.inject(conn, reply);
+            let mut caller = engine.caller(&app).ok();
+            let mut batch = Vec::with_capacity(BRIDGE_BATCH);
+            while rx.recv_many(&mut batch, BRIDGE_BATCH).await > 0 {
+                for out in batch.drain(..) {
+                    let Outbound::Msg(mut req, _) = out else { continue };
+                    if !is_request(&req) {
+                        continue;
                     }
-                });
+                    let event = event_of(&req);
+                    if caller.is_none() {
+                        caller = engine.caller(&app).ok();
+                    }
+                    let Some(c) = caller.as_ref() else {
+                        if req.envelope.id != 0 {
+                            let reply = call_reply(&req, &event, Err(SessionError::EngineGone));
+                            shared.inject(conn, reply);
+                        }
+                        continue;
+                    };
+                    let body = Bytes::from(std::mem::take(&mut req.payload));
+                    let shared = shared.clone();
+                    let reply_event = event.clone();
+                    // Each request is its own session; the engine's queue-limit bounds how many
+                    // wait, and the reply is routed from the app's task when the worker is done.
+                    let done = CallDone::new(move |result| {
+                        if req.envelope.id != 0 {
+                            shared.inject(conn, call_reply(&req, &reply_event, result));
+                        }
+                    });
+                    if !c.call(event, body, done) {
+                        // The app was removed (and perhaps started again): look it up anew.
+                        caller = None;
+                    }
+                }
             }
         });
     }
