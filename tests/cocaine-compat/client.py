@@ -85,7 +85,7 @@ def run(endpoint, appname):
     app = Service(appname, endpoints=[endpoint], timeout=TIMEOUT)
     yield app.connect()
     names = sorted(m[0] for m in app.api.values())
-    expect(names == [b"enqueue", b"info"], "app resolved to %s with api %s" % (app.endpoints, names))
+    expect(names == [b"control", b"enqueue", b"info"], "app resolved to %s with api %s" % (app.endpoints, names))
 
     got = yield echo_session(app, ["hello", "world"])
     expect(got == [b"hello", b"world"], "echo returns each chunk: %s" % got)
@@ -113,6 +113,14 @@ def run(endpoint, appname):
     channel = yield app.info()
     info = yield channel.rx.get(timeout=TIMEOUT)
     expect(info[b"state"] == b"running" and info[b"app"] == appname.encode(), "info: %s" % info)
+
+    # control(): chunk(n) keeps n workers running; a later info on the connection shows it.
+    control = yield app.control()
+    yield control.tx.chunk(2)
+    channel = yield app.info()
+    info = yield channel.rx.get(timeout=TIMEOUT)
+    expect(info[b"population"] == 2, "control: chunk(2) sets the population: %s" % info[b"population"])
+    yield control.tx.chunk(0)
 
     # The app still works after the failure (the worker survived the exception).
     got = yield echo_session(app, ["again"])

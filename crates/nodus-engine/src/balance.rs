@@ -10,6 +10,10 @@
 //! a row (each within [`BalanceConfig::crash_window`] of the previous) put the app in
 //! [`AppStatus::Failed`]: queued requests are refused and no worker is started again until
 //! [`Balancer::start`].
+//!
+//! An operator (Cocaine's `control` method, `nodus app scale`) may ask for a population: that
+//! many workers (at most `pool-limit`) are kept running even with no requests, and idle workers
+//! are retired only down to it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -144,6 +148,7 @@ pub struct Balancer {
     backoff_until: Option<Instant>,
     rng: u64,
     actions: VecDeque<Action>,
+    population: usize,
 }
 
 impl Balancer {
@@ -165,6 +170,7 @@ impl Balancer {
             backoff_until: None,
             rng: seed,
             actions: VecDeque::new(),
+            population: 0,
         }
     }
 
@@ -201,6 +207,28 @@ impl Balancer {
             .collect()
     }
 
+    /// Workers to keep running with no requests (0: none), as asked by [`Balancer::set_population`].
+    pub fn population(&self) -> usize {
+        self.population
+    }
+
+    /// Keeps `n` workers running (capped at `pool-limit`) even when idle: missing ones start
+    /// now, and idle ones are retired only down to `n`.
+    pub fn set_population(&mut self, n: usize, now: Instant) {
+        self.population = n;
+        self.dispatch(now);
+    }
+
+    /// Workers that take or will take requests (starting or ready).
+    fn live(&self) -> usize {
+        self.workers.values().filter(|s| s.state != SlotState::Draining).count()
+    }
+
+    /// Whether fewer workers run than the population asked for.
+    fn below_population(&self) -> bool {
+        self.population > 0 && self.live() < self.population.min(self.pool_limit)
+    }
+
     /// The next thing for the driver to do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -208,10 +236,12 @@ impl Balancer {
 
     /// When [`Balancer::tick`] must next be called.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let idle = self.idle_timeout.and_then(|t| {
+        // Idle workers are retired only above the population, so only then is their idle
+        // deadline one (a deadline that retires nothing would fire again at once).
+        let idle = self.idle_timeout.filter(|_| self.live() > self.population).and_then(|t| {
             self.workers.values().filter(|s| s.state == SlotState::Ready && s.load == 0).map(|s| s.idle_since + t).min()
         });
-        let backoff = self.backoff_until.filter(|_| !self.queue.is_empty());
+        let backoff = self.backoff_until.filter(|_| !self.queue.is_empty() || self.below_population());
         match (idle, backoff) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -349,10 +379,12 @@ impl Balancer {
     /// Time passed: retire idle workers, spawn after a backoff.
     pub fn tick(&mut self, now: Instant) {
         if let Some(idle) = self.idle_timeout {
+            let mut live = self.live();
             for (&id, s) in self.workers.iter_mut() {
-                if s.state == SlotState::Ready && s.load == 0 && now >= s.idle_since + idle {
+                if live > self.population && s.state == SlotState::Ready && s.load == 0 && now >= s.idle_since + idle {
                     s.state = SlotState::Draining;
                     self.actions.push_back(Action::Retire(id));
+                    live -= 1;
                 }
             }
         }
@@ -397,7 +429,7 @@ impl Balancer {
             let request = self.queue.pop_front().expect("queue is not empty");
             self.assign(request, worker);
         }
-        if self.status != AppStatus::Running || self.queue.is_empty() {
+        if self.status != AppStatus::Running || (self.queue.is_empty() && !self.below_population()) {
             return;
         }
         if self.backoff_until.is_some_and(|t| now < t) {
@@ -410,15 +442,25 @@ impl Balancer {
         }
         let mut pending = starting * self.concurrency;
         while self.queue.len() > pending && self.workers.len() < self.pool_limit {
-            let id = self.next_worker;
-            self.next_worker += 1;
-            self.workers.insert(id, Slot { state: SlotState::Starting, load: 0, idle_since: now });
-            self.actions.push_back(Action::Spawn(id));
+            self.spawn(now);
             pending += self.concurrency;
             if self.streak > 0 {
-                break;
+                return;
             }
         }
+        while self.below_population() && self.workers.len() < self.pool_limit {
+            self.spawn(now);
+            if self.streak > 0 {
+                return;
+            }
+        }
+    }
+
+    fn spawn(&mut self, now: Instant) {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.workers.insert(id, Slot { state: SlotState::Starting, load: 0, idle_since: now });
+        self.actions.push_back(Action::Spawn(id));
     }
 
     /// Jittered exponential backoff for the `n`th failure in a row: uniform in [d/2, d] where
@@ -545,6 +587,43 @@ mod tests {
         // Demand brings the pool back.
         b.enqueue(3, t + Duration::from_secs(20)).unwrap();
         assert_eq!(drain(&mut b), vec![Action::Spawn(3)]);
+    }
+
+    #[test]
+    fn a_population_starts_workers_without_requests_and_keeps_them_when_idle() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(&profile(3, 10, 1), BalanceConfig::default(), 1);
+        b.set_population(2, t0);
+        assert_eq!(drain(&mut b), vec![Action::Spawn(1), Action::Spawn(2)]);
+        b.worker_ready(1, t0);
+        b.worker_ready(2, t0);
+        // Past the idle timeout nothing is retired and no deadline is pending for it.
+        assert_eq!(b.next_deadline(), None);
+        b.tick(t0 + Duration::from_secs(60));
+        assert!(drain(&mut b).is_empty());
+        // Capped at pool-limit.
+        b.set_population(10, t0);
+        assert_eq!(drain(&mut b), vec![Action::Spawn(3)]);
+        b.worker_ready(3, t0);
+        // Back down to 1: idle workers above it go once their idle timeout passes.
+        b.set_population(1, t0);
+        assert_eq!(b.next_deadline(), Some(t0 + Duration::from_secs(10)));
+        b.tick(t0 + Duration::from_secs(10));
+        assert_eq!(drain(&mut b), vec![Action::Retire(1), Action::Retire(2)]);
+        b.worker_exited(1, None, t0);
+        b.worker_exited(2, None, t0);
+        assert_eq!(b.next_deadline(), None);
+        // A worker lost below the population is replaced, after the backoff if it failed.
+        b.worker_exited(3, Some("crash"), t0);
+        assert!(drain(&mut b).is_empty());
+        let at = b.next_deadline().expect("a backoff deadline");
+        b.tick(at);
+        assert_eq!(drain(&mut b), vec![Action::Spawn(4)]);
+        // A stopped app keeps no population.
+        b.stop();
+        assert!(matches!(drain(&mut b).as_slice(), [Action::Status(AppStatus::Stopped), Action::Retire(4)]));
+        b.worker_exited(4, None, t0);
+        assert!(drain(&mut b).is_empty());
     }
 
     #[test]

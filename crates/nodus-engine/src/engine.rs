@@ -155,6 +155,8 @@ pub struct AppInfo {
     pub status: AppStatus,
     /// Requests waiting for a worker.
     pub queued: usize,
+    /// Workers kept running even when idle, as asked by [`Engine::set_population`] (0: none).
+    pub population: usize,
     /// Open sessions (queued and running).
     pub sessions: usize,
     /// Worker processes.
@@ -469,6 +471,16 @@ impl Engine {
         rx.await.map_err(|_| EngineError::Gone)?
     }
 
+    /// Keeps `n` of the app's workers running even with no requests (capped at its
+    /// `pool-limit`; 0 returns to starting workers on demand only). Cocaine's `control`.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub async fn set_population(&self, app: &str, n: usize) -> Result<(), EngineError> {
+        let tx = self.handle(app)?;
+        tx.send(AppEvent::Population { n }).await.map_err(|_| EngineError::Gone)
+    }
+
     /// A snapshot of an app.
     ///
     /// # Errors
@@ -515,6 +527,8 @@ pub(crate) enum AppEvent {
     Deploy { spec: Box<AppSpec> },
     /// Snapshot request.
     Info { reply: oneshot::Sender<AppInfo> },
+    /// How many workers to keep running when idle.
+    Population { n: usize },
     /// Stop request, answered when no worker is left.
     Stop { reply: oneshot::Sender<()> },
     /// The app is forgotten: end the actor.
@@ -825,9 +839,14 @@ impl App {
                     name: self.name.clone(),
                     status: self.balancer.status().clone(),
                     queued: self.balancer.queue_len(),
+                    population: self.balancer.population(),
                     sessions: self.sessions.len(),
                     workers,
                 });
+            }
+            AppEvent::Population { n } => {
+                tracing::info!(app = %self.name, population = n, "population set");
+                self.balancer.set_population(n, now);
             }
             AppEvent::Stop { reply } => {
                 self.balancer.stop();

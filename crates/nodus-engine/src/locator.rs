@@ -436,6 +436,14 @@ async fn request(
                 }
             }
         }
+        Request::Control { .. } => {}
+        Request::Population { channel, workers } => {
+            if let Err(e) = shared.engine.set_population(app, workers).await {
+                let (category, code, text) = engine_error(&e);
+                out.send(service::encode_error(channel, category, code, &text));
+                dispatch.finished(channel);
+            }
+        }
         Request::Write { channel, data } => {
             if let Some(tx) = ups.get(&channel) {
                 let _ = tx.send(Up::Write(data)).await;
@@ -553,6 +561,7 @@ fn info_value(info: &AppInfo) -> Value {
         map.push(kv("reason", Value::from(r)));
     }
     map.push(kv("queue", Value::Map(vec![kv("depth", Value::from(info.queued as u64))])));
+    map.push(kv("population", Value::from(info.population as u64)));
     map.push(kv("sessions", Value::Map(vec![kv("pending", Value::from(info.sessions as u64))])));
     map.push(kv(
         "pool",

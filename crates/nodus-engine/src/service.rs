@@ -16,8 +16,9 @@
 //!
 //! The locator answers `resolve(name)` with `value([[host, port], ...], version, graph)`. An app
 //! service has `enqueue(event)` (streaming both ways: chunks to and from one worker session) and
-//! `info()` (primitive: a map describing the app). Errors are `[[category, code], text]` (see
-//! [`errors`]).
+//! `info()` (primitive: a map describing the app) and `control()` (a stream of `chunk(n)` from
+//! the client, each setting how many workers to keep running; nothing comes back). Errors are
+//! `[[category, code], text]` (see [`errors`]).
 
 use std::collections::HashMap;
 
@@ -44,6 +45,14 @@ pub mod app_method {
     pub const ENQUEUE: u64 = 0;
     /// `info() -> value(map) | error`.
     pub const INFO: u64 = 1;
+    /// `control()`: then `chunk(n)` any number of times, each setting the app's population.
+    pub const CONTROL: u64 = 2;
+}
+
+/// Message ids a client sends on a `control` channel.
+pub mod control {
+    /// `chunk(n)`: keep `n` workers running (0: start them on demand only).
+    pub const CHUNK: u64 = 0;
 }
 
 /// Message ids of the streaming protocol (both directions of `enqueue`).
@@ -108,7 +117,7 @@ pub mod errors {
 pub enum Api {
     /// The locator: `resolve`.
     Locator,
-    /// An app: `enqueue`, `info`.
+    /// An app: `enqueue`, `info`, `control`.
     App,
 }
 
@@ -138,6 +147,11 @@ pub fn primitive_graph() -> Value {
     Value::Map(vec![edge(primitive::VALUE, "value", done()), edge(primitive::ERROR, "error", done())])
 }
 
+/// The control protocol's graph: `{0: [chunk, nil]}` (a stream of population sizes).
+pub fn control_graph() -> Value {
+    Value::Map(vec![edge(control::CHUNK, "chunk", Value::Nil)])
+}
+
 fn method(id: u64, name: &str, tx: Value, rx: Value) -> (Value, Value) {
     (Value::from(id), Value::Array(vec![s(name), tx, rx]))
 }
@@ -150,6 +164,7 @@ impl Api {
             Api::App => Value::Map(vec![
                 method(app_method::ENQUEUE, "enqueue", streaming_graph(), streaming_graph()),
                 method(app_method::INFO, "info", done(), primitive_graph()),
+                method(app_method::CONTROL, "control", control_graph(), done()),
             ]),
         }
     }
@@ -220,6 +235,18 @@ pub enum Request {
         /// The channel to answer on.
         channel: u64,
     },
+    /// App: `control()` opened a channel for population sizes.
+    Control {
+        /// The new channel.
+        channel: u64,
+    },
+    /// `chunk(n)` on an open `control` channel: keep `n` workers running.
+    Population {
+        /// The channel.
+        channel: u64,
+        /// Workers to keep.
+        workers: usize,
+    },
     /// A chunk from the client on an open `enqueue` channel.
     Write {
         /// The channel.
@@ -258,8 +285,10 @@ pub enum Input {
 
 #[derive(Debug, Clone, Copy)]
 struct Channel {
-    /// The client may still send on it (an open `enqueue` stream).
+    /// The client may still send on it (an open `enqueue` stream or a `control` channel).
     client_open: bool,
+    /// A `control` channel (the control protocol, not the streaming one).
+    control: bool,
 }
 
 /// One connection's channel table: turns client frames into [`Request`]s, enforces increasing
@@ -287,9 +316,11 @@ impl Dispatch {
         self.channels.len()
     }
 
-    /// Refuses new channels from now on (shutdown); open ones go on.
+    /// Refuses new channels from now on (shutdown); open sessions go on, `control` channels
+    /// (which never finish on the service's side) end now.
     pub fn drain(&mut self) {
         self.draining = true;
+        self.channels.retain(|_, c| !c.control);
     }
 
     /// The service's side of `channel` is done (a value, an error or a close was sent).
@@ -307,6 +338,28 @@ impl Dispatch {
         let Some(state) = self.channels.get_mut(&channel) else { return Input::Ignored };
         if !state.client_open {
             return Input::Ignored;
+        }
+        if state.control {
+            return match (kind, args.first().and_then(Value::as_u64)) {
+                (control::CHUNK, Some(n)) => {
+                    Input::Request(Request::Population { channel, workers: usize::try_from(n).unwrap_or(usize::MAX) })
+                }
+                (control::CHUNK, None) => Input::Reply(encode_error(
+                    channel,
+                    errors::DISPATCH,
+                    errors::INVALID_ARGUMENT,
+                    "chunk takes the number of workers to keep, an integer >= 0",
+                )),
+                (other, _) => {
+                    state.client_open = false;
+                    Input::Reply(encode_error(
+                        channel,
+                        errors::DISPATCH,
+                        errors::UNKNOWN_METHOD,
+                        &format!("message type {other} is not part of the control protocol (0 chunk)"),
+                    ))
+                }
+            };
         }
         let mut args = args.into_iter();
         match kind {
@@ -366,16 +419,18 @@ impl Dispatch {
                 None => return refuse(errors::INVALID_ARGUMENT, "enqueue takes the event name".into()),
             },
             (Api::App, app_method::INFO) => (Request::Info { channel }, false),
+            (Api::App, app_method::CONTROL) => (Request::Control { channel }, true),
             (api, other) => {
                 let known = match api {
                     Api::Locator => "0 resolve",
-                    Api::App => "0 enqueue, 1 info",
+                    Api::App => "0 enqueue, 1 info, 2 control",
                 };
                 return refuse(errors::UNKNOWN_METHOD, format!("no method {other}; this service has {known}"));
             }
         };
         let (request, client_open) = request;
-        self.channels.insert(channel, Channel { client_open });
+        let control = matches!(request, Request::Control { .. });
+        self.channels.insert(channel, Channel { client_open, control });
         Input::Request(request)
     }
 }
@@ -435,6 +490,37 @@ mod tests {
         // write is recursive (nil), error and close end the stream ({}).
         assert_eq!(streaming_graph().to_string(), r#"{0: ["write", nil], 1: ["error", {}], 2: ["close", {}]}"#);
         assert_eq!(entries[1].1.to_string(), r#"["info", {}, {0: ["value", {}], 1: ["error", {}]}]"#);
+        assert_eq!(entries[2].1.to_string(), r#"["control", {0: ["chunk", nil]}, {}]"#);
+    }
+
+    #[test]
+    fn control_takes_population_sizes_until_the_connection_ends() {
+        let mut d = Dispatch::new(Api::App, 8);
+        assert_eq!(d.handle(frame(1, app_method::CONTROL, vec![])), Input::Request(Request::Control { channel: 1 }));
+        assert_eq!(
+            d.handle(frame(1, control::CHUNK, vec![Value::from(3)])),
+            Input::Request(Request::Population { channel: 1, workers: 3 })
+        );
+        assert_eq!(
+            d.handle(frame(1, control::CHUNK, vec![Value::from(0)])),
+            Input::Request(Request::Population { channel: 1, workers: 0 })
+        );
+        // Not a count: refused, the channel stays usable.
+        let bad = d.handle(frame(1, control::CHUNK, vec![Value::from(-2)]));
+        assert_eq!(error_of(&bad), (1, errors::DISPATCH, errors::INVALID_ARGUMENT));
+        assert_eq!(
+            d.handle(frame(1, control::CHUNK, vec![Value::from(1)])),
+            Input::Request(Request::Population { channel: 1, workers: 1 })
+        );
+        // Draining ends control channels at once: they never finish on the service's side.
+        let mut draining = Dispatch::new(Api::App, 8);
+        draining.handle(frame(1, app_method::CONTROL, vec![]));
+        draining.handle(frame(2, app_method::ENQUEUE, vec![Value::from("echo")]));
+        draining.drain();
+        assert_eq!(draining.open_channels(), 1);
+        // Another message type ends the client's side.
+        assert_eq!(error_of(&d.handle(frame(1, 5, vec![]))), (1, errors::DISPATCH, errors::UNKNOWN_METHOD));
+        assert_eq!(d.handle(frame(1, control::CHUNK, vec![Value::from(2)])), Input::Ignored);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use nodus_engine::manifest::Manifest;
 use nodus_engine::profile::Profile;
 use nodus_engine::protocol::{Decoder, Frame, Role, DEFAULT_MAX_MESSAGE_BYTES};
 use nodus_engine::service::errors;
-use nodus_engine::{AppSpec, Engine, EngineConfig, Locator, LocatorConfig};
+use nodus_engine::{AppSpec, Engine, EngineConfig, EngineEvent, Locator, LocatorConfig};
 use rmpv::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -153,7 +153,9 @@ async fn app_client(node: &Node, app: &str) -> Client {
 
 fn expected_app_graph() -> String {
     let stream = r#"{0: ["write", nil], 1: ["error", {}], 2: ["close", {}]}"#;
-    format!(r#"{{0: ["enqueue", {stream}, {stream}], 1: ["info", {{}}, {{0: ["value", {{}}], 1: ["error", {{}}]}}]}}"#)
+    let info = r#"["info", {}, {0: ["value", {}], 1: ["error", {}]}]"#;
+    let control = r#"["control", {0: ["chunk", nil]}, {}]"#;
+    format!(r#"{{0: ["enqueue", {stream}, {stream}], 1: {info}, 2: {control}}}"#)
 }
 
 fn profile() -> Profile {
@@ -373,5 +375,43 @@ async fn a_client_that_does_not_read_is_cut_off() {
     // The node still serves others.
     let mut other = Client::connect(node.addr).await;
     assert!(other.resolve(1, "echo").await.is_ok());
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_keeps_the_asked_population_of_workers_running() {
+    let node = node(&[("pop", Profile { pool_limit: 3, ..profile() })], LocatorConfig::default()).await;
+    let mut events = node.engine.events();
+    let mut c = app_client(&node, "pop").await;
+    // control(), then chunk(2): two workers start with no request.
+    c.send(1, 2, vec![]).await;
+    c.send(1, 0, vec![Value::from(2)]).await;
+    let mut ready = 0;
+    within("two workers ready", async {
+        while ready < 2 {
+            if let Ok(EngineEvent::Ready { app, .. }) = events.recv().await {
+                assert_eq!(app, "pop");
+                ready += 1;
+            }
+        }
+    })
+    .await;
+    let info = node.engine.info("pop").await.unwrap();
+    assert_eq!((info.population, info.workers.len()), (2, 2));
+    // `info` reports it.
+    c.send(2, 1, vec![]).await;
+    let f = c.recv().await;
+    assert_eq!((f.channel, f.kind), (2, 0));
+    let population = f.args[0].as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("population"));
+    assert_eq!(population.map(|(_, v)| v.as_u64()), Some(Some(2)));
+    // A negative count is refused on the channel, which stays usable.
+    c.send(1, 0, vec![Value::from(-1)]).await;
+    assert_eq!(error_of(&c.recv().await), (errors::DISPATCH, errors::INVALID_ARGUMENT));
+    // The connection's requests reach the app in order: an info after chunk(0) sees it.
+    c.send(1, 0, vec![Value::from(0)]).await;
+    c.send(3, 1, vec![]).await;
+    let f = c.recv().await;
+    let population = f.args[0].as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("population"));
+    assert_eq!(population.map(|(_, v)| v.as_u64()), Some(Some(0)));
     node.shutdown().await;
 }
