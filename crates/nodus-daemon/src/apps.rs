@@ -169,6 +169,20 @@ impl AppStore {
         std::fs::write(self.app_dir(name)?.join("state"), word).context("cannot record the app's state")
     }
 
+    /// The workers `name` keeps running when idle, as last set by `nodus app scale` (0 if never).
+    pub fn population(&self, name: &str) -> usize {
+        let file = self.app_dir(name).ok().and_then(|d| std::fs::read_to_string(d.join("population")).ok());
+        file.and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Records the population to apply whenever `name` starts.
+    ///
+    /// Fails when the file cannot be written.
+    pub fn set_population(&self, name: &str, workers: usize) -> anyhow::Result<()> {
+        std::fs::write(self.app_dir(name)?.join("population"), workers.to_string())
+            .context("cannot record the app's population")
+    }
+
     /// Deletes every version of `name`.
     ///
     /// Fails when the app is not deployed.
@@ -448,6 +462,18 @@ impl Ctx {
                 self.store.set_wanted(name, Wanted::Stopped)?;
                 req.reply("STOPPED").param("name", name)
             }
+            "SCALE" => {
+                let name = Self::name(req)?;
+                let workers: usize = req
+                    .get("workers")
+                    .and_then(|w| w.parse().ok())
+                    .context("SCALE takes workers=N, the number of workers to keep running (0 or more)")?;
+                self.store.load(name)?;
+                self.store.set_population(name, workers)?;
+                // A stopped app gets it when it starts.
+                let _ = self.engine.set_population(name, workers).await;
+                req.reply("SCALED").param("name", name).param("workers", workers)
+            }
             "REMOVE" => {
                 let name = Self::name(req)?;
                 self.detach(name);
@@ -489,6 +515,7 @@ impl Ctx {
                         reply = reply
                             .param("status", status_word(&i.status))
                             .param("queued", i.queued)
+                            .param("population", i.population)
                             .param("sessions", i.sessions)
                             .param("workers", workers.join(","));
                     }
@@ -518,7 +545,7 @@ impl Ctx {
                     .with_payload(text.into_bytes())
             }
             other => {
-                bail!("unknown apps command {other}: use DEPLOY, START, STOP, RESTART, REMOVE, LIST, INFO or CRASHLOG")
+                bail!("unknown apps command {other}: use DEPLOY, START, STOP, RESTART, SCALE, REMOVE, LIST, INFO or CRASHLOG")
             }
         })
     }
@@ -526,6 +553,7 @@ impl Ctx {
     async fn start(&self, name: &str) -> anyhow::Result<String> {
         let (spec, version) = self.store.load(name)?;
         self.engine.start(spec).await?;
+        self.engine.set_population(name, self.store.population(name)).await?;
         self.attach(name);
         Ok(version)
     }

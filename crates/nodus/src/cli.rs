@@ -140,6 +140,14 @@ pub enum AppCommand {
         /// App name.
         name: String,
     },
+    /// Keep N of the app's workers running even when idle (at most its pool-limit); 0 starts
+    /// them on demand only. Cocaine's app `control`.
+    Scale {
+        /// App name.
+        name: String,
+        /// Workers to keep running.
+        workers: usize,
+    },
     /// Stop an app and delete it.
     Remove {
         /// App name.
@@ -444,6 +452,7 @@ async fn app(node: &str, c: AppCommand, as_json: bool) -> anyhow::Result<u8> {
         AppCommand::Start { name } => Message::new("START").param("name", name),
         AppCommand::Stop { name } => Message::new("STOP").param("name", name),
         AppCommand::Restart { name } => Message::new("RESTART").param("name", name),
+        AppCommand::Scale { name, workers } => Message::new("SCALE").param("name", name).param("workers", workers),
         AppCommand::Remove { name } => Message::new("REMOVE").param("name", name),
         AppCommand::List => Message::new("LIST"),
         AppCommand::Info { name } => Message::new("INFO").param("name", name),

@@ -266,6 +266,22 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
     assert!(list.contains("\"name\":\"hello\"") && list.contains("\"status\":\"running\""), "{list}");
     let info = stdout(&d.cli(&["app", "info", "hello"]));
     assert!(info.contains("version    v1") && info.contains("status     running"), "{info}");
+    // Scaled to 2, the app keeps two workers running with no requests (its pool-limit is 2).
+    let out = d.cli(&["app", "scale", "hello", "2"]);
+    assert!(out.status.success() && stdout(&out).contains("workers    2"), "{out:?}");
+    let out = d.cli(&["app", "scale", "hello", "many"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses a non-number: {out:?}");
+    let workers = |d: &Daemon| {
+        let info = stdout(&d.cli(&["--json", "app", "info", "hello"]));
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let n = v["workers"].as_str().unwrap_or("").split(',').filter(|w| !w.is_empty()).count();
+        (v["population"].as_str().unwrap_or("").to_string(), n)
+    };
+    let deadline = Instant::now() + WAIT;
+    while workers(&d) != ("2".to_string(), 2) {
+        assert!(Instant::now() < deadline, "two workers did not start: {:?}", workers(&d));
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The node's Cocaine locator resolves the app: [1, 0, ["hello"]] → [1, 0, [[[host, port]], ...]];
     // an unknown name is an error on the channel: [1, 1, [[10, 1], text]].
@@ -299,6 +315,11 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
             break;
         }
         assert!(Instant::now() < deadline, "app did not come back: {}", stdout(&out));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its population came back with it.
+    while workers(&d) != ("2".to_string(), 2) {
+        assert!(Instant::now() < deadline, "the population was not restored: {:?}", workers(&d));
         std::thread::sleep(Duration::from_millis(20));
     }
 
