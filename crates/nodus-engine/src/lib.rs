@@ -24,5 +24,5 @@ pub use engine::{
     category, socket_path, AppCaller, AppInfo, AppSpec, CallDone, CallResult, CrashRecord, Engine, EngineConfig,
     EngineError, EngineEvent, WorkerInfo,
 };
-pub use locator::{Locator, LocatorConfig, LocatorError};
+pub use locator::{Directory, Locator, LocatorConfig, LocatorError, LocatorHandle};
 pub use session::{Session, SessionError};

@@ -8,6 +8,10 @@
 //! bound on the locator's address with an ephemeral port when the app is first resolved (and
 //! dropped at a later resolve once the app is gone).
 //!
+//! A name that is not an app of this engine is looked up in the [`Directory`] the owner set (a
+//! node sets its cluster's: apps on other nodes, nearest first), so one locator resolves apps
+//! anywhere in the cluster.
+//!
 //! On an app connection, `enqueue(event)` opens [`Engine::invoke`]: the client's chunks go to the
 //! worker, the worker's chunks, error or close come back; `info()` answers a map of the app's
 //! state. Connections are bounded in number, in open channels, in message size and in queued
@@ -95,8 +99,15 @@ struct AppListener {
     accept: AbortHandle,
 }
 
+/// Where apps that are not on this node are found: the cluster's directory of app endpoints.
+pub trait Directory: Send + Sync + 'static {
+    /// Endpoints `(host, port)` of `app` elsewhere, nearest first; empty when there is none.
+    fn lookup(&self, app: &str) -> Vec<(String, u16)>;
+}
+
 struct Shared {
     engine: Engine,
+    directory: std::sync::OnceLock<Arc<dyn Directory>>,
     config: LocatorConfig,
     bind_ip: IpAddr,
     advertise: String,
@@ -149,6 +160,7 @@ impl Locator {
         let (phase, _) = watch::channel(Phase::Running);
         let shared = Arc::new(Shared {
             engine,
+            directory: std::sync::OnceLock::new(),
             bind_ip: local.ip(),
             advertise,
             port: local.port(),
@@ -165,6 +177,41 @@ impl Locator {
         SocketAddr::new(self.shared.bind_ip, self.shared.port)
     }
 
+    /// A handle for the locator's owner, usable while it runs.
+    pub fn handle(&self) -> LocatorHandle {
+        LocatorHandle { shared: self.shared.clone() }
+    }
+}
+
+/// What the owner of a [`Locator`] may do while it runs. Cheap to clone.
+#[derive(Clone)]
+pub struct LocatorHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LocatorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocatorHandle").field("port", &self.shared.port).finish()
+    }
+}
+
+impl LocatorHandle {
+    /// The endpoint clients get for `app` here, its listener opened now if it is not yet:
+    /// `None` when the engine has no such app, an error when no listener can be opened.
+    pub fn endpoint(&self, app: &str) -> Option<Result<(String, u16), std::io::Error>> {
+        if app == LOCATOR_NAME {
+            return None;
+        }
+        self.shared.resolve(app).map(|r| r.map(|port| (self.shared.advertise.clone(), port)))
+    }
+
+    /// Sets where names this node does not serve are looked up (once; later calls are ignored).
+    pub fn set_directory(&self, directory: Arc<dyn Directory>) {
+        let _ = self.shared.directory.set(directory);
+    }
+}
+
+impl Locator {
     /// Serves until `shutdown` completes, then drains: stops accepting, refuses new channels,
     /// lets open channels finish for up to `shutdown_grace`, and closes every connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
@@ -399,8 +446,13 @@ async fn request(
                     service::encode_error(channel, errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE, &text)
                 }
                 None => {
-                    let text = format!("service {name:?} is not available; deploy an app of that name first");
-                    service::encode_error(channel, errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE, &text)
+                    let elsewhere = shared.directory.get().map(|d| d.lookup(&name)).unwrap_or_default();
+                    if elsewhere.is_empty() {
+                        let text = format!("service {name:?} is not available; deploy an app of that name first");
+                        service::encode_error(channel, errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE, &text)
+                    } else {
+                        service::encode_value(channel, &service::resolve_answer(&elsewhere, Api::App.graph()))
+                    }
                 }
             };
             out.send(answer);

@@ -11,7 +11,7 @@ use nodus_engine::manifest::Manifest;
 use nodus_engine::profile::Profile;
 use nodus_engine::protocol::{Decoder, Frame, Role, DEFAULT_MAX_MESSAGE_BYTES};
 use nodus_engine::service::errors;
-use nodus_engine::{AppSpec, Engine, EngineConfig, EngineEvent, Locator, LocatorConfig};
+use nodus_engine::{AppSpec, Directory, Engine, EngineConfig, EngineEvent, Locator, LocatorConfig, LocatorHandle};
 use rmpv::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,6 +24,7 @@ const ECHO: &str = env!("CARGO_BIN_EXE_nodus-echo-worker");
 struct Node {
     engine: Engine,
     addr: SocketAddr,
+    handle: LocatorHandle,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -45,11 +46,12 @@ async fn node(apps: &[(&str, Profile)], config: LocatorConfig) -> Node {
         engine.start(spec).await.unwrap();
     }
     let locator = Locator::from_listener(engine.clone(), config, listener).unwrap();
+    let handle = locator.handle();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(locator.run(async move {
         let _ = stopped.await;
     }));
-    Node { engine, addr, stop: Some(stop), server, _dir: dir }
+    Node { engine, addr, handle, stop: Some(stop), server, _dir: dir }
 }
 
 impl Node {
@@ -413,5 +415,40 @@ async fn control_keeps_the_asked_population_of_workers_running() {
     let f = c.recv().await;
     let population = f.args[0].as_map().unwrap().iter().find(|(k, _)| k.as_str() == Some("population"));
     assert_eq!(population.map(|(_, v)| v.as_u64()), Some(Some(0)));
+    node.shutdown().await;
+}
+
+/// A directory that knows one app on another node.
+struct Elsewhere;
+
+impl Directory for Elsewhere {
+    fn lookup(&self, app: &str) -> Vec<(String, u16)> {
+        match app {
+            "remote" => vec![("10.0.0.2".into(), 4100), ("10.0.0.3".into(), 4200)],
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn names_not_served_here_are_resolved_through_the_directory() {
+    let node = node(&[("echo", profile())], LocatorConfig::default()).await;
+    // The owner opens an app's endpoint before anyone resolves it (to publish it), and resolve
+    // answers the same one.
+    let (host, port) = node.handle.endpoint("echo").unwrap().unwrap();
+    assert!(node.handle.endpoint("nope").is_none());
+    let mut c = Client::connect(node.addr).await;
+    let (endpoints, _) = c.resolve(1, "echo").await.unwrap();
+    assert_eq!(endpoint(&endpoints), format!("{host}:{port}").parse().unwrap());
+    // Without a directory, a name this node does not serve is unknown; with one, it is found.
+    assert_eq!(c.resolve(2, "remote").await, Err((errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE)));
+    node.handle.set_directory(std::sync::Arc::new(Elsewhere));
+    let (endpoints, graph) = c.resolve(3, "remote").await.unwrap();
+    assert_eq!(endpoints.to_string(), r#"[["10.0.0.2", 4100], ["10.0.0.3", 4200]]"#);
+    assert_eq!(graph.to_string(), expected_app_graph());
+    assert_eq!(c.resolve(4, "nope").await, Err((errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE)));
+    // A local app wins over the directory.
+    let (endpoints, _) = c.resolve(5, "echo").await.unwrap();
+    assert_eq!(endpoint(&endpoints).port(), port);
     node.shutdown().await;
 }
