@@ -13,7 +13,7 @@ use nodus_engine::manifest::{Format, Manifest};
 use nodus_engine::profile::Profile;
 use nodus_engine::{AppSpec, CallDone, Engine, SessionError};
 use nodus_wire::Message;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -438,8 +438,7 @@ impl Ctx {
                 }
                 let profile = req.get("profile").map(Path::new);
                 let (spec, version) = self.store.deploy(name, Path::new(path), profile)?;
-                self.engine.start(spec).await?;
-                self.attach(name);
+                self.run(name, spec).await?;
                 req.reply("DEPLOYED").param("name", name).param("version", version)
             }
             "START" => {
@@ -552,10 +551,36 @@ impl Ctx {
 
     async fn start(&self, name: &str) -> anyhow::Result<String> {
         let (spec, version) = self.store.load(name)?;
+        self.run(name, spec).await?;
+        Ok(version)
+    }
+
+    /// Starts (or redeploys) `spec` in the engine with its stored population, makes it a
+    /// service, and publishes its endpoint.
+    async fn run(&self, name: &str, spec: AppSpec) -> anyhow::Result<()> {
         self.engine.start(spec).await?;
         self.engine.set_population(name, self.store.population(name)).await?;
         self.attach(name);
-        Ok(version)
+        self.publish();
+        Ok(())
+    }
+
+    /// Tells the cluster where the started apps' Cocaine endpoints are, so every node's locator
+    /// resolves them.
+    fn publish(&self) {
+        let Some(locator) = self.shared.locator() else { return };
+        let names: Vec<String> = self.bridges.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let mut endpoints = BTreeMap::new();
+        for name in names {
+            match locator.endpoint(&name) {
+                Some(Ok(endpoint)) => {
+                    endpoints.insert(name, endpoint);
+                }
+                Some(Err(e)) => warn!(app = %name, error = %e, "cannot open the app's Cocaine endpoint"),
+                None => {}
+            }
+        }
+        self.shared.set_app_endpoints(endpoints);
     }
 
     /// Makes the app reachable as service `name` (once).
@@ -610,6 +635,7 @@ impl Ctx {
         let conn = self.bridges.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
         if let Some(conn) = conn {
             self.shared.detach(conn);
+            self.publish();
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct AppsConfig {
     pub enabled: bool,
     /// Locator listener (and the address given to workers); empty disables it.
     pub locator_listen: String,
+    /// Host the locator gives clients (here and on other nodes) for this node's apps; empty: the
+    /// locator's bound IP (127.0.0.1 when bound to 0.0.0.0).
+    pub locator_advertise: String,
     /// Largest deployment, bytes.
     pub max_deploy_bytes: u64,
     /// Most apps.

@@ -82,6 +82,16 @@ pub(crate) struct Shared {
     idle: Notify,
     next_conn: AtomicU64,
     engine: Option<nodus_engine::Engine>,
+    locator: Option<nodus_engine::LocatorHandle>,
+}
+
+/// The cluster's directory of app endpoints, for the node's locator.
+struct ClusterDirectory(std::sync::Weak<Shared>);
+
+impl nodus_engine::Directory for ClusterDirectory {
+    fn lookup(&self, app: &str) -> Vec<(String, u16)> {
+        self.0.upgrade().map(|shared| shared.lock().router.app_elsewhere(app)).unwrap_or_default()
+    }
 }
 
 impl Shared {
@@ -122,6 +132,19 @@ impl Shared {
         st.router.disconnect(conn, &mut out);
         self.apply(&mut st, &mut out);
         st.handles.remove(&conn);
+    }
+
+    /// Publishes this node's app endpoints to the cluster.
+    pub(crate) fn set_app_endpoints(&self, apps: std::collections::BTreeMap<String, (String, u16)>) {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        st.router.set_app_endpoints(apps, &mut out);
+        self.apply(&mut st, &mut out);
+    }
+
+    /// The node's locator, when apps are enabled.
+    pub(crate) fn locator(&self) -> Option<&nodus_engine::LocatorHandle> {
+        self.locator.as_ref()
     }
 
     /// The node configuration.
@@ -271,10 +294,14 @@ impl Daemon {
             nodus_engine::Engine::new(ec)
         });
         let locator = match (locator_listener, &engine) {
-            (Some(l), Some(engine)) => Some(
-                nodus_engine::Locator::from_listener(engine.clone(), nodus_engine::LocatorConfig::default(), l)
-                    .context("cannot start the locator")?,
-            ),
+            (Some(l), Some(engine)) => {
+                let lc = nodus_engine::LocatorConfig {
+                    advertise_host: (!config.apps.locator_advertise.is_empty())
+                        .then(|| config.apps.locator_advertise.clone()),
+                    ..nodus_engine::LocatorConfig::default()
+                };
+                Some(nodus_engine::Locator::from_listener(engine.clone(), lc, l).context("cannot start the locator")?)
+            }
             _ => None,
         };
         let shared = Arc::new(Shared {
@@ -285,7 +312,11 @@ impl Daemon {
             stop: CancellationToken::new(),
             idle: Notify::new(),
             next_conn: AtomicU64::new(1),
+            locator: locator.as_ref().map(|l| l.handle()),
         });
+        if let Some(l) = &shared.locator {
+            l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
+        }
         Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors })
     }
 

@@ -23,6 +23,9 @@ pub struct NodeRecord {
     pub links: BTreeSet<String>,
     /// Services registered on it.
     pub services: BTreeSet<String>,
+    /// Its apps' Cocaine endpoints (`host`, `port`), for locators anywhere in the cluster.
+    #[serde(default)]
+    pub apps: BTreeMap<String, (String, u16)>,
 }
 
 impl NodeRecord {
@@ -67,8 +70,14 @@ impl Topology {
     /// A topology for node `me` reachable at `addr`, started at `incarnation`.
     pub fn new(me: &str, addr: &str, incarnation: i64) -> Self {
         let mut records = BTreeMap::new();
-        let record =
-            NodeRecord { addr: addr.into(), incarnation, seq: 0, links: BTreeSet::new(), services: BTreeSet::new() };
+        let record = NodeRecord {
+            addr: addr.into(),
+            incarnation,
+            seq: 0,
+            links: BTreeSet::new(),
+            services: BTreeSet::new(),
+            apps: BTreeMap::new(),
+        };
         records.insert(me.to_string(), record);
         let mut t = Topology {
             me: me.to_string(),
@@ -122,6 +131,23 @@ impl Topology {
         rec.seq += 1;
         self.recompute();
         true
+    }
+
+    /// Sets this node's app endpoints; returns whether they changed (then the record is newer).
+    pub fn set_local_apps(&mut self, apps: BTreeMap<String, (String, u16)>) -> bool {
+        let me = self.me.clone();
+        let rec = self.records.get_mut(&me).expect("own record always present");
+        if rec.apps == apps {
+            return false;
+        }
+        rec.apps = apps;
+        rec.seq += 1;
+        true
+    }
+
+    /// The endpoints of `app` on live remote nodes, nearest first.
+    pub fn app_elsewhere(&self, app: &str) -> Vec<(String, u16)> {
+        self.live_remotes().iter().filter_map(|n| self.records.get(n)?.apps.get(app).cloned()).collect()
     }
 
     /// Merges records heard from a peer; returns whether anything changed. Records about this node
@@ -236,11 +262,41 @@ mod tests {
             seq,
             links: links.iter().map(|s| s.to_string()).collect(),
             services: BTreeSet::new(),
+            apps: BTreeMap::new(),
         }
     }
 
     fn set(links: &[&str]) -> BTreeSet<String> {
         links.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn app_endpoints_are_found_on_live_remotes_nearest_first() {
+        // a - b - c, seen from a; b and c both run "echo", a runs it too (not listed: it is local).
+        let mut t = Topology::new("a", "", 1);
+        t.set_local(set(&["b"]), BTreeSet::new());
+        assert!(t.set_local_apps(BTreeMap::from([("echo".to_string(), ("10.0.0.1".to_string(), 4001))])));
+        assert!(!t.set_local_apps(BTreeMap::from([("echo".to_string(), ("10.0.0.1".to_string(), 4001))])));
+        let with_echo = |inc, links: &[&str], host: &str| {
+            let mut r = rec(inc, 1, links);
+            r.apps.insert("echo".into(), (host.into(), 4000));
+            r
+        };
+        t.merge(BTreeMap::from([
+            ("c".to_string(), with_echo(1, &["b"], "10.0.0.3")),
+            ("b".to_string(), with_echo(1, &["a", "c"], "10.0.0.2")),
+        ]));
+        assert_eq!(t.app_elsewhere("echo"), [("10.0.0.2".to_string(), 4000), ("10.0.0.3".to_string(), 4000)]);
+        assert!(t.app_elsewhere("other").is_empty());
+        // c unreachable (b no longer links to it): only b is offered.
+        let mut b = with_echo(1, &["a"], "10.0.0.2");
+        b.seq = 2;
+        t.merge(BTreeMap::from([("b".to_string(), b)]));
+        assert_eq!(t.app_elsewhere("echo"), [("10.0.0.2".to_string(), 4000)]);
+        // Records from a node that knows nothing of app endpoints decode with none.
+        let old = rmp_serde::to_vec(&("", 1i64, 1u64, BTreeSet::<String>::new(), BTreeSet::<String>::new())).unwrap();
+        let r: NodeRecord = rmp_serde::from_slice(&old).unwrap();
+        assert!(r.apps.is_empty());
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub enum ClientError {
         reason: String,
     },
     /// The locator does not know the service (`[10, 1]`).
-    #[error("service {name:?} is not available: {message}; deploy an app of that name or check the spelling")]
+    #[error("the locator does not know service {name:?}: {message}")]
     NotFound {
         /// The name asked for.
         name: String,

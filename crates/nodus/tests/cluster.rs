@@ -233,3 +233,45 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
         }
     });
 }
+
+#[test]
+fn every_locator_resolves_apps_deployed_on_other_nodes() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "");
+        let b = Proc::new(&root, "b", &[a.port], "");
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(2, 2).await;
+        let src = tempfile::tempdir().unwrap();
+        let manifest = format!("{{\"executable\": {NODUS:?}, \"args\": [\"echo-worker\"]}}");
+        std::fs::write(src.path().join("manifest.json"), manifest).unwrap();
+        let out = cli(&b, &["app", "deploy", "far", &src.path().display().to_string()]);
+        assert!(out.status.success(), "{out:?}");
+
+        // a has no app "far"; its locator learns b's endpoint for it by gossip.
+        let at_a = nodus_engine::AppClient::new(format!("127.0.0.1:{}", a.locator));
+        let at_b = nodus_engine::AppClient::new(format!("127.0.0.1:{}", b.locator));
+        let deadline = Instant::now() + WAIT;
+        let found = loop {
+            match at_a.resolve("far").await {
+                Ok(e) => break e,
+                Err(e) => assert!(Instant::now() < deadline, "a never resolved b's app: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let local = at_b.resolve("far").await.unwrap();
+        assert_eq!(found.endpoints, local.endpoints, "a hands out b's own endpoint for the app");
+        assert_eq!(found.graph, local.graph);
+        // A client of a's locator calls the app on b.
+        let reply = at_a.service("far").call("upper", ["across"]).await.unwrap();
+        assert_eq!(reply, ["ACROSS"]);
+
+        // Stopped on b, the app is no longer offered by a's locator.
+        assert!(cli(&b, &["app", "stop", "far"]).status.success());
+        let deadline = Instant::now() + WAIT;
+        while at_a.resolve("far").await.is_ok() {
+            assert!(Instant::now() < deadline, "a still resolves a stopped app");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

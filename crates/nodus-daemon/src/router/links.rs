@@ -340,6 +340,19 @@ impl Router {
         self.local_changed(out);
     }
 
+    /// This node's apps and the endpoints its locator gives for them; gossiped to every node so
+    /// any locator in the cluster resolves them.
+    pub fn set_app_endpoints(&mut self, apps: BTreeMap<String, (String, u16)>, out: &mut Vec<Action>) {
+        if self.topology.set_local_apps(apps) {
+            self.flood_gossip(None, out);
+        }
+    }
+
+    /// The endpoints of `app` on other live nodes, nearest first.
+    pub fn app_elsewhere(&self, app: &str) -> Vec<(String, u16)> {
+        self.topology.app_elsewhere(app)
+    }
+
     /// Recomputes this node's own record; floods it when it changed.
     fn local_changed(&mut self, out: &mut Vec<Action>) {
         let links: BTreeSet<String> = self.links.keys().cloned().collect();

@@ -24,6 +24,8 @@ pub struct Proc {
     pub ip: String,
     /// Network namespace the daemon runs in.
     pub netns: Option<String>,
+    /// The locator's port (on 127.0.0.1).
+    pub locator: u16,
 }
 
 pub fn free_port() -> u16 {
@@ -55,6 +57,7 @@ impl Proc {
             tls,
             ip: "127.0.0.1".into(),
             netns: None,
+            locator: free_port(),
         };
         p.start();
         p
@@ -74,6 +77,7 @@ impl Proc {
             tls: None,
             ip: ip.into(),
             netns: Some(netns.into()),
+            locator: free_port(),
         };
         p.start_with(neighbors);
         p
@@ -97,14 +101,15 @@ impl Proc {
         let neighbors: Vec<String> = neighbors.iter().map(|n| format!("\"{n}\"")).collect();
         let config = format!(
             "server_name = \"{}\"\ndata_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"\"\n\
-             [cluster]\nlisten = \"{}:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:0\"\n",
+             [cluster]\nlisten = \"{}:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:{}\"\n",
             self.name,
             self.dir.join("data").display(),
             self.socket().display(),
             self.ip,
             self.port,
             neighbors.join(","),
-            self.secret
+            self.secret,
+            self.locator
         );
         let config = match &self.tls {
             None => config,
