@@ -148,7 +148,15 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The load (client, echo service, raw echo) runs on one runtime thread, as one service
+    // process typically does: on a small machine a second thread in each of them mostly adds
+    // cross-thread wake-ups. The forwarder (the baseline's stand-in for the daemon) and `apps`
+    // (which hosts an engine in-process) run like the daemon, on every core.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if !matches!(args.command, Some(Command::RawForwarder { .. } | Command::Apps { .. })) {
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             report::error(&format!("cannot start the async runtime: {e}"));
