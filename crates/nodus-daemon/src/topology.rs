@@ -168,6 +168,15 @@ impl Topology {
             }
             let newer = self.records.get(&name).is_none_or(|cur| rec.newer_than(cur));
             if newer {
+                let mut rec = rec;
+                // Endpoints are handed to clients as they are: keep only plausible ones.
+                rec.apps.retain(|app, (host, port)| {
+                    nodus_wire::valid_name(app)
+                        && !app.is_empty()
+                        && !host.is_empty()
+                        && host.len() <= 253
+                        && *port != 0
+                });
                 if !rec.addr.is_empty() || !self.known.contains_key(&name) {
                     self.known.insert(name.clone(), rec.addr.clone());
                 }
@@ -293,6 +302,13 @@ mod tests {
         b.seq = 2;
         t.merge(BTreeMap::from([("b".to_string(), b)]));
         assert_eq!(t.app_elsewhere("echo"), [("10.0.0.2".to_string(), 4000)]);
+        // Implausible endpoints from a peer are dropped.
+        let mut d = with_echo(1, &["a"], "10.0.0.4");
+        d.apps.insert("bad name".into(), ("h".into(), 1));
+        d.apps.insert("zero".into(), ("h".into(), 0));
+        d.apps.insert("nohost".into(), (String::new(), 1));
+        t.merge(BTreeMap::from([("d".to_string(), d)]));
+        assert_eq!(t.records()["d"].apps.keys().collect::<Vec<_>>(), ["echo"]);
         // Records from a node that knows nothing of app endpoints decode with none.
         let old = rmp_serde::to_vec(&("", 1i64, 1u64, BTreeSet::<String>::new(), BTreeSet::<String>::new())).unwrap();
         let r: NodeRecord = rmp_serde::from_slice(&old).unwrap();
