@@ -553,7 +553,11 @@ impl Router {
             }
             "LIST_SERVICES" => {
                 let list = self.services.keys().cloned().collect::<Vec<_>>().join(",");
-                out.push(Action::Deliver(conn, self.answer(&msg, "SERVICES").param("list", list)));
+                let mut reply = self.answer(&msg, "SERVICES").param("list", list);
+                if msg.get("scope") == Some("cluster") {
+                    reply = reply.param("cluster", self.cluster_services().join(","));
+                }
+                out.push(Action::Deliver(conn, reply));
             }
             "INFO" => {
                 let s = &self.stats;

@@ -88,8 +88,12 @@ pub enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// List the services registered on the node.
-    Services,
+    /// List the services registered on the node (with --cluster: on every live node).
+    Services {
+        /// Every live node's services, as `server:service`.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Show the node's state and counters.
     Status,
     /// Ask the node to stop gracefully.
@@ -267,7 +271,27 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Services => {
+        Command::Services { cluster: true } => {
+            let client = anonymous(&args.node).await?;
+            let reply =
+                client.request(Message::new("LIST_SERVICES").param("scope", "cluster"), Duration::from_secs(5)).await?;
+            let rows: Vec<(&str, &str)> =
+                reply.get("cluster").unwrap_or("").split(',').filter_map(|a| a.split_once(':')).collect();
+            if args.json {
+                let v: Vec<_> =
+                    rows.iter().map(|(server, service)| json!({"server": server, "service": service})).collect();
+                output::json(&json!(v));
+            } else if rows.is_empty() {
+                output::line("no services registered in the cluster");
+            } else {
+                output::line(&format!("{:<24} SERVICE", "SERVER"));
+                for (server, service) in rows {
+                    output::line(&format!("{server:<24} {service}"));
+                }
+            }
+            Ok(0)
+        }
+        Command::Services { cluster: false } => {
             let client = anonymous(&args.node).await?;
             let reply = client.request(Message::new("LIST_SERVICES"), Duration::from_secs(5)).await?;
             let list: Vec<&str> = reply.get("list").unwrap_or("").split(',').filter(|s| !s.is_empty()).collect();

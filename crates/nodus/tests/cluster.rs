@@ -262,6 +262,11 @@ fn every_locator_resolves_apps_deployed_on_other_nodes() {
         let local = at_b.resolve("far").await.unwrap();
         assert_eq!(found.endpoints, local.endpoints, "a hands out b's own endpoint for the app");
         assert_eq!(found.graph, local.graph);
+        // `nodus services --cluster` on a lists b's app service (the same gossip carries both).
+        let out = cli(&a, &["--json", "services", "--cluster"]);
+        let listed = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(listed.contains(r#"{"server":"b","service":"far"}"#), "{listed}");
+        assert!(listed.contains(r#"{"server":"a","service":"apps"}"#), "{listed}");
         // A client of a's locator calls the app on b.
         let reply = at_a.service("far").call("upper", ["across"]).await.unwrap();
         assert_eq!(reply, ["ACROSS"]);

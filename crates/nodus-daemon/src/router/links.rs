@@ -348,6 +348,18 @@ impl Router {
         }
     }
 
+    /// `server:service` for every service of every live node, this one included, sorted.
+    pub(super) fn cluster_services(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.services.keys().map(|s| format!("{}:{s}", self.server)).collect();
+        for node in self.topology.live_remotes() {
+            if let Some(rec) = self.topology.records().get(&node) {
+                all.extend(rec.services.iter().map(|s| format!("{node}:{s}")));
+            }
+        }
+        all.sort();
+        all
+    }
+
     /// The endpoints of `app` on other live nodes, nearest first.
     pub fn app_elsewhere(&self, app: &str) -> Vec<(String, u16)> {
         self.topology.app_elsewhere(app)
