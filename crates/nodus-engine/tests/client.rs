@@ -4,17 +4,15 @@
 //! Tests wait on answers (with a timeout), never on sleeps.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use bytes::BytesMut;
 use nodus_engine::client::{AppClient, Backoff, ClientError, ClientOptions};
-use nodus_engine::manifest::Manifest;
 use nodus_engine::profile::Profile;
 use nodus_engine::protocol::{Decoder, Frame, Role, DEFAULT_MAX_MESSAGE_BYTES};
 use nodus_engine::service::errors;
-use nodus_engine::{category, AppSpec, Engine, EngineConfig, Locator, LocatorConfig};
+use nodus_engine::{category, Engine, Locator, LocatorConfig};
 use rmpv::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 const WAIT: Duration = Duration::from_secs(20);
-const ECHO: &str = env!("CARGO_BIN_EXE_nodus-echo-worker");
+mod common;
+
+use common::{echo_spec as spec, engine_with_apps};
 
 struct Node {
     engine: Engine,
@@ -31,23 +31,8 @@ struct Node {
     dir: tempfile::TempDir,
 }
 
-fn spec(dir: &Path, name: &str, profile: Profile) -> AppSpec {
-    let mut manifest = Manifest::new(ECHO);
-    manifest.env.insert("NODUS_HEARTBEAT_MS".into(), "100".into());
-    AppSpec { name: name.to_string(), dir: dir.to_path_buf(), manifest, profile }
-}
-
 async fn node(apps: &[(&str, Profile)]) -> Node {
-    let dir = tempfile::Builder::new().prefix("nc").tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut ec = EngineConfig::new(dir.path().join("run"));
-    ec.locator = addr.to_string();
-    ec.kill_grace = Duration::from_millis(300);
-    let engine = Engine::new(ec);
-    for (name, profile) in apps {
-        engine.start(spec(dir.path(), name, profile.clone())).await.unwrap();
-    }
+    let (engine, listener, addr, dir) = engine_with_apps("nc", apps).await;
     let mut node = Node { engine, addr, locator: None, dir };
     node.serve(listener);
     node

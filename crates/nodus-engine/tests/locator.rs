@@ -7,19 +7,21 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use nodus_engine::manifest::Manifest;
 use nodus_engine::profile::Profile;
 use nodus_engine::protocol::{Decoder, Frame, Role, DEFAULT_MAX_MESSAGE_BYTES};
 use nodus_engine::service::errors;
-use nodus_engine::{AppSpec, Directory, Engine, EngineConfig, EngineEvent, Locator, LocatorConfig, LocatorHandle};
+use nodus_engine::{Directory, Engine, EngineEvent, Locator, LocatorConfig, LocatorHandle};
 use rmpv::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod common;
+
+use common::engine_with_apps;
+
 const WAIT: Duration = Duration::from_secs(15);
-const ECHO: &str = env!("CARGO_BIN_EXE_nodus-echo-worker");
 
 struct Node {
     engine: Engine,
@@ -31,20 +33,7 @@ struct Node {
 }
 
 async fn node(apps: &[(&str, Profile)], config: LocatorConfig) -> Node {
-    let dir = tempfile::Builder::new().prefix("nl").tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut ec = EngineConfig::new(dir.path().join("run"));
-    ec.locator = addr.to_string();
-    ec.kill_grace = Duration::from_millis(300);
-    let engine = Engine::new(ec);
-    for (name, profile) in apps {
-        let mut manifest = Manifest::new(ECHO);
-        manifest.env.insert("NODUS_HEARTBEAT_MS".into(), "100".into());
-        let spec =
-            AppSpec { name: name.to_string(), dir: dir.path().to_path_buf(), manifest, profile: profile.clone() };
-        engine.start(spec).await.unwrap();
-    }
+    let (engine, listener, addr, dir) = engine_with_apps("nl", apps).await;
     let locator = Locator::from_listener(engine.clone(), config, listener).unwrap();
     let handle = locator.handle();
     let (stop, stopped) = oneshot::channel::<()>();
