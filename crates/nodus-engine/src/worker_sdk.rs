@@ -125,6 +125,12 @@ impl WorkerArgs {
         })
     }
 
+    /// The locator addresses: `--locator` may be a comma-separated list (Cocaine passes one
+    /// entry per locator endpoint); empty entries are skipped.
+    pub fn locators(&self) -> Vec<&str> {
+        self.locator.split(',').map(str::trim).filter(|l| !l.is_empty()).collect()
+    }
+
     /// Parses this process's arguments.
     ///
     /// # Errors
@@ -424,6 +430,9 @@ mod tests {
         assert_eq!(a.endpoint, PathBuf::from("/run/echo.sock"));
         assert_eq!(a.uuid, "abc");
         assert_eq!(a.protocol, 1);
+        assert_eq!(a.locators(), ["127.0.0.1:10053"]);
+        let many = WorkerArgs::parse(args(&["--locator", "10.0.0.1:10053, [::1]:10053,", "--endpoint=/x", "--uuid=u"]));
+        assert_eq!(many.unwrap().locators(), ["10.0.0.1:10053", "[::1]:10053"]);
         let e = WorkerArgs::parse(args(&["--endpoint", "/x"])).unwrap_err();
         assert!(e.to_string().contains("--uuid"), "{e}");
     }
