@@ -332,7 +332,14 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Stop => {
             let client = anonymous(&args.node).await?;
             let reply = client.request(Message::new("STOP"), Duration::from_secs(5)).await?;
-            output::message(&reply, args.json);
+            if args.json || reply.command != "STOPPING" {
+                output::message(&reply, args.json);
+            } else {
+                output::line(&format!(
+                    "node {} is STOPPING: it finishes what is in flight, then exits",
+                    reply.from.server
+                ));
+            }
             Ok(0)
         }
     }
