@@ -330,7 +330,7 @@ fn call_reply(req: &Message, event: &str, result: Result<Vec<Bytes>, SessionErro
         }
         Err(e) => {
             let code = match &e {
-                SessionError::Rejected(Rejection::QueueFull { .. }) => "queue_full",
+                SessionError::Rejected(Rejection::QueueFull { .. } | Rejection::Busy { .. }) => "queue_full",
                 SessionError::Rejected(_) => "rejected",
                 SessionError::Worker { .. } => "app_error",
                 SessionError::WorkerFailed(_) => "worker_failed",

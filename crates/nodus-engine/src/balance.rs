@@ -78,6 +78,13 @@ pub enum Rejection {
     /// The app is stopped.
     #[error("app is stopped; start it first")]
     Stopped,
+    /// The app's task has more events waiting than it may queue (a burst faster than the
+    /// engine takes them); nothing was queued. Retry shortly.
+    #[error("the app is busy ({limit} events waiting for the engine); retry shortly")]
+    Busy {
+        /// The engine's `app_events` bound.
+        limit: usize,
+    },
 }
 
 /// What the driver must do.

@@ -297,15 +297,15 @@ impl AppCaller {
     /// Calls `event` with `body` as its one input chunk (no chunk when empty), closes the
     /// input, and hands the worker's reply chunks to `done` once the worker closed its side.
     ///
-    /// Never waits: when the app's event queue is full, `done` runs at once with a retryable
-    /// queue-full rejection. Returns `false` when the app no longer exists (`done` got
+    /// Never waits: when the app's event queue is full, `done` runs at once with the retryable
+    /// [`Rejection::Busy`]. Returns `false` when the app no longer exists (`done` got
     /// [`SessionError::EngineGone`]): drop this caller and ask the engine for a new one.
     pub fn call(&self, event: impl Into<String>, body: Bytes, done: CallDone) -> bool {
         let ev = AppEvent::Call { event: event.into(), body, done };
         match self.tx.try_send(ev) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(AppEvent::Call { done, .. })) => {
-                done.complete(Err(SessionError::Rejected(Rejection::QueueFull { limit: self.limit })));
+                done.complete(Err(SessionError::Rejected(Rejection::Busy { limit: self.limit })));
                 true
             }
             Err(mpsc::error::TrySendError::Closed(AppEvent::Call { done, .. })) => {

@@ -559,7 +559,7 @@ async fn run_channel(mut session: Session, channel: u64, mut up: mpsc::Receiver<
 
 fn rejection(r: &Rejection) -> i64 {
     match r {
-        Rejection::QueueFull { .. } => errors::QUEUE_FULL,
+        Rejection::QueueFull { .. } | Rejection::Busy { .. } => errors::QUEUE_FULL,
         Rejection::Failed { .. } => errors::APP_FAILED,
         Rejection::Stopped => errors::APP_STOPPED,
     }

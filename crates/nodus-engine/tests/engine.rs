@@ -406,6 +406,7 @@ async fn a_call_refused_by_a_full_queue_or_collecting_too_much_fails_cleanly() {
     let dir = tempfile::Builder::new().prefix("ne").tempdir().unwrap();
     let mut config = EngineConfig::new(dir.path().join("run"));
     config.session_messages = 10;
+    config.app_events = 2;
     let engine = Engine::new(config);
     let mut manifest = Manifest::new(ECHO);
     manifest.env.insert("NODUS_HEARTBEAT_MS".into(), "100".into());
@@ -423,5 +424,24 @@ async fn a_call_refused_by_a_full_queue_or_collecting_too_much_fails_cleanly() {
     let e = call(&caller, "echo", "c").await.unwrap_err();
     assert_eq!(e, SessionError::Rejected(Rejection::QueueFull { limit: 1 }));
     drop((a, b));
+    // A burst faster than the app's task takes events (this test's runtime has one thread, so
+    // it cannot run between these calls): beyond its 2-event queue, calls are refused at once.
+    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    for _ in 0..6 {
+        let results = results.clone();
+        caller.call(
+            "echo",
+            bytes::Bytes::from_static(b"x"),
+            nodus_engine::CallDone::new(move |r| results.lock().unwrap().push(r)),
+        );
+    }
+    let busy = results
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| matches!(r, Err(SessionError::Rejected(Rejection::Busy { limit: 2 }))))
+        .count();
+    assert!(busy >= 4, "{:?}", results.lock().unwrap());
+    assert!(SessionError::Rejected(Rejection::Busy { limit: 2 }).to_string().contains("retry"));
     engine.shutdown().await;
 }
