@@ -624,29 +624,28 @@ async fn daemon(a: DaemonArgs) -> anyhow::Result<u8> {
         table.insert("apps".into(), toml::Value::Table(apps));
     }
     let config = Config::from_toml(&table.to_string())?;
+    // Installed before any listener exists: a SIGTERM or Ctrl-C that arrives as soon as a client
+    // can connect must already mean a graceful shutdown, not the default (immediate) death.
+    let shutdown = shutdown_signal()?;
     let daemon = Daemon::bind(config).await?;
     let Some(addr) = daemon.tcp_addr().map(|a| a.to_string()).or(daemon.unix_path().map(|p| p.display().to_string()))
     else {
         bail!("no listener configured: set tcp_listen or unix_socket");
     };
     tracing::info!(server = daemon.server_name(), %addr, "nodus node ready");
-    daemon.run(shutdown_signal()).await?;
+    daemon.run(shutdown).await?;
     Ok(0)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+/// Registers SIGTERM and SIGINT now; the returned future completes at the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or(());
+    })
 }
