@@ -248,7 +248,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
             msg.validate().context("invalid message")?;
             let client = anonymous(&args.node).await?;
             let reply = client.request(msg, timeout).await?;
-            output::message(&reply, args.json);
+            output::reply(&reply, args.json);
             Ok(if is_failure(&reply) { 1 } else { 0 })
         }
         Command::Sniff { service, command, count } => {

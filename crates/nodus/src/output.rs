@@ -32,6 +32,25 @@ pub fn message(m: &Message, as_json: bool) {
     }
 }
 
+/// Prints a reply for a person: `from COMMAND name=value;...` (no envelope), then the payload
+/// as text when it is UTF-8, else its size; or the JSON object.
+pub fn reply(m: &Message, as_json: bool) {
+    if as_json {
+        return message(m, true);
+    }
+    let params: Vec<String> = m.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if params.is_empty() {
+        println!("{} {}", m.from, m.command);
+    } else {
+        println!("{} {} {}", m.from, m.command, params.join(";"));
+    }
+    match std::str::from_utf8(&m.payload) {
+        _ if m.payload.is_empty() => {}
+        Ok(text) => println!("{}", text.strip_suffix('\n').unwrap_or(text)),
+        Err(_) => println!("({} bytes of binary payload; --json shows it)", m.payload.len()),
+    }
+}
+
 /// Prints a JSON value on one line.
 pub fn json(v: &Value) {
     println!("{v}");

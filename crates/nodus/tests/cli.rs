@@ -263,6 +263,10 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
     assert!(stdout(&out).contains("\"payload\":\"SHOUT\""), "{}", stdout(&out));
     let out = d.cli(&["--json", "call", "hello", "INVOKE", "event=echo", "--payload", "same"]);
     assert!(stdout(&out).contains("\"payload\":\"same\""), "{}", stdout(&out));
+    // For a person: the reply's command and parameters, then the payload as text.
+    let out = d.cli(&["call", "hello", "UPPER", "--payload", "plain"]);
+    assert_eq!(stdout(&out).lines().nth(1), Some("PLAIN"), "{}", stdout(&out));
+    assert!(stdout(&out).lines().next().unwrap().ends_with("RESULT chunks=1;event=upper"), "{}", stdout(&out));
     let out = d.cli(&["call", "hello", "FAIL"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("code=app_error"), "{}", stdout(&out));
