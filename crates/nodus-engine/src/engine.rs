@@ -579,26 +579,22 @@ impl SessionEntry {
     fn deliver(&mut self, msg: Down, limit: usize) -> bool {
         match &mut self.sink {
             Sink::Stream(tx) => tx.try_send(msg).is_ok(),
-            Sink::Collect { chunks, done } => {
-                match msg {
-                    Down::Chunk(b) if chunks.len() >= limit => {
-                        drop(b);
-                        return false;
-                    }
-                    Down::Chunk(b) => chunks.push(b),
-                    Down::Choke => {
-                        if let Some(d) = done.take() {
-                            d.complete(Ok(std::mem::take(chunks)));
-                        }
-                    }
-                    Down::Error(e) => {
-                        if let Some(d) = done.take() {
-                            d.complete(Err(e));
-                        }
-                    }
+            Sink::Collect { chunks, .. } => match msg {
+                Down::Chunk(_) if chunks.len() >= limit => false,
+                Down::Chunk(b) => {
+                    chunks.push(b);
+                    true
                 }
-                true
-            }
+                Down::Choke => {
+                    let chunks = std::mem::take(chunks);
+                    self.finish(Ok(chunks));
+                    true
+                }
+                Down::Error(e) => {
+                    self.fail(e);
+                    true
+                }
+            },
         }
     }
 
@@ -608,10 +604,15 @@ impl SessionEntry {
             Sink::Stream(tx) => {
                 let _ = tx.try_send(Down::Error(e));
             }
-            Sink::Collect { done, .. } => {
-                if let Some(d) = done.take() {
-                    d.complete(Err(e));
-                }
+            Sink::Collect { .. } => self.finish(Err(e)),
+        }
+    }
+
+    /// Completes a call (once; later outcomes are dropped).
+    fn finish(&mut self, result: CallResult) {
+        if let Sink::Collect { done, .. } = &mut self.sink {
+            if let Some(d) = done.take() {
+                d.complete(result);
             }
         }
     }
@@ -793,15 +794,10 @@ impl App {
                 }
             }
             AppEvent::ConnClosed { conn, error } => {
-                if let Some(c) = self.conns.remove(&conn) {
-                    if let Some(e) = &error {
-                        tracing::warn!(app = %self.name, error = %e, "worker connection closed");
-                    }
-                    if let Some(w) = c.worker.and_then(|id| self.workers.get_mut(&id)) {
-                        w.conn = None;
-                        w.machine.handle_disconnect(now);
-                    }
+                if let (Some(e), true) = (&error, self.conns.contains_key(&conn)) {
+                    tracing::warn!(app = %self.name, error = %e, "worker connection closed");
                 }
+                self.close_conn(conn, now);
             }
             AppEvent::Exited { worker, status, stderr } => {
                 let Some(w) = self.workers.get_mut(&worker) else { return };
@@ -811,7 +807,7 @@ impl App {
                 let uuid = w.uuid.clone();
                 self.record(CrashRecord { uuid, at: SystemTime::now(), status: Some(status), failure, stderr });
                 self.drain_worker(worker, now);
-                self.remove_worker(worker);
+                self.remove_worker(worker, now);
             }
             AppEvent::Deploy { spec } => {
                 tracing::info!(app = %self.name, "new version deployed; replacing workers");
@@ -883,7 +879,7 @@ impl App {
                 progressed |= self.drain_worker(id, now);
                 let dead = self.workers.get(&id).is_some_and(|w| w.machine.state() == State::Dead);
                 if dead {
-                    self.remove_worker(id);
+                    self.remove_worker(id, now);
                 }
             }
             while let Some(action) = self.balancer.poll_action() {
@@ -896,11 +892,11 @@ impl App {
         }
     }
 
-    fn remove_worker(&mut self, id: WorkerId) {
+    fn remove_worker(&mut self, id: WorkerId, now: std::time::Instant) {
         if let Some(w) = self.workers.remove(&id) {
             self.uuids.remove(&w.uuid);
-            if let Some(c) = w.conn.and_then(|c| self.conns.remove(&c)) {
-                c.reader.abort();
+            if let Some(conn) = w.conn {
+                self.close_conn(conn, now);
             }
         }
     }
@@ -975,13 +971,7 @@ impl App {
             if let Err(e) = c.writer.try_send(bytes) {
                 let worker = c.worker;
                 tracing::warn!(app = %self.name, ?worker, error = %e, "worker connection is not keeping up; closing it");
-                if let Some(c) = self.conns.remove(&conn) {
-                    c.reader.abort();
-                }
-                if let Some(w) = worker.and_then(|id| self.workers.get_mut(&id)) {
-                    w.conn = None;
-                    w.machine.handle_disconnect(now());
-                }
+                self.close_conn(conn, now());
                 closed = true;
             }
         }
@@ -1163,13 +1153,13 @@ impl App {
             (None, Message::Handshake { uuid }) => {
                 let Some(&id) = self.uuids.get(uuid) else {
                     tracing::warn!(app = %self.name, %uuid, "handshake with an unknown uuid; closing");
-                    self.close_conn(conn);
+                    self.close_conn(conn, now);
                     return;
                 };
                 let Some(w) = self.workers.get_mut(&id) else { return };
                 if w.conn.is_some() {
                     tracing::warn!(app = %self.name, %uuid, "second connection for a worker; closing it");
-                    self.close_conn(conn);
+                    self.close_conn(conn, now);
                     return;
                 }
                 w.conn = Some(conn);
@@ -1180,7 +1170,7 @@ impl App {
             }
             (None, _) => {
                 tracing::warn!(app = %self.name, "message before handshake; closing");
-                self.close_conn(conn);
+                self.close_conn(conn, now);
                 return;
             }
         };
@@ -1200,9 +1190,14 @@ impl App {
         }
     }
 
-    fn close_conn(&mut self, conn: u64) {
-        if let Some(c) = self.conns.remove(&conn) {
-            c.reader.abort();
+    /// Forgets a worker connection: its reader stops, and a handshaken worker learns that it
+    /// is disconnected.
+    fn close_conn(&mut self, conn: u64, now: std::time::Instant) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        c.reader.abort();
+        if let Some(w) = c.worker.and_then(|id| self.workers.get_mut(&id)) {
+            w.conn = None;
+            w.machine.handle_disconnect(now);
         }
     }
 
