@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod apps;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod detector;

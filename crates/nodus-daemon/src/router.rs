@@ -12,6 +12,7 @@
 
 mod links;
 
+use crate::auth::Origin;
 use crate::cache::{Cache, CacheLimits};
 use crate::detector::PhiDetector;
 use crate::topology::{Health, Topology};
@@ -108,8 +109,10 @@ pub struct Stats {
     pub undeliverable: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Conn {
+    /// Where the connection came from (the driver's facts).
+    origin: Origin,
     service: Option<String>,
     commands: Option<HashSet<String>>,
     sniff: Option<SniffFilter>,
@@ -132,6 +135,22 @@ struct Link {
     offset_ms: Option<i64>,
     /// The peer said DISCONNECT: report HANGUP rather than DISCONNECTED.
     hung_up: bool,
+}
+
+impl Default for Conn {
+    fn default() -> Self {
+        Conn {
+            origin: Origin::Internal,
+            service: None,
+            commands: None,
+            sniff: None,
+            in_flight: 0,
+            cluster: false,
+            dialed: false,
+            link: None,
+            datagram: false,
+        }
+    }
 }
 
 impl Conn {
@@ -260,19 +279,27 @@ impl Router {
         self.cache.len()
     }
 
+    /// Where connection `conn` came from, while it is open.
+    pub fn origin(&self, conn: ConnId) -> Option<&Origin> {
+        self.conns.get(&conn).map(|c| &c.origin)
+    }
+
     /// True once a shutdown began.
     pub fn is_quitting(&self) -> bool {
         self.quitting
     }
 
-    /// A new connection.
-    pub fn connect(&mut self, conn: ConnId) {
-        self.conns.insert(conn, Conn::default());
-    }
-
-    /// The pseudo-connection messages from the UDP signal port arrive on (nothing is sent back).
-    pub fn connect_datagram(&mut self, conn: ConnId) {
-        self.conns.insert(conn, Conn { datagram: true, ..Conn::default() });
+    /// A new connection, with what the driver knows of where it came from. Connections from a
+    /// cluster listener may only become links; a dialed one must go through [`Router::dial`].
+    pub fn connect(&mut self, conn: ConnId, origin: Origin) {
+        let c = Conn {
+            cluster: origin.is_cluster(),
+            dialed: matches!(origin, Origin::Dialed { .. }),
+            datagram: origin == Origin::Datagram,
+            origin,
+            ..Conn::default()
+        };
+        self.conns.insert(conn, c);
     }
 
     /// Starts a graceful shutdown: new registrations and requests are answered `QUITTING`;
@@ -825,7 +852,7 @@ mod tests {
     }
 
     fn register(r: &mut Router, conn: ConnId, name: &str) {
-        r.connect(conn);
+        r.connect(conn, Origin::Internal);
         let mut out = Vec::new();
         r.handle(conn, Message::new("REGISTER").param("service", name).param("version", 1), 1_000, &mut out);
         let got: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
@@ -836,7 +863,7 @@ mod tests {
     fn request_timeout_answers_the_caller_once() {
         let mut r = router(&[]);
         register(&mut r, 1, "svc");
-        r.connect(2);
+        r.connect(2, Origin::Internal);
         let mut out = Vec::new();
         r.handle(2, Message::new("ASK").to("svc").with_id(9), 1_000, &mut out);
         let got = delivered(&mut out);
@@ -859,8 +886,8 @@ mod tests {
     fn equal_ids_from_different_callers_do_not_collide() {
         let mut r = router(&[]);
         register(&mut r, 1, "svc");
-        r.connect(2);
-        r.connect(3);
+        r.connect(2, Origin::Internal);
+        r.connect(3, Origin::Internal);
         let mut out = Vec::new();
         r.handle(2, Message::new("ASK").to("svc").with_id(5), 1_000, &mut out);
         r.handle(3, Message::new("ASK").to("svc").with_id(5), 1_000, &mut out);
@@ -876,7 +903,7 @@ mod tests {
     #[test]
     fn cached_message_expires_by_ttl_on_the_virtual_clock() {
         let mut r = router(&["later"]);
-        r.connect(2);
+        r.connect(2, Origin::Internal);
         let mut out = Vec::new();
         r.handle(2, Message::new("A").to("later").param("cache", "ttl=10"), 1_000, &mut out);
         r.handle(2, Message::new("B").to("later").param("cache", "ttl=30"), 1_000, &mut out);
@@ -884,7 +911,7 @@ mod tests {
         assert_eq!(r.cached_len(), 2);
         r.tick(1_000 + 10_000, &mut out);
         assert_eq!(r.cached_len(), 1);
-        r.connect(1);
+        r.connect(1, Origin::Internal);
         r.handle(1, Message::new("REGISTER").param("service", "later").param("version", 1), 12_000, &mut out);
         let cmds: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
         assert_eq!(cmds, ["HELP", "READY", "B"]);
@@ -893,7 +920,7 @@ mod tests {
     #[test]
     fn ttl_is_clamped_to_the_configured_range() {
         let mut r = router(&["later"]);
-        r.connect(2);
+        r.connect(2, Origin::Internal);
         let mut out = Vec::new();
         r.handle(2, Message::new("A").to("later").param("cache", "ttl=1"), 0, &mut out);
         r.tick(9_999, &mut out);
@@ -907,7 +934,7 @@ mod tests {
         let mut r = router(&[]);
         register(&mut r, 1, "work");
         register(&mut r, 2, "work");
-        r.connect(3);
+        r.connect(3, Origin::Internal);
         let mut out = Vec::new();
         let mut counts = HashMap::new();
         let mut at_one = Vec::new();
@@ -953,7 +980,7 @@ mod tests {
     fn shutdown_refuses_new_requests_but_routes_replies() {
         let mut r = router(&[]);
         register(&mut r, 1, "svc");
-        r.connect(2);
+        r.connect(2, Origin::Internal);
         let mut out = Vec::new();
         r.handle(2, Message::new("ASK").to("svc").with_id(1), 1_000, &mut out);
         let seen_id = delivered(&mut out)[0].1.envelope.id;

@@ -6,6 +6,7 @@
 //! or line closes the connection after an `INVALID`), and the per-connection outbound queue
 //! (`max_outbound_messages`/`max_outbound_bytes`: a consumer that falls behind is disconnected).
 
+use crate::auth::{Creds, Origin};
 use crate::config::Config;
 use crate::router::{Action, ConnId, Router, RouterLimits};
 use anyhow::Context;
@@ -41,17 +42,6 @@ const UDP_CONN: ConnId = 0;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// File in the data directory that remembers the cluster's nodes.
 const NODES_FILE: &str = "nodes";
-
-/// What a connection is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// A local client (Unix socket or TCP listener).
-    Client,
-    /// Accepted on the cluster listener: must become a link.
-    ClusterIn,
-    /// Dialed by this node to a neighbour.
-    Dialed,
-}
 
 // Messages are the hot path: boxing them would cost an allocation per routed message.
 #[allow(clippy::large_enum_variant)]
@@ -111,7 +101,7 @@ impl Shared {
         let mut out = Vec::new();
         let mut st = self.lock();
         st.handles.insert(id, handle);
-        st.router.connect(id);
+        st.router.connect(id, Origin::Internal);
         st.router.handle(id, Message::new("REGISTER").param("service", name).param("version", 1), now_ms(), &mut out);
         self.apply(&mut st, &mut out);
         (id, rx)
@@ -277,7 +267,7 @@ impl Daemon {
         );
         router.remember(remembered);
         if udp.is_some() {
-            router.connect_datagram(UDP_CONN);
+            router.connect(UDP_CONN, Origin::Datagram);
         }
         let locator_listener = match config.apps.locator_listen.as_str() {
             _ if !config.apps.enabled => None,
@@ -367,9 +357,9 @@ impl Daemon {
         let mut tasks = JoinSet::new();
         let mut accepts = JoinSet::new();
         let (conn_tx, mut conn_rx) = mpsc::channel::<tokio::task::JoinHandle<()>>(64);
-        for (listener, kind) in [(self.tcp, Kind::Client), (self.cluster, Kind::ClusterIn)] {
+        for (listener, cluster) in [(self.tcp, false), (self.cluster, true)] {
             let Some(l) = listener else { continue };
-            info!(addr = %l.local_addr()?, ?kind, "listening on TCP");
+            info!(addr = %l.local_addr()?, cluster, "listening on TCP");
             let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
             accepts.spawn(async move {
                 loop {
@@ -381,7 +371,9 @@ impl Daemon {
                                 continue;
                             };
                             let (r, w) = s.into_split();
-                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), kind));
+                            let origin =
+                                if cluster { Origin::Cluster { peer, tls: false } } else { Origin::Tcp { peer } };
+                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), origin));
                             let _ = conn_tx.send(h).await;
                         }
                         Err(e) => {
@@ -407,7 +399,7 @@ impl Daemon {
                         match handshake {
                             Ok(Ok(stream)) => {
                                 let (r, w) = tokio::io::split(stream);
-                                connection(shared, r, w, Some(permit), Kind::ClusterIn).await;
+                                connection(shared, r, w, Some(permit), Origin::Cluster { peer, tls: true }).await;
                             }
                             Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
                             Err(_) => warn!(%peer, "TLS handshake timed out"),
@@ -443,8 +435,10 @@ impl Daemon {
                                 warn!("connection refused: max_connections reached");
                                 continue;
                             };
+                            let creds = s.peer_cred().ok().map(|c| Creds { uid: c.uid(), gid: c.gid(), pid: c.pid() });
                             let (r, w) = s.into_split();
-                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), Kind::Client));
+                            let origin = Origin::Unix { creds };
+                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), origin));
                             let _ = conn_tx.send(h).await;
                         }
                         Err(e) => {
@@ -595,7 +589,7 @@ async fn connection<R, W>(
     mut rd: R,
     wr: W,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    kind: Kind,
+    origin: Origin,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -604,7 +598,7 @@ async fn connection<R, W>(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     // The first bytes tell which form the peer speaks; links always speak binary.
     let form = loop {
-        if kind == Kind::Dialed {
+        if matches!(origin, Origin::Dialed { .. }) {
             break Form::Binary;
         }
         if let Some(form) = detect(&buf) {
@@ -628,14 +622,12 @@ async fn connection<R, W>(
             return;
         }
         st.handles.insert(id, Handle { tx, queued_bytes: queued_bytes.clone(), kill: kill.clone(), count_bytes: true });
-        match kind {
-            Kind::Client => st.router.connect(id),
-            Kind::ClusterIn => st.router.connect_cluster(id),
-            Kind::Dialed => {
-                let mut out = Vec::new();
-                st.router.dial(id, &mut out);
-                shared.apply(&mut st, &mut out);
-            }
+        if matches!(origin, Origin::Dialed { .. }) {
+            let mut out = Vec::new();
+            st.router.dial(id, origin, &mut out);
+            shared.apply(&mut st, &mut out);
+        } else {
+            st.router.connect(id, origin);
         }
     }
     debug!(conn = id, ?form, "connection open");
@@ -787,7 +779,8 @@ async fn dialer(shared: Arc<Shared>, addr: String) {
                     match &shared.tls {
                         None => {
                             let (r, w) = s.into_split();
-                            connection(shared.clone(), r, w, None, Kind::Dialed).await;
+                            let origin = Origin::Dialed { addr: addr.clone(), tls: false };
+                            connection(shared.clone(), r, w, None, origin).await;
                         }
                         Some(tls) => {
                             let tls_stream = match crate::tls::server_name(&addr) {
@@ -797,7 +790,8 @@ async fn dialer(shared: Arc<Shared>, addr: String) {
                             match tls_stream {
                                 Ok(stream) => {
                                     let (r, w) = tokio::io::split(stream);
-                                    connection(shared.clone(), r, w, None, Kind::Dialed).await;
+                                    let origin = Origin::Dialed { addr: addr.clone(), tls: true };
+                                    connection(shared.clone(), r, w, None, origin).await;
                                 }
                                 Err(e) => warn!(%addr, error = %e, "TLS handshake with neighbour failed"),
                             }

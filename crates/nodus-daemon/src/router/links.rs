@@ -4,6 +4,7 @@
 //! Same rules as the rest of the router: no I/O, `now` is an argument.
 
 use super::{Action, ConnId, Link, Router, NODE_SERVICE};
+use crate::auth::Origin;
 use crate::detector::PhiDetector;
 use crate::topology::NodeRecord;
 use nodus_wire::Message;
@@ -17,21 +18,11 @@ const GOSSIP_EVERY_TICKS: u64 = 20;
 const MIN_STD_MS: f64 = 50.0;
 
 impl Router {
-    /// A connection accepted on a cluster listener: it may only become a link.
-    pub fn connect_cluster(&mut self, conn: ConnId) {
-        self.connect(conn);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.cluster = true;
-        }
-    }
-
-    /// A connection this node dialed to another node's cluster listener: sends `CONNECT`.
-    pub fn dial(&mut self, conn: ConnId, out: &mut Vec<Action>) {
-        self.connect(conn);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.cluster = true;
-            c.dialed = true;
-        }
+    /// A connection this node dialed to another node's cluster listener (`origin` is
+    /// [`Origin::Dialed`]): sends `CONNECT`.
+    pub fn dial(&mut self, conn: ConnId, origin: Origin, out: &mut Vec<Action>) {
+        debug_assert!(matches!(origin, Origin::Dialed { .. }));
+        self.connect(conn, origin);
         let mut m =
             Message::new("CONNECT").param("server", &self.server).param("version", 1).param("addr", &self.cluster_addr);
         if !self.cluster.secret.is_empty() {
@@ -554,6 +545,14 @@ mod tests {
     use crate::config::Config;
     use crate::router::RouterLimits;
 
+    fn dialed() -> Origin {
+        Origin::Dialed { addr: "127.0.0.1:1".into(), tls: false }
+    }
+
+    fn inbound() -> Origin {
+        Origin::Cluster { peer: "127.0.0.1:2".parse().unwrap(), tls: false }
+    }
+
     fn router(name: &str, secret: &str) -> Router {
         let mut config = Config::default();
         config.cluster.secret = secret.into();
@@ -576,8 +575,8 @@ mod tests {
     /// Links `a` (dialing on its conn 10) with `b` (accepting on its conn 20).
     fn link(a: &mut Router, b: &mut Router, now: i64) {
         let (mut oa, mut ob) = (Vec::new(), Vec::new());
-        a.dial(10, &mut oa);
-        b.connect_cluster(20);
+        a.dial(10, dialed(), &mut oa);
+        b.connect(20, inbound());
         for m in sent(&mut oa, 10) {
             b.handle(20, m, now, &mut ob);
         }
@@ -601,19 +600,19 @@ mod tests {
         let mut b = router("b", "");
         let mut out = Vec::new();
         // b already has a link from its own dial (conn 1); a's dial (conn 2) arrives: a < b wins.
-        b.dial(1, &mut out);
+        b.dial(1, dialed(), &mut out);
         b.handle(1, Message::new("ACCEPT").param("server", "a"), 0, &mut out);
         assert_eq!(b.links.get("a"), Some(&1));
-        b.connect_cluster(2);
+        b.connect(2, inbound());
         let connect = Message::new("CONNECT").param("server", "a").param("version", 1);
         b.handle(2, connect, 0, &mut out);
         assert_eq!(b.links.get("a"), Some(&2));
         assert!(out.contains(&Action::Close(1)), "the losing link is closed");
         // Seen from a, the same pair: its own dial wins over b's.
         let mut a = router("a", "");
-        a.connect_cluster(5);
+        a.connect(5, inbound());
         a.handle(5, Message::new("CONNECT").param("server", "b").param("version", 1), 0, &mut out);
-        a.dial(6, &mut out);
+        a.dial(6, dialed(), &mut out);
         a.handle(6, Message::new("ACCEPT").param("server", "b"), 0, &mut out);
         assert_eq!(a.links.get("b"), Some(&6));
     }
@@ -622,7 +621,7 @@ mod tests {
     fn clock_offset_past_the_threshold_is_reported_unstable() {
         let (mut a, mut b) = (router("a", ""), router("b", ""));
         link(&mut a, &mut b, 0);
-        a.connect(1);
+        a.connect(1, Origin::Internal);
         let mut out = Vec::new();
         a.handle(1, Message::new("REGISTER").param("service", "w").param("version", 1), 0, &mut out);
         a.handle(1, Message::new("COMMANDS").param("list", "CLOCK_STABLE,CLOCK_UNSTABLE"), 0, &mut out);
@@ -669,7 +668,7 @@ mod tests {
     fn messages_past_the_hop_limit_are_dropped() {
         let (mut a, mut b) = (router("a", ""), router("b", ""));
         link(&mut a, &mut b, 0);
-        b.connect(3);
+        b.connect(3, Origin::Internal);
         let mut out = Vec::new();
         b.handle(3, Message::new("REGISTER").param("service", "svc").param("version", 1), 0, &mut out);
         out.clear();
