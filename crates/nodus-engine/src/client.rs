@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rand::{Rng, SeedableRng};
 use rmpv::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -234,32 +233,7 @@ pub struct Endpoints {
     pub graph: Value,
 }
 
-/// Jittered exponential backoff, pure: delays come from a seeded generator, no clock.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    rng: rand::rngs::StdRng,
-}
-
-impl Backoff {
-    /// Delays from `min` doubling up to `max`, jittered by a generator seeded with `seed`.
-    pub fn new(min: Duration, max: Duration, seed: u64) -> Self {
-        Backoff { min, max: max.max(min), attempt: 0, rng: rand::rngs::StdRng::seed_from_u64(seed) }
-    }
-
-    /// The next delay: `min * 2^attempt` capped at `max`, then a uniform pick between half of
-    /// it and all of it.
-    pub fn next_delay(&mut self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
-        let base = self.min.saturating_mul(factor).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = base / 2;
-        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        half + Duration::from_nanos(self.rng.gen_range(0..=nanos))
-    }
-}
+pub use nodus_wire::Backoff;
 
 /// One operation's retries: a budget of time and a backoff.
 struct Retry {

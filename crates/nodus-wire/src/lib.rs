@@ -6,15 +6,18 @@
 //!   for shell scripts and humans.
 //! - [`binary`] is a versioned preface followed by length-prefixed MessagePack frames, for speed.
 //! - [`detect`] tells which of the two a peer speaks from its first bytes.
+//! - [`Backoff`] is the one jittered exponential backoff every part of nodus retries with.
 //!
 //! Invariant: this crate does no I/O, reads no clock and never depends on an async runtime; every
 //! decoder is total (bad bytes give an error, never a panic) and bounded by a maximum frame size.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod binary;
 mod message;
 pub mod text;
 
+pub use backoff::Backoff;
 pub use message::{valid_command, valid_name, valid_param_name, Address, Envelope, Message, MessageError};
 
 /// Default maximum size of one frame (binary) or one line (text), in bytes.
