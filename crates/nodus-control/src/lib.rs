@@ -1,0 +1,41 @@
+//! The nodus control plane: every component can be monitored and killed, messages expire, and
+//! hosts raise flags.
+//!
+//! - [`id`]: [`ComponentId`], the identity of a component (node, service, app, worker process,
+//!   task, or anything one of them started).
+//! - [`expiry`]: the one rule every queue applies to `expires_at` ("expired → drop and tell the
+//!   sender").
+//!
+//! Invariant: everything here is pure (no I/O, no clock: `now` is an argument, Unix milliseconds).
+//! Every table has a named
+//! bound; every decoder of untrusted input is total and returns an error that says what to fix.
+#![forbid(unsafe_code)]
+
+pub mod expiry;
+pub mod id;
+
+pub use id::ComponentId;
+
+/// What a principal must be allowed to do to send a control or flag command, in the words of
+/// the node's access model (`status`, `send`, `admin`). Built-in services declare these per
+/// command when they attach; the router checks them at its one choke point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Read-only queries.
+    Status,
+    /// Sending to services (raising and lowering one's own flags).
+    Send,
+    /// Administration (kill, manual flag lowering).
+    Admin,
+}
+
+impl Access {
+    /// The permission's name in the access model.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Status => "status",
+            Access::Send => "send",
+            Access::Admin => "admin",
+        }
+    }
+}
