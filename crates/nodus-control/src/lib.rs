@@ -5,15 +5,19 @@
 //!   task, or anything one of them started).
 //! - [`expiry`]: the one rule every queue applies to `expires_at` ("expired → drop and tell the
 //!   sender").
+//! - [`control`]: the control messages of seed 000 (`monitoring`, `kill`, results and errors, the
+//!   `config:<spec>:<id>:<pid>:<creator>` tags) mapped onto [`nodus_wire::Message`].
 //!
 //! Invariant: everything here is pure (no I/O, no clock: `now` is an argument, Unix milliseconds).
 //! Every table has a named
 //! bound; every decoder of untrusted input is total and returns an error that says what to fix.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod expiry;
 pub mod id;
 
+pub use control::{Body, ControlError, ControlMessage, Header, MessageType, MonitoringResult, Spec, Tag};
 pub use id::ComponentId;
 
 /// What a principal must be allowed to do to send a control or flag command, in the words of
