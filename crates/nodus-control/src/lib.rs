@@ -7,6 +7,12 @@
 //!   sender").
 //! - [`control`]: the control messages of seed 000 (`monitoring`, `kill`, results and errors, the
 //!   `config:<spec>:<id>:<pid>:<creator>` tags) mapped onto [`nodus_wire::Message`].
+//! - [`tree`]: the tree of components by `pid` (who started whom), including children that live
+//!   on other nodes.
+//! - [`kill`]: the kill cascade of seed 000 as a state machine over the tree: kill every
+//!   component it started, wait for them (bounded), stop, report an error to the parent.
+//! - [`monitor`]: the tracker that tells which monitored components did not answer before the
+//!   request's `expires_at`.
 //!
 //! Invariant: everything here is pure (no I/O, no clock: `now` is an argument, Unix milliseconds).
 //! Every table has a named
@@ -16,9 +22,15 @@
 pub mod control;
 pub mod expiry;
 pub mod id;
+pub mod kill;
+pub mod monitor;
+pub mod tree;
 
 pub use control::{Body, ControlError, ControlMessage, Header, MessageType, MonitoringResult, Spec, Tag};
 pub use id::ComponentId;
+pub use kill::{KillAction, KillError, KillLimits, KillReport, KillRequest};
+pub use monitor::{MonitorError, MonitorTracker, Poll};
+pub use tree::{Component, ComponentKind, Tree, TreeError};
 
 /// What a principal must be allowed to do to send a control or flag command, in the words of
 /// the node's access model (`status`, `send`, `admin`). Built-in services declare these per
