@@ -13,14 +13,18 @@
 //!   component it started, wait for them (bounded), stop, report an error to the parent.
 //! - [`monitor`]: the tracker that tells which monitored components did not answer before the
 //!   request's `expires_at`.
+//! - [`flags`]: communicatord's flags, field for field: names, raise/lower semantics with
+//!   `manual_down`, the limit and its "too many flags" flag, persistence in a directory, the
+//!   `FLAG_*` messages and the `flags` tool's behaviour and exit codes.
 //!
-//! Invariant: everything here is pure (no I/O, no clock: `now` is an argument, Unix milliseconds).
-//! Every table has a named
+//! Invariant: everything here is pure (no I/O, no clock: `now` is an argument, Unix milliseconds)
+//! except [`flags::store`], which reads and writes the flag directory. Every table has a named
 //! bound; every decoder of untrusted input is total and returns an error that says what to fix.
 #![forbid(unsafe_code)]
 
 pub mod control;
 pub mod expiry;
+pub mod flags;
 pub mod id;
 pub mod kill;
 pub mod monitor;
