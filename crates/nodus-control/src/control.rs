@@ -6,8 +6,8 @@
 //!
 //! ```text
 //! node/MONITORING component=42;message_type=config;spec=monitoring;sync_time=1700000000000;tag=config:monitoring:7:null:cli;_creator=cli;_expires_at=1700000005000;_id=7
-//! <a:node cli/RESULT component=42;host=a;is_running=true;message=;message_type=result;name=billing;spec=monitoring;sync_time=1700000000000;tag=result:monitoring:7:42:a:billing;_creator=a:billing;_reply_to=7
-//! <a:node a:node/ERROR code=killed;command=KILL;component=42;message=...;message_type=error;spec=kill;tag=error:kill:9:42:a:billing
+//! <a:billing a:cli/RESULT component=42;host=a;is_running=true;message=;message_type=result;name=billing;spec=monitoring;sync_time=1700000000000;tag=result:monitoring:7:42:a:billing;_creator=a:billing;_expires_at=1700000005000;_pid=42;_reply_to=7
+//! <a:control a:jobs/ERROR code=killed;command=KILL;component=42;message=service billing (42) was killed by cli;message_type=error;spec=kill;tag=error:kill:9:42:a:control;_creator=a:control;_pid=42
 //! ```
 //!
 //! | message | command | `message_type` | body parameters |

@@ -32,7 +32,7 @@ pub mod tree;
 
 pub use control::{Body, ControlError, ControlMessage, Header, MessageType, MonitoringResult, Spec, Tag};
 pub use id::ComponentId;
-pub use kill::{KillAction, KillError, KillLimits, KillReport, KillRequest};
+pub use kill::{KillAction, KillDone, KillError, KillLimits, KillOrder, KillReport, KillRequest};
 pub use monitor::{MonitorError, MonitorTracker, Poll};
 pub use tree::{Component, ComponentKind, Tree, TreeError};
 
