@@ -211,7 +211,12 @@ async fn commands_interrupt_mark_done_and_delete<S: Store>(s: S) {
     let running = s.claim(claim("a", 1, at(10))).await.expect("claim").remove(0);
     assert_eq!(running.id, id(1));
     // Interrupting a running task revokes its lease.
-    assert_eq!(s.command(id(1), Command::Interrupt, at(20)).await.expect("cmd"), Some(Status::Running));
+    let found = s.command(id(1), Command::Interrupt, at(20)).await.expect("cmd").expect("known");
+    assert_eq!(
+        (found.before, found.procedure.as_str(), found.attempt),
+        (Status::Running, "a.work", 1),
+        "a command says what the task was"
+    );
     let late = done(id(1), running.lease, at(21), "1");
     assert_eq!(s.finish(vec![late]).await.expect("finish"), vec![Fenced::Stale]);
     let t = s.get(id(1), at(21)).await.expect("get").expect("stored");
@@ -219,17 +224,26 @@ async fn commands_interrupt_mark_done_and_delete<S: Store>(s: S) {
     assert_eq!(t.error.map(|e| e.kind), Some(ErrorKind::Aborted));
     assert_eq!(t.finished_at, Some(at(20)));
     // A pending one is interrupted without running; a finished one does not change.
-    assert_eq!(s.command(id(2), Command::Interrupt, at(20)).await.expect("cmd"), Some(Status::Pending));
+    assert_eq!(
+        s.command(id(2), Command::Interrupt, at(20)).await.expect("cmd").map(|c| c.before),
+        Some(Status::Pending)
+    );
     assert_eq!(s.get(id(2), at(20)).await.expect("get").expect("stored").status, Status::Interrupted);
-    assert_eq!(s.command(id(2), Command::MarkDone, at(21)).await.expect("cmd"), Some(Status::Interrupted));
+    assert_eq!(
+        s.command(id(2), Command::MarkDone, at(21)).await.expect("cmd").map(|c| c.before),
+        Some(Status::Interrupted)
+    );
     assert_eq!(s.get(id(2), at(21)).await.expect("get").expect("stored").status, Status::Interrupted);
     // Marked done: result null.
-    assert_eq!(s.command(id(3), Command::MarkDone, at(22)).await.expect("cmd"), Some(Status::Pending));
+    assert_eq!(
+        s.command(id(3), Command::MarkDone, at(22)).await.expect("cmd").map(|c| c.before),
+        Some(Status::Pending)
+    );
     let t = s.get(id(3), at(22)).await.expect("get").expect("stored");
     assert_eq!(t.status, Status::Done);
     assert_eq!(t.result.expect("result").get(), "null");
     // Deleted: gone everywhere.
-    assert_eq!(s.command(id(4), Command::Delete, at(23)).await.expect("cmd"), Some(Status::Pending));
+    assert_eq!(s.command(id(4), Command::Delete, at(23)).await.expect("cmd").map(|c| c.before), Some(Status::Pending));
     assert!(s.get(id(4), at(23)).await.expect("get").is_none());
     assert!(s.claim(claim("a", 10, at(30))).await.expect("claim").is_empty(), "nothing left to run");
     assert_eq!(s.command(id(4), Command::Delete, at(24)).await.expect("cmd"), None, "unknown id");

@@ -114,6 +114,17 @@ pub enum Command {
     Delete,
 }
 
+/// What a [`Command`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commanded {
+    /// The task's status before the command.
+    pub before: Status,
+    /// Its procedure.
+    pub procedure: String,
+    /// Its attempts so far.
+    pub attempt: u32,
+}
+
 /// Which tasks a listing returns.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -185,8 +196,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError`]: nothing was recorded.
     fn finish(&self, batch: Vec<Finish>) -> impl Future<Output = Result<Vec<Fenced>, StoreError>> + Send;
 
-    /// Applies a client's command to a task. Returns the status the task had before (`None`:
-    /// unknown or expired id).
+    /// Applies a client's command to a task. Returns what the task was before (`None`: unknown
+    /// or expired id).
     ///
     /// # Errors
     /// [`StoreError`].
@@ -195,7 +206,7 @@ pub trait Store: Send + Sync + 'static {
         id: TaskId,
         command: Command,
         now: UnixMs,
-    ) -> impl Future<Output = Result<Option<Status>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<Commanded>, StoreError>> + Send;
 
     /// Makes every task `owner` was running pending again (after a restart of that owner: its
     /// attempts died with it). Returns how many.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Claim, Command, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError};
+use super::{Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError};
 use crate::task::{json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
 
 /// SQLite's `synchronous` setting: how hard a commit waits for the disk.
@@ -97,7 +97,7 @@ enum WriteOp {
     Submit(Vec<NewTask>, Reply<Vec<Submitted>>),
     Claim(Claim, Reply<Vec<Claimed>>),
     Finish(Vec<Finish>, Reply<Vec<Fenced>>),
-    Command(TaskId, Command, UnixMs, Reply<Option<Status>>),
+    Command(TaskId, Command, UnixMs, Reply<Option<Commanded>>),
     Recover(String, UnixMs, Reply<u64>),
     Reap(UnixMs, Reply<u64>),
     Purge(UnixMs, usize, Reply<u64>),
@@ -312,7 +312,7 @@ impl Store for SqliteStore {
         self.write(|r| WriteOp::Finish(batch, r)).await
     }
 
-    async fn command(&self, id: TaskId, command: Command, now: UnixMs) -> Result<Option<Status>, StoreError> {
+    async fn command(&self, id: TaskId, command: Command, now: UnixMs) -> Result<Option<Commanded>, StoreError> {
         self.write(|r| WriteOp::Command(id, command, now, r)).await
     }
 
@@ -695,15 +695,16 @@ impl Writer {
         Ok(out)
     }
 
-    fn command(&mut self, id: &TaskId, command: Command, now: UnixMs) -> Result<Option<Status>, StoreError> {
-        let found: Option<(i64, String, Option<i64>)> = self
+    fn command(&mut self, id: &TaskId, command: Command, now: UnixMs) -> Result<Option<Commanded>, StoreError> {
+        type Found = (i64, String, Option<i64>, String, u32);
+        let found: Option<Found> = self
             .conn
-            .prepare_cached("SELECT seq, status, expires_at FROM tasks WHERE id = ?1")
+            .prepare_cached("SELECT seq, status, expires_at, procedure, attempt FROM tasks WHERE id = ?1")
             .map_err(sql_err)?
-            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
             .optional()
             .map_err(sql_err)?;
-        let Some((seq, status, expires)) = found else { return Ok(None) };
+        let Some((seq, status, expires, procedure, attempt)) = found else { return Ok(None) };
         if expires.is_some_and(|e| e <= now.as_i64()) {
             return Ok(None);
         }
@@ -732,7 +733,7 @@ impl Writer {
             }
             Command::Interrupt | Command::MarkDone => {}
         }
-        Ok(Some(status))
+        Ok(Some(Commanded { before: status, procedure, attempt }))
     }
 }
 
