@@ -686,16 +686,14 @@ impl<S: Store> Executor<S> {
                     self.sched.tick(UnixMs::now());
                 }
                 _ = tokio::time::sleep_until(shutdown_at.unwrap_or_else(tokio::time::Instant::now)), if shutdown_at.is_some() => {
-                    // Grace is over: cancel what still runs (it runs again after the next start).
-                    let n = self.cancels.len();
-                    if n > 0 {
-                        tracing::warn!(attempts = n, "shutdown grace over; cancelling running attempts, they run again after the next start");
+                    // Grace is over. What still runs is cancelled and what is not recorded yet
+                    // stays running in the store: it all runs again after the next start.
+                    let (attempts, records) = (self.cancels.len(), self.records.len() + self.store_ops);
+                    if attempts > 0 || records > 0 {
+                        tracing::warn!(attempts, store_operations = records, "shutdown grace over; unfinished tasks run again after the next start");
                     }
                     self.cancels.clear();
-                    if self.store_ops == 0 && self.records.is_empty() {
-                        break;
-                    }
-                    self.shutting = self.shutting.take().map(|(_, d)| (tokio::time::Instant::now() + Duration::from_secs(3600), d));
+                    break;
                 }
             }
             self.apply_outputs();

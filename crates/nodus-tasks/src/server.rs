@@ -162,6 +162,8 @@ impl<S: Store> ArpcpServer<S> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let limit = self.config.max_connections.max(1);
         let slots = Arc::new(Semaphore::new(limit));
+        // Refusals are answered too, at most `limit` at once; beyond that they are just closed.
+        let refusals = Arc::new(Semaphore::new(limit));
         tokio::pin!(shutdown);
         let mut failures = nodus_wire::Backoff::new(Duration::from_millis(5), Duration::from_secs(1), rand::random());
         loop {
@@ -182,16 +184,27 @@ impl<S: Store> ArpcpServer<S> {
                 },
             };
             let config = self.config.clone();
-            if !allowed(&config, peer.ip()) {
+            let refusal = if !allowed(&config, peer.ip()) {
                 tracing::warn!(%peer, "arpcp client outside tasks.arpcp_allow refused");
-                let msg = format!("connections from {} are not allowed (tasks.arpcp_allow)", peer.ip());
-                tokio::spawn(refuse(stream, Answer::error(Code::Internal, msg), config.write_timeout));
-                continue;
-            }
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit, "arpcp connection limit reached; refusing");
-                let msg = format!("too many connections ({limit}, tasks.arpcp_max_connections); retry shortly");
-                tokio::spawn(refuse(stream, Answer::error(Code::Internal, msg), config.write_timeout));
+                Some(format!("connections from {} are not allowed (tasks.arpcp_allow)", peer.ip()))
+            } else {
+                None
+            };
+            let permit = match refusal {
+                Some(_) => None,
+                None => slots.clone().try_acquire_owned().ok(),
+            };
+            let Some(permit) = permit else {
+                let msg = refusal.unwrap_or_else(|| {
+                    tracing::warn!(%peer, limit, "arpcp connection limit reached; refusing");
+                    format!("too many connections ({limit}, tasks.arpcp_max_connections); retry shortly")
+                });
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream, Answer::error(Code::Internal, msg), config.write_timeout).await;
+                        drop(permit);
+                    });
+                }
                 continue;
             };
             let tasks = self.tasks.clone();
@@ -214,8 +227,29 @@ fn allowed(config: &ArpcpConfig, ip: IpAddr) -> bool {
 async fn refuse(mut stream: TcpStream, answer: Answer, write_timeout: Duration) {
     let mut out = Vec::with_capacity(128);
     answer.encode(&mut out);
-    let _ = tokio::time::timeout(write_timeout, stream.write_all(&out)).await;
-    let _ = stream.shutdown().await;
+    let written = tokio::time::timeout(write_timeout, async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if matches!(written, Ok(Ok(()))) {
+        linger(&mut stream).await;
+    }
+}
+
+/// Lingering close: reads what the client still sends until it closes (at most 1 s), so that
+/// closing with unread bytes does not reset the connection before the client read the answer.
+async fn linger(stream: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
 
 /// What reading the request line found.
@@ -284,21 +318,9 @@ async fn serve<S: Store>(mut stream: TcpStream, tasks: &Tasks<S>, config: &Arpcp
         stream.shutdown().await
     })
     .await;
-    if !matches!(written, Ok(Ok(()))) {
-        return;
+    if matches!(written, Ok(Ok(()))) {
+        linger(&mut stream).await;
     }
-    // Lingering close: read what the client still sends until it closes, so closing with unread
-    // bytes does not reset the connection before the client has read the answer.
-    let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 #[cfg(test)]
