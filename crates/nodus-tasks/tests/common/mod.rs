@@ -49,6 +49,8 @@ pub struct Setup {
     pub store: Box<dyn Fn(&Path) -> SqliteConfig>,
     pub tasks: TasksConfig,
     pub arpcp: Option<ArpcpConfig>,
+    /// The app to run (name, directory, manifest): the Rust procedures app when `None`.
+    pub app: Option<(String, PathBuf, Manifest)>,
 }
 
 impl Default for Setup {
@@ -67,6 +69,7 @@ impl Default for Setup {
             store: Box::new(|dir| SqliteConfig::new(dir.join("tasks.db"))),
             tasks,
             arpcp: None,
+            app: None,
         }
     }
 }
@@ -77,17 +80,13 @@ impl Node {
         let mut config = EngineConfig::new(dir.path().join("run"));
         config.kill_grace = Duration::from_secs(2);
         let engine = Engine::new(config);
-        let manifest = procs_manifest();
-        let spec = AppSpec {
-            name: "procs".into(),
-            dir: dir.path().to_path_buf(),
-            manifest: manifest.clone(),
-            profile: setup.profile,
-        };
+        let (name, app_dir, manifest) =
+            setup.app.unwrap_or_else(|| ("procs".into(), dir.path().to_path_buf(), procs_manifest()));
+        let spec = AppSpec { name: name.clone(), dir: app_dir, manifest: manifest.clone(), profile: setup.profile };
         engine.start(spec).await.unwrap();
         let store = SqliteStore::open((setup.store)(dir.path())).unwrap();
         let tasks = Tasks::start(store.clone(), engine.clone(), setup.tasks).await.unwrap();
-        tasks.set_app("procs", &manifest.procedures, setup.limit).await.unwrap();
+        tasks.set_app(&name, &manifest.procedures, setup.limit).await.unwrap();
         let arpcp = match setup.arpcp {
             Some(c) => {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
