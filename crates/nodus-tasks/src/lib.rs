@@ -9,10 +9,12 @@
 //!   the store and the engine.
 //! - [`arpcp`]: the wire format (pure); [`api`]: the methods on [`Tasks`]; [`server`]: the TCP
 //!   listener.
+//! - [`notify`]: `TASK_STATUS` notifications to a configured app event or service.
 
 pub mod api;
 pub mod arpcp;
 pub mod executor;
+pub mod notify;
 pub mod procedures;
 pub mod sched;
 pub mod server;

@@ -299,3 +299,37 @@ async fn every_change_is_watched_in_order() {
     assert_eq!(seen.iter().map(|c| c.attempt).collect::<Vec<_>>(), vec![0, 1, 1]);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_status_notifications_reach_an_app_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("status.log");
+    let mut manifest = common::procs_manifest();
+    manifest.env.insert("PROCS_STATUS_LOG".into(), log.to_string_lossy().into_owned());
+    let setup = Setup { app: Some(("procs".into(), dir.path().to_path_buf(), manifest)), ..Setup::default() };
+    let node = Node::start(setup).await;
+    let target: nodus_tasks::notify::Target = "app:procs.task_status".parse().unwrap();
+    let nodus_tasks::notify::Target::AppEvent { app, event } = target else { unreachable!() };
+    tokio::spawn(nodus_tasks::notify::forward_to_app(node.tasks.clone(), node.engine.clone(), app, event));
+    let s = node.tasks.submit(sub("procs.add", json!([1, 2]))).await.unwrap();
+    assert!(matches!(node.tasks.wait(&s.id, WAIT).await.unwrap(), Waited::Finished(_)));
+    let mut seen: Vec<Value> = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while seen.len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            seen = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .filter(|v: &Value| v["id"] == s.id.as_str())
+                .collect();
+        }
+    })
+    .await
+    .expect("three notifications");
+    let mut statuses: Vec<&str> = seen.iter().map(|v| v["status"].as_str().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec!["done", "pending", "running"]);
+    assert!(seen.iter().all(|v| v["command"] == "TASK_STATUS" && v["procedure"] == "procs.add"));
+    node.stop().await;
+}

@@ -14,6 +14,9 @@
 //! - `crash_once(path)`: the first call (no file at `path` yet) creates the file and kills its
 //!   worker process; later calls return `"survived"` (a worker killed mid-task).
 //! - `crash()`: kills its worker process every time (retries run out).
+//!
+//! And one event that is not a procedure: `task_status` takes `TASK_STATUS` notifications (one
+//! JSON object per call) and appends each as a line to the file `$PROCS_STATUS_LOG`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -108,6 +111,18 @@ async fn crash_once(mut req: Request, resp: Response) -> HandlerResult {
     reply(resp, Value::from("survived")).await
 }
 
+async fn task_status(mut req: Request, _resp: Response) -> HandlerResult {
+    let mut body = Vec::new();
+    while let Some(chunk) = req.recv().await? {
+        body.extend_from_slice(&chunk);
+    }
+    let path = std::env::var("PROCS_STATUS_LOG").map_err(|_| "set PROCS_STATUS_LOG to log notifications")?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    body.push(b'\n');
+    f.write_all(&body)?;
+    Ok(())
+}
+
 async fn crash(_req: Request, _resp: Response) -> HandlerResult {
     eprintln!("crash: crashing on purpose");
     std::process::exit(3);
@@ -128,6 +143,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .on("record", record)
         .on("crash_once", crash_once)
         .on("crash", crash)
+        .on("task_status", task_status)
         .run()
         .await?;
     Ok(())
