@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::arpcp::{Code, SignalStatus};
 use crate::procedures::{Catalog, CatalogError, Procedure};
-use crate::sched::{AttemptEnd, Output, SchedConfig, Scheduler};
+use crate::sched::{AttemptEnd, Attempted, Output, SchedConfig, Scheduler};
 use crate::store::{Command, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError};
 use crate::task::{
     json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs, MAX_KEY_LEN,
@@ -227,7 +227,7 @@ enum Event {
     RemoveApp(String),
     Claimed { app: String, asked: usize, result: Result<Vec<Claimed>, StoreError> },
     Ended { id: TaskId, lease: Lease, end: AttemptEnd },
-    Recorded { batch: Vec<Finish>, result: Result<Vec<Fenced>, StoreError> },
+    Recorded { batch: Vec<Finish>, metas: Vec<Attempted>, result: Result<Vec<Fenced>, StoreError> },
     Aborted(TaskId),
     Shutdown { grace: Duration, done: oneshot::Sender<()> },
 }
@@ -304,8 +304,9 @@ impl<S: Store> Tasks<S> {
         &self.inner.store
     }
 
-    /// Makes `app`'s procedures available and lets it run tasks, `limit` at a time (capped by
-    /// `max_inflight_per_app`; for an engine app, its `pool-limit × concurrency + queue-limit`).
+    /// Makes `app`'s procedures available. With `limit`, the app also runs tasks, `limit` at a
+    /// time (capped by `max_inflight_per_app`; for an engine app, its `pool-limit × concurrency
+    /// + queue-limit`); without, tasks are accepted and wait in the store until it runs.
     ///
     /// # Errors
     /// A procedure name another app already has.
@@ -313,11 +314,17 @@ impl<S: Store> Tasks<S> {
         &self,
         app: &str,
         procedures: &BTreeMap<String, Vec<Param>>,
-        limit: usize,
+        limit: Option<usize>,
     ) -> Result<(), CatalogError> {
         self.inner.catalog.write().unwrap_or_else(|e| e.into_inner()).set_app(app, procedures)?;
-        let limit = limit.clamp(1, self.inner.config.max_inflight_per_app.max(1));
-        let _ = self.inner.events.send(Event::SetApp { app: app.to_string(), limit }).await;
+        let event = match limit {
+            Some(limit) => Event::SetApp {
+                app: app.to_string(),
+                limit: limit.clamp(1, self.inner.config.max_inflight_per_app.max(1)),
+            },
+            None => Event::RemoveApp(app.to_string()),
+        };
+        let _ = self.inner.events.send(event).await;
         Ok(())
     }
 
@@ -627,10 +634,8 @@ struct Executor<S: Store> {
     sched: Scheduler,
     /// Running attempts' cancel switches (dropping one cancels too).
     cancels: HashMap<TaskId, (Lease, oneshot::Sender<()>)>,
-    /// What status changes say about attempts started here, until their end is recorded.
-    started: HashMap<TaskId, (Lease, Arc<str>, u32)>,
     /// Records waiting to be written in one store operation.
-    records: Vec<Finish>,
+    records: Vec<(Finish, Attempted)>,
     /// Store operations the loop is waiting for (claims and records).
     store_ops: usize,
     /// Backoff for records the store failed to write.
@@ -648,7 +653,6 @@ impl<S: Store> Executor<S> {
             inner,
             sched,
             cancels: HashMap::new(),
-            started: HashMap::new(),
             records: Vec::new(),
             store_ops: 0,
             record_backoff,
@@ -733,14 +737,12 @@ impl<S: Store> Executor<S> {
                 }
                 self.sched.handle_end(&id, lease, end, now);
             }
-            Event::Recorded { batch, result } => {
+            Event::Recorded { batch, metas, result } => {
                 self.store_ops -= 1;
-                self.recorded(batch, result);
+                self.recorded(batch, metas, result);
             }
             Event::Aborted(id) => {
-                if self.sched.handle_abort(&id, now) {
-                    self.started.remove(&id);
-                }
+                self.sched.handle_abort(&id, now);
             }
             Event::Shutdown { grace, done } => {
                 let apps: Vec<String> = self.apps_running();
@@ -784,7 +786,7 @@ impl<S: Store> Executor<S> {
                         }
                     }
                 }
-                Output::Record(f) => self.records.push(f),
+                Output::Record(f, meta) => self.records.push((f, meta)),
                 Output::Reap(now) => {
                     let inner = self.inner.clone();
                     tokio::spawn(async move {
@@ -808,12 +810,12 @@ impl<S: Store> Executor<S> {
             }
         }
         if !self.records.is_empty() {
-            let batch = std::mem::take(&mut self.records);
-            self.write_records(batch, Duration::ZERO);
+            let (batch, metas) = std::mem::take(&mut self.records).into_iter().unzip();
+            self.write_records(batch, metas, Duration::ZERO);
         }
     }
 
-    fn write_records(&mut self, batch: Vec<Finish>, delay: Duration) {
+    fn write_records(&mut self, batch: Vec<Finish>, metas: Vec<Attempted>, delay: Duration) {
         self.store_ops += 1;
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -821,29 +823,25 @@ impl<S: Store> Executor<S> {
                 tokio::time::sleep(delay).await;
             }
             let result = inner.store.finish(batch.clone()).await;
-            let _ = inner.events.send(Event::Recorded { batch, result }).await;
+            let _ = inner.events.send(Event::Recorded { batch, metas, result }).await;
         });
     }
 
-    fn recorded(&mut self, batch: Vec<Finish>, result: Result<Vec<Fenced>, StoreError>) {
+    fn recorded(&mut self, batch: Vec<Finish>, metas: Vec<Attempted>, result: Result<Vec<Fenced>, StoreError>) {
         let fenced = match result {
             Ok(f) => f,
             Err(e) => {
                 let delay = self.record_backoff.next_delay();
                 tracing::error!(error = %e, records = batch.len(), ?delay, "recording task outcomes failed; retrying");
                 self.inner.counters.record_retries.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                self.write_records(batch, delay);
+                self.write_records(batch, metas, delay);
                 return;
             }
         };
         self.record_backoff.reset();
         let c = &self.inner.counters;
         let watching = self.inner.changes.receiver_count() > 0;
-        for (f, fence) in batch.into_iter().zip(fenced) {
-            let meta = match self.started.get(&f.id) {
-                Some((lease, _, _)) if *lease == f.lease => self.started.remove(&f.id).map(|(_, p, a)| (p, a)),
-                _ => None,
-            };
+        for ((f, meta), fence) in batch.into_iter().zip(metas).zip(fenced) {
             if fence == Fenced::Stale {
                 c.stale.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(task = %f.id, lease = %f.lease, "stale completion discarded");
@@ -868,8 +866,12 @@ impl<S: Store> Executor<S> {
                 }
             };
             if watching {
-                let (procedure, attempt) = meta.unwrap_or_else(|| (Arc::from(""), 0));
-                let change = StatusChange { id: f.id.clone(), procedure, status: Some(status), attempt };
+                let change = StatusChange {
+                    id: f.id.clone(),
+                    procedure: meta.procedure,
+                    status: Some(status),
+                    attempt: meta.attempt,
+                };
                 let _ = self.inner.changes.send(change);
             }
             if let Some(done) = finished {
@@ -880,19 +882,14 @@ impl<S: Store> Executor<S> {
 
     fn dispatch(&mut self, c: Claimed) {
         self.inner.counters.started.fetch_add(1, Ordering::Relaxed);
-        let procedure: Arc<str> = Arc::from(c.procedure.as_str());
         if self.inner.changes.receiver_count() > 0 {
-            let change = StatusChange {
-                id: c.id.clone(),
-                procedure: procedure.clone(),
-                status: Some(Status::Running),
-                attempt: c.attempt,
-            };
+            let procedure: Arc<str> = Arc::from(c.procedure.as_str());
+            let change =
+                StatusChange { id: c.id.clone(), procedure, status: Some(Status::Running), attempt: c.attempt };
             let _ = self.inner.changes.send(change);
         }
         let (cancel_tx, cancel_rx) = oneshot::channel();
         self.cancels.insert(c.id.clone(), (c.lease, cancel_tx));
-        self.started.insert(c.id.clone(), (c.lease, procedure, c.attempt));
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let (id, lease) = (c.id.clone(), c.lease);

@@ -21,6 +21,7 @@
 //!   answer from it is ignored here and fenced off by its lease in the store.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nodus_wire::Backoff;
@@ -89,6 +90,15 @@ pub enum AttemptEnd {
     NotRun(String),
 }
 
+/// Which attempt a record ends (for status changes: the store's answer does not say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempted {
+    /// The task's procedure.
+    pub procedure: Arc<str>,
+    /// The attempt's number.
+    pub attempt: u32,
+}
+
 /// What the driver must do.
 #[derive(Debug, Clone)]
 pub enum Output {
@@ -99,7 +109,7 @@ pub enum Output {
     /// Cancel a running attempt's worker session (its task timed out or was aborted).
     Cancel(TaskId, Lease),
     /// Record an attempt's end in the store.
-    Record(Finish),
+    Record(Finish, Attempted),
     /// Return tasks whose lease ran out to pending ([`crate::store::Store::reap`]).
     Reap(UnixMs),
     /// Purge up to this many results expired at this time.
@@ -126,6 +136,7 @@ struct AppState {
 
 struct Attempt {
     app: String,
+    procedure: Arc<str>,
     lease: Lease,
     deadline: UnixMs,
     attempt: u32,
@@ -247,6 +258,7 @@ impl Scheduler {
                         c.id.clone(),
                         Attempt {
                             app: app.to_string(),
+                            procedure: Arc::from(c.procedure.as_str()),
                             lease: c.lease,
                             deadline,
                             attempt: c.attempt,
@@ -307,7 +319,8 @@ impl Scheduler {
                 s.window = (s.window + 1).min(s.limit);
             }
         }
-        self.outputs.push_back(Output::Record(Finish { id: id.clone(), lease, outcome, now }));
+        let meta = Attempted { procedure: a.procedure.clone(), attempt: a.attempt };
+        self.outputs.push_back(Output::Record(Finish { id: id.clone(), lease, outcome, now }, meta));
         self.gc_app(&a.app);
         self.plan(now);
     }
@@ -331,13 +344,14 @@ impl Scheduler {
             self.deadlines.pop_first();
             let Some(a) = self.running.get(&id).filter(|a| a.lease == lease) else { continue };
             let app = a.app.clone();
+            let meta = Attempted { procedure: a.procedure.clone(), attempt: a.attempt };
             self.take(&id);
             let error = TaskError::new(
                 ErrorKind::TimedOut,
                 "the task ran longer than its timeout; its worker session was cancelled",
             );
             self.outputs.push_back(Output::Cancel(id.clone(), lease));
-            self.outputs.push_back(Output::Record(Finish { id, lease, outcome: Outcome::Failed(error), now }));
+            self.outputs.push_back(Output::Record(Finish { id, lease, outcome: Outcome::Failed(error), now }, meta));
             self.gc_app(&app);
         }
         let poll = now >= self.next_poll;
@@ -448,7 +462,8 @@ impl Scheduler {
 }
 
 fn release(c: &Claimed, now: UnixMs) -> Output {
-    Output::Record(Finish { id: c.id.clone(), lease: c.lease, outcome: Outcome::Release { run_after: now }, now })
+    let meta = Attempted { procedure: Arc::from(c.procedure.as_str()), attempt: c.attempt };
+    Output::Record(Finish { id: c.id.clone(), lease: c.lease, outcome: Outcome::Release { run_after: now }, now }, meta)
 }
 
 #[cfg(test)]
@@ -468,7 +483,7 @@ mod tests {
 
     fn claimed(n: u64, app: &str, attempt: u32, timeout_ms: u64) -> Claimed {
         Claimed {
-            id: TaskId(format!("t{n}")),
+            id: TaskId(format!("t{n}").into()),
             procedure: format!("{app}.work"),
             app: app.into(),
             args: json("[]").unwrap(),
@@ -496,7 +511,7 @@ mod tests {
     fn records(out: &[Output]) -> Vec<(String, Outcome)> {
         out.iter()
             .filter_map(|o| match o {
-                Output::Record(f) => Some((f.id.to_string(), f.outcome.clone())),
+                Output::Record(f, _) => Some((f.id.to_string(), f.outcome.clone())),
                 _ => None,
             })
             .collect()
@@ -548,7 +563,7 @@ mod tests {
         // One completion at a time does not cost one claim each: the low-water mark is 8.
         for n in 1..=7 {
             let lease = Lease(n * 10 + 1);
-            s.handle_end(&TaskId(format!("t{n}")), lease, AttemptEnd::Returned(json("1").unwrap()), at(1));
+            s.handle_end(&TaskId(format!("t{n}").into()), lease, AttemptEnd::Returned(json("1").unwrap()), at(1));
             assert!(claims(&drain(&mut s)).is_empty(), "{n} free");
         }
         s.handle_end(&TaskId("t8".into()), Lease(81), AttemptEnd::Returned(json("1").unwrap()), at(1));

@@ -46,9 +46,22 @@ pub const MAX_KEY_LEN: usize = 256;
 
 /// A task's id: a UUID (version 7: time-ordered, 74 random bits), written in its canonical form.
 /// Random enough that ids cannot be guessed, ordered enough that the store's index appends.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct TaskId(pub(crate) String);
+/// Cheap to clone (a shared string): the executor keeps it in several tables per attempt.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub(crate) std::sync::Arc<str>);
+
+impl serde::Serialize for TaskId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TaskId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TaskId, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 impl TaskId {
     /// A new id for a task created at `now`.
@@ -58,7 +71,7 @@ impl TaskId {
         // 48 bits of time, version 7, 12 random bits, variant 0b10, 62 random bits.
         let x = (ms << 80) | (0x7u128 << 76) | (rand & (0xfffu128 << 64)) | (0b10u128 << 62) | (rand & ((1 << 62) - 1));
         let h = format!("{x:032x}");
-        TaskId(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+        TaskId(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]).into())
     }
 
     /// The id as text.
@@ -87,7 +100,7 @@ impl FromStr for TaskId {
         if s.is_empty() || s.len() > MAX_ID_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(BadId);
         }
-        Ok(TaskId(s.to_string()))
+        Ok(TaskId(s.into()))
     }
 }
 

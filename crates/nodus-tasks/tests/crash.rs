@@ -164,7 +164,7 @@ async fn crash_child() {
             }
         }
     });
-    tasks.set_app("procs", &manifest.procedures, 128).await.unwrap();
+    tasks.set_app("procs", &manifest.procedures, Some(128)).await.unwrap();
     let log = dir.join("runs.log");
     if mode == "submit" {
         let t = tasks.clone();
@@ -209,7 +209,12 @@ async fn crash_child() {
     .await
     .expect("every completion printed");
     printer.abort();
-    println!("finished");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "finished");
+        let _ = out.flush();
+    }
     engine.shutdown().await;
     tasks.store().close().await;
 }

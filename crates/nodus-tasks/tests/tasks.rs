@@ -333,3 +333,21 @@ async fn task_status_notifications_reach_an_app_event() {
     assert!(seen.iter().all(|v| v["command"] == "TASK_STATUS" && v["procedure"] == "procs.add"));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_an_app_that_does_not_run_wait_in_the_store() {
+    let node = Node::start(Setup::default()).await;
+    let procedures = common::procs_manifest().procedures;
+    node.tasks.set_app("procs", &procedures, None).await.unwrap();
+    let s = node.tasks.submit(sub("procs.add", json!([5, 5]))).await.unwrap();
+    // The executor polls every 200 ms in these tests: three polls, and still pending.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(node.tasks.get(&s.id).await.unwrap().unwrap().status, Status::Pending);
+    assert_eq!(node.tasks.stats().started, 0);
+    node.tasks.set_app("procs", &procedures, Some(8)).await.unwrap();
+    match node.tasks.wait(&s.id, WAIT).await.unwrap() {
+        Waited::Finished(f) => assert_eq!(f.result.unwrap().get(), "10"),
+        other => panic!("{other:?}"),
+    }
+    node.stop().await;
+}

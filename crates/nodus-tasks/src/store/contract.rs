@@ -23,7 +23,7 @@ fn at(ms: u64) -> UnixMs {
 
 fn id(n: u32) -> TaskId {
     // Ids sort by creation like generated ones do.
-    TaskId(format!("00000000-0000-7000-8000-{n:012}"))
+    TaskId(format!("00000000-0000-7000-8000-{n:012}").into())
 }
 
 fn task(n: u32, app: &str) -> NewTask {

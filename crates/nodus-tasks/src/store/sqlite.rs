@@ -470,7 +470,7 @@ impl Writer {
     /// Runs one operation inside its own savepoint: an operation that fails leaves nothing
     /// behind and does not fail the others of the batch.
     fn apply(&mut self, op: WriteOp) -> (Answer, Option<StoreError>) {
-        if let Err(e) = self.conn.execute_batch("SAVEPOINT op") {
+        if let Err(e) = self.conn.prepare_cached("SAVEPOINT op").and_then(|mut s| s.execute([])) {
             let e = sql_err(e);
             let a = match op {
                 WriteOp::Submit(_, r) => answer(r, Err(e.clone())),
@@ -545,8 +545,11 @@ impl Writer {
             WriteOp::Close(_) => unreachable!("close is handled by the batch"),
         };
         if !self.conn.is_autocommit() {
-            let end = if err.is_none() { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
-            if let Err(e) = self.conn.execute_batch(end) {
+            let end = match err {
+                None => self.conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([])).map(|_| ()),
+                Some(_) => self.conn.execute_batch("ROLLBACK TO op; RELEASE op"),
+            };
+            if let Err(e) = end {
                 tracing::error!(error = %e, "task store savepoint failed");
             }
         }
@@ -578,7 +581,7 @@ impl Writer {
                         // The task that had this key expired: the key is free again.
                         delete.execute([seq]).map_err(sql_err)?;
                     } else {
-                        out.push(Submitted { id: TaskId(id), existing: true });
+                        out.push(Submitted { id: TaskId(id.into()), existing: true });
                         continue;
                     }
                 }
@@ -613,7 +616,7 @@ impl Writer {
             .query_map(params![c.app, c.now.as_i64(), i64::try_from(c.max).unwrap_or(i64::MAX)], |r| {
                 let timeout_ms: i64 = r.get(6)?;
                 let claimed = Claimed {
-                    id: TaskId(r.get(1)?),
+                    id: TaskId(r.get::<_, String>(1)?.into()),
                     procedure: r.get(2)?,
                     app: c.app.clone(),
                     // Parsed below, outside the row mapper (whose error type is SQLite's).
@@ -792,7 +795,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Task, StoreError>> {
             (None, _) => None,
         };
         Ok(Task {
-            id: TaskId(id),
+            id: TaskId(id.into()),
             procedure,
             args: stored_json(args)?,
             status: parse_status(&status)?,
@@ -801,7 +804,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Task, StoreError>> {
             timeout: Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
             lease: Lease(u64::try_from(lease).unwrap_or(0)),
             owner,
-            parent: parent.map(TaskId),
+            parent: parent.map(|p| TaskId(p.into())),
             key,
             created_at: UnixMs::from_i64(created),
             started_at: started.map(UnixMs::from_i64),

@@ -86,7 +86,7 @@ impl Node {
         engine.start(spec).await.unwrap();
         let store = SqliteStore::open((setup.store)(dir.path())).unwrap();
         let tasks = Tasks::start(store.clone(), engine.clone(), setup.tasks).await.unwrap();
-        tasks.set_app(&name, &manifest.procedures, setup.limit).await.unwrap();
+        tasks.set_app(&name, &manifest.procedures, Some(setup.limit)).await.unwrap();
         let arpcp = match setup.arpcp {
             Some(c) => {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
