@@ -242,6 +242,9 @@ struct Inner<S> {
     events: mpsc::Sender<Event>,
     waiters: Mutex<HashMap<TaskId, Vec<Waiter>>>,
     changes: broadcast::Sender<StatusChange>,
+    /// Submissions being stored while someone watches, whose `pending` change is not out yet.
+    /// Bounded by the submissions in flight (the store's queue).
+    announcing: Mutex<HashMap<TaskId, Arc<str>>>,
     closing: AtomicBool,
     counters: Counters,
 }
@@ -287,6 +290,7 @@ impl<S: Store> Tasks<S> {
             events: tx,
             waiters: Mutex::new(HashMap::new()),
             changes,
+            announcing: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             counters: Counters::default(),
         });
@@ -422,19 +426,39 @@ impl<S: Store> Tasks<S> {
         }
         let meta: Vec<(String, Arc<str>)> =
             tasks.iter().map(|t| (t.app.clone(), Arc::from(t.procedure.as_str()))).collect();
-        let stored = self.inner.store.submit(tasks).await?;
-        let mut apps: Vec<String> = Vec::new();
         let watching = self.inner.changes.receiver_count() > 0;
-        for ((slot, sub), (app, procedure)) in slots.into_iter().zip(stored).zip(meta) {
+        if watching {
+            // Whoever takes an id out of `announcing` first emits its `pending`: this task once
+            // stored, or the executor if it starts the task before that (see `dispatch`).
+            let mut a = self.inner.announcing.lock().unwrap_or_else(|e| e.into_inner());
+            a.extend(tasks.iter().map(|t| (t.id.clone(), Arc::from(t.procedure.as_str()))));
+        }
+        let ids: Vec<TaskId> = if watching { tasks.iter().map(|t| t.id.clone()).collect() } else { Vec::new() };
+        let stored = self.inner.store.submit(tasks).await;
+        if watching {
+            let mut a = self.inner.announcing.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, sub) in ids.iter().zip(stored.iter().flatten()) {
+                if let Some(procedure) = a.remove(id) {
+                    if !sub.existing {
+                        let change =
+                            StatusChange { id: id.clone(), procedure, status: Some(Status::Pending), attempt: 0 };
+                        let _ = self.inner.changes.send(change);
+                    }
+                }
+            }
+            if stored.is_err() {
+                for id in &ids {
+                    a.remove(id);
+                }
+            }
+        }
+        let stored = stored?;
+        let mut apps: Vec<String> = Vec::new();
+        for ((slot, sub), (app, _)) in slots.into_iter().zip(stored).zip(meta) {
             if !sub.existing {
                 self.inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
                 if !apps.contains(&app) {
                     apps.push(app);
-                }
-                if watching {
-                    let change =
-                        StatusChange { id: sub.id.clone(), procedure, status: Some(Status::Pending), attempt: 0 };
-                    let _ = self.inner.changes.send(change);
                 }
             }
             out[slot] = Ok(sub);

@@ -64,7 +64,7 @@ impl SchedConfig {
         SchedConfig {
             owner: owner.into(),
             lease_grace: Duration::from_secs(30),
-            claim_batch: 256,
+            claim_batch: 1024,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             pause_min: Duration::from_millis(5),

@@ -115,36 +115,57 @@ async fn a_task_past_its_timeout_is_cancelled_and_timed_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aborting_a_running_task_cancels_its_worker_session() {
-    let node = Node::start(Setup::default()).await;
+async fn aborting_tasks_cancels_their_worker_sessions() {
+    // One worker taking one call at a time: the first task runs, the second waits in the
+    // engine's queue.
+    let mut setup = Setup::default();
+    setup.profile = Profile { pool_limit: 1, concurrency: 1, ..setup.profile };
+    let node = Node::start(setup).await;
     let mut changes = node.tasks.watch();
-    let s = node.tasks.submit(sub("procs.sleep", json!([60_000]))).await.unwrap();
-    let running = change(&mut changes, |c| c.id == s.id && c.status == Some(Status::Running)).await;
-    assert_eq!((running.attempt, &*running.procedure), (1, "procs.sleep"));
+    let running = node.tasks.submit(sub("procs.sleep", json!([1_500]))).await.unwrap();
+    let c = change(&mut changes, |c| c.id == running.id && c.status == Some(Status::Running)).await;
+    assert_eq!((c.attempt, &*c.procedure), (1, "procs.sleep"));
+    let queued = node.tasks.submit(sub("procs.sleep", json!([60_000]))).await.unwrap();
+    change(&mut changes, |c| c.id == queued.id && c.status == Some(Status::Running)).await;
     let waiter = {
         let tasks = node.tasks.clone();
-        let id = s.id.clone();
+        let id = running.id.clone();
         tokio::spawn(async move { tasks.wait(&id, WAIT).await })
     };
-    assert_eq!(node.tasks.abort(&s.id).await.unwrap(), Some(Status::Running));
-    let c = change(&mut changes, |c| c.id == s.id).await;
+
+    // The queued call is withdrawn from the engine: it never runs.
+    assert_eq!(node.tasks.abort(&queued.id).await.unwrap(), Some(Status::Running));
+    tokio::time::timeout(WAIT, async {
+        while node.engine.info("procs").await.unwrap().queued > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the queued call was withdrawn");
+
+    // The running one is interrupted at once; its worker's late answer is dropped.
+    assert_eq!(node.tasks.abort(&running.id).await.unwrap(), Some(Status::Running));
+    let c = change(&mut changes, |c| c.id == running.id).await;
     assert_eq!(c.status, Some(Status::Interrupted));
     match waiter.await.unwrap().unwrap() {
         Waited::Finished(f) => assert_eq!((f.status, f.error.unwrap().kind), (Status::Interrupted, ErrorKind::Aborted)),
         other => panic!("{other:?}"),
     }
-    let t = node.tasks.get(&s.id).await.unwrap().unwrap();
-    assert_eq!(t.status, Status::Interrupted);
-    // The session was cancelled: the app's session count drops back to zero.
+    // Once the worker is done with the abandoned call, nothing is left open, and the task is
+    // still interrupted.
     tokio::time::timeout(WAIT, async {
         while node.engine.info("procs").await.unwrap().sessions > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("the worker session was cancelled");
+    .expect("the worker finished the abandoned call");
+    for id in [&running.id, &queued.id] {
+        assert_eq!(node.tasks.get(id).await.unwrap().unwrap().status, Status::Interrupted);
+    }
+    assert_eq!(node.tasks.stats().done, 0);
     // Aborting again changes nothing; an unknown id is None.
-    assert_eq!(node.tasks.abort(&s.id).await.unwrap(), Some(Status::Interrupted));
+    assert_eq!(node.tasks.abort(&running.id).await.unwrap(), Some(Status::Interrupted));
     assert_eq!(node.tasks.abort(&"no-such-task".parse().unwrap()).await.unwrap(), None);
     node.stop().await;
 }

@@ -6,7 +6,10 @@
 //! answers every caller. So an acknowledged submission is on disk, and the cost of the fsync is
 //! shared by every submission, claim and completion that arrived while the previous one ran.
 //! A reader thread with its own connection serves reads (WAL lets it read while the writer
-//! writes; it sees every committed, hence acknowledged, change).
+//! writes; it sees every committed, hence acknowledged, change). A checkpointer thread copies
+//! the WAL into the database every `checkpoint_interval` (a passive checkpoint, beside the
+//! writer), so the writer's commits do not stall on checkpoints; the writer checkpoints only as a
+//! safety net, when the WAL passes 10 000 pages.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +77,8 @@ pub struct SqliteConfig {
     pub queue: usize,
     /// Most operations in one transaction (one commit).
     pub max_batch: usize,
+    /// How often the WAL is checkpointed beside the writer (default 200 ms).
+    pub checkpoint_interval: Duration,
 }
 
 impl SqliteConfig {
@@ -86,6 +91,7 @@ impl SqliteConfig {
             max_bytes: 8 << 30,
             queue: 65_536,
             max_batch: 4096,
+            checkpoint_interval: Duration::from_millis(200),
         }
     }
 }
@@ -120,6 +126,9 @@ pub struct SqliteStore {
     reader: mpsc::Sender<ReadOp>,
     queue: usize,
     counters: Arc<Counters>,
+    /// Stops the checkpointer (it answers on the sender it is given); it also stops when every
+    /// clone of the store is gone.
+    checkpointer: Arc<std::sync::mpsc::Sender<oneshot::Sender<()>>>,
 }
 
 /// What the writer has done so far: how well group commit batches.
@@ -210,6 +219,8 @@ fn open_connection(config: &SqliteConfig, writer: bool) -> Result<Connection, St
     conn.pragma_update(None, "cache_size", -65_536).map_err(sql_err)?;
     if writer {
         conn.execute_batch(SCHEMA).map_err(sql_err)?;
+        // The checkpointer thread does this work; the writer only as a safety net.
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000).map_err(sql_err)?;
         let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sql_err)?;
         let pages = i64::try_from(config.max_bytes).unwrap_or(i64::MAX) / page.max(512);
         conn.pragma_update(None, "max_page_count", pages.max(16)).map_err(sql_err)?;
@@ -232,6 +243,8 @@ impl SqliteStore {
         }
         let wconn = open_connection(&config, true)?;
         let rconn = open_connection(&config, false)?;
+        let cconn = Connection::open(&config.path).map_err(sql_err)?;
+        cconn.busy_timeout(Duration::from_secs(1)).map_err(sql_err)?;
         let next_lease: i64 =
             wconn.query_row("SELECT value FROM meta WHERE name = 'next_lease'", [], |r| r.get(0)).map_err(sql_err)?;
         let (wtx, wrx) = mpsc::channel(config.queue.max(1));
@@ -254,12 +267,22 @@ impl SqliteStore {
             .name("nodus-tasks-reader".into())
             .spawn(move || read_loop(rconn, rrx))
             .map_err(|e| StoreError::Failed(format!("cannot start the store's reader thread: {e}")))?;
-        Ok(SqliteStore { writer: wtx, reader: rtx, queue: config.queue, counters })
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let interval = config.checkpoint_interval.max(Duration::from_millis(10));
+        std::thread::Builder::new()
+            .name("nodus-tasks-checkpoint".into())
+            .spawn(move || checkpoint_loop(cconn, crx, interval))
+            .map_err(|e| StoreError::Failed(format!("cannot start the store's checkpointer thread: {e}")))?;
+        Ok(SqliteStore { writer: wtx, reader: rtx, queue: config.queue, counters, checkpointer: Arc::new(ctx) })
     }
 
     /// Finishes the operations already queued, then closes both connections (checkpointing the
     /// WAL). Operations after this fail with [`StoreError::Closed`].
     pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.checkpointer.send(tx).is_ok() {
+            let _ = rx.await;
+        }
         let (tx, rx) = oneshot::channel();
         if self.writer.send(WriteOp::Close(tx)).await.is_ok() {
             let _ = rx.await;
@@ -814,6 +837,26 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Task, StoreError>> {
             error,
         })
     })())
+}
+
+/// Checkpoints the WAL passively (never blocking the writer) every `interval`, until told to
+/// stop or the store is gone.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<oneshot::Sender<()>>, interval: Duration) {
+    loop {
+        match stop.recv_timeout(interval) {
+            Ok(done) => {
+                drop(conn);
+                let _ = done.send(());
+                return;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "task store checkpoint failed; the writer checkpoints instead");
+                }
+            }
+        }
+    }
 }
 
 fn read_loop(conn: Connection, mut rx: mpsc::Receiver<ReadOp>) {
