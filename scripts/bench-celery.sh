@@ -11,7 +11,7 @@
 # `nodus-bench tasks` (if built) with the same K and prints both and the ratio (nodus runs
 # NODUS_TASKS tasks, default 20000: at its speed fewer make a run too short to measure).
 #
-# Environment: TASKS (default 5000), SUBMITTERS (default 64), NODUS_TASKS, CELERY_VENV (default
+# Environment: TASKS (default 5000), SUBMITTERS (default 256), NODUS_TASKS, CELERY_VENV (default
 # ~/.cache/nodus-celery-venv), CARGO_TARGET_DIR (default ~/.cache/nodus-target), NODUS_BENCH
 # (default $CARGO_TARGET_DIR/release/nodus-bench), REDIS_PORT (default: first free port from
 # 16379).
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TASKS="${TASKS:-5000}"
-SUBMITTERS="${SUBMITTERS:-64}"
+SUBMITTERS="${SUBMITTERS:-256}"
 NODUS_TASKS="${NODUS_TASKS:-20000}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -153,8 +153,12 @@ python3 - "$celery1" "$celery4" "$nodus" <<'PY'
 import json, sys
 
 celery = {w: json.loads(line) for w, line in zip((1, 4), sys.argv[1:3])}
-nodus = [json.loads(l) for l in sys.argv[3].splitlines() if l.startswith("{")]
+lines = [json.loads(l) for l in sys.argv[3].splitlines() if l.startswith("{")]
+nodus = [r for r in lines if r["system"] == "nodus-tasks"]
+disk = [r for r in lines if r["system"] == "disk"]
 print()
+if disk:
+    print("fsync of this disk during the nodus run: p50 %.0f us" % disk[0]["fsync_p50_us"])
 print("%-40s %12s %12s %8s" % ("end to end, no-op tasks", "celery t/s", "nodus t/s", "ratio"))
 for sync in ("FULL", "NORMAL"):
     for w in (1, 4):

@@ -104,7 +104,7 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         tasks: usize,
         /// Concurrent submitters (each submits one task at a time).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 256)]
         submitters: usize,
         /// Tasks of the light-load latency measurement.
         #[arg(long, default_value_t = 1000)]

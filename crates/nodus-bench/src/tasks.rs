@@ -120,6 +120,8 @@ pub async fn run(json: bool, load: TasksLoad) -> anyhow::Result<()> {
     let worker = worker_binary(load.worker.clone())?;
     let manifest = procs_manifest(&worker)?;
     let scratch = ScratchDir::create()?;
+    let fsync = fsync_probe(scratch.path())?;
+    report::progress(&format!("tasks: fsync of this disk now: p50 {:.0} us, p99 {:.0} us", fsync.0, fsync.1));
     let mut all = Vec::new();
     for (sync, name) in [(Synchronous::Full, "FULL"), (Synchronous::Normal, "NORMAL")] {
         let dir = scratch.path().join(name.to_lowercase());
@@ -135,8 +137,32 @@ pub async fn run(json: bool, load: TasksLoad) -> anyhow::Result<()> {
         report::progress(&format!("tasks: light load, synchronous={name}"));
         all.push(measure(&dir.join("light"), &manifest, sync, name, 1, &load, Mode::Light).await?);
     }
-    print(&all, json);
+    print(&all, json, fsync);
     Ok(())
+}
+
+/// The disk's fsync latency right now (p50, p99 in microseconds): 4 KiB overwritten and
+/// `fdatasync`ed 50 times in the scratch directory. With `synchronous=FULL` every commit waits
+/// for one, so it bounds the figures and says how loaded the machine's disk is.
+fn fsync_probe(dir: &Path) -> anyhow::Result<(f64, f64)> {
+    use std::io::{Seek, Write};
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+    let block = [0x5au8; 4096];
+    f.write_all(&block)?;
+    f.sync_all()?;
+    let mut ns = Vec::with_capacity(50);
+    for _ in 0..50 {
+        f.seek(std::io::SeekFrom::Start(0))?;
+        f.write_all(&block)?;
+        let t = std::time::Instant::now();
+        f.sync_data()?;
+        ns.push(t.elapsed().as_nanos() as u64);
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    ns.sort_unstable();
+    Ok((percentile(&ns, 0.5) as f64 / 1000.0, percentile(&ns, 0.99) as f64 / 1000.0))
 }
 
 fn load_tasks(mode: &Mode, load: &TasksLoad) -> usize {
@@ -333,8 +359,9 @@ async fn measure(
     })
 }
 
-fn print(all: &[Figures], json: bool) {
+fn print(all: &[Figures], json: bool, fsync: (f64, f64)) {
     if json {
+        println!("{{\"system\":\"disk\",\"fsync_p50_us\":{:.1},\"fsync_p99_us\":{:.1}}}", fsync.0, fsync.1);
         for f in all {
             let (s50, s99) = f.start_us.unwrap_or((0.0, 0.0));
             println!(
