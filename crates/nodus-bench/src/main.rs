@@ -20,6 +20,7 @@ mod cluster;
 mod latency;
 mod nodus_system;
 mod report;
+mod tasks;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -95,6 +96,23 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         cold_starts: usize,
     },
+    /// Task figures: submit-only throughput, end to end (submit → no-op procedure in a worker
+    /// process → completion on disk) with 1 and 4 workers, synchronous=FULL and NORMAL, and
+    /// latency at light load; on the task crate in this process with real workers and SQLite.
+    Tasks {
+        /// Tasks per throughput measurement.
+        #[arg(long, default_value_t = 20_000)]
+        tasks: usize,
+        /// Concurrent submitters (each submits one task at a time).
+        #[arg(long, default_value_t = 256)]
+        submitters: usize,
+        /// Tasks of the light-load latency measurement.
+        #[arg(long, default_value_t = 1000)]
+        light: usize,
+        /// The procedures worker (default: nodus-procs-worker next to this executable).
+        #[arg(long)]
+        worker: Option<PathBuf>,
+    },
     /// Child process: connects to a Unix socket, writes one byte and exits (cold-start baseline).
     #[command(hide = true)]
     ConnectOnce {
@@ -153,7 +171,7 @@ fn main() -> std::process::ExitCode {
     // cross-thread wake-ups. The forwarder (the baseline's stand-in for the daemon) and `apps`
     // (which hosts an engine in-process) run like the daemon, on every core.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if !matches!(args.command, Some(Command::RawForwarder { .. } | Command::Apps { .. })) {
+    if !matches!(args.command, Some(Command::RawForwarder { .. } | Command::Apps { .. } | Command::Tasks { .. })) {
         builder.worker_threads(1);
     }
     let runtime = match builder.enable_all().build() {

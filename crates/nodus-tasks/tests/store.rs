@@ -1,0 +1,146 @@
+//! The SQLite store: the store contract, plus what only a real file can show (durability across
+//! a reopen, the size bound, group commit under concurrent load, closing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodus_tasks::store::{contract, Claim, SqliteConfig, SqliteStore, Store, StoreError, Synchronous};
+use nodus_tasks::task::{json, NewTask, Status, TaskId, UnixMs};
+
+fn config(dir: &std::path::Path, name: &str) -> SqliteConfig {
+    let mut c = SqliteConfig::new(dir.join(name));
+    c.result_ttl = contract::RESULT_TTL;
+    c
+}
+
+fn new_task(n: u64, args: &str) -> NewTask {
+    let mut rng = rand::thread_rng();
+    NewTask {
+        id: TaskId::generate(UnixMs(1_000 + n), &mut rng),
+        procedure: "procs.add".into(),
+        app: "procs".into(),
+        args: json(args).unwrap(),
+        max_attempts: 3,
+        timeout: Duration::from_secs(5),
+        parent: None,
+        key: None,
+        created_at: UnixMs(1_000 + n),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_meets_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    contract::run(|| {
+        n += 1;
+        let c = config(dir.path(), &format!("contract-{n}.db"));
+        async move { SqliteStore::open(c).expect("open store") }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_with_synchronous_normal_meets_the_contract_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    contract::run(|| {
+        n += 1;
+        let mut c = config(dir.path(), &format!("normal-{n}.db"));
+        c.synchronous = Synchronous::Normal;
+        async move { SqliteStore::open(c).expect("open store") }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_tasks_survive_a_reopen_and_leases_keep_increasing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), "nested/dir/tasks.db");
+    let store = SqliteStore::open(c.clone()).unwrap();
+    let tasks: Vec<NewTask> = (0..50).map(|n| new_task(n, "[1, 2]")).collect();
+    let ids: Vec<TaskId> = tasks.iter().map(|t| t.id.clone()).collect();
+    store.submit(tasks).await.unwrap();
+    let claim = |now| Claim {
+        app: "procs".into(),
+        owner: "n1".into(),
+        max: 10,
+        now: UnixMs(now),
+        lease_grace: Duration::from_secs(1),
+    };
+    let first = store.claim(claim(2_000)).await.unwrap();
+    let top = first.iter().map(|c| c.lease).max().unwrap();
+    store.close().await;
+    assert!(matches!(store.get(ids[0].clone(), UnixMs(2_000)).await, Err(StoreError::Closed)));
+    assert!(matches!(store.submit(vec![new_task(99, "[]")]).await, Err(StoreError::Closed)));
+
+    let store = SqliteStore::open(c).unwrap();
+    for id in &ids {
+        assert!(store.get(id.clone(), UnixMs(2_000)).await.unwrap().is_some(), "{id} lost");
+    }
+    let counts = store.counts(UnixMs(2_000)).await.unwrap();
+    assert_eq!((counts.pending, counts.running), (40, 10));
+    assert_eq!(store.recover("n1".into(), UnixMs(3_000)).await.unwrap(), 10);
+    let again = store.claim(claim(3_000)).await.unwrap();
+    assert!(again.iter().all(|c| c.lease > top), "tokens never repeat across a reopen");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_submissions_and_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), "small.db");
+    c.max_bytes = 256 * 1024;
+    let store = SqliteStore::open(c).unwrap();
+    let big = format!("[\"{}\"]", "x".repeat(8 * 1024));
+    let mut stored = Vec::new();
+    let err = loop {
+        let t = new_task(stored.len() as u64, &big);
+        let id = t.id.clone();
+        match store.submit(vec![t]).await {
+            Ok(_) => stored.push(id),
+            Err(e) => break e,
+        }
+        assert!(stored.len() < 1000, "the size bound never hit");
+    };
+    assert!(matches!(err, StoreError::Full(_)), "{err:?}");
+    assert!(err.to_string().contains("max_store_bytes"), "{err}");
+    // What was stored is still there, and the store still answers.
+    assert!(!stored.is_empty());
+    for id in &stored {
+        assert_eq!(store.get(id.clone(), UnixMs(5_000)).await.unwrap().unwrap().status, Status::Pending);
+    }
+    let small = store.submit(vec![new_task(7, "[]")]).await;
+    assert!(small.is_ok() || matches!(small, Err(StoreError::Full(_))), "{small:?}");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(config(dir.path(), "group.db")).unwrap());
+    let before = store.writer_stats();
+    let mut joins = Vec::new();
+    for n in 0..2000 {
+        let s = store.clone();
+        joins.push(tokio::spawn(async move { s.submit(vec![new_task(n, "[]")]).await }));
+    }
+    for j in joins {
+        j.await.unwrap().unwrap();
+    }
+    let after = store.writer_stats();
+    let (commits, ops) = (after.commits - before.commits, after.operations - before.operations);
+    assert_eq!(ops, 2000);
+    assert!(commits < ops, "2000 concurrent submissions took {commits} commits: no grouping");
+    assert_eq!(store.counts(UnixMs(10_000)).await.unwrap().pending, 2000);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_is_not_a_task_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.db");
+    std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+    let err = SqliteStore::open(SqliteConfig::new(&path)).unwrap_err();
+    assert!(matches!(err, StoreError::Failed(_)), "{err:?}");
+}
