@@ -20,8 +20,11 @@
 pub mod calls;
 pub mod fetch;
 pub mod msg;
+pub mod registry;
+pub mod resources;
 
 pub use msg::{AppPackage, Blob, Body, DecodeError, NodeType, Packet, ResultBody, Specs, TaskSpec, TaskStatus};
+pub use registry::{Agent, AgentState, AgentStore, Registry, RegistryChange, RegistryConfig};
 
 /// A node in neither role (the default): it runs its own tasks and answers every manager/worker
 /// request so that its peers know where they stand.
