@@ -19,12 +19,16 @@
 
 pub mod calls;
 pub mod fetch;
+pub mod manager;
 pub mod msg;
 pub mod registry;
 pub mod resources;
+pub mod worker;
 
+pub use manager::{InDoubt, Manager, ManagerAction, ManagerConfig, ManagerStats};
 pub use msg::{AppPackage, Blob, Body, DecodeError, NodeType, Packet, ResultBody, Specs, TaskSpec, TaskStatus};
 pub use registry::{Agent, AgentState, AgentStore, Registry, RegistryChange, RegistryConfig};
+pub use worker::{WorkerAction, WorkerConfig, WorkerNode};
 
 /// A node in neither role (the default): it runs its own tasks and answers every manager/worker
 /// request so that its peers know where they stand.
