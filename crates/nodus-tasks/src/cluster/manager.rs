@@ -44,6 +44,9 @@ use super::registry::{Agent, AgentState, Registry, RegistryChange, RegistryConfi
 use crate::store::{Claim, Finish, Outcome};
 use crate::task::{json, Claimed, ErrorKind, Lease, TaskError, TaskId, UnixMs};
 
+/// Most attempts remembered as durably recorded (so duplicate reports need no write).
+pub const MAX_RECENT: usize = 65_536;
+
 /// A manager's settings and bounds.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -236,6 +239,14 @@ struct App {
 }
 
 #[derive(Debug)]
+struct Pending {
+    /// Reports to acknowledge once the record is durable.
+    acks: Vec<(String, u64)>,
+    /// The manager gave the attempt up.
+    abandoned: bool,
+}
+
+#[derive(Debug)]
 struct ResultFetch {
     worker: String,
     download: Download,
@@ -257,6 +268,10 @@ pub struct ManagerStats {
     pub timed_out: u64,
     /// Tasks refused by workers or not started by them (they ran again, not counted).
     pub released: u64,
+    /// Reports of attempts the manager had given up (late completions), discarded.
+    pub late_discarded: u64,
+    /// Reports received again after their record (resent or duplicated), answered at once.
+    pub repeats: u64,
 }
 
 /// The manager's protocol state.
@@ -274,9 +289,13 @@ pub struct Manager {
     assigned: BTreeMap<TaskId, Assigned>,
     deadlines: BTreeSet<(UnixMs, TaskId, Lease)>,
     /// Reports waiting for their record to be durable: the ids of the messages to acknowledge.
-    pending_acks: BTreeMap<(TaskId, Lease), Vec<(String, u64)>>,
+    pending_acks: BTreeMap<(TaskId, Lease), Pending>,
     fetches: BTreeMap<(TaskId, Lease), ResultFetch>,
     fetch_queue: VecDeque<(String, TaskId, Lease, u64, String, u64)>,
+    /// Attempts whose record is durable (bounded by [`MAX_RECENT`], oldest forgotten first):
+    /// reports about them are answered without writing again.
+    recent: BTreeMap<(TaskId, Lease), bool>,
+    recent_order: VecDeque<(TaskId, Lease)>,
     /// Tasks to ask about once the current answer is sent.
     after_answer: Vec<(String, Vec<TaskId>)>,
     next_poll: UnixMs,
@@ -315,6 +334,8 @@ impl Manager {
             fetches: BTreeMap::new(),
             fetch_queue: VecDeque::new(),
             after_answer: Vec::new(),
+            recent: BTreeMap::new(),
+            recent_order: VecDeque::new(),
             stats: ManagerStats::default(),
             actions: VecDeque::new(),
         }
@@ -674,18 +695,23 @@ impl Manager {
             Body::TaskStarted { task_id, lease, .. } if mine => {
                 self.confirm(from);
                 let ours = self.assigned.get(&task_id).is_some_and(|a| a.worker == from);
-                if !ours && !self.pending_acks.contains_key(&(task_id.clone(), lease)) {
+                let key = (task_id.clone(), lease);
+                if !ours && !self.pending_acks.contains_key(&key) && !self.recent.contains_key(&key) {
                     // An attempt this manager no longer expects there (it timed out, ran
                     // elsewhere, or finished): stop it.
                     self.request(from, Body::TasksAbort { tasks: vec![task_id] }, CallKind::Abort, now);
                 }
                 Body::Ack
             }
+            Body::TaskError { task_id, lease, .. } if mine && self.recent.contains_key(&(task_id.clone(), lease)) => {
+                self.count_repeat(&(task_id, lease));
+                Body::Ack
+            }
             Body::TaskError { task_id, lease, error, message } if mine => {
                 self.confirm(from);
                 self.stats.errors += 1;
                 let outcome = self.error_outcome(from, &task_id, lease, error, message, now);
-                self.record(task_id, lease, outcome, Some((from.to_string(), id)), now);
+                self.record(task_id, lease, outcome, vec![(from.to_string(), id)], false, now);
                 return None;
             }
             Body::TaskCompleted { task_id, lease, result } if mine => {
@@ -823,7 +849,7 @@ impl Manager {
 
     fn release(&mut self, id: TaskId, lease: Lease, now: UnixMs) {
         self.stats.released += 1;
-        self.record(id, lease, Outcome::Release { run_after: now }, None, now);
+        self.record(id, lease, Outcome::Release { run_after: now }, vec![], true, now);
     }
 
     fn wake(&mut self, app: &str, at: UnixMs) {
@@ -845,7 +871,7 @@ impl Manager {
             ))
         };
         self.apps.entry(a.app.clone()).or_default().has_work = true;
-        self.record(id, a.lease, outcome, None, now);
+        self.record(id, a.lease, outcome, vec![], true, now);
     }
 
     fn retry_delay(&self, id: &TaskId, attempt: u32) -> Duration {
@@ -921,8 +947,12 @@ impl Manager {
         now: UnixMs,
     ) -> Option<Body> {
         let key = (task.clone(), lease);
-        if let Some(acks) = self.pending_acks.get_mut(&key) {
-            acks.push((from.to_string(), id));
+        if self.recent.contains_key(&key) {
+            self.count_repeat(&key);
+            return Some(Body::Ack);
+        }
+        if let Some(p) = self.pending_acks.get_mut(&key) {
+            p.acks.push((from.to_string(), id));
             return None;
         }
         if let Some(f) = self.fetches.get_mut(&key) {
@@ -936,7 +966,7 @@ impl Manager {
                     self.unassign(&task);
                     self.grow(from);
                 }
-                self.record(task, lease, Outcome::Done(result), Some((from.to_string(), id)), now);
+                self.record(task, lease, Outcome::Done(result), vec![(from.to_string(), id)], false, now);
             }
             ResultBody::Held { size, .. } if size > self.config.max_result_bytes => {
                 let message = format!("the result has {size} bytes; at most {} are kept", self.config.max_result_bytes);
@@ -944,7 +974,7 @@ impl Manager {
                     self.unassign(&task);
                 }
                 let outcome = Outcome::Failed(TaskError::new(ErrorKind::RunningError, message));
-                self.record(task, lease, outcome, Some((from.to_string(), id)), now);
+                self.record(task, lease, outcome, vec![(from.to_string(), id)], false, now);
             }
             ResultBody::Held { size, hash } => {
                 if !self.fetch_queue.iter().any(|(w, t, l, ..)| w == from && *t == task && *l == lease) {
@@ -990,7 +1020,7 @@ impl Manager {
                             self.unassign(&task);
                             self.grow(from);
                         }
-                        self.record_acked(task, lease, Outcome::Done(result), &f.worker, f.acks, now);
+                        self.record_fetched(task, lease, Outcome::Done(result), f, now);
                     }
                     None => {
                         let e = FetchError::Failed("the held result is not JSON".into());
@@ -1025,45 +1055,77 @@ impl Manager {
             }
             None => Outcome::Release { run_after: now },
         };
-        self.record_acked(task, lease, outcome, &f.worker, f.acks, now);
+        self.record_fetched(task, lease, outcome, f, now);
     }
 
-    fn record_acked(
+    fn record_fetched(&mut self, task: TaskId, lease: Lease, outcome: Outcome, f: ResultFetch, now: UnixMs) {
+        let abandoned = !matches!(outcome, Outcome::Done(_));
+        let acks = f.acks.into_iter().map(|id| (f.worker.clone(), id)).collect();
+        self.record(task, lease, outcome, acks, abandoned, now);
+    }
+
+    /// Records `outcome` for (task, lease) unless a record of it is already on its way; `acks`
+    /// are answered `Ack` once the record is durable.
+    ///
+    /// `abandoned`: the manager gave the attempt up (lost with its worker, refused, timed out
+    /// here); a report from it that comes later is a late completion, discarded.
+    fn record(
         &mut self,
         task: TaskId,
         lease: Lease,
         outcome: Outcome,
-        worker: &str,
-        acks: Vec<u64>,
+        acks: Vec<(String, u64)>,
+        abandoned: bool,
         now: UnixMs,
     ) {
         let key = (task.clone(), lease);
-        let list = acks.into_iter().map(|id| (worker.to_string(), id)).collect::<Vec<_>>();
-        if let Some(existing) = self.pending_acks.get_mut(&key) {
-            existing.extend(list);
+        if self.recent.contains_key(&key) {
+            // A record of this attempt is durable already: the lease can no longer be running,
+            // so this one would be stale. Answer at once instead of writing.
+            if !acks.is_empty() {
+                self.count_repeat(&key);
+            }
+            for (peer, id) in acks {
+                self.send(&peer, Packet::new(id, Body::Ack));
+            }
             return;
         }
-        self.pending_acks.insert(key, list);
+        if let Some(p) = self.pending_acks.get_mut(&key) {
+            if !acks.is_empty() && p.abandoned {
+                self.stats.late_discarded += 1;
+            }
+            p.acks.extend(acks);
+            return;
+        }
+        self.pending_acks.insert(key, Pending { acks, abandoned });
         self.actions.push_back(ManagerAction::Record(Finish { id: task, lease, outcome, now }));
     }
 
-    /// Records `outcome` for (task, lease) unless a record of it is already on its way; `ack`
-    /// is answered `Ack` once the record is durable.
-    fn record(&mut self, task: TaskId, lease: Lease, outcome: Outcome, ack: Option<(String, u64)>, now: UnixMs) {
-        let key = (task.clone(), lease);
-        if let Some(acks) = self.pending_acks.get_mut(&key) {
-            acks.extend(ack);
-            return;
+    /// A report about an attempt already recorded: a repeat of the report, or (when the
+    /// manager gave the attempt up) a late completion.
+    fn count_repeat(&mut self, key: &(TaskId, Lease)) {
+        match self.recent.get(key) {
+            Some(true) => self.stats.late_discarded += 1,
+            Some(false) => self.stats.repeats += 1,
+            None => {}
         }
-        self.pending_acks.insert(key, ack.into_iter().collect());
-        self.actions.push_back(ManagerAction::Record(Finish { id: task, lease, outcome, now }));
     }
 
     /// The record of (task, lease) is durable (applied, or stale and ignored): its reports are
     /// acknowledged.
     pub fn handle_recorded(&mut self, task: &TaskId, lease: Lease, now: UnixMs) {
-        for (peer, id) in self.pending_acks.remove(&(task.clone(), lease)).unwrap_or_default() {
+        let key = (task.clone(), lease);
+        let Some(p) = self.pending_acks.remove(&key) else { return self.plan(now) };
+        for (peer, id) in p.acks {
             self.send(&peer, Packet::new(id, Body::Ack));
+        }
+        if self.recent.insert(key.clone(), p.abandoned).is_none() {
+            self.recent_order.push_back(key);
+            while self.recent_order.len() > MAX_RECENT {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
         }
         self.plan(now);
     }
@@ -1078,14 +1140,14 @@ impl Manager {
                 self.stats.completed += 1;
                 self.unassign(&task_id);
                 self.grow(worker);
-                self.record(task_id, lease, Outcome::Done(result), None, now);
+                self.record(task_id, lease, Outcome::Done(result), vec![], false, now);
             }
             // Its report is on its way (the worker keeps it until acknowledged).
             TaskStatus::Completed(None) if ours => {}
             TaskStatus::Error(kind) if ours => {
                 let message = format!("reported by worker node {worker}");
                 let outcome = self.error_outcome(worker, &task_id, lease, kind, message, now);
-                self.record(task_id, lease, outcome, None, now);
+                self.record(task_id, lease, outcome, vec![], false, now);
             }
             // Unknown, or the worker has another attempt than this one: this one is lost.
             _ => {
@@ -1254,7 +1316,7 @@ impl Manager {
             if self.is_worker(&a.worker) {
                 self.request(&a.worker, Body::TasksAbort { tasks: vec![id.clone()] }, CallKind::Abort, now);
             }
-            self.record(id, lease, Outcome::Failed(TaskError::new(ErrorKind::TimedOut, message)), None, now);
+            self.record(id, lease, Outcome::Failed(TaskError::new(ErrorKind::TimedOut, message)), vec![], true, now);
         }
         let names: Vec<String> = self.workers.keys().cloned().collect();
         for name in names {
