@@ -750,6 +750,15 @@ fn refused_tasks_run_again_uncounted() {
     assert_eq!(net.manager.assigned_to(&id(1)), Some("w1"));
     assert_eq!(net.manager.assigned_to(&id(2)), None);
     assert_eq!(net.manager.stats().released, 1);
+    // A worker that refused is left alone for a moment, even with room and work.
+    net.end("w1", 1, 11, AttemptEnd::Returned(json("1").unwrap()));
+    net.records();
+    let now = net.now;
+    net.manager.handle_submitted("procs", now);
+    net.pump();
+    assert!(net.claims().is_empty(), "paused after a refusal");
+    net.advance(Duration::from_millis(5));
+    assert_eq!(net.claims().into_iter().map(|c| c.owner).collect::<Vec<_>>(), vec!["w1".to_string()]);
 }
 
 #[test]

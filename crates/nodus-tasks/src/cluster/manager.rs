@@ -218,6 +218,38 @@ struct Worker {
     /// Marked silent in the registry.
     silent: bool,
     app_cursor: usize,
+    /// No claims for it until then (it refused tasks, or could not start one).
+    paused_until: Option<UnixMs>,
+    pause: Backoff,
+}
+
+impl Worker {
+    fn new(epoch: u64, confirmed: bool, capacity: usize, now: UnixMs, ping_interval: Duration, seed: u64) -> Worker {
+        Worker {
+            epoch,
+            confirmed,
+            capacity,
+            window: capacity,
+            inflight: 0,
+            claiming: false,
+            last_heard: now,
+            next_ping: now.plus(ping_interval),
+            pinging: false,
+            silent: false,
+            app_cursor: 0,
+            paused_until: None,
+            pause: Backoff::new(Duration::from_millis(5), Duration::from_secs(2), seed),
+        }
+    }
+
+    /// It took less than it was given: the window shrinks to what it holds, and it is left
+    /// alone for a while (longer while refusals go on), so a busy worker is not asked in a loop.
+    fn shrink(&mut self, now: UnixMs) {
+        self.window = self.inflight.clamp(1, self.capacity.max(1));
+        if self.paused_until.is_none() {
+            self.paused_until = Some(now.plus(self.pause.next_delay()));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -441,19 +473,7 @@ impl Manager {
                 self.epoch += 1;
                 self.workers.insert(
                     t.worker.clone(),
-                    Worker {
-                        epoch: self.epoch,
-                        confirmed: false,
-                        capacity,
-                        window: capacity,
-                        inflight: 0,
-                        claiming: false,
-                        last_heard: now,
-                        next_ping: now.plus(self.config.ping_interval),
-                        pinging: false,
-                        silent: false,
-                        app_cursor: 0,
-                    },
+                    Worker::new(self.epoch, false, capacity, now, self.config.ping_interval, mix(self.seed, &t.worker)),
                 );
             }
             // The worker gets time to answer before the manager's own timeout acts, even when
@@ -606,19 +626,7 @@ impl Manager {
             None => {
                 self.workers.insert(
                     peer.to_string(),
-                    Worker {
-                        epoch,
-                        confirmed: true,
-                        capacity,
-                        window: capacity,
-                        inflight: 0,
-                        claiming: false,
-                        last_heard: now,
-                        next_ping: now.plus(self.config.ping_interval),
-                        pinging: false,
-                        silent: false,
-                        app_cursor: 0,
-                    },
+                    Worker::new(epoch, true, capacity, now, self.config.ping_interval, mix(self.seed, peer)),
                 );
             }
         }
@@ -762,7 +770,7 @@ impl Manager {
                 }
                 if busy {
                     if let Some(w) = self.workers.get_mut(from) {
-                        w.window = w.inflight.clamp(1, w.capacity.max(1));
+                        w.shrink(now);
                     }
                 }
             }
@@ -899,7 +907,7 @@ impl Manager {
             ErrorKind::NotRun => {
                 self.stats.released += 1;
                 if let Some(w) = self.workers.get_mut(worker) {
-                    w.window = w.inflight.clamp(1, w.capacity.max(1));
+                    w.shrink(now);
                 }
                 if let Some(a) = &a {
                     let pause = self.app_pause.next_delay();
@@ -934,6 +942,7 @@ impl Manager {
     fn grow(&mut self, worker: &str) {
         if let Some(w) = self.workers.get_mut(worker) {
             w.window = (w.window + 1).min(w.capacity);
+            w.pause.reset();
         }
     }
 
@@ -1262,7 +1271,7 @@ impl Manager {
         let mut order: Vec<(usize, String)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.confirmed && !w.claiming && w.window > 0)
+            .filter(|(_, w)| w.confirmed && !w.claiming && w.window > 0 && w.paused_until.is_none())
             .map(|(n, w)| (w.window.saturating_sub(w.inflight), n.clone()))
             .collect();
         order.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
@@ -1334,6 +1343,9 @@ impl Manager {
                 self.registry_change(change);
             }
             let w = self.workers.get_mut(&name).expect("present");
+            if w.paused_until.is_some_and(|p| p <= now) {
+                w.paused_until = None;
+            }
             if w.next_ping <= now && !w.pinging {
                 w.next_ping = now.plus(self.config.ping_interval);
                 w.pinging = true;
@@ -1395,6 +1407,7 @@ impl Manager {
             if !w.pinging {
                 at(Some(w.next_ping));
             }
+            at(w.paused_until);
         }
         for a in self.apps.values() {
             at(a.wake_at);

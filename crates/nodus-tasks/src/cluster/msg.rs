@@ -558,8 +558,14 @@ struct WireReport {
     datetime: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Present (even `null`): the result inline; absent: held.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     result: Option<Json>,
+}
+
+/// A field that is there, whatever its value (`null` too): `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Json>, D::Error> {
+    Json::deserialize(d).map(Some)
 }
 
 impl Packet {
@@ -1045,6 +1051,11 @@ mod tests {
                         status: TaskStatus::Completed(Some(json("{\"a\":1}").unwrap())),
                     },
                     TaskReport { task_id: id("t5"), lease: Lease(5), status: TaskStatus::Completed(None) },
+                    TaskReport {
+                        task_id: id("t7"),
+                        lease: Lease(7),
+                        status: TaskStatus::Completed(Some(json("null").unwrap())),
+                    },
                     TaskReport { task_id: id("t6"), lease: Lease(0), status: TaskStatus::Unknown },
                 ],
             },
