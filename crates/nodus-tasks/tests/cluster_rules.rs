@@ -1288,3 +1288,39 @@ fn dispatch_follows_declared_capacity_and_current_load() {
     net.records();
     assert_eq!(net.claims().into_iter().map(|c| (c.owner, c.max)).collect::<Vec<_>>(), vec![("w2".to_string(), 1)]);
 }
+
+#[test]
+fn after_a_restart_agents_are_silent_until_they_pair_again_and_gone_if_they_do_not() {
+    let mut net = Net::new(&[("w1", m1(), specs(2, 2))]);
+    net.paired();
+    let mut agents: Vec<_> = net.manager.registry().agents().cloned().collect();
+    let mut w2 = agents[0].clone();
+    w2.name = "w2".into();
+    w2.id = "another-id".into();
+    agents.push(w2);
+    let now = net.now;
+    net.manager = Manager::new(ManagerConfig::new("m1", ["w1".to_string(), "w2".to_string()]), agents, 5, now);
+    net.manager.set_app("procs", None, now);
+    net.m_out.clear();
+    net.pump();
+    let saved = |net: &mut Net| -> Vec<(String, AgentState)> {
+        let mut out = vec![];
+        net.m_out.retain(|a| match a {
+            ManagerAction::Agent(nodus_tasks::cluster::RegistryChange::Save(a)) => {
+                out.push((a.name.clone(), a.state));
+                false
+            }
+            _ => true,
+        });
+        out
+    };
+    assert_eq!(saved(&mut net), vec![("w1".into(), AgentState::Silent), ("w2".into(), AgentState::Silent)]);
+    // w1 pings its manager, gets NotMine, pairs again: active. w2 never comes back: gone.
+    net.advance(Duration::from_secs(20));
+    assert_eq!(net.w("w1").manager(), Some("m1"));
+    let got = saved(&mut net);
+    assert!(got.contains(&("w1".into(), AgentState::Active)), "{got:?}");
+    assert!(got.contains(&("w2".into(), AgentState::Gone)), "{got:?}");
+    assert_eq!(net.manager.registry().get("w1").unwrap().state, AgentState::Active);
+    assert_eq!(net.manager.registry().get("w2").unwrap().state, AgentState::Gone);
+}

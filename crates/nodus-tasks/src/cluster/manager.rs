@@ -335,6 +335,8 @@ pub struct Manager {
     next_purge: UnixMs,
     stats: ManagerStats,
     actions: VecDeque<ManagerAction>,
+    /// When agents of the previous life that did not come back are marked gone.
+    sweep: Option<UnixMs>,
 }
 
 fn mix(seed: u64, s: &str) -> u64 {
@@ -344,10 +346,23 @@ fn mix(seed: u64, s: &str) -> u64 {
 impl Manager {
     /// A manager with the registry as stored (`agents`); `seed` makes ids and backoff jitter
     /// reproducible.
+    ///
+    /// Agents the registry holds as active or silent were paired with the manager's previous
+    /// life: they are silent now (nothing heard since the start), active again when they pair
+    /// again (or answer the `TasksPing` of [`Manager::restore`]), gone after `gone_after`.
     pub fn new(config: ManagerConfig, agents: Vec<Agent>, seed: u64, now: UnixMs) -> Manager {
-        let registry = Registry::new(config.registry.clone(), agents, seed);
+        let mut registry = Registry::new(config.registry.clone(), agents, seed);
         let first_id = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 16;
+        let before: Vec<String> =
+            registry.agents().filter(|a| a.state != AgentState::Gone).map(|a| a.name.clone()).collect();
+        let actions = before
+            .iter()
+            .filter_map(|name| registry.set_state(name, AgentState::Silent, now))
+            .map(ManagerAction::Agent)
+            .collect();
+        let sweep = (!before.is_empty()).then(|| now.plus(config.gone_after));
         Manager {
+            sweep,
             app_pause: Backoff::new(Duration::from_millis(5), Duration::from_secs(2), seed),
             next_poll: now.plus(config.poll_interval),
             next_reap: now.plus(config.reap_interval),
@@ -369,7 +384,7 @@ impl Manager {
             recent: BTreeMap::new(),
             recent_order: VecDeque::new(),
             stats: ManagerStats::default(),
-            actions: VecDeque::new(),
+            actions,
         }
     }
 
@@ -1361,6 +1376,19 @@ impl Manager {
                 self.send(&name, p);
             }
         }
+        if self.sweep.is_some_and(|t| t <= now) {
+            self.sweep = None;
+            let lost: Vec<String> = self
+                .registry
+                .agents()
+                .filter(|a| a.state == AgentState::Silent && !self.workers.contains_key(&a.name))
+                .map(|a| a.name.clone())
+                .collect();
+            for name in lost {
+                let change = self.registry.set_state(&name, AgentState::Gone, now);
+                self.registry_change(change);
+            }
+        }
         for c in self.registry.purge(now) {
             self.actions.push_back(ManagerAction::Agent(c));
         }
@@ -1399,6 +1427,7 @@ impl Manager {
         at(self.calls.next_deadline());
         at(self.deadlines.first().map(|(d, _, _)| *d));
         at(self.registry.next_purge());
+        at(self.sweep);
         for w in self.workers.values() {
             if !w.silent {
                 at(Some(w.last_heard.plus(self.config.silent_after)));
