@@ -327,7 +327,11 @@ fn valid_name(name: &str) -> bool {
 
 impl Engine {
     /// An engine with no apps. Must be called inside a tokio runtime when apps are started.
-    pub fn new(config: EngineConfig) -> Engine {
+    ///
+    /// A relative `runtime_dir` is made absolute here, against the current directory: workers
+    /// run in their app's directory, so a relative `--endpoint` would name another place.
+    pub fn new(mut config: EngineConfig) -> Engine {
+        config.runtime_dir = absolute(&config.runtime_dir);
         let (events, _) = broadcast::channel(4096);
         Engine { inner: Arc::new(Inner { config, apps: Mutex::new(HashMap::new()), events }) }
     }
@@ -364,10 +368,13 @@ impl Engine {
     ///
     /// # Errors
     /// An invalid name, or a worker socket that cannot be created.
-    pub async fn start(&self, spec: AppSpec) -> Result<(), EngineError> {
+    pub async fn start(&self, mut spec: AppSpec) -> Result<(), EngineError> {
         if !valid_name(&spec.name) {
             return Err(EngineError::InvalidName(spec.name));
         }
+        // Workers run in the app directory: a relative path would be resolved a second time
+        // from there (the executable and the directory itself).
+        spec.dir = absolute(&spec.dir);
         // Creating an app is synchronous, so the apps lock is held from the lookup to the insert
         // and two concurrent starts of one name cannot both create it.
         let existing = {
@@ -391,6 +398,11 @@ impl Engine {
         let config = &self.inner.config;
         let socket = socket_path(&config.runtime_dir, &spec.name);
         let sock_err = |e: std::io::Error| EngineError::Socket { path: socket.clone(), error: e.to_string() };
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            let error = format!("the path is {len} bytes, a Unix socket path has at most {MAX_SOCKET_PATH}; use a shorter data directory or app name");
+            return Err(EngineError::Socket { path: socket, error });
+        }
         std::fs::create_dir_all(&config.runtime_dir).map_err(sock_err)?;
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(sock_err)?;
@@ -640,6 +652,9 @@ struct App {
     /// Connections with encoded messages in `out`.
     dirty: Vec<u64>,
 }
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Most events an app's actor takes off its queue before it settles and writes to workers.
 const EVENT_BATCH: usize = 128;
@@ -1329,6 +1344,12 @@ pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut w: W, mut r
 fn socket_inode(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// `path` made absolute against the current directory (unchanged when it already is, or when
+/// the current directory cannot be read).
+pub(crate) fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The path of an app's worker socket under `runtime_dir`.

@@ -41,9 +41,11 @@ pub enum Wanted {
 }
 
 impl AppStore {
-    /// The store under `data_dir`.
+    /// The store under `data_dir`, made absolute against the current directory: an app's
+    /// directory is where its workers run, so it must not depend on where they are.
     pub fn new(data_dir: &Path, max_bytes: u64) -> AppStore {
-        AppStore { root: data_dir.join("apps"), max_bytes }
+        let root = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()).join("apps");
+        AppStore { root, max_bytes }
     }
 
     fn app_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
