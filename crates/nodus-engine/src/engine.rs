@@ -15,6 +15,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::balance::{Action, AppStatus, BalanceConfig, Balancer, Rejection, WorkerId};
+use crate::identity::{Peer, RunAs};
 use crate::manifest::Manifest;
 use crate::process::{self, Launch, Running};
 use crate::profile::Profile;
@@ -57,6 +58,9 @@ pub struct EngineConfig {
     pub kill_grace: Duration,
     /// Restart backoff and crash-loop window.
     pub balance: BalanceConfig,
+    /// The user worker processes run as; `None`: the engine's own user. Only a root process can
+    /// switch users (see [`RunAs::for_daemon`]).
+    pub run_as: Option<RunAs>,
 }
 
 impl EngineConfig {
@@ -74,6 +78,7 @@ impl EngineConfig {
             pending_connections: 64,
             kill_grace: Duration::from_secs(5),
             balance: BalanceConfig::default(),
+            run_as: None,
         }
     }
 }
@@ -409,6 +414,21 @@ impl Engine {
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+            if let Some(user) = &config.run_as {
+                // Workers connect as `user`: the socket is theirs, the directory only searchable.
+                std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid)).map_err(sock_err)?;
+                std::fs::set_permissions(&config.runtime_dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(sock_err)?;
+                for path in [&socket, &spec.manifest.executable_path(&spec.dir)] {
+                    if let Some((dir, mode)) = user.obstacle(path) {
+                        tracing::warn!(
+                            app = %spec.name, user = %user.name, dir = %dir.display(), mode = format_args!("{mode:04o}"),
+                            "workers run as this user, who cannot enter this directory: workers will fail to start; \
+                             make it searchable (chmod o+x) or move the data directory"
+                        );
+                    }
+                }
+            }
         }
         let socket_ino = socket_inode(&socket);
         let (tx, rx) = mpsc::channel(config.app_events);
@@ -527,8 +547,8 @@ pub(crate) enum AppEvent {
     Up { session: u64, msg: Up },
     /// A caller dropped its session.
     Dropped { session: u64 },
-    /// A worker connection was accepted.
-    Accepted { conn: u64, writer: mpsc::Sender<Bytes>, reader: AbortHandle },
+    /// A worker connection was accepted, from `peer`.
+    Accepted { conn: u64, writer: mpsc::Sender<Bytes>, reader: AbortHandle, peer: Peer },
     /// Messages from a worker connection (everything one read decoded).
     FromConn { conn: u64, msgs: Vec<Message> },
     /// A worker connection closed (`error` when it sent garbage or failed).
@@ -560,6 +580,8 @@ struct ConnEntry {
     writer: mpsc::Sender<Bytes>,
     reader: AbortHandle,
     worker: Option<WorkerId>,
+    /// Who connected: a handshake is accepted only from the worker's own process tree.
+    peer: Peer,
     /// Encoded messages not yet handed to the writer: flushed once per batch of events.
     out: BytesMut,
 }
@@ -794,14 +816,14 @@ impl App {
             }
             AppEvent::Up { session, msg } => self.up(session, msg),
             AppEvent::Dropped { session } => self.abandon(session),
-            AppEvent::Accepted { conn, writer, reader } => {
+            AppEvent::Accepted { conn, writer, reader, peer } => {
                 let pending = self.conns.values().filter(|c| c.worker.is_none()).count();
                 if pending >= self.config.pending_connections {
                     tracing::warn!(app = %self.name, "too many connections without a handshake; closing one");
                     reader.abort();
                     return;
                 }
-                self.conns.insert(conn, ConnEntry { writer, reader, worker: None, out: BytesMut::new() });
+                self.conns.insert(conn, ConnEntry { writer, reader, worker: None, peer, out: BytesMut::new() });
             }
             AppEvent::FromConn { conn, msgs } => {
                 for msg in msgs {
@@ -1044,6 +1066,7 @@ impl App {
             endpoint: self.socket.clone(),
             uuid: uuid.clone(),
             stderr_lines: self.config.crashlog_lines,
+            run_as: self.config.run_as.clone(),
         };
         let tx = self.tx.clone();
         let on_exit = move |exit: process::Exit| {
@@ -1075,7 +1098,16 @@ impl App {
             }
             Err(e) => {
                 let path = spec.manifest.executable_path(&spec.dir);
-                let failure = format!("cannot start {}: {e}", path.display());
+                let mut failure = format!("cannot start {}: {e}", path.display());
+                if let Some(user) = &self.config.run_as {
+                    if let Some((dir, mode)) = user.obstacle(&path) {
+                        failure.push_str(&format!(
+                            " (workers run as user {}, who cannot enter {} (mode {mode:04o}): make it searchable or move the data directory)",
+                            user.name,
+                            dir.display()
+                        ));
+                    }
+                }
                 tracing::error!(app = %self.name, worker = id, error = %failure, "spawn failed");
                 self.record(CrashRecord {
                     uuid,
@@ -1172,6 +1204,14 @@ impl App {
                     return;
                 };
                 let Some(w) = self.workers.get_mut(&id) else { return };
+                if !c.peer.descends_from(w.process.pid) {
+                    tracing::warn!(
+                        app = %self.name, %uuid, worker_pid = w.process.pid, peer_pid = ?c.peer.pid(),
+                        "handshake from a process that is not this worker nor one of its children; closing"
+                    );
+                    self.close_conn(conn, now);
+                    return;
+                }
                 if w.conn.is_some() {
                     tracing::warn!(app = %self.name, %uuid, "second connection for a worker; closing it");
                     self.close_conn(conn, now);
@@ -1277,11 +1317,12 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<AppEvent>, outboun
         };
         let conn = next;
         next += 1;
+        let peer = Peer::of(&stream);
         let (writer_tx, writer_rx) = mpsc::channel::<Bytes>(outbound);
         let (r, w) = stream.into_split();
         tokio::spawn(write_loop(w, writer_rx));
         let reader = tokio::spawn(read_loop(r, conn, tx.clone(), max_message));
-        if tx.send(AppEvent::Accepted { conn, writer: writer_tx, reader: reader.abort_handle() }).await.is_err() {
+        if tx.send(AppEvent::Accepted { conn, writer: writer_tx, reader: reader.abort_handle(), peer }).await.is_err() {
             return;
         }
     }
