@@ -70,7 +70,7 @@ impl RunAs {
     /// # Errors
     /// [`RunAsError::Root`] for a root daemon with an empty `run_as`, or the lookup's errors.
     pub fn for_daemon(run_as: &str) -> Result<Option<RunAs>, RunAsError> {
-        if !nix::unistd::geteuid().is_root() {
+        if !is_root() {
             return Ok(None);
         }
         if run_as.trim().is_empty() {
@@ -103,6 +103,12 @@ impl RunAs {
         }
         None
     }
+}
+
+/// Whether this process runs as root (effective uid 0), and so may start workers as another
+/// user.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// Most ancestors looked at above a connecting process (deeper trees are not workers' own).
