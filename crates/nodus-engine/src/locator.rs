@@ -627,7 +627,7 @@ fn info_value(info: &AppInfo) -> Value {
         .map(|w| {
             let v = Value::Map(vec![
                 kv("pid", Value::from(w.pid)),
-                kv("state", Value::from(format!("{:?}", w.state).to_lowercase())),
+                kv("state", Value::from(w.state.name().to_lowercase())),
                 kv("load", Value::from(w.load as u64)),
             ]);
             (Value::from(w.uuid.as_str()), v)

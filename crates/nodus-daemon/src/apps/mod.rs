@@ -364,7 +364,7 @@ impl Ctx {
                         let workers: Vec<String> = i
                             .workers
                             .iter()
-                            .map(|w| format!("{}@{}@{:?}@{}", w.uuid, w.pid, w.state, w.load))
+                            .map(|w| format!("{}@{}@{}@{}", w.uuid, w.pid, w.state.name(), w.load))
                             .collect();
                         reply = reply
                             .param("status", status_word(&i.status))
