@@ -341,6 +341,16 @@ impl Engine {
         Engine { inner: Arc::new(Inner { config, apps: Mutex::new(HashMap::new()), events }) }
     }
 
+    /// The user workers run as, when it is not the engine's own.
+    pub fn run_as(&self) -> Option<&RunAs> {
+        self.inner.config.run_as.as_ref()
+    }
+
+    /// The worker socket of `app` (whether or not the app exists).
+    pub fn socket_path(&self, app: &str) -> PathBuf {
+        socket_path(&self.inner.config.runtime_dir, app)
+    }
+
     /// Observes engine events from now on (a slow observer misses events, it never slows the
     /// engine).
     pub fn events(&self) -> broadcast::Receiver<EngineEvent> {

@@ -128,7 +128,7 @@ fn apps_run_with_the_default_relative_data_directory() {
 }
 
 #[test]
-fn a_root_node_refuses_to_run_apps_as_root_unless_told() {
+fn a_root_node_runs_apps_as_an_unprivileged_user_and_says_when_it_cannot() {
     if !is_root() {
         eprintln!("SKIPPED: only a node running as root switches users");
         return;
@@ -147,6 +147,18 @@ fn a_root_node_refuses_to_run_apps_as_root_unless_told() {
         assert!(!out.status.success(), "started with run_as = {run_as:?}");
         assert!(text(&out).contains(expected), "{}", text(&out));
     }
+    // Where `nobody` cannot reach the app, the deploy says so at once.
+    let closed = tempfile::Builder::new().prefix("nodus-closed").tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    echo_app(closed.path());
+    let node = Node::start(closed.path(), &[]);
+    let out = node.cli(&["app", "deploy", "echo", "echo-app"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("warning") && said.contains("user nobody") && said.contains("cannot enter"), "{said}");
 }
 
 /// A text-form connection to the node's socket.

@@ -266,8 +266,12 @@ impl Ctx {
     async fn execute(&self, req: &Message, command: Command) -> anyhow::Result<Message> {
         Ok(match command {
             Command::Deploy { name, path, profile } => {
-                let version = self.deploy(&name, path, profile).await?;
-                req.reply("DEPLOYED").param("name", name).param("version", version)
+                let (version, spec) = self.deploy(&name, path, profile).await?;
+                let mut reply = req.reply("DEPLOYED").param("name", &name).param("version", version);
+                if let Some(warning) = self.unreachable(&spec) {
+                    reply = reply.param("warning", warning);
+                }
+                reply
             }
             Command::Start { name } => {
                 let version = self.start(&name).await?;
@@ -424,7 +428,7 @@ impl Ctx {
         blocking(move || store.load(&name)).await
     }
 
-    async fn deploy(&self, name: &str, path: PathBuf, profile: Option<PathBuf>) -> anyhow::Result<String> {
+    async fn deploy(&self, name: &str, path: PathBuf, profile: Option<PathBuf>) -> anyhow::Result<(String, AppSpec)> {
         let reserved = matches!(name, "node" | "communicatord" | nodus_engine::locator::LOCATOR_NAME);
         if reserved || (!self.bridges.contains(name) && self.shared.instances(name) > 0) {
             return Err(Refusal::NameInUse(name.to_string()).into());
@@ -451,7 +455,7 @@ impl Ctx {
         path: PathBuf,
         profile: Option<PathBuf>,
         progress: Arc<Progress>,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<(String, AppSpec)> {
         let (store, app, watched) = (self.store.clone(), name.to_string(), progress.clone());
         let installed = blocking(move || store.deploy(&app, &path, profile.as_deref(), &watched)).await?;
         progress.begin(Stage::Starting, 0);
@@ -465,7 +469,21 @@ impl Ctx {
             .await;
             return Err(e);
         }
-        Ok(installed.version)
+        Ok((installed.version, installed.spec))
+    }
+
+    /// Why workers of `spec` will not start, when the user they run as cannot reach their
+    /// executable or socket (a warning: ACLs and supplementary groups are not looked at).
+    fn unreachable(&self, spec: &AppSpec) -> Option<String> {
+        let user = self.engine.run_as()?;
+        let exe = spec.manifest.executable_path(&spec.dir);
+        let socket = self.engine.socket_path(&spec.name);
+        let (dir, mode) = user.obstacle(&exe).or_else(|| user.obstacle(&socket))?;
+        Some(format!(
+            "workers run as user {} ([apps] run_as), who cannot enter {} (mode {mode:04o}): they will fail to start; make it searchable, use a data directory that user can reach (--data-dir), or set run_as",
+            user.name,
+            dir.display()
+        ))
     }
 
     async fn start(&self, name: &str) -> anyhow::Result<String> {
