@@ -99,14 +99,22 @@ impl Command {
             req.get("name").map(String::from).ok_or_else(|| Refusal::Invalid(format!("{} needs name=APP", req.command)))
         };
         Ok(match req.command.as_str() {
-            "DEPLOY" => Command::Deploy {
-                name: name()?,
-                path: req
-                    .get("path")
-                    .map(PathBuf::from)
-                    .ok_or_else(|| Refusal::Invalid("DEPLOY needs path=FILE_OR_DIR (absolute)".into()))?,
-                profile: req.get("profile").map(PathBuf::from),
-            },
+            "DEPLOY" => {
+                // The node may run elsewhere than its client: a relative path would name another place.
+                let absolute = |key: &str| match req.get(key).map(PathBuf::from) {
+                    Some(p) if !p.is_absolute() => Err(Refusal::Invalid(format!(
+                        "DEPLOY needs an absolute {key}, not {}; the nodus CLI sends one",
+                        p.display()
+                    ))),
+                    other => Ok(other),
+                };
+                Command::Deploy {
+                    name: name()?,
+                    path: absolute("path")?
+                        .ok_or_else(|| Refusal::Invalid("DEPLOY needs path=FILE_OR_DIR (absolute)".into()))?,
+                    profile: absolute("profile")?,
+                }
+            }
             "START" => Command::Start { name: name()? },
             "STOP" => Command::Stop { name: name()? },
             "RESTART" => Command::Restart { name: name()? },
@@ -554,6 +562,9 @@ mod tests {
         );
         let e = Command::parse(&req("SCALE").param("workers", "-1")).unwrap_err().to_string();
         assert!(e.contains("workers=N"), "{e}");
+        let e = Command::parse(&req("DEPLOY").param("path", "my-app")).unwrap_err().to_string();
+        assert!(e.contains("absolute path"), "{e}");
+        assert!(Command::parse(&req("DEPLOY").param("path", "/my-app").param("profile", "p.toml")).is_err());
         let e = Command::parse(&Message::new("INFO")).unwrap_err().to_string();
         assert_eq!(e, "INFO needs name=APP");
         let e = Command::parse(&Message::new("FOO")).unwrap_err();
