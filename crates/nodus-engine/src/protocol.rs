@@ -263,6 +263,14 @@ struct Scan {
     open: Vec<u64>,
 }
 
+impl Scan {
+    /// Forgets the scan (keeping the stack's allocation for the next message).
+    fn restart(&mut self) {
+        self.pos = 0;
+        self.open.clear();
+    }
+}
+
 impl Decoder {
     /// A decoder for `role` with a bound on one message's size.
     pub fn new(role: Role, max_message_bytes: usize) -> Self {
@@ -294,14 +302,14 @@ impl Decoder {
     /// As [`Decoder::decode`], and when the value is not `[uint, uint, array(, array)]`.
     pub fn decode_frame(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
         if src.len() < self.scan.pos {
-            self.scan = Scan::default();
+            self.scan.restart();
         }
         let scanned = scan(src, self.max_message_bytes, &mut self.scan, &mut self.examined);
         let len = match scanned {
             Ok(None) => return Ok(None),
             Ok(Some(len)) => len,
             Err(e) => {
-                self.scan = Scan::default();
+                self.scan.restart();
                 return Err(e);
             }
         };
@@ -466,7 +474,8 @@ fn header_bytes(v: Option<Value>) -> Result<Bytes, ProtocolError> {
 fn scan(buf: &[u8], max: usize, state: &mut Scan, examined: &mut u64) -> Result<Option<usize>, ProtocolError> {
     if state.open.is_empty() {
         // The one top value.
-        *state = Scan { pos: 0, open: vec![1] };
+        state.restart();
+        state.open.push(1);
     }
     let too_large = |end: usize| if end > max { Err(ProtocolError::TooLarge { limit: max }) } else { Ok(()) };
     while let Some(&top) = state.open.last() {
@@ -550,8 +559,9 @@ fn scan(buf: &[u8], max: usize, state: &mut Scan, examined: &mut u64) -> Result<
         }
         state.pos = end;
     }
+    // The stack is empty again: the next call starts a new message.
     let len = state.pos;
-    *state = Scan::default();
+    state.pos = 0;
     Ok(Some(len))
 }
 
