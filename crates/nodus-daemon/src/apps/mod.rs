@@ -217,7 +217,9 @@ impl Ctx {
     async fn serve(self: Arc<Self>, conn: ConnId, mut rx: mpsc::Receiver<Outbound>) {
         let (changes, mut queued) = mpsc::channel::<(Message, Command)>(MAX_QUEUED_CHANGES);
         let ctx = self.clone();
-        let changer = tokio::spawn(async move {
+        // Owned by this future: when the service is stopped (aborted), so is the change in progress.
+        let mut changer = tokio::task::JoinSet::new();
+        changer.spawn(async move {
             while let Some((req, command)) = queued.recv().await {
                 let answer = ctx.execute(&req, command).await;
                 ctx.answer(conn, &req, answer);
@@ -251,7 +253,7 @@ impl Ctx {
                 drop(permit);
             });
         }
-        changer.abort();
+        changer.abort_all();
     }
 
     /// Sends the answer to a request that has an id; a message without one is never answered.
