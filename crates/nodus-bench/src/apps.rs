@@ -165,7 +165,14 @@ async fn invoke_through_node(
     app_dir: &Path,
 ) -> anyhow::Result<Vec<Summary>> {
     report::progress(&format!("starting {} daemon ({:?}) and deploying {APP}", nodus.display(), options.transport));
-    let (mut daemon, endpoint) = nodus_system::start_daemon(nodus, options.transport, dir, "apps", None).await?;
+    // The worker is this build's binary, wherever it is: as root, run it as root (the default,
+    // `nobody`, may not reach it).
+    let config = dir.join("apps.toml");
+    std::fs::write(&config, "[apps]\nrun_as = \"root\"\n")
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    let config = config.to_str().context("the scratch directory's path is not UTF-8")?;
+    let (mut daemon, endpoint) =
+        nodus_system::start_daemon_with(nodus, options.transport, dir, "apps", None, &["--config", config]).await?;
     let config = ClientConfig::new(endpoint.as_str()).no_reconnect();
     // Keep `_incoming` alive: nothing but replies is expected, but its sender must not close.
     let (client, _incoming) = Client::connect(config).await.context("the load client cannot connect")?;

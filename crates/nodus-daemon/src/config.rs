@@ -43,6 +43,8 @@ pub struct AppsConfig {
     pub max_deploy_bytes: u64,
     /// Most apps.
     pub max_apps: usize,
+    /// The user app workers run as when the node runs as root; "root" allows root explicitly.
+    pub run_as: String,
 }
 
 /// The `[cluster]` section.

@@ -279,6 +279,11 @@ impl Router {
         self.cache.len()
     }
 
+    /// Instances of `service` registered on this node (0 when none).
+    pub fn instances(&self, service: &str) -> usize {
+        self.services.get(service).map_or(0, Vec::len)
+    }
+
     /// Where connection `conn` came from, while it is open.
     pub fn origin(&self, conn: ConnId) -> Option<&Origin> {
         self.conns.get(&conn).map(|c| &c.origin)

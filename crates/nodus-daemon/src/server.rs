@@ -124,6 +124,11 @@ impl Shared {
         st.handles.remove(&conn);
     }
 
+    /// Instances of service `name` registered on this node.
+    pub(crate) fn instances(&self, name: &str) -> usize {
+        self.lock().router.instances(name)
+    }
+
     /// Publishes this node's app endpoints to the cluster.
     pub(crate) fn set_app_endpoints(&self, apps: std::collections::BTreeMap<String, (String, u16)>) {
         let mut out = Vec::new();
@@ -276,13 +281,13 @@ impl Daemon {
                 TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the locator on {addr}"))?,
             ),
         };
-        let engine = config.apps.enabled.then(|| {
-            let mut ec = nodus_engine::EngineConfig::new(config.data_dir.join("run"));
-            if let Some(addr) = locator_listener.as_ref().and_then(|l| l.local_addr().ok()) {
-                ec.locator = addr.to_string();
+        let engine = match config.apps.enabled {
+            true => {
+                let locator = locator_listener.as_ref().and_then(|l| l.local_addr().ok());
+                Some(nodus_engine::Engine::new(crate::apps::engine_config(&config, locator)?))
             }
-            nodus_engine::Engine::new(ec)
-        });
+            false => None,
+        };
         let locator = match (locator_listener, &engine) {
             (Some(l), Some(engine)) => {
                 let lc = nodus_engine::LocatorConfig {
