@@ -612,7 +612,7 @@ impl Ctx {
                         }
                         continue;
                     };
-                    let body = Bytes::from(std::mem::take(&mut req.payload));
+                    let body = std::mem::take(&mut req.payload);
                     let shared = shared.clone();
                     let reply_event = event.clone();
                     // Each request is its own session; the engine's queue-limit bounds how many

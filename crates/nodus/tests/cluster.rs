@@ -45,7 +45,7 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
             assert!(Instant::now() < deadline, "service never became reachable: {r:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert_eq!((reply.from.server.as_str(), reply.payload.as_slice()), ("c", &b"hi"[..]));
+        assert_eq!((reply.from.server.as_str(), &reply.payload[..]), ("c", &b"hi"[..]));
         let explicit = wa.client.request(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
         assert_eq!(explicit.command, "FROM_C");
         let missing = wa.client.request(Message::new("ASK").to("zz:far"), WAIT).await.unwrap();
