@@ -369,7 +369,21 @@ impl Apps {
             bridges: bridges.clone(),
             max_apps: limits.max_apps,
         };
-        let (conn, rx) = shared.attach(APPS_SERVICE);
+        use nodus_wire::node::Permission::{Admin, Status};
+        let (conn, rx) = shared.attach_with(
+            APPS_SERVICE,
+            Some(&[
+                ("DEPLOY", Admin),
+                ("START", Admin),
+                ("STOP", Admin),
+                ("RESTART", Admin),
+                ("SCALE", Admin),
+                ("REMOVE", Admin),
+                ("LIST", Status),
+                ("INFO", Status),
+                ("CRASHLOG", Status),
+            ]),
+        );
         let service = tokio::spawn(async move {
             for name in ctx.store.list() {
                 if ctx.store.wanted(&name) == Wanted::Started {

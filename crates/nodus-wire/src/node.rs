@@ -390,7 +390,7 @@ impl NodeRequest {
 /// A message between two nodes about their link (addressed to no service, never a reply).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkMsg {
-    /// The dialer's opening: `CONNECT server=;version=1;addr=[;secret=]`.
+    /// The dialer's opening: `CONNECT server=;version=1;addr=;nonce=`.
     Connect {
         /// The dialing node's name.
         server: String,
@@ -398,15 +398,26 @@ pub enum LinkMsg {
         version: u32,
         /// Where the dialer's cluster listener is (may be empty).
         addr: String,
-        /// The cluster secret, when one is configured.
-        secret: Option<String>,
+        /// A fresh random value the listener's proof must cover.
+        nonce: String,
     },
-    /// The listener's yes: `ACCEPT server=;addr=`.
+    /// The listener's yes: `ACCEPT server=;addr=;nonce=[;proof=]`. With a cluster secret, `proof`
+    /// shows the listener holds it (an HMAC over both names and both nonces) and the link is up
+    /// only once the dialer answers with [`LinkMsg::Confirm`].
     Accept {
         /// The accepting node's name.
         server: String,
         /// Where its cluster listener is.
         addr: String,
+        /// A fresh random value the dialer's proof must cover.
+        nonce: String,
+        /// The listener's proof, when a secret is configured.
+        proof: Option<String>,
+    },
+    /// The dialer's proof that it holds the cluster secret: `CONFIRM proof=`.
+    Confirm {
+        /// HMAC over both names and both nonces.
+        proof: String,
     },
     /// The listener's no: `REFUSE server=;reason=`.
     Refuse {
@@ -479,9 +490,15 @@ impl TryFrom<&Message> for LinkMsg {
                 server: text("server"),
                 version: m.get("version").and_then(|v| v.parse().ok()).unwrap_or(0),
                 addr: text("addr"),
-                secret: m.get("secret").map(String::from),
+                nonce: text("nonce"),
             },
-            "ACCEPT" => LinkMsg::Accept { server: text("server"), addr: text("addr") },
+            "ACCEPT" => LinkMsg::Accept {
+                server: text("server"),
+                addr: text("addr"),
+                nonce: text("nonce"),
+                proof: m.get("proof").map(String::from),
+            },
+            "CONFIRM" => LinkMsg::Confirm { proof: text("proof") },
             "REFUSE" => LinkMsg::Refuse { server: text("server"), reason: text("reason") },
             "DISCONNECT" => LinkMsg::Disconnect { reason: m.get("reason").map(String::from) },
             "LINK_PING" => LinkMsg::Ping { t: int("t")? },
@@ -501,14 +518,19 @@ impl LinkMsg {
     /// The message on the wire (the sending node stamps `from`).
     pub fn to_message(&self) -> Message {
         match self {
-            LinkMsg::Connect { server, version, addr, secret } => {
-                let m = Message::new("CONNECT").param("server", server).param("version", version).param("addr", addr);
-                match secret {
-                    Some(s) => m.param("secret", s),
+            LinkMsg::Connect { server, version, addr, nonce } => Message::new("CONNECT")
+                .param("server", server)
+                .param("version", version)
+                .param("addr", addr)
+                .param("nonce", nonce),
+            LinkMsg::Accept { server, addr, nonce, proof } => {
+                let m = Message::new("ACCEPT").param("server", server).param("addr", addr).param("nonce", nonce);
+                match proof {
+                    Some(p) => m.param("proof", p),
                     None => m,
                 }
             }
-            LinkMsg::Accept { server, addr } => Message::new("ACCEPT").param("server", server).param("addr", addr),
+            LinkMsg::Confirm { proof } => Message::new("CONFIRM").param("proof", proof),
             LinkMsg::Refuse { server, reason } => {
                 Message::new("REFUSE").param("reason", reason).param("server", server)
             }
@@ -604,9 +626,11 @@ mod tests {
     #[test]
     fn link_messages_round_trip_and_traffic_is_not_one() {
         let all = [
-            LinkMsg::Connect { server: "a".into(), version: 1, addr: "h:1".into(), secret: Some("s".into()) },
-            LinkMsg::Connect { server: "a".into(), version: 1, addr: String::new(), secret: None },
-            LinkMsg::Accept { server: "b".into(), addr: "h:2".into() },
+            LinkMsg::Connect { server: "a".into(), version: 1, addr: "h:1".into(), nonce: "n1".into() },
+            LinkMsg::Connect { server: "a".into(), version: 1, addr: String::new(), nonce: String::new() },
+            LinkMsg::Accept { server: "b".into(), addr: "h:2".into(), nonce: "n2".into(), proof: Some("p".into()) },
+            LinkMsg::Accept { server: "b".into(), addr: "h:2".into(), nonce: "n2".into(), proof: None },
+            LinkMsg::Confirm { proof: "p".into() },
             LinkMsg::Refuse { server: "b".into(), reason: "secret".into() },
             LinkMsg::Disconnect { reason: Some("duplicate".into()) },
             LinkMsg::Disconnect { reason: None },
