@@ -131,7 +131,9 @@ impl RouterLimits {
             cache_default_ttl: secs(l.cache_default_ttl_secs),
             cache_ttl_range: (secs(l.cache_min_ttl_secs), secs(l.cache_max_ttl_secs)),
             max_pending: l.max_pending_requests,
-            max_pending_per_client: l.max_pending_per_client,
+            // When a responder goes, each of its callers gets one error per request at once: they
+            // must fit the caller's own queue, with room to spare.
+            max_pending_per_client: l.max_pending_per_client.min(l.max_outbound_messages / 2).max(1),
             request_timeout: secs(l.request_timeout_secs),
             max_frame: l.max_frame_bytes,
         }

@@ -513,3 +513,11 @@ fn cached_is_reported_only_once_the_entry_is_durable() {
     assert_eq!(cmds, ["HELP", "READY", "A", "B"]);
     assert!(matches!(&r2.take_cache_journal()[..], [CacheOp::Remove(1), CacheOp::Remove(2)]));
 }
+
+#[test]
+fn a_callers_share_of_pending_requests_fits_half_its_queue() {
+    let c = Config::from_toml("[limits]\nmax_outbound_messages = 16").unwrap();
+    assert_eq!(RouterLimits::from_config(&c.limits).max_pending_per_client, 8);
+    let c = Config::default();
+    assert_eq!(RouterLimits::from_config(&c.limits).max_pending_per_client, 32_768);
+}
