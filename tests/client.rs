@@ -102,7 +102,7 @@ async fn clients_reconnect_and_reregister_after_a_daemon_restart() {
     assert!(svc.wait_state(State::Connected, WAIT).await, "the service reconnects");
     // The service registers again as part of reconnecting, before its state says Connected.
     let reply = c.request(Message::new("ECHO").to("echo").with_payload(b"again".to_vec()), WAIT).await.unwrap();
-    assert_eq!((reply.command.as_str(), reply.payload.as_slice()), ("ECHOED", &b"again"[..]));
+    assert_eq!((reply.command.as_str(), &reply.payload[..]), ("ECHOED", &b"again"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,6 +124,6 @@ async fn messages_sent_while_disconnected_are_held_and_delivered() {
     // `sink` (expected) until it registered; either way, in order and exactly once.
     for i in 0..8u8 {
         let m = tokio::time::timeout(WAIT, inc.recv()).await.unwrap().unwrap();
-        assert_eq!((m.command.as_str(), m.payload.as_slice()), ("NOTE", &[i][..]));
+        assert_eq!((m.command.as_str(), &m.payload[..]), ("NOTE", &[i][..]));
     }
 }

@@ -689,15 +689,12 @@ async fn text_and_binary_clients_interoperate_with_payloads() {
     // Text → binary: the base64 `_payload` arrives as raw bytes.
     tsvc.send("bsvc/HELLO x=1;_payload=AAEC/w==;_id=4").await;
     let m = bsvc.recv().await;
-    assert_eq!((m.command.as_str(), m.get("x"), m.payload.as_slice()), ("HELLO", Some("1"), &[0u8, 1, 2, 255][..]));
+    assert_eq!((m.command.as_str(), m.get("x"), &m.payload[..]), ("HELLO", Some("1"), &[0u8, 1, 2, 255][..]));
     assert_eq!(m.from, Address::new("n1", "tsvc"));
     // Binary → text: a reply with a payload, correlated to the text requester's id.
     bsvc.send(&m.reply("HELLO_BACK").with_payload(vec![9u8, 0, 10, 13])).await;
     let r = tsvc.recv().await;
-    assert_eq!(
-        (r.command.as_str(), r.envelope.reply_to, r.payload.as_slice()),
-        ("HELLO_BACK", 4, &[9u8, 0, 10, 13][..])
-    );
+    assert_eq!((r.command.as_str(), r.envelope.reply_to, &r.payload[..]), ("HELLO_BACK", 4, &[9u8, 0, 10, 13][..]));
     assert_eq!(r.from, Address::new("n1", "bsvc"));
 
     // Binary → text: every byte value survives the text form.
@@ -711,7 +708,7 @@ async fn text_and_binary_clients_interoperate_with_payloads() {
     let ask = tsvc.recv().await;
     tsvc.send(&format!("ANSWER _payload=b2s=;_reply_to={}", ask.envelope.id)).await;
     let r = bsvc.recv().await;
-    assert_eq!((r.command.as_str(), r.envelope.reply_to, r.payload.as_slice()), ("ANSWER", 77, &b"ok"[..]));
+    assert_eq!((r.command.as_str(), r.envelope.reply_to, &r.payload[..]), ("ANSWER", 77, &b"ok"[..]));
 }
 
 // ---------------------------------------------------------------------------------------------

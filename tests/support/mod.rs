@@ -22,6 +22,10 @@ pub struct Node {
     pub unix: PathBuf,
     pub server: String,
     pub dir: tempfile::TempDir,
+    /// The plain cluster listener, when the config enables it.
+    pub cluster: Option<SocketAddr>,
+    /// The UDP signal port, when the config enables it.
+    pub udp: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), String>>>,
 }
@@ -31,6 +35,17 @@ impl Node {
     /// top-level TOML or `[limits]`.
     pub async fn start(extra: &str) -> Node {
         Self::start_in(tempfile::tempdir().expect("temp dir"), extra).await
+    }
+
+    /// Starts a bare node in `dir` whose config `edit` changes first (any section).
+    pub async fn start_with(dir: tempfile::TempDir, edit: impl FnOnce(&mut Config)) -> Node {
+        let base = format!(
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+            dir.path().join("data").display().to_string()
+        );
+        let mut config = Config::from_toml(&base).expect("test config");
+        edit(&mut config);
+        Self::start_config(dir, config).await
     }
 
     /// Starts a node whose data directory is `dir` (reused across restarts).
@@ -48,6 +63,7 @@ impl Node {
         let tcp = daemon.tcp_addr().expect("tcp listener");
         let unix = daemon.unix_path().expect("unix socket").to_path_buf();
         let server = daemon.server_name().to_string();
+        let (cluster, udp) = (daemon.cluster_addr(), daemon.udp_addr());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             daemon
@@ -57,7 +73,7 @@ impl Node {
                 .await
                 .map_err(|e| e.to_string())
         });
-        Node { tcp, unix, server, dir, stop: Some(tx), task: Some(task) }
+        Node { tcp, unix, server, dir, cluster, udp, stop: Some(tx), task: Some(task) }
     }
 
     /// Triggers a graceful shutdown without waiting for it.
@@ -120,7 +136,12 @@ impl Conn<UnixStream> {
 
 impl Conn<TcpStream> {
     pub async fn connect(node: &Node) -> BinConn {
-        let mut stream = TcpStream::connect(node.tcp).await.expect("connect tcp");
+        Self::connect_addr(node.tcp).await
+    }
+
+    /// A binary connection to any listener of a node (the client or the cluster port).
+    pub async fn connect_addr(addr: SocketAddr) -> BinConn {
+        let mut stream = TcpStream::connect(addr).await.expect("connect tcp");
         stream.write_all(&binary::PREFACE).await.expect("preface");
         Conn { stream, buf: BytesMut::new(), codec: Codec::Binary(binary::FrameDecoder::new(1 << 24)) }
     }

@@ -26,6 +26,36 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Deployed apps.
     pub apps: AppsConfig,
+    /// Who may do what.
+    pub access: AccessConfig,
+}
+
+/// The `[access]` section: principals and their permissions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The node's token file; empty means `<data_dir>/auth.token`.
+    pub token_file: PathBuf,
+    /// User ids that are the node's owner on the Unix socket, besides the daemon's own and root.
+    pub admin_uids: Vec<u32>,
+    /// Permissions of clients that are not the owner (TCP without the token, other local users).
+    pub anonymous: Vec<String>,
+}
+
+impl AccessConfig {
+    /// Where the token is kept for a node whose data directory is `data_dir`.
+    pub fn token_path(&self, data_dir: &Path) -> PathBuf {
+        if self.token_file.as_os_str().is_empty() {
+            data_dir.join("auth.token")
+        } else {
+            self.token_file.clone()
+        }
+    }
+
+    /// `anonymous` as a set (names are checked by [`Config::validate`]).
+    pub fn anonymous_permissions(&self) -> nodus_wire::node::Permissions {
+        self.anonymous.join(",").parse().unwrap_or_default()
+    }
 }
 
 /// The `[apps]` section.
@@ -77,6 +107,14 @@ pub struct ClusterConfig {
     pub udp_secret: String,
     /// TLS cluster listener; empty disables it.
     pub tls_listen: String,
+    /// Nodes whose `SHUTDOWN` and `FORGET` this node obeys and whose clients' requests may carry
+    /// `admin`; `"*"`: every node on an authenticated link (secret or TLS). Links without either
+    /// never count.
+    pub admin_nodes: Vec<String>,
+    /// Most nodes this node knows (learned by gossip or remembered); more are ignored.
+    pub max_nodes: usize,
+    /// How long a cluster connection may take to complete `CONNECT`/`ACCEPT`, ms.
+    pub handshake_timeout_ms: u64,
     /// Certificate chain (PEM).
     pub tls_cert: PathBuf,
     /// Private key (PEM).
@@ -127,8 +165,10 @@ pub struct Limits {
     pub cache_min_ttl_secs: u64,
     /// Largest accepted cache TTL, seconds.
     pub cache_max_ttl_secs: u64,
-    /// Most requests tracked for reply correlation.
+    /// Most requests tracked for reply correlation, all connections together.
     pub max_pending_requests: usize,
+    /// Most requests one client connection may have awaiting a reply.
+    pub max_pending_per_client: usize,
     /// How long a request is tracked, seconds.
     pub request_timeout_secs: u64,
     /// Graceful shutdown grace period, seconds.
@@ -224,6 +264,20 @@ impl Config {
         if c.heartbeat_ms < 10 || c.failure_phi <= 0.0 || c.max_hops == 0 {
             return bad("cluster.heartbeat_ms must be >= 10, failure_phi > 0 and max_hops > 0".into());
         }
+        if c.max_nodes == 0 || c.handshake_timeout_ms == 0 {
+            return bad("cluster.max_nodes and cluster.handshake_timeout_ms must be positive".into());
+        }
+        if let Some(bad_name) =
+            c.admin_nodes.iter().find(|n| n.as_str() != "*" && (n.is_empty() || !nodus_wire::valid_name(n)))
+        {
+            return bad(format!("cluster.admin_nodes entry {bad_name:?} is not a node name or \"*\""));
+        }
+        if l.max_pending_per_client == 0 {
+            return bad("limits.max_pending_per_client must be positive".into());
+        }
+        if let Err(e) = self.access.anonymous.join(",").parse::<nodus_wire::node::Permissions>() {
+            return bad(format!("access.anonymous: {e}"));
+        }
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {
             return bad("cluster.tls_cert, tls_key and tls_ca must be set together".into());
@@ -276,5 +330,18 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 4194304);
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("server_name = \"bad name\"").is_err());
+    }
+
+    #[test]
+    fn access_defaults_and_checks() {
+        let c = Config::default();
+        assert_eq!(c.access.anonymous, ["status", "send", "register"]);
+        assert_eq!(c.access.token_path(Path::new("/d")), Path::new("/d/auth.token"));
+        assert_eq!(c.cluster.admin_nodes, ["*"]);
+        assert!(Config::from_toml("[access]\nanonymous = [\"root\"]").is_err());
+        assert!(Config::from_toml("[cluster]\nadmin_nodes = [\"a b\"]").is_err());
+        let c = Config::from_toml("[access]\nanonymous = []\ntoken_file = \"/t\"").unwrap();
+        assert!(c.access.anonymous_permissions().is_empty());
+        assert_eq!(c.access.token_path(Path::new("/d")), Path::new("/t"));
     }
 }

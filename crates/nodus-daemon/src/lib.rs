@@ -8,6 +8,7 @@
 pub mod apps;
 pub mod auth;
 pub mod cache;
+pub mod cache_store;
 pub mod config;
 pub mod detector;
 pub mod ntp;

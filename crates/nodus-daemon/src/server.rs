@@ -8,9 +8,11 @@
 
 use crate::auth::{Creds, Origin};
 use crate::config::Config;
-use crate::router::{Action, ConnId, Router, RouterLimits};
+use crate::router::{Action, ConnId, LinkPolicy, Router, RouterConfig, RouterLimits};
+use crate::topology::KnownNode;
 use anyhow::Context;
 use bytes::BytesMut;
+use nodus_wire::node::Permission;
 use nodus_wire::{binary, detect, text, Decoded, Form, FrameError, Message};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -73,6 +75,8 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     engine: Option<nodus_engine::Engine>,
     locator: Option<nodus_engine::LocatorHandle>,
+    /// Makes the router's cache journal durable (set once its thread runs).
+    cache_writer: std::sync::OnceLock<crate::cache_store::CacheWriter>,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -88,6 +92,17 @@ impl Shared {
     /// An in-process service: a connection with no socket, registered as `name`. What the router
     /// delivers to it arrives on the returned queue; its answers go in through [`Shared::inject`].
     pub(crate) fn attach(&self, name: &str) -> (ConnId, mpsc::Receiver<Outbound>) {
+        self.attach_with(name, None)
+    }
+
+    /// An in-process service that declares its commands and the permission each needs (others
+    /// are answered `UNKNOWN`); the router checks every message delivered to it against these.
+    /// `None`: it takes any command, each needing `send` (an app's bridge).
+    pub(crate) fn attach_with(
+        &self,
+        name: &str,
+        commands: Option<&[(&str, Permission)]>,
+    ) -> (ConnId, mpsc::Receiver<Outbound>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.config.limits.max_outbound_messages);
         // In-process services take messages off their queue without a writer to count bytes down:
@@ -103,6 +118,9 @@ impl Shared {
         st.handles.insert(id, handle);
         st.router.connect(id, Origin::Internal);
         st.router.handle(id, Message::new("REGISTER").param("service", name).param("version", 1), now_ms(), &mut out);
+        if let Some(commands) = commands {
+            st.router.declare_commands(id, commands);
+        }
         self.apply(&mut st, &mut out);
         (id, rx)
     }
@@ -147,6 +165,14 @@ impl Shared {
         &self.config
     }
 
+    /// Runs `f` on the router under the lock and applies the actions it pushed.
+    pub(crate) fn with_router(&self, f: &mut dyn FnMut(&mut Router, &mut Vec<Action>)) {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        f(&mut st.router, &mut out);
+        self.apply(&mut st, &mut out);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; keep serving with the state as it is.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -180,6 +206,11 @@ impl Shared {
                 Action::SaveNodes(nodes) => {
                     if let Err(e) = save_nodes(&self.config.data_dir, &nodes) {
                         warn!(error = %e, "cannot persist the cluster's nodes");
+                    }
+                }
+                Action::PersistCache => {
+                    if let Some(w) = self.cache_writer.get() {
+                        w.signal();
                     }
                 }
             }
@@ -257,20 +288,31 @@ impl Daemon {
         }
         let remembered = load_nodes(&config.data_dir);
         let mut neighbors = config.cluster.neighbors.clone();
-        for (_, addr, neighbor) in &remembered {
-            if *neighbor && !addr.is_empty() && !neighbors.contains(addr) {
-                neighbors.push(addr.clone());
+        for n in remembered.iter().take(config.cluster.max_nodes) {
+            if n.neighbor && !n.addr.is_empty() && !neighbors.contains(&n.addr) {
+                neighbors.push(n.addr.clone());
             }
         }
+        let token_file = config.access.token_path(&config.data_dir);
+        let token = crate::auth::load_or_create_token(&token_file)?;
+        let access = crate::auth::AccessPolicy::new(&config.access, Some(token), token_file, crate::auth::own_uid());
         let mut router = Router::new(
-            &config.server_name,
-            &config.expected_services,
-            RouterLimits::from_config(&config.limits),
-            config.cluster.clone(),
-            advertised,
+            RouterConfig {
+                server: config.server_name.clone(),
+                expected: config.expected_services.clone(),
+                limits: RouterLimits::from_config(&config.limits),
+                links: LinkPolicy::from_config(&config.cluster),
+                access,
+                cluster_addr: advertised,
+                durable_cache: true,
+                seed: rand::random(),
+            },
             now_ms(),
         );
         router.remember(remembered);
+        let (cache_store, cached) = crate::cache_store::CacheStore::open(&config.data_dir)
+            .with_context(|| format!("cannot open the cache journal in {}", config.data_dir.display()))?;
+        router.restore_cache(cached, now_ms(), &mut Vec::new());
         if udp.is_some() {
             router.connect(UDP_CONN, Origin::Datagram);
         }
@@ -308,7 +350,16 @@ impl Daemon {
             idle: Notify::new(),
             next_conn: AtomicU64::new(1),
             locator: locator.as_ref().map(|l| l.handle()),
+            cache_writer: std::sync::OnceLock::new(),
         });
+        let weak = Arc::downgrade(&shared);
+        let writer = crate::cache_store::CacheWriter::start(cache_store, move |f| {
+            if let Some(shared) = weak.upgrade() {
+                shared.with_router(f);
+            }
+        });
+        writer.signal();
+        let _ = shared.cache_writer.set(writer);
         if let Some(l) = &shared.locator {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
@@ -530,6 +581,9 @@ impl Daemon {
             out.extend(ids.into_iter().map(Action::Close));
             shared.apply(&mut st, &mut out);
         }
+        // Cached messages are on disk before the node goes.
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.cache_writer.get().map(|w| w.finish())).await;
         locator_stop.cancel();
         if let Some(l) = locator {
             let _ = l.await;
@@ -851,23 +905,27 @@ async fn udp_loop(shared: Arc<Shared>, socket: UdpSocket) {
 }
 
 /// Reads the remembered nodes: lines of `name address neighbor|known`.
-fn load_nodes(dir: &Path) -> Vec<(String, String, bool)> {
+fn load_nodes(dir: &Path) -> Vec<KnownNode> {
     let Ok(text) = std::fs::read_to_string(dir.join(NODES_FILE)) else { return Vec::new() };
     text.lines()
         .filter_map(|l| {
             let mut parts = l.split_whitespace();
             let (name, addr, kind) = (parts.next()?, parts.next().unwrap_or(""), parts.next().unwrap_or("known"));
             let addr = if addr == "-" { "" } else { addr };
-            nodus_wire::valid_name(name).then(|| (name.to_string(), addr.to_string(), kind == "neighbor"))
+            nodus_wire::valid_name(name).then(|| KnownNode {
+                name: name.to_string(),
+                addr: addr.to_string(),
+                neighbor: kind == "neighbor",
+            })
         })
         .collect()
 }
 
-fn save_nodes(dir: &Path, nodes: &[(String, String, bool)]) -> std::io::Result<()> {
+fn save_nodes(dir: &Path, nodes: &[KnownNode]) -> std::io::Result<()> {
     let mut text = String::new();
-    for (name, addr, neighbor) in nodes {
-        let addr = if addr.is_empty() { "-" } else { addr };
-        text.push_str(&format!("{name} {addr} {}\n", if *neighbor { "neighbor" } else { "known" }));
+    for n in nodes {
+        let addr = if n.addr.is_empty() { "-" } else { n.addr.as_str() };
+        text.push_str(&format!("{} {addr} {}\n", n.name, if n.neighbor { "neighbor" } else { "known" }));
     }
     let tmp = dir.join(format!("{NODES_FILE}.tmp"));
     std::fs::write(&tmp, text)?;

@@ -6,6 +6,8 @@
 //!   for shell scripts and humans.
 //! - [`binary`] is a versioned preface followed by length-prefixed MessagePack frames, for speed.
 //! - [`detect`] tells which of the two a peer speaks from its first bytes.
+//! - [`node`] types the node's own protocol: requests to a node, the permissions they need, and
+//!   the messages of cluster links.
 //! - [`Backoff`] is the one jittered exponential backoff every part of nodus retries with.
 //!
 //! Invariant: this crate does no I/O, reads no clock and never depends on an async runtime; every
@@ -15,6 +17,7 @@
 pub mod backoff;
 pub mod binary;
 mod message;
+pub mod node;
 pub mod text;
 
 pub use backoff::Backoff;

@@ -243,7 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
                 msg.params.insert(k.to_string(), v.to_string());
             }
             if let Some(p) = payload {
-                msg.payload = p.into_bytes();
+                msg.payload = p.into_bytes().into();
             }
             msg.validate().context("invalid message")?;
             let client = anonymous(&args.node).await?;

@@ -45,7 +45,7 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
             assert!(Instant::now() < deadline, "service never became reachable: {r:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert_eq!((reply.from.server.as_str(), reply.payload.as_slice()), ("c", &b"hi"[..]));
+        assert_eq!((reply.from.server.as_str(), &reply.payload[..]), ("c", &b"hi"[..]));
         let explicit = wa.client.request(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
         assert_eq!(explicit.command, "FROM_C");
         let missing = wa.client.request(Message::new("ASK").to("zz:far"), WAIT).await.unwrap();
@@ -190,11 +190,13 @@ fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
 fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
     rt().block_on(async {
         let root = tempfile::tempdir().unwrap();
-        let mut a = Proc::new(&root, "a", &[], "");
-        let mut b = Proc::new(&root, "b", &[a.port], "");
-        let mut c = Proc::new(&root, "c", &[a.port], "");
-        let mut d = Proc::new(&root, "d", &[b.port], "");
-        let mut e = Proc::new(&root, "e", &[c.port], "");
+        // Cluster-wide FORGET and SHUTDOWN are obeyed only from authenticated nodes.
+        let secret = "five-node-secret";
+        let mut a = Proc::new(&root, "a", &[], secret);
+        let mut b = Proc::new(&root, "b", &[a.port], secret);
+        let mut c = Proc::new(&root, "c", &[a.port], secret);
+        let mut d = Proc::new(&root, "d", &[b.port], secret);
+        let mut e = Proc::new(&root, "e", &[c.port], secret);
         let mut w = Watch::on(&a, "watch").await;
         w.wait_for(5, 5).await;
         let status = String::from_utf8(cli(&a, &["cluster", "status"]).stdout).unwrap();

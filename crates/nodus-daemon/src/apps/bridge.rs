@@ -81,7 +81,7 @@ impl Bridges {
                         }
                         continue;
                     };
-                    let body = Bytes::from(std::mem::take(&mut req.payload));
+                    let body = std::mem::take(&mut req.payload);
                     let (shared, app_name) = (shared.clone(), app.clone());
                     let reply_event = event.clone();
                     // Each request is its own session; the engine's queue-limit bounds how many

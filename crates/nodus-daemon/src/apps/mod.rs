@@ -167,7 +167,22 @@ impl Apps {
             max_apps: limits.max_apps,
             deploying: Mutex::default(),
         });
-        let (conn, rx) = shared.attach(APPS_SERVICE);
+        use nodus_wire::node::Permission::{Admin, Status};
+        let (conn, rx) = shared.attach_with(
+            APPS_SERVICE,
+            Some(&[
+                ("DEPLOY", Admin),
+                ("START", Admin),
+                ("STOP", Admin),
+                ("RESTART", Admin),
+                ("SCALE", Admin),
+                ("REMOVE", Admin),
+                ("LIST", Status),
+                ("INFO", Status),
+                ("CRASHLOG", Status),
+                ("DEPLOY_STATUS", Status),
+            ]),
+        );
         let service = tokio::spawn(async move {
             ctx.restore().await;
             ctx.serve(conn, rx).await;
