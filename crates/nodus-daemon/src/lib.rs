@@ -8,6 +8,7 @@
 pub mod apps;
 pub mod auth;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod detector;
 pub mod ntp;
@@ -16,5 +17,6 @@ pub mod server;
 pub mod tls;
 pub mod topology;
 
+pub use clock::{now_ms, Clock};
 pub use config::Config;
-pub use server::{now_ms, Daemon};
+pub use server::{Counters, Daemon, ListenerKind, ListenerSnapshot, Snapshot};
