@@ -2,9 +2,11 @@
 //! ([`cache`]) and the I/O driver ([`server`]) that runs them on Unix and TCP listeners.
 //!
 //! Entry point: [`Daemon::bind`] then [`Daemon::run`] with a shutdown future.
-// Unsafe code is denied everywhere except `ntp.rs`, which makes one read-only system call.
+// Unsafe code is denied everywhere except `ntp.rs` (one read-only system call) and `alloc.rs`
+// (glibc's malloc_trim).
 #![deny(unsafe_code)]
 
+pub mod alloc;
 pub mod apps;
 pub mod auth;
 pub mod cache;

@@ -55,6 +55,8 @@ use tracing::{debug, info, warn};
 
 /// The router connection id standing for the UDP signal port (one-way: nothing is sent back).
 const UDP_CONN: ConnId = 0;
+/// Bytes released by connections after which the tick returns free memory to the system.
+const TRIM_AFTER: u64 = 16 * 1024 * 1024;
 /// How long close waits for connections to finish writing before cutting them.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -624,15 +626,24 @@ impl Running {
     }
 }
 
-/// The periodic tick: heartbeats, failure detection, request timeouts, cache expiry.
+/// The periodic tick: heartbeats, failure detection, request timeouts, cache expiry; and, after
+/// connections released [`TRIM_AFTER`] bytes or more, giving the freed memory back to the system
+/// (twice: now, and once the cut connections' tasks have surely dropped their buffers).
 async fn tick(shared: Arc<Shared>) {
     let period = Duration::from_millis(shared.config.cluster.heartbeat_ms.min(500));
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut out = Vec::new();
     let mut n: u64 = 0;
+    let (mut trimmed_at, mut retrim) = (0u64, false);
     loop {
         every.tick().await;
+        let released = shared.counters.released.load(Ordering::Relaxed);
+        if retrim || released - trimmed_at >= TRIM_AFTER {
+            retrim = !retrim;
+            trimmed_at = released;
+            tokio::task::spawn_blocking(crate::alloc::trim);
+        }
         // The kernel's NTP state changes rarely: read it every few seconds.
         let ntp = n.is_multiple_of(20).then(crate::ntp::synchronized);
         n += 1;

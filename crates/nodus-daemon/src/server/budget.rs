@@ -172,11 +172,14 @@ impl Meter {
 
     /// Releases everything this connection holds from the node's budgets (cut or closed).
     pub(crate) fn release_all(&self, counters: &Counters) {
-        counters.output.sub(self.queued.swap(0, Ordering::Relaxed));
-        match self.input.swap(RELEASED, Ordering::Relaxed) {
-            RELEASED => {}
-            n => counters.input.sub(n),
-        }
+        let queued = self.queued.swap(0, Ordering::Relaxed);
+        counters.output.sub(queued);
+        let input = match self.input.swap(RELEASED, Ordering::Relaxed) {
+            RELEASED => 0,
+            n => n,
+        };
+        counters.input.sub(input);
+        counters.released.fetch_add((queued + input) as u64, Ordering::Relaxed);
     }
 }
 
@@ -190,6 +193,9 @@ pub struct Counters {
     pub(crate) input: Budget,
     /// Queued output over all connections (`nodus_buffered_output_bytes`).
     pub(crate) output: Budget,
+    /// Bytes released by cut and closed connections, ever (the tick gives memory back to the
+    /// system after large releases).
+    pub(crate) released: AtomicU64,
 }
 
 impl Counters {
@@ -200,6 +206,7 @@ impl Counters {
             slow_consumer_cuts: AtomicU64::new(0),
             input: Budget::new(limits.max_buffered_input_bytes),
             output: Budget::new(limits.max_buffered_output_bytes),
+            released: AtomicU64::new(0),
         }
     }
 
