@@ -2,14 +2,14 @@
 //! dialers, the periodic tick, persistence and graceful shutdown. All protocol decisions are made
 //! by the [`Router`]; this module only moves bytes and applies [`Action`]s.
 //!
-//! - [`accept`]: one accept loop for every listener (client TCP, Unix socket, cluster, TLS
+//! - `accept`: one accept loop for every listener (client TCP, Unix socket, cluster, TLS
 //!   cluster): the same error backoff, the same per-listener connection limit, one tracing span
 //!   per connection.
-//! - [`conn`]: a connection's reader (form detection, handshake deadline, batches of units under
+//! - `conn`: a connection's reader (form detection, handshake deadline, batches of units under
 //!   one lock) and writer (bounded queue, batched writes).
-//! - [`budget`]: the node-wide memory budgets for buffered input and output.
-//! - [`persist`]: the known-nodes file, written by its own task off the router lock.
-//! - [`dial`] and [`udp`]: neighbour dialers and the UDP signal port.
+//! - `budget`: the node-wide memory budgets for buffered input and output.
+//! - `persist`: the known-nodes file, written by its own task off the router lock.
+//! - `dial` and `udp`: neighbour dialers and the UDP signal port.
 //!
 //! Bounds enforced here: `max_connections` per listener (more are closed at once),
 //! `handshake_timeout_ms` (a connection that has not sent its first complete message by then is

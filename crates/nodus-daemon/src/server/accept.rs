@@ -6,7 +6,7 @@
 //! - each listener admits at most `max_connections` at once; one more is counted, logged (once
 //!   per burst) and closed at once with a FIN, never left hanging;
 //! - each admitted connection gets an id and runs in its own tracked task under the span
-//!   `conn{conn, peer, listener}`; on the TLS listener the handshake runs there too, within the
+//!   `conn{conn, peer, listener}` (debug level); on the TLS listener the handshake runs there too, within the
 //!   connection's handshake deadline.
 
 use super::budget::ListenerKind;
@@ -179,7 +179,9 @@ pub(crate) async fn serve<L: Accept>(mut listener: L, shared: Arc<Shared>, track
         full = false;
         stats.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = shared.next_conn_id();
-        let span = tracing::info_span!("conn", conn = id, peer = %peer_label(&origin), listener = kind.name());
+        // A debug span, as linkerd's: entered on every poll, so free unless debugging; the few
+        // warnings a connection can log carry its id themselves.
+        let span = tracing::debug_span!("conn", conn = id, peer = %peer_label(&origin), listener = kind.name());
         tracker.spawn(open(shared.clone(), kind, id, io, origin, permit).instrument(span));
     }
 }
@@ -205,6 +207,7 @@ async fn open<I: Split>(
         return conn::connection(shared, kind, id, r, w, origin, deadline, Some(permit)).await;
     }
     let Some(acceptor) = shared.tls.as_ref().map(|t| t.acceptor.clone()) else { return };
+    let peer = peer_label(&origin);
     // The handshake verifies the peer's certificate against the cluster CA. The socket lives in
     // `accept` until this function returns, so a timeout is counted before the peer sees EOF.
     let accept = tokio::time::timeout_at(deadline, acceptor.accept(io));
@@ -219,10 +222,10 @@ async fn open<I: Split>(
             let (r, w) = stream.split();
             conn::connection(shared, kind, id, r, w, origin, deadline, Some(permit)).await;
         }
-        Ok(Err(e)) => warn!(error = %e, "TLS handshake refused"),
+        Ok(Err(e)) => warn!(conn = id, %peer, error = %e, "TLS handshake refused"),
         Err(_) => {
             shared.counters.listener(kind).handshake_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            warn!("TLS handshake timed out");
+            warn!(conn = id, %peer, "TLS handshake timed out");
         }
     }
 }

@@ -27,7 +27,7 @@ pub enum ListenerKind {
 }
 
 impl ListenerKind {
-    /// Every kind, in [`ListenerKind::index`] order.
+    /// Every kind.
     pub const ALL: [ListenerKind; 5] =
         [ListenerKind::Tcp, ListenerKind::Unix, ListenerKind::Cluster, ListenerKind::Tls, ListenerKind::Dial];
 

@@ -118,7 +118,7 @@ pub(super) async fn connection<R, W>(
         }
     }
     debug!(?form, "connection open");
-    let writer = write_loop(wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone());
+    let writer = write_loop(id, wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone());
     let writer = tokio::spawn(writer.in_current_span());
     let mut decoder = match form {
         Form::Text => Decoder::Text(text::LineDecoder::new(max_frame)),
@@ -156,7 +156,7 @@ pub(super) async fn connection<R, W>(
                 }
             }
             if let Some(e) = &fatal {
-                warn!(error = %e, "closing connection");
+                warn!(conn = id, error = %e, "closing connection");
                 st.router.handle_invalid(id, &nodus_wire::MessageError::Malformed(e.to_string()), &mut out);
                 out.push(Action::Close(id));
             }
@@ -212,7 +212,9 @@ pub(super) async fn connection<R, W>(
 }
 
 /// Writes what the router queues for one connection; see the module documentation.
+#[allow(clippy::too_many_arguments)]
 async fn write_loop<W: AsyncWrite + Unpin>(
+    id: ConnId,
     mut wr: W,
     mut rx: mpsc::Receiver<Outbound>,
     form: Form,
@@ -229,7 +231,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         Form::Text => text::encode(&m, out),
         Form::Binary => {
             if let Err(e) = binary::encode(&m, out, max_frame) {
-                warn!(error = %e, command = %m.command, "dropping message too large to send");
+                warn!(conn = id, error = %e, command = %m.command, "dropping message too large to send");
             }
         }
     };

@@ -28,7 +28,7 @@ pub(super) async fn dialer(shared: Arc<Shared>, addr: String) {
         if !shared.lock().router.linked_to_addr(&addr) {
             let started = tokio::time::Instant::now();
             let id = shared.next_conn_id();
-            let span = tracing::info_span!("conn", conn = id, peer = %addr, listener = ListenerKind::Dial.name());
+            let span = tracing::debug_span!("conn", conn = id, peer = %addr, listener = ListenerKind::Dial.name());
             dial(&shared, &addr, id).instrument(span).await;
             if started.elapsed() > DIAL_BACKOFF_MAX {
                 backoff.reset();
@@ -59,7 +59,7 @@ async fn dial(shared: &Arc<Shared>, addr: &str, id: crate::router::ConnId) {
     };
     let name = match crate::tls::server_name(addr) {
         Ok(name) => name,
-        Err(e) => return warn!(error = %e, "cannot dial the neighbour over TLS"),
+        Err(e) => return warn!(%addr, error = %e, "cannot dial the neighbour over TLS"),
     };
     let connect = tokio::time::timeout_at(deadline, tls.connector.connect(name, s));
     tokio::pin!(connect);
@@ -74,10 +74,10 @@ async fn dial(shared: &Arc<Shared>, addr: &str, id: crate::router::ConnId) {
             let origin = Origin::Dialed { addr: addr.to_string(), tls: true };
             conn::connection(shared.clone(), ListenerKind::Dial, id, r, w, origin, deadline, None).await;
         }
-        Ok(Err(e)) => warn!(error = %e, "TLS handshake with neighbour failed"),
+        Ok(Err(e)) => warn!(%addr, error = %e, "TLS handshake with neighbour failed"),
         Err(_) => {
             shared.counters.listener(ListenerKind::Dial).handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-            warn!("TLS handshake with neighbour timed out");
+            warn!(%addr, "TLS handshake with neighbour timed out");
         }
     }
 }
