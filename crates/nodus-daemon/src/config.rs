@@ -123,9 +123,10 @@ pub struct Limits {
     /// message a client may stay idle for as long as it likes.
     pub handshake_timeout_ms: u64,
     /// Node-wide bound on bytes received and not yet decoded (partial frames), over all
-    /// connections.
+    /// connections, each counted beyond its first 64 KiB.
     pub max_buffered_input_bytes: usize,
-    /// Node-wide bound on bytes queued for sending and not yet written, over all connections.
+    /// Node-wide bound on bytes queued for sending and not yet written, over all connections,
+    /// each counted beyond its first 64 KiB.
     pub max_buffered_output_bytes: usize,
     /// Per-connection outbound queue bound, messages.
     pub max_outbound_messages: usize,

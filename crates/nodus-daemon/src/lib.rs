@@ -21,4 +21,4 @@ pub mod topology;
 
 pub use clock::{now_ms, Clock};
 pub use config::Config;
-pub use server::{Counters, Daemon, ListenerKind, ListenerSnapshot, Snapshot};
+pub use server::{Counters, Daemon, ListenerKind, ListenerSnapshot, Snapshot, BUDGET_ALLOWANCE_BYTES};

@@ -30,7 +30,7 @@ mod dial;
 mod persist;
 mod udp;
 
-pub use budget::{Counters, ListenerKind, ListenerSnapshot, Snapshot};
+pub use budget::{Counters, ListenerKind, ListenerSnapshot, Snapshot, BUDGET_ALLOWANCE_BYTES};
 
 use crate::auth::Origin;
 use crate::clock::Clock;
@@ -210,8 +210,7 @@ impl Shared {
                             cuts.push(conn);
                             continue;
                         }
-                        meter.queue(size);
-                        added += size;
+                        added += meter.queue(size);
                         if base + added <= budget.limit() {
                             continue;
                         }

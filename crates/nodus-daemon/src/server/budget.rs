@@ -2,11 +2,14 @@
 //! budgets for buffered input (bytes received, not decoded yet) and output (bytes queued, not
 //! written yet).
 //!
-//! Accounting rule: every connection has a [`Meter`]; bytes are added to a meter and to the
-//! node-wide [`Budget`] together, and whoever takes bytes out of a meter (the writer after a
-//! write, the cut, the connection's end) takes exactly as many out of the budget. Taking out uses
-//! one atomic operation on the meter (`checked_sub` or `swap(0)`), so concurrent takers never
-//! release the same bytes twice.
+//! Accounting rule: every connection has a [`Meter`]; the node-wide [`Budget`]s count what each
+//! connection holds beyond its first [`BUDGET_ALLOWANCE_BYTES`] (that much per connection is
+//! bounded by the listeners' `max_connections` already). Every change of a meter is one atomic
+//! operation that tells the exact value before it, so the budget changes by exactly the change of
+//! the meter's excess; whoever takes bytes out of a meter (the writer after a write, a cut, the
+//! connection's end) releases exactly that from the budget, and concurrent takers never release
+//! the same bytes twice. Ordinary traffic (queues and partial frames under the allowance) never
+//! touches the node-wide counters at all.
 
 use crate::config::Limits;
 use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
@@ -130,6 +133,15 @@ pub(crate) struct Meter {
 /// A meter whose input was released: the reader of a cut connection counts nothing more.
 const RELEASED: usize = usize::MAX;
 
+/// What each connection may hold, in input and in output, without counting against the node-wide
+/// budgets.
+pub const BUDGET_ALLOWANCE_BYTES: usize = 64 * 1024;
+
+/// The part of `n` that counts against a budget.
+fn excess(n: usize) -> usize {
+    n.saturating_sub(BUDGET_ALLOWANCE_BYTES)
+}
+
 impl Meter {
     /// Bytes queued and not written yet.
     pub(crate) fn queued(&self) -> usize {
@@ -144,16 +156,20 @@ impl Meter {
         }
     }
 
-    /// A message of `n` bytes was queued (the caller adds it to the output budget).
-    pub(crate) fn queue(&self, n: usize) {
-        self.queued.fetch_add(n, Ordering::Relaxed);
+    /// A message of `n` bytes was queued; returns what the caller must add to the output budget.
+    pub(crate) fn queue(&self, n: usize) -> usize {
+        let before = self.queued.fetch_add(n, Ordering::Relaxed);
+        excess(before + n) - excess(before)
     }
 
     /// `n` queued bytes were written: they leave the meter and the output budget, unless a cut
     /// already released them.
     pub(crate) fn written(&self, n: usize, counters: &Counters) {
-        if n != 0 && self.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| q.checked_sub(n)).is_ok() {
-            counters.output.sub(n);
+        if n == 0 {
+            return;
+        }
+        if let Ok(before) = self.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| q.checked_sub(n)) {
+            counters.output.sub(excess(before) - excess(before - n));
         }
     }
 
@@ -162,10 +178,11 @@ impl Meter {
     pub(crate) fn hold_input(&self, held: usize, counters: &Counters) -> Option<usize> {
         let update = |before: usize| (before != RELEASED && before != held).then_some(held);
         let before = self.input.fetch_update(Ordering::Relaxed, Ordering::Relaxed, update).ok()?;
-        if held > before {
-            Some(counters.input.add(held - before))
+        let (before, now) = (excess(before), excess(held));
+        if now > before {
+            Some(counters.input.add(now - before))
         } else {
-            counters.input.sub(before - held);
+            counters.input.sub(before - now);
             None
         }
     }
@@ -173,12 +190,12 @@ impl Meter {
     /// Releases everything this connection holds from the node's budgets (cut or closed).
     pub(crate) fn release_all(&self, counters: &Counters) {
         let queued = self.queued.swap(0, Ordering::Relaxed);
-        counters.output.sub(queued);
+        counters.output.sub(excess(queued));
         let input = match self.input.swap(RELEASED, Ordering::Relaxed) {
             RELEASED => 0,
             n => n,
         };
-        counters.input.sub(input);
+        counters.input.sub(excess(input));
         counters.released.fetch_add((queued + input) as u64, Ordering::Relaxed);
     }
 }
@@ -296,12 +313,15 @@ mod tests {
 
     #[test]
     fn bytes_released_by_a_cut_are_not_released_again_by_the_writer() {
+        const A: usize = BUDGET_ALLOWANCE_BYTES;
         let c = counters();
         let m = Meter::default();
-        m.queue(300);
-        c.output.add(300);
+        // Within the allowance nothing is counted node-wide.
+        assert_eq!(m.queue(A), 0);
+        c.output.add(m.queue(300));
+        assert_eq!((m.queued(), c.output.used()), (A + 300, 300));
         m.written(100, &c);
-        assert_eq!((m.queued(), c.output.used()), (200, 200));
+        assert_eq!((m.queued(), c.output.used()), (A + 200, 200));
         m.release_all(&c);
         assert_eq!((m.queued(), c.output.used()), (0, 0));
         // The writer finishes a write it started before the cut: nothing is released twice.
@@ -311,15 +331,17 @@ mod tests {
     }
 
     #[test]
-    fn input_follows_what_a_connection_holds() {
+    fn input_follows_what_a_connection_holds_beyond_the_allowance() {
+        const A: usize = BUDGET_ALLOWANCE_BYTES;
         let c = counters();
         let m = Meter::default();
-        assert_eq!(m.hold_input(1000, &c), Some(1000));
-        assert_eq!(m.hold_input(400, &c), None);
-        assert_eq!(c.input.used(), 400);
+        assert_eq!(m.hold_input(A / 2, &c), None);
+        assert_eq!(m.hold_input(A + 1000, &c), Some(1000));
+        assert_eq!(m.hold_input(A + 400, &c), None);
+        assert_eq!((m.input(), c.input.used()), (A + 400, 400));
         m.release_all(&c);
         // The reader of a cut connection may account once more before it notices: nothing counts.
-        assert_eq!(m.hold_input(50, &c), None);
+        assert_eq!(m.hold_input(A + 50, &c), None);
         m.release_all(&c);
         assert_eq!((m.input(), c.input.used()), (0, 0));
         assert_eq!(c.snapshot().input_peak_bytes, 1000);
