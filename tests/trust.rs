@@ -388,7 +388,7 @@ async fn every_command_to_every_builtin_service_ends_without_a_loop() {
     let mut last = info(&mut meter, 1).await;
     let mut id = 100;
     for round in 2..100 {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let mut pings = 0;
         while started.elapsed() < Duration::from_millis(50) {
             id += 1;

@@ -166,8 +166,9 @@ pub struct LinkPolicy {
 }
 
 impl LinkPolicy {
-    /// The policy of the `[cluster]` configuration.
-    pub fn from_config(c: &crate::config::ClusterConfig) -> Self {
+    /// The policy of the node's configuration (`[cluster]`, and `[limits] handshake_timeout_ms`).
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let c = &config.cluster;
         LinkPolicy {
             secret: c.secret.clone(),
             heartbeat: Duration::from_millis(c.heartbeat_ms),
@@ -177,7 +178,7 @@ impl LinkPolicy {
             max_hops: c.max_hops,
             max_links: c.max_links,
             max_nodes: c.max_nodes,
-            handshake_timeout: Duration::from_millis(c.handshake_timeout_ms),
+            handshake_timeout: config.handshake_timeout(),
             admin_nodes: c.admin_nodes.clone(),
         }
     }

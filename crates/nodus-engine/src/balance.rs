@@ -480,6 +480,7 @@ impl Balancer {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // The virtual clock of these tests starts at an arbitrary std instant.
 mod tests {
     use super::*;
 

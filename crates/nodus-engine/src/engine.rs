@@ -695,6 +695,12 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// When a crash happened, for people reading the crashlog: wall-clock time by nature.
+#[allow(clippy::disallowed_methods)] // A crash record's timestamp is read by people, not by the cores.
+fn wall_clock() -> SystemTime {
+    SystemTime::now()
+}
+
 impl App {
     async fn run(mut self, mut rx: mpsc::Receiver<AppEvent>) {
         tracing::info!(app = %self.name, socket = %self.socket.display(), "app started");
@@ -852,7 +858,7 @@ impl App {
                 // Recorded before the exit is announced, so an observer of the event finds it.
                 let failure = w.machine.failure().map(|f| f.to_string());
                 let uuid = w.uuid.clone();
-                self.record(CrashRecord { uuid, at: SystemTime::now(), status: Some(status), failure, stderr });
+                self.record(CrashRecord { uuid, at: wall_clock(), status: Some(status), failure, stderr });
                 self.drain_worker(worker, now);
                 self.remove_worker(worker, now);
             }
@@ -1121,7 +1127,7 @@ impl App {
                 tracing::error!(app = %self.name, worker = id, error = %failure, "spawn failed");
                 self.record(CrashRecord {
                     uuid,
-                    at: SystemTime::now(),
+                    at: wall_clock(),
                     status: None,
                     failure: Some(failure.clone()),
                     stderr: Vec::new(),

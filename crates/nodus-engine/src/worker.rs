@@ -363,6 +363,7 @@ impl Worker {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // The virtual clock of these tests starts at an arbitrary std instant.
 mod tests {
     use super::*;
 

@@ -7,6 +7,8 @@
 //!
 //! The child is this test binary itself, running the ignored test `crash_child` with the
 //! environment saying what to do.
+// This test drives a child process on wall time.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! directory with the default (relative) data directory, the example app deployed from a
 //! relative path, and the app called by name.
 
+// These tests drive real processes on wall time.
+#![allow(clippy::disallowed_methods)]
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

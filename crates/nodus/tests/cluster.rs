@@ -3,6 +3,8 @@
 //! rejoin after restart, and refusal of a node with the wrong secret.
 //!
 //! Every wait is on an event (a notification or a status answer) with a deadline.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

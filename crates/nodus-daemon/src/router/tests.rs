@@ -10,7 +10,7 @@ pub(super) fn config(server: &str, expected: &[&str]) -> RouterConfig {
         server: server.into(),
         expected: expected.iter().map(|s| s.to_string()).collect(),
         limits: RouterLimits::from_config(&c.limits),
-        links: LinkPolicy::from_config(&c.cluster),
+        links: LinkPolicy::from_config(&c),
         access: AccessPolicy::open(c.access.anonymous_permissions()),
         cluster_addr: String::new(),
         durable_cache: false,

@@ -73,7 +73,8 @@ impl Proc {
             dir,
             child: None,
             neighbors: Vec::new(),
-            secret: String::new(),
+            // Bound beyond loopback: the node refuses to start without a secret.
+            secret: "partition-test".into(),
             tls: None,
             ip: ip.into(),
             netns: Some(netns.into()),
