@@ -564,6 +564,10 @@ impl Daemon {
     fn start(self) -> anyhow::Result<Running> {
         let shared = self.shared;
         let tracker = TaskTracker::new();
+        let persist = tokio::spawn(shared.persist.run());
+        // Built-in services register before any listener accepts: a client connecting as soon as
+        // the node is reachable finds them.
+        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
         if let Some(l) = self.tcp {
             info!(addr = %l.local_addr()?, "listening on TCP");
             tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
@@ -585,8 +589,6 @@ impl Daemon {
             info!(addr = %udp.local_addr()?, "listening for UDP signals");
             tracker.spawn(udp::serve(shared.clone(), udp));
         }
-        let persist = tokio::spawn(shared.persist.run());
-        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
         let locator_stop = CancellationToken::new();
         let locator = self.locator.map(|l| {
             let stop = locator_stop.clone();
