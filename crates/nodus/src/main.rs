@@ -1,7 +1,8 @@
 //! `nodus`: the node daemon and the command-line tools in one binary.
 //!
-//! `main` only parses arguments and dispatches; each subcommand lives in [`cli`] and the daemon in
-//! the `nodus-daemon` crate.
+//! `main` only parses arguments, sets up logging and the runtime, and dispatches; each command
+//! lives in a module of [`cli`], the daemon in the `nodus-daemon` crate, and all printing in
+//! [`output`].
 
 #![forbid(unsafe_code)]
 
@@ -9,20 +10,22 @@ mod cli;
 mod output;
 
 use clap::Parser;
+use std::io::IsTerminal;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if matches!(args.command, cli::Command::Daemon(_)) {
-            "info"
-        } else {
-            "warn"
-        })
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let log = match &args.command {
+        cli::Command::Daemon(d) => d.log.clone(),
+        _ => cli::LogArgs::default(),
+    };
+    let daemon = matches!(args.command, cli::Command::Daemon(_));
+    if let Err(e) = init_logging(&log, daemon) {
+        output::error(&format!("{e:#}"));
+        return std::process::ExitCode::from(2);
+    }
     // A worker process serves one connection: a single-threaded runtime starts faster and avoids
     // cross-thread wake-ups on every message.
-    let builder = if matches!(args.command, cli::Command::EchoWorker { .. }) {
+    let builder = if matches!(args.command, cli::Command::EchoWorker(_)) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -34,11 +37,46 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let json = args.conn().json;
     match runtime.block_on(cli::run(args)) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            output::error(&format!("{e:#}"));
-            std::process::ExitCode::from(2)
+            let code = cli::exit_code(&e);
+            if json {
+                let refusal = e
+                    .downcast_ref::<nodus_client::ClientError>()
+                    .or_else(|| match e.downcast_ref::<nodus_client::AdminError>() {
+                        Some(nodus_client::AdminError::Client(c)) => Some(c),
+                        _ => None,
+                    })
+                    .and_then(|c| c.refusal());
+                let extra = match refusal {
+                    Some(r) => serde_json::json!({"code": r.code(), "reply": output::message_json(r.reply())}),
+                    None => serde_json::json!({}),
+                };
+                output::json_error(&format!("{e:#}"), extra);
+            } else {
+                output::error(&format!("{e:#}"));
+            }
+            std::process::ExitCode::from(code)
         }
     }
+}
+
+/// Logs go to stderr: plain text (colours only on a terminal) or JSON lines. The level comes from
+/// `--log-level`, else `RUST_LOG`, else `info` for the daemon and `warn` for the other commands.
+fn init_logging(log: &cli::LogArgs, daemon: bool) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &log.level {
+        Some(level) => EnvFilter::try_new(level).map_err(|e| anyhow::anyhow!("bad --log-level {level:?}: {e}"))?,
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(if daemon { "info" } else { "warn" }))
+        }
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        cli::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        cli::LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+    Ok(())
 }

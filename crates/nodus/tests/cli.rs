@@ -282,11 +282,12 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
     let workers = |d: &Daemon| {
         let info = stdout(&d.cli(&["--json", "app", "info", "hello"]));
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-        let n = v["workers"].as_str().unwrap_or("").split(',').filter(|w| !w.is_empty()).count();
-        (v["population"].as_str().unwrap_or("").to_string(), n)
+        // Typed: the population is a number, the workers are objects.
+        let n = v["workers"].as_array().map_or(0, Vec::len);
+        (v["population"].as_u64().unwrap_or(0), n)
     };
     let deadline = Instant::now() + WAIT;
-    while workers(&d) != ("2".to_string(), 2) {
+    while workers(&d) != (2, 2) {
         assert!(Instant::now() < deadline, "two workers did not start: {:?}", workers(&d));
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -326,7 +327,7 @@ fn apps_deploy_run_as_services_survive_restarts_and_stop() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Its population came back with it.
-    while workers(&d) != ("2".to_string(), 2) {
+    while workers(&d) != (2, 2) {
         assert!(Instant::now() < deadline, "the population was not restored: {:?}", workers(&d));
         std::thread::sleep(Duration::from_millis(20));
     }

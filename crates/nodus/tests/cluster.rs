@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use nodus_client::{Client, ClientConfig};
+use nodus_client::{Client, ClientConfig, RefusalKind};
 use nodus_wire::Message;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
         assert!(up && complete);
 
         // a has no direct link to c: the request travels a → b → c and the reply comes back.
-        let info = wa.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
+        let info = wa.client.request_with_timeout(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
         let links = info.get("links").unwrap();
         assert!(links.starts_with("b@") && !links.contains("c@"), "{links}");
         let (svc, mut inc) = Client::connect(ClientConfig::new(c.endpoint()).service("far")).await.unwrap();
@@ -38,7 +38,7 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
         // Wait until a has learned by gossip where `far` lives.
         let deadline = Instant::now() + WAIT;
         let reply = loop {
-            let r = wa.client.request(Message::new("ASK").to("far").with_payload(b"hi".to_vec()), WAIT).await.unwrap();
+            let r = ask(&wa.client, Message::new("ASK").to("far").with_payload(b"hi".to_vec())).await;
             if r.command == "FROM_C" {
                 break r;
             }
@@ -46,10 +46,12 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!((reply.from.server.as_str(), reply.payload.as_slice()), ("c", &b"hi"[..]));
-        let explicit = wa.client.request(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
+        let explicit = wa.client.request_with_timeout(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
         assert_eq!(explicit.command, "FROM_C");
-        let missing = wa.client.request(Message::new("ASK").to("zz:far"), WAIT).await.unwrap();
-        assert_eq!((missing.command.as_str(), missing.get("reason")), ("SERVICE_UNAVAILABLE", Some("unknown_server")));
+        // The node's refusal is an error, not a reply.
+        let missing = wa.client.request_with_timeout(Message::new("ASK").to("zz:far"), WAIT).await.unwrap_err();
+        let refusal = missing.refusal().expect("a refusal");
+        assert_eq!((refusal.kind(), refusal.code()), (RefusalKind::ServiceUnavailable, Some("unknown_server")));
         drop(b);
     });
 }
@@ -71,8 +73,7 @@ fn broadcasts_reach_every_service_exactly_once() {
         // Gossip about the services is what matters here; wait until c sees a's and b's.
         let wc = Watch::on(&c, "watch2").await;
         let deadline = Instant::now() + WAIT;
-        while wc.client.request(Message::new("ASK").to("a:bcast"), WAIT).await.unwrap().command == "SERVICE_UNAVAILABLE"
-        {
+        while ask(&wc.client, Message::new("ASK").to("a:bcast")).await.command == "SERVICE_UNAVAILABLE" {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -144,7 +145,7 @@ fn a_node_with_the_wrong_secret_is_refused() {
             assert_eq!((live, known), (1, 1));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let info = w.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
+        let info = w.client.request_with_timeout(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
         assert!(!info.get("nodes").unwrap().contains("x@"));
         drop(b);
     });
@@ -169,7 +170,7 @@ fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
             }
         });
         let deadline = Instant::now() + WAIT;
-        while w.client.request(Message::new("ASK").to("b:secure"), WAIT).await.unwrap().command != "OK" {
+        while ask(&w.client, Message::new("ASK").to("b:secure")).await.command != "OK" {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -208,7 +209,7 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
         c.kill9();
         w.wait_for(2, 5).await;
         let json = String::from_utf8(cli(&a, &["--json", "cluster", "status"]).stdout).unwrap();
-        assert!(json.contains("\"up\":false") && json.contains("\"live\":\"2\""), "{json}");
+        assert!(json.contains("\"up\":false") && json.contains("\"live\":2"), "{json}");
 
         c.start();
         w.wait_for(3, 5).await;

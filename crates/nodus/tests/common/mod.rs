@@ -187,7 +187,7 @@ impl Watch {
     }
 
     pub async fn status(&self) -> (bool, bool, usize, usize) {
-        let m = self.client.request(Message::new("CLUSTER_STATUS"), WAIT).await.unwrap();
+        let m = self.client.request_with_timeout(Message::new("CLUSTER_STATUS"), WAIT).await.unwrap();
         let num = |k: &str| m.get(k).unwrap().parse::<usize>().unwrap();
         let up = m.command == "CLUSTER_UP";
         // The second answer (COMPLETE/INCOMPLETE) arrives as an ordinary incoming message.
@@ -257,4 +257,14 @@ pub fn wait_exit(p: &mut Proc) {
         std::thread::sleep(Duration::from_millis(10));
     }
     p.child = None;
+}
+
+/// Sends a request; returns the reply, or the node's refusal message (`SERVICE_UNAVAILABLE` while
+/// gossip has not spread yet).
+pub async fn ask(client: &Client, msg: Message) -> Message {
+    match client.request_with_timeout(msg, WAIT).await {
+        Ok(m) => m,
+        Err(nodus_client::ClientError::Refused(r)) => r.reply().clone(),
+        Err(e) => panic!("request failed: {e}"),
+    }
 }

@@ -1,0 +1,267 @@
+//! `nodus daemon`: run a node. Flags override the config file, which overrides the embedded
+//! default; `--instance N` derives every listener, the data directory and the server name so that
+//! several nodes run on one host without clashing.
+//!
+//! Signals: SIGTERM and SIGINT stop the node gracefully; SIGHUP is logged and ignored (nothing is
+//! reloadable yet), never a silent exit.
+
+use anyhow::{bail, Context};
+use nodus_daemon::{Config, Daemon};
+use std::path::PathBuf;
+
+/// Default ports, in the order of the embedded default configuration.
+const TCP_PORT: u16 = 4040;
+const UDP_PORT: u16 = 4041;
+const CLUSTER_PORT: u16 = 4042;
+const TLS_PORT: u16 = 4043;
+const LOCATOR_PORT: u16 = 10053;
+
+/// How the daemon logs (stderr).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LogArgs {
+    /// Log level or filter: error, warn, info, debug, trace, or a RUST_LOG-style filter such as
+    /// `info,nodus_daemon=debug` [default: $RUST_LOG, else info]
+    #[arg(long = "log-level", value_name = "FILTER")]
+    pub level: Option<String>,
+    /// Log format: text (colours only on a terminal) or json (one object per line).
+    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text)]
+    pub format: LogFormat,
+}
+
+/// A log line format.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `nodus daemon` options; each overrides the config file, which overrides the embedded default.
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// TOML configuration file (`nodus config` prints every key with its default).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Run instance N (1, 2, ...) of several nodes on this host: data in ./nodus-data-N, server
+    /// name HOSTNAME-N, every port the default + 10×N (TCP 4040+10N, UDP 4041+10N, cluster
+    /// 4042+10N, TLS 4043+10N, locator 10053+10N). Other flags still override.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=999))]
+    instance: Option<u16>,
+    /// This node's server name [default: the host name].
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Data directory (relative to the working directory) [default: nodus-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Unix socket path [default: <data-dir>/nodus.sock].
+    #[arg(long)]
+    unix_socket: Option<PathBuf>,
+    /// TCP listen address, host:port; '' disables TCP [default: 127.0.0.1:4040].
+    #[arg(long)]
+    listen: Option<String>,
+    /// A service whose messages are cached until it registers (repeatable).
+    #[arg(long = "expect", value_name = "SERVICE")]
+    expect: Vec<String>,
+    /// Cluster listener address; '' disables cluster links [default: 127.0.0.1:4042].
+    #[arg(long)]
+    cluster_listen: Option<String>,
+    /// A neighbour's cluster address to link with (repeatable).
+    #[arg(long = "neighbor", value_name = "ADDR")]
+    neighbors: Vec<String>,
+    /// Shared cluster secret.
+    #[arg(long, env = "NODUS_CLUSTER_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// UDP signal port address; '' disables it [default: 127.0.0.1:4041].
+    #[arg(long)]
+    udp_listen: Option<String>,
+    /// Cocaine-compatible locator address; '' disables it [default: 127.0.0.1:10053].
+    #[arg(long)]
+    locator_listen: Option<String>,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Typed flag values laid over the configuration file.
+///
+/// The node's `Config` is built from TOML (the embedded default merged with the file) and
+/// resolved in one step, so the overrides are applied as a TOML table here, the one place in the
+/// CLI that names config keys, until `nodus_daemon::config` offers typed overrides.
+#[derive(Debug, Default, PartialEq)]
+struct Overrides {
+    server_name: Option<String>,
+    data_dir: Option<PathBuf>,
+    unix_socket: Option<PathBuf>,
+    tcp_listen: Option<String>,
+    expected_services: Vec<String>,
+    cluster_listen: Option<String>,
+    neighbors: Vec<String>,
+    secret: Option<String>,
+    udp_listen: Option<String>,
+    tls_listen: Option<String>,
+    locator_listen: Option<String>,
+}
+
+impl Overrides {
+    /// The flags, with `--instance` filling what they leave unset.
+    fn from_args(a: &DaemonArgs) -> Overrides {
+        let mut o = Overrides {
+            server_name: a.server_name.clone(),
+            data_dir: a.data_dir.clone(),
+            unix_socket: a.unix_socket.clone(),
+            tcp_listen: a.listen.clone(),
+            expected_services: a.expect.clone(),
+            cluster_listen: a.cluster_listen.clone(),
+            neighbors: a.neighbors.clone(),
+            secret: a.secret.clone(),
+            udp_listen: a.udp_listen.clone(),
+            tls_listen: None,
+            locator_listen: a.locator_listen.clone(),
+        };
+        if let Some(n) = a.instance {
+            let port = |base: u16| format!("127.0.0.1:{}", base + super::INSTANCE_PORT_STEP * n);
+            o.server_name.get_or_insert_with(|| format!("{}-{n}", nodus_daemon::config::host_name()));
+            o.data_dir.get_or_insert_with(|| PathBuf::from(format!("{}-{n}", super::DEFAULT_DATA_DIR)));
+            o.tcp_listen.get_or_insert_with(|| port(TCP_PORT));
+            o.udp_listen.get_or_insert_with(|| port(UDP_PORT));
+            o.cluster_listen.get_or_insert_with(|| port(CLUSTER_PORT));
+            o.tls_listen = Some(port(TLS_PORT));
+            o.locator_listen.get_or_insert_with(|| port(LOCATOR_PORT));
+        }
+        o
+    }
+
+    /// Lays the overrides over `table` (the config file's TOML).
+    fn apply(self, table: &mut toml::Table) {
+        fn section<'t>(table: &'t mut toml::Table, name: &str) -> &'t mut toml::Table {
+            let entry = table.entry(name).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            entry.as_table_mut().expect("just made a table")
+        }
+        let path = |p: PathBuf| toml::Value::from(p.display().to_string());
+        let list = |v: Vec<String>| toml::Value::Array(v.into_iter().map(Into::into).collect());
+        let mut top = Vec::new();
+        top.extend(self.server_name.map(|v| ("server_name", v.into())));
+        top.extend(self.data_dir.map(|v| ("data_dir", path(v))));
+        top.extend(self.unix_socket.map(|v| ("unix_socket", path(v))));
+        top.extend(self.tcp_listen.map(|v| ("tcp_listen", v.into())));
+        if !self.expected_services.is_empty() {
+            top.push(("expected_services", list(self.expected_services)));
+        }
+        for (k, v) in top {
+            table.insert(k.to_string(), v);
+        }
+        let mut cluster = Vec::new();
+        cluster.extend(self.cluster_listen.map(|v| ("listen", v.into())));
+        if !self.neighbors.is_empty() {
+            cluster.push(("neighbors", list(self.neighbors)));
+        }
+        cluster.extend(self.secret.map(|v| ("secret", v.into())));
+        cluster.extend(self.udp_listen.map(|v| ("udp_listen", v.into())));
+        cluster.extend(self.tls_listen.map(|v| ("tls_listen", v.into())));
+        let c = section(table, "cluster");
+        for (k, v) in cluster {
+            c.insert(k.to_string(), v);
+        }
+        if let Some(v) = self.locator_listen {
+            section(table, "apps").insert("locator_listen".into(), v.into());
+        }
+    }
+}
+
+/// Builds the configuration: embedded default, then the file, then the flags.
+fn config(a: &DaemonArgs) -> anyhow::Result<Config> {
+    let mut table: toml::Table = match &a.config {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .parse()
+            .with_context(|| format!("invalid TOML in {}", p.display()))?,
+        None => toml::Table::new(),
+    };
+    Overrides::from_args(a).apply(&mut table);
+    Ok(Config::from_toml(&table.to_string())?)
+}
+
+/// Runs a node until SIGTERM, SIGINT, `nodus stop` or `nodus cluster shutdown`.
+///
+/// Fails when the configuration is invalid or a listener cannot be bound.
+pub async fn run(a: DaemonArgs) -> anyhow::Result<u8> {
+    let config = config(&a)?;
+    // Installed before any listener exists: a signal that arrives as soon as a client can connect
+    // must already mean a graceful shutdown (SIGTERM, SIGINT) or nothing (SIGHUP), never the
+    // default action (immediate death).
+    let shutdown = signals()?;
+    let daemon = Daemon::bind(config).await?;
+    let Some(addr) = daemon.tcp_addr().map(|a| a.to_string()).or(daemon.unix_path().map(|p| p.display().to_string()))
+    else {
+        bail!("no listener configured: set tcp_listen or unix_socket");
+    };
+    tracing::info!(server = daemon.server_name(), %addr, "nodus node ready");
+    daemon.run(shutdown).await?;
+    Ok(0)
+}
+
+/// Registers SIGTERM, SIGINT and SIGHUP now; the returned future completes at the first SIGTERM
+/// or SIGINT. Each SIGHUP is logged and otherwise ignored.
+fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => tracing::warn!(
+                    "SIGHUP received: nothing to reload (restart the node to apply configuration changes); \
+                     still running. Use SIGTERM or `nodus stop` to stop"
+                ),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> DaemonArgs {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            d: DaemonArgs,
+        }
+        P::parse_from(std::iter::once("daemon").chain(args.iter().copied())).d
+    }
+
+    #[test]
+    fn an_instance_derives_every_listener_the_data_dir_and_the_name() {
+        let c = config(&parse(&["--instance", "2", "--udp-listen", ""])).unwrap();
+        assert_eq!(c.tcp_listen, "127.0.0.1:4060");
+        assert_eq!(c.cluster.listen, "127.0.0.1:4062");
+        assert_eq!(c.cluster.tls_listen, "127.0.0.1:4063");
+        assert_eq!(c.apps.locator_listen, "127.0.0.1:10073");
+        assert_eq!(c.cluster.udp_listen, "", "a flag still overrides the instance");
+        assert_eq!(c.data_dir, PathBuf::from("nodus-data-2"));
+        assert_eq!(c.unix_socket, PathBuf::from("nodus-data-2/nodus.sock"));
+        assert!(c.server_name.ends_with("-2"), "{}", c.server_name);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("n.toml");
+        std::fs::write(&file, "server_name = \"file\"\n[cluster]\nsecret = \"s\"\nheartbeat_ms = 100\n").unwrap();
+        let file = file.display().to_string();
+        let c = config(&parse(&["--config", &file, "--server-name", "flag", "--neighbor", "10.0.0.1:4042"])).unwrap();
+        assert_eq!(c.server_name, "flag");
+        assert_eq!((c.cluster.secret.as_str(), c.cluster.heartbeat_ms), ("s", 100), "the file's keys stay");
+        assert_eq!(c.cluster.neighbors, ["10.0.0.1:4042"]);
+    }
+}
