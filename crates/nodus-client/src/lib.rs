@@ -323,7 +323,12 @@ impl std::fmt::Display for Refusal {
             RefusalKind::Quitting => write!(f, "QUITTING: node {} is shutting down", r.from.server),
             RefusalKind::Dropped => {
                 let service = r.get("destination_service").unwrap_or("?");
-                write!(f, "dropped: service {service:?} is not registered and the message said cache=no")
+                write!(
+                    f,
+                    "not delivered: service {service:?} is not registered on {} and the message was not cached \
+                     (TRANSMISSION_REPORT status=failed)",
+                    r.from.server
+                )
             }
             RefusalKind::ServiceUnavailable => {
                 write!(f, "SERVICE_UNAVAILABLE")?;

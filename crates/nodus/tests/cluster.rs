@@ -217,7 +217,12 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
 
         // Forget the two dead nodes everywhere: 3 of 3, complete.
         for gone in ["d", "e"] {
-            assert!(cli(&a, &["cluster", "forget", gone]).status.success());
+            let out = cli(&a, &["cluster", "forget", gone]);
+            assert!(out.status.success(), "{out:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).lines().next(),
+                Some(format!("forgot node {gone}: every node of the cluster drops it from its memory").as_str())
+            );
         }
         w.wait_for(3, 3).await;
         let wc = Watch::on(&c, "watch").await;
@@ -228,7 +233,9 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
         }
 
         // SHUTDOWN stops every node.
-        assert!(cli(&b, &["cluster", "shutdown"]).status.success());
+        let out = cli(&b, &["cluster", "shutdown"]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("every node of the cluster is stopping"), "{out:?}");
         for p in [&mut a, &mut b, &mut c] {
             wait_exit(p);
         }
@@ -279,5 +286,52 @@ fn every_locator_resolves_apps_deployed_on_other_nodes() {
             assert!(Instant::now() < deadline, "a still resolves a stopped app");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    });
+}
+
+#[test]
+fn send_exit_codes_follow_what_every_node_did() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "");
+        let b = Proc::new(&root, "b", &[a.port], "");
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(2, 2).await;
+        // `bcast` runs on b only; wait until a has heard of it by gossip.
+        let config = ClientConfig::new(b.endpoint()).service("bcast").no_reconnect();
+        let (_svc, mut inc) = Client::connect(config).await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        let bcast_on_b = nodus_wire::rows::ServiceAt { server: "b".into(), service: "bcast".into() };
+        while !w.client.admin().cluster_services().await.unwrap().contains(&bcast_on_b) {
+            assert!(Instant::now() < deadline, "a never learned b's service");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let send = |args: &[&str]| {
+            let mut all = vec!["send"];
+            all.extend_from_slice(args);
+            cli(&a, &all)
+        };
+        // A service missing on the other node: b refuses, the exit status says so.
+        let out = send(&["b:nobody/JOB"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(stderr.contains("SERVICE_UNAVAILABLE") && stderr.contains("on b"), "{stderr}");
+        // A broadcast that reached its service on b (a has none): delivered.
+        let out = send(&["*:bcast/HELLO n=1"]);
+        assert!(out.status.success(), "{out:?}");
+        let got = tokio::time::timeout(WAIT, inc.recv()).await.unwrap().unwrap();
+        assert_eq!((got.command.as_str(), got.get("n")), ("HELLO", Some("1")));
+        let out = cli(&a, &["--json", "send", "*:bcast/HELLO n=2"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let result = |server: &str| {
+            v["nodes"].as_array().unwrap().iter().find(|n| n["server"] == server).unwrap()["result"].clone()
+        };
+        assert_eq!((result("a"), result("b")), (serde_json::json!("failed"), serde_json::json!("delivered")), "{v}");
+        // A broadcast nobody takes: every node refused.
+        let out = send(&["*:nobody/HELLO"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        // No server: the nearest node with the service gets it.
+        assert!(send(&["bcast/HELLO n=3"]).status.success());
+        drop(b);
     });
 }

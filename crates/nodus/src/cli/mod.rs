@@ -193,28 +193,41 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Resolves the node and the credentials (see [`ConnArgs`]).
+    /// Resolves the node and the credentials (see [`ConnArgs`]) from the environment and the
+    /// working directory.
     ///
     /// Fails when a token file was named but cannot be read.
     pub fn new(conn: &ConnArgs) -> anyhow::Result<Ctx> {
+        Ctx::resolve(conn, std::env::var("NODUS_TOKEN").ok(), Path::new("."))
+    }
+
+    /// [`Ctx::new`] with the `NODUS_TOKEN` value and the directory to look in given.
+    ///
+    /// The node: `--node`; else the socket of the node started in `dir` (`nodus-data/nodus.sock`,
+    /// or `nodus-data-N/nodus.sock` with `--instance N`) when it exists; else its TCP address.
+    /// The token: `NODUS_TOKEN`; else `--token-file`; else, for TCP only, the node's own
+    /// `auth.token` in that data directory when it is readable. On the Unix socket the node's own
+    /// user needs no token (the node checks its peer's credentials).
+    fn resolve(conn: &ConnArgs, env_token: Option<String>, dir: &Path) -> anyhow::Result<Ctx> {
         let data_dir = match conn.instance {
-            Some(n) if n > 0 => PathBuf::from(format!("{DEFAULT_DATA_DIR}-{n}")),
-            _ => PathBuf::from(DEFAULT_DATA_DIR),
+            Some(n) if n > 0 => dir.join(format!("{DEFAULT_DATA_DIR}-{n}")),
+            _ => dir.join(DEFAULT_DATA_DIR),
         };
-        let node = match (&conn.node, conn.instance) {
-            (Some(node), _) => node.clone(),
-            (None, instance) => {
+        let node = match &conn.node {
+            Some(node) => node.clone(),
+            None => {
                 let socket = data_dir.join("nodus.sock");
                 if is_socket(&socket) {
-                    socket.display().to_string()
+                    // Shown as the daemon logs it: relative to the working directory.
+                    socket.strip_prefix(".").unwrap_or(&socket).display().to_string()
                 } else {
-                    let step = instance.unwrap_or(0).saturating_mul(INSTANCE_PORT_STEP);
+                    let step = conn.instance.unwrap_or(0).saturating_mul(INSTANCE_PORT_STEP);
                     format!("127.0.0.1:{}", 4040u16.saturating_add(step))
                 }
             }
         };
         let tcp = matches!(node.parse::<Endpoint>(), Ok(Endpoint::Tcp(_)));
-        let token = if let Ok(t) = std::env::var("NODUS_TOKEN") {
+        let token = if let Some(t) = env_token.filter(|t| !t.trim().is_empty()) {
             Some(t.trim().to_string())
         } else if let Some(file) = &conn.token_file {
             Some(read_token(file)?)
@@ -332,6 +345,39 @@ mod tests {
         assert_eq!(a.conn().node.as_deref(), Some("y:2"));
         let a = Args::try_parse_from(["nodus", "app", "list", "--json"]).unwrap();
         assert!(a.conn().json);
+    }
+
+    #[test]
+    fn the_node_and_its_token_are_found_without_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = ConnArgs::default();
+        // Nothing here: the default TCP address, no token.
+        let ctx = Ctx::resolve(&conn, None, dir.path()).unwrap();
+        assert_eq!((ctx.node.as_str(), ctx.token.as_deref()), ("127.0.0.1:4040", None));
+        // The node's token file is used for TCP.
+        let data = dir.path().join("nodus-data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("auth.token"), "ab12\n").unwrap();
+        assert_eq!(Ctx::resolve(&conn, None, dir.path()).unwrap().token.as_deref(), Some("ab12"));
+        // NODUS_TOKEN wins over files; --token-file over the data directory's.
+        assert_eq!(Ctx::resolve(&conn, Some("env".into()), dir.path()).unwrap().token.as_deref(), Some("env"));
+        let file = dir.path().join("t");
+        std::fs::write(&file, "fromfile").unwrap();
+        let with_file = ConnArgs { token_file: Some(file), ..ConnArgs::default() };
+        assert_eq!(Ctx::resolve(&with_file, None, dir.path()).unwrap().token.as_deref(), Some("fromfile"));
+        let missing = ConnArgs { token_file: Some(dir.path().join("absent")), ..ConnArgs::default() };
+        assert!(Ctx::resolve(&missing, None, dir.path()).is_err(), "a named token file must exist");
+        // The node's socket in the data directory is preferred, and needs no token.
+        let _listener = std::os::unix::net::UnixListener::bind(data.join("nodus.sock")).unwrap();
+        let ctx = Ctx::resolve(&conn, None, dir.path()).unwrap();
+        assert_eq!(ctx.node, data.join("nodus.sock").display().to_string());
+        assert_eq!(ctx.token, None);
+        // An instance's address.
+        let two = ConnArgs { instance: Some(2), ..ConnArgs::default() };
+        assert_eq!(Ctx::resolve(&two, None, dir.path()).unwrap().node, "127.0.0.1:4060");
+        // --node is taken as given.
+        let given = ConnArgs { node: Some("10.0.0.1:4040".into()), ..ConnArgs::default() };
+        assert_eq!(Ctx::resolve(&given, None, dir.path()).unwrap().node, "10.0.0.1:4040");
     }
 
     #[test]

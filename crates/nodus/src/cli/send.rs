@@ -156,7 +156,19 @@ fn report(
     targets: &[String],
     verdicts: &BTreeMap<String, NodeVerdict>,
 ) -> anyhow::Result<u8> {
+    let cache_no = msg.get("cache").is_some_and(|c| c.split(';').any(|o| o.trim() == "no"));
     let why = |r: &Refusal| match r.kind() {
+        RefusalKind::Dropped if cache_no => format!(
+            "dropped: service {:?} is not registered on {} and the message said cache=no",
+            msg.to.service,
+            r.server()
+        ),
+        // A node reports `failed` first; across a link only that first answer comes back.
+        RefusalKind::Dropped => format!(
+            "SERVICE_UNAVAILABLE: service {:?} is not registered on {} (the node could not deliver nor cache it)",
+            msg.to.service,
+            r.server()
+        ),
         RefusalKind::Unknown => format!(
             "service {:?} does not accept command {} (UNKNOWN command={})",
             msg.to.service,
