@@ -362,7 +362,7 @@ pub enum ClientError {
     #[error("bad node address {0:?}: use host:port, unix:/path or a socket path")]
     BadEndpoint(String),
     /// The connection could not be opened (or broke during the handshake).
-    #[error("cannot connect to the node at {endpoint}: {source} (is `nodus daemon` running?)")]
+    #[error("cannot connect to the node at {endpoint} (is `nodus daemon` running?)")]
     Connect {
         /// Where.
         endpoint: String,

@@ -73,7 +73,10 @@ fn init_logging(log: &cli::LogArgs, daemon: bool) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(if daemon { "info" } else { "warn" }))
         }
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A closed stderr (`nodus daemon 2>&1 | head`) must not kill the node: tracing-subscriber
+    // reports a failed write with eprintln!, which panics when stderr itself is the problem.
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     match log.format {
         cli::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         cli::LogFormat::Json => builder.json().with_ansi(false).init(),

@@ -662,6 +662,27 @@ fn the_daemon_logs_plain_or_json_without_colours_and_survives_sighup() {
     let _ = text.kill();
     let _ = text.wait();
 
+    // A closed stderr (`nodus daemon 2>&1 | head -1`) does not kill the node.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("n.sock");
+    let mut deaf = Command::new(NODUS)
+        .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--unix-socket")
+        .arg(&socket)
+        .stderr(closed_stdout())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline && deaf.try_wait().unwrap().is_none(), "the node died logging");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = Command::new(NODUS).args(["--node", &format!("unix:{}", socket.display()), "stop"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(deaf.wait().unwrap().success(), "exit status 0 with nobody reading its log");
+
     // --log-level: `warn` hides the INFO lines.
     let dir = tempfile::tempdir().unwrap();
     let (mut quiet, socket, rx) = daemon_with_log(dir.path(), &["--log-level", "warn"]);
