@@ -320,7 +320,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Serve(w) => serve::run(&Ctx::new(&conn)?, w.args).await,
         Command::Sniff(w) => sniff::run(&Ctx::new(&conn)?, w.args).await,
         Command::Services(w) => services::run(&Ctx::new(&conn)?, w.args).await,
-        Command::Status(w) => status::status(&Ctx::new(&conn)?, w.args).await,
+        Command::Status(w) => status::status(&conn, w.args).await,
         Command::Stop(w) => status::stop(&Ctx::new(&conn)?, w.args).await,
         Command::Cluster(g) => cluster::run(&Ctx::new(&conn)?, g.command).await,
         Command::App(g) => app::run(&Ctx::new(&conn)?, g.command).await,

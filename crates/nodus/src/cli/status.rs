@@ -1,6 +1,6 @@
 //! `nodus status` (the node's state and counters) and `nodus stop` (a graceful stop, waited for).
 
-use super::Ctx;
+use super::{ConnArgs, Ctx};
 use crate::output;
 use nodus_client::State;
 use serde_json::json;
@@ -8,7 +8,14 @@ use std::time::Duration;
 
 /// `nodus status` arguments.
 #[derive(clap::Args, Debug)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    /// Keep trying this long for the node to answer (a script that just started `nodus daemon &`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
+}
+
+/// How often `status --wait` tries again.
+const RETRY_EVERY: Duration = Duration::from_millis(50);
 
 /// `nodus stop` arguments.
 #[derive(clap::Args, Debug)]
@@ -25,8 +32,20 @@ pub struct StopArgs {
 /// Runs `nodus status`.
 ///
 /// Fails when the node cannot be reached or refuses.
-pub async fn status(ctx: &Ctx, _a: StatusArgs) -> anyhow::Result<u8> {
-    let i = ctx.client().await?.admin().info().await?;
+pub async fn status(conn: &ConnArgs, a: StatusArgs) -> anyhow::Result<u8> {
+    let deadline = tokio::time::Instant::now() + a.wait.unwrap_or_default();
+    let (ctx, client) = loop {
+        // While the node starts, its socket is missing or refuses connections: look again (the
+        // socket in the working directory may appear meanwhile) and retry.
+        let ctx = Ctx::new(conn)?;
+        match ctx.client().await {
+            Ok(c) => break (ctx, c),
+            Err(e) if tokio::time::Instant::now() < deadline => tracing::debug!(error = %e, "no node yet"),
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    };
+    let i = client.admin().info().await?;
     if ctx.json {
         output::json(&json!({
             "server": i.server, "version": i.version, "uptime_ms": i.uptime.as_millis() as u64,
