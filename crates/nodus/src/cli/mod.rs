@@ -190,6 +190,8 @@ pub struct Ctx {
     token: Option<String>,
     /// `--json`.
     pub json: bool,
+    /// `--instance`, when given.
+    pub instance: Option<u16>,
 }
 
 impl Ctx {
@@ -237,7 +239,7 @@ impl Ctx {
         } else {
             None
         };
-        Ok(Ctx { node, token, json: conn.json })
+        Ok(Ctx { node, token, json: conn.json, instance: conn.instance })
     }
 
     /// Client settings for a one-off command: no reconnecting, the token when there is one.
@@ -288,7 +290,9 @@ pub struct Failure(pub String);
 /// The exit status for an error: 1 for refusals and failures reported by a node or a service, 2
 /// for everything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    let refused = |c: &ClientError| matches!(c, ClientError::Refused(_) | ClientError::Register(_));
+    let refused = |c: &ClientError| {
+        matches!(c, ClientError::Refused(_) | ClientError::Register(_) | ClientError::Unauthorized(_))
+    };
     let failed = e.downcast_ref::<Failure>().is_some()
         || e.downcast_ref::<ClientError>().is_some_and(refused)
         || e.downcast_ref::<AdminError>().is_some_and(|a| match a {

@@ -33,9 +33,9 @@ pub struct Args {
     /// Send one datagram to the node's UDP signal port instead (no verdict: exit 0 once sent).
     #[arg(long)]
     udp: bool,
-    /// The UDP signal port.
-    #[arg(long, default_value = "127.0.0.1:4041")]
-    udp_addr: String,
+    /// The UDP signal port [default: 127.0.0.1:4041, or 4041+10N with --instance N].
+    #[arg(long)]
+    udp_addr: Option<String>,
     /// `secret_code` for the UDP signal port.
     #[arg(long, env = "NODUS_UDP_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -61,7 +61,9 @@ struct NodeVerdict {
 pub async fn run(ctx: &Ctx, a: Args) -> anyhow::Result<u8> {
     let mut msg = text::from_line(&a.message).with_context(|| format!("cannot parse {:?}", a.message))?;
     if a.udp {
-        return send_udp(&a.udp_addr, msg, a.secret).await;
+        let step = ctx.instance.unwrap_or(0).saturating_mul(super::INSTANCE_PORT_STEP);
+        let addr = a.udp_addr.unwrap_or_else(|| format!("127.0.0.1:{}", 4041u16.saturating_add(step)));
+        return send_udp(&addr, msg, a.secret).await;
     }
     let (client, mut incoming) = ctx.connect(ctx.config()).await?;
     let own = client.server();
