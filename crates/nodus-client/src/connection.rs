@@ -275,11 +275,17 @@ impl Driver {
         }
     }
 
-    /// Queues a command's frame into `out` (or answers it at once).
+    /// Encodes a command's message into `out` (or answers it at once).
     fn take(&mut self, c: Command, out: &mut BytesMut) {
         match c {
-            Command::Send(frame) => out.extend_from_slice(&frame),
-            Command::Request { id, frame, reply } => {
+            Command::Send(msg) => {
+                // The handle checked the size; a failure here would be a bug in that check.
+                if let Err(e) = binary::encode(&msg, out, self.config.max_frame) {
+                    warn!(error = %e, command = %msg.command, "message too large; not sent");
+                }
+            }
+            Command::Request { msg, reply } => {
+                let id = msg.envelope.id;
                 if reply.is_closed() {
                     // The caller gave up before the request was written: do not send it at all.
                     return;
@@ -295,8 +301,11 @@ impl Driver {
                         return;
                     }
                 }
+                if let Err(e) = binary::encode(&msg, out, self.config.max_frame) {
+                    let _ = reply.send(Err(crate::too_large(e)));
+                    return;
+                }
                 self.pending.insert(id, reply);
-                out.extend_from_slice(&frame);
             }
             Command::Pending(answer) => {
                 self.forget_abandoned();

@@ -34,7 +34,6 @@
 pub mod admin;
 mod connection;
 
-use bytes::Bytes;
 use nodus_wire::Message;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -425,6 +424,26 @@ impl ClientError {
     }
 }
 
+/// The encoding error as the client reports it.
+pub(crate) fn too_large(e: nodus_wire::binary::EncodeError) -> ClientError {
+    match e {
+        nodus_wire::binary::EncodeError::TooLarge { len, max } => ClientError::TooLarge { len, max },
+    }
+}
+
+/// An upper bound of `msg`'s encoded frame body: every string, the payload and the parameter map
+/// with their longest MessagePack headers (5 bytes), every integer at 9 bytes.
+fn frame_bound(msg: &Message) -> usize {
+    const HEADER: usize = 5;
+    const INT: usize = 9;
+    let strings = [&msg.command, &msg.from.server, &msg.from.service, &msg.to.server, &msg.to.service]
+        .iter()
+        .map(|s| s.len() + HEADER)
+        .sum::<usize>();
+    let params = HEADER + msg.params.iter().map(|(k, v)| k.len() + v.len() + 2 * HEADER).sum::<usize>();
+    1 + strings + params + msg.payload.len() + HEADER + msg.envelope.creator.len() + HEADER + 6 * INT
+}
+
 /// Connection state, observable with [`Client::state`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -443,12 +462,14 @@ pub(crate) struct Status {
     pub(crate) server: String,
 }
 
-/// What a handle asks of the driver task, in order.
+/// What a handle asks of the driver task, in order. Messages in it are known to fit in a frame.
+// Messages are the hot path: boxing them would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
-    /// Write this encoded frame.
-    Send(Bytes),
-    /// Write this encoded request and hand its answer to `reply`.
-    Request { id: u64, frame: Bytes, reply: oneshot::Sender<Result<Message, ClientError>> },
+    /// Write this message.
+    Send(Message),
+    /// Write this request (its id set) and hand its answer to `reply`.
+    Request { msg: Message, reply: oneshot::Sender<Result<Message, ClientError>> },
     /// How many requests are in flight (after forgetting abandoned ones).
     Pending(oneshot::Sender<usize>),
 }
@@ -559,8 +580,8 @@ impl Client {
     /// [`ClientError::NotConnected`] while disconnected (unless holding is enabled, then
     /// [`ClientError::QueueFull`] once the hold is full) and [`ClientError::Closed`] after close.
     pub async fn send(&self, msg: Message) -> Result<(), ClientError> {
-        let frame = self.encode(&msg)?;
-        self.submit(Command::Send(frame)).await
+        self.check_size(&msg)?;
+        self.submit(Command::Send(msg)).await
     }
 
     /// Sends `msg` as a request and waits, at most [`ClientConfig::request_timeout`], for the
@@ -580,11 +601,10 @@ impl Client {
         if msg.envelope.id == 0 {
             msg.envelope.id = self.next_id();
         }
-        let id = msg.envelope.id;
-        let frame = self.encode(&msg)?;
+        self.check_size(&msg)?;
         let (tx, rx) = oneshot::channel();
         let answer = async {
-            self.submit(Command::Request { id, frame, reply: tx }).await?;
+            self.submit(Command::Request { msg, reply: tx }).await?;
             rx.await.map_err(|_| ClientError::Closed)?
         };
         let reply = tokio::time::timeout(timeout, answer).await.map_err(|_| ClientError::Timeout(timeout))??;
@@ -603,12 +623,14 @@ impl Client {
         rx.await.map_err(|_| ClientError::Closed)
     }
 
-    fn encode(&self, msg: &Message) -> Result<Bytes, ClientError> {
-        let mut frame = bytes::BytesMut::with_capacity(msg.approx_size());
-        nodus_wire::binary::encode(msg, &mut frame, self.max_frame).map_err(|e| match e {
-            nodus_wire::binary::EncodeError::TooLarge { len, max } => ClientError::TooLarge { len, max },
-        })?;
-        Ok(frame.freeze())
+    /// Fails with [`ClientError::TooLarge`] when `msg` does not fit in a frame. Cheap for the
+    /// usual message: only one whose upper bound reaches the limit is encoded to measure it.
+    fn check_size(&self, msg: &Message) -> Result<(), ClientError> {
+        if frame_bound(msg) <= self.max_frame {
+            return Ok(());
+        }
+        let mut scratch = bytes::BytesMut::with_capacity(msg.approx_size());
+        nodus_wire::binary::encode(msg, &mut scratch, self.max_frame).map_err(too_large)
     }
 
     /// Hands a command to the driver: waits for room while connected; while disconnected, queues
@@ -628,6 +650,36 @@ impl Client {
                     mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_bound_is_never_below_the_encoded_size() {
+        let mut big = Message::new("C".repeat(300)).to(&format!("{}:{}", "s".repeat(70000), "v".repeat(40)));
+        big.payload = vec![7; 70000];
+        big.envelope = nodus_wire::Envelope {
+            id: u64::MAX,
+            pid: 1 << 40,
+            reply_to: 3,
+            creator: "c".repeat(256),
+            created_at: i64::MIN,
+            expires_at: i64::MAX,
+            hops: u32::MAX,
+        };
+        for i in 0..40 {
+            big.params.insert(format!("p{i}"), "x".repeat(i * 997));
+        }
+        for m in [Message::new("PING"), Message::new("ECHO").to("a:b").with_payload(vec![1; 31]), big] {
+            let mut out = bytes::BytesMut::new();
+            nodus_wire::binary::encode(&m, &mut out, usize::MAX).unwrap();
+            let body = out.len() - nodus_wire::binary::HEADER_LEN;
+            assert!(body <= frame_bound(&m), "{body} > {}", frame_bound(&m));
+            assert!(frame_bound(&m) - body <= 200 + 10 * m.params.len(), "a tight bound");
         }
     }
 }
