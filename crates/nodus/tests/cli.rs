@@ -601,7 +601,7 @@ fn a_shell_command_can_be_a_service() {
 
 /// Starts a daemon (bare: no listeners but the Unix socket) with `extra` flags and stderr piped
 /// into a channel of lines.
-fn daemon_with_log(dir: &Path, extra: &[&str]) -> (Child, PathBuf, std::sync::mpsc::Receiver<String>) {
+fn daemon_with_log(dir: &Path, extra: &[&str]) -> (Running, PathBuf, std::sync::mpsc::Receiver<String>) {
     let socket = dir.join("n.sock");
     let mut child = Command::new(NODUS)
         .args(["daemon", "--server-name", "logged", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
@@ -622,7 +622,7 @@ fn daemon_with_log(dir: &Path, extra: &[&str]) -> (Child, PathBuf, std::sync::mp
             let _ = tx.send(line);
         }
     });
-    (child, socket, rx)
+    (Running(child), socket, rx)
 }
 
 /// The first line from `rx` containing `what`.
@@ -641,15 +641,15 @@ fn wait_line(rx: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
 #[test]
 fn the_daemon_logs_plain_or_json_without_colours_and_survives_sighup() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut json, _, rx) = daemon_with_log(dir.path(), &["--log-format", "json"]);
+    let (json, _, rx) = daemon_with_log(dir.path(), &["--log-format", "json"]);
     let ready = wait_line(&rx, "nodus node ready");
     let v: serde_json::Value = serde_json::from_str(&ready).unwrap_or_else(|e| panic!("{e}: {ready}"));
     assert_eq!(v["level"], "INFO", "{v}");
-    let _ = json.kill();
-    let _ = json.wait();
+    drop(json);
 
     let dir = tempfile::tempdir().unwrap();
     let (mut text, socket, rx) = daemon_with_log(dir.path(), &[]);
+    let text = &mut text.0;
     let ready = wait_line(&rx, "nodus node ready");
     assert!(!ready.contains('\u{1b}'), "no ANSI colour codes when stderr is not a terminal: {ready:?}");
     // SIGHUP: logged, and the node keeps running.
@@ -659,33 +659,34 @@ fn the_daemon_logs_plain_or_json_without_colours_and_survives_sighup() {
     let out = Command::new(NODUS).args(["--node", &node, "status"]).output().unwrap();
     assert!(out.status.success() && stdout(&out).contains("logged"), "{out:?}");
     assert!(text.try_wait().unwrap().is_none(), "still running after SIGHUP");
-    let _ = text.kill();
-    let _ = text.wait();
 
     // A closed stderr (`nodus daemon 2>&1 | head -1`) does not kill the node.
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("n.sock");
-    let mut deaf = Command::new(NODUS)
-        .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--unix-socket")
-        .arg(&socket)
-        .stderr(closed_stdout())
-        .spawn()
-        .unwrap();
+    let mut deaf = Running(
+        Command::new(NODUS)
+            .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--unix-socket")
+            .arg(&socket)
+            .stderr(closed_stdout())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + WAIT;
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline && deaf.try_wait().unwrap().is_none(), "the node died logging");
+        assert!(Instant::now() < deadline && deaf.0.try_wait().unwrap().is_none(), "the node died logging");
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = Command::new(NODUS).args(["--node", &format!("unix:{}", socket.display()), "stop"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(deaf.wait().unwrap().success(), "exit status 0 with nobody reading its log");
+    assert!(deaf.0.wait().unwrap().success(), "exit status 0 with nobody reading its log");
 
     // --log-level: `warn` hides the INFO lines.
     let dir = tempfile::tempdir().unwrap();
     let (mut quiet, socket, rx) = daemon_with_log(dir.path(), &["--log-level", "warn"]);
+    let quiet = &mut quiet.0;
     let deadline = Instant::now() + WAIT;
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(Instant::now() < deadline);
@@ -727,13 +728,15 @@ fn commands_find_the_node_started_in_the_working_directory() {
     // `nodus daemon` with the default, relative data directory; the CLI in the same directory
     // needs no --node: it finds ./nodus-data/nodus.sock (the path the daemon logs also works).
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(NODUS)
-        .args(["daemon", "--server-name", "here", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
-        .args(["--locator-listen", ""])
-        .current_dir(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _daemon = Running(
+        Command::new(NODUS)
+            .args(["daemon", "--server-name", "here", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
+            .args(["--locator-listen", ""])
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let socket = dir.path().join("nodus-data/nodus.sock");
     let deadline = Instant::now() + WAIT;
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -747,6 +750,4 @@ fn commands_find_the_node_started_in_the_working_directory() {
     assert!(out.status.success() && stdout(&out).contains("here"), "{out:?}");
     let out = run(&["--node", "nodus-data/nodus.sock", "status"]);
     assert!(out.status.success() && stdout(&out).contains("here"), "{out:?}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
