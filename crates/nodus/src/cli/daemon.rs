@@ -84,11 +84,7 @@ pub struct DaemonArgs {
     pub log: LogArgs,
 }
 
-/// Typed flag values laid over the configuration file.
-///
-/// The node's `Config` is built from TOML (the embedded default merged with the file) and
-/// resolved in one step, so the overrides are applied as a TOML table here, the one place in the
-/// CLI that names config keys, until `nodus_daemon::config` offers typed overrides.
+/// Typed flag values laid over the configuration: each sets one field of [`Config`].
 #[derive(Debug, Default, PartialEq)]
 struct Overrides {
     server_name: Option<String>,
@@ -133,57 +129,68 @@ impl Overrides {
         o
     }
 
-    /// Lays the overrides over `table` (the config file's TOML).
-    fn apply(self, table: &mut toml::Table) {
-        fn section<'t>(table: &'t mut toml::Table, name: &str) -> &'t mut toml::Table {
-            let entry = table.entry(name).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if !entry.is_table() {
-                *entry = toml::Value::Table(toml::Table::new());
+    /// Sets the fields the flags name. A list given by flags replaces the file's list. When the
+    /// socket path was derived from the data directory (`<data_dir>/nodus.sock`, nobody set it),
+    /// it follows a new data directory.
+    fn apply(self, c: &mut Config) {
+        let derived_socket = c.unix_socket == c.data_dir.join("nodus.sock");
+        if let Some(v) = self.server_name {
+            c.server_name = v;
+        }
+        if let Some(v) = self.data_dir {
+            if derived_socket {
+                c.unix_socket = v.join("nodus.sock");
             }
-            entry.as_table_mut().expect("just made a table")
+            c.data_dir = v;
         }
-        let path = |p: PathBuf| toml::Value::from(p.display().to_string());
-        let list = |v: Vec<String>| toml::Value::Array(v.into_iter().map(Into::into).collect());
-        let mut top = Vec::new();
-        top.extend(self.server_name.map(|v| ("server_name", v.into())));
-        top.extend(self.data_dir.map(|v| ("data_dir", path(v))));
-        top.extend(self.unix_socket.map(|v| ("unix_socket", path(v))));
-        top.extend(self.tcp_listen.map(|v| ("tcp_listen", v.into())));
+        if let Some(v) = self.unix_socket {
+            c.unix_socket = v;
+        }
+        if let Some(v) = self.tcp_listen {
+            c.tcp_listen = v;
+        }
         if !self.expected_services.is_empty() {
-            top.push(("expected_services", list(self.expected_services)));
+            c.expected_services = self.expected_services;
         }
-        for (k, v) in top {
-            table.insert(k.to_string(), v);
+        if let Some(v) = self.cluster_listen {
+            c.cluster.listen = v;
         }
-        let mut cluster = Vec::new();
-        cluster.extend(self.cluster_listen.map(|v| ("listen", v.into())));
         if !self.neighbors.is_empty() {
-            cluster.push(("neighbors", list(self.neighbors)));
+            c.cluster.neighbors = self.neighbors;
         }
-        cluster.extend(self.secret.map(|v| ("secret", v.into())));
-        cluster.extend(self.udp_listen.map(|v| ("udp_listen", v.into())));
-        cluster.extend(self.tls_listen.map(|v| ("tls_listen", v.into())));
-        let c = section(table, "cluster");
-        for (k, v) in cluster {
-            c.insert(k.to_string(), v);
+        if let Some(v) = self.secret {
+            c.cluster.secret = v;
+        }
+        if let Some(v) = self.udp_listen {
+            c.cluster.udp_listen = v;
+        }
+        if let Some(v) = self.tls_listen {
+            c.cluster.tls_listen = v;
         }
         if let Some(v) = self.locator_listen {
-            section(table, "apps").insert("locator_listen".into(), v.into());
+            c.apps.locator_listen = v;
         }
     }
 }
 
-/// Builds the configuration: embedded default, then the file, then the flags.
+/// Builds the configuration: embedded default, then the file, then the flags (typed fields),
+/// then one validation of the whole.
+///
+/// The file is resolved before the flags are laid over it (`Config::from_toml` fills the server
+/// name and the socket path), so [`Overrides::apply`] keeps the derived socket path in step with
+/// the data directory itself.
 fn config(a: &DaemonArgs) -> anyhow::Result<Config> {
-    let mut table: toml::Table = match &a.config {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read {}", p.display()))?
-            .parse()
-            .with_context(|| format!("invalid TOML in {}", p.display()))?,
-        None => toml::Table::new(),
+    let text = match &a.config {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => String::new(),
     };
-    Overrides::from_args(a).apply(&mut table);
-    Ok(Config::from_toml(&table.to_string())?)
+    let mut config = Config::from_toml(&text).with_context(|| match &a.config {
+        Some(p) => format!("in {}", p.display()),
+        None => "in the embedded default configuration".to_string(),
+    })?;
+    Overrides::from_args(a).apply(&mut config);
+    config.validate().context("after applying the command-line flags")?;
+    Ok(config)
 }
 
 /// Runs a node until SIGTERM, SIGINT, `nodus stop` or `nodus cluster shutdown`.
@@ -263,5 +270,27 @@ mod tests {
         assert_eq!(c.server_name, "flag");
         assert_eq!((c.cluster.secret.as_str(), c.cluster.heartbeat_ms), ("s", 100), "the file's keys stay");
         assert_eq!(c.cluster.neighbors, ["10.0.0.1:4042"]);
+    }
+
+    #[test]
+    fn the_socket_follows_the_data_dir_unless_someone_set_it() {
+        let c = config(&parse(&["--data-dir", "/srv/n"])).unwrap();
+        assert_eq!(c.unix_socket, PathBuf::from("/srv/n/nodus.sock"));
+        let c = config(&parse(&["--data-dir", "/srv/n", "--unix-socket", "/run/n.sock"])).unwrap();
+        assert_eq!(c.unix_socket, PathBuf::from("/run/n.sock"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("n.toml");
+        std::fs::write(&file, "unix_socket = \"/run/file.sock\"\n").unwrap();
+        let file = file.display().to_string();
+        let c = config(&parse(&["--config", &file, "--data-dir", "/srv/n"])).unwrap();
+        assert_eq!(c.unix_socket, PathBuf::from("/run/file.sock"), "the file's socket stays");
+    }
+
+    #[test]
+    fn a_flag_with_a_bad_value_is_refused_with_its_reason() {
+        let e = config(&parse(&["--server-name", "bad name"])).unwrap_err();
+        assert!(format!("{e:#}").contains("server_name"), "{e:#}");
+        let e = config(&parse(&["--expect", "no/slash"])).unwrap_err();
+        assert!(format!("{e:#}").contains("expected_services"), "{e:#}");
     }
 }
