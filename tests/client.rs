@@ -45,7 +45,7 @@ async fn request_reply_over_unix_and_tcp() {
         let (c, _) = Client::connect(ClientConfig::new(endpoint)).await.unwrap();
         let reply = c.request(Message::new("ECHO").to("echo").with_payload(vec![7u8; 4096])).await.unwrap();
         assert_eq!(reply.command, "ECHOED");
-        assert_eq!(reply.payload, vec![7u8; 4096]);
+        assert_eq!(&reply.payload[..], &[7u8; 4096][..]);
         assert_eq!(reply.from.service, "echo");
     }
 }
@@ -61,7 +61,7 @@ async fn many_requests_in_flight_are_matched_to_their_replies() {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             let reply = c.request(Message::new("ECHO").to("echo").with_payload(i.to_be_bytes().to_vec())).await;
-            assert_eq!(reply.unwrap().payload, i.to_be_bytes().to_vec());
+            assert_eq!(&reply.unwrap().payload[..], &i.to_be_bytes()[..]);
         }));
     }
     for t in tasks {
@@ -273,7 +273,7 @@ async fn clients_reconnect_and_reregister_after_a_daemon_restart() {
     assert!(svc.wait_state(State::Connected, WAIT).await, "the service reconnects");
     // The service registers again as part of reconnecting, before its state says Connected.
     let reply = c.request(Message::new("ECHO").to("echo").with_payload(b"again".to_vec())).await.unwrap();
-    assert_eq!((reply.command.as_str(), reply.payload.as_slice()), ("ECHOED", &b"again"[..]));
+    assert_eq!((reply.command.as_str(), &reply.payload[..]), ("ECHOED", &b"again"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,7 +295,7 @@ async fn messages_sent_while_disconnected_are_held_and_delivered() {
     // `sink` (expected) until it registered; either way, in order and exactly once.
     for i in 0..8u8 {
         let m = tokio::time::timeout(WAIT, inc.recv()).await.unwrap().unwrap();
-        assert_eq!((m.command.as_str(), m.payload.as_slice()), ("NOTE", &[i][..]));
+        assert_eq!((m.command.as_str(), &m.payload[..]), ("NOTE", &[i][..]));
     }
 }
 

@@ -661,16 +661,10 @@ mod tests {
     #[test]
     fn the_frame_bound_is_never_below_the_encoded_size() {
         let mut big = Message::new("C".repeat(300)).to(&format!("{}:{}", "s".repeat(70000), "v".repeat(40)));
-        big.payload = vec![7; 70000];
-        big.envelope = nodus_wire::Envelope {
-            id: u64::MAX,
-            pid: 1 << 40,
-            reply_to: 3,
-            creator: "c".repeat(256),
-            created_at: i64::MIN,
-            expires_at: i64::MAX,
-            hops: u32::MAX,
-        };
+        big = big.with_payload(vec![7; 70000]);
+        let e = &mut big.envelope;
+        (e.id, e.pid, e.reply_to, e.hops) = (u64::MAX, 1 << 40, 3, u32::MAX);
+        (e.creator, e.created_at, e.expires_at) = ("c".repeat(256), i64::MIN, i64::MAX);
         for i in 0..40 {
             big.params.insert(format!("p{i}"), "x".repeat(i * 997));
         }

@@ -138,6 +138,8 @@ pub fn duration(d: Duration) -> String {
 }
 
 /// A Unix time in seconds for people: `2026-11-30T12:00:05Z (3m 12s ago)`.
+// "ago" needs the wall clock: this is a report for a person, not a decision.
+#[allow(clippy::disallowed_methods)]
 pub fn time(unix_secs: u64) -> String {
     let at = UNIX_EPOCH + Duration::from_secs(unix_secs);
     let stamp = humantime::format_rfc3339_seconds(at);

@@ -1,5 +1,7 @@
 //! The `nodus` binary end to end: a daemon subprocess on a temporary Unix socket, driven by the
 //! CLI subcommands exactly as a shell script would.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

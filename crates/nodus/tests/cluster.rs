@@ -3,6 +3,8 @@
 //! rejoin after restart, and refusal of a node with the wrong secret.
 //!
 //! Every wait is on an event (a notification or a status answer) with a deadline.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
@@ -45,7 +47,7 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
             assert!(Instant::now() < deadline, "service never became reachable: {r:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert_eq!((reply.from.server.as_str(), reply.payload.as_slice()), ("c", &b"hi"[..]));
+        assert_eq!((reply.from.server.as_str(), &reply.payload[..]), ("c", &b"hi"[..]));
         let explicit = wa.client.request_with_timeout(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
         assert_eq!(explicit.command, "FROM_C");
         // The node's refusal is an error, not a reply.

@@ -2,6 +2,8 @@
 //! and the server name are derived from N, so three nodes form a cluster with one flag each (and
 //! the CLI reaches instance N with `--instance N`). The nodes run in a private network namespace
 //! where root can make one, so the fixed instance ports never clash with anything else.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -8,6 +8,8 @@
 //! are skipped (the binaries are already built; `target/release` points at them). The README's
 //! node uses the default ports, so everything runs in a private network namespace; where this
 //! process may not make one, the test says so and does not run.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

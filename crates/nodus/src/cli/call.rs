@@ -38,7 +38,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> anyhow::Result<u8> {
         msg.params.insert(k.to_string(), v.to_string());
     }
     if let Some(p) = a.payload {
-        msg.payload = p.into_bytes();
+        msg = msg.with_payload(p.into_bytes());
     }
     msg.validate().context("invalid message")?;
     let client = ctx.client().await?;

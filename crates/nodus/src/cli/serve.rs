@@ -103,7 +103,7 @@ async fn handle(command: &str, service: &str, server: &str, m: &Message, timeout
         .env("NODUS_ID", m.envelope.id.to_string())
         .env("NODUS_SERVICE", service)
         .env("NODUS_SERVER", server)
-        .env("NODUS_MESSAGE", text::to_line(&Message { payload: Vec::new(), ..m.clone() }))
+        .env("NODUS_MESSAGE", text::to_line(&Message { payload: Default::default(), ..m.clone() }))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
