@@ -9,11 +9,15 @@
 mod cli;
 mod output;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 use std::io::IsTerminal;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Args::parse();
+    let args = match cli::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(e),
+    };
     let log = match &args.command {
         cli::Command::Daemon(d) => d.log.clone(),
         _ => cli::LogArgs::default(),
@@ -61,6 +65,26 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(code)
         }
     }
+}
+
+/// A command line clap refused: its usual text on stderr, or with `--json` an error object on
+/// stdout; exit status 2 either way. Help and version requests print as usual.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    let wants_json = std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json");
+    if !wants_json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let message = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        "a subcommand is required".to_string()
+    } else {
+        // The message without clap's usage and tip paragraphs: lines up to the first blank one.
+        let text = e.render().to_string();
+        let lines: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+        let joined = lines.join(" ");
+        joined.strip_prefix("error: ").unwrap_or(&joined).to_string()
+    };
+    output::json_error(&format!("{message} (see --help)"), serde_json::json!({"usage": true}));
+    std::process::ExitCode::from(2)
 }
 
 /// Logs go to stderr: plain text (colours only on a terminal) or JSON lines. The level comes from

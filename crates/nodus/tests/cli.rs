@@ -502,6 +502,14 @@ fn json_is_typed_everywhere_and_errors_are_json_too() {
     assert_eq!(nowhere.status.code(), Some(2));
     let v = parse(&nowhere);
     assert!(v["error"].as_str().unwrap().contains("cannot connect"), "{v}");
+    // A command line that does not parse is an error object too (exit 2, as clap exits).
+    let usage = Command::new(NODUS).args(["--json", "send"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    let v = parse(&usage);
+    assert_eq!((v["ok"].as_bool(), v["usage"].as_bool()), (Some(false), Some(true)), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("<MESSAGE>"), "{v}");
+    let missing = Command::new(NODUS).args(["app", "--json"]).output().unwrap();
+    assert_eq!((missing.status.code(), parse(&missing)["ok"].as_bool()), (Some(2), Some(false)));
     // Human output for the same: readable durations.
     let human = stdout(&d.cli(&["status"]));
     assert!(human.contains("node        cli1") && human.contains(", up "), "{human}");
@@ -723,6 +731,8 @@ fn help_version_completions_and_man_page_come_from_the_command_line_definition()
     assert!(man.contains("daemon") && man.contains("serve"), "every subcommand is listed");
     let daemon_page = run(&["man", "daemon"]);
     assert!(daemon_page.contains("nodus\\-daemon") && daemon_page.contains("instance"), "{daemon_page}");
+    let title = daemon_page.lines().find(|l| l.starts_with(".TH")).unwrap_or("");
+    assert!(title.contains(env!("CARGO_PKG_VERSION")), "the page says which version: {title}");
 }
 
 #[test]
@@ -751,5 +761,9 @@ fn commands_find_the_node_started_in_the_working_directory() {
     let out = run(&["status"]);
     assert!(out.status.success() && stdout(&out).contains("here"), "{out:?}");
     let out = run(&["--node", "nodus-data/nodus.sock", "status"]);
+    assert!(out.status.success() && stdout(&out).contains("here"), "{out:?}");
+    // A socket whose name looks like neither a path nor an address (`--unix-socket n`).
+    std::os::unix::fs::symlink("nodus-data/nodus.sock", dir.path().join("n")).unwrap();
+    let out = run(&["--node", "n", "status"]);
     assert!(out.status.success() && stdout(&out).contains("here"), "{out:?}");
 }

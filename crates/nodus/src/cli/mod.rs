@@ -205,7 +205,8 @@ impl Ctx {
 
     /// [`Ctx::new`] with the `NODUS_TOKEN` value and the directory to look in given.
     ///
-    /// The node: `--node`; else the socket of the node started in `dir` (`nodus-data/nodus.sock`,
+    /// The node: `--node` (an existing socket file is a Unix socket whatever its name); else the
+    /// socket of the node started in `dir` (`nodus-data/nodus.sock`,
     /// or `nodus-data-N/nodus.sock` with `--instance N`) when it exists; else its TCP address.
     /// The token: `NODUS_TOKEN`; else `--token-file`; else, for TCP only, the node's own
     /// `auth.token` in that data directory when it is readable. On the Unix socket the node's own
@@ -216,6 +217,10 @@ impl Ctx {
             _ => dir.join(DEFAULT_DATA_DIR),
         };
         let node = match &conn.node {
+            // A socket path as the daemon logs it, whatever it looks like (`--unix-socket n`).
+            Some(node) if !matches!(node.parse::<Endpoint>(), Ok(Endpoint::Unix(_))) && is_socket(Path::new(node)) => {
+                format!("unix:{node}")
+            }
             Some(node) => node.clone(),
             None => {
                 let socket = data_dir.join("nodus.sock");

@@ -44,7 +44,7 @@ pub fn man(a: ManArgs) -> anyhow::Result<u8> {
                 .filter(|s| !s.is_hide_set())
                 .ok_or_else(|| anyhow::anyhow!("no subcommand {name:?}; `nodus --help` lists them"))?;
             let full = format!("nodus-{}", sub.get_name());
-            sub.clone().name(full.clone()).bin_name(full)
+            sub.clone().name(full.clone()).bin_name(full).version(env!("CARGO_PKG_VERSION"))
         }
     };
     let mut buf = Vec::new();
