@@ -767,3 +767,116 @@ fn commands_find_the_node_started_in_the_working_directory() {
     let out = run(&["--node", "n", "status"]);
     assert!(out.status.success() && stdout(&out).contains("here"), "{out:?}");
 }
+
+/// A scripted node: answers the handshake (`AUTH` with `AUTHENTICATED` when the token is `good`,
+/// else `ERROR code=unauthorized`; `PING` with `PONG`) and `INFO`, and reports, per connection,
+/// the token each `AUTH` carried (`None`: the client sent no `AUTH` before its first request).
+/// Credentials are the client's to find; this node only records what it was given.
+fn scripted_node<S>(mut accept: impl FnMut() -> Option<S> + Send + 'static) -> std::sync::mpsc::Receiver<Option<String>>
+where
+    S: std::io::Read + std::io::Write + Send + 'static,
+{
+    use nodus_wire::{binary, Decoded, Message};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while let Some(mut s) = accept() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let node = |req: &Message, command: &str| {
+                    let mut m = req.reply(command);
+                    m.from = nodus_wire::Address::new("scripted", "node");
+                    m
+                };
+                let _ = s.write_all(&binary::PREFACE);
+                let mut decoder = binary::FrameDecoder::new(1 << 20);
+                let mut buf = bytes::BytesMut::new();
+                // The token of the AUTH before the first other message, once that arrives.
+                let mut token: Option<String> = None;
+                let mut reported = false;
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Ok(Some(Decoded::Message(m))) = decoder.decode(&mut buf) {
+                        let reply = match m.command.as_str() {
+                            "AUTH" => {
+                                token = m.get("token").map(String::from);
+                                if token.as_deref() == Some("good") {
+                                    node(&m, "AUTHENTICATED").param("principal", "owner")
+                                } else {
+                                    node(&m, "ERROR").param("code", "unauthorized").param("message", "wrong token")
+                                }
+                            }
+                            "PING" => node(&m, "PONG").param("server", "scripted"),
+                            "INFO" => node(&m, "INFO").param("server", "scripted").param("version", "test"),
+                            _ => node(&m, "UNKNOWN").param("command", &m.command),
+                        };
+                        if m.command != "AUTH" && !reported {
+                            reported = true;
+                            let _ = tx.send(token.take());
+                        }
+                        let mut out = bytes::BytesMut::new();
+                        binary::encode(&reply, &mut out, 1 << 20).unwrap();
+                        if s.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    rx
+}
+
+#[test]
+fn credentials_are_found_the_way_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap().to_string();
+    let tokens = scripted_node(move || tcp.accept().ok().map(|(s, _)| s));
+    let socket = dir.path().join("scripted.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let unix_tokens = scripted_node(move || unix.accept().ok().map(|(s, _)| s));
+    let run = |node: &str, env: &[(&str, &str)], extra: &[&str]| {
+        let mut c = Command::new(NODUS);
+        c.args(["--node", node, "status"]).args(extra).current_dir(dir.path());
+        for var in ["NODUS_TOKEN", "NODUS_TOKEN_FILE", "NODUS_NODE"] {
+            c.env_remove(var);
+        }
+        c.envs(env.iter().copied()).output().unwrap()
+    };
+    let seen = |rx: &std::sync::mpsc::Receiver<Option<String>>| rx.recv_timeout(WAIT).expect("a connection");
+    // No credentials anywhere: no AUTH.
+    assert!(run(&addr, &[], &[]).status.success());
+    assert_eq!(seen(&tokens), None);
+    // The node's own token file in ./nodus-data, used over TCP.
+    std::fs::create_dir(dir.path().join("nodus-data")).unwrap();
+    std::fs::write(dir.path().join("nodus-data/auth.token"), "good\n").unwrap();
+    let out = run(&addr, &[], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(seen(&tokens).as_deref(), Some("good"));
+    // On the Unix socket the node's own user needs none.
+    assert!(run(&socket.display().to_string(), &[], &[]).status.success());
+    assert_eq!(seen(&unix_tokens), None);
+    // --token-file, and $NODUS_TOKEN_FILE, win over the data directory's file.
+    let file = dir.path().join("other.token");
+    let mut f = std::fs::File::create(&file).unwrap();
+    writeln!(f, "from-file").unwrap();
+    let file = file.display().to_string();
+    let out = run(&addr, &[], &["--token-file", &file]);
+    assert_eq!(out.status.code(), Some(1), "a refused token is a refusal: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused the token: wrong token"), "{out:?}");
+    assert_eq!(seen(&tokens).as_deref(), Some("from-file"));
+    assert_eq!(run(&addr, &[("NODUS_TOKEN_FILE", &file)], &[]).status.code(), Some(1));
+    assert_eq!(seen(&tokens).as_deref(), Some("from-file"));
+    // $NODUS_TOKEN wins over everything.
+    let out = run(&addr, &[("NODUS_TOKEN", "good"), ("NODUS_TOKEN_FILE", &file)], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(seen(&tokens).as_deref(), Some("good"));
+    // A named token file that does not exist is an error, not a silent anonymous connection.
+    let out = run(&addr, &[], &["--token-file", "/nonexistent/token"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the token file"), "{out:?}");
+}
