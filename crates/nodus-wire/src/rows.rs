@@ -415,4 +415,75 @@ mod tests {
         assert!(CrashRecord::parse_all("nonsense\n").is_err());
         assert_eq!(CrashRecord::parse_all("").unwrap(), vec![]);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A field as the node writes one: no `@`, `,` or line break.
+        fn field() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9_.:-]{0,16}"
+        }
+
+        fn status() -> impl Strategy<Value = AppStatus> {
+            prop_oneof![
+                Just(AppStatus::Running),
+                Just(AppStatus::Failed),
+                Just(AppStatus::Stopped),
+                "[a-z]{1,8}".prop_map(|s| AppStatus::from(s.as_str())),
+            ]
+        }
+
+        fn same_text<T: fmt::Display + FromStr<Err = RowError>>(row: &T) -> Result<(), TestCaseError> {
+            let text = row.to_string();
+            let back: T = text.parse().map_err(|e: RowError| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back.to_string(), text);
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn no_text_makes_a_row_parser_panic(text in any::<String>()) {
+                let _ = parse_list::<AppRow>(&text);
+                let _ = parse_list::<WorkerRow>(&text);
+                let _ = parse_list::<NodeRow>(&text);
+                let _ = parse_list::<LinkRow>(&text);
+                let _ = parse_list::<ServiceAt>(&text);
+                let _ = CrashRecord::parse_all(&text);
+                let _ = text.parse::<CrashRecord>();
+            }
+
+            #[test]
+            fn rows_survive_display_then_parse(
+                name in field(), version in field(), status in status(), n in any::<usize>(),
+                pid in any::<u32>(), live in any::<bool>(),
+                rtt in proptest::option::of(any::<i64>()), offset in proptest::option::of(any::<i64>()),
+                phi in 0.0f64..1e6,
+            ) {
+                let app = AppRow { name: name.clone(), version: version.clone(), status, workers: n };
+                prop_assert_eq!(app.to_string().parse::<AppRow>().unwrap(), app);
+                let worker = WorkerRow { uuid: name.clone(), pid, state: version.clone(), load: n };
+                prop_assert_eq!(worker.to_string().parse::<WorkerRow>().unwrap(), worker);
+                let node = NodeRow { server: name.clone(), addr: version.clone(), live };
+                prop_assert_eq!(node.to_string().parse::<NodeRow>().unwrap(), node);
+                // phi is printed with two decimals, as the node does: the text is what round-trips.
+                same_text(&LinkRow { peer: name.clone(), rtt_ms: rtt, offset_ms: offset, phi })?;
+                let rows = vec![AppRow { name: name.clone(), version: version.clone(), status: AppStatus::Running, workers: 1 }; 3];
+                prop_assert_eq!(parse_list::<AppRow>(&join_list(&rows)).unwrap(), rows);
+            }
+
+            #[test]
+            fn crash_records_survive_display_then_parse(
+                uuid in "[a-f0-9-]{1,36}", at in any::<u64>(), status in "[a-z0-9 ]{1,20}",
+                failure in proptest::option::of("[a-z0-9 :]{1,20}"),
+                stderr in proptest::collection::vec("[ -~]{0,40}", 0..4),
+            ) {
+                // A status never contains " (" (the failure reason starts there).
+                prop_assume!(!status.contains(" ("));
+                let record = CrashRecord { uuid, at, status, failure, stderr };
+                let text = record.to_string();
+                prop_assert_eq!(CrashRecord::parse_all(&text).unwrap(), vec![record]);
+            }
+        }
+    }
 }
