@@ -144,6 +144,28 @@ pub struct Deployed {
     pub name: String,
     /// The version now running, `v1`, `v2`, ...
     pub version: String,
+    /// What the node warns about (`warning=`), such as a data directory the user workers run as
+    /// cannot enter.
+    pub warning: Option<String>,
+}
+
+impl Deployed {
+    fn from_reply(m: &Message) -> Deployed {
+        Deployed { name: text(m, "name"), version: text(m, "version"), warning: m.get("warning").map(String::from) }
+    }
+}
+
+/// The population an app was scaled to (`SCALED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    /// App name.
+    pub name: String,
+    /// Workers kept running when idle, as set.
+    pub workers: u64,
+    /// What was asked, when the node set less (`requested=`).
+    pub requested: Option<u64>,
+    /// What capped it (`capped_by=pool-limit`), when something did.
+    pub capped_by: Option<String>,
 }
 
 /// One app in detail (`APP_INFO`).
@@ -320,24 +342,21 @@ impl Admin {
         if let Some(p) = profile {
             req = req.param("profile", p.display());
         }
-        let m = self.apps(req, "DEPLOYED").await?;
-        Ok(Deployed { name: text(&m, "name"), version: text(&m, "version") })
+        Ok(Deployed::from_reply(&self.apps(req, "DEPLOYED").await?))
     }
 
     /// Starts a stopped (or failed) app.
     ///
     /// Fails as described in the module docs.
     pub async fn start_app(&self, name: &str) -> Result<Deployed, AdminError> {
-        let m = self.apps(Message::new("START").param("name", name), "STARTED").await?;
-        Ok(Deployed { name: text(&m, "name"), version: text(&m, "version") })
+        Ok(Deployed::from_reply(&self.apps(Message::new("START").param("name", name), "STARTED").await?))
     }
 
     /// Stops and starts an app.
     ///
     /// Fails as described in the module docs.
     pub async fn restart_app(&self, name: &str) -> Result<Deployed, AdminError> {
-        let m = self.apps(Message::new("RESTART").param("name", name), "STARTED").await?;
-        Ok(Deployed { name: text(&m, "name"), version: text(&m, "version") })
+        Ok(Deployed::from_reply(&self.apps(Message::new("RESTART").param("name", name), "STARTED").await?))
     }
 
     /// Stops an app's workers; it stays deployed.
@@ -348,12 +367,17 @@ impl Admin {
     }
 
     /// Keeps `workers` of the app's workers running when idle; returns the population the node
-    /// set.
+    /// set (at most the app's `pool-limit`) and, when it set less, why.
     ///
     /// Fails as described in the module docs.
-    pub async fn scale_app(&self, name: &str, workers: usize) -> Result<u64, AdminError> {
+    pub async fn scale_app(&self, name: &str, workers: usize) -> Result<Scaled, AdminError> {
         let m = self.apps(Message::new("SCALE").param("name", name).param("workers", workers), "SCALED").await?;
-        param(&m, "workers")
+        Ok(Scaled {
+            name: m.get("name").unwrap_or(name).to_string(),
+            workers: param(&m, "workers")?,
+            requested: m.get("requested").map(|_| param(&m, "requested")).transpose()?,
+            capped_by: m.get("capped_by").map(String::from),
+        })
     }
 
     /// Stops an app and deletes it.

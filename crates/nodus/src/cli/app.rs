@@ -4,7 +4,7 @@
 use super::Ctx;
 use crate::output;
 use anyhow::Context;
-use nodus_client::admin::AppInfo;
+use nodus_client::admin::{AppInfo, Deployed};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -94,23 +94,21 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
         Command::Deploy { name, path, profile } => {
             let profile = profile.as_deref().map(absolute).transpose()?;
             let d = admin.deploy(&name, &absolute(&path)?, profile.as_deref()).await?;
-            fields(ctx, &[("name", json!(d.name)), ("version", json!(d.version)), ("status", json!("deployed"))]);
+            deployed(ctx, d, "deployed");
         }
-        Command::Start { name } => {
-            let d = admin.start_app(&name).await?;
-            fields(ctx, &[("name", json!(d.name)), ("version", json!(d.version)), ("status", json!("started"))]);
-        }
-        Command::Restart { name } => {
-            let d = admin.restart_app(&name).await?;
-            fields(ctx, &[("name", json!(d.name)), ("version", json!(d.version)), ("status", json!("restarted"))]);
-        }
+        Command::Start { name } => deployed(ctx, admin.start_app(&name).await?, "started"),
+        Command::Restart { name } => deployed(ctx, admin.restart_app(&name).await?, "restarted"),
         Command::Stop { name } => {
             admin.stop_app(&name).await?;
             fields(ctx, &[("name", json!(name)), ("status", json!("stopped"))]);
         }
         Command::Scale { name, workers } => {
-            let n = admin.scale_app(&name, workers).await?;
-            fields(ctx, &[("name", json!(name)), ("workers", json!(n))]);
+            let s = admin.scale_app(&name, workers).await?;
+            let mut rows = vec![("name", json!(s.name)), ("workers", json!(s.workers))];
+            if let Some(by) = s.capped_by {
+                rows.extend([("requested", json!(s.requested.unwrap_or(workers as u64))), ("capped_by", json!(by))]);
+            }
+            fields(ctx, &rows);
         }
         Command::Remove { name } => {
             admin.remove_app(&name).await?;
@@ -163,6 +161,15 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// An app deployed, started or restarted, with the node's warning when it gave one.
+fn deployed(ctx: &Ctx, d: Deployed, status: &str) {
+    let mut rows = vec![("name", json!(d.name)), ("version", json!(d.version)), ("status", json!(status))];
+    if let Some(w) = d.warning {
+        rows.push(("warning", json!(w)));
+    }
+    fields(ctx, &rows);
 }
 
 fn info(ctx: &Ctx, i: AppInfo) {
