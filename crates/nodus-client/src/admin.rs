@@ -168,6 +168,17 @@ pub struct Scaled {
     pub capped_by: Option<String>,
 }
 
+/// Where a deploy in progress stands (`DEPLOY_STATUS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployProgress {
+    /// `preparing`, `copying`, `unpacking`, `starting`, or `idle` when no deploy of the app runs.
+    pub stage: String,
+    /// Bytes copied or read from the archive so far.
+    pub done: u64,
+    /// Bytes to copy or read (0 while unknown).
+    pub total: u64,
+}
+
 /// One app in detail (`APP_INFO`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppInfo {
@@ -343,6 +354,20 @@ impl Admin {
             req = req.param("profile", p.display());
         }
         Ok(Deployed::from_reply(&self.apps(req, "DEPLOYED").await?))
+    }
+
+    /// Where a deploy of `name` that is running now stands; ask while [`Admin::deploy`] waits
+    /// (over the same or another connection).
+    ///
+    /// Fails as described in the module docs; a node whose `apps` service does not know
+    /// `DEPLOY_STATUS` answers [`AdminError::Failed`].
+    pub async fn deploy_status(&self, name: &str) -> Result<DeployProgress, AdminError> {
+        let m = self.apps(Message::new("DEPLOY_STATUS").param("name", name), "DEPLOY_STATUS").await?;
+        Ok(DeployProgress {
+            stage: m.get("stage").unwrap_or("idle").to_string(),
+            done: param(&m, "done")?,
+            total: param(&m, "total")?,
+        })
     }
 
     /// Starts a stopped (or failed) app.

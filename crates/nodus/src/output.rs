@@ -131,6 +131,65 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A progress line on stderr for a long operation: on a terminal one line rewritten in place,
+/// elsewhere (a log) one line per stage.
+pub struct Progress {
+    terminal: bool,
+    stage: Option<String>,
+    shown: bool,
+}
+
+impl Progress {
+    /// Nothing shown yet.
+    pub fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress { terminal: std::io::stderr().is_terminal(), stage: None, shown: false }
+    }
+
+    /// Shows `text` (the state of `stage`).
+    pub fn show(&mut self, text: &str, stage: &str) {
+        let mut err = std::io::stderr();
+        if self.terminal {
+            // Back to the line's start, the text, then clear what a longer line left.
+            let _ = write!(err, "\r{text}\x1b[K");
+            let _ = err.flush();
+            self.shown = true;
+        } else if self.stage.as_deref() != Some(stage) {
+            let _ = writeln!(err, "{text}");
+        }
+        self.stage = Some(stage.to_string());
+    }
+
+    /// Clears the terminal's progress line.
+    pub fn finish(&mut self) {
+        if self.shown {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+            self.shown = false;
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+/// A size for people: `512 B`, `12.0 KiB`, `3.4 MiB`, `1.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// A duration for people: `3m 12s`, `2h 5m`, `450ms` (whole seconds above one second).
 pub fn duration(d: Duration) -> String {
     let d = if d >= Duration::from_secs(1) { Duration::from_secs(d.as_secs()) } else { d };
@@ -158,5 +217,9 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(192_345)), "3m 12s");
         assert_eq!(duration(Duration::from_millis(450)), "450ms");
         assert!(time(0).starts_with("1970-01-01T00:00:00Z ("), "{}", time(0));
+        assert_eq!(
+            (bytes(512), bytes(12 * 1024), bytes(3_565_158)),
+            ("512 B".into(), "12.0 KiB".into(), "3.4 MiB".into())
+        );
     }
 }

@@ -4,9 +4,11 @@
 use super::Ctx;
 use crate::output;
 use anyhow::Context;
-use nodus_client::admin::{AppInfo, Deployed};
+use nodus_client::admin::{AppInfo, DeployProgress, Deployed};
+use nodus_client::{Admin, AdminError};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// `nodus app ...`
 #[derive(clap::Subcommand, Debug)]
@@ -93,7 +95,9 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
     match c {
         Command::Deploy { name, path, profile } => {
             let profile = profile.as_deref().map(absolute).transpose()?;
-            let d = admin.deploy(&name, &absolute(&path)?, profile.as_deref()).await?;
+            let path = absolute(&path)?;
+            let deploy = admin.deploy(&name, &path, profile.as_deref());
+            let d = if ctx.json { deploy.await? } else { with_progress(&admin, &name, deploy).await? };
             deployed(ctx, d, "deployed");
         }
         Command::Start { name } => deployed(ctx, admin.start_app(&name).await?, "started"),
@@ -163,6 +167,49 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// How often a deploy's progress is asked for; a deploy done sooner shows none.
+const PROGRESS_EVERY: Duration = Duration::from_millis(300);
+
+/// Runs `deploy`, showing on stderr where it stands (`DEPLOY_STATUS`) while it takes long.
+async fn with_progress<T>(
+    admin: &Admin,
+    name: &str,
+    deploy: impl std::future::Future<Output = Result<T, AdminError>>,
+) -> Result<T, AdminError> {
+    tokio::pin!(deploy);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    let mut progress = output::Progress::new();
+    let mut asking = true;
+    loop {
+        tokio::select! {
+            r = &mut deploy => {
+                progress.finish();
+                return r;
+            }
+            _ = tick.tick(), if asking => match admin.deploy_status(name).await {
+                Ok(p) if p.stage == "idle" => {}
+                Ok(p) => progress.show(&describe(name, &p), &p.stage),
+                // A node that cannot say: the deploy goes on without progress.
+                Err(_) => asking = false,
+            },
+        }
+    }
+}
+
+/// `deploying NAME: copying 12.0 MiB of 40.0 MiB (30%)`.
+fn describe(name: &str, p: &DeployProgress) -> String {
+    match p.total {
+        0 => format!("deploying {name}: {}", p.stage),
+        total => format!(
+            "deploying {name}: {} {} of {} ({}%)",
+            p.stage,
+            output::bytes(p.done),
+            output::bytes(total),
+            p.done.min(total) * 100 / total
+        ),
+    }
+}
+
 /// An app deployed, started or restarted, with the node's warning when it gave one.
 fn deployed(ctx: &Ctx, d: Deployed, status: &str) {
     let mut rows = vec![("name", json!(d.name)), ("version", json!(d.version)), ("status", json!(status))];
@@ -201,5 +248,21 @@ fn info(ctx: &Ctx, i: AppInfo) {
         let rows: Vec<Vec<String>> =
             i.workers.into_iter().map(|w| vec![w.uuid, w.pid.to_string(), w.state, w.load.to_string()]).collect();
         output::table(&["WORKER", "PID", "STATE", "LOAD"], &rows);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_progress_reads_as_a_sentence() {
+        let p = |stage: &str, done, total| DeployProgress { stage: stage.into(), done, total };
+        assert_eq!(describe("big", &p("preparing", 0, 0)), "deploying big: preparing");
+        assert_eq!(
+            describe("big", &p("copying", 3 << 20, 12 << 20)),
+            "deploying big: copying 3.0 MiB of 12.0 MiB (25%)"
+        );
+        assert!(describe("big", &p("unpacking", 9, 4)).ends_with("(100%)"), "never past 100%");
     }
 }
