@@ -659,6 +659,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_nodes_answers_are_refusals_and_a_services_are_not() {
+        let node = |command: &str, params: &[(&str, &str)]| {
+            let mut m = Message::new(command);
+            m.from = nodus_wire::Address::new("n1", "node");
+            for (k, v) in params {
+                m.params.insert(k.to_string(), v.to_string());
+            }
+            m
+        };
+        let forbidden = node("ERROR", &[("code", "forbidden"), ("message", "needs admin")]);
+        let r = Refusal::from_reply(&forbidden).unwrap();
+        assert!(r.is_forbidden() && !r.is_unauthorized());
+        assert_eq!((r.kind(), r.code(), r.server()), (RefusalKind::Error, Some("forbidden"), "n1"));
+        assert_eq!(r.to_string(), "ERROR code=forbidden: needs admin");
+        let r = Refusal::from_reply(&node("ERROR", &[("code", "unauthorized")])).unwrap();
+        assert!(r.is_unauthorized());
+        let r = Refusal::from_reply(&node("SERVICE_UNAVAILABLE", &[("reason", "unreachable")])).unwrap();
+        assert_eq!((r.kind(), r.code()), (RefusalKind::ServiceUnavailable, Some("unreachable")));
+        assert_eq!(Refusal::from_reply(&node("QUITTING", &[])).unwrap().kind(), RefusalKind::Quitting);
+        assert_eq!(Refusal::from_reply(&node("INVALID", &[])).unwrap().kind(), RefusalKind::Invalid);
+        let r = Refusal::from_reply(&node("UNKNOWN", &[("command", "FROB")])).unwrap();
+        assert_eq!((r.kind(), r.command()), (RefusalKind::Unknown, Some("FROB")));
+        let failed = node("TRANSMISSION_REPORT", &[("status", "failed")]);
+        assert_eq!(Refusal::from_reply(&failed).unwrap().kind(), RefusalKind::Dropped);
+        // A node's other answers, and anything from a service, are replies.
+        assert!(Refusal::from_reply(&node("PONG", &[])).is_none());
+        assert!(Refusal::from_reply(&node("TRANSMISSION_REPORT", &[("status", "cached")])).is_none());
+        let mut from_service = forbidden.clone();
+        from_service.from.service = "billing".into();
+        assert!(Refusal::from_reply(&from_service).is_none());
+    }
+
+    #[test]
     fn the_frame_bound_is_never_below_the_encoded_size() {
         let mut big = Message::new("C".repeat(300)).to(&format!("{}:{}", "s".repeat(70000), "v".repeat(40)));
         big = big.with_payload(vec![7; 70000]);
