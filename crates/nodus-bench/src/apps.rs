@@ -178,7 +178,8 @@ async fn invoke_through_node(
     let (client, _incoming) = Client::connect(config).await.context("the load client cannot connect")?;
     let app_path = app_dir.to_str().context("the scratch directory's path is not UTF-8")?;
     let deploy = Message::new("DEPLOY").to("apps").param("name", APP).param("path", app_path);
-    let reply = client.request(deploy, INVOKE_TIMEOUT).await.context("DEPLOY to the apps service failed")?;
+    let reply =
+        client.request_with_timeout(deploy, INVOKE_TIMEOUT).await.context("DEPLOY to the apps service failed")?;
     if reply.command != "DEPLOYED" {
         bail!("the apps service answered DEPLOY with {}: {}", reply.command, reply.get("message").unwrap_or(""));
     }
@@ -210,7 +211,7 @@ async fn invoke_through_node(
 /// One request through the node to the app; fails unless the reply is `RESULT` with the payload.
 async fn node_invoke(client: &Client, payload: usize, timeout: Duration) -> anyhow::Result<()> {
     let request = Message::new(COMMAND).to(APP).with_payload(vec![0u8; payload]);
-    let reply = client.request(request, timeout).await.context("a request to the app failed")?;
+    let reply = client.request_with_timeout(request, timeout).await.context("a request to the app failed")?;
     if reply.command != RESULT || reply.payload.len() != payload || reply.payload.iter().any(|&b| b != 0) {
         bail!(
             "unexpected reply {} with {} payload bytes (expected {RESULT} echoing {payload} zero bytes): {} {}",

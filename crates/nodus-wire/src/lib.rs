@@ -9,6 +9,7 @@
 //! - [`node`] types the node's own protocol: requests to a node, the permissions they need, and
 //!   the messages of cluster links.
 //! - [`Backoff`] is the one jittered exponential backoff every part of nodus retries with.
+//! - [`rows`] are the typed rows of the node's list replies (apps, workers, nodes, links).
 //!
 //! Invariant: this crate does no I/O, reads no clock and never depends on an async runtime; every
 //! decoder is total (bad bytes give an error, never a panic) and bounded by a maximum frame size.
@@ -18,6 +19,7 @@ pub mod backoff;
 pub mod binary;
 mod message;
 pub mod node;
+pub mod rows;
 pub mod text;
 
 pub use backoff::Backoff;

@@ -118,8 +118,8 @@ fn apps_run_with_the_default_relative_data_directory() {
     // As root, with the embedded defaults, the worker runs as `nobody`.
     let info = node.cli(&["--json", "app", "info", "echo"]);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    let worker = v["workers"].as_str().unwrap().split(',').next().unwrap().to_string();
-    let pid = worker.split('@').nth(1).unwrap();
+    let worker = v["workers"][0].to_string();
+    let pid = &v["workers"][0]["pid"].as_u64().unwrap().to_string();
     if is_root() {
         let nobody = Command::new("id").args(["-u", "nobody"]).output().unwrap();
         let nobody: u32 = String::from_utf8_lossy(&nobody.stdout).trim().parse().unwrap();
