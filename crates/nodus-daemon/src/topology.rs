@@ -10,6 +10,12 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+/// Highest sequence this node follows when a peer holds a newer copy of its own record. No node
+/// changes its record 2^48 times in one incarnation: a copy claiming more was not written by it,
+/// and following it would take the sequence to overflow (and back to zero, where every peer
+/// would ignore this node's records).
+const MAX_SEQ: u64 = 1 << 48;
+
 /// What one node says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -151,7 +157,8 @@ impl Topology {
     }
 
     /// Merges records heard from a peer; returns whether anything changed. Records about this node
-    /// are ignored except to move its own sequence past a stale copy from a previous run.
+    /// are ignored except to move its own sequence past a stale copy from a previous run (one
+    /// below a plausible bound: a peer cannot push it to overflow).
     pub fn merge(&mut self, incoming: BTreeMap<String, NodeRecord>) -> bool {
         let mut changed = false;
         for (name, rec) in incoming {
@@ -160,7 +167,7 @@ impl Topology {
             }
             if name == self.me {
                 let own = self.records.get_mut(&self.me).expect("own record");
-                if rec.incarnation == own.incarnation && rec.seq > own.seq {
+                if rec.incarnation == own.incarnation && rec.seq > own.seq && rec.seq < MAX_SEQ {
                     own.seq = rec.seq + 1;
                     changed = true;
                 }
@@ -345,6 +352,18 @@ mod tests {
         assert!(t.is_live("b"));
         assert!(t.merge(BTreeMap::from([("b".to_string(), rec(6, 0, &[]))])), "new incarnation");
         assert!(!t.is_live("b"));
+    }
+
+    #[test]
+    fn a_forged_own_record_cannot_push_the_sequence_to_overflow() {
+        // Found by the gossip fuzz target: this node's name, its incarnation and seq u64::MAX.
+        let mut t = Topology::new("a", "", 1);
+        assert!(!t.merge(BTreeMap::from([("a".to_string(), rec(1, u64::MAX, &[]))])));
+        assert!(t.set_local(set(&["b"]), BTreeSet::new()));
+        assert_eq!(t.local().seq, 1);
+        // A plausible copy from an earlier run with the same incarnation still moves it past.
+        assert!(t.merge(BTreeMap::from([("a".to_string(), rec(1, 7, &[]))])));
+        assert_eq!(t.local().seq, 8);
     }
 
     #[test]
