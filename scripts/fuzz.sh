@@ -4,8 +4,8 @@
 #   scripts/fuzz.sh [SECONDS] [--merge] [TARGET...]
 #
 # SECONDS   run time per target (default 20); the build comes on top.
-# --merge   afterwards, add the inputs that found new coverage to fuzz/corpus/<target>/
-#           (minimised by libFuzzer's merge); without it the committed corpus is only read.
+# --merge   afterwards, add the inputs that found new edges to fuzz/corpus/<target>/ (and
+#           drop found inputs that no longer add any); without it the corpus is only read.
 # TARGET    run only these targets (default: all of them).
 #
 # Prints per target: inputs tried (execs), crashes, peak RSS. A crash leaves its input in
@@ -18,9 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ALL_TARGETS=(wire_text wire_binary cocaine_worker cocaine_service gossip control flags)
-# The arpcp line: when the tasks crate lands on main, its line decoder gets a target here
-# (add `arpcp_line` to ALL_TARGETS, a [[bin]] in fuzz/Cargo.toml, its invariants in
-# fuzz/fuzz_targets/arpcp_line.rs and its seeds in fuzz/src/seeds.rs).
+# ARPCP LINE: when the tasks crate (nodus-tasks) lands on main, its line decoder gets a target
+# here: add `arpcp_line` to ALL_TARGETS, a [[bin]] and the dependency in fuzz/Cargo.toml, the
+# target in fuzz/fuzz_targets/arpcp_line.rs (`arpcp::decode_request` is total and, for a request,
+# `decode_request(encode_request(r)) == r`; `Answer::decode(Answer::encode(a)) == a`; both
+# bounded) and its seeds (the request and answer lines of crates/nodus-tasks/tests/arpcp.rs) in
+# fuzz/src/seeds.rs.
 
 seconds=20
 merge=0
@@ -54,14 +57,45 @@ fi
 
 start=$(date +%s)
 echo "== building fuzz targets (sanitizer: $sanitizer)"
-(cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer" --target-dir "$CARGO_TARGET_DIR" 2>&1 \
-    | grep -Ev '^ +(Compiling|Downloaded|Downloading) ' || true)
+build_log=$(mktemp)
+if ! (cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer" --target-dir "$CARGO_TARGET_DIR") >"$build_log" 2>&1; then
+    grep -Ev '^ +(Compiling|Downloaded|Downloading) ' "$build_log" >&2 || true
+    echo "the fuzz targets do not build" >&2
+    exit 1
+fi
+rm -f "$build_log"
 host=$(rustc +nightly -vV | sed -n 's/^host: //p')
 bin="$CARGO_TARGET_DIR/$host/release"
 for t in "${targets[@]}"; do
     [ -x "$bin/$t" ] || { echo "fuzz target $t did not build (known: ${ALL_TARGETS[*]})" >&2; exit 1; }
 done
 echo "== built in $(($(date +%s) - start)) s; running each target for $seconds s"
+
+# Replaces the found inputs in corpus/<target>/ with a smallest set that, together with the
+# seed-* and regress-* files (always kept), covers every edge the old corpus and this run's new
+# inputs cover. Edges only (-use_counters=0): hit counts and comparisons would keep thousands of
+# near-duplicates, and the fuzzer finds those again in seconds.
+merge_corpus() {
+    local t="$1" corpus="$2" work="$3"
+    local n kept
+    n=$(ls "$corpus" | wc -l)
+    mkdir -p "$work/kept" "$work/all" "$work/min"
+    cp "$corpus"/seed-* "$corpus"/regress-* "$work/kept/" 2>/dev/null || true
+    cp "$corpus"/* "$work/new"/* "$work/all/" 2>/dev/null || true
+    if ! "$bin/$t" -set_cover_merge=1 -use_counters=0 -max_len="$max_len" "$work/min" "$work/kept" "$work/all" \
+        >"$work/merge.log" 2>&1; then
+        echo "   merge failed; corpus unchanged:" >&2
+        tail -5 "$work/merge.log" >&2
+        return
+    fi
+    kept=$(cd "$work/kept" && sha1sum -- * 2>/dev/null | cut -d' ' -f1)
+    find "$corpus" -type f ! -name 'seed-*' ! -name 'regress-*' -delete
+    for f in "$work/min"/*; do
+        [ -e "$f" ] || continue
+        grep -qx "$(basename "$f")" <<<"$kept" || cp "$f" "$corpus/"
+    done
+    echo "   merged: $corpus has $(ls "$corpus" | wc -l) inputs (was $n), $(cat "$corpus"/* | wc -c) bytes"
+}
 
 failed=()
 printf '%-16s %12s %8s %8s %10s\n' target execs exec/s crashes "peak rss"
@@ -96,9 +130,7 @@ for t in "${targets[@]}"; do
         ls -t "$artifacts" | head -1 | sed "s|^|     input: $artifacts/|" >&2
     fi
     if [ "$merge" -eq 1 ] && [ "$rc" -eq 0 ]; then
-        n=$(ls "$corpus" | wc -l)
-        "$bin/$t" -merge=1 -max_len="$max_len" "$corpus" "$work/new" >"$work/merge.log" 2>&1
-        echo "   merged: $corpus has $(ls "$corpus" | wc -l) inputs (was $n)"
+        merge_corpus "$t" "$corpus" "$work"
     fi
     rm -rf "$work"
 done
