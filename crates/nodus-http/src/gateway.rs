@@ -33,10 +33,12 @@ use axum::http::{Request, Response, StatusCode, Version};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
+use nodus_engine::balance::Rejection;
 use nodus_engine::client::{AppClient, ClientError, ClientOptions, ServiceHandle, StreamReceiver, StreamSender};
 use nodus_engine::service::errors;
+use nodus_engine::{Engine, EngineError, Session, SessionError};
 use serde::Serialize;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::access::{self, TOKEN_COOKIE};
 use crate::cocaine::{RequestHead, ResponseHead, Target, UPLOAD_CHUNK_BYTES};
@@ -224,19 +226,53 @@ impl GatewayError {
                 GatewayError::UnknownApp { app, message: message.clone() }
             }
             ClientError::Unavailable { message, .. } => GatewayError::Unavailable { app, message: message.clone() },
-            ClientError::Service { category, code, message } => match (*category, *code) {
-                (FRAMEWORK_CATEGORY, FRAMEWORK_NO_HANDLER) | (SDK_CATEGORY, SDK_UNKNOWN_EVENT) => {
-                    GatewayError::UnknownEvent { app, event: target.event.clone(), message: message.clone() }
-                }
-                (errors::APP, errors::WORKER_FAILED | errors::OVERFLOW) => GatewayError::WorkerFailed(message.clone()),
-                (errors::APP, errors::ENGINE_GONE) => GatewayError::Unavailable { app, message: message.clone() },
-                (category, code) => GatewayError::AppError { category, code, message: message.clone() },
-            },
+            ClientError::Service { category, code, message } => {
+                GatewayError::from_service(*category, *code, message.clone(), target)
+            }
             ClientError::Timeout { .. } => GatewayError::Timeout(head_timeout),
             ClientError::Disconnected { .. } => {
                 GatewayError::WorkerFailed("the connection to the app's service was lost".into())
             }
             other => GatewayError::Unreachable(other.to_string()),
+        }
+    }
+
+    /// Maps an error a worker or the app's service answered: `[category, code] message`.
+    fn from_service(category: i64, code: i64, message: String, target: &Target) -> GatewayError {
+        let app = target.app.clone();
+        match (category, code) {
+            (FRAMEWORK_CATEGORY, FRAMEWORK_NO_HANDLER) | (SDK_CATEGORY, SDK_UNKNOWN_EVENT) => {
+                GatewayError::UnknownEvent { app, event: target.event.clone(), message }
+            }
+            (errors::APP, errors::WORKER_FAILED | errors::OVERFLOW) => GatewayError::WorkerFailed(message),
+            (errors::APP, errors::QUEUE_FULL) => GatewayError::QueueFull { app, message },
+            (errors::APP, errors::UNKNOWN_APP) => GatewayError::UnknownApp { app, message },
+            (errors::APP, _) => GatewayError::Unavailable { app, message },
+            (category, code) => GatewayError::AppError { category, code, message },
+        }
+    }
+
+    /// Maps a refusal of the local engine's balancer.
+    fn from_rejection(r: &Rejection, target: &Target) -> GatewayError {
+        let (app, message) = (target.app.clone(), r.to_string());
+        match r {
+            Rejection::QueueFull { .. } | Rejection::Busy { .. } => GatewayError::QueueFull { app, message },
+            Rejection::Failed { .. } | Rejection::Stopped => GatewayError::Unavailable { app, message },
+        }
+    }
+
+    /// Maps the end of a local engine session that is not a close.
+    fn from_session(e: &SessionError, target: &Target) -> GatewayError {
+        match e {
+            SessionError::Worker { category, code, message } => {
+                GatewayError::from_service(*category, *code, message.clone(), target)
+            }
+            SessionError::WorkerFailed(m) => GatewayError::WorkerFailed(m.clone()),
+            SessionError::Overflow(_) => GatewayError::WorkerFailed(e.to_string()),
+            SessionError::Rejected(r) => GatewayError::from_rejection(r, target),
+            SessionError::EngineGone | SessionError::Closed => {
+                GatewayError::Unavailable { app: target.app.clone(), message: e.to_string() }
+            }
         }
     }
 }
@@ -256,6 +292,7 @@ impl AppHandles {
 /// The gateway: app connections, bounds and metrics. Cheap to share (`Arc`).
 pub struct Gateway {
     client: AppClient,
+    local: Option<Engine>,
     apps: Mutex<HashMap<String, Arc<AppHandles>>>,
     in_flight: Arc<Semaphore>,
     config: GatewayConfig,
@@ -292,8 +329,14 @@ impl Drop for AbortOnDrop {
 }
 
 impl Gateway {
-    /// A gateway reaching apps through the locator at `locator` (`host:port`).
-    pub fn new(locator: impl Into<String>, config: GatewayConfig, metrics: Arc<Metrics>) -> Gateway {
+    /// A gateway reaching apps through the locator at `locator` (`host:port`), and the apps of
+    /// `local` (the node's own engine, when given) directly, without the locator's TCP hop.
+    pub fn new(
+        locator: impl Into<String>,
+        local: Option<Engine>,
+        config: GatewayConfig,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
         let options = ClientOptions {
             // A refused connection is retried within the head timeout, never longer.
             retry_budget: config.head_timeout.min(ClientOptions::default().retry_budget),
@@ -301,6 +344,7 @@ impl Gateway {
         };
         Gateway {
             client: AppClient::with_options(locator, options),
+            local,
             apps: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             config,
@@ -403,31 +447,48 @@ impl Gateway {
         };
 
         let head_timeout = self.config.head_timeout;
-        let client_error = |e: ClientError| GatewayError::from_client(&e, target, head_timeout);
-        let handle = self.handles(&target.app).pick().clone();
-        let stream = tokio::time::timeout(head_timeout, handle.enqueue(&target.event))
+        let call = tokio::time::timeout(head_timeout, self.open(target))
             .await
-            .map_err(|_| GatewayError::Timeout(head_timeout))?
-            .map_err(client_error)?;
-        let (mut tx, mut rx) = stream.split();
+            .map_err(|_| GatewayError::Timeout(head_timeout))??;
         let head_chunk = head.encode();
         self.metrics.request_bytes(head.body.len());
-        tx.send(head_chunk).await.map_err(client_error)?;
-
         let mut upload_done: Option<oneshot::Receiver<Result<(), GatewayError>>> = None;
         let mut abort = AbortOnDrop(None);
-        if more {
-            let (done_tx, done_rx) = oneshot::channel();
-            let metrics = self.metrics.clone();
-            let task = tokio::spawn(async move {
-                let r = upload(tx, first, body, &metrics).await;
-                let _ = done_tx.send(r);
-            });
-            abort.0 = Some(task.abort_handle());
-            upload_done = Some(done_rx);
-        } else {
-            tx.close().await.map_err(client_error)?;
-        }
+        let mut replies = match call {
+            Call::Local(mut session) if !more => {
+                let lost = |e: SessionError| GatewayError::from_session(&e, target);
+                session.send(head_chunk).await.map_err(lost)?;
+                session.close().await.map_err(lost)?;
+                Replies::Local(session)
+            }
+            Call::Local(mut session) => {
+                session.send(head_chunk).await.map_err(|e| GatewayError::from_session(&e, target))?;
+                let (done_tx, done_rx) = oneshot::channel();
+                let (down_tx, down_rx) = mpsc::channel(RELAY_BUFFER);
+                let task = tokio::spawn(relay(session, first, body, self.metrics.clone(), done_tx, down_tx));
+                abort.0 = Some(task.abort_handle());
+                upload_done = Some(done_rx);
+                Replies::Relayed(down_rx)
+            }
+            Call::Remote(stream) => {
+                let client_error = |e: ClientError| GatewayError::from_client(&e, target, head_timeout);
+                let (mut tx, rx) = stream.split();
+                tx.send(head_chunk).await.map_err(client_error)?;
+                if more {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    let metrics = self.metrics.clone();
+                    let task = tokio::spawn(async move {
+                        let r = upload(tx, first, body, &metrics).await;
+                        let _ = done_tx.send(r);
+                    });
+                    abort.0 = Some(task.abort_handle());
+                    upload_done = Some(done_rx);
+                } else {
+                    tx.close().await.map_err(client_error)?;
+                }
+                Replies::Remote(rx)
+            }
+        };
 
         // Wait for the head; the head timeout starts once the worker has the whole request.
         let mut deadline = upload_done.is_none().then(|| tokio::time::Instant::now() + head_timeout);
@@ -441,14 +502,13 @@ impl Gateway {
                         Err(_) => return Err(GatewayError::BodyRead("the upload stopped".into())),
                     }
                 }
-                reply = rx.recv() => break reply,
+                reply = replies.recv(target, head_timeout) => break reply,
                 _ = sleep_until(deadline) => return Err(GatewayError::Timeout(head_timeout)),
             }
         };
-        let head_bytes = match first_reply {
-            Ok(Some(b)) => b,
-            Ok(None) => return Err(GatewayError::BadHead("the app closed the response without a head".into())),
-            Err(e) => return Err(client_error(e)),
+        let head_bytes = match first_reply? {
+            Some(b) => b,
+            None => return Err(GatewayError::BadHead("the app closed the response without a head".into())),
         };
         let head = ResponseHead::decode(&head_bytes).map_err(|e| GatewayError::BadHead(e.to_string()))?;
         let mut resp = Response::new(Body::empty());
@@ -463,8 +523,114 @@ impl Gateway {
                 .map_err(|_| GatewayError::BadHead(format!("invalid value of header {name}")))?;
             resp.headers_mut().append(name, value);
         }
-        *resp.body_mut() = response_body(rx, self.config.idle_timeout, self.metrics.clone(), guard, abort, upload_done);
+        let ctx = (target.clone(), head_timeout);
+        *resp.body_mut() = response_body(replies, ctx, self.config.idle_timeout, self.metrics.clone(), guard, abort);
         Ok(resp)
+    }
+
+    /// Opens the invocation: on the local engine when it has the app, else through the locator.
+    async fn open(&self, target: &Target) -> Result<Call, GatewayError> {
+        if let Some(engine) = &self.local {
+            match engine.invoke(&target.app, &target.event).await {
+                Ok(session) => return Ok(Call::Local(session)),
+                // Not an app of this node: the locator finds it in the cluster, or says so.
+                Err(EngineError::UnknownApp(_) | EngineError::InvalidName(_)) => {}
+                Err(EngineError::Rejected(r)) => return Err(GatewayError::from_rejection(&r, target)),
+                Err(e) => return Err(GatewayError::Unavailable { app: target.app.clone(), message: e.to_string() }),
+            }
+        }
+        let handle = self.handles(&target.app).pick().clone();
+        let stream = handle
+            .enqueue(&target.event)
+            .await
+            .map_err(|e| GatewayError::from_client(&e, target, self.config.head_timeout))?;
+        Ok(Call::Remote(stream))
+    }
+}
+
+/// Replies buffered per large local upload before its relay stops reading the engine.
+const RELAY_BUFFER: usize = 64;
+
+/// One open invocation.
+enum Call {
+    /// On this node's engine.
+    Local(Session),
+    /// Through the locator (another node's app, or no local engine).
+    Remote(nodus_engine::client::Stream),
+}
+
+/// The reply side of one invocation.
+enum Replies {
+    /// A local session whose request side is closed.
+    Local(Session),
+    /// A local session owned by the relay task of a large upload.
+    Relayed(mpsc::Receiver<Result<Bytes, SessionError>>),
+    /// Through the locator.
+    Remote(StreamReceiver),
+}
+
+impl Replies {
+    /// The next chunk; `None` once the app closed the response.
+    async fn recv(&mut self, target: &Target, head_timeout: Duration) -> Result<Option<Bytes>, GatewayError> {
+        match self {
+            Replies::Local(s) => s.recv().await.map_err(|e| GatewayError::from_session(&e, target)),
+            Replies::Relayed(rx) => match rx.recv().await {
+                Some(Ok(b)) => Ok(Some(b)),
+                Some(Err(e)) => Err(GatewayError::from_session(&e, target)),
+                None => Ok(None),
+            },
+            Replies::Remote(rx) => rx.recv().await.map_err(|e| GatewayError::from_client(&e, target, head_timeout)),
+        }
+    }
+}
+
+/// A large upload to a local session: sends the body in pieces while relaying the replies
+/// (a session is one object, so one task serves both directions).
+async fn relay(
+    mut session: Session,
+    mut first: Bytes,
+    mut body: BodyReader,
+    metrics: Arc<Metrics>,
+    done: oneshot::Sender<Result<(), GatewayError>>,
+    down: mpsc::Sender<Result<Bytes, SessionError>>,
+) {
+    let mut done = Some(done);
+    let lost = |e: SessionError| GatewayError::WorkerFailed(format!("while sending the body: {e}"));
+    loop {
+        tokio::select! {
+            piece = async {
+                if first.is_empty() {
+                    body.next_piece().await
+                } else {
+                    Ok(Some(first.split_to(first.len().min(UPLOAD_CHUNK_BYTES))))
+                }
+            }, if done.is_some() => {
+                let sent = match piece {
+                    Ok(Some(p)) => {
+                        metrics.request_bytes(p.len());
+                        match session.send(p).await.map_err(lost) {
+                            Ok(()) => continue,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Ok(None) => session.close().await.map_err(lost),
+                    Err(e) => Err(e),
+                };
+                if let Some(d) = done.take() {
+                    let _ = d.send(sent);
+                }
+            }
+            reply = session.recv() => {
+                let (item, end) = match reply {
+                    Ok(Some(b)) => (Ok(b), false),
+                    Ok(None) => return,
+                    Err(e) => (Err(e), true),
+                };
+                if down.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -634,29 +800,29 @@ async fn upload(
 /// aborts the response (the client sees an incomplete body, never a truncated one passed off
 /// as whole).
 fn response_body(
-    rx: StreamReceiver,
+    replies: Replies,
+    ctx: (Target, Duration),
     idle: Duration,
     metrics: Arc<Metrics>,
     guard: InFlight,
     abort: AbortOnDrop,
-    upload: Option<oneshot::Receiver<Result<(), GatewayError>>>,
 ) -> Body {
     struct State {
-        rx: StreamReceiver,
+        replies: Replies,
+        ctx: (Target, Duration),
         idle: Duration,
         metrics: Arc<Metrics>,
         _guard: InFlight,
         _abort: AbortOnDrop,
-        _upload: Option<oneshot::Receiver<Result<(), GatewayError>>>,
         done: bool,
     }
-    let state = State { rx, idle, metrics, _guard: guard, _abort: abort, _upload: upload, done: false };
+    let state = State { replies, ctx, idle, metrics, _guard: guard, _abort: abort, done: false };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
         loop {
-            let item = match tokio::time::timeout(s.idle, s.rx.recv()).await {
+            let item = match tokio::time::timeout(s.idle, s.replies.recv(&s.ctx.0, s.ctx.1)).await {
                 Ok(Ok(Some(chunk))) if chunk.is_empty() => continue,
                 Ok(Ok(Some(chunk))) => {
                     s.metrics.response_bytes(chunk.len());
@@ -664,12 +830,12 @@ fn response_body(
                 }
                 Ok(Ok(None)) => return None,
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "app response failed after the head; aborting it");
+                    tracing::debug!(app = %s.ctx.0.app, error = %e, "app response failed after the head; aborting it");
                     s.done = true;
                     Err(std::io::Error::other(e.to_string()))
                 }
                 Err(_) => {
-                    tracing::debug!(idle = ?s.idle, "app response stalled; aborting it");
+                    tracing::debug!(app = %s.ctx.0.app, idle = ?s.idle, "app response stalled; aborting it");
                     s.done = true;
                     Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the app stopped sending its response"))
                 }

@@ -12,7 +12,7 @@
 //! use nodus_http::{Http, HttpConfig};
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:4080").await?;
 //! let http = Http::new(HttpConfig::default(), Default::default())
-//!     .with_gateway("127.0.0.1:10053") // the node's locator
+//!     .with_gateway("127.0.0.1:10053", None) // the node's locator
 //!     .with_view(view);
 //! http.serve(listener, None, async { let _ = tokio::signal::ctrl_c().await; }).await;
 //! # Ok(()) }
@@ -84,9 +84,10 @@ impl Http {
         Http { config, metrics, gateway: None, view: None, stop: CancellationToken::new() }
     }
 
-    /// Adds the gateway to apps, reached through the locator at `locator` (`host:port`).
-    pub fn with_gateway(mut self, locator: impl Into<String>) -> Http {
-        let gateway = Gateway::new(locator, self.config.gateway.clone(), self.metrics.clone());
+    /// Adds the gateway to apps, reached through the locator at `locator` (`host:port`); apps
+    /// of `local` (the node's own engine) are invoked on it directly.
+    pub fn with_gateway(mut self, locator: impl Into<String>, local: Option<nodus_engine::Engine>) -> Http {
+        let gateway = Gateway::new(locator, local, self.config.gateway.clone(), self.metrics.clone());
         self.gateway = Some(Arc::new(gateway));
         self
     }

@@ -26,15 +26,43 @@ fn config() -> HttpConfig {
     }
 }
 
-async fn web_node(config: HttpConfig) -> Node {
-    let roomy =
-        Profile { pool_limit: 1, concurrency: 16, terminate_timeout: Duration::from_secs(1), ..Profile::default() };
-    Node::start(config, |dir| vec![rust_app(dir, "web", roomy)]).await
+/// Runs a test body once with the gateway reaching apps on the local engine and once through
+/// the locator's TCP service.
+macro_rules! both_paths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn via_engine() {
+                super::$name(Via::Engine).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn via_locator() {
+                super::$name(Via::Locator).await
+            }
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_trip_with_a_rust_worker() {
-    let node = web_node(config()).await;
+both_paths!(
+    round_trip_with_a_rust_worker,
+    streams_the_response_as_the_worker_writes_it,
+    large_uploads_reach_the_worker_in_bounded_chunks,
+    failures_map_to_http_errors,
+    no_head_in_time_is_a_gateway_timeout,
+    a_full_queue_is_service_unavailable_with_retry_after,
+);
+
+async fn web_node(config: HttpConfig, via: Via) -> Node {
+    let roomy =
+        Profile { pool_limit: 1, concurrency: 16, terminate_timeout: Duration::from_secs(1), ..Profile::default() };
+    Node::start(config, via, |dir| vec![rust_app(dir, "web", roomy)]).await
+}
+
+async fn round_trip_with_a_rust_worker(via: Via) {
+    let node = web_node(config(), via).await;
     let r = request(node.http, "POST", "/web/http/some/path?x=1", &[("content-type", "text/plain")], "hello").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.headers["x-worker"], "rust");
@@ -72,9 +100,8 @@ async fn round_trip_with_a_rust_worker() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_the_response_as_the_worker_writes_it() {
-    let node = web_node(config()).await;
+async fn streams_the_response_as_the_worker_writes_it(via: Via) {
+    let node = web_node(config(), via).await;
     let mut conn = Conn::open(node.http).await;
     let resp = conn.send(Request::get("/web/stream?id=s1").header("host", "x").body(full(Bytes::new())).unwrap()).await;
     assert_eq!(resp.status(), 200);
@@ -90,9 +117,8 @@ async fn streams_the_response_as_the_worker_writes_it() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_uploads_reach_the_worker_in_bounded_chunks() {
-    let node = web_node(config()).await;
+async fn large_uploads_reach_the_worker_in_bounded_chunks(via: Via) {
+    let node = web_node(config(), via).await;
     // 3 MiB and a bit, sent chunked in uneven pieces as the client produces them.
     let data: Vec<u8> = (0..3 * 1024 * 1024 + 4321).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -133,9 +159,8 @@ fn assert_error(r: &Reply, status: u16, code: &str) {
     assert!(!r.json()["message"].as_str().unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_map_to_http_errors() {
-    let node = web_node(config()).await;
+async fn failures_map_to_http_errors(via: Via) {
+    let node = web_node(config(), via).await;
     assert_error(&get(node.http, "/nosuch/http").await, 404, "unknown_app");
     assert_error(&get(node.http, "/web/nosuch").await, 404, "unknown_event");
     assert_error(&get(node.http, "/web/fail").await, 500, "app_error");
@@ -161,11 +186,10 @@ async fn failures_map_to_http_errors() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_head_in_time_is_a_gateway_timeout() {
+async fn no_head_in_time_is_a_gateway_timeout(via: Via) {
     let mut c = config();
     c.gateway.head_timeout = Duration::from_millis(700);
-    let node = web_node(c).await;
+    let node = web_node(c, via).await;
     // A warm worker first, so the timeout measures the app, not a cold start.
     assert_eq!(get(node.http, "/web/http").await.status, 200);
     let r = get(node.http, "/web/silent").await;
@@ -173,11 +197,10 @@ async fn no_head_in_time_is_a_gateway_timeout() {
     node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_is_service_unavailable_with_retry_after() {
+async fn a_full_queue_is_service_unavailable_with_retry_after(via: Via) {
     // One worker, one request at a time, one waiting.
     let tight = Profile { pool_limit: 1, concurrency: 1, queue_limit: 1, ..Profile::default() };
-    let node = Node::start(config(), |dir| vec![rust_app(dir, "tight", tight)]).await;
+    let node = Node::start(config(), via, |dir| vec![rust_app(dir, "tight", tight)]).await;
     // A keeps the only worker busy for as long as its upload lasts.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(Bytes::from(vec![1u8; UPLOAD_CHUNK_BYTES + 1000])).await.unwrap();
@@ -208,7 +231,7 @@ async fn a_full_queue_is_service_unavailable_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_gateway_requests() {
-    let node = web_node(config()).await;
+    let node = web_node(config(), Via::Engine).await;
     let value = |text: &str, name: &str| -> f64 {
         text.lines()
             .filter(|l| !l.starts_with('#'))
@@ -245,7 +268,7 @@ async fn a_token_is_required_unless_the_route_is_public() {
         token_on_loopback: true,
         ..config()
     };
-    let node = web_node(config).await;
+    let node = web_node(config, Via::Engine).await;
     let bearer = format!("Bearer {token}");
     let r = get(node.http, "/web/http").await;
     assert_error(&r, 401, "unauthorized");
@@ -291,7 +314,7 @@ impl Directory for Elsewhere {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_on_other_nodes_are_reached_through_the_locator() {
     // Node B runs the app; node A runs none and only knows B's endpoint from its directory.
-    let b = web_node(config()).await;
+    let b = web_node(config(), Via::Engine).await;
     let (host, port) = {
         let probe = AppClient::new(b.locator.to_string());
         let e = within("resolve on B", probe.resolve("web")).await.unwrap();
@@ -311,7 +334,9 @@ async fn apps_on_other_nodes_are_reached_through_the_locator() {
     }));
     let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = http_listener.local_addr().unwrap();
-    let gw = nodus_http::Http::new(config(), Default::default()).with_gateway(a_locator.to_string());
+    // A's own engine does not have the app: the gateway falls back to A's locator.
+    let gw =
+        nodus_http::Http::new(config(), Default::default()).with_gateway(a_locator.to_string(), Some(a_engine.clone()));
     let (stop_http, stopped_http) = tokio::sync::oneshot::channel::<()>();
     let http_server = tokio::spawn(gw.serve(http_listener, None, async move {
         let _ = stopped_http.await;
@@ -332,7 +357,7 @@ async fn apps_on_other_nodes_are_reached_through_the_locator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_requests_in_flight_finish() {
-    let mut node = web_node(config()).await;
+    let mut node = web_node(config(), Via::Engine).await;
     let mut conn = Conn::open(node.http).await;
     let resp = conn.send(Request::get("/web/stream?id=g1").header("host", "x").body(full(Bytes::new())).unwrap()).await;
     let mut body = resp.into_body();

@@ -55,7 +55,7 @@ async fn python_cocaine_web_apps_behind_the_gateway() {
         gateway: GatewayConfig { max_body_bytes: 16 << 20, ..GatewayConfig::default() },
         ..HttpConfig::default()
     };
-    let node = Node::start(config, |dir| vec![python_app(dir, &python)]).await;
+    let node = Node::start(config, Via::Engine, |dir| vec![python_app(dir, &python)]).await;
     let crashlog = |node: &Node| format!("{:#?}", node.engine.crashlog("pyweb"));
 
     // The `http` decorator: method, URI, headers, query arguments, body.

@@ -37,6 +37,15 @@ pub fn rust_app(dir: &Path, name: &str, profile: Profile) -> AppSpec {
     AppSpec { name: name.to_string(), dir: dir.to_path_buf(), manifest, profile }
 }
 
+/// How the gateway reaches the node's apps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The local engine directly (as the daemon mounts it).
+    Engine,
+    /// The locator's TCP service (as it reaches apps on other nodes).
+    Locator,
+}
+
 /// An engine, its locator and an HTTP listener with the gateway, all on 127.0.0.1:0.
 pub struct Node {
     pub engine: Engine,
@@ -50,7 +59,8 @@ pub struct Node {
 
 impl Node {
     /// Starts the node; `apps` gets the temporary directory and returns the apps to start.
-    pub async fn start(config: HttpConfig, apps: impl FnOnce(&Path) -> Vec<AppSpec>) -> Node {
+    /// `path` says how the gateway reaches them.
+    pub async fn start(config: HttpConfig, path: Via, apps: impl FnOnce(&Path) -> Vec<AppSpec>) -> Node {
         let dir = tempfile::Builder::new().prefix("nh").tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let locator = listener.local_addr().unwrap();
@@ -68,7 +78,8 @@ impl Node {
         }));
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = http_listener.local_addr().unwrap();
-        let server = Http::new(config, Default::default()).with_gateway(locator.to_string());
+        let local = (path == Via::Engine).then(|| engine.clone());
+        let server = Http::new(config, Default::default()).with_gateway(locator.to_string(), local);
         let metrics = server.metrics().clone();
         let (stop_http, stopped_http) = oneshot::channel::<()>();
         let http_server = tokio::spawn(server.serve(http_listener, None, async move {
