@@ -100,7 +100,7 @@ fn unauthorized(message: &str) -> Response {
     resp
 }
 
-async fn front(State(s): State<Shared>, req: Request, next: Next) -> Response {
+async fn front(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let peer = req
         .extensions()
         .get::<Peer>()
@@ -170,21 +170,21 @@ fn no_view() -> Response {
     dashboard::json_error(StatusCode::SERVICE_UNAVAILABLE, "no_state", "this listener has no node state to show")
 }
 
-async fn snapshot(State(s): State<Shared>) -> Response {
+async fn snapshot(State(s): State<Arc<Shared>>) -> Response {
     match &s.view {
         Some(view) => axum::Json(view.snapshot().await).into_response(),
         None => no_view(),
     }
 }
 
-async fn events(State(s): State<Shared>) -> Response {
+async fn events(State(s): State<Arc<Shared>>) -> Response {
     match &s.view {
         Some(view) => dashboard::events(view.clone(), s.feed, s.stop.clone()).into_response(),
         None => no_view(),
     }
 }
 
-async fn metrics_text(State(s): State<Shared>) -> Response {
+async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
     let snapshot = match &s.view {
         Some(view) => Some(view.snapshot().await),
         None => None,
@@ -204,6 +204,8 @@ async fn not_found() -> Response {
 
 /// The whole listener as one axum router.
 pub(crate) fn router(shared: Shared) -> Router {
+    // One Arc per request instead of a clone of every field.
+    let shared = Arc::new(shared);
     Router::new()
         .route("/", get(index))
         .route("/ui/app.js", get(app_js))

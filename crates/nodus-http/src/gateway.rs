@@ -447,9 +447,14 @@ impl Gateway {
         };
 
         let head_timeout = self.config.head_timeout;
-        let call = tokio::time::timeout(head_timeout, self.open(target))
-            .await
-            .map_err(|_| GatewayError::Timeout(head_timeout))??;
+        // One timer for the request: it bounds opening the invocation and waiting for the head,
+        // and restarts once a large upload has reached the worker.
+        let deadline = tokio::time::sleep(head_timeout);
+        tokio::pin!(deadline);
+        let call = tokio::select! {
+            call = self.open(target) => call?,
+            _ = &mut deadline => return Err(GatewayError::Timeout(head_timeout)),
+        };
         let head_chunk = head.encode();
         self.metrics.request_bytes(head.body.len());
         let mut upload_done: Option<oneshot::Receiver<Result<(), GatewayError>>> = None;
@@ -490,20 +495,23 @@ impl Gateway {
             }
         };
 
-        // Wait for the head; the head timeout starts once the worker has the whole request.
-        let mut deadline = upload_done.is_none().then(|| tokio::time::Instant::now() + head_timeout);
+        // Wait for the head; during a large upload only the idle timeout applies, and the head
+        // timeout starts again once the worker has the whole request.
+        let uploading = upload_done.is_some();
         let first_reply = loop {
             tokio::select! {
                 done = async { upload_done.as_mut().expect("guarded").await }, if upload_done.is_some() => {
                     upload_done = None;
                     match done {
-                        Ok(Ok(())) => deadline = Some(tokio::time::Instant::now() + head_timeout),
+                        Ok(Ok(())) => deadline.as_mut().reset(tokio::time::Instant::now() + head_timeout),
                         Ok(Err(e)) => return Err(e),
                         Err(_) => return Err(GatewayError::BodyRead("the upload stopped".into())),
                     }
                 }
                 reply = replies.recv(target, head_timeout) => break reply,
-                _ = sleep_until(deadline) => return Err(GatewayError::Timeout(head_timeout)),
+                _ = &mut deadline, if !uploading || upload_done.is_none() => {
+                    return Err(GatewayError::Timeout(head_timeout));
+                }
             }
         };
         let head_bytes = match first_reply? {
@@ -523,8 +531,34 @@ impl Gateway {
                 .map_err(|_| GatewayError::BadHead(format!("invalid value of header {name}")))?;
             resp.headers_mut().append(name, value);
         }
+        // Whatever already followed the head: a response that is complete by now goes out
+        // whole (one write, a Content-Length), anything else streams as it comes.
+        let mut ready = Vec::new();
+        loop {
+            match replies.recv(target, head_timeout).now_or_never() {
+                Some(Ok(Some(chunk))) => {
+                    if !chunk.is_empty() {
+                        ready.push(chunk);
+                    }
+                }
+                Some(Ok(None)) => {
+                    let body = match ready.len() {
+                        0 => Bytes::new(),
+                        1 => ready.pop().unwrap_or_default(),
+                        _ => ready.concat().into(),
+                    };
+                    self.metrics.response_bytes(body.len());
+                    *resp.body_mut() = Body::from(body);
+                    return Ok(resp);
+                }
+                // Nothing of the response has gone out yet, so the failure is still an answer.
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
         let ctx = (target.clone(), head_timeout);
-        *resp.body_mut() = response_body(replies, ctx, self.config.idle_timeout, self.metrics.clone(), guard, abort);
+        *resp.body_mut() =
+            response_body(ready, replies, ctx, self.config.idle_timeout, self.metrics.clone(), guard, abort);
         Ok(resp)
     }
 
@@ -631,13 +665,6 @@ async fn relay(
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -800,6 +827,7 @@ async fn upload(
 /// aborts the response (the client sees an incomplete body, never a truncated one passed off
 /// as whole).
 fn response_body(
+    ready: Vec<Bytes>,
     replies: Replies,
     ctx: (Target, Duration),
     idle: Duration,
@@ -808,6 +836,7 @@ fn response_body(
     abort: AbortOnDrop,
 ) -> Body {
     struct State {
+        ready: std::vec::IntoIter<Bytes>,
         replies: Replies,
         ctx: (Target, Duration),
         idle: Duration,
@@ -816,13 +845,23 @@ fn response_body(
         _abort: AbortOnDrop,
         done: bool,
     }
-    let state = State { replies, ctx, idle, metrics, _guard: guard, _abort: abort, done: false };
+    let ready = ready.into_iter();
+    let state = State { ready, replies, ctx, idle, metrics, _guard: guard, _abort: abort, done: false };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
+        if let Some(chunk) = s.ready.next() {
+            s.metrics.response_bytes(chunk.len());
+            return Some((Ok(chunk), s));
+        }
         loop {
-            let item = match tokio::time::timeout(s.idle, s.replies.recv(&s.ctx.0, s.ctx.1)).await {
+            // A chunk that is there already needs no timer.
+            let next = match s.replies.recv(&s.ctx.0, s.ctx.1).now_or_never() {
+                Some(r) => Ok(r),
+                None => tokio::time::timeout(s.idle, s.replies.recv(&s.ctx.0, s.ctx.1)).await,
+            };
+            let item = match next {
                 Ok(Ok(Some(chunk))) if chunk.is_empty() => continue,
                 Ok(Ok(Some(chunk))) => {
                     s.metrics.response_bytes(chunk.len());

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use http_body_util::BodyExt;
 use hyper::Request;
 use nodus_engine::manifest::Manifest;
 use nodus_engine::profile::Profile;
@@ -36,8 +37,9 @@ fn python_app(dir: &Path, python: &Path) -> AppSpec {
     let mut manifest = Manifest::new(python.to_string_lossy());
     manifest.args.push(script.to_string_lossy().into_owned());
     manifest.env.insert("PYTHONDONTWRITEBYTECODE".into(), "1".into());
+    // One worker process, so `stream` and `release` meet in it.
     let profile = Profile {
-        pool_limit: 2,
+        pool_limit: 1,
         startup_timeout: Duration::from_secs(20),
         terminate_timeout: Duration::from_secs(5),
         ..Profile::default()
@@ -83,13 +85,18 @@ async fn python_cocaine_web_apps_behind_the_gateway() {
     let r = request(node.http, "GET", "/by/headers?x=1", &h, Bytes::new()).await;
     assert_eq!(r.json()["uri"], "/by/headers?x=1");
 
-    // A streamed response: the head, then each write as a chunk.
+    // A streamed response: the head and the first part arrive while the handler still waits.
     let mut conn = Conn::open(node.http).await;
-    let resp = conn.send(Request::get("/pyweb/stream").header("host", "x").body(full(Bytes::new())).unwrap()).await;
+    let resp =
+        conn.send(Request::get("/pyweb/stream?id=p1").header("host", "x").body(full(Bytes::new())).unwrap()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["transfer-encoding"], "chunked");
-    let r = collect(resp).await;
-    assert_eq!(r.text(), "part-0\npart-1\npart-2\npart-3\npart-4\n");
+    let mut body = resp.into_body();
+    let first = within("first part", body.frame()).await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "part-0\n");
+    assert_eq!(get(node.http, "/pyweb/release?id=p1").await.text(), "released");
+    let rest = within("rest of the body", body.collect()).await.unwrap().to_bytes();
+    assert_eq!(rest, "part-1\npart-2\npart-3\npart-4\n");
 
     // A large upload: 2.5 MiB reaches the handler whole, in chunks the framework accepts.
     let data: Vec<u8> = (0..5 * 512 * 1024 + 77).map(|i: u32| (i.wrapping_mul(40503) >> 7) as u8).collect();

@@ -5,7 +5,9 @@
 # Events:
 #   http    - `http` decorator: answers JSON describing the request (method, uri, version,
 #             headers, query arguments, body length and FNV-1a hash, chunks read)
-#   stream  - `http` decorator: answers the head, then "part-0" .. "part-4" as separate chunks
+#   stream  - `http` decorator: answers the head and "part-0", waits until `release?id=ID` is
+#             called with the same id, then sends "part-1" .. "part-4" and closes
+#   release - `http` decorator: wakes the `stream` waiting on `?id=ID`
 #   wsgi    - `wsgi` decorator around a plain WSGI application: answers JSON built from the
 #             WSGI environ and the body it read
 #   fail    - `http` decorator: raises after reading the request
@@ -19,6 +21,7 @@ import json
 
 import msgpack
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
+from tornado.locks import Event
 
 from cocaine.decorators import http, http_dec, wsgi
 from cocaine.exceptions import ChokeEvent
@@ -85,12 +88,31 @@ def describe(request, response):
     response.close()
 
 
+_gates = {}
+
+
+def gate(req):
+    return _gates.setdefault(req.request.get("id", ""), Event())
+
+
 @http
 def stream(request, response):
-    yield request.read()
+    req = yield request.read()
+    released = gate(req)
     response.write_head(200, [("Content-Type", "text/plain")])
-    for i in range(5):
+    response.write("part-0\n")
+    yield released.wait()
+    for i in range(1, 5):
         response.write("part-%d\n" % i)
+    response.close()
+
+
+@http
+def release(request, response):
+    req = yield request.read()
+    gate(req).set()
+    response.write_head(200, [("Content-Type", "text/plain")])
+    response.write("released")
     response.close()
 
 
@@ -117,7 +139,7 @@ def wsgi_application(environ, start_response):
 
 def main():
     w = Worker()
-    w.run({"http": describe, "stream": stream, "fail": fail, "wsgi": wsgi(wsgi_application)})
+    w.run({"http": describe, "stream": stream, "release": release, "fail": fail, "wsgi": wsgi(wsgi_application)})
 
 
 if __name__ == "__main__":
