@@ -534,9 +534,11 @@ impl Gateway {
         // Whatever already followed the head: a response that is complete by now goes out
         // whole (one write, a Content-Length), anything else streams as it comes.
         let mut ready = Vec::new();
-        loop {
+        let mut ready_bytes = 0;
+        while ready_bytes < WHOLE_RESPONSE_BYTES {
             match replies.recv(target, head_timeout).now_or_never() {
                 Some(Ok(Some(chunk))) => {
+                    ready_bytes += chunk.len();
                     if !chunk.is_empty() {
                         ready.push(chunk);
                     }
@@ -581,6 +583,9 @@ impl Gateway {
         Ok(Call::Remote(stream))
     }
 }
+
+/// Largest response sent whole when it is complete at its head; longer ones stream.
+const WHOLE_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// Replies buffered per large local upload before its relay stops reading the engine.
 const RELAY_BUFFER: usize = 64;
