@@ -36,7 +36,7 @@ use http_body_util::BodyExt;
 use nodus_engine::balance::Rejection;
 use nodus_engine::client::{AppClient, ClientError, ClientOptions, ServiceHandle, StreamReceiver, StreamSender};
 use nodus_engine::service::errors;
-use nodus_engine::{Engine, EngineError, Session, SessionError};
+use nodus_engine::{AppCaller, Engine, Session, SessionError};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -451,23 +451,22 @@ impl Gateway {
         // and restarts once a large upload has reached the worker.
         let deadline = tokio::time::sleep(head_timeout);
         tokio::pin!(deadline);
-        let call = tokio::select! {
-            call = self.open(target) => call?,
-            _ = &mut deadline => return Err(GatewayError::Timeout(head_timeout)),
-        };
         let head_chunk = head.encode();
         self.metrics.request_bytes(head.body.len());
+        let call = match self.local_caller(target) {
+            // The request chunk (and, for a small body, the end of the input) travel with the
+            // invocation itself: one event to the app's task.
+            Some(caller) => Call::Local(caller.open(target.event.as_str(), head_chunk.clone(), !more)),
+            None => tokio::select! {
+                stream = self.open_remote(target) => Call::Remote(stream?),
+                _ = &mut deadline => return Err(GatewayError::Timeout(head_timeout)),
+            },
+        };
         let mut upload_done: Option<oneshot::Receiver<Result<(), GatewayError>>> = None;
         let mut abort = AbortOnDrop(None);
         let mut replies = match call {
-            Call::Local(mut session) if !more => {
-                let lost = |e: SessionError| GatewayError::from_session(&e, target);
-                session.send(head_chunk).await.map_err(lost)?;
-                session.close().await.map_err(lost)?;
-                Replies::Local(session)
-            }
-            Call::Local(mut session) => {
-                session.send(head_chunk).await.map_err(|e| GatewayError::from_session(&e, target))?;
+            Call::Local(session) if !more => Replies::Local(session),
+            Call::Local(session) => {
                 let (done_tx, done_rx) = oneshot::channel();
                 let (down_tx, down_rx) = mpsc::channel(RELAY_BUFFER);
                 let task = tokio::spawn(relay(session, first, body, self.metrics.clone(), done_tx, down_tx));
@@ -564,23 +563,16 @@ impl Gateway {
         Ok(resp)
     }
 
-    /// Opens the invocation: on the local engine when it has the app, else through the locator.
-    async fn open(&self, target: &Target) -> Result<Call, GatewayError> {
-        if let Some(engine) = &self.local {
-            match engine.invoke(&target.app, &target.event).await {
-                Ok(session) => return Ok(Call::Local(session)),
-                // Not an app of this node: the locator finds it in the cluster, or says so.
-                Err(EngineError::UnknownApp(_) | EngineError::InvalidName(_)) => {}
-                Err(EngineError::Rejected(r)) => return Err(GatewayError::from_rejection(&r, target)),
-                Err(e) => return Err(GatewayError::Unavailable { app: target.app.clone(), message: e.to_string() }),
-            }
-        }
+    /// The local engine's caller for the app, when this node runs it; other names go through
+    /// the locator, which finds them in the cluster (or says they do not exist).
+    fn local_caller(&self, target: &Target) -> Option<AppCaller> {
+        self.local.as_ref()?.caller(&target.app).ok()
+    }
+
+    /// Opens the invocation through the locator.
+    async fn open_remote(&self, target: &Target) -> Result<nodus_engine::client::Stream, GatewayError> {
         let handle = self.handles(&target.app).pick().clone();
-        let stream = handle
-            .enqueue(&target.event)
-            .await
-            .map_err(|e| GatewayError::from_client(&e, target, self.config.head_timeout))?;
-        Ok(Call::Remote(stream))
+        handle.enqueue(&target.event).await.map_err(|e| GatewayError::from_client(&e, target, self.config.head_timeout))
     }
 }
 
