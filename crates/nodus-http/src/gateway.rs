@@ -9,6 +9,12 @@
 //! every later chunk is streamed to the client as it arrives (chunked transfer unless the app
 //! set `Content-Length`).
 //!
+//! The worker sees the request's end-to-end headers in canonical spelling (`Content-Type`), minus
+//! the node's token (the `Authorization` header that carried it, the `nodus_token` cookie), plus
+//! `X-Real-IP` with the peer's address when the client sent none (the Python framework reads the
+//! remote address from it). Apps of this node are invoked on its engine directly; other names
+//! go through the locator, which resolves them anywhere in the cluster.
+//!
 //! Failures before the head are answered with a short JSON body `{"error": code, "message":
 //! text}`: 404 unknown app or event, 503 queue full or app unavailable (with `Retry-After`), 504
 //! no head in time, 502 worker crashed, sent a malformed head, or the node could not be reached,
