@@ -115,3 +115,8 @@ for name in plain gateway locator; do
     printf '%-44s %12.0f %10.2f %8s\n' "$label" "$rps" "$p99" "$ratio"
 done
 echo "target: gateway (engine) >= 0.40 x plain"
+for name in gateway locator; do
+    url_var="URL_$name"
+    failed="$(curl -s "${!url_var%/noop/noop}/metrics" | awk '/^nodus_gateway_requests_total/ && !/code="200"/ {print}')"
+    [ -z "$failed" ] || echo "$name answered errors: $failed"
+done
