@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -235,7 +236,13 @@ pub enum EngineEvent {
 struct AppHandle {
     tx: mpsc::Sender<AppEvent>,
     crashlog: Arc<Mutex<VecDeque<CrashRecord>>>,
+    /// Session ids chosen by callers ([`AppCaller::open`]); they start at [`CALLER_IDS`], far
+    /// above the ids the app's task hands out itself.
+    caller_ids: Arc<AtomicU64>,
 }
+
+/// The first session id a caller chooses itself.
+const CALLER_IDS: u64 = 1 << 63;
 
 struct Inner {
     config: EngineConfig,
@@ -296,6 +303,8 @@ impl std::fmt::Debug for CallDone {
 pub struct AppCaller {
     tx: mpsc::Sender<AppEvent>,
     limit: usize,
+    ids: Arc<AtomicU64>,
+    session_messages: usize,
 }
 
 impl AppCaller {
@@ -319,6 +328,37 @@ impl AppCaller {
             }
             Err(_) => unreachable!("try_send gives back the event it was given"),
         }
+    }
+
+    /// Opens a streaming session in one event: `event` with `body` as its first input chunk
+    /// (none when empty), the input closed when `close`. Unlike [`Engine::invoke`] it never
+    /// waits for the app's task: a refusal (queue full, the app failed or stopped, its event
+    /// queue full) arrives as the session's first error, [`SessionError::Rejected`].
+    pub fn open(&self, event: impl Into<String>, body: Bytes, close: bool) -> Session {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let (down_tx, down_rx) = mpsc::channel(self.session_messages.max(1));
+        let mut pending = Vec::with_capacity(2);
+        if !body.is_empty() {
+            pending.push(Up::Chunk(body));
+        }
+        if close {
+            pending.push(Up::Choke);
+        }
+        let session = Session { id, app: self.tx.clone(), down: down_rx, up_closed: close, done: false };
+        let refused = match self.tx.try_send(AppEvent::Open { id, event: event.into(), pending, down: down_tx }) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(AppEvent::Open { down, .. })) => {
+                Some((down, SessionError::Rejected(Rejection::Busy { limit: self.limit })))
+            }
+            Err(mpsc::error::TrySendError::Closed(AppEvent::Open { down, .. })) => {
+                Some((down, SessionError::EngineGone))
+            }
+            Err(_) => unreachable!("try_send gives back the event it was given"),
+        };
+        if let Some((down, e)) = refused {
+            let _ = down.try_send(Down::Error(e));
+        }
+        session
     }
 }
 
@@ -369,7 +409,14 @@ impl Engine {
     /// # Errors
     /// An unknown app.
     pub fn caller(&self, app: &str) -> Result<AppCaller, EngineError> {
-        Ok(AppCaller { tx: self.handle(app)?, limit: self.inner.config.app_events })
+        let apps = self.inner.apps.lock().expect("apps lock");
+        let h = apps.get(app).ok_or_else(|| EngineError::UnknownApp(app.to_string()))?;
+        Ok(AppCaller {
+            tx: h.tx.clone(),
+            limit: self.inner.config.app_events,
+            ids: h.caller_ids.clone(),
+            session_messages: self.inner.config.session_messages,
+        })
     }
 
     fn handle(&self, app: &str) -> Result<mpsc::Sender<AppEvent>, EngineError> {
@@ -466,7 +513,7 @@ impl Engine {
             dirty: Vec::new(),
         };
         tokio::spawn(actor.run(rx));
-        Ok(AppHandle { tx, crashlog })
+        Ok(AppHandle { tx, crashlog, caller_ids: Arc::new(AtomicU64::new(CALLER_IDS)) })
     }
 
     /// Stops an app: queued requests are refused, workers are terminated (terminate, then
@@ -553,6 +600,8 @@ pub(crate) enum AppEvent {
     Invoke { event: String, reply: oneshot::Sender<Result<Session, EngineError>> },
     /// A caller makes a one-chunk call and collects the reply.
     Call { event: String, body: Bytes, done: CallDone },
+    /// A caller opens a session whose id and first input it chose ([`AppCaller::open`]).
+    Open { id: u64, event: String, pending: Vec<Up>, down: mpsc::Sender<Down> },
     /// A caller sends up a session.
     Up { session: u64, msg: Up },
     /// A caller dropped its session.
@@ -830,6 +879,20 @@ impl App {
                     }
                 }
             }
+            AppEvent::Open { id, event, pending, down } => match self.balancer.enqueue(id, now) {
+                Err(e) => {
+                    let _ = down.try_send(Down::Error(SessionError::Rejected(e)));
+                }
+                Ok(()) => {
+                    let entry = SessionEntry {
+                        event,
+                        sink: Sink::Stream(down),
+                        place: Place::Queued { pending },
+                        abandoned: false,
+                    };
+                    self.sessions.insert(id, entry);
+                }
+            },
             AppEvent::Up { session, msg } => self.up(session, msg),
             AppEvent::Dropped { session } => self.abandon(session),
             AppEvent::Accepted { conn, writer, reader, peer } => {
