@@ -176,7 +176,7 @@ proptest! {
         prop_assert_eq!(Packet::from_message(&round_trip_text(&m)), Ok(p.clone()));
         let mut buf = bytes::BytesMut::new();
         nodus_wire::binary::encode(&m, &mut buf, nodus_wire::DEFAULT_MAX_FRAME).unwrap();
-        prop_assert_eq!(Packet::from_message(&nodus_wire::binary::decode_body(&buf[4..]).unwrap()), Ok(p));
+        prop_assert_eq!(Packet::from_message(&nodus_wire::binary::decode_body(&bytes::Bytes::copy_from_slice(&buf[4..])).unwrap()), Ok(p));
     }
 
     #[test]

@@ -1110,7 +1110,7 @@ mod tests {
             assert_eq!(Packet::from_message(&back).as_ref(), Ok(&p), "{line}");
             let mut buf = bytes::BytesMut::new();
             nodus_wire::binary::encode(&m, &mut buf, nodus_wire::DEFAULT_MAX_FRAME).unwrap();
-            let back = nodus_wire::binary::decode_body(&buf[4..]).unwrap();
+            let back = nodus_wire::binary::decode_body(&bytes::Bytes::copy_from_slice(&buf[4..])).unwrap();
             assert_eq!(Packet::from_message(&back).as_ref(), Ok(&p));
         }
         assert_eq!(seen.len(), COMMANDS.len(), "every command is covered");
