@@ -7,23 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::{Bytes, BytesMut};
 use nodus_control::flags::{file, Flag, FlagRequest, Raise};
 use nodus_control::{Body, ComponentId, ControlMessage, Header, MonitoringResult, Spec};
-use nodus_daemon::auth::Origin;
-use nodus_daemon::router::{Action, Router, RouterLimits};
 use nodus_daemon::topology::NodeRecord;
-use nodus_daemon::Config;
 use nodus_engine::protocol::Message as Cocaine;
 use nodus_wire::{binary, text, Message};
 use rmpv::Value;
 
-/// The node every gossip seed is addressed to, with its incarnation (the gossip target runs it).
-pub mod cluster {
-    /// The node under test.
-    pub const ME: &str = "a";
-    /// Its neighbour.
-    pub const PEER: &str = "b";
-    /// `a`'s incarnation (its start time, as the daemon sets it).
-    pub const INCARNATION: i64 = 1_700_000_000_000;
-}
+use crate::cluster;
 
 /// Lines as the tests and the README write them.
 const LINES: &[&str] = &[
@@ -219,34 +208,17 @@ fn cocaine_service() -> Vec<Vec<u8>> {
     seeds
 }
 
-/// The gossip two real routers exchange when `a` links to `b`, and after `b` learns of `c`.
+/// The gossip `b` sends `a` when they link (signed by their routers), then records as a peer may
+/// send them: a cluster a - b - c with app endpoints, a newer record claiming to be `a`, a record
+/// in the old format (no apps), without MACs (the target signs records that have none) and one
+/// with a MAC that is wrong.
 fn gossip() -> Vec<Vec<u8>> {
-    let config = Config::default();
-    let limits = RouterLimits::from_config(&config.limits);
-    let new =
-        |name: &str, inc: i64| Router::new(name, &[], limits, config.cluster.clone(), format!("{name}:4041"), inc);
-    let mut a = new(cluster::ME, cluster::INCARNATION);
-    let mut b = new(cluster::PEER, cluster::INCARNATION + 7);
-    let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
-    a.dial(10, Origin::Dialed { addr: "b:4041".into(), tls: false }, &mut to_b);
-    b.connect(20, Origin::Cluster { peer: "127.0.0.2:5000".parse().expect("an address"), tls: false });
-    let mut payloads = Vec::new();
-    for _ in 0..4 {
-        for action in std::mem::take(&mut to_b) {
-            if let Action::Deliver(10, m) = action {
-                b.handle(20, m, cluster::INCARNATION, &mut to_a);
-            }
-        }
-        for action in std::mem::take(&mut to_a) {
-            if let Action::Deliver(20, m) = action {
-                if m.command == "GOSSIP" {
-                    payloads.push(m.payload.clone());
-                }
-                a.handle(10, m, cluster::INCARNATION, &mut to_b);
-            }
-        }
-    }
-    // A cluster a - b - c with app endpoints, and a record in the old format (no apps).
+    let (_, _, crossed) = cluster::linked(cluster::INCARNATION);
+    let mut payloads: Vec<Vec<u8>> = crossed
+        .iter()
+        .filter(|m| m.command == "GOSSIP" && m.from.server == cluster::PEER)
+        .map(|m| m.payload.to_vec())
+        .collect();
     let rec = |inc: i64, seq: u64, links: &[&str], services: &[&str]| NodeRecord {
         addr: "10.0.0.3:4041".into(),
         incarnation: inc,
@@ -254,13 +226,19 @@ fn gossip() -> Vec<Vec<u8>> {
         links: links.iter().map(|s| s.to_string()).collect(),
         services: services.iter().map(|s| s.to_string()).collect(),
         apps: BTreeMap::from([("echo".to_string(), ("10.0.0.3".to_string(), 4000))]),
+        mac: Vec::new(),
     };
     let records = BTreeMap::from([
-        (cluster::PEER.to_string(), rec(cluster::INCARNATION + 7, 3, &["a", "c"], &["billing"])),
+        (cluster::PEER.to_string(), rec(cluster::PEER_INCARNATION, 3, &["a", "c"], &["billing"])),
         ("c".to_string(), rec(5, 1, &["b"], &["echo", "jobs"])),
         (cluster::ME.to_string(), rec(cluster::INCARNATION, 1, &["b"], &[])),
     ]);
     payloads.push(rmp_serde::to_vec(&records).expect("records encode"));
+    let claim = BTreeMap::from([(cluster::ME.to_string(), rec(cluster::INCARNATION + 5, 9, &["x"], &["stolen"]))]);
+    payloads.push(rmp_serde::to_vec(&claim).expect("records encode"));
+    let mut forged = rec(cluster::PEER_INCARNATION, 4, &["a"], &[]);
+    forged.mac = vec![0x5a; 32];
+    payloads.push(rmp_serde::to_vec(&BTreeMap::from([(cluster::PEER, forged)])).expect("records encode"));
     let old = ("10.0.0.4:4041", 3i64, 1u64, BTreeSet::from(["a".to_string()]), BTreeSet::<String>::new());
     payloads.push(rmp_serde::to_vec(&BTreeMap::from([("d", old)])).expect("records encode"));
     payloads
