@@ -68,6 +68,47 @@ const FLAG_LINES: &[&str] = &[
     "ERROR code=manual_down;command=FLAG_DOWN;message=flag backup/nightly/failed is manual-down",
 ];
 
+/// arpcp request lines as `tests/arpcp.rs` (nodus-tasks) and the reference client send them,
+/// and answer lines as the node writes them.
+const ARPCP_LINES: &[&str] = &[
+    r#"{"method": "atask", "version": "0.3", "remote_procedure": "procs.add", "remote_procedure_args": [1, 2]}"#,
+    r#"{"method": "TASK", "version": "1.0", "remote_procedure": "procs.concat", "remote_procedure_args": ["a", "b"]}"#,
+    r#"{"method": "Signal", "version": "ARPCP/1.0", "atask_id": "0f8a-1", "atask_status": "accepted"}"#,
+    r#"{"method": "ID", "version": "1.0"}"#,
+    r#"{"method": "procedures", "version": "1.0"}"#,
+    r#"{"method": "get", "version": "1.0", "atask_id": "0f8a-1"}"#,
+    r#"{"method":"SIGNAL","version":1.0,"atask_id":"a","atask_status":"Terminate"}"#,
+    r#"{"method": "atask", "version": "1.0", "remote_procedure": "procs.sleep", "remote_procedure_args": [60000]}"#,
+    r#"{"method": "task", "version": "0.3", "remote_procedure": "procs.concat", "remote_procedure_args": ["h\u00e9llo ", "w\u00f6rld"]}"#,
+    r#"{"method": "task", "version": "1.0", "remote_procedure": "procs.fail", "remote_procedure_args": ["disk on fire"]}"#,
+    r#"{"method": "atask", "version": "1.0", "remote_procedure": "procs.add", "remote_procedure_args": {"a": 1}}"#,
+    r#"{"method": "signal", "version": "1.0", "atask_id": "x", "atask_status": "explode"}"#,
+    r#"{"method": "get", "version": "1.0", "atask_id": 42}"#,
+    r#"{"method": "fly", "version": "1.0"}"#,
+    r#"{"method": "id"}"#,
+    r#"{"method": "atask", "version": "2.0", "remote_procedure": "procs.add", "remote_procedure_args": [1, 2]}"#,
+    r#"["atask", 1]"#,
+    "hello",
+    r#"{"code":100,"description":"done","data":{"a":[1,2.5,null,true],"b":"\n"}}"#,
+    r#"{"code":205,"description":"unknown task no-such-task","data":null}"#,
+    r#"{"code":400,"description":"boom\nbang","data":null}"#,
+];
+
+/// Reply rows as the node writes them (`rows.rs` tests), by row kind of the rows target.
+const ROWS: &[(u8, &str)] = &[
+    (0, "echo@v2@running@3,hello@v1@stopped@0,bad@@failed@0,x@v1@starting@0"),
+    (1, "3f2a-11@4242@Active@2,3f2a-12@4243@Terminating@0"),
+    (2, "a@127.0.0.1:4042@up,b@10.0.0.2:4042@down"),
+    (3, "b@1@-3@0.42,c@-@-@0.00,d@5@0@inf"),
+    (4, "a:apps,b:images,c:"),
+    (
+        5,
+        "worker u1 at 1700000000: exit code 3 (crashed: exit code 3)\n    boom\n    line two\n\
+         worker u2 at 1700000009: never started\n",
+    ),
+    (6, "worker 6f1c-3f0e at 1700000000: killed by signal 9 (crashed: killed by signal 9)\n    Traceback:\n"),
+];
+
 fn with(first: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![first];
     v.extend_from_slice(body);
@@ -307,6 +348,107 @@ fn flags() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// The arpcp lines, bare (the target reads the input as the line).
+fn arpcp_line() -> Vec<Vec<u8>> {
+    let mut seeds: Vec<Vec<u8>> = ARPCP_LINES.iter().map(|l| l.as_bytes().to_vec()).collect();
+    seeds.push(b"{\"method\": \"atask\xff\xfe\", \"version\": \"1.0\"}".to_vec());
+    seeds
+}
+
+/// One packet of every manager/worker message, as a text line and as a binary body.
+fn tasks_cluster() -> Vec<Vec<u8>> {
+    use nodus_tasks::cluster::msg::{Refusal, RefuseReason, TaskReport};
+    use nodus_tasks::cluster::{AppPackage, Blob, Body, NodeType, Packet, ResultBody, Specs, TaskSpec, TaskStatus};
+    use nodus_tasks::task::{json, ErrorKind, Lease, UnixMs};
+    let id = |s: &str| s.parse().expect("a task id");
+    let package = AppPackage { app: "procs".into(), version: "v2".into(), hash: "ab".repeat(32), size: 4096 };
+    let bodies = vec![
+        Body::NodeTypeRequest { node_type: NodeType::Worker },
+        Body::NodeTypeAnswer { node_type: NodeType::Manager },
+        Body::ManagerRequest(Specs {
+            cores: 4,
+            memory: 8 << 30,
+            concurrency: 2,
+            queue: 2,
+            ip: "10.0.0.2".into(),
+            mac: "00:00:00:00:00:00".into(),
+            apps: vec![package.clone()],
+            procedures: vec!["procs.add".into(), "procs.concat".into()],
+        }),
+        Body::ManagerAnswer { accepted: true },
+        Body::ManagerBye,
+        Body::ManagerPing,
+        Body::ManagerPong,
+        Body::NotMine,
+        Body::Ack,
+        Body::TasksExecute {
+            tasks: vec![TaskSpec {
+                id: id("t-1"),
+                lease: Lease(7),
+                attempt: 1,
+                procedure: "procs.add".into(),
+                app: "procs".into(),
+                args: json("[1, 2]").expect("JSON"),
+                timeout: std::time::Duration::from_secs(30),
+                package: Some(package.clone()),
+            }],
+        },
+        Body::TasksRefused {
+            tasks: vec![Refusal { task_id: id("t-2"), reason: RefuseReason::Busy, message: "queue full".into() }],
+        },
+        Body::TasksPing { tasks: vec![id("t-1"), id("t-2")] },
+        Body::TasksPong {
+            tasks_status: vec![
+                TaskReport {
+                    task_id: id("t-1"),
+                    lease: Lease(7),
+                    status: TaskStatus::Started(UnixMs(1_700_000_000_000)),
+                },
+                TaskReport {
+                    task_id: id("t-2"),
+                    lease: Lease(8),
+                    status: TaskStatus::Completed(Some(json("3").expect("JSON"))),
+                },
+                TaskReport { task_id: id("t-3"), lease: Lease(9), status: TaskStatus::Error(ErrorKind::TimedOut) },
+                TaskReport { task_id: id("t-4"), lease: Lease(0), status: TaskStatus::Unknown },
+            ],
+        },
+        Body::TasksAbort { tasks: vec![id("t-1")] },
+        Body::TaskStarted { task_id: id("t-1"), lease: Lease(7), datetime: UnixMs(1_700_000_000_000) },
+        Body::TaskError { task_id: id("t-1"), lease: Lease(7), error: ErrorKind::RunningError, message: "boom".into() },
+        Body::TaskCompleted {
+            task_id: id("t-1"),
+            lease: Lease(7),
+            result: ResultBody::Inline(json("{\"n\": 3}").expect("JSON")),
+        },
+        Body::TaskCompleted {
+            task_id: id("t-2"),
+            lease: Lease(8),
+            result: ResultBody::Held { size: 2_000_000, hash: "cd".repeat(32) },
+        },
+        Body::Fetch {
+            blob: Blob::Package { app: "procs".into(), version: "v2".into(), hash: "ab".repeat(32) },
+            offset: 0,
+            max_len: 65536,
+        },
+        Body::Fetch { blob: Blob::Result { task_id: id("t-2"), lease: Lease(8) }, offset: 65536, max_len: 65536 },
+        Body::FetchChunk { total: 10, offset: 4, data: b"chunk!".to_vec() },
+        Body::FetchMissing { reason: "no such package".into() },
+    ];
+    let mut seeds = Vec::new();
+    for (n, b) in bodies.into_iter().enumerate() {
+        let m = Packet::new(n as u64 + 1, b).to_message();
+        // Mode 0x3e keeps the command (62 >> 1 = 31 is not a command index).
+        seeds.push(with(0x3e, text::to_line(&m).as_bytes()));
+        seeds.push(with(0x3f, &body(&m)));
+    }
+    seeds
+}
+
+fn rows() -> Vec<Vec<u8>> {
+    ROWS.iter().map(|(kind, text)| with(*kind, text.as_bytes())).collect()
+}
+
 /// Every target's seeds, by target name.
 pub fn corpus() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     vec![
@@ -317,5 +459,8 @@ pub fn corpus() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("gossip", gossip()),
         ("control", control()),
         ("flags", flags()),
+        ("arpcp_line", arpcp_line()),
+        ("tasks_cluster", tasks_cluster()),
+        ("rows", rows()),
     ]
 }
