@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, PgConfig, PgStore, SqliteConfig, SqliteStore, Store,
-    StoreError, Wake,
+    StoreError, Wake, WriterStats,
 };
 use crate::task::{Claimed, NewTask, Submitted, Task, TaskId, UnixMs};
 
@@ -91,6 +91,14 @@ impl AnyStore {
         match self {
             AnyStore::Sqlite(_) => "sqlite",
             AnyStore::Postgres(_) => "postgres",
+        }
+    }
+
+    /// How many commits the store's writer made, and how many operations they held.
+    pub fn writer_stats(&self) -> WriterStats {
+        match self {
+            AnyStore::Sqlite(s) => s.writer_stats(),
+            AnyStore::Postgres(s) => s.writer_stats(),
         }
     }
 

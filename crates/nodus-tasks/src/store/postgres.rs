@@ -187,8 +187,8 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     1,
     "
 CREATE TABLE nodus_tasks (
-    seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id           text COLLATE \"C\" NOT NULL UNIQUE,
+    id           text COLLATE \"C\" PRIMARY KEY,
+    seq          bigint GENERATED ALWAYS AS IDENTITY,
     procedure    text COLLATE \"C\" NOT NULL,
     app          text COLLATE \"C\" NOT NULL,
     args         text    NOT NULL,
@@ -271,30 +271,39 @@ UNION ALL SELECT 2, NULL, (SELECT count(*) FROM woken) + (SELECT count(*) FROM e
 ";
 
 /// Claims with `FOR UPDATE SKIP LOCKED`. `$1` app, `$2` now, `$3` max, `$4` owner, `$5` grace.
+/// The locked rows are updated by their physical address (`ctid`: a locked row cannot move).
 const CLAIM_SKIP_LOCKED: &str = "
 WITH picked AS (
-    SELECT seq FROM nodus_tasks
+    SELECT ctid FROM nodus_tasks
     WHERE status = 'pending' AND app = $1 AND run_after <= $2
     ORDER BY seq LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
     owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
-FROM picked WHERE t.seq = picked.seq AND t.status = 'pending'
+FROM picked WHERE t.ctid = picked.ctid AND t.status = 'pending'
 RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at
 ";
 
-/// Claims with one guarded `UPDATE` (no locks beforehand). Same parameters.
+/// Claims with one guarded `UPDATE` (no locks beforehand, no `ctid`: neither exists in every
+/// PostgreSQL-wire database). Same parameters. The last column counts the candidates the claim
+/// saw: when concurrent claims took some of them first (the guard skipped them), it claims again.
 const CLAIM_GUARDED: &str = "
-UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
-    owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
-WHERE t.seq IN (
-    SELECT seq FROM nodus_tasks
+WITH cand AS (
+    SELECT id FROM nodus_tasks
     WHERE status = 'pending' AND app = $1 AND run_after <= $2
     ORDER BY seq LIMIT $3
-) AND t.status = 'pending'
-RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at
+), taken AS (
+    UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
+        owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
+    WHERE t.id IN (SELECT id FROM cand) AND t.status = 'pending'
+    RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at
+)
+SELECT taken.*, c.n FROM (SELECT count(*) AS n FROM cand) c LEFT JOIN taken ON true
 ";
+
+/// Most times a guarded claim runs again after concurrent claims took its candidates.
+const GUARDED_ROUNDS: usize = 8;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -519,8 +528,19 @@ impl PgStore {
             .map_err(|e| StoreError::Failed(format!("cannot set up the connection pool: {e}")))?;
         let me = format!("{:016x}", rand::random::<u64>());
         let (wake, _) = broadcast::channel(1024);
-        let listener =
-            tokio::spawn(listen(pg, channel.clone(), me.clone(), wake.clone(), target.clone())).abort_handle();
+        let (ready, listening) = oneshot::channel();
+        let listener = tokio::spawn(listen(pg, channel.clone(), me.clone(), wake.clone(), target.clone(), ready));
+        // Open only once other nodes' news is heard: nothing sent after this is missed.
+        match tokio::time::timeout(config.connect_timeout * 2, listening).await {
+            Ok(Ok(())) => {}
+            _ => {
+                listener.abort();
+                return Err(StoreError::Failed(format!(
+                    "cannot LISTEN for task news on PostgreSQL at {target}; check the server's log"
+                )));
+            }
+        }
+        let listener = listener.abort_handle();
         let shared = Arc::new(Shared {
             pool,
             target,
@@ -682,7 +702,9 @@ async fn listen(
     me: String,
     wake: broadcast::Sender<Wake>,
     target: String,
+    ready: oneshot::Sender<()>,
 ) {
+    let mut ready = Some(ready);
     let mut backoff = nodus_wire::Backoff::new(Duration::from_millis(100), Duration::from_secs(5), rand::random());
     let mut connected_before = false;
     let mut failures = 0u32;
@@ -717,6 +739,9 @@ async fn listen(
                     }
                     connected_before = true;
                     failures = 0;
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
                     backoff.reset();
                     while let Some(payload) = rx.recv().await {
                         if let Some(w) = parse_news(&payload, &me) {
@@ -1233,40 +1258,51 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, c: Claim) -> Result<Vec<Claimed>, StoreError> {
-        if c.max == 0 {
-            return Ok(Vec::new());
-        }
-        let sql = match self.shared.claim {
-            ClaimMode::SkipLocked => CLAIM_SKIP_LOCKED,
-            ClaimMode::Guarded => CLAIM_GUARDED,
-        };
-        let (now, max) = (c.now.as_i64(), i64::try_from(c.max).unwrap_or(i64::MAX));
+        let guarded = self.shared.claim == ClaimMode::Guarded;
+        let sql = if guarded { CLAIM_GUARDED } else { CLAIM_SKIP_LOCKED };
+        let now = c.now.as_i64();
         let grace = i64::try_from(c.lease_grace.as_millis()).unwrap_or(i64::MAX);
         let c = &c;
-        let rows = self
-            .shared
-            .with_retry(|conn| async move {
-                let s = conn.prepare_cached(sql).await?;
-                conn.query(&s, &[&c.app, &now, &max, &c.owner, &grace]).await
-            })
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let seq: i64 = r.try_get(0).map_err(corrupt)?;
-            let id: String = r.try_get(1).map_err(corrupt)?;
-            let lease: i64 = r.try_get(7).map_err(corrupt)?;
-            let claimed = Claimed {
-                id: TaskId(id.into()),
-                procedure: r.try_get(2).map_err(corrupt)?,
-                app: c.app.clone(),
-                args: stored_json(r.try_get(3).map_err(corrupt)?)?,
-                attempt: u32_of(r.try_get(4).map_err(corrupt)?),
-                max_attempts: u32_of(r.try_get(5).map_err(corrupt)?),
-                timeout: duration_ms(r.try_get(6).map_err(corrupt)?),
-                lease: Lease(u64::try_from(lease).unwrap_or(0)),
-                created_at: UnixMs::from_i64(r.try_get(8).map_err(corrupt)?),
-            };
-            out.push((seq, claimed));
+        let mut out = Vec::new();
+        for _ in 0..GUARDED_ROUNDS {
+            if out.len() >= c.max {
+                break;
+            }
+            let max = i64::try_from(c.max - out.len()).unwrap_or(i64::MAX);
+            let rows = self
+                .shared
+                .with_retry(|conn| async move {
+                    let s = conn.prepare_cached(sql).await?;
+                    conn.query(&s, &[&c.app, &now, &max, &c.owner, &grace]).await
+                })
+                .await?;
+            let (mut candidates, mut taken) = (0, 0);
+            for r in rows {
+                if guarded {
+                    candidates = r.try_get::<_, i64>(9).map_err(corrupt)?;
+                }
+                let Some(seq) = r.try_get::<_, Option<i64>>(0).map_err(corrupt)? else { continue };
+                let id: String = r.try_get(1).map_err(corrupt)?;
+                let lease: i64 = r.try_get(7).map_err(corrupt)?;
+                let claimed = Claimed {
+                    id: TaskId(id.into()),
+                    procedure: r.try_get(2).map_err(corrupt)?,
+                    app: c.app.clone(),
+                    args: stored_json(r.try_get(3).map_err(corrupt)?)?,
+                    attempt: u32_of(r.try_get(4).map_err(corrupt)?),
+                    max_attempts: u32_of(r.try_get(5).map_err(corrupt)?),
+                    timeout: duration_ms(r.try_get(6).map_err(corrupt)?),
+                    lease: Lease(u64::try_from(lease).unwrap_or(0)),
+                    created_at: UnixMs::from_i64(r.try_get(8).map_err(corrupt)?),
+                };
+                out.push((seq, claimed));
+                taken += 1;
+            }
+            // Skip-locked claims never lose a race (locked rows are someone else's); a guarded
+            // claim that lost some goes again for what is left.
+            if !guarded || taken >= candidates {
+                break;
+            }
         }
         out.sort_unstable_by_key(|(seq, _)| *seq);
         Ok(out.into_iter().map(|(_, c)| c).collect())
@@ -1287,38 +1323,39 @@ impl Store for PgStore {
                 let tx = conn.transaction().await?;
                 let select = tx
                     .prepare_cached(
-                        "SELECT seq, status, expires_at, procedure, attempt FROM nodus_tasks WHERE id = $1 FOR UPDATE",
+                        "SELECT status, expires_at, procedure, attempt FROM nodus_tasks WHERE id = $1 FOR UPDATE",
                     )
                     .await?;
                 let Some(row) = tx.query_opt(&select, &[&id.as_str()]).await? else { return Ok(None) };
-                let (seq, status): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
-                let expired: Option<i64> = row.try_get(2)?;
+                let status: String = row.try_get(0)?;
+                let expired: Option<i64> = row.try_get(1)?;
                 if expired.is_some_and(|e| e <= now.as_i64()) {
                     return Ok(None);
                 }
-                let (procedure, attempt): (String, i32) = (row.try_get(3)?, row.try_get(4)?);
+                let (procedure, attempt): (String, i32) = (row.try_get(2)?, row.try_get(3)?);
+                let key = id.as_str();
                 let open = !matches!(status.as_str(), "done" | "error" | "interrupted");
                 let finish = "UPDATE nodus_tasks SET status = $2, result = $3, error_kind = $4, error = $5, \
-                              finished_at = $6, expires_at = $7, owner = NULL, lease_until = NULL WHERE seq = $1";
+                              finished_at = $6, expires_at = $7, owner = NULL, lease_until = NULL WHERE id = $1";
                 let changed = match command {
                     Command::Interrupt if open => {
                         let s = tx.prepare_cached(finish).await?;
                         let kind = ErrorKind::Aborted.as_str();
                         let row: [&(dyn ToSql + Sync); 7] =
-                            [&seq, &"interrupted", &None::<&str>, &kind, &"aborted", &now.as_i64(), &expires];
+                            [&key, &"interrupted", &None::<&str>, &kind, &"aborted", &now.as_i64(), &expires];
                         tx.execute(&s, &row).await?;
                         true
                     }
                     Command::MarkDone if open => {
                         let s = tx.prepare_cached(finish).await?;
                         let row: [&(dyn ToSql + Sync); 7] =
-                            [&seq, &"done", &"null", &None::<&str>, &None::<&str>, &now.as_i64(), &expires];
+                            [&key, &"done", &"null", &None::<&str>, &None::<&str>, &now.as_i64(), &expires];
                         tx.execute(&s, &row).await?;
                         true
                     }
                     Command::Delete => {
-                        let s = tx.prepare_cached("DELETE FROM nodus_tasks WHERE seq = $1").await?;
-                        tx.execute(&s, &[&seq]).await?;
+                        let s = tx.prepare_cached("DELETE FROM nodus_tasks WHERE id = $1").await?;
+                        tx.execute(&s, &[&key]).await?;
                         true
                     }
                     Command::Interrupt | Command::MarkDone => false,
@@ -1363,11 +1400,11 @@ impl Store for PgStore {
     async fn purge(&self, now: UnixMs, max: usize) -> Result<u64, StoreError> {
         let sql = match self.shared.claim {
             ClaimMode::SkipLocked => {
-                "DELETE FROM nodus_tasks WHERE seq IN (SELECT seq FROM nodus_tasks \
+                "DELETE FROM nodus_tasks WHERE id IN (SELECT id FROM nodus_tasks \
                  WHERE expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
             }
             ClaimMode::Guarded => {
-                "DELETE FROM nodus_tasks WHERE seq IN (SELECT seq FROM nodus_tasks \
+                "DELETE FROM nodus_tasks WHERE id IN (SELECT id FROM nodus_tasks \
                  WHERE expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2) \
                  AND expires_at <= $1"
             }
@@ -1405,15 +1442,13 @@ impl Store for PgStore {
             params.push(p);
             sql.push_str(&format!(" AND procedure = ${}", params.len()));
         }
+        // Ids are time-ordered (UUIDv7) and the primary key: pages follow its index.
         if let Some(a) = &after {
             params.push(a);
-            sql.push_str(&format!(
-                " AND seq > coalesce((SELECT seq FROM nodus_tasks WHERE id = ${}), 0)",
-                params.len()
-            ));
+            sql.push_str(&format!(" AND id > ${}", params.len()));
         }
         params.push(&limit);
-        sql.push_str(&format!(" ORDER BY seq LIMIT ${}", params.len()));
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", params.len()));
         let conn = self.shared.conn().await?;
         let s = conn.prepare_cached(&sql).await.map_err(|e| self.shared.err(&e))?;
         let rows = conn.query(&s, &params).await.map_err(|e| self.shared.err(&e))?;
