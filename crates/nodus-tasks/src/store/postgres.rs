@@ -11,11 +11,13 @@
 //!   connection each), so the next batch fills while the previous one waits for its commit.
 //! - **Claims** take due pending tasks oldest first under a lease: `FOR UPDATE SKIP LOCKED` by
 //!   default, so managers claiming the same app at once never wait for each other and never take
-//!   the same task; the `UPDATE` re-checks `status = 'pending'` as well, so correctness never rests
-//!   on the lock alone. [`ClaimMode::Guarded`] drops the `SKIP LOCKED` subquery lock for
-//!   PostgreSQL-wire databases without it (YugabyteDB before 2.18, CockroachDB in some modes): a
-//!   claim racing another one waits for it (or gets a serialization error and retries) and skips
-//!   the rows it took.
+//!   the same task; the locked rows are updated by `ctid`, and the `UPDATE` re-checks `status =
+//!   'pending'` as well, so correctness never rests on the lock alone. [`ClaimMode::Guarded`] is
+//!   one guarded `UPDATE ... WHERE id IN (candidates) AND status = 'pending' RETURNING`, with no
+//!   row lock taken first and no `ctid`, for PostgreSQL-wire databases that lack either: a claim
+//!   racing another one waits for it (or gets a serialization error and is retried), skips what
+//!   the other took, and claims again for the rest. (Such databases also need `LISTEN`/`NOTIFY`
+//!   and advisory locks for this store; it is tested on PostgreSQL only.)
 //! - **Leases** are fencing tokens from one sequence (`nodus_task_leases`): they increase across
 //!   the database, whichever node claims. A completion applies only with the task's current lease
 //!   while it is running, exactly as in SQLite. A lease lasts the task's timeout plus the claim's
@@ -23,8 +25,8 @@
 //!   a node that is gone, and any node's periodic reap makes the task pending again for the others
 //!   to adopt. Nodes' clocks must agree within the grace (30 s by default).
 //! - **LISTEN/NOTIFY.** Every change that makes tasks pending (submissions, retries, releases,
-//!   reaps, recoveries) notifies the apps concerned, every finished task is announced, and a
-//!   command that cancels a running task says so; a dedicated connection listens and hands the
+//!   reaps, recoveries) notifies the apps concerned, every finished task is announced, and so is
+//!   every task a client's command changed; a dedicated connection listens and hands the
 //!   news of *other* nodes to [`Store::wakeups`], so claimers wake at once instead of at their next
 //!   poll (which stays, slower, as the safety net), waiters on one node learn of completions on
 //!   another, and an abort on one node cancels the attempt on another. The listener reconnects
