@@ -462,13 +462,14 @@ async fn responder_disconnect_fails_the_requests_in_flight() {
     quiet(&mut c, "the requester (one error per request)").await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(start_paused = true)]
 async fn request_tracking_ends_with_a_timeout_error_at_its_expiry() {
     let node = Node::start("").await;
     let mut svc = service(&node, "svc").await;
     let mut c = TextConn::connect(&node).await;
-    // The request is tracked until its own expiry (much shorter than request_timeout_secs).
-    c.send(&format!("svc/ASK _id=21;_expires_at={}", now_ms() + 400)).await;
+    // The request is tracked until its own expiry (much shorter than request_timeout_secs); the
+    // node's clock is virtual, so the wait takes no wall time.
+    c.send(&format!("svc/ASK _id=21;_expires_at={}", node.clock.now_ms() + 400)).await;
     let ask = svc.recv().await;
     let m = c.recv().await;
     assert_eq!((m.command.as_str(), m.get("code"), m.get("command")), ("ERROR", Some("timeout"), Some("ASK")));
@@ -689,15 +690,12 @@ async fn text_and_binary_clients_interoperate_with_payloads() {
     // Text → binary: the base64 `_payload` arrives as raw bytes.
     tsvc.send("bsvc/HELLO x=1;_payload=AAEC/w==;_id=4").await;
     let m = bsvc.recv().await;
-    assert_eq!((m.command.as_str(), m.get("x"), m.payload.as_slice()), ("HELLO", Some("1"), &[0u8, 1, 2, 255][..]));
+    assert_eq!((m.command.as_str(), m.get("x"), &m.payload[..]), ("HELLO", Some("1"), &[0u8, 1, 2, 255][..]));
     assert_eq!(m.from, Address::new("n1", "tsvc"));
     // Binary → text: a reply with a payload, correlated to the text requester's id.
     bsvc.send(&m.reply("HELLO_BACK").with_payload(vec![9u8, 0, 10, 13])).await;
     let r = tsvc.recv().await;
-    assert_eq!(
-        (r.command.as_str(), r.envelope.reply_to, r.payload.as_slice()),
-        ("HELLO_BACK", 4, &[9u8, 0, 10, 13][..])
-    );
+    assert_eq!((r.command.as_str(), r.envelope.reply_to, &r.payload[..]), ("HELLO_BACK", 4, &[9u8, 0, 10, 13][..]));
     assert_eq!(r.from, Address::new("n1", "bsvc"));
 
     // Binary → text: every byte value survives the text form.
@@ -711,7 +709,7 @@ async fn text_and_binary_clients_interoperate_with_payloads() {
     let ask = tsvc.recv().await;
     tsvc.send(&format!("ANSWER _payload=b2s=;_reply_to={}", ask.envelope.id)).await;
     let r = bsvc.recv().await;
-    assert_eq!((r.command.as_str(), r.envelope.reply_to, r.payload.as_slice()), ("ANSWER", 77, &b"ok"[..]));
+    assert_eq!((r.command.as_str(), r.envelope.reply_to, &r.payload[..]), ("ANSWER", 77, &b"ok"[..]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -883,25 +881,31 @@ async fn slow_consumer_is_disconnected_and_the_node_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_max_connections_are_closed() {
+    // The limit is per listener: two on the Unix socket and two on TCP.
     let node = Node::start("[limits]\nmax_connections = 2").await;
-    let mut c1 = TextConn::connect(&node).await;
-    sync(&mut c1).await;
-    let mut c2 = BinConn::connect(&node).await;
-    c2.send(&Message::new("PING").with_id(1)).await;
-    assert_eq!(c2.recv().await.command, "PONG");
+    let mut u1 = TextConn::connect(&node).await;
+    sync(&mut u1).await;
+    let mut u2 = TextConn::connect(&node).await;
+    sync(&mut u2).await;
+    let mut t1 = BinConn::connect(&node).await;
+    t1.send(&Message::new("PING").with_id(1)).await;
+    assert_eq!(t1.recv().await.command, "PONG");
+    let mut t2 = BinConn::connect(&node).await;
+    t2.send(&Message::new("PING").with_id(1)).await;
+    assert_eq!(t2.recv().await.command, "PONG");
 
-    let mut c3 = TextConn::connect(&node).await;
-    c3.expect_eof().await;
-    let mut c4 = TcpStream::connect(node.tcp).await.expect("connect tcp");
-    read_to_eof(&mut c4).await;
+    let mut u3 = TextConn::connect(&node).await;
+    u3.expect_eof().await;
+    let mut t3 = TcpStream::connect(node.tcp).await.expect("connect tcp");
+    read_to_eof(&mut t3).await;
     // The admitted connections are unaffected.
-    sync(&mut c1).await;
-    c2.send(&Message::new("PING").with_id(2)).await;
-    assert_eq!(c2.recv().await.envelope.reply_to, 2);
+    sync(&mut u1).await;
+    t1.send(&Message::new("PING").with_id(2)).await;
+    assert_eq!(t1.recv().await.envelope.reply_to, 2);
 
     // Once one closes, a new connection is admitted again. There is no event telling when the
     // node has released the slot, so probe (each refused probe ends at once with EOF).
-    drop(c1);
+    drop(u1);
     let admitted = async {
         while !served(&node).await {
             tokio::task::yield_now().await;
@@ -981,17 +985,17 @@ async fn message_for_an_absent_service_that_is_not_expected_is_unavailable() {
     quiet(&mut nobody, "a service registered after its messages were refused").await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn expired_cached_message_is_never_delivered() {
     let node = Node::start("expected_services = [\"later\"]").await;
     let mut c = TextConn::connect(&node).await;
-    let expiry = now_ms() + 300;
+    let expiry = node.clock.now_ms() + 300;
     c.send(&format!("later/OLD cache=\"ttl=10\";_expires_at={expiry}")).await;
-    c.send(&format!("later/FRESH cache=\"ttl=10\";_expires_at={}", now_ms() + 60_000)).await;
+    c.send(&format!("later/FRESH cache=\"ttl=10\";_expires_at={}", node.clock.now_ms() + 60_000)).await;
     sync(&mut c).await; // both cached, nothing reported
-                        // Waiting on wall time itself: the node's clock must pass the first message's expiry.
-    let left = (expiry - now_ms()).max(0) as u64;
-    tokio::time::sleep(Duration::from_millis(left + 50)).await;
+                        // Virtual time: the node's clock passes the first message's expiry at once.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(node.clock.now_ms() > expiry);
     let mut later = service(&node, "later").await;
     let m = later.recv().await;
     assert_eq!(m.command, "FRESH", "the expired message is not delivered: {m:?}");

@@ -3,10 +3,11 @@
 #![allow(missing_docs)]
 
 use bytes::BytesMut;
-use nodus_daemon::{Config, Daemon};
+use nodus_daemon::{Clock, Config, Counters, Daemon};
 use nodus_wire::{binary, text, Decoded, Message};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -21,7 +22,17 @@ pub struct Node {
     pub tcp: SocketAddr,
     pub unix: PathBuf,
     pub server: String,
+    /// The plain cluster listener, when the config enables it.
+    pub cluster: Option<SocketAddr>,
+    /// The TLS cluster listener, when the config enables it.
+    pub tls: Option<SocketAddr>,
+    /// The node's clock: tokio's clock, so a test under paused time moves it.
+    pub clock: Clock,
+    /// The driver's counters.
+    pub counters: Arc<Counters>,
     pub dir: tempfile::TempDir,
+    /// The UDP signal port, when the config enables it.
+    pub udp: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), String>>>,
 }
@@ -33,6 +44,17 @@ impl Node {
         Self::start_in(tempfile::tempdir().expect("temp dir"), extra).await
     }
 
+    /// Starts a bare node in `dir` whose config `edit` changes first (any section).
+    pub async fn start_with(dir: tempfile::TempDir, edit: impl FnOnce(&mut Config)) -> Node {
+        let base = format!(
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+            dir.path().join("data").display().to_string()
+        );
+        let mut config = Config::from_toml(&base).expect("test config");
+        edit(&mut config);
+        Self::start_config(dir, config).await
+    }
+
     /// Starts a node whose data directory is `dir` (reused across restarts).
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Node {
         let base = format!(
@@ -42,12 +64,15 @@ impl Node {
         Self::start_config(dir, Config::from_toml(&base).expect("test config")).await
     }
 
-    /// Starts a node with a full config.
+    /// Starts a node with a full config, on tokio's clock.
     pub async fn start_config(dir: tempfile::TempDir, config: Config) -> Node {
-        let daemon = Daemon::bind(config).await.expect("bind node");
+        let clock = Clock::tokio();
+        let daemon = Daemon::bind_with_clock(config, clock.clone()).await.expect("bind node");
         let tcp = daemon.tcp_addr().expect("tcp listener");
         let unix = daemon.unix_path().expect("unix socket").to_path_buf();
         let server = daemon.server_name().to_string();
+        let (cluster, tls, counters) = (daemon.cluster_addr(), daemon.tls_addr(), daemon.counters());
+        let udp = daemon.udp_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             daemon
@@ -57,7 +82,7 @@ impl Node {
                 .await
                 .map_err(|e| e.to_string())
         });
-        Node { tcp, unix, server, dir, stop: Some(tx), task: Some(task) }
+        Node { tcp, unix, server, cluster, tls, udp, clock, counters, dir, stop: Some(tx), task: Some(task) }
     }
 
     /// Triggers a graceful shutdown without waiting for it.
@@ -120,7 +145,12 @@ impl Conn<UnixStream> {
 
 impl Conn<TcpStream> {
     pub async fn connect(node: &Node) -> BinConn {
-        let mut stream = TcpStream::connect(node.tcp).await.expect("connect tcp");
+        Self::connect_addr(node.tcp).await
+    }
+
+    /// A binary connection to any listener of a node (the client or the cluster port).
+    pub async fn connect_addr(addr: SocketAddr) -> BinConn {
+        let mut stream = TcpStream::connect(addr).await.expect("connect tcp");
         stream.write_all(&binary::PREFACE).await.expect("preface");
         Conn { stream, buf: BytesMut::new(), codec: Codec::Binary(binary::FrameDecoder::new(1 << 24)) }
     }
@@ -131,6 +161,11 @@ impl Conn<TcpStream> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// The underlying stream, for raw reads and writes.
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
     /// Sends raw bytes (one or more units, or garbage).
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");

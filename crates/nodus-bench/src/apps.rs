@@ -165,13 +165,21 @@ async fn invoke_through_node(
     app_dir: &Path,
 ) -> anyhow::Result<Vec<Summary>> {
     report::progress(&format!("starting {} daemon ({:?}) and deploying {APP}", nodus.display(), options.transport));
-    let (mut daemon, endpoint) = nodus_system::start_daemon(nodus, options.transport, dir, "apps", None).await?;
+    // The worker is this build's binary, wherever it is: as root, run it as root (the default,
+    // `nobody`, may not reach it).
+    let config = dir.join("apps.toml");
+    std::fs::write(&config, "[apps]\nrun_as = \"root\"\n")
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    let config = config.to_str().context("the scratch directory's path is not UTF-8")?;
+    let (mut daemon, endpoint) =
+        nodus_system::start_daemon_with(nodus, options.transport, dir, "apps", None, &["--config", config]).await?;
     let config = ClientConfig::new(endpoint.as_str()).no_reconnect();
     // Keep `_incoming` alive: nothing but replies is expected, but its sender must not close.
     let (client, _incoming) = Client::connect(config).await.context("the load client cannot connect")?;
     let app_path = app_dir.to_str().context("the scratch directory's path is not UTF-8")?;
     let deploy = Message::new("DEPLOY").to("apps").param("name", APP).param("path", app_path);
-    let reply = client.request(deploy, INVOKE_TIMEOUT).await.context("DEPLOY to the apps service failed")?;
+    let reply =
+        client.request_with_timeout(deploy, INVOKE_TIMEOUT).await.context("DEPLOY to the apps service failed")?;
     if reply.command != "DEPLOYED" {
         bail!("the apps service answered DEPLOY with {}: {}", reply.command, reply.get("message").unwrap_or(""));
     }
@@ -203,7 +211,7 @@ async fn invoke_through_node(
 /// One request through the node to the app; fails unless the reply is `RESULT` with the payload.
 async fn node_invoke(client: &Client, payload: usize, timeout: Duration) -> anyhow::Result<()> {
     let request = Message::new(COMMAND).to(APP).with_payload(vec![0u8; payload]);
-    let reply = client.request(request, timeout).await.context("a request to the app failed")?;
+    let reply = client.request_with_timeout(request, timeout).await.context("a request to the app failed")?;
     if reply.command != RESULT || reply.payload.len() != payload || reply.payload.iter().any(|&b| b != 0) {
         bail!(
             "unexpected reply {} with {} payload bytes (expected {RESULT} echoing {payload} zero bytes): {} {}",

@@ -30,6 +30,7 @@ impl ScratchDir {
     /// Creates a fresh directory under the system temporary directory.
     ///
     /// Fails when it cannot be created.
+    #[allow(clippy::disallowed_methods)] // The wall clock only makes the name unique.
     pub fn create() -> anyhow::Result<ScratchDir> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let path = std::env::temp_dir().join(format!("nodus-bench-{}-{nanos:09}", std::process::id()));

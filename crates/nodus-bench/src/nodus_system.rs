@@ -98,12 +98,15 @@ pub async fn wait_reachable(endpoint: &str, target: &str) -> anyhow::Result<()> 
     let (client, _incoming) = Client::connect(ClientConfig::new(endpoint).no_reconnect()).await?;
     let deadline = Instant::now() + child::READY_TIMEOUT;
     loop {
-        let reply = client.request(Message::new(ECHO_COMMAND).to(target), REQUEST_TIMEOUT).await?;
-        if reply.command == ECHO_COMMAND {
-            return Ok(());
-        }
+        // Until the cluster knows where the service is, the node refuses with SERVICE_UNAVAILABLE.
+        let why = match client.request_with_timeout(Message::new(ECHO_COMMAND).to(target), REQUEST_TIMEOUT).await {
+            Ok(reply) if reply.command == ECHO_COMMAND => return Ok(()),
+            Ok(reply) => reply.command,
+            Err(nodus_client::ClientError::Refused(r)) => r.to_string(),
+            Err(e) => return Err(e.into()),
+        };
         if Instant::now() > deadline {
-            bail!("{target} is not reachable from {endpoint}: {}", reply.get("message").unwrap_or(&reply.command));
+            bail!("{target} is not reachable from {endpoint}: {why}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -159,7 +162,8 @@ impl NodusSystem {
                 while Instant::now() < window.end {
                     let request = Message::new(ECHO_COMMAND).to(&target).with_payload(vec![0u8; payload]);
                     let sent = Instant::now();
-                    let reply = client.request(request, REQUEST_TIMEOUT).await.context("a request failed")?;
+                    let reply =
+                        client.request_with_timeout(request, REQUEST_TIMEOUT).await.context("a request failed")?;
                     recorder.record(sent, Instant::now());
                     if reply.command != ECHO_COMMAND || reply.payload.len() != payload {
                         bail!(
@@ -243,7 +247,7 @@ pub async fn echo_service_named(node: &str, service: &str) -> anyhow::Result<()>
     tokio::select! {
         r = answer => r,
         _ = child::parent_gone() => {
-            let _ = client.request(Message::new("STOP"), STOP_TIMEOUT).await;
+            let _ = client.request_with_timeout(Message::new("STOP"), STOP_TIMEOUT).await;
             Ok(())
         }
     }

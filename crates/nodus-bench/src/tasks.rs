@@ -12,7 +12,8 @@
 //! - light load: one task at a time (submit, wait until done), for the latency floor;
 //! - PostgreSQL only: two managers (a task service and an engine with one worker each) on one
 //!   database, the submitters split between them.
-
+// A benchmark measures wall time: it reads the std clock on purpose.
+#![allow(clippy::disallowed_methods)]
 #![allow(clippy::print_stdout)]
 
 use std::collections::HashMap;

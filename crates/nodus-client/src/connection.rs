@@ -1,20 +1,26 @@
-//! The connection driver behind a [`crate::Client`]: connect, handshake (preface, `REGISTER`,
-//! `COMMANDS`, wait for `READY`), pump messages both ways, and reconnect with jittered backoff.
+//! The connection driver behind a [`crate::Client`]: connect, handshake (preface, `AUTH` when a
+//! token is set, `REGISTER` or `PING`, `COMMANDS`, wait for the answers), then one task owns the
+//! socket and the table of requests in flight: it writes what the handles queue as [`Command`]s,
+//! matches replies to requests, hands everything else to [`crate::Incoming`] without ever waiting
+//! for its reader, and reconnects with [`nodus_wire::Backoff`].
 
-use crate::{ClientConfig, ClientError, Endpoint, PendingMap, State};
+use crate::{ClientConfig, ClientError, Command, Endpoint, State, Status};
 use bytes::BytesMut;
-use nodus_wire::{binary, Decoded, Message};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use nodus_wire::{binary, Backoff, Decoded, Message};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 /// How long the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Writer flushes once this many bytes are encoded.
+/// Writer flushes once this many bytes are queued.
 const WRITE_CHUNK: usize = 256 * 1024;
+/// How often the driver forgets requests whose callers gave up (dropped or timed out).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -41,23 +47,39 @@ async fn open(endpoint: &Endpoint) -> std::io::Result<Box<dyn Io>> {
     })
 }
 
+/// Where the handshake stands.
+#[derive(Default)]
+struct Handshake {
+    /// `AUTH` answered (or not sent).
+    authenticated: bool,
+    /// `READY`/`PONG` received.
+    ready: bool,
+}
+
 /// Connects and performs the handshake.
 pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Result<Established, ClientError> {
-    let connect_err = |reason: String| ClientError::Connect { endpoint: endpoint.to_string(), reason };
-    let io = open(endpoint).await.map_err(|e| connect_err(e.to_string()))?;
+    let io_err = |e: std::io::Error| ClientError::Connect { endpoint: endpoint.to_string(), source: Arc::new(e) };
+    let failed = |reason: String| ClientError::Handshake { endpoint: endpoint.to_string(), reason };
+    let io = open(endpoint).await.map_err(io_err)?;
     let (rd, mut wr) = tokio::io::split(io);
     let mut out = BytesMut::from(&binary::PREFACE[..]);
-    let hello_id = rand::random::<u64>() | 1;
+    let encode = |m: &Message, out: &mut BytesMut| binary::encode(m, out, config.max_frame);
+    let auth_id = rand::random::<u64>() | 1;
+    if let Some(token) = &config.token {
+        let auth = Message::new("AUTH").param("token", token).with_id(auth_id);
+        encode(&auth, &mut out).map_err(|e| failed(e.to_string()))?;
+    }
+    let hello_id = auth_id.wrapping_add(2);
     let hello = match &config.service {
         Some(name) => Message::new("REGISTER").param("service", name).param("version", 1).with_id(hello_id),
         None => Message::new("PING").with_id(hello_id),
     };
-    binary::encode(&hello, &mut out, config.max_frame).map_err(|e| connect_err(e.to_string()))?;
+    encode(&hello, &mut out).map_err(|e| failed(e.to_string()))?;
     if config.service.is_some() && !config.commands.is_empty() {
         let commands = Message::new("COMMANDS").param("list", config.commands.join(","));
-        binary::encode(&commands, &mut out, config.max_frame).map_err(|e| connect_err(e.to_string()))?;
+        encode(&commands, &mut out).map_err(|e| failed(e.to_string()))?;
     }
-    wr.write_all(&out).await.map_err(|e| connect_err(e.to_string()))?;
+    wr.write_all(&out).await.map_err(io_err)?;
     let mut conn = Established {
         rd,
         wr,
@@ -66,47 +88,70 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
         early: Vec::new(),
         server: String::new(),
     };
+    let mut state = Handshake { authenticated: config.token.is_none(), ready: false };
     let handshake = async {
         loop {
-            while let Some(d) = conn.decoder.decode(&mut conn.buf).map_err(|e| connect_err(e.to_string()))? {
+            while let Some(d) = conn.decoder.decode(&mut conn.buf).map_err(|e| failed(e.to_string()))? {
                 let Decoded::Message(m) = d else { continue };
-                if m.envelope.reply_to != hello_id {
-                    conn.early.push(m);
-                    continue;
-                }
-                match m.command.as_str() {
-                    "READY" | "PONG" => {
-                        conn.server = m.get("server").unwrap_or(&m.from.server).to_string();
-                        return Ok(());
+                let reply_to = m.envelope.reply_to;
+                if reply_to == auth_id && config.token.is_some() && !state.authenticated {
+                    match m.command.as_str() {
+                        "AUTHENTICATED" => state.authenticated = true,
+                        // A node from before access control: there is nothing to authenticate to.
+                        "UNKNOWN" => {
+                            warn!(endpoint = %endpoint, "the node does not know AUTH; continuing without it");
+                            state.authenticated = true;
+                        }
+                        _ => {
+                            let why = m.get("message").unwrap_or(&m.command).to_string();
+                            return Err(ClientError::Unauthorized(why));
+                        }
                     }
-                    "HELP" => {}
-                    "QUITTING" => return Err(connect_err("the node is shutting down".into())),
-                    _ => return Err(ClientError::Register(m.get("message").unwrap_or(&m.command).to_string())),
+                } else if reply_to == hello_id {
+                    match m.command.as_str() {
+                        "READY" | "PONG" => {
+                            conn.server = m.get("server").unwrap_or(&m.from.server).to_string();
+                            state.ready = true;
+                        }
+                        "HELP" => {}
+                        "QUITTING" => return Err(failed("the node is shutting down".into())),
+                        _ => return Err(ClientError::Register(m.get("message").unwrap_or(&m.command).to_string())),
+                    }
+                } else {
+                    conn.early.push(m);
+                }
+                if state.ready && state.authenticated {
+                    return Ok(());
                 }
             }
             match conn.rd.read_buf(&mut conn.buf).await {
-                Ok(0) => return Err(connect_err("the node closed the connection during the handshake".into())),
+                Ok(0) => return Err(failed("the node closed the connection during the handshake".into())),
                 Ok(_) => {}
-                Err(e) => return Err(connect_err(e.to_string())),
+                Err(e) => return Err(io_err(e)),
             }
         }
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
-        .map_err(|_| connect_err("no answer to the handshake within 5 s".into()))??;
+        .map_err(|_| failed(format!("no answer to the handshake within {HANDSHAKE_TIMEOUT:?}")))??;
     Ok(conn)
 }
 
-/// Owns the connection for the life of the client.
+type Waiter = oneshot::Sender<Result<Message, ClientError>>;
+
+/// Owns the connection and the requests in flight for the life of the client.
 pub(crate) struct Driver {
-    pub(crate) endpoint: Endpoint,
-    pub(crate) config: ClientConfig,
-    pub(crate) out_rx: mpsc::Receiver<Message>,
-    pub(crate) in_tx: mpsc::Sender<Message>,
-    pub(crate) pending: PendingMap,
-    pub(crate) connected: Arc<AtomicBool>,
-    pub(crate) state: watch::Sender<State>,
-    pub(crate) server: Arc<Mutex<String>>,
+    endpoint: Endpoint,
+    config: ClientConfig,
+    commands: mpsc::Receiver<Command>,
+    incoming: mpsc::Sender<Message>,
+    status: watch::Sender<Status>,
+    /// Requests in flight by id; only this task touches it.
+    pending: HashMap<u64, Waiter>,
+    /// Incoming messages dropped because [`crate::Incoming`] was full.
+    dropped: Arc<AtomicU64>,
+    /// In a run of drops (logged once per run).
+    slow: bool,
 }
 
 enum Exit {
@@ -117,69 +162,77 @@ enum Exit {
 }
 
 impl Driver {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        config: ClientConfig,
+        commands: mpsc::Receiver<Command>,
+        incoming: mpsc::Sender<Message>,
+        status: watch::Sender<Status>,
+        dropped: Arc<AtomicU64>,
+    ) -> Driver {
+        Driver { endpoint, config, commands, incoming, status, pending: HashMap::new(), dropped, slow: false }
+    }
+
     pub(crate) async fn run(mut self, first: Established) {
         let mut conn = first;
         loop {
             let exit = self.pump(conn).await;
-            self.connected.store(false, Ordering::SeqCst);
             // Requests in flight on the old connection will never be answered.
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            for (_, waiter) in self.pending.drain() {
+                let _ = waiter.send(Err(ClientError::Disconnected));
+            }
             if matches!(exit, Exit::Closed) || !self.config.reconnect {
                 break;
             }
-            let _ = self.state.send(State::Reconnecting);
+            self.status.send_modify(|s| s.state = State::Reconnecting);
             match self.reconnect().await {
                 Some(c) => {
-                    *self.server.lock().unwrap_or_else(|e| e.into_inner()) = c.server.clone();
+                    let server = c.server.clone();
                     conn = c;
-                    self.connected.store(true, Ordering::SeqCst);
-                    let _ = self.state.send(State::Connected);
+                    self.status.send_modify(|s| {
+                        s.state = State::Connected;
+                        s.server = server;
+                    });
                 }
                 None => break,
             }
         }
-        let _ = self.state.send(State::Closed);
+        self.status.send_modify(|s| s.state = State::Closed);
     }
 
     async fn reconnect(&mut self) -> Option<Established> {
-        let mut delay = self.config.backoff_min;
+        let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max, rand::random());
         loop {
-            if self.in_tx.is_closed() && self.out_rx.is_closed() {
+            if self.incoming.is_closed() && self.commands.is_closed() {
                 return None;
             }
-            let jittered = delay.mul_f64(0.5 + rand::random::<f64>());
-            tokio::time::sleep(jittered).await;
+            tokio::time::sleep(backoff.next_delay()).await;
             match establish(&self.endpoint, &self.config).await {
                 Ok(c) => {
                     debug!(endpoint = %self.endpoint, "reconnected");
                     return Some(c);
                 }
-                Err(ClientError::Register(e)) => {
-                    warn!(error = %e, "registration refused after reconnecting; giving up");
+                Err(e @ (ClientError::Register(_) | ClientError::Unauthorized(_))) => {
+                    warn!(error = %e, "refused after reconnecting; giving up");
                     return None;
                 }
-                Err(e) => debug!(error = %e, ?delay, "reconnect failed"),
+                Err(e) => debug!(error = %e, attempt = backoff.attempts(), "reconnect failed"),
             }
-            delay = (delay * 2).min(self.config.backoff_max);
         }
     }
 
     async fn pump(&mut self, mut conn: Established) -> Exit {
         for m in std::mem::take(&mut conn.early) {
-            if !self.dispatch(m).await {
-                return Exit::Closed;
-            }
+            self.dispatch(m);
         }
         let mut out = BytesMut::with_capacity(64 * 1024);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Anything already buffered (e.g. right after the handshake) first.
             loop {
                 match conn.decoder.decode(&mut conn.buf) {
-                    Ok(Some(Decoded::Message(m))) => {
-                        if !self.dispatch(m).await {
-                            return Exit::Closed;
-                        }
-                    }
+                    Ok(Some(Decoded::Message(m))) => self.dispatch(m),
                     Ok(Some(Decoded::Invalid(e))) => warn!(error = %e, "the node sent an invalid frame"),
                     Ok(None) => break,
                     Err(e) => {
@@ -189,22 +242,24 @@ impl Driver {
                 }
             }
             tokio::select! {
-                m = self.out_rx.recv() => {
-                    let Some(m) = m else { return Exit::Closed };
-                    self.encode(&m, &mut out);
+                c = self.commands.recv() => {
+                    let Some(c) = c else { return Exit::Closed };
+                    self.take(c, &mut out);
                     // Let other tasks that are about to send run first, so their messages share
                     // this write: one syscall for many requests under load.
                     tokio::task::yield_now().await;
                     while out.len() < WRITE_CHUNK {
-                        match self.out_rx.try_recv() {
-                            Ok(m) => self.encode(&m, &mut out),
+                        match self.commands.try_recv() {
+                            Ok(c) => self.take(c, &mut out),
                             Err(_) => break,
                         }
                     }
-                    let r = conn.wr.write_all(&out).await;
-                    out.clear();
-                    if r.is_err() {
-                        return Exit::Dropped;
+                    if !out.is_empty() {
+                        let r = conn.wr.write_all(&out).await;
+                        out.clear();
+                        if r.is_err() {
+                            return Exit::Dropped;
+                        }
                     }
                 }
                 r = conn.rd.read_buf(&mut conn.buf) => match r {
@@ -215,32 +270,91 @@ impl Driver {
                         }
                     }
                 },
+                _ = sweep.tick(), if !self.pending.is_empty() => self.forget_abandoned(),
             }
         }
     }
 
-    fn encode(&self, m: &Message, out: &mut BytesMut) {
-        if let Err(e) = binary::encode(m, out, self.config.max_frame) {
-            warn!(error = %e, command = %m.command, "message too large; not sent");
+    /// Encodes a command's message into `out` (or answers it at once).
+    fn take(&mut self, c: Command, out: &mut BytesMut) {
+        match c {
+            Command::Send(msg) => {
+                // The handle checked the size; a failure here would be a bug in that check.
+                if let Err(e) = binary::encode(&msg, out, self.config.max_frame) {
+                    warn!(error = %e, command = %msg.command, "message too large; not sent");
+                }
+            }
+            Command::Request { msg, reply } => {
+                let id = msg.envelope.id;
+                if reply.is_closed() {
+                    // The caller gave up before the request was written: do not send it at all.
+                    return;
+                }
+                if self.pending.contains_key(&id) {
+                    let _ = reply.send(Err(ClientError::DuplicateId(id)));
+                    return;
+                }
+                if self.pending.len() >= self.config.max_pending {
+                    self.forget_abandoned();
+                    if self.pending.len() >= self.config.max_pending {
+                        let _ = reply.send(Err(ClientError::QueueFull));
+                        return;
+                    }
+                }
+                if let Err(e) = binary::encode(&msg, out, self.config.max_frame) {
+                    let _ = reply.send(Err(crate::too_large(e)));
+                    return;
+                }
+                self.pending.insert(id, reply);
+            }
+            Command::Pending(answer) => {
+                self.forget_abandoned();
+                let _ = answer.send(self.pending.len());
+            }
         }
     }
 
-    /// Routes one incoming message; false once nobody listens any more.
-    async fn dispatch(&mut self, m: Message) -> bool {
-        if m.envelope.reply_to != 0 {
-            let waiter = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&m.envelope.reply_to);
-            if let Some(w) = waiter {
-                let _ = w.send(m);
-                return true;
+    /// Drops requests whose callers are gone (the future was dropped or timed out).
+    fn forget_abandoned(&mut self) {
+        self.pending.retain(|_, w| !w.is_closed());
+    }
+
+    /// Routes one incoming message: to the request it answers, else to [`crate::Incoming`]
+    /// without waiting (a full stream drops the message; see the crate docs).
+    fn dispatch(&mut self, m: Message) {
+        if m.envelope.reply_to != 0 && settles(&m) {
+            if let Some(w) = self.pending.remove(&m.envelope.reply_to) {
+                if let Err(Ok(m)) = w.send(Ok(m)) {
+                    // The caller gave up just now: nobody wants this reply.
+                    debug!(command = %m.command, "reply to an abandoned request dropped");
+                }
+                return;
             }
         }
         if m.command == "QUITTING" {
             debug!("the node is shutting down");
         }
-        if self.in_tx.send(m).await.is_err() {
-            // Nobody reads incoming messages: keep serving requests as long as handles exist.
-            return !self.out_rx.is_closed();
+        match self.incoming.try_send(m) {
+            Ok(()) => self.slow = false,
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                if !self.slow {
+                    self.slow = true;
+                    warn!(
+                        capacity = self.incoming.max_capacity(),
+                        command = %m.command,
+                        "slow consumer: the incoming stream is full, dropping messages until it is read"
+                    );
+                }
+            }
+            // Nobody reads incoming messages: requests are still served while handles exist.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
-        true
     }
+}
+
+/// True when `m`, carrying a `reply_to`, answers the request: everything but a node's
+/// `TRANSMISSION_REPORT status=cached` (a progress note; the answer comes when it is delivered).
+fn settles(m: &Message) -> bool {
+    !(m.command == "TRANSMISSION_REPORT" && m.from.service == "node" && m.get("status") != Some("failed"))
 }

@@ -613,7 +613,7 @@ fn parse_i64(s: &str) -> Option<i64> {
 }
 
 /// A value shortened for an error message, so a huge bad value does not make a huge error.
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     const MAX: usize = 64;
     if s.len() <= MAX {
         return s.to_string();
@@ -784,6 +784,17 @@ mod tests {
             .param("message", &big);
         let err = ControlMessage::from_message(&msg).unwrap_err().to_string();
         assert!(err.contains("at most 1024 bytes") && err.len() < 200, "{err}");
+    }
+
+    #[test]
+    fn huge_component_ids_make_short_errors() {
+        // Found by the `control` fuzz target: the id's own error repeated the whole value.
+        let huge = "9x".repeat(600);
+        let msg = Message::new(KILL).param("component", &huge);
+        let err = ControlMessage::from_message(&msg).unwrap_err().to_string();
+        assert!(err.len() < 300, "{} bytes: {err}", err.len());
+        let err = format!("config:kill:1:{huge}:cli").parse::<Tag>().unwrap_err().to_string();
+        assert!(err.len() < 300, "{} bytes: {err}", err.len());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ComponentId(u64);
 
-/// Why a text is not a component id.
+/// Why a text is not a component id (the text, shortened when long).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid component id {0:?}: use a non-zero decimal number below 2^64")]
 pub struct BadComponentId(pub String);
@@ -58,10 +58,11 @@ impl FromStr for ComponentId {
 
     /// Parses a decimal id; fails on zero, signs, spaces and anything but digits.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadComponentId(crate::control::clip(s));
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(BadComponentId(s.to_string()));
+            return Err(bad());
         }
-        s.parse::<u64>().ok().and_then(ComponentId::new).ok_or_else(|| BadComponentId(s.to_string()))
+        s.parse::<u64>().ok().and_then(ComponentId::new).ok_or_else(bad)
     }
 }
 

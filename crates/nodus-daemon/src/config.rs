@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The embedded default configuration (also the documentation of every key).
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -26,6 +27,36 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Deployed apps.
     pub apps: AppsConfig,
+    /// Who may do what.
+    pub access: AccessConfig,
+}
+
+/// The `[access]` section: principals and their permissions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The node's token file; empty means `<data_dir>/auth.token`.
+    pub token_file: PathBuf,
+    /// User ids that are the node's owner on the Unix socket, besides the daemon's own and root.
+    pub admin_uids: Vec<u32>,
+    /// Permissions of clients that are not the owner (TCP without the token, other local users).
+    pub anonymous: Vec<String>,
+}
+
+impl AccessConfig {
+    /// Where the token is kept for a node whose data directory is `data_dir`.
+    pub fn token_path(&self, data_dir: &Path) -> PathBuf {
+        if self.token_file.as_os_str().is_empty() {
+            data_dir.join("auth.token")
+        } else {
+            self.token_file.clone()
+        }
+    }
+
+    /// `anonymous` as a set (names are checked by [`Config::validate`]).
+    pub fn anonymous_permissions(&self) -> nodus_wire::node::Permissions {
+        self.anonymous.join(",").parse().unwrap_or_default()
+    }
 }
 
 /// The `[apps]` section.
@@ -43,6 +74,8 @@ pub struct AppsConfig {
     pub max_deploy_bytes: u64,
     /// Most apps.
     pub max_apps: usize,
+    /// The user app workers run as when the node runs as root; "root" allows root explicitly.
+    pub run_as: String,
 }
 
 /// The `[cluster]` section.
@@ -55,8 +88,11 @@ pub struct ClusterConfig {
     pub advertise: String,
     /// Neighbours to dial.
     pub neighbors: Vec<String>,
-    /// Shared secret required in `CONNECT`.
+    /// Shared secret required in `CONNECT`. Prefer `secret_file` or `NODUS_SECRET`: a secret on the
+    /// command line is visible to every local user.
     pub secret: String,
+    /// File holding the shared secret (its first line); see [`Config::resolve`].
+    pub secret_file: PathBuf,
     /// Heartbeat period, ms.
     pub heartbeat_ms: u64,
     /// Phi threshold of the failure detector.
@@ -73,8 +109,16 @@ pub struct ClusterConfig {
     pub udp_listen: String,
     /// Required `secret_code` on datagrams.
     pub udp_secret: String,
+    /// File holding `udp_secret` (its first line); see [`Config::resolve`].
+    pub udp_secret_file: PathBuf,
     /// TLS cluster listener; empty disables it.
     pub tls_listen: String,
+    /// Nodes whose `SHUTDOWN` and `FORGET` this node obeys and whose clients' requests may carry
+    /// `admin`; `"*"`: every node on an authenticated link (secret or TLS). Links without either
+    /// never count.
+    pub admin_nodes: Vec<String>,
+    /// Most nodes this node knows (learned by gossip or remembered); more are ignored.
+    pub max_nodes: usize,
     /// Certificate chain (PEM).
     pub tls_cert: PathBuf,
     /// Private key (PEM).
@@ -109,8 +153,19 @@ impl ClusterConfig {
 pub struct Limits {
     /// Largest frame or line, bytes.
     pub max_frame_bytes: usize,
-    /// Most simultaneous connections.
+    /// Most simultaneous connections on each listener (client TCP, Unix socket, cluster, TLS
+    /// cluster: each counts its own).
     pub max_connections: usize,
+    /// How long a new connection may take to send its first complete message (form detection, the
+    /// TLS handshake and, on cluster connections, the link handshake), ms. After that first
+    /// message a client may stay idle for as long as it likes.
+    pub handshake_timeout_ms: u64,
+    /// Node-wide bound on bytes received and not yet decoded (partial frames), over all
+    /// connections, each counted beyond its first 64 KiB.
+    pub max_buffered_input_bytes: usize,
+    /// Node-wide bound on bytes queued for sending and not yet written, over all connections,
+    /// each counted beyond its first 64 KiB.
+    pub max_buffered_output_bytes: usize,
     /// Per-connection outbound queue bound, messages.
     pub max_outbound_messages: usize,
     /// Per-connection outbound queue bound, bytes.
@@ -125,8 +180,10 @@ pub struct Limits {
     pub cache_min_ttl_secs: u64,
     /// Largest accepted cache TTL, seconds.
     pub cache_max_ttl_secs: u64,
-    /// Most requests tracked for reply correlation.
+    /// Most requests tracked for reply correlation, all connections together.
     pub max_pending_requests: usize,
+    /// Most requests one client connection may have awaiting a reply.
+    pub max_pending_per_client: usize,
     /// How long a request is tracked, seconds.
     pub request_timeout_secs: u64,
     /// Graceful shutdown grace period, seconds.
@@ -160,37 +217,64 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The default configuration with `overrides` (TOML text) merged on top.
+    /// The default configuration with `overrides` (TOML text) merged on top, resolved and
+    /// validated: [`Config::parse`] then [`Config::resolve`].
     ///
-    /// Fails when the TOML is invalid, names an unknown key or a value is out of range.
+    /// Fails when the TOML is invalid, names an unknown key, a secret file cannot be read or a
+    /// value is out of range.
     pub fn from_toml(overrides: &str) -> Result<Config, ConfigError> {
+        let mut config = Config::parse(overrides)?;
+        config.resolve()?;
+        Ok(config)
+    }
+
+    /// The default configuration with `overrides` (TOML text) merged on top, not yet resolved:
+    /// set fields (e.g. from command-line flags), then call [`Config::resolve`].
+    ///
+    /// Fails when the TOML is invalid or names an unknown key.
+    pub fn parse(overrides: &str) -> Result<Config, ConfigError> {
         let mut base: toml::Table =
             DEFAULT_TOML.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         let top: toml::Table = overrides.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         merge(&mut base, top);
-        let mut config: Config =
-            toml::Value::Table(base).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-        config.resolve();
-        config.validate()?;
-        Ok(config)
+        toml::Value::Table(base).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))
     }
 
-    /// Reads `path` and merges it over the defaults.
+    /// Reads `path` and merges it over the defaults, not yet resolved (see [`Config::parse`]).
     ///
-    /// Fails when the file cannot be read or [`Config::from_toml`] fails.
+    /// Fails when the file cannot be read or [`Config::parse`] fails.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::from_toml(&text)
+        Config::parse(&text)
     }
 
-    /// Fills derived values (server name, socket path).
-    pub fn resolve(&mut self) {
+    /// Fills derived values (server name, socket path), reads the secrets, then validates.
+    ///
+    /// Secrets: `cluster.secret` is the value itself; `cluster.secret_file` names a file whose
+    /// first line is the secret (setting both is an error); with neither, the environment
+    /// variable `NODUS_SECRET` is used when set. Likewise `udp_secret`, `udp_secret_file` and
+    /// `NODUS_UDP_SECRET`. Secrets never need to appear on a command line.
+    ///
+    /// Fails when a secret file cannot be read or is empty, a secret is given twice, or
+    /// [`Config::validate`] fails.
+    pub fn resolve(&mut self) -> Result<(), ConfigError> {
+        self.resolve_with_env(|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::resolve`] with the environment given by `env`.
+    ///
+    /// Fails as [`Config::resolve`] does.
+    pub fn resolve_with_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if self.server_name.is_empty() {
             self.server_name = host_name();
         }
         if self.unix_socket.as_os_str().is_empty() {
             self.unix_socket = self.data_dir.join("nodus.sock");
         }
+        let c = &mut self.cluster;
+        c.secret = secret("cluster.secret", &c.secret, &c.secret_file, env("NODUS_SECRET"))?;
+        c.udp_secret = secret("cluster.udp_secret", &c.udp_secret, &c.udp_secret_file, env("NODUS_UDP_SECRET"))?;
+        self.validate()
     }
 
     /// Checks ranges and names.
@@ -213,6 +297,15 @@ impl Config {
         if l.max_connections == 0 || l.max_outbound_messages == 0 {
             return bad("limits.max_connections and limits.max_outbound_messages must be positive".into());
         }
+        if l.handshake_timeout_ms == 0 {
+            return bad("limits.handshake_timeout_ms must be positive".into());
+        }
+        if l.max_buffered_input_bytes < l.max_frame_bytes {
+            return bad("limits.max_buffered_input_bytes must be at least max_frame_bytes".into());
+        }
+        if l.max_buffered_output_bytes < l.max_frame_bytes {
+            return bad("limits.max_buffered_output_bytes must be at least max_frame_bytes".into());
+        }
         if l.cache_min_ttl_secs > l.cache_max_ttl_secs
             || !(l.cache_min_ttl_secs..=l.cache_max_ttl_secs).contains(&l.cache_default_ttl_secs)
         {
@@ -222,12 +315,53 @@ impl Config {
         if c.heartbeat_ms < 10 || c.failure_phi <= 0.0 || c.max_hops == 0 {
             return bad("cluster.heartbeat_ms must be >= 10, failure_phi > 0 and max_hops > 0".into());
         }
+        if c.max_nodes == 0 {
+            return bad("cluster.max_nodes must be positive".into());
+        }
+        if let Some(bad_name) =
+            c.admin_nodes.iter().find(|n| n.as_str() != "*" && (n.is_empty() || !nodus_wire::valid_name(n)))
+        {
+            return bad(format!("cluster.admin_nodes entry {bad_name:?} is not a node name or \"*\""));
+        }
+        if l.max_pending_per_client == 0 {
+            return bad("limits.max_pending_per_client must be positive".into());
+        }
+        if let Err(e) = self.access.anonymous.join(",").parse::<nodus_wire::node::Permissions>() {
+            return bad(format!("access.anonymous: {e}"));
+        }
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {
             return bad("cluster.tls_cert, tls_key and tls_ca must be set together".into());
         }
         Ok(())
     }
+
+    /// How long a new connection may take to send its first complete message.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.handshake_timeout_ms)
+    }
+}
+
+/// A secret from its value, its file or the environment, in that order; both value and file set
+/// is ambiguous.
+fn secret(key: &str, value: &str, file: &Path, env: Option<String>) -> Result<String, ConfigError> {
+    if file.as_os_str().is_empty() {
+        return Ok(if value.is_empty() { env.unwrap_or_default() } else { value.to_string() });
+    }
+    if !value.is_empty() {
+        return Err(ConfigError::Invalid(format!("set {key} or {key}_file, not both")));
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::Invalid(format!("cannot read {key}_file {}: {e}", file.display())))?;
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(ConfigError::Invalid(format!("{key}_file {} is empty", file.display())));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        tracing::warn!(file = %file.display(), "{key}_file is readable by other users: chmod 600 it");
+    }
+    Ok(line.to_string())
 }
 
 fn merge(base: &mut toml::Table, top: toml::Table) {
@@ -274,5 +408,56 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 4194304);
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("server_name = \"bad name\"").is_err());
+    }
+
+    #[test]
+    fn access_defaults_and_checks() {
+        let c = Config::default();
+        assert_eq!(c.access.anonymous, ["status", "send", "register"]);
+        assert_eq!(c.access.token_path(Path::new("/d")), Path::new("/d/auth.token"));
+        assert_eq!(c.cluster.admin_nodes, ["*"]);
+        assert!(Config::from_toml("[access]\nanonymous = [\"root\"]").is_err());
+        assert!(Config::from_toml("[cluster]\nadmin_nodes = [\"a b\"]").is_err());
+        let c = Config::from_toml("[access]\nanonymous = []\ntoken_file = \"/t\"").unwrap();
+        assert!(c.access.anonymous_permissions().is_empty());
+        assert_eq!(c.access.token_path(Path::new("/d")), Path::new("/t"));
+    }
+
+    #[test]
+    fn secrets_come_from_the_value_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let env = |name: &str| match name {
+            "NODUS_SECRET" => Some("from-env".to_string()),
+            "NODUS_UDP_SECRET" => Some("udp-from-env".to_string()),
+            _ => None,
+        };
+        let resolved = |toml: &str| {
+            let mut c = Config::parse(toml).unwrap();
+            c.resolve_with_env(env).map(|()| (c.cluster.secret, c.cluster.udp_secret))
+        };
+        assert_eq!(resolved("").unwrap(), ("from-env".into(), "udp-from-env".into()));
+        assert_eq!(resolved("[cluster]\nsecret = \"inline\"").unwrap().0, "inline");
+        let from_file = format!("[cluster]\nsecret_file = {:?}\nudp_secret_file = {:?}", file, file);
+        assert_eq!(resolved(&from_file).unwrap(), ("from-file".into(), "from-file".into()));
+        let both = format!("[cluster]\nsecret = \"x\"\nsecret_file = {file:?}");
+        assert!(resolved(&both).unwrap_err().to_string().contains("not both"));
+        let missing = format!("[cluster]\nsecret_file = {:?}", dir.path().join("nope"));
+        assert!(resolved(&missing).unwrap_err().to_string().contains("cannot read cluster.secret_file"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(resolved(&from_file).unwrap_err().to_string().contains("is empty"));
+    }
+
+    #[test]
+    fn fields_set_between_parse_and_resolve_are_resolved() {
+        let mut c = Config::parse("[limits]\nmax_connections = 7").unwrap();
+        c.data_dir = "/tmp/elsewhere".into();
+        c.server_name = "typed".into();
+        c.resolve_with_env(|_| None).unwrap();
+        assert_eq!(c.unix_socket, std::path::Path::new("/tmp/elsewhere/nodus.sock"));
+        assert_eq!((c.server_name.as_str(), c.limits.max_connections), ("typed", 7));
+        c.limits.max_buffered_input_bytes = 10;
+        assert!(c.validate().is_err(), "a budget below one frame is refused");
     }
 }

@@ -1,53 +1,81 @@
 //! The local router: the protocol core of a node. It owns the table of connections and registered
 //! services, the request/reply correlation table and the message cache, and turns each input
-//! (`connect`, `handle`, `handle_invalid`, `disconnect`, `tick`, `begin_shutdown`) into
-//! [`Action`]s. It does no I/O and reads no clock: `now` (Unix milliseconds) is an argument.
+//! into [`Action`]s. It does no I/O and reads no clock: `now` (Unix milliseconds) is an argument.
+//!
+//! # Driving the router
+//!
+//! The driver owns the sockets and one `Router` behind a lock; it calls, for each event:
+//! - a connection opened: [`Router::connect`] (or [`Router::dial`] for a link this node dialed);
+//! - a unit decoded: [`Router::handle`] for a message, [`Router::handle_invalid`] for garbage;
+//! - a connection closed (EOF, error, slow consumer cut, `Close` done): [`Router::disconnect`];
+//! - every tick (at most `heartbeat_ms`, ≤ 500 ms): [`Router::tick`] with the current time;
+//! - a built-in service attached: `connect` with [`Origin::Internal`], `REGISTER`, then
+//!   [`Router::declare_commands`];
+//! - the cache journal (when `durable_cache`): on [`Action::PersistCache`], take the ops with
+//!   [`Router::take_cache_journal`], make them durable off the lock, then report with
+//!   [`Router::cache_durable`];
+//! - shutdown: [`Router::begin_shutdown`], wait for [`Router::pending_len`] to reach 0 (or a
+//!   grace period), then [`Router::farewell`].
+//!
+//! After every call the driver applies the returned actions in order, before the next call:
+//! `Deliver` into the target's bounded queue (a full queue cuts that connection, which the
+//! driver reports with `disconnect`), `Close` after what is queued is written, `Shutdown`,
+//! `SaveNodes` and `PersistCache` to their tasks. The router never waits for an action.
+//!
+//! # Who may do what
+//!
+//! Every message gets its effective [`Permissions`] once, in [`Router::handle`]: a client's
+//! from its principal ([`AccessPolicy`]); a datagram's is `send` only; a message forwarded by
+//! another node carries what its origin node stamped, trusted only from an authenticated link
+//! (capped at `[access] anonymous` otherwise, and without `admin` unless the origin node is in
+//! `[cluster] admin_nodes`). They meet the command at one place, [`Router::admit`], whatever the
+//! target: a node request, a built-in service's command, a service or a broadcast.
 //!
 //! Invariants:
-//! - a message's `from` is always stamped here, never taken from the client;
+//! - a message's `from` is always stamped here, never taken from a client; `hops` starts at 0
+//!   on the first node; a link may not speak for this node nor for a neighbour linked directly;
 //! - an expired message (`expires_at <= now`) is never delivered; its sender gets `ERROR code=expired`;
 //! - every request the router tracks ends in exactly one of: the reply, `ERROR code=disconnected`
-//!   (responder gone) or `ERROR code=timeout`;
-//! - all tables are bounded by [`RouterLimits`].
+//!   (responder gone), `ERROR code=timeout` or `ERROR code=too_large`; a request it cannot
+//!   track (table full for the node or the client) is refused, never delivered untracked;
+//! - every accepted message is delivered, cached, or its sender gets an error;
+//! - errors, reports and replies are never answered with an error ([`answerable`]);
+//! - all tables are bounded by [`RouterLimits`], [`LinkPolicy`] and [`MAX_OWNED_NAMES`].
 
 mod links;
 
-use crate::auth::Origin;
-use crate::cache::{Cache, CacheLimits};
+use crate::auth::{AccessPolicy, Origin, Principal};
+use crate::cache::{Cache, CacheLimits, Stored};
 use crate::detector::PhiDetector;
-use crate::topology::{Health, Topology};
-use nodus_wire::{Message, MessageError};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::topology::{Health, KnownNode, RecordKey, Topology};
+use nodus_wire::node::{answerable, NodeRequest, Permission, Permissions, RequestError};
+use nodus_wire::{binary, Message, MessageError};
+use rand::SeedableRng;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
-/// Hasher for the router's integer keys. Every key (connection ids, node-assigned request ids)
-/// is chosen by the node itself, never by a peer, so a fast unkeyed hash cannot be attacked.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
+pub use nodus_wire::node::NODE_SERVICE;
 
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-/// A map keyed by node-chosen integers.
-pub type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+/// A map keyed by node-chosen integers (connection ids, node-assigned request ids): every key is
+/// chosen by the node itself, never by a peer, so a fast unkeyed hash cannot be attacked.
+pub type IdMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// Identifies one client connection of this node.
 pub type ConnId = u64;
 
-/// The name under which the node itself answers (also reached with an empty service).
-pub const NODE_SERVICE: &str = "node";
+/// Stands for the sender of a cached message restored after a restart: no such connection exists.
+const GONE: ConnId = ConnId::MAX;
+
+/// Most service names whose owner the router remembers (a name keeps its owner after its last
+/// instance leaves, so nobody else can take it over while its service restarts).
+pub const MAX_OWNED_NAMES: usize = 65_536;
+
+/// Most answers held behind `cached` reports that wait for the disk (past it, answers go out at
+/// once, out of order with a report still waiting).
+const MAX_HELD: usize = 65_536;
+
+/// Failed `AUTH` attempts after which the node closes the connection.
+const MAX_AUTH_FAILURES: u8 = 3;
 
 /// What the driver must do after an input.
 // Messages are the hot path: boxing them would cost an allocation per routed message.
@@ -60,8 +88,19 @@ pub enum Action {
     Close(ConnId),
     /// A client asked the node to stop: begin a graceful shutdown.
     Shutdown,
-    /// The set of known nodes changed: persist it (name, address, was a direct neighbour).
-    SaveNodes(Vec<(String, String, bool)>),
+    /// The set of known nodes changed: persist it.
+    SaveNodes(Vec<KnownNode>),
+    /// The cache journal has ops to make durable ([`Router::take_cache_journal`]).
+    PersistCache,
+}
+
+/// One change to the cache, to be made durable in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheOp {
+    /// An entry was cached.
+    Put(Box<Stored>),
+    /// The entry with this number left the cache (delivered or expired).
+    Remove(u64),
 }
 
 /// Bounds and timeouts of the router.
@@ -69,27 +108,108 @@ pub enum Action {
 pub struct RouterLimits {
     /// Cache bounds.
     pub cache: CacheLimits,
-    /// Default cache TTL, ms.
-    pub cache_default_ttl_ms: i64,
-    /// Accepted cache TTL range, ms (values outside are clamped).
-    pub cache_ttl_range_ms: (i64, i64),
-    /// Most requests tracked for correlation.
+    /// Default cache TTL.
+    pub cache_default_ttl: Duration,
+    /// Accepted cache TTL range (values outside are clamped).
+    pub cache_ttl_range: (Duration, Duration),
+    /// Most requests tracked for correlation, all connections together.
     pub max_pending: usize,
-    /// How long a request is tracked, ms.
-    pub request_timeout_ms: i64,
+    /// Most requests one client connection may have tracked.
+    pub max_pending_per_client: usize,
+    /// How long a request is tracked.
+    pub request_timeout: Duration,
+    /// Largest frame a message may take on the wire (checked before delivery and forwarding).
+    pub max_frame: usize,
 }
 
 impl RouterLimits {
     /// Limits from the node configuration.
     pub fn from_config(l: &crate::config::Limits) -> Self {
+        let secs = Duration::from_secs;
         RouterLimits {
             cache: CacheLimits { max_messages: l.cache_max_messages, max_bytes: l.cache_max_bytes },
-            cache_default_ttl_ms: l.cache_default_ttl_secs as i64 * 1000,
-            cache_ttl_range_ms: (l.cache_min_ttl_secs as i64 * 1000, l.cache_max_ttl_secs as i64 * 1000),
+            cache_default_ttl: secs(l.cache_default_ttl_secs),
+            cache_ttl_range: (secs(l.cache_min_ttl_secs), secs(l.cache_max_ttl_secs)),
             max_pending: l.max_pending_requests,
-            request_timeout_ms: l.request_timeout_secs as i64 * 1000,
+            // When a responder goes, each of its callers gets one error per request at once: they
+            // must fit the caller's own queue, with room to spare.
+            max_pending_per_client: l.max_pending_per_client.min(l.max_outbound_messages / 2).max(1),
+            request_timeout: secs(l.request_timeout_secs),
+            max_frame: l.max_frame_bytes,
         }
     }
+}
+
+/// How this node treats cluster links: what the core needs of the `[cluster]` configuration.
+#[derive(Debug, Clone)]
+pub struct LinkPolicy {
+    /// The cluster secret (empty: none; links are then authenticated only by TLS, if at all).
+    pub secret: String,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Phi threshold of the failure detector.
+    pub failure_phi: f64,
+    /// Clock offset past which the clock is unstable.
+    pub clock_threshold: Duration,
+    /// An unsynchronised system clock makes the clock unstable.
+    pub clock_require_ntp: bool,
+    /// Hop limit.
+    pub max_hops: u32,
+    /// Most links.
+    pub max_links: usize,
+    /// Most nodes known.
+    pub max_nodes: usize,
+    /// How long `CONNECT`/`ACCEPT`(/`CONFIRM`) may take.
+    pub handshake_timeout: Duration,
+    /// Nodes whose cluster-wide commands are obeyed; `"*"`: any node on an authenticated link.
+    pub admin_nodes: Vec<String>,
+}
+
+impl LinkPolicy {
+    /// The policy of the node's configuration (`[cluster]`, and `[limits] handshake_timeout_ms`).
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let c = &config.cluster;
+        LinkPolicy {
+            secret: c.secret.clone(),
+            heartbeat: Duration::from_millis(c.heartbeat_ms),
+            failure_phi: c.failure_phi,
+            clock_threshold: Duration::from_millis(c.clock_threshold_ms.max(0) as u64),
+            clock_require_ntp: c.clock_require_ntp,
+            max_hops: c.max_hops,
+            max_links: c.max_links,
+            max_nodes: c.max_nodes,
+            handshake_timeout: config.handshake_timeout(),
+            admin_nodes: c.admin_nodes.clone(),
+        }
+    }
+
+    /// True when `node` may shut the cluster down, forget nodes and use `admin` here (asked
+    /// only for nodes on authenticated links).
+    pub fn admin_node(&self, node: &str) -> bool {
+        self.admin_nodes.iter().any(|n| n == "*" || n == node)
+    }
+}
+
+/// Everything a router is built from.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// This node's server name.
+    pub server: String,
+    /// Services whose messages are cached until they register.
+    pub expected: Vec<String>,
+    /// Bounds and timeouts.
+    pub limits: RouterLimits,
+    /// Cluster links.
+    pub links: LinkPolicy,
+    /// Principals and permissions.
+    pub access: AccessPolicy,
+    /// Address other nodes dial to reach this one (advertised in the handshake and gossip).
+    pub cluster_addr: String,
+    /// Cached messages are journaled ([`Action::PersistCache`]) and `cached` is reported only
+    /// once the driver says the entry is durable. Without, `cached` is reported at once.
+    pub durable_cache: bool,
+    /// Seeds the generator of handshake nonces (from the OS in the driver, fixed in tests).
+    pub seed: u64,
 }
 
 /// Live counters, reported by `INFO`.
@@ -107,53 +227,51 @@ pub struct Stats {
     pub cached: u64,
     /// Messages that could not be delivered nor cached.
     pub undeliverable: u64,
+    /// Requests refused for lack of a permission.
+    pub forbidden: u64,
+    /// Messages from links dropped because their sender could not have sent them that way, and
+    /// messages over UDP that were not signals to services.
+    pub refused: u64,
 }
 
 #[derive(Debug)]
 struct Conn {
     /// Where the connection came from (the driver's facts).
     origin: Origin,
-    service: Option<String>,
-    commands: Option<HashSet<String>>,
-    sniff: Option<SniffFilter>,
+    role: Role,
+    /// Requests this connection is handling (as a responder).
     in_flight: u32,
-    /// Came in on a cluster listener or was dialed by this node: may only become a link.
-    cluster: bool,
-    /// This node dialed it.
-    dialed: bool,
-    /// Established link: the peer node and what we measure about it.
-    link: Option<Link>,
-    /// The UDP signal port: one-way, not a client connection.
-    datagram: bool,
+    /// Requests this connection made that are tracked (as a caller).
+    outstanding: u32,
+}
+
+/// What a connection is; each variant holds only what means something for it.
+#[derive(Debug)]
+enum Role {
+    /// A local program (or a built-in service): may register, send, request, sniff.
+    Client(Client),
+    /// The UDP signal port: one way, signals to services only.
+    Datagram,
+    /// A cluster connection before its handshake completed; closed past the deadline.
+    Pending(Handshake),
+    /// An established link to another node.
+    Link(Link),
 }
 
 #[derive(Debug)]
-struct Link {
-    peer: String,
-    detector: PhiDetector,
-    rtt_ms: Option<i64>,
-    offset_ms: Option<i64>,
-    /// The peer said DISCONNECT: report HANGUP rather than DISCONNECTED.
-    hung_up: bool,
+struct Client {
+    principal: Principal,
+    perms: Permissions,
+    service: Option<String>,
+    /// Commands it understands (`None`: everything).
+    commands: Option<HashSet<String>>,
+    /// For built-in services: the permission each command needs (others need `send`).
+    needs: HashMap<String, Permission>,
+    sniff: Option<SniffFilter>,
+    auth_failures: u8,
 }
 
-impl Default for Conn {
-    fn default() -> Self {
-        Conn {
-            origin: Origin::Internal,
-            service: None,
-            commands: None,
-            sniff: None,
-            in_flight: 0,
-            cluster: false,
-            dialed: false,
-            link: None,
-            datagram: false,
-        }
-    }
-}
-
-impl Conn {
+impl Client {
     fn understands(&self, command: &str) -> bool {
         self.commands.as_ref().is_none_or(|c| c.contains(command))
     }
@@ -162,6 +280,44 @@ impl Conn {
     fn declared(&self, command: &str) -> bool {
         self.service.is_some() && self.commands.as_ref().is_some_and(|c| c.contains(command))
     }
+
+    fn need(&self, command: &str) -> Permission {
+        self.needs.get(command).copied().unwrap_or(Permission::Send)
+    }
+}
+
+#[derive(Debug)]
+struct Handshake {
+    /// This node dialed it.
+    dialed: bool,
+    /// First seen by a tick (the deadline counts from there).
+    since: Option<i64>,
+    /// The nonce this node sent (CONNECT or ACCEPT).
+    nonce: String,
+    /// Listener side with a secret: ACCEPT sent, waiting for the dialer's CONFIRM.
+    awaiting: Option<Awaiting>,
+}
+
+#[derive(Debug)]
+struct Awaiting {
+    peer: String,
+    addr: String,
+    their_nonce: String,
+}
+
+#[derive(Debug)]
+struct Link {
+    peer: String,
+    dialed: bool,
+    /// The peer proved it holds the cluster secret, or the connection is verified TLS.
+    authenticated: bool,
+    detector: PhiDetector,
+    /// Times of pings sent and not yet answered (bounded).
+    pings: VecDeque<i64>,
+    /// Recent (round trip, offset) samples, ms (bounded).
+    samples: VecDeque<(i64, i64)>,
+    /// The peer said DISCONNECT: report HANGUP rather than DISCONNECTED.
+    hung_up: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -191,9 +347,13 @@ struct Pending {
 pub struct Router {
     server: String,
     limits: RouterLimits,
+    policy: LinkPolicy,
+    access: AccessPolicy,
     started_at: i64,
     conns: IdMap<ConnId, Conn>,
     services: BTreeMap<String, Vec<ConnId>>,
+    /// Service name → the principal that registered it first.
+    owners: HashMap<String, Principal>,
     pending: IdMap<(ConnId, u64), Pending>,
     cache: Cache,
     expected: HashSet<String>,
@@ -202,18 +362,24 @@ pub struct Router {
     rr: usize,
     next_id: u64,
     stats: Stats,
-    cluster: crate::config::ClusterConfig,
     /// Address other nodes dial to reach this one (advertised in CONNECT, ACCEPT and gossip).
     cluster_addr: String,
+    link_key: links::LinkKey,
     topology: Topology,
     /// Peer node → link connection.
     links: BTreeMap<String, ConnId>,
     /// Nodes this node ever had a direct link with (dialed again after a restart).
-    neighbors: std::collections::BTreeSet<String>,
+    neighbors: BTreeSet<String>,
     last_health: Health,
     last_clock_stable: bool,
     ntp: Option<bool>,
     ticks: u64,
+    rng: rand::rngs::StdRng,
+    durable_cache: bool,
+    /// Cache ops not yet taken by the persistence task (bounded by the cache bounds).
+    journal: Vec<CacheOp>,
+    /// `cached` reports held until their entry is durable: (entry, sender, report).
+    awaiting_durable: Vec<(u64, ConnId, Message)>,
 }
 
 enum CacheMode {
@@ -221,41 +387,47 @@ enum CacheMode {
     No { reply: bool },
 }
 
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl Router {
-    /// A router for node `server` that caches messages for `expected` services.
-    pub fn new(
-        server: &str,
-        expected: &[String],
-        limits: RouterLimits,
-        cluster: crate::config::ClusterConfig,
-        cluster_addr: String,
-        now: i64,
-    ) -> Self {
-        let topology = Topology::new(server, &cluster_addr, now);
+    /// A router for node `config.server`, started at `now`.
+    pub fn new(config: RouterConfig, now: i64) -> Self {
+        let key = RecordKey::from_secret(&config.links.secret);
+        let topology = Topology::new(&config.server, &config.cluster_addr, now, key, config.links.max_nodes);
         let last_health = topology.health();
+        let link_key = links::LinkKey::from_secret(&config.links.secret);
         Router {
-            cluster,
-            cluster_addr,
-            topology,
-            links: BTreeMap::new(),
-            neighbors: Default::default(),
-            last_health,
-            last_clock_stable: true,
-            ntp: None,
-            ticks: 0,
-            server: server.to_string(),
-            limits,
+            server: config.server,
+            limits: config.limits,
+            policy: config.links,
+            access: config.access,
             started_at: now,
             conns: IdMap::default(),
             services: BTreeMap::new(),
+            owners: HashMap::new(),
             pending: IdMap::default(),
-            cache: Cache::new(limits.cache),
-            expected: expected.iter().cloned().collect(),
+            cache: Cache::new(config.limits.cache),
+            expected: config.expected.into_iter().collect(),
             sniffers: Vec::new(),
             quitting: false,
             rr: 0,
             next_id: 1,
             stats: Stats::default(),
+            cluster_addr: config.cluster_addr,
+            link_key,
+            topology,
+            links: BTreeMap::new(),
+            neighbors: BTreeSet::new(),
+            last_health,
+            last_clock_stable: true,
+            ntp: None,
+            ticks: 0,
+            rng: rand::rngs::StdRng::seed_from_u64(config.seed),
+            durable_cache: config.durable_cache,
+            journal: Vec::new(),
+            awaiting_durable: Vec::new(),
         }
     }
 
@@ -279,6 +451,11 @@ impl Router {
         self.cache.len()
     }
 
+    /// Instances of `service` registered on this node (0 when none).
+    pub fn instances(&self, service: &str) -> usize {
+        self.services.get(service).map_or(0, Vec::len)
+    }
+
     /// Where connection `conn` came from, while it is open.
     pub fn origin(&self, conn: ConnId) -> Option<&Origin> {
         self.conns.get(&conn).map(|c| &c.origin)
@@ -289,17 +466,42 @@ impl Router {
         self.quitting
     }
 
-    /// A new connection, with what the driver knows of where it came from. Connections from a
-    /// cluster listener may only become links; a dialed one must go through [`Router::dial`].
+    /// A new connection, with what the driver knows of where it came from. A client gets its
+    /// principal from `origin`; connections from a cluster listener may only become links; a
+    /// dialed one must go through [`Router::dial`].
     pub fn connect(&mut self, conn: ConnId, origin: Origin) {
-        let c = Conn {
-            cluster: origin.is_cluster(),
-            dialed: matches!(origin, Origin::Dialed { .. }),
-            datagram: origin == Origin::Datagram,
-            origin,
-            ..Conn::default()
+        let role = match &origin {
+            Origin::Datagram => Role::Datagram,
+            Origin::Cluster { .. } | Origin::Dialed { .. } => Role::Pending(Handshake {
+                dialed: matches!(origin, Origin::Dialed { .. }),
+                since: None,
+                nonce: self.nonce(),
+                awaiting: None,
+            }),
+            Origin::Internal | Origin::Unix { .. } | Origin::Tcp { .. } => {
+                let principal = self.access.principal(&origin);
+                let perms = self.access.permissions(&principal);
+                Role::Client(Client {
+                    principal,
+                    perms,
+                    service: None,
+                    commands: None,
+                    needs: HashMap::new(),
+                    sniff: None,
+                    auth_failures: 0,
+                })
+            }
         };
-        self.conns.insert(conn, c);
+        self.conns.insert(conn, Conn { origin, role, in_flight: 0, outstanding: 0 });
+    }
+
+    /// A built-in service declares its commands and the permission each needs; others are
+    /// answered `UNKNOWN`. Every message delivered to it is checked against these.
+    pub fn declare_commands(&mut self, conn: ConnId, commands: &[(&str, Permission)]) {
+        if let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+            c.commands = Some(commands.iter().map(|(n, _)| n.to_string()).collect());
+            c.needs = commands.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+        }
     }
 
     /// Starts a graceful shutdown: new registrations and requests are answered `QUITTING`;
@@ -310,8 +512,12 @@ impl Router {
 
     /// Tells every connection the node is going away.
     pub fn farewell(&mut self, out: &mut Vec<Action>) {
-        for (id, c) in self.conns.iter().filter(|(_, c)| !c.datagram) {
-            let command = if c.link.is_some() { "DISCONNECT" } else { "QUITTING" };
+        for (id, c) in &self.conns {
+            let command = match c.role {
+                Role::Datagram => continue,
+                Role::Link(_) => "DISCONNECT",
+                Role::Client(_) | Role::Pending(_) => "QUITTING",
+            };
             let mut m = Message::new(command);
             m.from = self.node_address();
             out.push(Action::Deliver(*id, m));
@@ -327,33 +533,68 @@ impl Router {
     }
 
     /// A message from `conn`.
-    pub fn handle(&mut self, conn: ConnId, mut msg: Message, now: i64, out: &mut Vec<Action>) {
+    pub fn handle(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        let start = out.len();
+        self.handle_message(conn, msg, now, out);
+        if !self.awaiting_durable.is_empty() {
+            self.hold_behind_reports(conn, start, out);
+        }
+    }
+
+    /// A connection that waits for a `cached` report gets what the node answers it afterwards
+    /// after that report, as it would have without the wait: answers to one connection keep the
+    /// order of its messages (a client may send `PING` and take the `PONG` as a barrier).
+    fn hold_behind_reports(&mut self, conn: ConnId, start: usize, out: &mut Vec<Action>) {
+        let Some(seq) = self.awaiting_durable.iter().filter(|(_, c, _)| *c == conn).map(|(s, _, _)| *s).max() else {
+            return;
+        };
+        let mut i = start;
+        while i < out.len() && self.awaiting_durable.len() < MAX_HELD {
+            match out.remove(i) {
+                Action::Deliver(c, m) if c == conn => self.awaiting_durable.push((seq, conn, m)),
+                other => {
+                    out.insert(i, other);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    fn handle_message(&mut self, conn: ConnId, mut msg: Message, now: i64, out: &mut Vec<Action>) {
         let Some(c) = self.conns.get(&conn) else { return };
         self.stats.received += 1;
-        let from_link = c.link.is_some();
-        if c.cluster && !from_link {
-            return self.link_handshake(conn, msg, now, out);
-        }
-        if from_link {
-            if self.link_control(conn, &msg, now, out) {
-                return;
+        let perms = match &c.role {
+            Role::Pending(_) => return self.link_handshake(conn, msg, now, out),
+            Role::Link(_) => {
+                let Some(perms) = self.link_traffic(conn, &msg, now, out) else { return };
+                if msg.envelope.hops > self.policy.max_hops {
+                    let text = format!("the message passed {} nodes (max_hops)", self.policy.max_hops);
+                    return self.undeliverable(conn, &msg, "hop_limit", text, out);
+                }
+                perms
             }
-            if msg.envelope.hops > self.cluster.max_hops {
-                self.stats.undeliverable += 1;
-                return;
+            Role::Datagram => {
+                // Signals to services only: no node commands, no registration, nothing to answer.
+                if matches!(msg.to.service.as_str(), "" | NODE_SERVICE | "communicatord") {
+                    self.stats.refused += 1;
+                    return;
+                }
+                msg.envelope.id = 0;
+                msg.envelope.reply_to = 0;
+                self.stamp_sender(&mut msg, None);
+                Permissions::of(&[Permission::Send])
             }
-        } else {
-            msg.from.server.clone_from(&self.server);
-            match &c.service {
-                Some(s) => msg.from.service.clone_from(s),
-                None => msg.from.service.clear(),
+            Role::Client(cl) => {
+                let (service, perms) = (cl.service.clone(), cl.perms);
+                self.stamp_sender(&mut msg, service);
+                perms
             }
-        }
+        };
+        msg.envelope.perms = Permissions::NONE;
         if msg.envelope.expires_at != 0 && msg.envelope.expires_at <= now {
             self.stats.expired += 1;
             let e = self.error(&msg, "expired", "the message expired before it could be delivered");
-            out.push(Action::Deliver(conn, e));
-            return;
+            return self.refuse(conn, &msg, e, out);
         }
         if !self.sniffers.is_empty() {
             self.sniff(conn, &msg, out);
@@ -361,89 +602,200 @@ impl Router {
         let reply_to = msg.envelope.reply_to;
         if reply_to != 0 {
             if let Some(p) = self.pending.remove(&(conn, reply_to)) {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.in_flight = c.in_flight.saturating_sub(1);
-                }
-                msg.envelope.reply_to = p.origin_id;
-                if self.conns.contains_key(&p.origin) {
-                    self.stats.delivered += 1;
-                    out.push(Action::Deliver(p.origin, msg));
-                }
-                return;
+                return self.reply(conn, p, msg, out);
             }
         }
         if self.quitting && reply_to == 0 {
-            out.push(Action::Deliver(conn, self.answer(&msg, "QUITTING")));
-            return;
+            let q = self.answer(&msg, "QUITTING");
+            return self.refuse(conn, &msg, q, out);
         }
+        let from_link = matches!(self.conns.get(&conn).map(|c| &c.role), Some(Role::Link(_)));
         match msg.to.server.as_str() {
-            "" | "." => self.local(conn, msg, now, !from_link, out),
+            "" | "." => self.local(conn, msg, perms, now, !from_link, out),
             "*" | "?" => {
                 let everywhere = msg.to.server == "*";
                 for node in self.topology.live_remotes() {
                     let mut copy = msg.clone();
                     copy.to.server = node.clone();
-                    self.forward(conn, copy, &node, now, out);
+                    self.forward(conn, copy, perms, &node, now, out);
                 }
                 if everywhere {
-                    self.local(conn, msg, now, false, out);
+                    self.local(conn, msg, perms, now, false, out);
                 }
             }
-            s if s == self.server => self.local(conn, msg, now, false, out),
+            s if s == self.server => self.local(conn, msg, perms, now, false, out),
             _ => {
                 let dest = msg.to.server.clone();
-                self.forward(conn, msg, &dest, now, out);
+                self.forward(conn, msg, perms, &dest, now, out);
             }
+        }
+    }
+
+    /// The sender of a message from a local connection is this node and the connection's
+    /// service, whatever the message said; the first node counts hops from zero.
+    fn stamp_sender(&self, msg: &mut Message, service: Option<String>) {
+        msg.from.server.clone_from(&self.server);
+        msg.from.service = service.unwrap_or_default();
+        msg.envelope.hops = 0;
+    }
+
+    /// A reply to a tracked request: back to the caller under the caller's own id.
+    fn reply(&mut self, responder: ConnId, p: Pending, mut msg: Message, out: &mut Vec<Action>) {
+        if let Some(c) = self.conns.get_mut(&responder) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+        if let Some(c) = self.conns.get_mut(&p.origin) {
+            c.outstanding = c.outstanding.saturating_sub(1);
+        }
+        msg.envelope.reply_to = p.origin_id;
+        if !self.conns.contains_key(&p.origin) {
+            return;
+        }
+        if !self.is_link(p.origin) {
+            msg.envelope.perms = Permissions::NONE;
+        }
+        if binary::encoded_len(&msg) > self.limits.max_frame {
+            let text = "the reply would exceed max_frame_bytes on the way back";
+            return self.fail_request(p.origin, p.origin_id, "too_large", p.command, text, out);
+        }
+        self.stats.delivered += 1;
+        out.push(Action::Deliver(p.origin, msg));
+    }
+
+    /// The one place where what a message may do meets what its target needs: true when
+    /// `perms` allows `need`; otherwise the sender gets `ERROR code=forbidden` (saying what is
+    /// needed and how to get it) and the message goes no further.
+    fn admit(
+        &mut self,
+        conn: ConnId,
+        msg: &Message,
+        perms: Permissions,
+        need: Permission,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if perms.allows(need) {
+            return true;
+        }
+        self.stats.forbidden += 1;
+        let text = self.access.forbidden_text(need);
+        let e = self.error(msg, "forbidden", &text).param("permission", need);
+        self.refuse(conn, msg, e, out);
+        false
+    }
+
+    /// Answers `req` with the error or report `reply` unless `req` is itself an answer: an
+    /// error is never answered with an error.
+    fn refuse(&mut self, conn: ConnId, req: &Message, reply: Message, out: &mut Vec<Action>) {
+        if answerable(req) {
+            out.push(Action::Deliver(conn, reply));
         }
     }
 
     /// Delivery on this node; `anywhere` lets a service that is not registered here be found on
     /// the nearest node that has it.
-    fn local(&mut self, conn: ConnId, msg: Message, now: i64, anywhere: bool, out: &mut Vec<Action>) {
+    fn local(
+        &mut self,
+        conn: ConnId,
+        msg: Message,
+        perms: Permissions,
+        now: i64,
+        anywhere: bool,
+        out: &mut Vec<Action>,
+    ) {
         match msg.to.service.as_str() {
-            "" | NODE_SERVICE | "communicatord" => {
-                if msg.envelope.reply_to == 0 {
-                    self.command(conn, msg, now, out);
-                }
-            }
-            "*" | "." => self.broadcast(conn, msg, out),
-            _ => self.route(conn, msg, now, anywhere, out),
+            "" | NODE_SERVICE | "communicatord" => self.node_request(conn, msg, perms, now, out),
+            "*" | "." => self.broadcast(conn, msg, perms, out),
+            _ => self.route(conn, msg, perms, now, anywhere, out),
         }
     }
 
-    fn route(&mut self, origin: ConnId, msg: Message, now: i64, anywhere: bool, out: &mut Vec<Action>) {
+    fn route(
+        &mut self,
+        origin: ConnId,
+        msg: Message,
+        perms: Permissions,
+        now: i64,
+        anywhere: bool,
+        out: &mut Vec<Action>,
+    ) {
         let target = match self.services.get(&msg.to.service) {
             Some(instances) if !instances.is_empty() => {
                 self.rr = self.rr.wrapping_add(1);
                 pick(self.rr, instances, &self.conns)
             }
             _ => {
+                if !self.admit(origin, &msg, perms, Permission::Send, out) {
+                    return;
+                }
                 if anywhere {
                     if let Some(node) = self.topology.nearest_with(&msg.to.service).map(String::from) {
-                        return self.forward(origin, msg, &node, now, out);
+                        return self.forward(origin, msg, perms, &node, now, out);
                     }
                 }
-                return self.absent(origin, msg, now, out);
+                return self.absent(origin, msg, perms, now, out);
             }
         };
-        let t = &self.conns[&target];
-        if !t.understands(&msg.command) {
-            let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
-            out.push(Action::Deliver(origin, reply));
+        let Some(Role::Client(t)) = self.conns.get(&target).map(|c| &c.role) else { return };
+        let (need, understood) = (t.need(&msg.command), t.understands(&msg.command));
+        if !self.admit(origin, &msg, perms, need, out) {
             return;
+        }
+        if !understood {
+            let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
+            return self.refuse(origin, &msg, reply, out);
         }
         self.deliver_tracked(origin, target, msg, now, out);
     }
 
-    /// Delivers to `target`; a request (id set, not a reply) is tracked so its reply finds the way
-    /// back. The target sees a node-unique id, so requests from different callers that happen to
-    /// use the same id never collide; the caller's own id is restored on the reply.
-    fn deliver_tracked(&mut self, origin: ConnId, target: ConnId, mut msg: Message, now: i64, out: &mut Vec<Action>) {
+    /// Delivers to `target`; a request (id set, not a reply, not an answer) is tracked so its
+    /// reply finds the way back. The target sees a node-unique id, so requests from different
+    /// callers that happen to use the same id never collide; the caller's own id is restored on
+    /// the reply. Returns false, with an error to the sender, when the message would exceed the
+    /// frame bound or the request cannot be tracked (table full for the node or the client).
+    fn deliver_tracked(
+        &mut self,
+        origin: ConnId,
+        target: ConnId,
+        mut msg: Message,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if !self.is_link(target) {
+            msg.envelope.perms = Permissions::NONE;
+        }
         let id = msg.envelope.id;
-        if id != 0 && msg.envelope.reply_to == 0 && self.pending.len() < self.limits.max_pending {
+        let tracked = id != 0 && answerable(&msg);
+        if binary::encoded_len(&msg) > self.limits.max_frame {
+            self.stats.undeliverable += 1;
+            let text = format!("the message would exceed max_frame_bytes ({}) on its way", self.limits.max_frame);
+            let e = self.error(&msg, "too_large", &text);
+            self.refuse(origin, &msg, e, out);
+            return false;
+        }
+        if tracked {
+            let client_outstanding = match self.conns.get(&origin) {
+                Some(c) if matches!(c.role, Role::Client(_)) => Some(c.outstanding as usize),
+                _ => None,
+            };
+            let over_client = client_outstanding.is_some_and(|n| n >= self.limits.max_pending_per_client);
+            if over_client || self.pending.len() >= self.limits.max_pending {
+                self.stats.undeliverable += 1;
+                let text = if over_client {
+                    format!(
+                        "this connection already has {} requests awaiting a reply (max_pending_per_client)",
+                        self.limits.max_pending_per_client
+                    )
+                } else {
+                    format!("the node already tracks {} requests (max_pending_requests)", self.limits.max_pending)
+                };
+                let e = self.error(&msg, "too_many_requests", &text);
+                self.refuse(origin, &msg, e, out);
+                return false;
+            }
+            let timeout = ms(self.limits.request_timeout);
             let deadline = match msg.envelope.expires_at {
-                0 => now + self.limits.request_timeout_ms,
-                e => e.min(now + self.limits.request_timeout_ms),
+                0 => now.saturating_add(timeout),
+                e => e.min(now.saturating_add(timeout)),
             };
             let local_id = self.next_id;
             self.next_id += 1;
@@ -453,14 +805,36 @@ impl Router {
             if let Some(c) = self.conns.get_mut(&target) {
                 c.in_flight += 1;
             }
+            if let Some(c) = self.conns.get_mut(&origin) {
+                c.outstanding += 1;
+            }
         }
         self.stats.delivered += 1;
         out.push(Action::Deliver(target, msg));
+        true
     }
 
-    fn broadcast(&mut self, origin: ConnId, msg: Message, out: &mut Vec<Action>) {
+    fn is_link(&self, conn: ConnId) -> bool {
+        matches!(self.conns.get(&conn).map(|c| &c.role), Some(Role::Link(_)))
+    }
+
+    fn broadcast(&mut self, origin: ConnId, mut msg: Message, perms: Permissions, out: &mut Vec<Action>) {
+        if !self.admit(origin, &msg, perms, Permission::Send, out) {
+            return;
+        }
+        msg.envelope.perms = Permissions::NONE;
+        if binary::encoded_len(&msg) > self.limits.max_frame {
+            let e = self.error(&msg, "too_large", "the message would exceed max_frame_bytes on its way");
+            return self.refuse(origin, &msg, e, out);
+        }
         for (id, c) in &self.conns {
-            if *id != origin && c.service.is_some() && c.link.is_none() && c.understands(&msg.command) {
+            let Role::Client(cl) = &c.role else { continue };
+            // A built-in service's privileged commands reach it only from those allowed to run them.
+            if *id != origin
+                && cl.service.is_some()
+                && cl.understands(&msg.command)
+                && perms.allows(cl.need(&msg.command))
+            {
                 self.stats.delivered += 1;
                 out.push(Action::Deliver(*id, msg.clone()));
             }
@@ -468,24 +842,34 @@ impl Router {
     }
 
     /// The destination service is not registered: cache, report or drop as the message asks.
-    fn absent(&mut self, origin: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+    fn absent(&mut self, origin: ConnId, msg: Message, perms: Permissions, now: i64, out: &mut Vec<Action>) {
         let mode = self.cache_mode(&msg);
         let expected = self.expected.contains(&msg.to.service);
         match mode {
             CacheMode::Cache { ttl_ms } if expected => {
-                let mut expires_at = now + ttl_ms;
+                let mut expires_at = now.saturating_add(ttl_ms);
                 if msg.envelope.expires_at != 0 {
                     expires_at = expires_at.min(msg.envelope.expires_at);
                 }
                 let report = self.report(&msg, "cached");
                 let service = msg.to.service.clone();
-                if self.cache.push(&service, origin, msg.clone(), expires_at, now) {
-                    self.stats.cached += 1;
-                    if let Some(r) = report {
-                        out.push(Action::Deliver(origin, r));
+                let mut dropped = Vec::new();
+                match self.cache.push(&service, origin, perms, msg.clone(), expires_at, now, &mut dropped) {
+                    Some(seq) => {
+                        self.stats.cached += 1;
+                        for seq in dropped {
+                            self.journal(CacheOp::Remove(seq), out);
+                        }
+                        if self.durable_cache {
+                            self.journal(CacheOp::Put(Box::new(Stored { seq, service, expires_at, perms, msg })), out);
+                            if let Some(r) = report {
+                                self.awaiting_durable.push((seq, origin, r));
+                            }
+                        } else if let Some(r) = report {
+                            out.push(Action::Deliver(origin, r));
+                        }
                     }
-                } else {
-                    self.undeliverable(origin, &msg, "cache_full", "the message cache is full".into(), out);
+                    None => self.undeliverable(origin, &msg, "cache_full", "the message cache is full".into(), out),
                 }
             }
             CacheMode::No { reply: false } => {
@@ -512,11 +896,11 @@ impl Router {
             .param("command", &msg.command)
             .param("reason", why)
             .param("message", text);
-        out.push(Action::Deliver(origin, m));
+        self.refuse(origin, msg, m, out);
     }
 
     fn report(&self, msg: &Message, status: &str) -> Option<Message> {
-        (msg.get("transmission_report") == Some("failure")).then(|| {
+        (msg.get("transmission_report") == Some("failure") && answerable(msg)).then(|| {
             self.answer(msg, "TRANSMISSION_REPORT")
                 .param("status", status)
                 .param("command", &msg.command)
@@ -525,7 +909,7 @@ impl Router {
     }
 
     fn cache_mode(&self, msg: &Message) -> CacheMode {
-        let mut ttl_ms = self.limits.cache_default_ttl_ms;
+        let mut ttl_ms = ms(self.limits.cache_default_ttl);
         let (mut no, mut reply) = (false, false);
         for opt in msg.get("cache").unwrap_or("").split(';').map(str::trim) {
             match opt {
@@ -533,8 +917,8 @@ impl Router {
                 "reply" => reply = true,
                 _ => {
                     if let Some(secs) = opt.strip_prefix("ttl=").and_then(|v| v.parse::<i64>().ok()) {
-                        let (lo, hi) = self.limits.cache_ttl_range_ms;
-                        ttl_ms = secs.saturating_mul(1000).clamp(lo, hi);
+                        let (lo, hi) = self.limits.cache_ttl_range;
+                        ttl_ms = secs.saturating_mul(1000).clamp(ms(lo), ms(hi));
                     }
                 }
             }
@@ -546,130 +930,251 @@ impl Router {
         }
     }
 
-    /// A command addressed to the node itself.
-    fn command(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
-        let from_link = self.conns.get(&conn).is_some_and(|c| c.link.is_some());
-        let remote_safe = matches!(
-            msg.command.as_str(),
-            "SERVICE_STATUS" | "LIST_SERVICES" | "INFO" | "PING" | "CLUSTER_STATUS" | "CLOCK_STATUS"
-        );
-        if from_link && !remote_safe {
-            let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
-            out.push(Action::Deliver(conn, reply));
+    fn journal(&mut self, op: CacheOp, out: &mut Vec<Action>) {
+        if !self.durable_cache {
             return;
         }
-        if self.cluster_command(conn, &msg, now, out) {
+        if self.journal.is_empty() {
+            out.push(Action::PersistCache);
+        }
+        self.journal.push(op);
+    }
+
+    /// The cache ops since the last call, in order, for the persistence task to make durable.
+    pub fn take_cache_journal(&mut self) -> Vec<CacheOp> {
+        std::mem::take(&mut self.journal)
+    }
+
+    /// Every op taken so far up to entry `upto` is durable: the `cached` reports waiting for
+    /// those entries go out.
+    pub fn cache_durable(&mut self, upto: u64, out: &mut Vec<Action>) {
+        let conns = &self.conns;
+        self.awaiting_durable.retain(|(seq, origin, report)| {
+            if *seq > upto {
+                return true;
+            }
+            if conns.contains_key(origin) {
+                out.push(Action::Deliver(*origin, report.clone()));
+            }
+            false
+        });
+    }
+
+    /// Every cached entry, as it should be on disk (for compacting the journal).
+    pub fn cache_snapshot(&self) -> Vec<Stored> {
+        self.cache.snapshot()
+    }
+
+    /// Puts back cached messages kept on disk by an earlier run; expired ones are dropped (and
+    /// journaled as removed).
+    pub fn restore_cache(&mut self, entries: Vec<Stored>, now: i64, out: &mut Vec<Action>) {
+        for seq in self.cache.restore(entries, GONE, now) {
+            self.journal(CacheOp::Remove(seq), out);
+        }
+    }
+
+    /// A request to the node itself.
+    fn node_request(&mut self, conn: ConnId, msg: Message, perms: Permissions, now: i64, out: &mut Vec<Action>) {
+        if !answerable(&msg) {
+            // Replies, errors and reports addressed to the node end here.
             return;
         }
-        match msg.command.as_str() {
-            "REGISTER" => self.register(conn, &msg, now, out),
-            "UNREGISTER" => self.unregister(conn, &msg, out),
-            "COMMANDS" => {
-                let list = msg.get("list").unwrap_or("");
-                let set = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.commands = Some(set);
+        let req = match NodeRequest::try_from(&msg) {
+            Ok(req) => req,
+            Err(RequestError::Unknown(_)) => {
+                let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
+                return out.push(Action::Deliver(conn, reply));
+            }
+            Err(RequestError::Invalid(text)) => return self.invalid_request(conn, &msg, &text, out),
+        };
+        if req.connection_scoped() && !matches!(self.conns.get(&conn).map(|c| &c.role), Some(Role::Client(_))) {
+            let text = format!("{} acts on the connection that sends it: send it to your own node", msg.command);
+            return self.invalid_request(conn, &msg, &text, out);
+        }
+        if let Some(need) = req.permission() {
+            if !self.admit(conn, &msg, perms, need, out) {
+                return;
+            }
+        }
+        match req {
+            NodeRequest::Register { service } => self.register(conn, &msg, service, now, out),
+            NodeRequest::Unregister => self.unregister(conn, &msg, out),
+            NodeRequest::Commands { list } => {
+                if let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+                    c.commands = Some(list.into_iter().collect());
                 }
             }
-            "SERVICE_STATUS" => {
-                let Some(name) = msg.get("service") else {
-                    return self.invalid_request(conn, &msg, "SERVICE_STATUS needs service=NAME", out);
-                };
-                let reply = self.status_message(name).with_reply_to(&msg);
+            NodeRequest::Auth { token } => self.auth(conn, &msg, &token, out),
+            NodeRequest::ServiceStatus { service } => {
+                let mut reply = self.status_message(&service);
+                reply.envelope.reply_to = msg.envelope.id;
+                if !msg.from.service.is_empty() {
+                    reply.to = msg.from.clone();
+                }
                 out.push(Action::Deliver(conn, reply));
             }
-            "LIST_SERVICES" => {
+            NodeRequest::ListServices { cluster } => {
                 let list = self.services.keys().cloned().collect::<Vec<_>>().join(",");
                 let mut reply = self.answer(&msg, "SERVICES").param("list", list);
-                if msg.get("scope") == Some("cluster") {
+                if cluster {
                     reply = reply.param("cluster", self.cluster_services().join(","));
                 }
                 out.push(Action::Deliver(conn, reply));
             }
-            "INFO" => {
-                let s = &self.stats;
-                let instances: usize = self.services.values().map(Vec::len).sum();
-                let reply = self
-                    .answer(&msg, "INFO")
-                    .param("server", &self.server)
-                    .param("version", env!("CARGO_PKG_VERSION"))
-                    .param("uptime_ms", now - self.started_at)
-                    .param("connections", self.conns.values().filter(|c| !c.datagram && c.link.is_none()).count())
-                    .param("services", self.services.len())
-                    .param("instances", instances)
-                    .param("pending", self.pending.len())
-                    .param("cached", self.cache.len())
-                    .param("received", s.received)
-                    .param("delivered", s.delivered)
-                    .param("invalid", s.invalid)
-                    .param("expired", s.expired)
-                    .param("undeliverable", s.undeliverable)
-                    .param("quitting", self.quitting)
-                    .param("links", self.links.len())
-                    .param("known_nodes", self.topology.health().known)
-                    .param("live_nodes", self.topology.health().live);
+            NodeRequest::Info => {
+                let reply = self.info(&msg, now);
                 out.push(Action::Deliver(conn, reply));
             }
-            "SNIFF" => {
-                let filter = SniffFilter {
-                    service: msg.get("service").map(String::from),
-                    command: msg.get("command").map(String::from),
-                };
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.sniff = Some(filter);
+            NodeRequest::Sniff { service, command } => {
+                if let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+                    c.sniff = Some(SniffFilter { service, command });
                     if !self.sniffers.contains(&conn) {
                         self.sniffers.push(conn);
                     }
                 }
                 out.push(Action::Deliver(conn, self.answer(&msg, "SNIFFING")));
             }
-            "PING" => out.push(Action::Deliver(conn, self.answer(&msg, "PONG"))),
-            "STOP" => {
+            NodeRequest::Ping => out.push(Action::Deliver(conn, self.answer(&msg, "PONG"))),
+            NodeRequest::Stop => {
                 out.push(Action::Deliver(conn, self.answer(&msg, "STOPPING")));
                 out.push(Action::Shutdown);
             }
-            _ => {
-                let reply = self.answer(&msg, "UNKNOWN").param("command", &msg.command);
-                out.push(Action::Deliver(conn, reply));
+            NodeRequest::ClusterStatus => self.cluster_status(conn, &msg, out),
+            NodeRequest::ClockStatus => self.clock_status(conn, &msg, out),
+            NodeRequest::ClusterInfo => {
+                let m = self.cluster_info(&msg, now);
+                out.push(Action::Deliver(conn, m));
+            }
+            NodeRequest::Forget(target) => self.forget_request(conn, &msg, target, out),
+            NodeRequest::Shutdown => {
+                out.push(Action::Deliver(conn, self.answer(&msg, "STOPPING")));
+                self.shutdown_cluster(None, out);
             }
         }
     }
 
-    fn register(&mut self, conn: ConnId, msg: &Message, now: i64, out: &mut Vec<Action>) {
-        let Some(name) = msg.get("service") else {
-            return self.invalid_request(conn, msg, "REGISTER needs service=NAME;version=1", out);
-        };
-        if msg.get("version") != Some("1") {
-            return self.invalid_request(conn, msg, "REGISTER needs version=1 (the only protocol version)", out);
+    fn info(&self, msg: &Message, now: i64) -> Message {
+        let s = &self.stats;
+        let instances: usize = self.services.values().map(Vec::len).sum();
+        let clients = self.conns.values().filter(|c| matches!(c.role, Role::Client(_) | Role::Pending(_))).count();
+        self.answer(msg, "INFO")
+            .param("server", &self.server)
+            .param("version", env!("CARGO_PKG_VERSION"))
+            .param("uptime_ms", now - self.started_at)
+            .param("connections", clients)
+            .param("services", self.services.len())
+            .param("instances", instances)
+            .param("pending", self.pending.len())
+            .param("cached", self.cache.len())
+            .param("received", s.received)
+            .param("delivered", s.delivered)
+            .param("invalid", s.invalid)
+            .param("expired", s.expired)
+            .param("undeliverable", s.undeliverable)
+            .param("forbidden", s.forbidden)
+            .param("refused", s.refused)
+            .param("quitting", self.quitting)
+            .param("links", self.links.len())
+            .param("known_nodes", self.topology.health().known)
+            .param("live_nodes", self.topology.health().live)
+    }
+
+    fn auth(&mut self, conn: ConnId, msg: &Message, token: &str, out: &mut Vec<Action>) {
+        let ok = self.access.token_matches(token);
+        let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) else { return };
+        if ok {
+            c.principal = Principal::Owner;
+            c.perms = self.access.permissions(&Principal::Owner);
+            let (principal, perms) = (c.principal.to_string(), c.perms);
+            let reply = self.answer(msg, "AUTHENTICATED").param("principal", principal).param("permissions", perms);
+            out.push(Action::Deliver(conn, reply));
+        } else {
+            c.auth_failures += 1;
+            let failures = c.auth_failures;
+            let text = format!(
+                "wrong token: use the one in {} (this connection keeps what it had)",
+                self.access.token_file.display()
+            );
+            out.push(Action::Deliver(conn, self.error(msg, "unauthorized", &text)));
+            if failures >= MAX_AUTH_FAILURES {
+                out.push(Action::Close(conn));
+            }
         }
-        if name.is_empty()
-            || !nodus_wire::valid_name(name)
-            || name.contains(['*', '?'])
-            || matches!(name, "." | NODE_SERVICE | "communicatord")
-        {
-            return self.invalid_request(conn, msg, &format!("{name:?} cannot be registered as a service name"), out);
-        }
-        if let Some(current) = self.conns.get(&conn).and_then(|c| c.service.clone()) {
+    }
+
+    fn register(&mut self, conn: ConnId, msg: &Message, name: String, now: i64, out: &mut Vec<Action>) {
+        let Some(Role::Client(c)) = self.conns.get(&conn).map(|c| &c.role) else { return };
+        if let Some(current) = &c.service {
             let text = format!("this connection is already registered as {current:?}; send UNREGISTER first");
             return self.invalid_request(conn, msg, &text, out);
         }
-        let name = name.to_string();
-        if let Some(c) = self.conns.get_mut(&conn) {
+        let (principal, privileged) = (c.principal.clone(), c.perms == Permissions::ALL);
+        if let Err(text) = self.claim(&name, &principal, privileged) {
+            return self.invalid_request(conn, msg, &text, out);
+        }
+        if let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
             c.service = Some(name.clone());
         }
         self.services.entry(name.clone()).or_default().push(conn);
         out.push(Action::Deliver(conn, self.answer(msg, "HELP")));
         out.push(Action::Deliver(conn, self.answer(msg, "READY").param("server", &self.server)));
-        for (origin, cached) in self.cache.take(&name, now) {
+        let (taken, expired) = self.cache.take(&name, now);
+        for seq in expired.into_iter().chain(taken.iter().map(|t| t.seq)) {
+            self.journal(CacheOp::Remove(seq), out);
+        }
+        for t in taken {
+            let need = match self.conns.get(&conn).map(|c| &c.role) {
+                Some(Role::Client(c)) => c.need(&t.msg.command),
+                _ => Permission::Send,
+            };
+            if !t.perms.allows(need) {
+                self.stats.forbidden += 1;
+                continue;
+            }
             // Tracked like any delivery, so the reply to a cached request finds its caller.
-            self.deliver_tracked(origin, conn, cached, now, out);
+            self.deliver_tracked(t.origin, conn, t.msg, now, out);
         }
         self.notify_status(&name, out);
         self.services_changed(out);
     }
 
+    /// A service name belongs to the principal that registered it first (internal services may
+    /// join any). Fails with the text of the `INVALID` answer.
+    fn claim(&mut self, name: &str, principal: &Principal, privileged: bool) -> Result<(), String> {
+        match self.owners.get(name) {
+            Some(owner) if owner == principal || *principal == Principal::Internal => return Ok(()),
+            Some(_) => return Err(format!("service {name} belongs to another principal")),
+            None => {}
+        }
+        if self.owners.len() >= MAX_OWNED_NAMES {
+            // Make room with a name nobody serves now: one of this principal's own, or, for the
+            // owner, any unprivileged principal's.
+            let services = &self.services;
+            let spare = self
+                .owners
+                .iter()
+                .find(|(n, o)| {
+                    !services.contains_key(*n)
+                        && (*o == principal
+                            || (privileged && matches!(o, Principal::Anonymous | Principal::LocalUser { .. })))
+                })
+                .map(|(n, _)| n.clone());
+            match spare {
+                Some(n) => {
+                    self.owners.remove(&n);
+                }
+                None => return Err(format!("the node already knows {MAX_OWNED_NAMES} service names")),
+            }
+        }
+        self.owners.insert(name.to_string(), principal.clone());
+        Ok(())
+    }
+
     fn unregister(&mut self, conn: ConnId, msg: &Message, out: &mut Vec<Action>) {
-        let name = self.conns.get_mut(&conn).and_then(|c| c.service.take());
+        let name = match self.conns.get_mut(&conn).map(|c| &mut c.role) {
+            Some(Role::Client(c)) => c.service.take(),
+            _ => None,
+        };
         match name {
             Some(name) => {
                 self.remove_instance(conn, &name);
@@ -704,15 +1209,18 @@ impl Router {
     fn notify_status(&mut self, name: &str, out: &mut Vec<Action>) {
         let status = self.status_message(name);
         for (id, c) in &self.conns {
-            if c.service.as_deref() != Some(name) && c.declared("STATUS") {
-                out.push(Action::Deliver(*id, status.clone()));
+            if let Role::Client(cl) = &c.role {
+                if cl.service.as_deref() != Some(name) && cl.declared("STATUS") {
+                    out.push(Action::Deliver(*id, status.clone()));
+                }
             }
         }
     }
 
     fn sniff(&self, origin: ConnId, msg: &Message, out: &mut Vec<Action>) {
         for s in &self.sniffers {
-            if *s != origin && self.conns.get(s).and_then(|c| c.sniff.as_ref()).is_some_and(|f| f.matches(msg)) {
+            let Some(Role::Client(c)) = self.conns.get(s).map(|c| &c.role) else { continue };
+            if *s != origin && c.sniff.as_ref().is_some_and(|f| f.matches(msg)) {
                 out.push(Action::Deliver(*s, msg.clone()));
             }
         }
@@ -722,17 +1230,19 @@ impl Router {
     pub fn disconnect(&mut self, conn: ConnId, out: &mut Vec<Action>) {
         let Some(c) = self.conns.remove(&conn) else { return };
         self.sniffers.retain(|s| *s != conn);
-        if let Some(name) = c.service {
-            self.remove_instance(conn, &name);
-            self.notify_status(&name, out);
-            self.services_changed(out);
-        }
-        if let Some(link) = c.link {
-            self.link_lost(conn, link, out);
+        match c.role {
+            Role::Client(Client { service: Some(name), .. }) => {
+                self.remove_instance(conn, &name);
+                self.notify_status(&name, out);
+                self.services_changed(out);
+            }
+            Role::Link(link) => self.link_lost(conn, link, out),
+            Role::Client(_) | Role::Datagram | Role::Pending(_) => {}
         }
         let mut failed = Vec::new();
-        // Requests this connection was handling fail now. Requests it made stay tracked until
-        // answered or timed out, so the responder's load stays right; their replies are dropped.
+        // Requests this connection was handling fail now: each caller gets one answer. Requests
+        // it made stay tracked until answered or timed out, so the responder's load stays right;
+        // their replies are dropped.
         self.pending.retain(|(responder, _), p| {
             if *responder == conn {
                 failed.push((p.origin, p.origin_id, std::mem::take(&mut p.command)));
@@ -742,15 +1252,21 @@ impl Router {
             }
         });
         for (origin, id, command) in failed {
-            let text = "the service handling the request disconnected before replying";
+            if let Some(c) = self.conns.get_mut(&origin) {
+                c.outstanding = c.outstanding.saturating_sub(1);
+            }
+            let text = "the service handling the request disconnected before replying: the request may have run";
             self.fail_request(origin, id, "disconnected", command, text, out);
         }
     }
 
-    /// Time passes: expire cached messages and tracked requests.
+    /// Time passes: expire cached messages and tracked requests, heartbeat links, close cluster
+    /// connections whose handshake is late.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.cluster_tick(now, out);
-        self.cache.sweep(now);
+        for seq in self.cache.sweep(now) {
+            self.journal(CacheOp::Remove(seq), out);
+        }
         let mut timed_out = Vec::new();
         self.pending.retain(|(responder, _), p| {
             let keep = p.deadline > now;
@@ -763,14 +1279,23 @@ impl Router {
             if let Some(c) = self.conns.get_mut(&responder) {
                 c.in_flight = c.in_flight.saturating_sub(1);
             }
-            self.fail_request(origin, id, "timeout", command, "no reply arrived before the request timed out", out);
+            if let Some(c) = self.conns.get_mut(&origin) {
+                c.outstanding = c.outstanding.saturating_sub(1);
+            }
+            let text = "no reply arrived before the request timed out: the request may have run";
+            self.fail_request(origin, id, "timeout", command, text, out);
         }
     }
 
-    /// Tells the caller of a tracked request that no reply will come.
+    /// Tells the caller of a tracked request that no reply will come (the request was
+    /// delivered, so it may have run: `delivered=maybe`).
     fn fail_request(&self, origin: ConnId, id: u64, code: &str, command: String, text: &str, out: &mut Vec<Action>) {
         if self.conns.contains_key(&origin) {
-            let mut m = Message::new("ERROR").param("code", code).param("command", command).param("message", text);
+            let mut m = Message::new("ERROR")
+                .param("code", code)
+                .param("command", command)
+                .param("delivered", "maybe")
+                .param("message", text);
             m.from = self.node_address();
             m.envelope.reply_to = id;
             out.push(Action::Deliver(origin, m));
@@ -795,212 +1320,31 @@ impl Router {
     fn invalid_request(&mut self, conn: ConnId, req: &Message, text: &str, out: &mut Vec<Action>) {
         self.stats.invalid += 1;
         let m = self.answer(req, "INVALID").param("command", &req.command).param("message", text);
-        out.push(Action::Deliver(conn, m));
+        self.refuse(conn, req, m, out);
     }
-}
 
-trait ReplyTo {
-    fn with_reply_to(self, req: &Message) -> Self;
-}
-
-impl ReplyTo for Message {
-    fn with_reply_to(mut self, req: &Message) -> Self {
-        self.envelope.reply_to = req.envelope.id;
-        if !req.from.service.is_empty() {
-            self.to = req.from.clone();
-        }
-        self
+    fn nonce(&mut self) -> String {
+        let n: u128 = rand::Rng::gen(&mut self.rng);
+        format!("{n:032x}")
     }
 }
 
 /// Picks the least loaded instance, rotating the starting point among equals.
 fn pick(rr: usize, instances: &[ConnId], conns: &IdMap<ConnId, Conn>) -> ConnId {
     let n = instances.len();
+    let load = |id: &ConnId| conns.get(id).map_or(u32::MAX, |c| c.in_flight);
     let mut best = instances[rr % n];
-    let mut best_load = conns[&best].in_flight;
+    let mut best_load = load(&best);
     for i in 1..n {
         let id = instances[(rr + i) % n];
-        let load = conns[&id].in_flight;
-        if load < best_load {
+        let l = load(&id);
+        if l < best_load {
             best = id;
-            best_load = load;
+            best_load = l;
         }
     }
     best
 }
 
 #[cfg(test)]
-mod tests {
-    //! Deterministic tests of the routing core: no sockets, a virtual clock.
-    use super::*;
-    use crate::config::Config;
-
-    fn router(expected: &[&str]) -> Router {
-        let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-        let config = Config::default();
-        let limits = RouterLimits::from_config(&config.limits);
-        Router::new("n1", &expected, limits, config.cluster.clone(), String::new(), 1_000)
-    }
-
-    fn delivered(out: &mut Vec<Action>) -> Vec<(ConnId, Message)> {
-        out.drain(..)
-            .filter_map(|a| match a {
-                Action::Deliver(c, m) => Some((c, m)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn register(r: &mut Router, conn: ConnId, name: &str) {
-        r.connect(conn, Origin::Internal);
-        let mut out = Vec::new();
-        r.handle(conn, Message::new("REGISTER").param("service", name).param("version", 1), 1_000, &mut out);
-        let got: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
-        assert_eq!(got[..2], ["HELP".to_string(), "READY".to_string()]);
-    }
-
-    #[test]
-    fn request_timeout_answers_the_caller_once() {
-        let mut r = router(&[]);
-        register(&mut r, 1, "svc");
-        r.connect(2, Origin::Internal);
-        let mut out = Vec::new();
-        r.handle(2, Message::new("ASK").to("svc").with_id(9), 1_000, &mut out);
-        let got = delivered(&mut out);
-        assert_eq!(got[0].0, 1);
-        let seen_id = got[0].1.envelope.id;
-        r.tick(1_000 + 299_999, &mut out);
-        assert!(out.is_empty(), "not yet timed out");
-        r.tick(1_000 + 300_000, &mut out);
-        let got = delivered(&mut out);
-        assert_eq!(got.len(), 1);
-        assert_eq!((got[0].0, got[0].1.command.as_str(), got[0].1.get("code")), (2, "ERROR", Some("timeout")));
-        assert_eq!(got[0].1.envelope.reply_to, 9);
-        // A late reply is dropped, not delivered as a second answer.
-        r.handle(1, Message::new("ANSWER").with_id(1).tap_reply_to(seen_id), 400_000, &mut out);
-        assert!(delivered(&mut out).is_empty());
-        assert_eq!(r.pending_len(), 0);
-    }
-
-    #[test]
-    fn equal_ids_from_different_callers_do_not_collide() {
-        let mut r = router(&[]);
-        register(&mut r, 1, "svc");
-        r.connect(2, Origin::Internal);
-        r.connect(3, Origin::Internal);
-        let mut out = Vec::new();
-        r.handle(2, Message::new("ASK").to("svc").with_id(5), 1_000, &mut out);
-        r.handle(3, Message::new("ASK").to("svc").with_id(5), 1_000, &mut out);
-        let seen: Vec<u64> = delivered(&mut out).iter().map(|(_, m)| m.envelope.id).collect();
-        assert_ne!(seen[0], seen[1]);
-        r.handle(1, Message::new("TWO").tap_reply_to(seen[1]), 1_000, &mut out);
-        r.handle(1, Message::new("ONE").tap_reply_to(seen[0]), 1_000, &mut out);
-        let got: Vec<(ConnId, String, u64)> =
-            delivered(&mut out).into_iter().map(|(c, m)| (c, m.command, m.envelope.reply_to)).collect();
-        assert_eq!(got, [(3, "TWO".to_string(), 5), (2, "ONE".to_string(), 5)]);
-    }
-
-    #[test]
-    fn cached_message_expires_by_ttl_on_the_virtual_clock() {
-        let mut r = router(&["later"]);
-        r.connect(2, Origin::Internal);
-        let mut out = Vec::new();
-        r.handle(2, Message::new("A").to("later").param("cache", "ttl=10"), 1_000, &mut out);
-        r.handle(2, Message::new("B").to("later").param("cache", "ttl=30"), 1_000, &mut out);
-        assert!(out.is_empty());
-        assert_eq!(r.cached_len(), 2);
-        r.tick(1_000 + 10_000, &mut out);
-        assert_eq!(r.cached_len(), 1);
-        r.connect(1, Origin::Internal);
-        r.handle(1, Message::new("REGISTER").param("service", "later").param("version", 1), 12_000, &mut out);
-        let cmds: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
-        assert_eq!(cmds, ["HELP", "READY", "B"]);
-    }
-
-    #[test]
-    fn ttl_is_clamped_to_the_configured_range() {
-        let mut r = router(&["later"]);
-        r.connect(2, Origin::Internal);
-        let mut out = Vec::new();
-        r.handle(2, Message::new("A").to("later").param("cache", "ttl=1"), 0, &mut out);
-        r.tick(9_999, &mut out);
-        assert_eq!(r.cached_len(), 1, "ttl=1 is raised to the 10 s minimum");
-        r.tick(10_000, &mut out);
-        assert_eq!(r.cached_len(), 0);
-    }
-
-    #[test]
-    fn least_loaded_instance_wins() {
-        let mut r = router(&[]);
-        register(&mut r, 1, "work");
-        register(&mut r, 2, "work");
-        r.connect(3, Origin::Internal);
-        let mut out = Vec::new();
-        let mut counts = HashMap::new();
-        let mut at_one = Vec::new();
-        for id in 1..=10 {
-            r.handle(3, Message::new("JOB").to("work").with_id(id), 1_000, &mut out);
-            for (c, m) in delivered(&mut out) {
-                *counts.entry(c).or_insert(0) += 1;
-                if c == 1 {
-                    at_one.push(m.envelope.id);
-                }
-            }
-        }
-        assert_eq!((counts[&1], counts[&2]), (5, 5), "unanswered requests spread evenly");
-        // Instance 1 answers everything; new work goes to it while 2 is still busy.
-        for id in at_one {
-            r.handle(1, Message::new("DONE").tap_reply_to(id), 1_000, &mut out);
-        }
-        out.clear();
-        r.handle(3, Message::new("JOB").to("work").with_id(11), 1_000, &mut out);
-        assert_eq!(delivered(&mut out)[0].0, 1);
-    }
-
-    #[test]
-    fn sender_is_stamped_and_expired_messages_are_refused() {
-        let mut r = router(&[]);
-        register(&mut r, 1, "svc");
-        register(&mut r, 2, "me");
-        let mut out = Vec::new();
-        let mut m = Message::new("HI").to("svc");
-        m.from = nodus_wire::Address::new("evil", "spoof");
-        r.handle(2, m, 1_000, &mut out);
-        let got = delivered(&mut out);
-        assert_eq!(got[0].1.from, nodus_wire::Address::new("n1", "me"));
-        let mut m = Message::new("OLD").to("svc").with_id(4);
-        m.envelope.expires_at = 1_000;
-        r.handle(2, m, 1_000, &mut out);
-        let got = delivered(&mut out);
-        assert_eq!(got.len(), 1);
-        assert_eq!((got[0].0, got[0].1.get("code")), (2, Some("expired")));
-    }
-
-    #[test]
-    fn shutdown_refuses_new_requests_but_routes_replies() {
-        let mut r = router(&[]);
-        register(&mut r, 1, "svc");
-        r.connect(2, Origin::Internal);
-        let mut out = Vec::new();
-        r.handle(2, Message::new("ASK").to("svc").with_id(1), 1_000, &mut out);
-        let seen_id = delivered(&mut out)[0].1.envelope.id;
-        r.begin_shutdown();
-        r.handle(2, Message::new("ASK").to("svc").with_id(2), 1_000, &mut out);
-        assert_eq!(delivered(&mut out)[0].1.command, "QUITTING");
-        r.handle(1, Message::new("ANSWER").tap_reply_to(seen_id), 1_000, &mut out);
-        let got = delivered(&mut out);
-        assert_eq!((got[0].0, got[0].1.command.as_str(), got[0].1.envelope.reply_to), (2, "ANSWER", 1));
-        assert_eq!(r.pending_len(), 0);
-    }
-
-    trait TapReply {
-        fn tap_reply_to(self, id: u64) -> Self;
-    }
-
-    impl TapReply for Message {
-        fn tap_reply_to(mut self, id: u64) -> Self {
-            self.envelope.reply_to = id;
-            self
-        }
-    }
-}
+mod tests;

@@ -1,62 +1,86 @@
-//! The node's I/O driver: listeners (Unix socket and TCP), one reader and one writer task per
-//! connection, the periodic tick, and graceful shutdown. All protocol decisions are made by the
-//! [`Router`]; this module only moves bytes and applies [`Action`]s.
+//! The node's I/O driver: listeners, one reader and one writer task per connection, neighbour
+//! dialers, the periodic tick, persistence and graceful shutdown. All protocol decisions are made
+//! by the [`Router`]; this module only moves bytes and applies [`Action`]s.
 //!
-//! Bounds enforced here: `max_connections` (more are refused), `max_frame_bytes` (a longer frame
-//! or line closes the connection after an `INVALID`), and the per-connection outbound queue
-//! (`max_outbound_messages`/`max_outbound_bytes`: a consumer that falls behind is disconnected).
+//! - `accept`: one accept loop for every listener (client TCP, Unix socket, cluster, TLS
+//!   cluster): the same error backoff, the same per-listener connection limit, one tracing span
+//!   per connection.
+//! - `conn`: a connection's reader (form detection, handshake deadline, batches of units under
+//!   one lock) and writer (bounded queue, batched writes).
+//! - `budget`: the node-wide memory budgets for buffered input and output.
+//! - `persist`: the known-nodes file, written by its own task off the router lock.
+//! - `dial` and `udp`: neighbour dialers and the UDP signal port.
+//!
+//! Bounds enforced here: `max_connections` per listener (more are closed at once),
+//! `handshake_timeout_ms` (a connection that has not sent its first complete message by then is
+//! closed), `max_frame_bytes` (a longer frame or line closes the connection after an `INVALID`),
+//! the per-connection outbound queue (`max_outbound_messages`/`max_outbound_bytes`: a consumer
+//! that falls behind is cut), and the node-wide `max_buffered_input_bytes` /
+//! `max_buffered_output_bytes` (the connection holding the most is cut).
+//!
+//! A cut connection is disconnected from the router at once, under the same lock that found it
+//! over its bound, so the router answers its callers without waiting for the connection's tasks
+//! to notice; its buffers are released when its tasks end, which they do promptly even when the
+//! peer never reads.
 
-use crate::auth::{Creds, Origin};
+mod accept;
+mod budget;
+mod conn;
+mod dial;
+mod persist;
+mod udp;
+
+pub use budget::{Counters, ListenerKind, ListenerSnapshot, Snapshot, BUDGET_ALLOWANCE_BYTES};
+
+use crate::auth::Origin;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::router::{Action, ConnId, Router, RouterLimits};
+use crate::router::{Action, ConnId, LinkPolicy, Router, RouterConfig, RouterLimits};
+use accept::{TcpAccept, UnixAccept};
 use anyhow::Context;
-use bytes::BytesMut;
-use nodus_wire::{binary, detect, text, Decoded, Form, FrameError, Message};
+use budget::Meter;
+use nodus_wire::node::Permission;
+use nodus_wire::Message;
+use persist::Persist;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener};
-use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::JoinSet;
+use std::time::Duration;
+use tokio::net::{TcpListener, UdpSocket, UnixListener};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-/// Wall-clock time in Unix milliseconds (the only clock read in the daemon's routing path).
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Most decoded messages handled under one lock acquisition.
-const BATCH: usize = 256;
-/// Writer flushes once this many bytes are encoded.
-const WRITE_CHUNK: usize = 256 * 1024;
-/// Largest datagram accepted on the UDP signal port.
-const MAX_DATAGRAM: usize = 1024;
 /// The router connection id standing for the UDP signal port (one-way: nothing is sent back).
 const UDP_CONN: ConnId = 0;
-/// How long dialing a neighbour may take before it is retried.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// File in the data directory that remembers the cluster's nodes.
-const NODES_FILE: &str = "nodes";
+/// Bytes released by connections after which the tick returns free memory to the system.
+const TRIM_AFTER: u64 = 16 * 1024 * 1024;
+/// How long close waits for connections to finish writing before cutting them.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// What the router sends a connection, through its bounded queue.
 // Messages are the hot path: boxing them would cost an allocation per routed message.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Outbound {
     /// A message and the bytes it was counted as on its connection's queue.
     Msg(Message, usize),
+    /// Close once everything before this is written.
     Close,
 }
 
+/// The driver's side of one connection.
 struct Handle {
     tx: mpsc::Sender<Outbound>,
-    queued_bytes: Arc<AtomicUsize>,
+    /// Closes the connection now, without writing what is queued.
     kill: CancellationToken,
-    /// Socket connections count queued bytes (their writer counts them down).
-    count_bytes: bool,
+    /// What a socket connection holds in memory; `None` for in-process services, whose queue is
+    /// bounded by message count only (nothing counts their bytes down).
+    meter: Option<Arc<Meter>>,
+    /// An in-process service's full queue was already reported.
+    warned: bool,
 }
 
 struct State {
@@ -64,15 +88,24 @@ struct State {
     handles: crate::router::IdMap<ConnId, Handle>,
 }
 
+/// The known nodes, as the router hands them out to be persisted.
+type KnownNodes = Vec<crate::topology::KnownNode>;
+
 pub(crate) struct Shared {
     state: Mutex<State>,
     config: Config,
+    clock: Clock,
     tls: Option<crate::tls::Tls>,
+    /// Cancelled when the node starts shutting down: listeners stop accepting.
     stop: CancellationToken,
     idle: Notify,
     next_conn: AtomicU64,
+    counters: Arc<Counters>,
+    persist: Persist<KnownNodes>,
     engine: Option<nodus_engine::Engine>,
     locator: Option<nodus_engine::LocatorHandle>,
+    /// Makes the router's cache journal durable (set once its thread runs).
+    cache_writer: std::sync::OnceLock<crate::cache_store::CacheWriter>,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -88,21 +121,29 @@ impl Shared {
     /// An in-process service: a connection with no socket, registered as `name`. What the router
     /// delivers to it arrives on the returned queue; its answers go in through [`Shared::inject`].
     pub(crate) fn attach(&self, name: &str) -> (ConnId, mpsc::Receiver<Outbound>) {
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.attach_with(name, None)
+    }
+
+    /// An in-process service that declares its commands and the permission each needs (others
+    /// are answered `UNKNOWN`); the router checks every message delivered to it against these.
+    /// `None`: it takes any command, each needing `send` (an app's bridge).
+    pub(crate) fn attach_with(
+        &self,
+        name: &str,
+        commands: Option<&[(&str, Permission)]>,
+    ) -> (ConnId, mpsc::Receiver<Outbound>) {
+        let id = self.next_conn_id();
         let (tx, rx) = mpsc::channel(self.config.limits.max_outbound_messages);
-        // In-process services take messages off their queue without a writer to count bytes down:
-        // their queue is bounded by message count only.
-        let handle = Handle {
-            tx,
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
-            kill: CancellationToken::new(),
-            count_bytes: false,
-        };
+        let handle = Handle { tx, kill: CancellationToken::new(), meter: None, warned: false };
         let mut out = Vec::new();
         let mut st = self.lock();
         st.handles.insert(id, handle);
         st.router.connect(id, Origin::Internal);
-        st.router.handle(id, Message::new("REGISTER").param("service", name).param("version", 1), now_ms(), &mut out);
+        let register = Message::new("REGISTER").param("service", name).param("version", 1);
+        st.router.handle(id, register, self.clock.now_ms(), &mut out);
+        if let Some(commands) = commands {
+            st.router.declare_commands(id, commands);
+        }
         self.apply(&mut st, &mut out);
         (id, rx)
     }
@@ -111,7 +152,7 @@ impl Shared {
     pub(crate) fn inject(&self, conn: ConnId, msg: Message) {
         let mut out = Vec::new();
         let mut st = self.lock();
-        st.router.handle(conn, msg, now_ms(), &mut out);
+        st.router.handle(conn, msg, self.clock.now_ms(), &mut out);
         self.apply(&mut st, &mut out);
     }
 
@@ -122,6 +163,11 @@ impl Shared {
         st.router.disconnect(conn, &mut out);
         self.apply(&mut st, &mut out);
         st.handles.remove(&conn);
+    }
+
+    /// Instances of service `name` registered on this node.
+    pub(crate) fn instances(&self, name: &str) -> usize {
+        self.lock().router.instances(name)
     }
 
     /// Publishes this node's app endpoints to the cluster.
@@ -142,47 +188,142 @@ impl Shared {
         &self.config
     }
 
+    /// Runs `f` on the router under the lock and applies the actions it pushed.
+    pub(crate) fn with_router(&self, f: &mut dyn FnMut(&mut Router, &mut Vec<Action>)) {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        f(&mut st.router, &mut out);
+        self.apply(&mut st, &mut out);
+    }
+
+    fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; keep serving with the state as it is.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Applies the router's actions. Runs under the router lock and never blocks: messages go
+    /// into bounded queues with `try_send`, persistence is handed to its own task. A connection
+    /// over its own outbound bound, or the biggest holder when the node's output budget is
+    /// exceeded, is cut here, and the router learns of it at once (its callers get answered).
     fn apply(&self, state: &mut State, actions: &mut Vec<Action>) {
         let max_bytes = self.config.limits.max_outbound_bytes;
-        for action in actions.drain(..) {
-            match action {
-                Action::Deliver(conn, msg) => {
-                    let Some(h) = state.handles.get(&conn) else { continue };
-                    let size = if h.count_bytes { msg.approx_size() } else { 0 };
-                    let queued = h.queued_bytes.load(Ordering::Relaxed);
-                    if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg, size)).is_err() {
-                        if !h.kill.is_cancelled() {
-                            warn!(conn, queued, "slow consumer: outbound queue full, disconnecting");
-                            h.kill.cancel();
+        let budget = &self.counters.output;
+        // Bytes queued by this call, added to the node-wide count in one go.
+        let mut added = 0usize;
+        let mut base = budget.used();
+        let mut cuts: Vec<ConnId> = Vec::new();
+        loop {
+            for action in actions.drain(..) {
+                match action {
+                    Action::Deliver(conn, msg) => {
+                        let Some(h) = state.handles.get_mut(&conn) else { continue };
+                        let Some(meter) = &h.meter else {
+                            if h.tx.try_send(Outbound::Msg(msg, 0)).is_err() && !h.warned {
+                                warn!(conn, "in-process service queue full: dropping messages for it");
+                                h.warned = true;
+                            }
+                            continue;
+                        };
+                        if h.kill.is_cancelled() {
+                            continue;
                         }
-                    } else {
-                        h.queued_bytes.fetch_add(size, Ordering::Relaxed);
-                    }
-                }
-                Action::Close(conn) => {
-                    if let Some(h) = state.handles.get(&conn) {
-                        if h.tx.try_send(Outbound::Close).is_err() {
+                        let size = msg.approx_size();
+                        let queued = meter.queued();
+                        if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg, size)).is_err() {
+                            warn!(conn, queued, "slow consumer: outbound queue full, cutting it");
+                            self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
                             h.kill.cancel();
+                            cuts.push(conn);
+                            continue;
+                        }
+                        added += meter.queue(size);
+                        if base + added <= budget.limit() {
+                            continue;
+                        }
+                        // Count what this call queued first, so every queue's share is known.
+                        budget.add(std::mem::take(&mut added));
+                        base = budget.used();
+                        while base > budget.limit() {
+                            let Some(victim) = biggest(&state.handles, Meter::queued) else { break };
+                            warn!(conn = victim, used = base, "output budget exceeded: cutting the biggest queue");
+                            budget.cuts.fetch_add(1, Ordering::Relaxed);
+                            self.cut(state, victim);
+                            cuts.push(victim);
+                            base = budget.used();
                         }
                     }
-                }
-                Action::Shutdown => self.stop.cancel(),
-                Action::SaveNodes(nodes) => {
-                    if let Err(e) = save_nodes(&self.config.data_dir, &nodes) {
-                        warn!(error = %e, "cannot persist the cluster's nodes");
+                    Action::Close(conn) => {
+                        if let Some(h) = state.handles.get(&conn) {
+                            if h.tx.try_send(Outbound::Close).is_err() {
+                                h.kill.cancel();
+                            }
+                        }
+                    }
+                    Action::Shutdown => self.stop.cancel(),
+                    Action::SaveNodes(nodes) => self.persist.save(nodes),
+                    Action::PersistCache => {
+                        if let Some(w) = self.cache_writer.get() {
+                            w.signal();
+                        }
                     }
                 }
             }
+            if cuts.is_empty() {
+                break;
+            }
+            // The router forgets cut connections now; what that produces is applied in turn.
+            for conn in cuts.drain(..) {
+                self.cut(state, conn);
+                state.router.disconnect(conn, actions);
+            }
         }
+        budget.add(added);
         if state.router.is_quitting() && state.router.pending_len() == 0 {
             self.idle.notify_waiters();
         }
     }
+
+    /// Closes a socket connection now: its tasks stop, what it holds leaves the node's budgets,
+    /// and further messages for it are dropped. The caller tells the router.
+    fn cut(&self, state: &mut State, conn: ConnId) {
+        if let Some(h) = state.handles.remove(&conn) {
+            h.kill.cancel();
+            if let Some(m) = &h.meter {
+                m.release_all(&self.counters);
+            }
+        }
+    }
+
+    /// Cuts the connections holding the most undecoded input until the node is within its input
+    /// budget.
+    fn trim_input(&self) {
+        let budget = &self.counters.input;
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        while budget.used() > budget.limit() {
+            let Some(victim) = biggest(&st.handles, Meter::input) else { break };
+            warn!(conn = victim, used = budget.used(), "input budget exceeded: cutting the biggest partial input");
+            budget.cuts.fetch_add(1, Ordering::Relaxed);
+            self.cut(&mut st, victim);
+            st.router.disconnect(victim, &mut out);
+        }
+        self.apply(&mut st, &mut out);
+    }
+}
+
+/// The live socket connection holding the most by `measure`, if it holds anything.
+fn biggest(handles: &crate::router::IdMap<ConnId, Handle>, measure: fn(&Meter) -> usize) -> Option<ConnId> {
+    handles
+        .iter()
+        .filter(|(_, h)| !h.kill.is_cancelled())
+        .filter_map(|(id, h)| Some((*id, measure(h.meter.as_ref()?))))
+        .filter(|(_, held)| *held > 0)
+        .max_by_key(|(_, held)| *held)
+        .map(|(id, _)| id)
 }
 
 /// A bound but not yet running node.
@@ -198,11 +339,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Creates the data directory and binds the configured listeners.
+    /// Creates the data directory and binds the configured listeners, on the system clock.
     ///
-    /// Fails when a listener cannot be bound (address in use, permissions) or another node already
-    /// listens on the Unix socket.
+    /// Fails when a listener cannot be bound (address in use, permissions), another node already
+    /// listens on the Unix socket, the TLS files are invalid, or the plain cluster listener would
+    /// be reachable beyond loopback without a secret.
     pub async fn bind(config: Config) -> anyhow::Result<Daemon> {
+        Daemon::bind_with_clock(config, Clock::system()).await
+    }
+
+    /// [`Daemon::bind`] with the node's clock given (tests run nodes on tokio's paused clock).
+    ///
+    /// Fails as [`Daemon::bind`] does.
+    pub async fn bind_with_clock(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
+        raise_open_files_limit();
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
         let tcp = if config.tcp_listen.is_empty() {
@@ -220,11 +370,30 @@ impl Daemon {
             let path = config.unix_socket.clone();
             Some((bind_unix(&path).await?, path))
         };
+        let tls = crate::tls::Tls::load(&config.cluster)?;
         let cluster = match config.cluster.listen.as_str() {
             "" => None,
-            addr => Some(
-                TcpListener::bind(addr).await.with_context(|| format!("cannot listen for cluster links on {addr}"))?,
-            ),
+            addr if tls.is_some() => {
+                // With TLS every link is authenticated by certificate; a plain listener next to it
+                // would let a peer without one in.
+                info!(%addr, "TLS is configured: the plain cluster listener is off (links use tls_listen)");
+                None
+            }
+            addr => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for cluster links on {addr}"))?;
+                let bound = l.local_addr()?;
+                if !bound.ip().is_loopback() && config.cluster.secret.is_empty() {
+                    anyhow::bail!(
+                        "the cluster listener {bound} is reachable beyond loopback but no cluster secret is set: \
+                         any host could join the cluster. Set [cluster] secret_file (or the NODUS_SECRET \
+                         environment variable), or configure TLS (tls_cert, tls_key, tls_ca, tls_listen), or \
+                         listen on 127.0.0.1"
+                    );
+                }
+                Some(l)
+            }
         };
         let udp = match config.cluster.udp_listen.as_str() {
             "" => None,
@@ -237,7 +406,6 @@ impl Daemon {
             // Bound to an ephemeral port: advertise the port actually bound.
             advertised = l.local_addr()?.to_string();
         }
-        let tls = crate::tls::Tls::load(&config.cluster)?;
         let tls_listener = match config.cluster.tls_listen.as_str() {
             _ if tls.is_none() => None,
             "" => None,
@@ -250,22 +418,33 @@ impl Daemon {
         if let (Some(l), true) = (&tls_listener, advertised.ends_with(":0")) {
             advertised = l.local_addr()?.to_string();
         }
-        let remembered = load_nodes(&config.data_dir);
+        let remembered = persist::load_nodes(&config.data_dir);
         let mut neighbors = config.cluster.neighbors.clone();
-        for (_, addr, neighbor) in &remembered {
-            if *neighbor && !addr.is_empty() && !neighbors.contains(addr) {
-                neighbors.push(addr.clone());
+        for n in remembered.iter().take(config.cluster.max_nodes) {
+            if n.neighbor && !n.addr.is_empty() && !neighbors.contains(&n.addr) {
+                neighbors.push(n.addr.clone());
             }
         }
+        let token_file = config.access.token_path(&config.data_dir);
+        let token = crate::auth::load_or_create_token(&token_file)?;
+        let access = crate::auth::AccessPolicy::new(&config.access, Some(token), token_file, crate::auth::own_uid());
         let mut router = Router::new(
-            &config.server_name,
-            &config.expected_services,
-            RouterLimits::from_config(&config.limits),
-            config.cluster.clone(),
-            advertised,
-            now_ms(),
+            RouterConfig {
+                server: config.server_name.clone(),
+                expected: config.expected_services.clone(),
+                limits: RouterLimits::from_config(&config.limits),
+                links: LinkPolicy::from_config(&config),
+                access,
+                cluster_addr: advertised,
+                durable_cache: true,
+                seed: rand::random(),
+            },
+            clock.now_ms(),
         );
         router.remember(remembered);
+        let (cache_store, cached) = crate::cache_store::CacheStore::open(&config.data_dir)
+            .with_context(|| format!("cannot open the cache journal in {}", config.data_dir.display()))?;
+        router.restore_cache(cached, clock.now_ms(), &mut Vec::new());
         if udp.is_some() {
             router.connect(UDP_CONN, Origin::Datagram);
         }
@@ -276,13 +455,13 @@ impl Daemon {
                 TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the locator on {addr}"))?,
             ),
         };
-        let engine = config.apps.enabled.then(|| {
-            let mut ec = nodus_engine::EngineConfig::new(config.data_dir.join("run"));
-            if let Some(addr) = locator_listener.as_ref().and_then(|l| l.local_addr().ok()) {
-                ec.locator = addr.to_string();
+        let engine = match config.apps.enabled {
+            true => {
+                let locator = locator_listener.as_ref().and_then(|l| l.local_addr().ok());
+                Some(nodus_engine::Engine::new(crate::apps::engine_config(&config, locator)?))
             }
-            nodus_engine::Engine::new(ec)
-        });
+            false => None,
+        };
         let locator = match (locator_listener, &engine) {
             (Some(l), Some(engine)) => {
                 let lc = nodus_engine::LocatorConfig {
@@ -294,16 +473,29 @@ impl Daemon {
             }
             _ => None,
         };
+        let nodes_dir = config.data_dir.clone();
         let shared = Arc::new(Shared {
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
+            counters: Arc::new(Counters::new(&config.limits)),
             config,
+            clock,
             tls,
             stop: CancellationToken::new(),
             idle: Notify::new(),
             next_conn: AtomicU64::new(1),
+            persist: Persist::new(move |nodes: &KnownNodes| persist::save_nodes(&nodes_dir, nodes)),
             locator: locator.as_ref().map(|l| l.handle()),
+            cache_writer: std::sync::OnceLock::new(),
         });
+        let weak = Arc::downgrade(&shared);
+        let writer = crate::cache_store::CacheWriter::start(cache_store, move |f| {
+            if let Some(shared) = weak.upgrade() {
+                shared.with_router(f);
+            }
+        });
+        writer.signal();
+        let _ = shared.cache_writer.set(writer);
         if let Some(l) = &shared.locator {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
@@ -345,159 +537,90 @@ impl Daemon {
         &self.shared.config.server_name
     }
 
+    /// The driver's live counters (connections accepted and refused per listener, timeouts,
+    /// cuts, buffered bytes); they stay readable after the node stopped.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.shared.counters.clone()
+    }
+
     /// Serves until `shutdown` completes or a client sends `STOP`, then drains: new requests are
     /// answered `QUITTING`, requests in flight get `shutdown_grace_secs` to be answered, every
     /// client gets `QUITTING`, and connections close after their queues are written.
     ///
-    /// Fails only if an accept loop hits an unrecoverable error.
+    /// Fails only when a listener's address cannot be read at start.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let shared = self.shared;
-        let limit = Arc::new(Semaphore::new(shared.config.limits.max_connections));
-        let conns_done = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) = mpsc::channel::<tokio::task::JoinHandle<()>>(64);
-        for (listener, cluster) in [(self.tcp, false), (self.cluster, true)] {
-            let Some(l) = listener else { continue };
-            info!(addr = %l.local_addr()?, cluster, "listening on TCP");
-            let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
-            accepts.spawn(async move {
-                loop {
-                    match l.accept().await {
-                        Ok((s, peer)) => {
-                            let _ = s.set_nodelay(true);
-                            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                                warn!(%peer, "connection refused: max_connections reached");
-                                continue;
-                            };
-                            let (r, w) = s.into_split();
-                            let origin =
-                                if cluster { Origin::Cluster { peer, tls: false } } else { Origin::Tcp { peer } };
-                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), origin));
-                            let _ = conn_tx.send(h).await;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "TCP accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            });
+        let running = self.start()?;
+        tokio::select! {
+            _ = shutdown => info!("shutdown requested"),
+            _ = running.shared.stop.cancelled() => info!("STOP received"),
         }
-        if let (Some(l), Some(tls)) = (self.tls_listener, shared.tls.clone()) {
+        running.drain().await;
+        running.close().await;
+        Ok(())
+    }
+
+    /// Starts every listener, the dialers, the tick, the persistence task and the built-in
+    /// services.
+    fn start(self) -> anyhow::Result<Running> {
+        let shared = self.shared;
+        let tracker = TaskTracker::new();
+        let persist = tokio::spawn(shared.persist.run());
+        // Built-in services register before any listener accepts: a client connecting as soon as
+        // the node is reachable finds them.
+        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        if let Some(l) = self.tcp {
+            info!(addr = %l.local_addr()?, "listening on TCP");
+            tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
+        }
+        if let Some(l) = self.cluster {
+            info!(addr = %l.local_addr()?, "listening for cluster links");
+            tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Cluster), shared.clone(), tracker.clone()));
+        }
+        if let Some(l) = self.tls_listener {
             info!(addr = %l.local_addr()?, "listening for TLS cluster links");
-            let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
-            accepts.spawn(async move {
-                loop {
-                    let Ok((s, peer)) = l.accept().await else { continue };
-                    let _ = s.set_nodelay(true);
-                    let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
-                    let (shared, acceptor) = (shared.clone(), tls.acceptor.clone());
-                    let h = tokio::spawn(async move {
-                        // The handshake verifies the peer's certificate against the cluster CA.
-                        let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(s)).await;
-                        match handshake {
-                            Ok(Ok(stream)) => {
-                                let (r, w) = tokio::io::split(stream);
-                                connection(shared, r, w, Some(permit), Origin::Cluster { peer, tls: true }).await;
-                            }
-                            Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
-                            Err(_) => warn!(%peer, "TLS handshake timed out"),
-                        }
-                    });
-                    let _ = conn_tx.send(h).await;
-                }
-            });
+            tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tls), shared.clone(), tracker.clone()));
+        }
+        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, path)) = self.unix {
+            info!(path = %path.display(), "listening on Unix socket");
+            tracker.spawn(accept::serve(UnixAccept(l), shared.clone(), tracker.clone()));
         }
         if let Some(udp) = self.udp {
             info!(addr = %udp.local_addr()?, "listening for UDP signals");
-            accepts.spawn(udp_loop(shared.clone(), udp));
+            tracker.spawn(udp::serve(shared.clone(), udp));
         }
-        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
         let locator_stop = CancellationToken::new();
         let locator = self.locator.map(|l| {
             let stop = locator_stop.clone();
             tokio::spawn(l.run(async move { stop.cancelled().await }))
         });
-        let mut dialers = JoinSet::new();
         for addr in self.neighbors {
-            dialers.spawn(dialer(shared.clone(), addr));
+            tracker.spawn(dial::dialer(shared.clone(), addr));
         }
-        let unix_path = self.unix.as_ref().map(|(_, p)| p.clone());
-        if let Some((l, path)) = self.unix {
-            info!(path = %path.display(), "listening on Unix socket");
-            let (shared, limit, conn_tx) = (shared.clone(), limit.clone(), conn_tx.clone());
-            accepts.spawn(async move {
-                loop {
-                    match l.accept().await {
-                        Ok((s, _)) => {
-                            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                                warn!("connection refused: max_connections reached");
-                                continue;
-                            };
-                            let creds = s.peer_cred().ok().map(|c| Creds { uid: c.uid(), gid: c.gid(), pid: c.pid() });
-                            let (r, w) = s.into_split();
-                            let origin = Origin::Unix { creds };
-                            let h = tokio::spawn(connection(shared.clone(), r, w, Some(permit), origin));
-                            let _ = conn_tx.send(h).await;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "Unix accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            });
-        }
-        drop(conn_tx);
-        // Collect connection handles so shutdown can wait for them.
-        let collector = {
-            let done = conns_done.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        h = conn_rx.recv() => match h {
-                            Some(h) => { tasks.spawn(async move { let _ = h.await; }); }
-                            None => break,
-                        },
-                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                        _ = done.cancelled() => break,
-                    }
-                }
-                tasks
-            })
-        };
-        let ticker = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let period = Duration::from_millis(shared.config.cluster.heartbeat_ms.min(500));
-                let mut every = tokio::time::interval(period);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut out = Vec::new();
-                let mut n: u64 = 0;
-                loop {
-                    every.tick().await;
-                    // The kernel's NTP state changes rarely: read it every few seconds.
-                    let ntp = n.is_multiple_of(20).then(crate::ntp::synchronized);
-                    n += 1;
-                    let mut st = shared.lock();
-                    if let Some(ntp) = ntp {
-                        st.router.set_ntp(ntp, &mut out);
-                    }
-                    st.router.tick(now_ms(), &mut out);
-                    shared.apply(&mut st, &mut out);
-                }
-            })
-        };
+        let ticker = tokio::spawn(tick(shared.clone()));
+        Ok(Running { shared, tracker, ticker, apps, locator, locator_stop, persist, unix_path })
+    }
+}
 
-        tokio::select! {
-            _ = shutdown => info!("shutdown requested"),
-            _ = shared.stop.cancelled() => info!("STOP received"),
-        }
-        // Stop accepting, then drain requests in flight under the grace period. Connections that
-        // have not said which form they speak yet are closed at once.
+/// A node that is serving: what [`Daemon::run`] drains and closes.
+struct Running {
+    shared: Arc<Shared>,
+    /// Accept loops, connections, dialers and the UDP port.
+    tracker: TaskTracker,
+    ticker: tokio::task::JoinHandle<()>,
+    apps: Option<crate::apps::Apps>,
+    locator: Option<tokio::task::JoinHandle<()>>,
+    locator_stop: CancellationToken,
+    persist: tokio::task::JoinHandle<()>,
+    unix_path: Option<PathBuf>,
+}
+
+impl Running {
+    /// Stops accepting, answers new requests `QUITTING` and waits up to the grace period for the
+    /// requests in flight. Connections that have not sent their first message yet close at once.
+    async fn drain(&self) {
+        let shared = &self.shared;
         shared.stop.cancel();
-        accepts.abort_all();
         shared.lock().router.begin_shutdown();
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
         let deadline = tokio::time::Instant::now() + grace;
@@ -516,7 +639,13 @@ impl Daemon {
                 }
             }
         }
-        ticker.abort();
+    }
+
+    /// Says goodbye to everyone, closes every connection after its queue is written (cutting those
+    /// that do not finish in time), stops the built-in services and flushes the known nodes.
+    async fn close(self) {
+        let shared = &self.shared;
+        self.ticker.abort();
         {
             let mut out = Vec::new();
             let mut st = shared.lock();
@@ -525,28 +654,80 @@ impl Daemon {
             out.extend(ids.into_iter().map(Action::Close));
             shared.apply(&mut st, &mut out);
         }
-        locator_stop.cancel();
-        if let Some(l) = locator {
+        // Cached messages are on disk before the node goes.
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.cache_writer.get().map(|w| w.finish())).await;
+        self.locator_stop.cancel();
+        if let Some(l) = self.locator {
             let _ = l.await;
         }
-        if let Some(apps) = apps {
+        if let Some(apps) = self.apps {
             apps.shutdown().await;
         }
-        conns_done.cancel();
-        let dialers_done = async { while dialers.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(2), dialers_done).await.is_err() {
-            dialers.abort_all();
+        self.tracker.close();
+        if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait()).await.is_err() {
+            warn!(tasks = self.tracker.len(), "some connections did not finish writing in time: cutting them");
+            for h in shared.lock().handles.values() {
+                h.kill.cancel();
+            }
+            if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait()).await.is_err() {
+                warn!(tasks = self.tracker.len(), "some connections did not close in time");
+            }
         }
-        let mut tasks = collector.await.unwrap_or_default();
-        let all_closed = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(2), all_closed).await.is_err() {
-            warn!("some connections did not close in time");
+        shared.persist.finish();
+        if self.persist.await.is_err() {
+            warn!("the known-nodes writer failed");
         }
-        if let Some(p) = unix_path {
+        if let Some(p) = self.unix_path {
             let _ = std::fs::remove_file(p);
         }
         info!("node stopped");
-        Ok(())
+    }
+}
+
+/// The periodic tick: heartbeats, failure detection, request timeouts, cache expiry; and, after
+/// connections released [`TRIM_AFTER`] bytes or more, giving the freed memory back to the system
+/// (twice: now, and once the cut connections' tasks have surely dropped their buffers).
+async fn tick(shared: Arc<Shared>) {
+    let period = Duration::from_millis(shared.config.cluster.heartbeat_ms.min(500));
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out = Vec::new();
+    let mut n: u64 = 0;
+    let (mut trimmed_at, mut retrim) = (0u64, false);
+    loop {
+        every.tick().await;
+        let released = shared.counters.released.load(Ordering::Relaxed);
+        if retrim || released - trimmed_at >= TRIM_AFTER {
+            retrim = !retrim;
+            trimmed_at = released;
+            tokio::task::spawn_blocking(crate::alloc::trim);
+        }
+        // The kernel's NTP state changes rarely: read it every few seconds.
+        let ntp = n.is_multiple_of(20).then(crate::ntp::synchronized);
+        n += 1;
+        let mut st = shared.lock();
+        if let Some(ntp) = ntp {
+            st.router.set_ntp(ntp, &mut out);
+        }
+        st.router.tick(shared.clock.now_ms(), &mut out);
+        shared.apply(&mut st, &mut out);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (as Go's runtime does): every listener
+/// admits `max_connections`, and the usual soft default (1024) would run out long before.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    /// Linux's default ceiling (`fs.nr_open`); a larger hard limit is not worth asking for.
+    const CEILING: u64 = 1 << 20;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = hard.min(CEILING);
+    if soft < want {
+        match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+            Ok(()) => debug!(from = soft, to = want, "raised the open files limit"),
+            Err(e) => debug!(error = %e, soft, "cannot raise the open files limit"),
+        }
     }
 }
 
@@ -568,303 +749,4 @@ async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict permissions of {}", path.display()))?;
     Ok(l)
-}
-
-enum Decoder {
-    Text(text::LineDecoder),
-    Binary(binary::FrameDecoder),
-}
-
-impl Decoder {
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, FrameError> {
-        match self {
-            Decoder::Text(d) => d.decode(buf),
-            Decoder::Binary(d) => d.decode(buf),
-        }
-    }
-}
-
-async fn connection<R, W>(
-    shared: Arc<Shared>,
-    mut rd: R,
-    wr: W,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    origin: Origin,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let max_frame = shared.config.limits.max_frame_bytes;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    // The first bytes tell which form the peer speaks; links always speak binary.
-    let form = loop {
-        if matches!(origin, Origin::Dialed { .. }) {
-            break Form::Binary;
-        }
-        if let Some(form) = detect(&buf) {
-            break form;
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            },
-            _ = shared.stop.cancelled() => return,
-        }
-    };
-    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(shared.config.limits.max_outbound_messages);
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let kill = CancellationToken::new();
-    {
-        let mut st = shared.lock();
-        if st.router.is_quitting() {
-            return;
-        }
-        st.handles.insert(id, Handle { tx, queued_bytes: queued_bytes.clone(), kill: kill.clone(), count_bytes: true });
-        if matches!(origin, Origin::Dialed { .. }) {
-            let mut out = Vec::new();
-            st.router.dial(id, origin, &mut out);
-            shared.apply(&mut st, &mut out);
-        } else {
-            st.router.connect(id, origin);
-        }
-    }
-    debug!(conn = id, ?form, "connection open");
-    let writer = tokio::spawn(write_loop(wr, rx, form, max_frame, queued_bytes, kill.clone()));
-    let mut decoder = match form {
-        Form::Text => Decoder::Text(text::LineDecoder::new(max_frame)),
-        Form::Binary => Decoder::Binary(binary::FrameDecoder::new(max_frame)),
-    };
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut out = Vec::new();
-    'conn: loop {
-        let mut fatal = None;
-        let mut full = false;
-        while batch.len() < BATCH {
-            match decoder.decode(&mut buf) {
-                Ok(Some(d)) => {
-                    batch.push(d);
-                    full = batch.len() == BATCH;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    fatal = Some(e);
-                    break;
-                }
-            }
-        }
-        if !batch.is_empty() || fatal.is_some() {
-            let now = now_ms();
-            let mut st = shared.lock();
-            for d in batch.drain(..) {
-                match d {
-                    Decoded::Message(m) => st.router.handle(id, m, now, &mut out),
-                    Decoded::Invalid(e) => st.router.handle_invalid(id, &e, &mut out),
-                }
-            }
-            if let Some(e) = &fatal {
-                warn!(conn = id, error = %e, "closing connection");
-                st.router.handle_invalid(id, &nodus_wire::MessageError::Malformed(e.to_string()), &mut out);
-                out.push(Action::Close(id));
-            }
-            shared.apply(&mut st, &mut out);
-        }
-        if fatal.is_some() {
-            break 'conn;
-        }
-        if full {
-            // More complete units may already be buffered: handle them before reading again.
-            continue;
-        }
-        if buf.capacity() - buf.len() < 8192 {
-            buf.reserve(64 * 1024);
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => break 'conn,
-                Ok(_) => {}
-                Err(e) => {
-                    debug!(conn = id, error = %e, "read failed");
-                    break 'conn;
-                }
-            },
-            _ = kill.cancelled() => break 'conn,
-        }
-    }
-    {
-        let mut st = shared.lock();
-        st.router.disconnect(id, &mut out);
-        shared.apply(&mut st, &mut out);
-        // Dropping the handle closes the queue: the writer drains it and stops.
-        st.handles.remove(&id);
-    }
-    let _ = writer.await;
-    debug!(conn = id, "connection closed");
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<Outbound>,
-    form: Form,
-    max_frame: usize,
-    queued_bytes: Arc<AtomicUsize>,
-    kill: CancellationToken,
-) {
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    if form == Form::Binary {
-        out.extend_from_slice(&binary::PREFACE);
-    }
-    let encode = |m: Message, size: usize, out: &mut BytesMut| {
-        queued_bytes.fetch_sub(size, Ordering::Relaxed);
-        match form {
-            Form::Text => text::encode(&m, out),
-            Form::Binary => {
-                if let Err(e) = binary::encode(&m, out, max_frame) {
-                    warn!(error = %e, command = %m.command, "dropping message too large to send");
-                }
-            }
-        }
-    };
-    loop {
-        let first = tokio::select! {
-            m = rx.recv() => m,
-            _ = kill.cancelled() => break,
-        };
-        let mut close = false;
-        match first {
-            None => close = true,
-            Some(Outbound::Close) => close = true,
-            Some(Outbound::Msg(m, size)) => encode(m, size, &mut out),
-        }
-        while !close && out.len() < WRITE_CHUNK {
-            match rx.try_recv() {
-                Ok(Outbound::Msg(m, size)) => encode(m, size, &mut out),
-                Ok(Outbound::Close) => close = true,
-                Err(_) => break,
-            }
-        }
-        if !out.is_empty() {
-            let written = tokio::select! {
-                r = wr.write_all(&out) => r.is_ok(),
-                _ = kill.cancelled() => false,
-            };
-            out.clear();
-            if !written {
-                break;
-            }
-        }
-        if close {
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
-    // Wake the reader in case the peer keeps the connection half open.
-    kill.cancel();
-}
-
-/// Keeps a link to the neighbour at `addr`: dials while no link to it exists, with jittered
-/// exponential backoff (100 ms .. 5 s), until the node stops.
-async fn dialer(shared: Arc<Shared>, addr: String) {
-    let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-    let mut delay = min;
-    while !shared.stop.is_cancelled() {
-        if !shared.lock().router.linked_to_addr(&addr) {
-            let started = tokio::time::Instant::now();
-            // Bounded: during a partition a SYN can go unanswered for minutes.
-            let connect = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&addr)).await;
-            match connect.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    match &shared.tls {
-                        None => {
-                            let (r, w) = s.into_split();
-                            let origin = Origin::Dialed { addr: addr.clone(), tls: false };
-                            connection(shared.clone(), r, w, None, origin).await;
-                        }
-                        Some(tls) => {
-                            let tls_stream = match crate::tls::server_name(&addr) {
-                                Ok(name) => tls.connector.connect(name, s).await.map_err(anyhow::Error::from),
-                                Err(e) => Err(e),
-                            };
-                            match tls_stream {
-                                Ok(stream) => {
-                                    let (r, w) = tokio::io::split(stream);
-                                    let origin = Origin::Dialed { addr: addr.clone(), tls: true };
-                                    connection(shared.clone(), r, w, None, origin).await;
-                                }
-                                Err(e) => warn!(%addr, error = %e, "TLS handshake with neighbour failed"),
-                            }
-                        }
-                    }
-                    if started.elapsed() > max {
-                        delay = min;
-                    }
-                }
-                Err(e) => debug!(%addr, error = %e, "neighbour not reachable"),
-            }
-        }
-        let jittered = delay.mul_f64(0.5 + rand::random::<f64>());
-        tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
-            _ = shared.stop.cancelled() => break,
-        }
-        delay = (delay * 2).min(max);
-    }
-}
-
-/// The UDP signal port: one text message per datagram, one way.
-async fn udp_loop(shared: Arc<Shared>, socket: UdpSocket) {
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let secret = shared.config.cluster.udp_secret.clone();
-    loop {
-        let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
-        if n > MAX_DATAGRAM {
-            warn!(%peer, "dropping a datagram over 1024 bytes");
-            continue;
-        }
-        let Ok(line) = std::str::from_utf8(&buf[..n]) else {
-            warn!(%peer, "dropping a datagram that is not UTF-8");
-            continue;
-        };
-        let mut msg = match text::from_line(line.trim_end_matches(['\n', '\r'])) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(%peer, error = %e, "dropping an invalid datagram");
-                continue;
-            }
-        };
-        if !secret.is_empty() && msg.params.remove("secret_code").as_deref() != Some(secret.as_str()) {
-            warn!(%peer, "dropping a datagram without the right secret_code");
-            continue;
-        }
-        let mut out = Vec::new();
-        let mut st = shared.lock();
-        st.router.handle(UDP_CONN, msg, now_ms(), &mut out);
-        shared.apply(&mut st, &mut out);
-    }
-}
-
-/// Reads the remembered nodes: lines of `name address neighbor|known`.
-fn load_nodes(dir: &Path) -> Vec<(String, String, bool)> {
-    let Ok(text) = std::fs::read_to_string(dir.join(NODES_FILE)) else { return Vec::new() };
-    text.lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            let (name, addr, kind) = (parts.next()?, parts.next().unwrap_or(""), parts.next().unwrap_or("known"));
-            let addr = if addr == "-" { "" } else { addr };
-            nodus_wire::valid_name(name).then(|| (name.to_string(), addr.to_string(), kind == "neighbor"))
-        })
-        .collect()
-}
-
-fn save_nodes(dir: &Path, nodes: &[(String, String, bool)]) -> std::io::Result<()> {
-    let mut text = String::new();
-    for (name, addr, neighbor) in nodes {
-        let addr = if addr.is_empty() { "-" } else { addr };
-        text.push_str(&format!("{name} {addr} {}\n", if *neighbor { "neighbor" } else { "known" }));
-    }
-    let tmp = dir.join(format!("{NODES_FILE}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join(NODES_FILE))
 }

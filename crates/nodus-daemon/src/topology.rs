@@ -5,10 +5,70 @@
 //! shortest path to each. No I/O and no clock.
 //!
 //! Invariants: a node is live iff it is reachable from this node over links that both endpoints
-//! report; a route's next hop is always a direct neighbour; records never go back in time.
+//! report; a route's next hop is always a direct neighbour; records never go back in time; every
+//! record merged carries a valid HMAC from its origin (keyed from the cluster secret), is
+//! plausible in size and time, and the number of nodes known is bounded.
 
+use ring::hmac;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// Longest advertised address accepted in a record.
+pub const MAX_ADDR_LEN: usize = 300;
+/// Most services one record may list.
+pub const MAX_RECORD_SERVICES: usize = 4096;
+/// Most app endpoints one record may list.
+pub const MAX_RECORD_APPS: usize = 1024;
+/// How far ahead of this node's clock an incarnation (a node's start time, Unix ms) may be.
+pub const MAX_FUTURE_MS: i64 = 10 * 60 * 1000;
+/// Largest sequence number accepted (a node changes its record far fewer times than this).
+pub const MAX_SEQ: u64 = 1 << 48;
+
+/// A node remembered across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownNode {
+    /// Its server name.
+    pub name: String,
+    /// The address it is dialed at (may be empty).
+    pub addr: String,
+    /// This node had a direct link with it: dial it again after a restart.
+    pub neighbor: bool,
+}
+
+/// The key that authenticates link-state records: HMAC-SHA256 keyed from the cluster secret.
+/// Only nodes that hold the secret can produce a record other nodes accept.
+#[derive(Clone)]
+pub struct RecordKey(hmac::Key);
+
+impl std::fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordKey(..)")
+    }
+}
+
+impl RecordKey {
+    /// The key for a cluster whose secret is `secret` (derived, so the secret itself is never
+    /// the MAC key of anything else).
+    pub fn from_secret(secret: &str) -> Self {
+        let derive = hmac::Key::new(hmac::HMAC_SHA256, b"nodus link-state records v1");
+        let tag = hmac::sign(&derive, secret.as_bytes());
+        RecordKey(hmac::Key::new(hmac::HMAC_SHA256, tag.as_ref()))
+    }
+
+    fn input(name: &str, r: &NodeRecord) -> Vec<u8> {
+        rmp_serde::to_vec(&(name, &r.addr, r.incarnation, r.seq, &r.links, &r.services, &r.apps)).unwrap_or_default()
+    }
+
+    /// Stamps `record` as `name`'s.
+    pub fn sign(&self, name: &str, record: &mut NodeRecord) {
+        record.mac = hmac::sign(&self.0, &Self::input(name, record)).as_ref().to_vec();
+    }
+
+    /// True when `record`'s MAC is right for `name` (checked in constant time).
+    pub fn verify(&self, name: &str, record: &NodeRecord) -> bool {
+        hmac::verify(&self.0, &Self::input(name, record), &record.mac).is_ok()
+    }
+}
 
 /// What one node says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,12 +86,44 @@ pub struct NodeRecord {
     /// Its apps' Cocaine endpoints (`host`, `port`), for locators anywhere in the cluster.
     #[serde(default)]
     pub apps: BTreeMap<String, (String, u16)>,
+    /// HMAC-SHA256 over the node's name and every field above ([`RecordKey`]).
+    #[serde(default)]
+    pub mac: Vec<u8>,
 }
 
 impl NodeRecord {
     fn newer_than(&self, other: &NodeRecord) -> bool {
         (self.incarnation, self.seq) > (other.incarnation, other.seq)
     }
+
+    /// Why a record heard from a peer cannot be true, if it cannot.
+    fn implausible(&self, now: i64, max_nodes: usize) -> Option<&'static str> {
+        let names_ok = |set: &BTreeSet<String>| set.iter().all(|n| !n.is_empty() && nodus_wire::valid_name(n));
+        if self.addr.len() > MAX_ADDR_LEN {
+            Some("address too long")
+        } else if self.incarnation <= 0 || self.incarnation > now.saturating_add(MAX_FUTURE_MS) {
+            Some("incarnation in the future")
+        } else if self.seq > MAX_SEQ {
+            Some("sequence number too large")
+        } else if self.links.len() > max_nodes || !names_ok(&self.links) {
+            Some("bad links")
+        } else if self.services.len() > MAX_RECORD_SERVICES || !names_ok(&self.services) {
+            Some("bad services")
+        } else if self.apps.len() > MAX_RECORD_APPS {
+            Some("too many apps")
+        } else {
+            None
+        }
+    }
+}
+
+/// What merging a batch of records did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Something changed: routes were recomputed.
+    pub changed: bool,
+    /// Records refused: bad MAC, implausible, or past the bound on known nodes.
+    pub rejected: usize,
 }
 
 /// Cluster health as `CLUSTER_STATUS` reports it.
@@ -64,20 +156,25 @@ pub struct Topology {
     known: BTreeMap<String, String>,
     next_hop: HashMap<String, String>,
     distance: HashMap<String, usize>,
+    key: RecordKey,
+    max_nodes: usize,
 }
 
 impl Topology {
-    /// A topology for node `me` reachable at `addr`, started at `incarnation`.
-    pub fn new(me: &str, addr: &str, incarnation: i64) -> Self {
+    /// A topology for node `me` reachable at `addr`, started at `incarnation`, whose records are
+    /// authenticated with `key`, knowing at most `max_nodes` nodes (itself included).
+    pub fn new(me: &str, addr: &str, incarnation: i64, key: RecordKey, max_nodes: usize) -> Self {
         let mut records = BTreeMap::new();
-        let record = NodeRecord {
+        let mut record = NodeRecord {
             addr: addr.into(),
             incarnation,
             seq: 0,
             links: BTreeSet::new(),
             services: BTreeSet::new(),
             apps: BTreeMap::new(),
+            mac: Vec::new(),
         };
+        key.sign(me, &mut record);
         records.insert(me.to_string(), record);
         let mut t = Topology {
             me: me.to_string(),
@@ -85,6 +182,8 @@ impl Topology {
             known: BTreeMap::from([(me.to_string(), addr.to_string())]),
             next_hop: HashMap::new(),
             distance: HashMap::new(),
+            key,
+            max_nodes: max_nodes.max(1),
         };
         t.recompute();
         t
@@ -95,10 +194,14 @@ impl Topology {
         &self.me
     }
 
-    /// Adds nodes remembered from an earlier run (they count towards the quorum).
+    /// Adds nodes remembered from an earlier run (they count towards the quorum), up to the
+    /// bound on known nodes.
     pub fn remember(&mut self, nodes: impl IntoIterator<Item = (String, String)>) {
         for (name, addr) in nodes {
-            if name != self.me {
+            if name == self.me || name.is_empty() || !nodus_wire::valid_name(&name) || addr.len() > MAX_ADDR_LEN {
+                continue;
+            }
+            if self.known.contains_key(&name) || self.known.len() < self.max_nodes {
                 self.known.entry(name).or_insert(addr);
             }
         }
@@ -129,6 +232,7 @@ impl Topology {
         rec.links = links;
         rec.services = services;
         rec.seq += 1;
+        self.key.sign(&me, rec);
         self.recompute();
         true
     }
@@ -142,6 +246,7 @@ impl Topology {
         }
         rec.apps = apps;
         rec.seq += 1;
+        self.key.sign(&me, rec);
         true
     }
 
@@ -150,25 +255,38 @@ impl Topology {
         self.live_remotes().iter().filter_map(|n| self.records.get(n)?.apps.get(app).cloned()).collect()
     }
 
-    /// Merges records heard from a peer; returns whether anything changed. Records about this node
-    /// are ignored except to move its own sequence past a stale copy from a previous run.
-    pub fn merge(&mut self, incoming: BTreeMap<String, NodeRecord>) -> bool {
-        let mut changed = false;
-        for (name, rec) in incoming {
-            if !nodus_wire::valid_name(&name) || name.is_empty() {
+    /// Merges records heard from a peer at `now`. Records whose MAC is wrong, that are
+    /// implausible, or that would take the number of known nodes past the bound are refused.
+    /// A valid record about this node that is newer than its own (a copy from a previous run, or
+    /// a node claiming to be this one) is refuted: this node's record moves past it.
+    pub fn merge(&mut self, incoming: BTreeMap<String, NodeRecord>, now: i64) -> Merged {
+        let mut m = Merged::default();
+        for (name, mut rec) in incoming {
+            if name.is_empty()
+                || !nodus_wire::valid_name(&name)
+                || name.contains(['*', '?'])
+                || rec.implausible(now, self.max_nodes).is_some()
+                || !self.key.verify(&name, &rec)
+            {
+                m.rejected += 1;
                 continue;
             }
             if name == self.me {
                 let own = self.records.get_mut(&self.me).expect("own record");
-                if rec.incarnation == own.incarnation && rec.seq > own.seq {
+                if rec.newer_than(own) {
+                    own.incarnation = rec.incarnation;
                     own.seq = rec.seq + 1;
-                    changed = true;
+                    self.key.sign(&self.me, own);
+                    m.changed = true;
                 }
                 continue;
             }
-            let newer = self.records.get(&name).is_none_or(|cur| rec.newer_than(cur));
-            if newer {
-                let mut rec = rec;
+            let current = self.records.get(&name);
+            if current.is_none() && !self.known.contains_key(&name) && self.known.len() >= self.max_nodes {
+                m.rejected += 1;
+                continue;
+            }
+            if current.is_none_or(|cur| rec.newer_than(cur)) {
                 // Endpoints are handed to clients as they are: keep only plausible ones.
                 rec.apps.retain(|app, (host, port)| {
                     nodus_wire::valid_name(app)
@@ -181,13 +299,13 @@ impl Topology {
                     self.known.insert(name.clone(), rec.addr.clone());
                 }
                 self.records.insert(name, rec);
-                changed = true;
+                m.changed = true;
             }
         }
-        if changed {
+        if m.changed {
             self.recompute();
         }
-        changed
+        m
     }
 
     /// Removes a node from the cluster's memory (`FORGET`). Returns whether it was known.
@@ -264,6 +382,14 @@ impl Topology {
 mod tests {
     use super::*;
 
+    fn key() -> RecordKey {
+        RecordKey::from_secret("s")
+    }
+
+    fn topo(me: &str) -> Topology {
+        Topology::new(me, "", 1, key(), 1024)
+    }
+
     fn rec(inc: i64, seq: u64, links: &[&str]) -> NodeRecord {
         NodeRecord {
             addr: String::new(),
@@ -272,8 +398,22 @@ mod tests {
             links: links.iter().map(|s| s.to_string()).collect(),
             services: BTreeSet::new(),
             apps: BTreeMap::new(),
+            mac: Vec::new(),
         }
     }
+
+    /// Signs every record as its node would.
+    fn signed(records: impl IntoIterator<Item = (&'static str, NodeRecord)>) -> BTreeMap<String, NodeRecord> {
+        records
+            .into_iter()
+            .map(|(n, mut r)| {
+                key().sign(n, &mut r);
+                (n.to_string(), r)
+            })
+            .collect()
+    }
+
+    const NOW: i64 = 1_000;
 
     fn set(links: &[&str]) -> BTreeSet<String> {
         links.iter().map(|s| s.to_string()).collect()
@@ -282,7 +422,7 @@ mod tests {
     #[test]
     fn app_endpoints_are_found_on_live_remotes_nearest_first() {
         // a - b - c, seen from a; b and c both run "echo", a runs it too (not listed: it is local).
-        let mut t = Topology::new("a", "", 1);
+        let mut t = topo("a");
         t.set_local(set(&["b"]), BTreeSet::new());
         assert!(t.set_local_apps(BTreeMap::from([("echo".to_string(), ("10.0.0.1".to_string(), 4001))])));
         assert!(!t.set_local_apps(BTreeMap::from([("echo".to_string(), ("10.0.0.1".to_string(), 4001))])));
@@ -291,23 +431,20 @@ mod tests {
             r.apps.insert("echo".into(), (host.into(), 4000));
             r
         };
-        t.merge(BTreeMap::from([
-            ("c".to_string(), with_echo(1, &["b"], "10.0.0.3")),
-            ("b".to_string(), with_echo(1, &["a", "c"], "10.0.0.2")),
-        ]));
+        t.merge(signed([("c", with_echo(1, &["b"], "10.0.0.3")), ("b", with_echo(1, &["a", "c"], "10.0.0.2"))]), NOW);
         assert_eq!(t.app_elsewhere("echo"), [("10.0.0.2".to_string(), 4000), ("10.0.0.3".to_string(), 4000)]);
         assert!(t.app_elsewhere("other").is_empty());
         // c unreachable (b no longer links to it): only b is offered.
         let mut b = with_echo(1, &["a"], "10.0.0.2");
         b.seq = 2;
-        t.merge(BTreeMap::from([("b".to_string(), b)]));
+        t.merge(signed([("b", b)]), NOW);
         assert_eq!(t.app_elsewhere("echo"), [("10.0.0.2".to_string(), 4000)]);
         // Implausible endpoints from a peer are dropped.
         let mut d = with_echo(1, &["a"], "10.0.0.4");
         d.apps.insert("bad name".into(), ("h".into(), 1));
         d.apps.insert("zero".into(), ("h".into(), 0));
         d.apps.insert("nohost".into(), (String::new(), 1));
-        t.merge(BTreeMap::from([("d".to_string(), d)]));
+        t.merge(signed([("d", d)]), NOW);
         assert_eq!(t.records()["d"].apps.keys().collect::<Vec<_>>(), ["echo"]);
         // Records from a node that knows nothing of app endpoints decode with none.
         let old = rmp_serde::to_vec(&("", 1i64, 1u64, BTreeSet::<String>::new(), BTreeSet::<String>::new())).unwrap();
@@ -318,19 +455,15 @@ mod tests {
     #[test]
     fn routes_over_a_line_of_nodes() {
         // a - b - c - d, seen from a.
-        let mut t = Topology::new("a", "", 1);
+        let mut t = topo("a");
         t.set_local(set(&["b"]), BTreeSet::new());
-        t.merge(BTreeMap::from([
-            ("b".to_string(), rec(1, 1, &["a", "c"])),
-            ("c".to_string(), rec(1, 1, &["b", "d"])),
-            ("d".to_string(), rec(1, 1, &["c"])),
-        ]));
+        t.merge(signed([("b", rec(1, 1, &["a", "c"])), ("c", rec(1, 1, &["b", "d"])), ("d", rec(1, 1, &["c"]))]), NOW);
         assert_eq!(t.next_hop("d"), Some("b"));
         assert_eq!(t.next_hop("b"), Some("b"));
         assert_eq!(t.live_remotes(), ["b", "c", "d"]);
         assert_eq!(t.health(), Health { live: 4, known: 4 });
         // c loses its link to d: d is unreachable, though d still claims the link.
-        t.merge(BTreeMap::from([("c".to_string(), rec(1, 2, &["b"]))]));
+        t.merge(signed([("c", rec(1, 2, &["b"]))]), NOW);
         assert!(!t.is_live("d"));
         assert_eq!(t.health(), Health { live: 3, known: 4 });
         assert!(t.health().up() && !t.health().complete());
@@ -338,13 +471,71 @@ mod tests {
 
     #[test]
     fn stale_records_are_ignored_and_restarts_win() {
-        let mut t = Topology::new("a", "", 1);
+        let mut t = topo("a");
         t.set_local(set(&["b"]), BTreeSet::new());
-        assert!(t.merge(BTreeMap::from([("b".to_string(), rec(5, 3, &["a"]))])));
-        assert!(!t.merge(BTreeMap::from([("b".to_string(), rec(5, 2, &[]))])), "older seq");
+        assert!(t.merge(signed([("b", rec(5, 3, &["a"]))]), NOW).changed);
+        assert!(!t.merge(signed([("b", rec(5, 2, &[]))]), NOW).changed, "older seq");
         assert!(t.is_live("b"));
-        assert!(t.merge(BTreeMap::from([("b".to_string(), rec(6, 0, &[]))])), "new incarnation");
+        assert!(t.merge(signed([("b", rec(6, 0, &[]))]), NOW).changed, "new incarnation");
         assert!(!t.is_live("b"));
+    }
+
+    #[test]
+    fn records_without_the_right_mac_are_refused() {
+        let mut t = topo("a");
+        t.set_local(set(&["b"]), BTreeSet::new());
+        let forged = |mac: Vec<u8>| {
+            let mut r = rec(5, 1, &["a"]);
+            r.mac = mac;
+            BTreeMap::from([("b".to_string(), r)])
+        };
+        assert_eq!(t.merge(forged(Vec::new()), NOW), Merged { changed: false, rejected: 1 });
+        assert_eq!(t.merge(forged(vec![0; 32]), NOW).rejected, 1);
+        let mut other_cluster = rec(5, 1, &["a"]);
+        RecordKey::from_secret("other").sign("b", &mut other_cluster);
+        assert_eq!(t.merge(BTreeMap::from([("b".to_string(), other_cluster)]), NOW).rejected, 1);
+        // A record signed for one name cannot be replayed as another node's.
+        let mut c = rec(5, 1, &["a"]);
+        key().sign("c", &mut c);
+        assert_eq!(t.merge(BTreeMap::from([("b".to_string(), c)]), NOW).rejected, 1);
+        assert!(!t.is_live("b") && t.health().known == 1);
+        // Tampering with a signed record breaks it.
+        let mut good = signed([("b", rec(5, 1, &["a"]))]);
+        good.get_mut("b").unwrap().services.insert("stolen".into());
+        assert_eq!(t.merge(good, NOW).rejected, 1);
+    }
+
+    #[test]
+    fn implausible_records_are_refused_and_known_nodes_are_bounded() {
+        let mut t = Topology::new("a", "", 1, key(), 3);
+        t.set_local(set(&["b"]), BTreeSet::new());
+        let mut future = rec(NOW + MAX_FUTURE_MS + 1, 1, &["a"]);
+        let mut huge_seq = rec(1, MAX_SEQ + 1, &["a"]);
+        let mut long_addr = rec(1, 1, &["a"]);
+        long_addr.addr = "x".repeat(MAX_ADDR_LEN + 1);
+        for r in [&mut future, &mut huge_seq, &mut long_addr] {
+            key().sign("b", r);
+            assert_eq!(t.merge(BTreeMap::from([("b".to_string(), r.clone())]), NOW).rejected, 1);
+        }
+        assert!(t.merge(signed([("b", rec(NOW + MAX_FUTURE_MS, 1, &["a"]))]), NOW).changed, "within the skew");
+        // Three nodes known (a, b, c): d is one too many, and so is a remembered e.
+        assert!(t.merge(signed([("c", rec(1, 1, &[]))]), NOW).changed);
+        assert_eq!(t.merge(signed([("d", rec(1, 1, &[]))]), NOW).rejected, 1);
+        t.remember([("e".to_string(), "h:1".to_string())]);
+        assert_eq!(t.known().keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_newer_record_claiming_this_node_is_refuted() {
+        let mut t = topo("a");
+        let mine = t.local().clone();
+        let mut claim = rec(500, 7, &["x"]);
+        key().sign("a", &mut claim);
+        assert!(t.merge(BTreeMap::from([("a".to_string(), claim.clone())]), NOW).changed);
+        let own = t.local();
+        assert!((own.incarnation, own.seq) > (claim.incarnation, claim.seq), "this node's record moved past it");
+        assert_eq!((own.links.clone(), own.addr.clone()), (mine.links, mine.addr), "and still says what is true");
+        assert!(key().verify("a", own));
     }
 
     #[test]
@@ -357,13 +548,13 @@ mod tests {
 
     #[test]
     fn nearest_service_and_forget() {
-        let mut t = Topology::new("a", "", 1);
+        let mut t = topo("a");
         t.set_local(set(&["b"]), BTreeSet::new());
         let mut b = rec(1, 1, &["a", "c"]);
         b.services.insert("x".into());
         let mut c = rec(1, 1, &["b"]);
         c.services.insert("x".into());
-        t.merge(BTreeMap::from([("b".to_string(), b), ("c".to_string(), c)]));
+        t.merge(signed([("b", b), ("c", c)]), NOW);
         assert_eq!(t.nearest_with("x"), Some("b"));
         assert!(t.forget("c"));
         assert_eq!(t.health().known, 2);

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::profile::Profile;
+use nodus_wire::Backoff;
 
 /// Identifies a worker within its app (never reused).
 pub type WorkerId = u64;
@@ -153,7 +154,8 @@ pub struct Balancer {
     streak: u32,
     last_failure: Option<Instant>,
     backoff_until: Option<Instant>,
-    rng: u64,
+    /// Restart delays: one step per failure of the streak, reset with it.
+    backoff: Backoff,
     actions: VecDeque<Action>,
     population: usize,
 }
@@ -175,7 +177,7 @@ impl Balancer {
             streak: 0,
             last_failure: None,
             backoff_until: None,
-            rng: seed,
+            backoff: Backoff::new(config.backoff_min, config.backoff_max, seed),
             actions: VecDeque::new(),
             population: 0,
         }
@@ -316,7 +318,7 @@ impl Balancer {
             }
         }
         if ok {
-            self.streak = 0;
+            self.end_streak();
             self.backoff_until = None;
         }
         self.dispatch(now);
@@ -330,12 +332,12 @@ impl Balancer {
         match failure {
             None => {
                 if self.streak > 0 && self.last_failure.is_some_and(|t| now >= t + self.config.crash_window) {
-                    self.streak = 0;
+                    self.end_streak();
                 }
             }
             Some(reason) => {
                 if self.last_failure.is_some_and(|t| now >= t + self.config.crash_window) {
-                    self.streak = 0;
+                    self.end_streak();
                 }
                 self.streak += 1;
                 self.last_failure = Some(now);
@@ -344,7 +346,7 @@ impl Balancer {
                     self.set_status(AppStatus::Failed { reason: reason.clone() });
                     self.shed(Rejection::Failed { reason });
                 } else {
-                    let delay = self.backoff(self.streak);
+                    let delay = self.backoff.next_delay();
                     self.backoff_until = Some(now + delay);
                 }
             }
@@ -362,7 +364,7 @@ impl Balancer {
 
     /// Start (or restart after a failure or stop): take requests again, forget the failure streak.
     pub fn start(&mut self, now: Instant) {
-        self.streak = 0;
+        self.end_streak();
         self.last_failure = None;
         self.backoff_until = None;
         if self.status != AppStatus::Running {
@@ -470,23 +472,15 @@ impl Balancer {
         self.actions.push_back(Action::Spawn(id));
     }
 
-    /// Jittered exponential backoff for the `n`th failure in a row: uniform in [d/2, d] where
-    /// d = min(backoff_min · 2^(n-1), backoff_max).
-    fn backoff(&mut self, n: u32) -> Duration {
-        let base = self.config.backoff_min.saturating_mul(1u32 << n.saturating_sub(1).min(20));
-        let d = base.min(self.config.backoff_max);
-        // splitmix64
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        let frac = (z >> 11) as f64 / (1u64 << 53) as f64;
-        d.mul_f64(0.5 + 0.5 * frac)
+    /// Forgets the failure streak: the next failure waits the shortest delay again.
+    fn end_streak(&mut self) {
+        self.streak = 0;
+        self.backoff.reset();
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // The virtual clock of these tests starts at an arbitrary std instant.
 mod tests {
     use super::*;
 
@@ -727,14 +721,35 @@ mod tests {
         assert_eq!(b.status(), &AppStatus::Running);
     }
 
+    /// The restart delays of a worker failing `n` times in a row, each restart at its deadline.
+    fn restart_delays(seed: u64, n: usize) -> Vec<Duration> {
+        let mut t = Instant::now();
+        let p = Profile { crash_limit: 1000, idle_timeout: None, ..profile(1, 10, 1) };
+        let mut b = Balancer::new(&p, BalanceConfig::default(), seed);
+        b.enqueue(1, t).unwrap();
+        let mut delays = Vec::new();
+        for _ in 0..n {
+            let [Action::Spawn(w)] = drain(&mut b)[..] else { panic!("one spawn expected") };
+            b.worker_exited(w, Some("x"), t);
+            let at = b.next_deadline().expect("a restart is scheduled");
+            delays.push(at - t);
+            t = at;
+            b.tick(t);
+        }
+        delays
+    }
+
     #[test]
     fn backoff_grows_exponentially_with_jitter_and_is_capped() {
-        let mut b = Balancer::new(&profile(1, 1, 1), BalanceConfig::default(), 42);
-        for n in 1..=12u32 {
-            let d = b.backoff(n);
-            let full = (Duration::from_millis(100) * (1 << (n - 1))).min(Duration::from_secs(10));
-            assert!(d >= full / 2 && d <= full, "n={n} d={d:?}");
+        let delays = restart_delays(42, 12);
+        for (i, d) in delays.iter().enumerate() {
+            let full = (Duration::from_millis(100) * (1 << i)).min(Duration::from_secs(10));
+            assert!(*d >= full / 2 && *d <= full, "failure {} waited {d:?}", i + 1);
         }
+        // The jitter comes from the seed: the same seed, the same delays (virtual time stays
+        // deterministic); another seed, others.
+        assert_eq!(restart_delays(42, 12), delays);
+        assert_ne!(restart_delays(43, 12), delays);
     }
 
     #[test]

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rmpv::Value;
@@ -235,9 +235,10 @@ pub struct Endpoints {
 
 pub use nodus_wire::Backoff;
 
-/// One operation's retries: a budget of time and a backoff.
+/// One operation's retries: a budget of time and a backoff. Time is tokio's, the clock its
+/// retries sleep on (so a runtime with paused time runs the whole budget at once).
 struct Retry {
-    started: Instant,
+    started: tokio::time::Instant,
     budget: Duration,
     backoff: Backoff,
     attempts: u32,
@@ -246,7 +247,7 @@ struct Retry {
 impl Retry {
     fn new(options: &ClientOptions) -> Retry {
         Retry {
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
             budget: options.retry_budget,
             backoff: Backoff::new(options.backoff_min, options.backoff_max, rand::random()),
             attempts: 1,

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::balance::{Action, AppStatus, BalanceConfig, Balancer, Rejection, WorkerId};
+use crate::identity::{Peer, RunAs};
 use crate::manifest::Manifest;
 use crate::process::{self, Launch, Running};
 use crate::profile::Profile;
@@ -57,6 +59,9 @@ pub struct EngineConfig {
     pub kill_grace: Duration,
     /// Restart backoff and crash-loop window.
     pub balance: BalanceConfig,
+    /// The user worker processes run as; `None`: the engine's own user. Only a root process can
+    /// switch users (see [`RunAs::for_daemon`]).
+    pub run_as: Option<RunAs>,
 }
 
 impl EngineConfig {
@@ -74,6 +79,7 @@ impl EngineConfig {
             pending_connections: 64,
             kill_grace: Duration::from_secs(5),
             balance: BalanceConfig::default(),
+            run_as: None,
         }
     }
 }
@@ -230,7 +236,13 @@ pub enum EngineEvent {
 struct AppHandle {
     tx: mpsc::Sender<AppEvent>,
     crashlog: Arc<Mutex<VecDeque<CrashRecord>>>,
+    /// Session ids chosen by callers ([`AppCaller::open`]); they start at [`CALLER_IDS`], far
+    /// above the ids the app's task hands out itself.
+    caller_ids: Arc<AtomicU64>,
 }
+
+/// The first session id a caller chooses itself.
+const CALLER_IDS: u64 = 1 << 63;
 
 struct Inner {
     config: EngineConfig,
@@ -291,6 +303,8 @@ impl std::fmt::Debug for CallDone {
 pub struct AppCaller {
     tx: mpsc::Sender<AppEvent>,
     limit: usize,
+    ids: Arc<AtomicU64>,
+    session_messages: usize,
 }
 
 impl AppCaller {
@@ -315,6 +329,37 @@ impl AppCaller {
             Err(_) => unreachable!("try_send gives back the event it was given"),
         }
     }
+
+    /// Opens a streaming session in one event: `event` with `body` as its first input chunk
+    /// (none when empty), the input closed when `close`. Unlike [`Engine::invoke`] it never
+    /// waits for the app's task: a refusal (queue full, the app failed or stopped, its event
+    /// queue full) arrives as the session's first error, [`SessionError::Rejected`].
+    pub fn open(&self, event: impl Into<String>, body: Bytes, close: bool) -> Session {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let (down_tx, down_rx) = mpsc::channel(self.session_messages.max(1));
+        let mut pending = Vec::with_capacity(2);
+        if !body.is_empty() {
+            pending.push(Up::Chunk(body));
+        }
+        if close {
+            pending.push(Up::Choke);
+        }
+        let session = Session { id, app: self.tx.clone(), down: down_rx, up_closed: close, done: false };
+        let refused = match self.tx.try_send(AppEvent::Open { id, event: event.into(), pending, down: down_tx }) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(AppEvent::Open { down, .. })) => {
+                Some((down, SessionError::Rejected(Rejection::Busy { limit: self.limit })))
+            }
+            Err(mpsc::error::TrySendError::Closed(AppEvent::Open { down, .. })) => {
+                Some((down, SessionError::EngineGone))
+            }
+            Err(_) => unreachable!("try_send gives back the event it was given"),
+        };
+        if let Some((down, e)) = refused {
+            let _ = down.try_send(Down::Error(e));
+        }
+        session
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -327,9 +372,23 @@ fn valid_name(name: &str) -> bool {
 
 impl Engine {
     /// An engine with no apps. Must be called inside a tokio runtime when apps are started.
-    pub fn new(config: EngineConfig) -> Engine {
+    ///
+    /// A relative `runtime_dir` is made absolute here, against the current directory: workers
+    /// run in their app's directory, so a relative `--endpoint` would name another place.
+    pub fn new(mut config: EngineConfig) -> Engine {
+        config.runtime_dir = absolute(&config.runtime_dir);
         let (events, _) = broadcast::channel(4096);
         Engine { inner: Arc::new(Inner { config, apps: Mutex::new(HashMap::new()), events }) }
+    }
+
+    /// The user workers run as, when it is not the engine's own.
+    pub fn run_as(&self) -> Option<&RunAs> {
+        self.inner.config.run_as.as_ref()
+    }
+
+    /// The worker socket of `app` (whether or not the app exists).
+    pub fn socket_path(&self, app: &str) -> PathBuf {
+        socket_path(&self.inner.config.runtime_dir, app)
     }
 
     /// Observes engine events from now on (a slow observer misses events, it never slows the
@@ -350,7 +409,14 @@ impl Engine {
     /// # Errors
     /// An unknown app.
     pub fn caller(&self, app: &str) -> Result<AppCaller, EngineError> {
-        Ok(AppCaller { tx: self.handle(app)?, limit: self.inner.config.app_events })
+        let apps = self.inner.apps.lock().expect("apps lock");
+        let h = apps.get(app).ok_or_else(|| EngineError::UnknownApp(app.to_string()))?;
+        Ok(AppCaller {
+            tx: h.tx.clone(),
+            limit: self.inner.config.app_events,
+            ids: h.caller_ids.clone(),
+            session_messages: self.inner.config.session_messages,
+        })
     }
 
     fn handle(&self, app: &str) -> Result<mpsc::Sender<AppEvent>, EngineError> {
@@ -364,10 +430,13 @@ impl Engine {
     ///
     /// # Errors
     /// An invalid name, or a worker socket that cannot be created.
-    pub async fn start(&self, spec: AppSpec) -> Result<(), EngineError> {
+    pub async fn start(&self, mut spec: AppSpec) -> Result<(), EngineError> {
         if !valid_name(&spec.name) {
             return Err(EngineError::InvalidName(spec.name));
         }
+        // Workers run in the app directory: a relative path would be resolved a second time
+        // from there (the executable and the directory itself).
+        spec.dir = absolute(&spec.dir);
         // Creating an app is synchronous, so the apps lock is held from the lookup to the insert
         // and two concurrent starts of one name cannot both create it.
         let existing = {
@@ -391,12 +460,32 @@ impl Engine {
         let config = &self.inner.config;
         let socket = socket_path(&config.runtime_dir, &spec.name);
         let sock_err = |e: std::io::Error| EngineError::Socket { path: socket.clone(), error: e.to_string() };
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            let error = format!("the path is {len} bytes, a Unix socket path has at most {MAX_SOCKET_PATH}; use a shorter data directory or app name");
+            return Err(EngineError::Socket { path: socket, error });
+        }
         std::fs::create_dir_all(&config.runtime_dir).map_err(sock_err)?;
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(sock_err)?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+            if let Some(user) = &config.run_as {
+                // Workers connect as `user`: the socket is theirs, the directory only searchable.
+                std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid)).map_err(sock_err)?;
+                std::fs::set_permissions(&config.runtime_dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(sock_err)?;
+                for path in [&socket, &spec.manifest.executable_path(&spec.dir)] {
+                    if let Some((dir, mode)) = user.obstacle(path) {
+                        tracing::warn!(
+                            app = %spec.name, user = %user.name, dir = %dir.display(), mode = format_args!("{mode:04o}"),
+                            "workers run as this user, who cannot enter this directory: workers will fail to start; \
+                             make it searchable (chmod o+x) or move the data directory"
+                        );
+                    }
+                }
+            }
         }
         let socket_ino = socket_inode(&socket);
         let (tx, rx) = mpsc::channel(config.app_events);
@@ -424,7 +513,7 @@ impl Engine {
             dirty: Vec::new(),
         };
         tokio::spawn(actor.run(rx));
-        Ok(AppHandle { tx, crashlog })
+        Ok(AppHandle { tx, crashlog, caller_ids: Arc::new(AtomicU64::new(CALLER_IDS)) })
     }
 
     /// Stops an app: queued requests are refused, workers are terminated (terminate, then
@@ -511,12 +600,14 @@ pub(crate) enum AppEvent {
     Invoke { event: String, reply: oneshot::Sender<Result<Session, EngineError>> },
     /// A caller makes a one-chunk call and collects the reply.
     Call { event: String, body: Bytes, done: CallDone },
+    /// A caller opens a session whose id and first input it chose ([`AppCaller::open`]).
+    Open { id: u64, event: String, pending: Vec<Up>, down: mpsc::Sender<Down> },
     /// A caller sends up a session.
     Up { session: u64, msg: Up },
     /// A caller dropped its session.
     Dropped { session: u64 },
-    /// A worker connection was accepted.
-    Accepted { conn: u64, writer: mpsc::Sender<Bytes>, reader: AbortHandle },
+    /// A worker connection was accepted, from `peer`.
+    Accepted { conn: u64, writer: mpsc::Sender<Bytes>, reader: AbortHandle, peer: Peer },
     /// Messages from a worker connection (everything one read decoded).
     FromConn { conn: u64, msgs: Vec<Message> },
     /// A worker connection closed (`error` when it sent garbage or failed).
@@ -548,6 +639,8 @@ struct ConnEntry {
     writer: mpsc::Sender<Bytes>,
     reader: AbortHandle,
     worker: Option<WorkerId>,
+    /// Who connected: a handshake is accepted only from the worker's own process tree.
+    peer: Peer,
     /// Encoded messages not yet handed to the writer: flushed once per batch of events.
     out: BytesMut,
 }
@@ -641,11 +734,20 @@ struct App {
     dirty: Vec<u64>,
 }
 
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// Most events an app's actor takes off its queue before it settles and writes to workers.
 const EVENT_BATCH: usize = 128;
 
 fn now() -> std::time::Instant {
     Instant::now().into_std()
+}
+
+/// When a crash happened, for people reading the crashlog: wall-clock time by nature.
+#[allow(clippy::disallowed_methods)] // A crash record's timestamp is read by people, not by the cores.
+fn wall_clock() -> SystemTime {
+    SystemTime::now()
 }
 
 impl App {
@@ -777,16 +879,30 @@ impl App {
                     }
                 }
             }
+            AppEvent::Open { id, event, pending, down } => match self.balancer.enqueue(id, now) {
+                Err(e) => {
+                    let _ = down.try_send(Down::Error(SessionError::Rejected(e)));
+                }
+                Ok(()) => {
+                    let entry = SessionEntry {
+                        event,
+                        sink: Sink::Stream(down),
+                        place: Place::Queued { pending },
+                        abandoned: false,
+                    };
+                    self.sessions.insert(id, entry);
+                }
+            },
             AppEvent::Up { session, msg } => self.up(session, msg),
             AppEvent::Dropped { session } => self.abandon(session),
-            AppEvent::Accepted { conn, writer, reader } => {
+            AppEvent::Accepted { conn, writer, reader, peer } => {
                 let pending = self.conns.values().filter(|c| c.worker.is_none()).count();
                 if pending >= self.config.pending_connections {
                     tracing::warn!(app = %self.name, "too many connections without a handshake; closing one");
                     reader.abort();
                     return;
                 }
-                self.conns.insert(conn, ConnEntry { writer, reader, worker: None, out: BytesMut::new() });
+                self.conns.insert(conn, ConnEntry { writer, reader, worker: None, peer, out: BytesMut::new() });
             }
             AppEvent::FromConn { conn, msgs } => {
                 for msg in msgs {
@@ -805,7 +921,7 @@ impl App {
                 // Recorded before the exit is announced, so an observer of the event finds it.
                 let failure = w.machine.failure().map(|f| f.to_string());
                 let uuid = w.uuid.clone();
-                self.record(CrashRecord { uuid, at: SystemTime::now(), status: Some(status), failure, stderr });
+                self.record(CrashRecord { uuid, at: wall_clock(), status: Some(status), failure, stderr });
                 self.drain_worker(worker, now);
                 self.remove_worker(worker, now);
             }
@@ -1029,6 +1145,7 @@ impl App {
             endpoint: self.socket.clone(),
             uuid: uuid.clone(),
             stderr_lines: self.config.crashlog_lines,
+            run_as: self.config.run_as.clone(),
         };
         let tx = self.tx.clone();
         let on_exit = move |exit: process::Exit| {
@@ -1060,11 +1177,20 @@ impl App {
             }
             Err(e) => {
                 let path = spec.manifest.executable_path(&spec.dir);
-                let failure = format!("cannot start {}: {e}", path.display());
+                let mut failure = format!("cannot start {}: {e}", path.display());
+                if let Some(user) = &self.config.run_as {
+                    if let Some((dir, mode)) = user.obstacle(&path) {
+                        failure.push_str(&format!(
+                            " (workers run as user {}, who cannot enter {} (mode {mode:04o}): make it searchable or move the data directory)",
+                            user.name,
+                            dir.display()
+                        ));
+                    }
+                }
                 tracing::error!(app = %self.name, worker = id, error = %failure, "spawn failed");
                 self.record(CrashRecord {
                     uuid,
-                    at: SystemTime::now(),
+                    at: wall_clock(),
                     status: None,
                     failure: Some(failure.clone()),
                     stderr: Vec::new(),
@@ -1157,6 +1283,14 @@ impl App {
                     return;
                 };
                 let Some(w) = self.workers.get_mut(&id) else { return };
+                if !c.peer.descends_from(w.process.pid) {
+                    tracing::warn!(
+                        app = %self.name, %uuid, worker_pid = w.process.pid, peer_pid = ?c.peer.pid(),
+                        "handshake from a process that is not this worker nor one of its children; closing"
+                    );
+                    self.close_conn(conn, now);
+                    return;
+                }
                 if w.conn.is_some() {
                     tracing::warn!(app = %self.name, %uuid, "second connection for a worker; closing it");
                     self.close_conn(conn, now);
@@ -1262,11 +1396,12 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<AppEvent>, outboun
         };
         let conn = next;
         next += 1;
+        let peer = Peer::of(&stream);
         let (writer_tx, writer_rx) = mpsc::channel::<Bytes>(outbound);
         let (r, w) = stream.into_split();
         tokio::spawn(write_loop(w, writer_rx));
         let reader = tokio::spawn(read_loop(r, conn, tx.clone(), max_message));
-        if tx.send(AppEvent::Accepted { conn, writer: writer_tx, reader: reader.abort_handle() }).await.is_err() {
+        if tx.send(AppEvent::Accepted { conn, writer: writer_tx, reader: reader.abort_handle(), peer }).await.is_err() {
             return;
         }
     }
@@ -1329,6 +1464,12 @@ pub(crate) async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut w: W, mut r
 fn socket_inode(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// `path` made absolute against the current directory (unchanged when it already is, or when
+/// the current directory cannot be read).
+pub(crate) fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The path of an app's worker socket under `runtime_dir`.

@@ -9,6 +9,7 @@
 pub mod balance;
 pub mod client;
 mod engine;
+pub mod identity;
 pub mod locator;
 pub mod manifest;
 mod process;
@@ -24,5 +25,6 @@ pub use engine::{
     category, socket_path, AppCaller, AppInfo, AppSpec, CallDone, CallResult, CrashRecord, Engine, EngineConfig,
     EngineError, EngineEvent, WorkerInfo,
 };
+pub use identity::{RunAs, RunAsError};
 pub use locator::{Directory, Locator, LocatorConfig, LocatorError, LocatorHandle};
 pub use session::{Session, SessionError};

@@ -14,7 +14,8 @@
 //!
 //! On an app connection, `enqueue(event)` opens [`Engine::invoke`]: the client's chunks go to the
 //! worker, the worker's chunks, error or close come back; `info()` answers a map of the app's
-//! state. Connections are bounded in number, in open channels, in message size and in queued
+//! state. Connections are bounded in number (per listener: the locator and each app have their
+//! own bound), in open channels, in message size and in queued
 //! outbound messages (a client that does not read is cut off).
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::task::TaskTracker;
 
 use crate::balance::{AppStatus, Rejection};
 use crate::engine::{AppInfo, Engine, EngineError};
@@ -46,8 +48,12 @@ pub struct LocatorConfig {
     /// Host given to clients in `resolve` answers; `None` means the IP the locator is bound to
     /// (`127.0.0.1` when it is bound to an unspecified address: set this for remote clients).
     pub advertise_host: Option<String>,
-    /// Open client connections, locator and apps together; more are closed at once.
+    /// Open client connections on the locator's own listener; more are closed at once.
     pub max_connections: usize,
+    /// Open client connections on each app's listener; more are closed at once. Each listener
+    /// has its own bound, so a flood on one app's endpoint never locks clients out of the
+    /// locator or of another app.
+    pub max_app_connections: usize,
     /// Open channels per connection; more are refused with an error.
     pub max_channels: usize,
     /// Largest message from a client.
@@ -65,6 +71,7 @@ impl Default for LocatorConfig {
         LocatorConfig {
             advertise_host: None,
             max_connections: 1024,
+            max_app_connections: 1024,
             max_channels: 1024,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             outbound_messages: 4096,
@@ -99,6 +106,19 @@ struct AppListener {
     accept: AbortHandle,
 }
 
+/// One listener's bound on open connections.
+#[derive(Clone)]
+struct Limit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Limit {
+    fn new(max: usize) -> Limit {
+        Limit { permits: Arc::new(Semaphore::new(max)), max }
+    }
+}
+
 /// Where apps that are not on this node are found: the cluster's directory of app endpoints.
 pub trait Directory: Send + Sync + 'static {
     /// Endpoints `(host, port)` of `app` elsewhere, nearest first; empty when there is none.
@@ -113,7 +133,10 @@ struct Shared {
     advertise: String,
     port: u16,
     apps: Mutex<HashMap<String, AppListener>>,
-    connections: Arc<Semaphore>,
+    /// The locator listener's connection bound (each app listener has its own).
+    connections: Limit,
+    /// Every connection task, of every listener: shutdown waits for them.
+    tasks: TaskTracker,
     phase: watch::Sender<Phase>,
 }
 
@@ -165,7 +188,8 @@ impl Locator {
             advertise,
             port: local.port(),
             apps: Mutex::new(HashMap::new()),
-            connections: Arc::new(Semaphore::new(config.max_connections)),
+            connections: Limit::new(config.max_connections),
+            tasks: TaskTracker::new(),
             config,
             phase,
         });
@@ -222,7 +246,7 @@ impl Locator {
             tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => admit(&shared, stream, peer, Target::Locator),
+                    Ok((stream, peer)) => admit(&shared, stream, peer, Target::Locator, &shared.connections),
                     Err(e) => {
                         tracing::warn!(error = %e, "locator accept failed");
                         // Back off a little on fd exhaustion instead of spinning.
@@ -235,13 +259,13 @@ impl Locator {
         for (_, app) in shared.apps.lock().expect("apps lock").drain() {
             app.accept.abort();
         }
-        let all = u32::try_from(shared.config.max_connections).unwrap_or(u32::MAX);
+        shared.tasks.close();
         shared.phase.send_replace(Phase::Draining);
-        let drained = tokio::time::timeout(shared.config.shutdown_grace, shared.connections.acquire_many(all)).await;
+        let drained = tokio::time::timeout(shared.config.shutdown_grace, shared.tasks.wait()).await;
         if drained.is_err() {
             tracing::warn!("locator: channels still open after the shutdown grace period; closing their connections");
             shared.phase.send_replace(Phase::Stopped);
-            let _ = tokio::time::timeout(Duration::from_secs(1), shared.connections.acquire_many(all)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.tasks.wait()).await;
         }
         tracing::info!("locator stopped");
     }
@@ -253,13 +277,13 @@ enum Target {
     App(String),
 }
 
-fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, target: Target) {
-    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-        tracing::warn!(%peer, limit = shared.config.max_connections, "connection limit reached; closing");
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, target: Target, limit: &Limit) {
+    let Ok(permit) = limit.permits.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, ?target, limit = limit.max, "connection limit of this listener reached; closing");
         return;
     };
     let _ = stream.set_nodelay(true);
-    tokio::spawn(serve(shared.clone(), stream, target, permit));
+    shared.tasks.spawn(serve(shared.clone(), stream, target, permit));
 }
 
 impl Shared {
@@ -298,17 +322,18 @@ impl Shared {
             Ok(b) => b,
             Err(e) => return Some(Err(e)),
         };
-        let accept = tokio::spawn(accept_app(self.clone(), listener, name.to_string())).abort_handle();
+        let limit = Limit::new(self.config.max_app_connections);
+        let accept = tokio::spawn(accept_app(self.clone(), listener, name.to_string(), limit)).abort_handle();
         apps.insert(name.to_string(), AppListener { port, accept });
         tracing::info!(app = %name, port, "app service listening");
         Some(Ok(port))
     }
 }
 
-async fn accept_app(shared: Arc<Shared>, listener: TcpListener, app: String) {
+async fn accept_app(shared: Arc<Shared>, listener: TcpListener, app: String, limit: Limit) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => admit(&shared, stream, peer, Target::App(app.clone())),
+            Ok((stream, peer)) => admit(&shared, stream, peer, Target::App(app.clone()), &limit),
             Err(e) => {
                 tracing::warn!(app = %app, error = %e, "app service accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -602,7 +627,7 @@ fn info_value(info: &AppInfo) -> Value {
         .map(|w| {
             let v = Value::Map(vec![
                 kv("pid", Value::from(w.pid)),
-                kv("state", Value::from(format!("{:?}", w.state).to_lowercase())),
+                kv("state", Value::from(w.state.name().to_lowercase())),
                 kv("load", Value::from(w.load as u64)),
             ]);
             (Value::from(w.uuid.as_str()), v)

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::identity::RunAs;
 use crate::worker::{ExitReport, Signal};
 
 /// Everything needed to start one worker process.
@@ -29,6 +30,8 @@ pub(crate) struct Launch {
     pub endpoint: PathBuf,
     pub uuid: String,
     pub stderr_lines: usize,
+    /// Run the process as this user (set before exec: groups dropped, gid, then uid).
+    pub run_as: Option<RunAs>,
 }
 
 /// A running process: its pid and where to send signals.
@@ -55,6 +58,11 @@ where
     F: FnOnce(Exit) + Send + 'static,
 {
     let mut cmd = Command::new(&launch.executable);
+    if let Some(user) = &launch.run_as {
+        // std drops the supplementary groups, then calls setgid and setuid in the child before
+        // exec. The user's own variables come first so the manifest may override them.
+        cmd.uid(user.uid).gid(user.gid).env("USER", &user.name).env("LOGNAME", &user.name).env("HOME", &user.home);
+    }
     cmd.args(&launch.args)
         .arg("--app")
         .arg(&launch.app)

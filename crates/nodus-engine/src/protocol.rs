@@ -242,17 +242,45 @@ pub struct Frame {
 }
 
 /// Incremental decoder of one direction of one connection.
+///
+/// The decoder remembers how far it has scanned the message at the front of the buffer, so a
+/// message that arrives in many reads is scanned once, not once per read: give it the same
+/// buffer on every call, only appended to between calls (a buffer that shrank starts a new scan).
 #[derive(Debug, Clone)]
 pub struct Decoder {
     role: Role,
     max_message_bytes: usize,
     last_opened: u64,
+    scan: Scan,
+    examined: u64,
+}
+
+/// Where the scan of the message at the front of the buffer stands: the offset of the next
+/// element and the elements still expected in each open container (empty: not started).
+#[derive(Debug, Clone, Default)]
+struct Scan {
+    pos: usize,
+    open: Vec<u64>,
+}
+
+impl Scan {
+    /// Forgets the scan (keeping the stack's allocation for the next message).
+    fn restart(&mut self) {
+        self.pos = 0;
+        self.open.clear();
+    }
 }
 
 impl Decoder {
     /// A decoder for `role` with a bound on one message's size.
     pub fn new(role: Role, max_message_bytes: usize) -> Self {
-        Decoder { role, max_message_bytes, last_opened: CONTROL_CHANNEL }
+        Decoder { role, max_message_bytes, last_opened: CONTROL_CHANNEL, scan: Scan::default(), examined: 0 }
+    }
+
+    /// Bytes of MessagePack headers looked at so far: the scanning work done, which grows with
+    /// the bytes received, not with the number of reads they came in.
+    pub fn examined(&self) -> u64 {
+        self.examined
     }
 
     /// Takes one complete message off the front of `src`. `Ok(None)` means more bytes are
@@ -273,9 +301,17 @@ impl Decoder {
     /// # Errors
     /// As [`Decoder::decode`], and when the value is not `[uint, uint, array(, array)]`.
     pub fn decode_frame(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
-        let len = match scan(src, self.max_message_bytes)? {
-            None => return Ok(None),
-            Some(len) => len,
+        if src.len() < self.scan.pos {
+            self.scan.restart();
+        }
+        let scanned = scan(src, self.max_message_bytes, &mut self.scan, &mut self.examined);
+        let len = match scanned {
+            Ok(None) => return Ok(None),
+            Ok(Some(len)) => len,
+            Err(e) => {
+                self.scan.restart();
+                return Err(e);
+            }
         };
         let bytes = src.split_to(len);
         let mut rd = &bytes[..];
@@ -428,31 +464,41 @@ fn header_bytes(v: Option<Value>) -> Result<Bytes, ProtocolError> {
     }
 }
 
-/// Finds the length of the first complete MessagePack value in `buf`: `Ok(None)` when it is
-/// incomplete, an error when it is invalid, deeper than [`MAX_DEPTH`] or would exceed `max`
-/// bytes. The walk is iterative and bounded by the buffer, so no input can make it recurse or
-/// allocate; it also guarantees every declared element is present before `rmpv` allocates.
-fn scan(buf: &[u8], max: usize) -> Result<Option<usize>, ProtocolError> {
-    let mut pos = 0usize;
-    // Remaining element counts of the open containers; the bottom entry is the one top value.
-    let mut open: Vec<u64> = vec![1];
+/// Finds the length of the first complete MessagePack value in `buf`, resuming `state` (the
+/// scan so far of this value): `Ok(None)` when it is incomplete, an error when it is invalid,
+/// deeper than [`MAX_DEPTH`] or would exceed `max` bytes. The walk is iterative and bounded by
+/// the buffer, so no input can make it recurse or allocate; it also guarantees every declared
+/// element is present before `rmpv` allocates. An element is taken only once it is all there
+/// (a string or binary with its payload), so a resumed scan starts at the first element not yet
+/// complete and each byte's header is examined a bounded number of times.
+fn scan(buf: &[u8], max: usize, state: &mut Scan, examined: &mut u64) -> Result<Option<usize>, ProtocolError> {
+    if state.open.is_empty() {
+        // The one top value.
+        state.restart();
+        state.open.push(1);
+    }
     let too_large = |end: usize| if end > max { Err(ProtocolError::TooLarge { limit: max }) } else { Ok(()) };
-    while let Some(top) = open.last_mut() {
-        if *top == 0 {
-            open.pop();
+    while let Some(&top) = state.open.last() {
+        if top == 0 {
+            state.open.pop();
             continue;
         }
-        *top -= 1;
+        let pos = state.pos;
         too_large(pos + 1)?;
         let Some(&m) = buf.get(pos) else { return Ok(None) };
-        pos += 1;
-        // (bytes of length field, kind): kind 0 = fixed payload skip, 1 = str/bin, 2 = ext,
-        // 3 = array, 4 = map.
-        let (skip, container): (usize, Option<u64>) = match m {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, None),
-            0x80..=0x8f => (0, Some(u64::from(m & 0x0f) * 2)),
-            0x90..=0x9f => (0, Some(u64::from(m & 0x0f))),
-            0xa0..=0xbf => (usize::from(m & 0x1f), None),
+        // Bytes of length field after the marker, and how to read the element:
+        // `skip` payload bytes after the header, or a container of `count` elements.
+        let length = |n: usize| -> Result<Option<usize>, ProtocolError> {
+            match read_len(buf, pos + 1, n) {
+                Some(len) => Ok(Some(len)),
+                None => too_large(pos + 1 + n).map(|()| None),
+            }
+        };
+        let (header, skip, container): (usize, usize, Option<u64>) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, 0, None),
+            0x80..=0x8f => (1, 0, Some(u64::from(m & 0x0f) * 2)),
+            0x90..=0x9f => (1, 0, Some(u64::from(m & 0x0f))),
+            0xa0..=0xbf => (1, usize::from(m & 0x1f), None),
             0xc1 => return Err(malformed("reserved MessagePack marker 0xc1")),
             0xc4 | 0xc5 | 0xc6 | 0xd9 | 0xda | 0xdb => {
                 let n = match m {
@@ -460,12 +506,8 @@ fn scan(buf: &[u8], max: usize) -> Result<Option<usize>, ProtocolError> {
                     0xc5 | 0xda => 2,
                     _ => 4,
                 };
-                let Some(len) = read_len(buf, pos, n) else {
-                    too_large(pos + n)?;
-                    return Ok(None);
-                };
-                pos += n;
-                (len, None)
+                let Some(len) = length(n)? else { return Ok(None) };
+                (1 + n, len, None)
             }
             0xc7..=0xc9 => {
                 let n = match m {
@@ -473,53 +515,54 @@ fn scan(buf: &[u8], max: usize) -> Result<Option<usize>, ProtocolError> {
                     0xc8 => 2,
                     _ => 4,
                 };
-                let Some(len) = read_len(buf, pos, n) else {
-                    too_large(pos + n)?;
-                    return Ok(None);
-                };
-                pos += n;
-                (len + 1, None)
+                let Some(len) = length(n)? else { return Ok(None) };
+                (1 + n, len + 1, None)
             }
-            0xca => (4, None),
-            0xcb => (8, None),
-            0xcc | 0xd0 => (1, None),
-            0xcd | 0xd1 => (2, None),
-            0xce | 0xd2 => (4, None),
-            0xcf | 0xd3 => (8, None),
-            0xd4 => (2, None),
-            0xd5 => (3, None),
-            0xd6 => (5, None),
-            0xd7 => (9, None),
-            0xd8 => (17, None),
+            0xca => (1, 4, None),
+            0xcb => (1, 8, None),
+            0xcc | 0xd0 => (1, 1, None),
+            0xcd | 0xd1 => (1, 2, None),
+            0xce | 0xd2 => (1, 4, None),
+            0xcf | 0xd3 => (1, 8, None),
+            0xd4 => (1, 2, None),
+            0xd5 => (1, 3, None),
+            0xd6 => (1, 5, None),
+            0xd7 => (1, 9, None),
+            0xd8 => (1, 17, None),
             0xdc..=0xdf => {
                 let n = if m == 0xdc || m == 0xde { 2 } else { 4 };
-                let Some(len) = read_len(buf, pos, n) else {
-                    too_large(pos + n)?;
-                    return Ok(None);
-                };
-                pos += n;
+                let Some(len) = length(n)? else { return Ok(None) };
                 let count = len as u64 * if m >= 0xde { 2 } else { 1 };
-                (0, Some(count))
+                (1 + n, 0, Some(count))
             }
         };
-        let end = pos.checked_add(skip).ok_or(ProtocolError::TooLarge { limit: max })?;
+        *examined += header as u64;
+        let body = pos + header;
+        let end = body.checked_add(skip).ok_or(ProtocolError::TooLarge { limit: max })?;
         too_large(end)?;
         if let Some(count) = container {
             // Each element needs at least one byte: a container can never be larger than the bound.
-            too_large(pos.saturating_add(usize::try_from(count).unwrap_or(usize::MAX)))?;
-            if count > 0 {
-                if open.len() > MAX_DEPTH {
-                    return Err(ProtocolError::TooDeep);
-                }
-                open.push(count);
+            too_large(body.saturating_add(usize::try_from(count).unwrap_or(usize::MAX)))?;
+            if count > 0 && state.open.len() > MAX_DEPTH {
+                return Err(ProtocolError::TooDeep);
             }
         }
         if end > buf.len() {
+            // Not all here yet: the next call looks at this element again.
             return Ok(None);
         }
-        pos = end;
+        if let Some(top) = state.open.last_mut() {
+            *top -= 1;
+        }
+        if let Some(count) = container.filter(|&c| c > 0) {
+            state.open.push(count);
+        }
+        state.pos = end;
     }
-    Ok(Some(pos))
+    // The stack is empty again: the next call starts a new message.
+    let len = state.pos;
+    state.pos = 0;
+    Ok(Some(len))
 }
 
 fn read_len(buf: &[u8], pos: usize, n: usize) -> Option<usize> {
@@ -628,6 +671,51 @@ mod tests {
         // A huge declared array is refused before anything is allocated.
         let mut buf = BytesMut::from(&[0xdd, 0xff, 0xff, 0xff, 0xff][..]);
         assert_eq!(d.decode(&mut buf), Err(ProtocolError::TooLarge { limit: 2000 }));
+    }
+
+    /// Feeds `bytes` to a decoder `step` bytes per read; returns the frames, the reads and the
+    /// bytes of headers examined.
+    fn trickle(bytes: &[u8], step: usize) -> (usize, u64, u64) {
+        let mut d = Decoder::new(Role::Engine, DEFAULT_MAX_MESSAGE_BYTES);
+        let mut buf = BytesMut::new();
+        let (mut frames, mut reads) = (0, 0u64);
+        for chunk in bytes.chunks(step) {
+            buf.extend_from_slice(chunk);
+            reads += 1;
+            while d.decode_frame(&mut buf).unwrap().is_some() {
+                frames += 1;
+            }
+        }
+        assert!(buf.is_empty());
+        (frames, reads, d.examined())
+    }
+
+    #[test]
+    fn a_message_trickling_in_is_scanned_once_not_once_per_read() {
+        // 200 000 one-byte elements arriving 16 bytes per read: a decoder that rescanned its
+        // buffer on every read examined about 1.25 billion bytes here.
+        let v = Value::Array(vec![Value::from(5), Value::from(0), Value::Array(vec![Value::from(1); 200_000])]);
+        let bytes = value_bytes(&v);
+        let (frames, reads, examined) = trickle(&bytes, 16);
+        assert_eq!(frames, 1);
+        // Each header once, plus the element that was not complete yet, again, on each read.
+        assert!(
+            examined <= bytes.len() as u64 + 5 * reads,
+            "{examined} bytes examined for {} in {reads} reads",
+            bytes.len()
+        );
+        // A 16 MiB chunk in 4 KiB reads: a few header bytes per read.
+        let big =
+            Message::Chunk { channel: 2, data: Bytes::from(vec![0u8; DEFAULT_MAX_MESSAGE_BYTES - 64]) }.to_bytes();
+        let (frames, reads, examined) = trickle(&big, 4096);
+        assert_eq!(frames, 1);
+        assert!(examined <= 16 * reads, "{examined} bytes examined in {reads} reads");
+        // Messages back to back, split anywhere, are all found.
+        let mut many = BytesMut::new();
+        for i in 0..1000u64 {
+            Message::Chunk { channel: 2 + i, data: Bytes::from(vec![1u8; (i % 40) as usize]) }.encode(&mut many);
+        }
+        assert_eq!(trickle(&many, 7).0, 1000);
     }
 
     #[test]

@@ -4,10 +4,14 @@
 //! Spawning ──handshake──► Handshaken ──heartbeat──► Active
 //!    │                        │                       │
 //!    └─ startup-timeout ──────┴── heartbeat-timeout ──┴── terminate (either side) ──► Terminating
-//! Terminating: [engine sent terminate] ─ terminate-timeout ─► SIGTERM ─ kill-grace ─► SIGKILL
-//!              [worker sent terminate] ─ terminate-timeout ─► SIGTERM ─ kill-grace ─► SIGKILL
+//! Terminating(Requested)  [engine sent terminate] ─┐
+//! Terminating(Leaving)    [worker sent terminate] ─┴ terminate-timeout ─► Terminating(Signalled)
+//!                         (SIGTERM) ─ kill-grace ─► Terminating(Killed) (SIGKILL)
 //! any state ──process exit──► Dead
 //! ```
+//!
+//! The terminating step lives inside the state ([`State::Terminating`] holds its [`Phase`]), so
+//! no phase exists outside termination.
 //!
 //! The driver feeds events in (`handle_message`, `handle_disconnect`, `handle_exit`, `terminate`,
 //! `tick`), applies what [`Worker::poll_output`] returns, and calls `tick` at
@@ -53,10 +57,24 @@ pub enum State {
     Handshaken,
     /// Heartbeating: may take requests.
     Active,
-    /// On its way out (see [`Phase`]).
-    Terminating,
+    /// On its way out, at this step.
+    Terminating(Phase),
     /// The process has exited.
     Dead,
+}
+
+impl State {
+    /// The state's name without its phase: `Spawning`, `Handshaken`, `Active`, `Terminating`,
+    /// `Dead` (as `nodus app info` shows it).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Spawning => "Spawning",
+            State::Handshaken => "Handshaken",
+            State::Active => "Active",
+            State::Terminating(_) => "Terminating",
+            State::Dead => "Dead",
+        }
+    }
 }
 
 /// The steps of [`State::Terminating`].
@@ -157,7 +175,6 @@ pub enum Output {
 pub struct Worker {
     timeouts: Timeouts,
     state: State,
-    phase: Phase,
     deadline: Option<Instant>,
     failure: Option<FailReason>,
     outputs: VecDeque<Output>,
@@ -169,7 +186,6 @@ impl Worker {
         Worker {
             timeouts,
             state: State::Spawning,
-            phase: Phase::Requested,
             deadline: Some(now + timeouts.startup),
             failure: None,
             outputs: VecDeque::new(),
@@ -183,7 +199,10 @@ impl Worker {
 
     /// The step within [`State::Terminating`], if terminating.
     pub fn phase(&self) -> Option<Phase> {
-        (self.state == State::Terminating).then_some(self.phase)
+        match self.state {
+            State::Terminating(phase) => Some(phase),
+            _ => None,
+        }
     }
 
     /// The failure recorded for this worker, if any.
@@ -209,7 +228,7 @@ impl Worker {
                 self.state = State::Handshaken;
                 self.deadline = Some(now + self.timeouts.heartbeat);
             }
-            (State::Handshaken | State::Active | State::Terminating, Message::Handshake { .. }) => {
+            (State::Handshaken | State::Active | State::Terminating(_), Message::Handshake { .. }) => {
                 self.fail(FailReason::Protocol("second handshake".into()), now);
             }
             (State::Spawning, Message::Heartbeat | Message::Terminate { .. }) => {
@@ -225,7 +244,7 @@ impl Worker {
                 self.outputs.push_back(Output::Send(Message::Heartbeat));
                 self.deadline = Some(now + self.timeouts.heartbeat);
             }
-            (State::Terminating, Message::Heartbeat) if self.phase == Phase::Requested => {
+            (State::Terminating(Phase::Requested), Message::Heartbeat) => {
                 self.outputs.push_back(Output::Send(Message::Heartbeat));
             }
             (State::Handshaken | State::Active, Message::Terminate { code, reason }) => {
@@ -235,8 +254,8 @@ impl Worker {
                 self.begin_leaving(Phase::Leaving, now + self.timeouts.terminate);
             }
             // The answer to our terminate: keep the deadline we set when we asked.
-            (State::Terminating, Message::Terminate { .. }) if self.phase == Phase::Requested => {
-                self.phase = Phase::Leaving;
+            (State::Terminating(Phase::Requested), Message::Terminate { .. }) => {
+                self.state = State::Terminating(Phase::Leaving);
             }
             _ => {}
         }
@@ -249,8 +268,8 @@ impl Worker {
                 self.fail_soft(FailReason::Disconnected);
                 self.begin_leaving(Phase::Leaving, now + self.timeouts.kill_grace);
             }
-            State::Terminating if self.phase == Phase::Requested => {
-                self.phase = Phase::Leaving;
+            State::Terminating(Phase::Requested) => {
+                self.state = State::Terminating(Phase::Leaving);
                 let grace = now + self.timeouts.kill_grace;
                 self.deadline = Some(self.deadline.map_or(grace, |d| d.min(grace)));
             }
@@ -263,7 +282,7 @@ impl Worker {
         if self.state == State::Dead {
             return;
         }
-        if self.state != State::Terminating {
+        if !matches!(self.state, State::Terminating(_)) {
             self.fail_soft(FailReason::Crashed(status));
             if self.state == State::Active {
                 self.outputs.push_back(Output::Draining);
@@ -277,16 +296,13 @@ impl Worker {
     /// The engine wants this worker gone: terminate, wait terminate-timeout, SIGTERM, SIGKILL.
     pub fn terminate(&mut self, reason: &str, now: Instant) {
         match self.state {
-            State::Spawning => {
-                self.state = State::Terminating;
-                self.signal(Signal::Term, now);
-            }
+            State::Spawning => self.signal(Signal::Term, now),
             State::Handshaken | State::Active => {
                 let code = terminate_code::NORMAL;
                 self.outputs.push_back(Output::Send(Message::Terminate { code, reason: reason.to_string() }));
                 self.begin_leaving(Phase::Requested, now + self.timeouts.terminate);
             }
-            State::Terminating | State::Dead => {}
+            State::Terminating(_) | State::Dead => {}
         }
     }
 
@@ -299,15 +315,13 @@ impl Worker {
         match self.state {
             State::Spawning => self.fail(FailReason::StartupTimeout, now),
             State::Handshaken | State::Active => self.fail(FailReason::HeartbeatTimeout, now),
-            State::Terminating => match self.phase {
-                Phase::Requested | Phase::Leaving => self.signal(Signal::Term, now),
-                Phase::Signalled => {
-                    self.phase = Phase::Killed;
-                    self.deadline = None;
-                    self.outputs.push_back(Output::Kill(Signal::Kill));
-                }
-                Phase::Killed => self.deadline = None,
-            },
+            State::Terminating(Phase::Requested | Phase::Leaving) => self.signal(Signal::Term, now),
+            State::Terminating(Phase::Signalled) => {
+                self.state = State::Terminating(Phase::Killed);
+                self.deadline = None;
+                self.outputs.push_back(Output::Kill(Signal::Kill));
+            }
+            State::Terminating(Phase::Killed) => self.deadline = None,
             State::Dead => self.deadline = None,
         }
     }
@@ -316,13 +330,12 @@ impl Worker {
         if self.state == State::Active {
             self.outputs.push_back(Output::Draining);
         }
-        self.state = State::Terminating;
-        self.phase = phase;
+        self.state = State::Terminating(phase);
         self.deadline = Some(deadline);
     }
 
     fn signal(&mut self, sig: Signal, now: Instant) {
-        self.phase = Phase::Signalled;
+        self.state = State::Terminating(Phase::Signalled);
         self.deadline = Some(now + self.timeouts.kill_grace);
         self.outputs.push_back(Output::Kill(sig));
     }
@@ -338,19 +351,19 @@ impl Worker {
     /// Records a failure and stops the process: SIGTERM now, SIGKILL after kill-grace. A failed
     /// worker is not trusted to answer a terminate.
     fn fail(&mut self, reason: FailReason, now: Instant) {
-        if matches!(self.state, State::Terminating | State::Dead) {
+        if matches!(self.state, State::Terminating(_) | State::Dead) {
             return;
         }
         self.fail_soft(reason);
         if self.state == State::Active {
             self.outputs.push_back(Output::Draining);
         }
-        self.state = State::Terminating;
         self.signal(Signal::Term, now);
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // The virtual clock of these tests starts at an arbitrary std instant.
 mod tests {
     use super::*;
 
@@ -421,6 +434,8 @@ mod tests {
             vec![Output::Failed(FailReason::StartupTimeout), Output::Kill(Signal::Term), Output::Kill(Signal::Kill)]
         );
         assert_eq!(w.phase(), Some(Phase::Killed));
+        assert_eq!(w.state(), State::Terminating(Phase::Killed));
+        assert_eq!(w.state().name(), "Terminating");
         w.handle_exit(ExitReport { code: None, signal: Some(9) }, clock.0);
         assert_eq!(
             drain(&mut w),
@@ -520,7 +535,7 @@ mod tests {
                 Output::Draining
             ]
         );
-        assert_eq!(w.phase(), Some(Phase::Requested));
+        assert_eq!(w.state(), State::Terminating(Phase::Requested));
         // Heartbeats are still echoed while the worker finishes its work.
         w.handle_message(&Message::Heartbeat, clock.advance(S));
         assert_eq!(drain(&mut w), vec![Output::Send(Message::Heartbeat)]);

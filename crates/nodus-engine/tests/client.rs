@@ -106,6 +106,28 @@ fn backoff_grows_with_jitter_within_bounds() {
     assert!(delays[7] >= max / 2, "capped at max");
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_runs_on_the_runtimes_clock() {
+    // The budget was once measured with the std clock while retries slept on tokio's: with
+    // paused time the budget never ran out and the call ended in its timeout instead.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let options = ClientOptions {
+        retry_budget: Duration::from_secs(3),
+        connect_timeout: Duration::from_millis(100),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        call_timeout: Duration::from_secs(600),
+        ..ClientOptions::default()
+    };
+    let client = AppClient::with_options(closed.to_string(), options);
+    let started = tokio::time::Instant::now();
+    let e = client.service("echo").call("echo", ["x"]).await.unwrap_err();
+    let ClientError::RetriesExhausted { attempts, elapsed, last } = &e else { panic!("{e}") };
+    assert!(*elapsed <= Duration::from_secs(3) && started.elapsed() <= Duration::from_secs(3), "{e}");
+    assert!(*attempts > 3, "{e}");
+    assert!(matches!(**last, ClientError::Unreachable { .. }), "{e}");
+}
+
 #[test]
 fn service_errors_map_to_variants() {
     let e = ClientError::from_service(errors::APP, errors::QUEUE_FULL, "full".into());

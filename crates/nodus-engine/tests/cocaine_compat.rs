@@ -2,8 +2,9 @@
 //! as an engine app and its `Service`/`Locator` clients call that app through the [`Locator`].
 //!
 //! Needs the virtualenv made by `tests/cocaine-compat/setup.sh` (at `$NODUS_PYENV`, default
-//! `~/.cache/nodus-cocaine-venv`); without it the test prints why it is skipped and passes. It
-//! never installs anything itself.
+//! `~/.cache/nodus-cocaine-venv`); without it the test prints why it is skipped and passes,
+//! except under `CI=true`, where a missing virtualenv fails the test (a skip is invisible in
+//! `cargo test` output, and CI must prove compatibility). It never installs anything itself.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,11 @@ fn venv_python() -> Option<PathBuf> {
     };
     let python = venv.join("bin/python");
     python.exists().then_some(python)
+}
+
+/// Whether this runs in CI (`CI=true`, as most CI systems set it).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
 fn compat_dir() -> PathBuf {
@@ -47,6 +53,10 @@ fn note(workers: &mut HashMap<(String, u64), bool>, ev: EngineEvent) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cocaine_python_worker_and_client() {
     let Some(python) = venv_python() else {
+        assert!(
+            !in_ci(),
+            "CI=true and the Cocaine virtualenv is missing: run tests/cocaine-compat/setup.sh before the tests"
+        );
         eprintln!("SKIPPED cocaine compat: run tests/cocaine-compat/setup.sh");
         return;
     };

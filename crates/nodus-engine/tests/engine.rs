@@ -445,3 +445,31 @@ async fn a_call_refused_by_a_full_queue_or_collecting_too_much_fails_cleanly() {
     assert!(SessionError::Rejected(Rejection::Busy { limit: 2 }).to_string().contains("retry"));
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_caller_opens_a_streaming_session_in_one_event() {
+    let h = harness();
+    let p = Profile { pool_limit: 1, concurrency: 1, queue_limit: 1, ..profile() };
+    h.start("open", ECHO, &[], p).await;
+    let caller = h.engine.caller("open").unwrap();
+    // Input given and closed at once: the reply streams back.
+    let s = caller.open("chunks", "3".into(), true);
+    let chunks = within("3 chunks", s.collect()).await.unwrap();
+    assert_eq!(chunks, ["0", "1", "2"]);
+    // Input left open: more chunks follow on the session.
+    let mut a = caller.open("echo", "a".into(), false);
+    assert_eq!(within("a", a.recv()).await.unwrap().unwrap(), "a");
+    echo_once(&mut a, "again").await;
+    // The worker is busy with a: b waits in the queue, c is refused through its session.
+    let b = caller.open("echo", "b".into(), true);
+    let mut c = caller.open("echo", "c".into(), true);
+    let e = within("c refused", c.recv()).await.unwrap_err();
+    assert_eq!(e, SessionError::Rejected(Rejection::QueueFull { limit: 1 }));
+    a.close().await.unwrap();
+    within("a done", a.collect()).await.unwrap();
+    assert_eq!(within("b served", b.collect()).await.unwrap(), ["b"]);
+    // A session dropped while queued is withdrawn; the app keeps serving.
+    drop(caller.open("echo", "gone".into(), false));
+    assert_eq!(within("after a drop", caller.open("echo", "d".into(), true).collect()).await.unwrap(), ["d"]);
+    h.engine.shutdown().await;
+}

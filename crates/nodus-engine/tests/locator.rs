@@ -441,3 +441,37 @@ async fn names_not_served_here_are_resolved_through_the_directory() {
     assert_eq!(endpoint(&endpoints).port(), port);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn each_listener_has_its_own_connection_limit() {
+    // One limit once covered the locator and every app: idle connections to one app's endpoint
+    // locked every client out of the locator and of the other apps.
+    let config = LocatorConfig { max_connections: 2, max_app_connections: 2, ..LocatorConfig::default() };
+    let node = node(&[("echo", profile()), ("other", profile())], config).await;
+    let mut loc = Client::connect(node.addr).await;
+    let echo = endpoint(&loc.resolve(1, "echo").await.unwrap().0);
+    let other = endpoint(&loc.resolve(2, "other").await.unwrap().0);
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(echo).await;
+        // Admitted: it is answered.
+        c.send(1, 1, vec![]).await;
+        assert_eq!(c.recv().await.kind, 0);
+        idle.push(c);
+    }
+    let mut third = Client::connect(echo).await;
+    assert!(third.closed().await, "echo's listener holds at most 2 connections");
+    assert!(loc.resolve(3, "echo").await.is_ok(), "the locator still answers");
+    let mut c = Client::connect(other).await;
+    c.send(1, 0, vec![Value::from("echo")]).await;
+    c.send(1, 0, vec![Value::from("still served")]).await;
+    c.send(1, 2, vec![]).await;
+    assert_eq!(collect(&mut c, 1).await.unwrap(), ["still served"]);
+    // The locator's own listener is bounded too.
+    let mut second = Client::connect(node.addr).await;
+    assert!(second.resolve(1, "other").await.is_ok());
+    let mut over = Client::connect(node.addr).await;
+    assert!(over.closed().await, "the locator's listener holds at most 2 connections");
+    drop((idle, loc, c, second));
+    node.shutdown().await;
+}

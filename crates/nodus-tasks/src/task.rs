@@ -13,6 +13,8 @@ pub struct UnixMs(pub u64);
 
 impl UnixMs {
     /// The wall clock now. Only drivers call this; cores and stores take `now` as an argument.
+    // The crate's one wall-clock read: task times are persisted and shared across nodes.
+    #[allow(clippy::disallowed_methods)]
     pub fn now() -> UnixMs {
         let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         UnixMs(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -230,7 +230,7 @@ async fn a_store_that_cannot_be_written_answers_300_and_the_node_keeps_running()
 async fn a_client_that_never_sends_gets_200_at_the_read_timeout_while_others_are_served() {
     let node = Node::start(arpcp_setup(quick())).await;
     let addr = node.arpcp_addr();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut silent = TcpStream::connect(addr).await.unwrap();
     // Half a request, no newline: it must not hold anything up.
     silent.write_all(b"{\"method\": \"id\"").await.unwrap();

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nodus_engine::profile::Profile;
 use nodus_engine::{AppSpec, Engine, EngineConfig};
@@ -30,6 +30,7 @@ use nodus_tasks::task::ErrorKind;
 use nodus_tasks::{Status, Submission, TaskId, Tasks, TasksConfig, UnixMs};
 use serde_json::json;
 use tokio::sync::broadcast::error::TryRecvError;
+use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(30);
 

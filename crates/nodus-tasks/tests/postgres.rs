@@ -250,7 +250,7 @@ async fn an_unreachable_database_gives_a_clear_error_at_start() {
     };
     let spec: StoreSpec = format!("postgres://nodus:secret@127.0.0.1:{port}/tasks").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = AnyStore::open(&spec, dir.path(), Duration::from_secs(60)).await.unwrap_err().to_string();
     eprintln!("unreachable at start: {err}");
     assert!(started.elapsed() < Duration::from_secs(10), "gave up in time");

@@ -103,7 +103,7 @@ async fn a_failing_procedure_ends_in_error_with_its_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_past_its_timeout_is_cancelled_and_timed_out() {
     let node = Node::start(Setup::default()).await;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let s = Submission { timeout: Some(Duration::from_millis(300)), ..sub("procs.sleep", json!([20_000])) };
     let f = finished(&node, s).await;
     assert_eq!(f.status, Status::Error);

@@ -6,13 +6,16 @@
 //! [`FrameError::TooLarge`] (the connection cannot continue); a frame of the right length whose body
 //! is not a valid message decodes to [`Decoded::Invalid`] and the stream stays in sync.
 
+use crate::node::Permissions;
 use crate::{Address, Decoded, Envelope, FrameError, Message, MessageError};
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rmp::encode as enc;
 use std::collections::BTreeMap;
 
 /// Fields in a frame's MessagePack array.
 const FIELDS: u32 = 14;
+/// Fields when the optional trailing `perms` (stamped between nodes only) is present.
+const FIELDS_WITH_PERMS: u32 = 15;
 
 /// Protocol version carried in the preface.
 pub const VERSION: u8 = 1;
@@ -40,25 +43,87 @@ pub enum EncodeError {
 ///
 /// Fails with [`EncodeError::TooLarge`] (leaving `dst` unchanged) when the body exceeds `max_frame`.
 pub fn encode(msg: &Message, dst: &mut BytesMut, max_frame: usize) -> Result<(), EncodeError> {
-    let start = dst.len();
-    dst.put_u32(0);
+    let len = encoded_len(msg);
+    if len > max_frame {
+        return Err(EncodeError::TooLarge { len, max: max_frame });
+    }
+    dst.reserve(HEADER_LEN + len);
+    dst.put_u32(len as u32);
     let mut w = dst.writer();
     // Writing into memory cannot fail.
     write_body(msg, &mut w).expect("in-memory MessagePack encoding");
-    let dst = w.into_inner();
-    let len = dst.len() - start - HEADER_LEN;
-    if len > max_frame {
-        dst.truncate(start);
-        return Err(EncodeError::TooLarge { len, max: max_frame });
-    }
-    dst[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 
+/// The exact length of `msg`'s frame body (without the 4-byte header), computed without encoding
+/// it: what a node checks against `max_frame_bytes` before it forwards or delivers a message.
+pub fn encoded_len(msg: &Message) -> usize {
+    fn str_len(s: &str) -> usize {
+        let n = s.len();
+        n + match n {
+            0..=31 => 1,
+            32..=0xff => 2,
+            0x100..=0xffff => 3,
+            _ => 5,
+        }
+    }
+    fn bin_len(n: usize) -> usize {
+        n + match n {
+            0..=0xff => 2,
+            0x100..=0xffff => 3,
+            _ => 5,
+        }
+    }
+    fn map_len(n: usize) -> usize {
+        match n {
+            0..=15 => 1,
+            16..=0xffff => 3,
+            _ => 5,
+        }
+    }
+    fn uint_len(n: u64) -> usize {
+        match n {
+            0..=127 => 1,
+            128..=0xff => 2,
+            0x100..=0xffff => 3,
+            0x1_0000..=0xffff_ffff => 5,
+            _ => 9,
+        }
+    }
+    fn sint_len(n: i64) -> usize {
+        if n >= 0 {
+            return uint_len(n as u64);
+        }
+        match n {
+            -32..=-1 => 1,
+            -128..=-33 => 2,
+            -32768..=-129 => 3,
+            -2147483648..=-32769 => 5,
+            _ => 9,
+        }
+    }
+    let env = &msg.envelope;
+    let mut n = 1; // fixarray of 14 or 15
+    for s in [&msg.command, &msg.from.server, &msg.from.service, &msg.to.server, &msg.to.service] {
+        n += str_len(s);
+    }
+    n += map_len(msg.params.len());
+    n += msg.params.iter().map(|(k, v)| str_len(k) + str_len(v)).sum::<usize>();
+    n += bin_len(msg.payload.len());
+    n += uint_len(env.id) + uint_len(env.pid) + uint_len(env.reply_to);
+    n += str_len(&env.creator) + sint_len(env.created_at) + sint_len(env.expires_at) + uint_len(u64::from(env.hops));
+    if !env.perms.is_empty() {
+        n += uint_len(u64::from(env.perms.bits()));
+    }
+    n
+}
+
 /// The array `[command, from_server, from_service, to_server, to_service, {params}, payload,
-/// id, pid, reply_to, creator, created_at, expires_at, hops]`, written field by field.
+/// id, pid, reply_to, creator, created_at, expires_at, hops(, perms)]`, written field by field;
+/// `perms` only when set (node to node).
 fn write_body<W: std::io::Write>(msg: &Message, w: &mut W) -> Result<(), enc::ValueWriteError> {
-    enc::write_array_len(w, FIELDS)?;
+    let env = &msg.envelope;
+    enc::write_array_len(w, if env.perms.is_empty() { FIELDS } else { FIELDS_WITH_PERMS })?;
     for s in [&msg.command, &msg.from.server, &msg.from.service, &msg.to.server, &msg.to.service] {
         enc::write_str(w, s)?;
     }
@@ -68,7 +133,6 @@ fn write_body<W: std::io::Write>(msg: &Message, w: &mut W) -> Result<(), enc::Va
         enc::write_str(w, v)?;
     }
     enc::write_bin(w, &msg.payload)?;
-    let env = &msg.envelope;
     for n in [env.id, env.pid, env.reply_to] {
         enc::write_uint(w, n)?;
     }
@@ -76,23 +140,24 @@ fn write_body<W: std::io::Write>(msg: &Message, w: &mut W) -> Result<(), enc::Va
     enc::write_sint(w, env.created_at)?;
     enc::write_sint(w, env.expires_at)?;
     enc::write_uint(w, u64::from(env.hops))?;
+    if !env.perms.is_empty() {
+        enc::write_uint(w, u64::from(env.perms.bits()))?;
+    }
     Ok(())
-}
-
-/// A cursor over a frame body; every read checks the bytes are there.
-struct Reader<'a> {
-    rest: &'a [u8],
 }
 
 fn bad(what: &str) -> MessageError {
     MessageError::Malformed(format!("bad MessagePack frame: {what}"))
 }
 
-impl<'a> Reader<'a> {
-    fn marker(&mut self) -> Result<rmp::Marker, MessageError> {
-        rmp::decode::read_marker(&mut self.rest).map_err(|_| bad("truncated"))
-    }
+/// A cursor over a frame body, reading MessagePack with `rmp`'s primitives; strings are
+/// checked UTF-8 and the payload is a slice of the frame (no copy).
+struct Reader<'a> {
+    frame: &'a Bytes,
+    rest: &'a [u8],
+}
 
+impl<'a> Reader<'a> {
     fn take(&mut self, len: usize) -> Result<&'a [u8], MessageError> {
         if self.rest.len() < len {
             return Err(bad("truncated"));
@@ -102,95 +167,42 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn len_of(
-        &mut self,
-        m: rmp::Marker,
-        small: fn(rmp::Marker) -> Option<u32>,
-        what: &str,
-    ) -> Result<usize, MessageError> {
-        use rmp::Marker::*;
-        let n = match m {
-            _ if small(m).is_some() => small(m).unwrap_or(0),
-            Str8 | Bin8 => u32::from(self.take(1)?[0]),
-            Str16 | Bin16 | Map16 | Array16 => {
-                u32::from(u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad(what))?))
-            }
-            Str32 | Bin32 | Map32 | Array32 => u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad(what))?),
-            _ => return Err(bad(&format!("expected {what}"))),
-        };
-        Ok(n as usize)
-    }
-
     fn str(&mut self) -> Result<String, MessageError> {
-        let m = self.marker()?;
-        if !matches!(m, rmp::Marker::FixStr(_) | rmp::Marker::Str8 | rmp::Marker::Str16 | rmp::Marker::Str32) {
-            return Err(bad("expected a string"));
-        }
-        let len =
-            self.len_of(m, |m| if let rmp::Marker::FixStr(n) = m { Some(u32::from(n)) } else { None }, "a string")?;
-        let bytes = self.take(len)?;
+        let len = rmp::decode::read_str_len(&mut self.rest).map_err(|_| bad("expected a string"))?;
+        let bytes = self.take(len as usize)?;
         std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| bad("a string is not UTF-8"))
     }
 
-    fn bin(&mut self) -> Result<Vec<u8>, MessageError> {
-        let m = self.marker()?;
-        if !matches!(m, rmp::Marker::Bin8 | rmp::Marker::Bin16 | rmp::Marker::Bin32) {
-            return Err(bad("expected binary payload"));
-        }
-        let len = self.len_of(m, |_| None, "binary payload")?;
-        Ok(self.take(len)?.to_vec())
+    fn bin(&mut self) -> Result<Bytes, MessageError> {
+        let len = rmp::decode::read_bin_len(&mut self.rest).map_err(|_| bad("expected binary payload"))?;
+        let bytes = self.take(len as usize)?;
+        Ok(self.frame.slice_ref(bytes))
     }
 
     fn map_len(&mut self) -> Result<usize, MessageError> {
-        let m = self.marker()?;
-        if !matches!(m, rmp::Marker::FixMap(_) | rmp::Marker::Map16 | rmp::Marker::Map32) {
-            return Err(bad("expected a map of parameters"));
-        }
-        self.len_of(m, |m| if let rmp::Marker::FixMap(n) = m { Some(u32::from(n)) } else { None }, "a map")
+        rmp::decode::read_map_len(&mut self.rest).map(|n| n as usize).map_err(|_| bad("expected a map of parameters"))
     }
 
-    fn array_len(&mut self) -> Result<usize, MessageError> {
-        let m = self.marker()?;
-        if !matches!(m, rmp::Marker::FixArray(_) | rmp::Marker::Array16 | rmp::Marker::Array32) {
-            return Err(bad("expected an array"));
-        }
-        self.len_of(m, |m| if let rmp::Marker::FixArray(n) = m { Some(u32::from(n)) } else { None }, "an array")
-    }
-
-    /// Any MessagePack integer, as i128 so both u64 and i64 fit.
-    fn int(&mut self) -> Result<i128, MessageError> {
-        use rmp::Marker::*;
-        let m = self.marker()?;
-        Ok(match m {
-            FixPos(n) => i128::from(n),
-            FixNeg(n) => i128::from(n),
-            U8 => i128::from(self.take(1)?[0]),
-            U16 => i128::from(u16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad("int"))?)),
-            U32 => i128::from(u32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad("int"))?)),
-            U64 => i128::from(u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| bad("int"))?)),
-            I8 => i128::from(self.take(1)?[0] as i8),
-            I16 => i128::from(i16::from_be_bytes(self.take(2)?.try_into().map_err(|_| bad("int"))?)),
-            I32 => i128::from(i32::from_be_bytes(self.take(4)?.try_into().map_err(|_| bad("int"))?)),
-            I64 => i128::from(i64::from_be_bytes(self.take(8)?.try_into().map_err(|_| bad("int"))?)),
-            _ => return Err(bad("expected an integer")),
-        })
+    fn array_len(&mut self) -> Result<u32, MessageError> {
+        rmp::decode::read_array_len(&mut self.rest).map_err(|_| bad("expected an array"))
     }
 
     fn u64(&mut self) -> Result<u64, MessageError> {
-        u64::try_from(self.int()?).map_err(|_| bad("integer out of range"))
+        rmp::decode::read_int(&mut self.rest).map_err(|_| bad("expected an unsigned integer in range"))
     }
 
     fn i64(&mut self) -> Result<i64, MessageError> {
-        i64::try_from(self.int()?).map_err(|_| bad("integer out of range"))
+        rmp::decode::read_int(&mut self.rest).map_err(|_| bad("expected an integer in range"))
     }
 }
 
-/// Decodes one frame body (without its header) into a message.
+/// Decodes one frame body (without its header) into a message; the payload shares `body`.
 ///
 /// Fails with [`MessageError`] when the body is not a MessagePack message or breaks a naming rule.
-pub fn decode_body(body: &[u8]) -> Result<Message, MessageError> {
-    let mut r = Reader { rest: body };
-    if r.array_len()? != FIELDS as usize {
+pub fn decode_body(body: &Bytes) -> Result<Message, MessageError> {
+    let mut r = Reader { frame: body, rest: &body[..] };
+    let fields = r.array_len()?;
+    if fields != FIELDS && fields != FIELDS_WITH_PERMS {
         return Err(bad(&format!("expected an array of {FIELDS} fields")));
     }
     let command = r.str()?;
@@ -205,7 +217,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, MessageError> {
         }
     }
     let payload = r.bin()?;
-    let envelope = Envelope {
+    let mut envelope = Envelope {
         id: r.u64()?,
         pid: r.u64()?,
         reply_to: r.u64()?,
@@ -213,7 +225,12 @@ pub fn decode_body(body: &[u8]) -> Result<Message, MessageError> {
         created_at: r.i64()?,
         expires_at: r.i64()?,
         hops: u32::try_from(r.u64()?).map_err(|_| bad("hops out of range"))?,
+        perms: Permissions::NONE,
     };
+    if fields == FIELDS_WITH_PERMS {
+        let bits = u8::try_from(r.u64()?).map_err(|_| bad("perms out of range"))?;
+        envelope.perms = Permissions::from_bits(bits).ok_or_else(|| bad("unknown permission bits"))?;
+    }
     if !r.rest.is_empty() {
         return Err(bad("trailing bytes after the message"));
     }
@@ -270,7 +287,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         buf.advance(HEADER_LEN);
-        let body = buf.split_to(len);
+        let body = buf.split_to(len).freeze();
         Ok(Some(match decode_body(&body) {
             Ok(m) => Decoded::Message(m),
             Err(e) => Decoded::Invalid(e),
@@ -319,6 +336,51 @@ mod tests {
         assert!(matches!(d.decode(&mut buf), Err(FrameError::BadPreface(e)) if e.contains("version 9")));
         let m = Message::new("X").with_payload(vec![0; 64]);
         assert!(encode(&m, &mut BytesMut::new(), 16).is_err());
+    }
+
+    #[test]
+    fn encoded_len_is_exact_at_every_size_class() {
+        let long = |n: usize| "x".repeat(n);
+        for n in [0usize, 1, 31, 32, 255, 256, 65535, 65536] {
+            let mut m = Message::new("CMD").to(&format!("s:{}", long(n.min(255)))).param("p", long(n));
+            m.payload = vec![7u8; n].into();
+            m.envelope.creator = long(n);
+            for v in [0u64, 127, 128, 255, 256, 65535, 65536, u64::from(u32::MAX), u64::MAX] {
+                m.envelope.id = v;
+                m.envelope.expires_at = -(v as i64 / 3) - 1;
+                m.envelope.created_at = (v / 2) as i64;
+                m.envelope.hops = v as u32;
+                m.envelope.perms = if v % 2 == 0 { Permissions::NONE } else { Permissions::ALL };
+                let mut buf = BytesMut::new();
+                encode(&m, &mut buf, usize::MAX).unwrap();
+                assert_eq!(buf.len() - HEADER_LEN, encoded_len(&m), "size class {n}, value {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn payload_shares_the_frame() {
+        let m = Message::new("X").with_payload(vec![1u8; 100]);
+        let mut buf = BytesMut::new();
+        encode(&m, &mut buf, 1024).unwrap();
+        let body = buf.split_off(HEADER_LEN).freeze();
+        let got = decode_body(&body).unwrap();
+        assert_eq!(got, m);
+        let inside = body.as_ptr_range();
+        assert!(inside.contains(&got.payload.as_ptr()), "the payload is a slice of the frame");
+    }
+
+    #[test]
+    fn perms_travel_only_when_set() {
+        let mut m = Message::new("X");
+        let mut buf = BytesMut::new();
+        encode(&m, &mut buf, 1024).unwrap();
+        assert_eq!(buf[HEADER_LEN], 0x90 | 14, "a plain message keeps the 14-field layout");
+        m.envelope.perms = Permissions::of(&[crate::node::Permission::Send]);
+        let mut buf = BytesMut::new();
+        encode(&m, &mut buf, 1024).unwrap();
+        assert_eq!(buf[HEADER_LEN], 0x90 | 15);
+        assert_eq!(decode_body(&buf.split_off(HEADER_LEN).freeze()).unwrap(), m);
     }
 
     #[test]

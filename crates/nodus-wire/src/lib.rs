@@ -6,7 +6,10 @@
 //!   for shell scripts and humans.
 //! - [`binary`] is a versioned preface followed by length-prefixed MessagePack frames, for speed.
 //! - [`detect`] tells which of the two a peer speaks from its first bytes.
+//! - [`node`] types the node's own protocol: requests to a node, the permissions they need, and
+//!   the messages of cluster links.
 //! - [`Backoff`] is the one jittered exponential backoff every part of nodus retries with.
+//! - [`rows`] are the typed rows of the node's list replies (apps, workers, nodes, links).
 //!
 //! Invariant: this crate does no I/O, reads no clock and never depends on an async runtime; every
 //! decoder is total (bad bytes give an error, never a panic) and bounded by a maximum frame size.
@@ -15,6 +18,8 @@
 pub mod backoff;
 pub mod binary;
 mod message;
+pub mod node;
+pub mod rows;
 pub mod text;
 
 pub use backoff::Backoff;

@@ -1,5 +1,7 @@
 //! The message model shared by both codecs, and the validation rules every decoder applies.
 
+use crate::node::Permissions;
+use bytes::Bytes;
 use std::collections::BTreeMap;
 
 /// Longest server or service name accepted.
@@ -52,8 +54,13 @@ pub struct Envelope {
     pub created_at: i64,
     /// Expiry time, Unix milliseconds; an expired message is never delivered.
     pub expires_at: i64,
-    /// Node-to-node hops taken so far; nodes drop a message past their hop limit.
+    /// Node-to-node hops taken so far; nodes drop a message past their hop limit. The first node
+    /// sets it (a client's value is overwritten).
     pub hops: u32,
+    /// What the sender's principal may do, stamped by the sender's node when it forwards the
+    /// message to another node; empty everywhere else (nodes clear it on messages from clients
+    /// and on delivery to them).
+    pub perms: Permissions,
 }
 
 /// One message: command, addressing, parameters, payload and envelope.
@@ -67,8 +74,8 @@ pub struct Message {
     pub to: Address,
     /// Named parameters, kept sorted by name.
     pub params: BTreeMap<String, String>,
-    /// Opaque binary payload.
-    pub payload: Vec<u8>,
+    /// Opaque binary payload, shared (not copied) by broadcasts, sniffers and fan-out.
+    pub payload: Bytes,
     /// Control envelope.
     pub envelope: Envelope,
 }
@@ -136,7 +143,7 @@ impl Message {
     }
 
     /// Builder: set the payload.
-    pub fn with_payload(mut self, payload: impl Into<Vec<u8>>) -> Self {
+    pub fn with_payload(mut self, payload: impl Into<Bytes>) -> Self {
         self.payload = payload.into();
         self
     }

@@ -10,11 +10,12 @@
 //! (including a quoted value ending in a backslash, which the reference daemon got wrong).
 //!
 //! The envelope and payload travel as reserved parameters whose names start with `_`
-//! (`_id`, `_pid`, `_reply_to`, `_creator`, `_created_at`, `_expires_at`, `_hops`, `_payload` in base64),
-//! written only when set. User parameter names never start with `_`.
+//! (`_id`, `_pid`, `_reply_to`, `_creator`, `_created_at`, `_expires_at`, `_hops`, `_perms`, `_payload`
+//! in canonical padded base64), written only when set. User parameter names never start with `_`.
 
 use crate::{Decoded, FrameError, Message, MessageError};
-use bytes::{Buf, BytesMut};
+use base64::Engine as _;
+use bytes::BytesMut;
 
 const P_ID: &str = "_id";
 const P_PID: &str = "_pid";
@@ -24,6 +25,7 @@ const P_CREATED_AT: &str = "_created_at";
 const P_EXPIRES_AT: &str = "_expires_at";
 const P_PAYLOAD: &str = "_payload";
 const P_HOPS: &str = "_hops";
+const P_PERMS: &str = "_perms";
 
 /// Writes `msg` as one text line, without the trailing newline.
 pub fn to_line(msg: &Message) -> String {
@@ -66,6 +68,9 @@ pub fn to_line(msg: &Message) -> String {
     }
     if !msg.payload.is_empty() {
         reserved.push((P_PAYLOAD, base64_encode(&msg.payload)));
+    }
+    if !env.perms.is_empty() {
+        reserved.push((P_PERMS, env.perms.to_string()));
     }
     if env.pid != 0 {
         reserved.push((P_PID, env.pid.to_string()));
@@ -230,9 +235,11 @@ fn store_param(msg: &mut Message, name: String, value: String) -> Result<(), Mes
         P_CREATED_AT => env.created_at = number(&value)?,
         P_EXPIRES_AT => env.expires_at = number(&value)?,
         P_PAYLOAD => {
-            msg.payload =
-                base64_decode(&value).ok_or_else(|| MessageError::Malformed("_payload is not valid base64".into()))?
+            msg.payload = base64_decode(&value)
+                .ok_or_else(|| MessageError::Malformed("_payload is not canonical padded base64".into()))?
+                .into()
         }
+        P_PERMS => env.perms = value.parse().map_err(|e| MessageError::Malformed(format!("_perms: {e}")))?,
         _ if !crate::valid_param_name(&name) => return Err(MessageError::BadParam(name)),
         _ => {
             if msg.params.insert(name.clone(), value).is_some() {
@@ -301,48 +308,14 @@ pub fn encode(msg: &Message, dst: &mut BytesMut) {
     dst.extend_from_slice(b"\n");
 }
 
-/// Drops `n` bytes from the front of `buf` (helper for callers that skip garbage).
-pub fn skip(buf: &mut BytesMut, n: usize) {
-    buf.advance(n.min(buf.len()));
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
+/// Canonical padded base64 only: trailing bits must be zero and padding present, so every payload
+/// has exactly one text form.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    for chunk in s.chunks(4) {
-        let pad = chunk.iter().rev().take_while(|c| **c == b'=').count();
-        if pad > 2 {
-            return None;
-        }
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            let v = if i >= 4 - pad { 0 } else { B64.iter().position(|b| b == c)? as u32 };
-            n |= v << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
 #[cfg(test)]
@@ -400,6 +373,15 @@ mod tests {
         }
         let msg = Message::new("X").with_payload(vec![0, 255, 10, 13]);
         assert_eq!(from_line(&to_line(&msg)).unwrap(), msg);
+    }
+
+    #[test]
+    fn non_canonical_base64_is_refused() {
+        assert_eq!(from_line("X _payload=QQ==").unwrap().payload, &b"A"[..]);
+        // `QR==` carries non-zero trailing bits: it would decode like `QQ==`.
+        for bad in ["X _payload=QR==", "X _payload=QQ", "X _payload=QQ=", "X _payload=Q===", "X _payload=QQ==QQ=="] {
+            assert!(from_line(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

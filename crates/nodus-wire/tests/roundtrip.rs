@@ -1,6 +1,7 @@
 //! Property tests: every message survives both codecs, and no input makes a decoder panic.
 
 use bytes::BytesMut;
+use nodus_wire::node::Permissions;
 use nodus_wire::{binary, text, Address, Decoded, Envelope, Message};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -21,16 +22,25 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::collection::btree_map("[A-Za-z][A-Za-z0-9_]{0,8}", any::<String>(), 0..6),
         proptest::collection::vec(any::<u8>(), 0..64),
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<String>(), any::<i64>(), any::<i64>(), any::<u32>()),
+        (0u8..32).prop_map(|b| Permissions::from_bits(b).unwrap_or_default()),
     )
         .prop_map(
-            |(command, from, to, params, payload, (id, pid, reply_to, creator, created_at, expires_at, hops))| {
+            |(
+                command,
+                from,
+                to,
+                params,
+                payload,
+                (id, pid, reply_to, creator, created_at, expires_at, hops),
+                perms,
+            )| {
                 Message {
                     command,
                     from,
                     to,
                     params: params.into_iter().collect::<BTreeMap<_, _>>(),
-                    payload,
-                    envelope: Envelope { id, pid, reply_to, creator, created_at, expires_at, hops },
+                    payload: payload.into(),
+                    envelope: Envelope { id, pid, reply_to, creator, created_at, expires_at, hops, perms },
                 }
             },
         )

@@ -1,9 +1,62 @@
-//! The CLI's output layer: the only place that prints to stdout. Human text by default, JSON with
-//! `--json`.
+//! The CLI's output layer: the only place that prints. Results go to stdout (human text, or JSON
+//! with `--json`); notes for the person at the terminal and errors go to stderr.
+//!
+//! A closed stdout (the reader went away: `nodus sniff | head -1`) is not an error: the process
+//! exits at once with status 0 instead of panicking on the broken pipe. Failing to write to stderr
+//! is ignored.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use nodus_wire::{text, Message};
 use serde_json::{json, Value};
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Writes `bytes` to stdout; exits quietly when the reader has gone.
+pub fn raw(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // Nobody reads any more (`| head -1`): stop here, successfully and silently.
+            std::process::exit(0);
+        }
+        let _ = writeln!(std::io::stderr(), "nodus: cannot write to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
+/// Prints a line of human output.
+pub fn line(s: &str) {
+    let mut text = String::with_capacity(s.len() + 1);
+    text.push_str(s);
+    text.push('\n');
+    raw(text.as_bytes());
+}
+
+/// Prints a JSON value on one line.
+pub fn json(v: &Value) {
+    line(&v.to_string());
+}
+
+/// Prints a note for the person at the terminal (progress, what a long-running command is doing)
+/// on stderr, so that stdout stays the command's result.
+pub fn note(s: &str) {
+    let _ = writeln!(std::io::stderr(), "{s}");
+}
+
+/// Prints an error for a human, on stderr.
+pub fn error(s: &str) {
+    let _ = writeln!(std::io::stderr(), "nodus: {s}");
+}
+
+/// Prints an error as a JSON object on stdout (`--json`): `{"ok": false, "error": ..., ...}`
+/// with `extra`'s fields added.
+pub fn json_error(message: &str, extra: Value) {
+    let mut v = json!({"ok": false, "error": message});
+    if let (Some(obj), Value::Object(more)) = (v.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    json(&v);
+}
 
 /// A message as JSON.
 pub fn message_json(m: &Message) -> Value {
@@ -26,9 +79,9 @@ pub fn message_json(m: &Message) -> Value {
 /// Prints a message as a text line or a JSON object.
 pub fn message(m: &Message, as_json: bool) {
     if as_json {
-        println!("{}", message_json(m));
+        json(&message_json(m));
     } else {
-        println!("{}", text::to_line(m));
+        line(&text::to_line(m));
     }
 }
 
@@ -40,28 +93,133 @@ pub fn reply(m: &Message, as_json: bool) {
     }
     let params: Vec<String> = m.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if params.is_empty() {
-        println!("{} {}", m.from, m.command);
+        line(&format!("{} {}", m.from, m.command));
     } else {
-        println!("{} {} {}", m.from, m.command, params.join(";"));
+        line(&format!("{} {} {}", m.from, m.command, params.join(";")));
     }
     match std::str::from_utf8(&m.payload) {
         _ if m.payload.is_empty() => {}
-        Ok(text) => println!("{}", text.strip_suffix('\n').unwrap_or(text)),
-        Err(_) => println!("({} bytes of binary payload; --json shows it)", m.payload.len()),
+        Ok(text) => line(text.strip_suffix('\n').unwrap_or(text)),
+        Err(_) => line(&format!("({} bytes of binary payload; --json shows it)", m.payload.len())),
     }
 }
 
-/// Prints a JSON value on one line.
-pub fn json(v: &Value) {
-    println!("{v}");
+/// Prints rows as a table: a header line, then one line per row, columns padded to the widest
+/// cell (the last column is not padded).
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let render = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    line(&render(header.to_vec()));
+    for row in rows {
+        line(&render(row.iter().map(String::as_str).collect()));
+    }
 }
 
-/// Prints a line of human output.
-pub fn line(s: &str) {
-    println!("{s}");
+/// A progress line on stderr for a long operation: on a terminal one line rewritten in place,
+/// elsewhere (a log) one line per stage.
+pub struct Progress {
+    terminal: bool,
+    stage: Option<String>,
+    shown: bool,
 }
 
-/// Prints an error for a human, on stderr.
-pub fn error(s: &str) {
-    eprintln!("nodus: {s}");
+impl Progress {
+    /// Nothing shown yet.
+    pub fn new() -> Progress {
+        use std::io::IsTerminal;
+        Progress { terminal: std::io::stderr().is_terminal(), stage: None, shown: false }
+    }
+
+    /// Shows `text` (the state of `stage`).
+    pub fn show(&mut self, text: &str, stage: &str) {
+        let mut err = std::io::stderr();
+        if self.terminal {
+            // Back to the line's start, the text, then clear what a longer line left.
+            let _ = write!(err, "\r{text}\x1b[K");
+            let _ = err.flush();
+            self.shown = true;
+        } else if self.stage.as_deref() != Some(stage) {
+            let _ = writeln!(err, "{text}");
+        }
+        self.stage = Some(stage.to_string());
+    }
+
+    /// Clears the terminal's progress line.
+    pub fn finish(&mut self) {
+        if self.shown {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+            self.shown = false;
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+/// A size for people: `512 B`, `12.0 KiB`, `3.4 MiB`, `1.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A duration for people: `3m 12s`, `2h 5m`, `450ms` (whole seconds above one second).
+pub fn duration(d: Duration) -> String {
+    let d = if d >= Duration::from_secs(1) { Duration::from_secs(d.as_secs()) } else { d };
+    humantime::format_duration(d).to_string()
+}
+
+/// A Unix time in seconds for people: `2026-11-30T12:00:05Z (3m 12s ago)`.
+// "ago" needs the wall clock: this is a report for a person, not a decision.
+#[allow(clippy::disallowed_methods)]
+pub fn time(unix_secs: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_secs(unix_secs);
+    let stamp = humantime::format_rfc3339_seconds(at);
+    match SystemTime::now().duration_since(at) {
+        Ok(ago) => format!("{stamp} ({} ago)", duration(ago)),
+        Err(_) => stamp.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_times_read_like_words() {
+        assert_eq!(duration(Duration::from_millis(192_345)), "3m 12s");
+        assert_eq!(duration(Duration::from_millis(450)), "450ms");
+        assert!(time(0).starts_with("1970-01-01T00:00:00Z ("), "{}", time(0));
+        assert_eq!(
+            (bytes(512), bytes(12 * 1024), bytes(3_565_158)),
+            ("512 B".into(), "12.0 KiB".into(), "3.4 MiB".into())
+        );
+    }
 }

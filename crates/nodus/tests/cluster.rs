@@ -3,11 +3,13 @@
 //! rejoin after restart, and refusal of a node with the wrong secret.
 //!
 //! Every wait is on an event (a notification or a status answer) with a deadline.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
 use common::*;
-use nodus_client::{Client, ClientConfig};
+use nodus_client::{Client, ClientConfig, RefusalKind};
 use nodus_wire::Message;
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,7 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
         assert!(up && complete);
 
         // a has no direct link to c: the request travels a → b → c and the reply comes back.
-        let info = wa.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
+        let info = wa.client.request_with_timeout(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
         let links = info.get("links").unwrap();
         assert!(links.starts_with("b@") && !links.contains("c@"), "{links}");
         let (svc, mut inc) = Client::connect(ClientConfig::new(c.endpoint()).service("far")).await.unwrap();
@@ -38,18 +40,20 @@ fn three_nodes_in_a_line_learn_each_other_and_route_two_hops() {
         // Wait until a has learned by gossip where `far` lives.
         let deadline = Instant::now() + WAIT;
         let reply = loop {
-            let r = wa.client.request(Message::new("ASK").to("far").with_payload(b"hi".to_vec()), WAIT).await.unwrap();
+            let r = ask(&wa.client, Message::new("ASK").to("far").with_payload(b"hi".to_vec())).await;
             if r.command == "FROM_C" {
                 break r;
             }
             assert!(Instant::now() < deadline, "service never became reachable: {r:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert_eq!((reply.from.server.as_str(), reply.payload.as_slice()), ("c", &b"hi"[..]));
-        let explicit = wa.client.request(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
+        assert_eq!((reply.from.server.as_str(), &reply.payload[..]), ("c", &b"hi"[..]));
+        let explicit = wa.client.request_with_timeout(Message::new("ASK").to("c:far"), WAIT).await.unwrap();
         assert_eq!(explicit.command, "FROM_C");
-        let missing = wa.client.request(Message::new("ASK").to("zz:far"), WAIT).await.unwrap();
-        assert_eq!((missing.command.as_str(), missing.get("reason")), ("SERVICE_UNAVAILABLE", Some("unknown_server")));
+        // The node's refusal is an error, not a reply.
+        let missing = wa.client.request_with_timeout(Message::new("ASK").to("zz:far"), WAIT).await.unwrap_err();
+        let refusal = missing.refusal().expect("a refusal");
+        assert_eq!((refusal.kind(), refusal.code()), (RefusalKind::ServiceUnavailable, Some("unknown_server")));
         drop(b);
     });
 }
@@ -71,8 +75,7 @@ fn broadcasts_reach_every_service_exactly_once() {
         // Gossip about the services is what matters here; wait until c sees a's and b's.
         let wc = Watch::on(&c, "watch2").await;
         let deadline = Instant::now() + WAIT;
-        while wc.client.request(Message::new("ASK").to("a:bcast"), WAIT).await.unwrap().command == "SERVICE_UNAVAILABLE"
-        {
+        while ask(&wc.client, Message::new("ASK").to("a:bcast")).await.command == "SERVICE_UNAVAILABLE" {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -144,7 +147,7 @@ fn a_node_with_the_wrong_secret_is_refused() {
             assert_eq!((live, known), (1, 1));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let info = w.client.request(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
+        let info = w.client.request_with_timeout(Message::new("CLUSTER_INFO"), WAIT).await.unwrap();
         assert!(!info.get("nodes").unwrap().contains("x@"));
         drop(b);
     });
@@ -169,7 +172,7 @@ fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
             }
         });
         let deadline = Instant::now() + WAIT;
-        while w.client.request(Message::new("ASK").to("b:secure"), WAIT).await.unwrap().command != "OK" {
+        while ask(&w.client, Message::new("ASK").to("b:secure")).await.command != "OK" {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -190,11 +193,13 @@ fn tls_links_authenticate_both_ends_and_refuse_a_foreign_certificate() {
 fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
     rt().block_on(async {
         let root = tempfile::tempdir().unwrap();
-        let mut a = Proc::new(&root, "a", &[], "");
-        let mut b = Proc::new(&root, "b", &[a.port], "");
-        let mut c = Proc::new(&root, "c", &[a.port], "");
-        let mut d = Proc::new(&root, "d", &[b.port], "");
-        let mut e = Proc::new(&root, "e", &[c.port], "");
+        // Cluster-wide FORGET and SHUTDOWN are obeyed only from authenticated nodes.
+        let secret = "five-node-secret";
+        let mut a = Proc::new(&root, "a", &[], secret);
+        let mut b = Proc::new(&root, "b", &[a.port], secret);
+        let mut c = Proc::new(&root, "c", &[a.port], secret);
+        let mut d = Proc::new(&root, "d", &[b.port], secret);
+        let mut e = Proc::new(&root, "e", &[c.port], secret);
         let mut w = Watch::on(&a, "watch").await;
         w.wait_for(5, 5).await;
         let status = String::from_utf8(cli(&a, &["cluster", "status"]).stdout).unwrap();
@@ -208,7 +213,7 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
         c.kill9();
         w.wait_for(2, 5).await;
         let json = String::from_utf8(cli(&a, &["--json", "cluster", "status"]).stdout).unwrap();
-        assert!(json.contains("\"up\":false") && json.contains("\"live\":\"2\""), "{json}");
+        assert!(json.contains("\"up\":false") && json.contains("\"live\":2"), "{json}");
 
         c.start();
         w.wait_for(3, 5).await;
@@ -216,7 +221,12 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
 
         // Forget the two dead nodes everywhere: 3 of 3, complete.
         for gone in ["d", "e"] {
-            assert!(cli(&a, &["cluster", "forget", gone]).status.success());
+            let out = cli(&a, &["cluster", "forget", gone]);
+            assert!(out.status.success(), "{out:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).lines().next(),
+                Some(format!("forgot node {gone}: every node of the cluster drops it from its memory").as_str())
+            );
         }
         w.wait_for(3, 3).await;
         let wc = Watch::on(&c, "watch").await;
@@ -227,7 +237,9 @@ fn five_nodes_follow_the_quorum_and_obey_forget_and_shutdown() {
         }
 
         // SHUTDOWN stops every node.
-        assert!(cli(&b, &["cluster", "shutdown"]).status.success());
+        let out = cli(&b, &["cluster", "shutdown"]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("every node of the cluster is stopping"), "{out:?}");
         for p in [&mut a, &mut b, &mut c] {
             wait_exit(p);
         }
@@ -278,5 +290,52 @@ fn every_locator_resolves_apps_deployed_on_other_nodes() {
             assert!(Instant::now() < deadline, "a still resolves a stopped app");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    });
+}
+
+#[test]
+fn send_exit_codes_follow_what_every_node_did() {
+    rt().block_on(async {
+        let root = tempfile::tempdir().unwrap();
+        let a = Proc::new(&root, "a", &[], "");
+        let b = Proc::new(&root, "b", &[a.port], "");
+        let mut w = Watch::on(&a, "watch").await;
+        w.wait_for(2, 2).await;
+        // `bcast` runs on b only; wait until a has heard of it by gossip.
+        let config = ClientConfig::new(b.endpoint()).service("bcast").no_reconnect();
+        let (_svc, mut inc) = Client::connect(config).await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        let bcast_on_b = nodus_wire::rows::ServiceAt { server: "b".into(), service: "bcast".into() };
+        while !w.client.admin().cluster_services().await.unwrap().contains(&bcast_on_b) {
+            assert!(Instant::now() < deadline, "a never learned b's service");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let send = |args: &[&str]| {
+            let mut all = vec!["send"];
+            all.extend_from_slice(args);
+            cli(&a, &all)
+        };
+        // A service missing on the other node: b refuses, the exit status says so.
+        let out = send(&["b:nobody/JOB"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(stderr.contains("SERVICE_UNAVAILABLE") && stderr.contains("on b"), "{stderr}");
+        // A broadcast that reached its service on b (a has none): delivered.
+        let out = send(&["*:bcast/HELLO n=1"]);
+        assert!(out.status.success(), "{out:?}");
+        let got = tokio::time::timeout(WAIT, inc.recv()).await.unwrap().unwrap();
+        assert_eq!((got.command.as_str(), got.get("n")), ("HELLO", Some("1")));
+        let out = cli(&a, &["--json", "send", "*:bcast/HELLO n=2"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let result = |server: &str| {
+            v["nodes"].as_array().unwrap().iter().find(|n| n["server"] == server).unwrap()["result"].clone()
+        };
+        assert_eq!((result("a"), result("b")), (serde_json::json!("failed"), serde_json::json!("delivered")), "{v}");
+        // A broadcast nobody takes: every node refused.
+        let out = send(&["*:nobody/HELLO"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        // No server: the nearest node with the service gets it.
+        assert!(send(&["bcast/HELLO n=3"]).status.success());
+        drop(b);
     });
 }

@@ -3,6 +3,8 @@
 //! quorum (CLUSTER_UP, INCOMPLETE); healing it brings everyone back to COMPLETE.
 //!
 //! Needs root and `ip netns`; otherwise the test prints why and passes without running.
+// These tests drive real processes and wait on the wall clock with std::thread::sleep.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

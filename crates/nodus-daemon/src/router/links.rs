@@ -1,21 +1,79 @@
-//! The cluster half of the router: links between nodes (`CONNECT`/`ACCEPT`/`REFUSE`, one link per
-//! pair), gossip of the link-state records, forwarding over the next hop, heartbeats with the
-//! phi-accrual detector, clock offsets, and the `CLUSTER_*`/`CLOCK_*` reports to local services.
-//! Same rules as the rest of the router: no I/O, `now` is an argument.
+//! The cluster half of the router: links between nodes (`CONNECT`/`ACCEPT`/`CONFIRM`/`REFUSE`, one
+//! link per pair), gossip of the link-state records, forwarding over the next hop, heartbeats with
+//! the phi-accrual detector, clock offsets, and the `CLUSTER_*`/`CLOCK_*` reports to local
+//! services. Same rules as the rest of the router: no I/O, `now` is an argument.
+//!
+//! Handshake: the dialer sends `CONNECT` with a fresh nonce. Without a cluster secret the
+//! listener answers `ACCEPT` and both ends have a link (trusted like an anonymous client unless
+//! it is verified TLS). With a secret, neither end ever sends it: the listener's `ACCEPT` carries
+//! an HMAC over both names and both nonces, the dialer checks it and answers `CONFIRM` with its
+//! own HMAC, and only then does the listener count the link as up. Proofs are compared in
+//! constant time and a wrong one is refused with `reason=secret`.
 
-use super::{Action, ConnId, Link, Router, NODE_SERVICE};
+use super::{Action, ConnId, Handshake, Link, Role, Router, NODE_SERVICE};
 use crate::auth::Origin;
 use crate::detector::PhiDetector;
-use crate::topology::NodeRecord;
+use crate::topology::{KnownNode, NodeRecord};
+use nodus_wire::node::{ForgetTarget, LinkMsg, LinkMsgError, Permission, Permissions};
 use nodus_wire::Message;
-use std::collections::{BTreeMap, BTreeSet};
+use ring::hmac;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// Most node records accepted in one `GOSSIP`.
-const MAX_GOSSIP_RECORDS: usize = 4096;
 /// Full gossip to every link every this many ticks (anti-entropy), besides gossip on change.
 const GOSSIP_EVERY_TICKS: u64 = 20;
 /// Smallest standard deviation the failure detector assumes, ms.
 const MIN_STD_MS: f64 = 50.0;
+/// Pings remembered while waiting for their pong.
+const MAX_PINGS: usize = 16;
+/// Clock samples kept per link; the offset reported is their median.
+const CLOCK_SAMPLES: usize = 5;
+/// Samples needed before a link's clock is judged (one forged pong cannot decide).
+const MIN_CLOCK_SAMPLES: usize = 3;
+/// A pong whose round trip took longer than this says nothing about clocks, ms.
+const MAX_RTT_MS: i64 = 10_000;
+/// An offset larger than this is not a clock but garbage, ms (one year).
+const MAX_OFFSET_MS: i64 = 365 * 24 * 3600 * 1000;
+
+/// The key of the handshake proofs: HMAC-SHA256 keyed from the cluster secret (derived apart
+/// from the record key, so a proof is never a valid record MAC or the other way round).
+#[derive(Clone)]
+pub(super) struct LinkKey(hmac::Key);
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkKey(..)")
+    }
+}
+
+impl LinkKey {
+    pub(super) fn from_secret(secret: &str) -> Self {
+        let derive = hmac::Key::new(hmac::HMAC_SHA256, b"nodus link handshake v1");
+        LinkKey(hmac::Key::new(hmac::HMAC_SHA256, hmac::sign(&derive, secret.as_bytes()).as_ref()))
+    }
+
+    fn input(step: &str, listener: &str, dialer: &str, dialer_nonce: &str, listener_nonce: &str) -> Vec<u8> {
+        [step, listener, dialer, dialer_nonce, listener_nonce].join("\0").into_bytes()
+    }
+
+    /// The proof for one step (`accept` by the listener, `confirm` by the dialer), in hex.
+    fn prove(&self, step: &str, listener: &str, dialer: &str, nd: &str, nl: &str) -> String {
+        let tag = hmac::sign(&self.0, &Self::input(step, listener, dialer, nd, nl));
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// True when `proof` is right (compared in constant time).
+    fn check(&self, proof: &str, step: &str, listener: &str, dialer: &str, nd: &str, nl: &str) -> bool {
+        let Some(bytes) = unhex(proof) else { return false };
+        hmac::verify(&self.0, &Self::input(step, listener, dialer, nd, nl), &bytes).is_ok()
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
 
 impl Router {
     /// A connection this node dialed to another node's cluster listener (`origin` is
@@ -23,20 +81,23 @@ impl Router {
     pub fn dial(&mut self, conn: ConnId, origin: Origin, out: &mut Vec<Action>) {
         debug_assert!(matches!(origin, Origin::Dialed { .. }));
         self.connect(conn, origin);
-        let mut m =
-            Message::new("CONNECT").param("server", &self.server).param("version", 1).param("addr", &self.cluster_addr);
-        if !self.cluster.secret.is_empty() {
-            m.params.insert("secret".into(), self.cluster.secret.clone());
-        }
-        m.from = self.node_address();
-        out.push(Action::Deliver(conn, m));
+        let Some(Role::Pending(h)) = self.conns.get(&conn).map(|c| &c.role) else { return };
+        let connect = LinkMsg::Connect {
+            server: self.server.clone(),
+            version: 1,
+            addr: self.cluster_addr.clone(),
+            nonce: h.nonce.clone(),
+        };
+        self.send_link(conn, &connect, out);
     }
 
-    /// Nodes remembered from an earlier run.
-    pub fn remember(&mut self, nodes: impl IntoIterator<Item = (String, String, bool)>) {
-        let nodes: Vec<_> = nodes.into_iter().collect();
-        self.neighbors.extend(nodes.iter().filter(|n| n.2).map(|n| n.0.clone()));
-        self.topology.remember(nodes.into_iter().map(|(n, a, _)| (n, a)));
+    /// Nodes remembered from an earlier run (at most `max_nodes`).
+    pub fn remember(&mut self, nodes: Vec<KnownNode>) {
+        let room = self.policy.max_nodes.saturating_sub(1);
+        let nodes: Vec<KnownNode> = nodes.into_iter().take(room).collect();
+        self.neighbors.extend(nodes.iter().filter(|n| n.neighbor).map(|n| n.name.clone()));
+        self.topology.remember(nodes.into_iter().map(|n| (n.name, n.addr)));
+        self.neighbors.retain(|n| self.topology.known().contains_key(n));
         self.last_health = self.topology.health();
     }
 
@@ -45,102 +106,141 @@ impl Router {
         self.links.keys().any(|peer| self.topology.records().get(peer).is_some_and(|r| r.addr == addr))
     }
 
-    /// The first messages on a cluster connection: `CONNECT` (inbound), `ACCEPT`/`REFUSE` (dialed).
+    fn send_link(&self, conn: ConnId, l: &LinkMsg, out: &mut Vec<Action>) {
+        let mut m = l.to_message();
+        m.from = self.node_address();
+        out.push(Action::Deliver(conn, m));
+    }
+
+    fn refuse_link(&self, conn: ConnId, reason: &str, peer: &str, out: &mut Vec<Action>) {
+        tracing::warn!(peer = %peer, reason = %reason, "refusing cluster link");
+        self.send_link(conn, &LinkMsg::Refuse { server: self.server.clone(), reason: reason.into() }, out);
+        out.push(Action::Close(conn));
+    }
+
+    /// Why a link with `peer` cannot be made now, if it cannot.
+    fn link_refusal(&self, peer: &str, dialed_by_me: bool) -> Option<&'static str> {
+        if peer.is_empty() || !nodus_wire::valid_name(peer) || peer.contains(['*', '?']) || peer == "." {
+            Some("bad server name")
+        } else if peer == self.server {
+            Some("self")
+        } else if self.links.len() >= self.policy.max_links && !self.links.contains_key(peer) {
+            Some("too many links")
+        } else if self.links.contains_key(peer) && !self.new_link_wins(peer, dialed_by_me) {
+            Some("duplicate")
+        } else {
+            None
+        }
+    }
+
+    /// The first messages on a cluster connection: `CONNECT` then (with a secret) `CONFIRM`
+    /// inbound; `ACCEPT` or `REFUSE` on a connection this node dialed.
     pub(super) fn link_handshake(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
-        let dialed = self.conns.get(&conn).is_some_and(|c| c.dialed);
-        match (msg.command.as_str(), dialed) {
-            ("CONNECT", false) => {
-                let peer = msg.get("server").unwrap_or("").to_string();
-                let refusal = if msg.get("version") != Some("1") {
-                    Some("version".to_string())
-                } else if !self.cluster.secret.is_empty() && msg.get("secret") != Some(self.cluster.secret.as_str()) {
-                    Some("secret".to_string())
-                } else if peer.is_empty() || !nodus_wire::valid_name(&peer) || peer.contains(['*', '?']) || peer == "."
-                {
-                    Some("bad server name".to_string())
-                } else if peer == self.server {
-                    Some("self".to_string())
-                } else if self.links.len() >= self.cluster.max_links && !self.links.contains_key(&peer) {
-                    Some("too many links".to_string())
-                } else if self.links.contains_key(&peer) && !self.new_link_wins(&peer, false) {
-                    Some("duplicate".to_string())
-                } else {
-                    None
+        let Some(Role::Pending(h)) = self.conns.get_mut(&conn).map(|c| &mut c.role) else { return };
+        let (dialed, mine) = (h.dialed, h.nonce.clone());
+        let awaiting = h.awaiting.take();
+        let secret = !self.policy.secret.is_empty();
+        match (LinkMsg::try_from(&msg), dialed, awaiting) {
+            (Ok(LinkMsg::Connect { server, version, addr, nonce }), false, None) => {
+                if version != 1 {
+                    return self.refuse_link(conn, "version", &server, out);
+                }
+                if let Some(reason) = self.link_refusal(&server, false) {
+                    return self.refuse_link(conn, reason, &server, out);
+                }
+                let proof = secret.then(|| self.link_key.prove("accept", &self.server, &server, &nonce, &mine));
+                let accept = LinkMsg::Accept {
+                    server: self.server.clone(),
+                    addr: self.cluster_addr.clone(),
+                    nonce: mine,
+                    proof,
                 };
+                self.send_link(conn, &accept, out);
+                if secret {
+                    if let Some(Role::Pending(h)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+                        h.awaiting = Some(super::Awaiting { peer: server, addr, their_nonce: nonce });
+                    }
+                } else {
+                    self.establish(conn, server, &addr, now, out);
+                }
+            }
+            (Ok(LinkMsg::Confirm { proof }), false, Some(aw)) => {
+                if !self.link_key.check(&proof, "confirm", &self.server, &aw.peer, &aw.their_nonce, &mine) {
+                    return self.refuse_link(conn, "secret", &aw.peer, out);
+                }
+                if let Some(reason) = self.link_refusal(&aw.peer, false) {
+                    return self.refuse_link(conn, reason, &aw.peer, out);
+                }
+                self.establish(conn, aw.peer, &aw.addr, now, out);
+            }
+            (Ok(LinkMsg::Accept { server, addr, nonce, proof }), true, None) => {
+                let proven = match (&proof, secret) {
+                    (Some(p), true) => self.link_key.check(p, "accept", &server, &self.server, &mine, &nonce),
+                    (None, false) => true,
+                    // One end has a secret and the other not.
+                    _ => false,
+                };
+                let refusal = if proven { self.link_refusal(&server, true) } else { Some("secret") };
                 if let Some(reason) = refusal {
-                    tracing::warn!(peer = %peer, reason = %reason, "refusing cluster link");
-                    let mut m = Message::new("REFUSE").param("reason", reason).param("server", &self.server);
-                    m.from = self.node_address();
-                    out.push(Action::Deliver(conn, m));
+                    tracing::warn!(peer = %server, reason, "cluster link not made");
+                    self.send_link(conn, &LinkMsg::Disconnect { reason: Some(reason.into()) }, out);
                     out.push(Action::Close(conn));
                     return;
                 }
-                let mut m = Message::new("ACCEPT").param("server", &self.server).param("addr", &self.cluster_addr);
-                m.from = self.node_address();
-                out.push(Action::Deliver(conn, m));
-                self.establish(conn, peer, msg.get("addr").unwrap_or(""), now, out);
+                if secret {
+                    let proof = self.link_key.prove("confirm", &server, &self.server, &mine, &nonce);
+                    self.send_link(conn, &LinkMsg::Confirm { proof }, out);
+                }
+                self.establish(conn, server, &addr, now, out);
             }
-            ("ACCEPT", true) => {
-                let peer = msg.get("server").unwrap_or("").to_string();
-                if peer.is_empty() || !nodus_wire::valid_name(&peer) || peer == self.server {
-                    out.push(Action::Close(conn));
-                    return;
-                }
-                if self.links.contains_key(&peer) && !self.new_link_wins(&peer, true) {
-                    let mut m = Message::new("DISCONNECT").param("reason", "duplicate");
-                    m.from = self.node_address();
-                    out.push(Action::Deliver(conn, m));
-                    out.push(Action::Close(conn));
-                    return;
-                }
-                self.establish(conn, peer, msg.get("addr").unwrap_or(""), now, out);
-            }
-            ("REFUSE", true) => {
-                tracing::warn!(
-                    reason = msg.get("reason").unwrap_or(""),
-                    peer = msg.get("server").unwrap_or(""),
-                    "cluster link refused"
-                );
+            (Ok(LinkMsg::Refuse { server, reason }), true, _) => {
+                tracing::warn!(reason = %reason, peer = %server, "cluster link refused");
                 out.push(Action::Close(conn));
             }
-            _ => {
-                let mut m = Message::new("REFUSE").param("reason", "a cluster connection must start with CONNECT");
-                m.from = self.node_address();
-                out.push(Action::Deliver(conn, m));
-                out.push(Action::Close(conn));
-            }
+            (_, _, Some(aw)) => self.refuse_link(conn, "secret", &aw.peer, out),
+            _ => self.refuse_link(conn, "a cluster connection must start with CONNECT", "", out),
         }
     }
 
     /// One link per pair: when two exist, both ends keep the one dialed by the smaller name.
     fn new_link_wins(&self, peer: &str, new_dialed_by_me: bool) -> bool {
-        let Some(existing) = self.links.get(peer).and_then(|id| self.conns.get(id)) else { return true };
+        let Some(Role::Link(existing)) = self.links.get(peer).and_then(|id| self.conns.get(id)).map(|c| &c.role) else {
+            return true;
+        };
         let dialer = |by_me: bool| if by_me { self.server.as_str() } else { peer };
         let keep = std::cmp::min(self.server.as_str(), peer);
         dialer(new_dialed_by_me) == keep && dialer(existing.dialed) != keep
     }
 
     fn establish(&mut self, conn: ConnId, peer: String, addr: &str, now: i64, out: &mut Vec<Action>) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let tls = matches!(c.origin, Origin::Cluster { tls: true, .. } | Origin::Dialed { tls: true, .. });
+        let dialed = matches!(c.origin, Origin::Dialed { .. });
         if let Some(old) = self.links.insert(peer.clone(), conn) {
             if old != conn {
-                // The tie-break chose this link: retire the other without reporting a loss.
-                if let Some(c) = self.conns.get_mut(&old) {
-                    c.link = None;
-                }
-                let mut m = Message::new("DISCONNECT").param("reason", "duplicate");
-                m.from = self.node_address();
-                out.push(Action::Deliver(old, m));
+                // The tie-break chose this link: retire the other without reporting a loss
+                // (`link_lost` ignores a link that is no longer the pair's).
+                self.send_link(old, &LinkMsg::Disconnect { reason: Some("duplicate".into()) }, out);
                 out.push(Action::Close(old));
             }
         }
-        let mut detector = PhiDetector::new(self.cluster.heartbeat_ms as f64, MIN_STD_MS);
+        let mut detector = PhiDetector::new(self.policy.heartbeat.as_millis() as f64, MIN_STD_MS);
         detector.heartbeat(now);
+        let link = Link {
+            peer: peer.clone(),
+            dialed,
+            authenticated: !self.policy.secret.is_empty() || tls,
+            detector,
+            pings: VecDeque::new(),
+            samples: VecDeque::new(),
+            hung_up: false,
+        };
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.link = Some(Link { peer: peer.clone(), detector, rtt_ms: None, offset_ms: None, hung_up: false });
+            c.role = Role::Link(link);
         }
         tracing::info!(peer = %peer, "cluster link up");
         self.neighbors.insert(peer.clone());
-        if !addr.is_empty() {
+        if !addr.is_empty() && addr.len() <= crate::topology::MAX_ADDR_LEN {
             self.topology.remember([(peer.clone(), addr.to_string())]);
         }
         self.local_changed(out);
@@ -163,38 +263,83 @@ impl Router {
         self.health_changed(out);
     }
 
-    /// Link-level commands (addressed to the node at the other end). Returns whether consumed.
-    pub(super) fn link_control(&mut self, conn: ConnId, msg: &Message, now: i64, out: &mut Vec<Action>) -> bool {
-        if !msg.to.server.is_empty() || !msg.to.service.is_empty() {
-            return false;
-        }
-        match msg.command.as_str() {
-            "LINK_PING" => {
-                if let Some(l) = self.conns.get_mut(&conn).and_then(|c| c.link.as_mut()) {
-                    l.detector.heartbeat(now);
-                }
-                let t0 = msg.get("t").unwrap_or("0");
-                let mut m = Message::new("LINK_PONG").param("t0", t0).param("t1", now);
-                m.from = self.node_address();
-                out.push(Action::Deliver(conn, m));
+    /// A message on an established link: link control is handled here (`None`); traffic gets
+    /// the permissions it may use on this node, or `None` when its sender cannot be true.
+    pub(super) fn link_traffic(
+        &mut self,
+        conn: ConnId,
+        msg: &Message,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Option<Permissions> {
+        match LinkMsg::try_from(msg) {
+            Ok(l) => {
+                self.link_control(conn, l, now, out);
+                return None;
             }
-            "LINK_PONG" => {
-                let t0 = msg.get("t0").and_then(|v| v.parse::<i64>().ok());
-                let t1 = msg.get("t1").and_then(|v| v.parse::<i64>().ok());
-                if let (Some(t0), Some(t1)) = (t0, t1) {
-                    if let Some(l) = self.conns.get_mut(&conn).and_then(|c| c.link.as_mut()) {
-                        // The peer stamped t1 about half-way through the round trip.
-                        l.rtt_ms = Some((now - t0).max(0));
-                        l.offset_ms = Some(t1 - (t0 + now) / 2);
-                    }
+            Err(LinkMsgError::Malformed { command, text }) => {
+                tracing::warn!(conn, %command, %text, "ignoring a malformed link message");
+                return None;
+            }
+            Err(LinkMsgError::NotLink) => {}
+        }
+        let Some(Role::Link(link)) = self.conns.get(&conn).map(|c| &c.role) else { return None };
+        let (peer, authenticated) = (link.peer.as_str(), link.authenticated);
+        let from = msg.from.server.as_str();
+        // A node speaks only for itself: nobody else sends as this node, a neighbour linked
+        // directly sends on its own link, and a sender this node cannot route back to is unknown.
+        let spoofed =
+            from == self.server || (from != peer && (self.links.contains_key(from) || !self.topology.is_live(from)));
+        if spoofed {
+            self.stats.refused += 1;
+            tracing::warn!(peer, from, command = %msg.command, "dropping a message whose sender cannot come over this link");
+            return None;
+        }
+        let mut perms = msg.envelope.perms;
+        if !authenticated {
+            perms = perms.intersect(self.access.anonymous);
+        }
+        if !(authenticated && self.policy.admin_node(from)) {
+            perms = perms.without(Permission::Admin);
+        }
+        Some(perms)
+    }
+
+    /// True when the peer of link `conn` may run cluster-wide commands here.
+    fn admin_peer(&self, conn: ConnId) -> Option<bool> {
+        match self.conns.get(&conn).map(|c| &c.role) {
+            Some(Role::Link(l)) => Some(l.authenticated && self.policy.admin_node(&l.peer)),
+            _ => None,
+        }
+    }
+
+    /// Link-level messages (addressed to the node at the other end).
+    fn link_control(&mut self, conn: ConnId, l: LinkMsg, now: i64, out: &mut Vec<Action>) {
+        match l {
+            LinkMsg::Ping { t } => {
+                if let Some(Role::Link(link)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+                    link.detector.heartbeat(now);
+                }
+                self.send_link(conn, &LinkMsg::Pong { t0: t, t1: now }, out);
+            }
+            LinkMsg::Pong { t0, t1 } => {
+                if self.clock_sample(conn, t0, t1, now) {
                     self.clock_changed(out);
                 }
             }
-            "GOSSIP" => {
-                let records: Option<BTreeMap<String, NodeRecord>> = rmp_serde::from_slice(&msg.payload).ok();
+            LinkMsg::Gossip { records } => {
+                let records: Option<BTreeMap<String, NodeRecord>> = rmp_serde::from_slice(&records).ok();
                 match records {
-                    Some(records) if records.len() <= MAX_GOSSIP_RECORDS => {
-                        if self.topology.merge(records) {
+                    Some(records) if records.len() <= self.policy.max_nodes => {
+                        let merged = self.topology.merge(records, now);
+                        if merged.rejected > 0 {
+                            tracing::warn!(
+                                conn,
+                                rejected = merged.rejected,
+                                "refused gossiped records (bad MAC, implausible, or too many nodes)"
+                            );
+                        }
+                        if merged.changed {
                             self.flood_gossip(Some(conn), out);
                             self.save_nodes(out);
                             self.health_changed(out);
@@ -203,80 +348,97 @@ impl Router {
                     _ => tracing::warn!(conn, "ignoring malformed GOSSIP"),
                 }
             }
-            "DISCONNECT" => {
-                if let Some(l) = self.conns.get_mut(&conn).and_then(|c| c.link.as_mut()) {
-                    l.hung_up = true;
+            LinkMsg::Disconnect { .. } => {
+                if let Some(Role::Link(link)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+                    link.hung_up = true;
                 }
                 out.push(Action::Close(conn));
             }
-            "SHUTDOWN" => self.shutdown_cluster(Some(conn), out),
-            "FORGET" => {
-                if let Some(name) = msg.get("server").map(String::from) {
-                    self.forget(&name, Some(conn), out);
+            LinkMsg::Shutdown => match self.admin_peer(conn) {
+                Some(true) => self.shutdown_cluster(Some(conn), out),
+                _ => tracing::warn!(conn, "ignoring SHUTDOWN from a node not in admin_nodes (or not authenticated)"),
+            },
+            LinkMsg::Forget { server } => match self.admin_peer(conn) {
+                Some(true) => self.forget(&server, Some(conn), out),
+                _ => {
+                    tracing::warn!(conn, %server, "ignoring FORGET from a node not in admin_nodes (or not authenticated)")
                 }
+            },
+            LinkMsg::Connect { .. } | LinkMsg::Accept { .. } | LinkMsg::Confirm { .. } | LinkMsg::Refuse { .. } => {
+                tracing::warn!(conn, "ignoring a handshake message on an established link");
             }
-            _ => return false,
         }
+    }
+
+    /// A pong: a clock sample if it answers a ping this node sent and its round trip and offset
+    /// are possible. Returns whether a sample was taken.
+    fn clock_sample(&mut self, conn: ConnId, t0: i64, t1: i64, now: i64) -> bool {
+        let Some(Role::Link(link)) = self.conns.get_mut(&conn).map(|c| &mut c.role) else { return false };
+        let Some(pos) = link.pings.iter().position(|t| *t == t0) else { return false };
+        // This pong and the older unanswered pings are done with.
+        link.pings.drain(..=pos);
+        let rtt = now - t0;
+        // The peer stamped t1 about half-way through the round trip.
+        let offset = i128::from(t1) - (i128::from(t0) + i128::from(now)) / 2;
+        if !(0..=MAX_RTT_MS).contains(&rtt) || offset.unsigned_abs() > MAX_OFFSET_MS as u128 {
+            return false;
+        }
+        if link.samples.len() == CLOCK_SAMPLES {
+            link.samples.pop_front();
+        }
+        link.samples.push_back((rtt, offset as i64));
         true
     }
 
-    /// Cluster commands from clients (and the safe ones from links). Returns whether consumed.
-    pub(super) fn cluster_command(&mut self, conn: ConnId, msg: &Message, now: i64, out: &mut Vec<Action>) -> bool {
-        match msg.command.as_str() {
-            "CLUSTER_STATUS" => {
-                let h = self.topology.health();
-                let count = self.links.len();
-                for status in [
-                    if h.up() { "CLUSTER_UP" } else { "CLUSTER_DOWN" },
-                    if h.complete() { "CLUSTER_COMPLETE" } else { "CLUSTER_INCOMPLETE" },
-                ] {
-                    let m = self
-                        .answer(msg, status)
-                        .param("neighbors_count", count)
-                        .param("live", h.live)
-                        .param("known", h.known);
-                    out.push(Action::Deliver(conn, m));
-                }
-            }
-            "CLOCK_STATUS" => {
-                let command = if self.clock_stable() { "CLOCK_STABLE" } else { "CLOCK_UNSTABLE" };
-                let m = self
-                    .answer(msg, command)
-                    .param("max_offset_ms", self.max_offset_ms())
-                    .param("ntp", self.ntp_word());
-                out.push(Action::Deliver(conn, m));
-            }
-            "CLUSTER_INFO" => {
-                let m = self.cluster_info(msg, now);
-                out.push(Action::Deliver(conn, m));
-            }
-            "SHUTDOWN" => {
-                out.push(Action::Deliver(conn, self.answer(msg, "STOPPING")));
-                self.shutdown_cluster(None, out);
-            }
-            "FORGET" => {
-                let name = msg.get("server").map(String::from).or_else(|| {
-                    let ip = msg.get("ip")?;
-                    self.topology
-                        .known()
-                        .iter()
-                        .find(|(_, a)| a.as_str() == ip || a.starts_with(&format!("{ip}:")))
-                        .map(|(n, _)| n.clone())
-                });
-                match name {
-                    Some(name) if name != self.server => {
-                        self.forget(&name, None, out);
-                        out.push(Action::Deliver(conn, self.answer(msg, "FORGOTTEN").param("server", name)));
-                    }
-                    _ => self.invalid_request(conn, msg, "FORGET needs server=NAME or ip=ADDR of a known node", out),
-                }
-            }
-            _ => return false,
+    /// A link's clock offset: the median of its recent samples, once there are enough.
+    fn link_offset(link: &Link) -> Option<i64> {
+        if link.samples.len() < MIN_CLOCK_SAMPLES {
+            return None;
         }
-        true
+        let mut offsets: Vec<i64> = link.samples.iter().map(|s| s.1).collect();
+        offsets.sort_unstable();
+        Some(offsets[offsets.len() / 2])
     }
 
-    fn cluster_info(&self, req: &Message, now: i64) -> Message {
+    pub(super) fn cluster_status(&self, conn: ConnId, msg: &Message, out: &mut Vec<Action>) {
+        let h = self.topology.health();
+        let count = self.links.len();
+        for status in [
+            if h.up() { "CLUSTER_UP" } else { "CLUSTER_DOWN" },
+            if h.complete() { "CLUSTER_COMPLETE" } else { "CLUSTER_INCOMPLETE" },
+        ] {
+            let m =
+                self.answer(msg, status).param("neighbors_count", count).param("live", h.live).param("known", h.known);
+            out.push(Action::Deliver(conn, m));
+        }
+    }
+
+    pub(super) fn clock_status(&self, conn: ConnId, msg: &Message, out: &mut Vec<Action>) {
+        let command = if self.clock_stable() { "CLOCK_STABLE" } else { "CLOCK_UNSTABLE" };
+        let m = self.answer(msg, command).param("max_offset_ms", self.max_offset_ms()).param("ntp", self.ntp_word());
+        out.push(Action::Deliver(conn, m));
+    }
+
+    pub(super) fn forget_request(&mut self, conn: ConnId, msg: &Message, target: ForgetTarget, out: &mut Vec<Action>) {
+        let name = match target {
+            ForgetTarget::Server(name) => Some(name),
+            ForgetTarget::Ip(ip) => self
+                .topology
+                .known()
+                .iter()
+                .find(|(_, a)| a.as_str() == ip || a.starts_with(&format!("{ip}:")))
+                .map(|(n, _)| n.clone()),
+        };
+        match name {
+            Some(name) if name != self.server => {
+                self.forget(&name, None, out);
+                out.push(Action::Deliver(conn, self.answer(msg, "FORGOTTEN").param("server", name)));
+            }
+            _ => self.invalid_request(conn, msg, "FORGET needs server=NAME or ip=ADDR of a known node", out),
+        }
+    }
+
+    pub(super) fn cluster_info(&self, req: &Message, now: i64) -> Message {
         let h = self.topology.health();
         let nodes: Vec<String> = self
             .topology
@@ -288,9 +450,9 @@ impl Router {
             .links
             .iter()
             .filter_map(|(peer, id)| {
-                let l = self.conns.get(id)?.link.as_ref()?;
-                let rtt = l.rtt_ms.map_or("-".into(), |v| v.to_string());
-                let off = l.offset_ms.map_or("-".into(), |v| v.to_string());
+                let Role::Link(l) = &self.conns.get(id)?.role else { return None };
+                let rtt = l.samples.back().map_or("-".into(), |s| s.0.to_string());
+                let off = Self::link_offset(l).map_or("-".into(), |v| v.to_string());
                 Some(format!("{peer}@{rtt}@{off}@{:.2}", l.detector.phi(now)))
             })
             .collect();
@@ -307,13 +469,22 @@ impl Router {
             .param("links", links.join(","))
     }
 
-    /// Sends `msg` towards node `dest` over the next hop.
-    pub(super) fn forward(&mut self, origin: ConnId, mut msg: Message, dest: &str, now: i64, out: &mut Vec<Action>) {
+    /// Sends `msg` towards node `dest` over the next hop, stamped with what its sender may do.
+    pub(super) fn forward(
+        &mut self,
+        origin: ConnId,
+        mut msg: Message,
+        perms: Permissions,
+        dest: &str,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) {
         let link = self.topology.next_hop(dest).and_then(|hop| self.links.get(hop)).copied();
         match link {
             Some(link) if link != origin || msg.envelope.reply_to != 0 => {
                 msg.to.server = dest.to_string();
                 msg.envelope.hops += 1;
+                msg.envelope.perms = perms;
                 self.deliver_tracked(origin, link, msg, now, out);
             }
             _ => {
@@ -367,7 +538,7 @@ impl Router {
 
     fn gossip_message(&self) -> Message {
         let payload = rmp_serde::to_vec(self.topology.records()).unwrap_or_default();
-        let mut m = Message::new("GOSSIP").with_payload(payload);
+        let mut m = LinkMsg::Gossip { records: payload.into() }.to_message();
         m.from = self.node_address();
         m
     }
@@ -394,7 +565,7 @@ impl Router {
             .known()
             .iter()
             .filter(|(n, _)| **n != self.server)
-            .map(|(n, a)| (n.clone(), a.clone(), self.neighbors.contains(n)))
+            .map(|(n, a)| KnownNode { name: n.clone(), addr: a.clone(), neighbor: self.neighbors.contains(n) })
             .collect();
         out.push(Action::SaveNodes(nodes));
     }
@@ -404,7 +575,7 @@ impl Router {
             return;
         }
         self.neighbors.remove(name);
-        let mut m = Message::new("FORGET").param("server", name);
+        let mut m = LinkMsg::Forget { server: name.to_string() }.to_message();
         m.from = self.node_address();
         for id in self.links.values() {
             if Some(*id) != except {
@@ -418,42 +589,58 @@ impl Router {
         self.health_changed(out);
     }
 
-    fn shutdown_cluster(&mut self, except: Option<ConnId>, out: &mut Vec<Action>) {
+    pub(super) fn shutdown_cluster(&mut self, except: Option<ConnId>, out: &mut Vec<Action>) {
         if self.quitting {
             return;
         }
-        let mut m = Message::new("SHUTDOWN");
-        m.from = self.node_address();
         for id in self.links.values() {
             if Some(*id) != except {
-                out.push(Action::Deliver(*id, m.clone()));
+                self.send_link(*id, &LinkMsg::Shutdown, out);
             }
         }
         out.push(Action::Shutdown);
     }
 
-    /// Heartbeats, failure detection and periodic gossip.
+    /// Heartbeats, failure detection, periodic gossip, and handshakes past their deadline.
     pub(super) fn cluster_tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.ticks += 1;
+        let deadline = super::ms(self.policy.handshake_timeout);
+        let mut late = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
+            if let Role::Pending(Handshake { since, .. }) = &mut c.role {
+                let started = *since.get_or_insert(now);
+                if now - started >= deadline {
+                    late.push(*id);
+                }
+            }
+        }
+        for id in late {
+            tracing::warn!(conn = id, "cluster connection did not complete its handshake in time: closing it");
+            out.push(Action::Close(id));
+            self.disconnect(id, out);
+        }
         let mut dead = Vec::new();
-        for (peer, id) in &self.links {
-            let Some(l) = self.conns.get(id).and_then(|c| c.link.as_ref()) else { continue };
+        let ping = LinkMsg::Ping { t: now };
+        let links: Vec<(String, ConnId)> = self.links.iter().map(|(p, id)| (p.clone(), *id)).collect();
+        for (peer, id) in links {
+            let Some(Role::Link(l)) = self.conns.get_mut(&id).map(|c| &mut c.role) else { continue };
             let phi = l.detector.phi(now);
-            if phi > self.cluster.failure_phi {
+            if phi > self.policy.failure_phi {
                 tracing::warn!(peer = %peer, phi, "cluster link silent: declaring it dead");
-                dead.push(*id);
+                dead.push(id);
                 continue;
             }
-            let mut ping = Message::new("LINK_PING").param("t", now);
-            ping.from = self.node_address();
-            out.push(Action::Deliver(*id, ping));
+            if l.pings.len() == MAX_PINGS {
+                l.pings.pop_front();
+            }
+            l.pings.push_back(now);
+            self.send_link(id, &ping, out);
         }
         for id in dead {
             out.push(Action::Close(id));
-            // Do not wait for the socket to notice: the link is gone for routing now.
-            if let Some(link) = self.conns.get_mut(&id).and_then(|c| c.link.take()) {
-                self.link_lost(id, link, out);
-            }
+            // Do not wait for the socket to notice: the link is gone for routing now, and the
+            // requests it carried fail at once.
+            self.disconnect(id, out);
         }
         if self.ticks.is_multiple_of(GOSSIP_EVERY_TICKS) {
             self.flood_gossip(None, out);
@@ -463,15 +650,18 @@ impl Router {
     fn max_offset_ms(&self) -> i64 {
         self.links
             .values()
-            .filter_map(|id| self.conns.get(id)?.link.as_ref()?.offset_ms)
+            .filter_map(|id| match &self.conns.get(id)?.role {
+                Role::Link(l) => Self::link_offset(l),
+                _ => None,
+            })
             .map(i64::abs)
             .max()
             .unwrap_or(0)
     }
 
     fn clock_stable(&self) -> bool {
-        let ntp_ok = !(self.cluster.clock_require_ntp && self.ntp == Some(false));
-        ntp_ok && self.max_offset_ms() <= self.cluster.clock_threshold_ms
+        let ntp_ok = !(self.policy.clock_require_ntp && self.ntp == Some(false));
+        ntp_ok && self.max_offset_ms() <= super::ms(self.policy.clock_threshold)
     }
 
     fn ntp_word(&self) -> &'static str {
@@ -531,153 +721,14 @@ impl Router {
             m.params.insert(k.to_string(), v.to_string());
         }
         for (id, c) in &self.conns {
-            if c.declared(command) {
-                out.push(Action::Deliver(*id, m.clone()));
+            if let Role::Client(cl) = &c.role {
+                if cl.declared(command) {
+                    out.push(Action::Deliver(*id, m.clone()));
+                }
             }
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    //! The link protocol on a virtual clock, two routers wired by hand.
-    use super::*;
-    use crate::config::Config;
-    use crate::router::RouterLimits;
-
-    fn dialed() -> Origin {
-        Origin::Dialed { addr: "127.0.0.1:1".into(), tls: false }
-    }
-
-    fn inbound() -> Origin {
-        Origin::Cluster { peer: "127.0.0.1:2".parse().unwrap(), tls: false }
-    }
-
-    fn router(name: &str, secret: &str) -> Router {
-        let mut config = Config::default();
-        config.cluster.secret = secret.into();
-        config.cluster.heartbeat_ms = 100;
-        Router::new(name, &[], RouterLimits::from_config(&config.limits), config.cluster.clone(), String::new(), 0)
-    }
-
-    fn sent(out: &mut Vec<Action>, conn: ConnId) -> Vec<Message> {
-        let mut got = Vec::new();
-        out.retain(|a| match a {
-            Action::Deliver(c, m) if *c == conn => {
-                got.push(m.clone());
-                false
-            }
-            _ => true,
-        });
-        got
-    }
-
-    /// Links `a` (dialing on its conn 10) with `b` (accepting on its conn 20).
-    fn link(a: &mut Router, b: &mut Router, now: i64) {
-        let (mut oa, mut ob) = (Vec::new(), Vec::new());
-        a.dial(10, dialed(), &mut oa);
-        b.connect(20, inbound());
-        for m in sent(&mut oa, 10) {
-            b.handle(20, m, now, &mut ob);
-        }
-        for m in sent(&mut ob, 20) {
-            a.handle(10, m, now, &mut oa);
-        }
-    }
-
-    #[test]
-    fn wrong_secret_is_refused_and_right_one_links() {
-        let (mut a, mut b) = (router("a", "s1"), router("b", "s2"));
-        link(&mut a, &mut b, 0);
-        assert!(a.links.is_empty() && b.links.is_empty());
-        let (mut a, mut b) = (router("a", "s"), router("b", "s"));
-        link(&mut a, &mut b, 0);
-        assert_eq!((a.links.get("b"), b.links.get("a")), (Some(&10), Some(&20)));
-    }
-
-    #[test]
-    fn one_link_per_pair_both_ends_keep_the_one_dialed_by_the_smaller_name() {
-        let mut b = router("b", "");
-        let mut out = Vec::new();
-        // b already has a link from its own dial (conn 1); a's dial (conn 2) arrives: a < b wins.
-        b.dial(1, dialed(), &mut out);
-        b.handle(1, Message::new("ACCEPT").param("server", "a"), 0, &mut out);
-        assert_eq!(b.links.get("a"), Some(&1));
-        b.connect(2, inbound());
-        let connect = Message::new("CONNECT").param("server", "a").param("version", 1);
-        b.handle(2, connect, 0, &mut out);
-        assert_eq!(b.links.get("a"), Some(&2));
-        assert!(out.contains(&Action::Close(1)), "the losing link is closed");
-        // Seen from a, the same pair: its own dial wins over b's.
-        let mut a = router("a", "");
-        a.connect(5, inbound());
-        a.handle(5, Message::new("CONNECT").param("server", "b").param("version", 1), 0, &mut out);
-        a.dial(6, dialed(), &mut out);
-        a.handle(6, Message::new("ACCEPT").param("server", "b"), 0, &mut out);
-        assert_eq!(a.links.get("b"), Some(&6));
-    }
-
-    #[test]
-    fn clock_offset_past_the_threshold_is_reported_unstable() {
-        let (mut a, mut b) = (router("a", ""), router("b", ""));
-        link(&mut a, &mut b, 0);
-        a.connect(1, Origin::Internal);
-        let mut out = Vec::new();
-        a.handle(1, Message::new("REGISTER").param("service", "w").param("version", 1), 0, &mut out);
-        a.handle(1, Message::new("COMMANDS").param("list", "CLOCK_STABLE,CLOCK_UNSTABLE"), 0, &mut out);
-        out.clear();
-        // Round trip 0 → 40 ms; the peer's clock read 520 at mid-point 20: offset 500 ms.
-        a.handle(10, Message::new("LINK_PONG").param("t0", 0).param("t1", 520), 40, &mut out);
-        let got = sent(&mut out, 1);
-        assert_eq!(got.len(), 1);
-        assert_eq!((got[0].command.as_str(), got[0].get("max_offset_ms")), ("CLOCK_UNSTABLE", Some("500")));
-        a.handle(10, Message::new("LINK_PONG").param("t0", 100).param("t1", 130), 140, &mut out);
-        assert_eq!(sent(&mut out, 1)[0].command, "CLOCK_STABLE");
-        // An unsynchronised system clock only counts when the configuration requires NTP.
-        a.set_ntp(Some(false), &mut out);
-        assert!(sent(&mut out, 1).is_empty());
-        a.cluster.clock_require_ntp = true;
-        a.set_ntp(None, &mut out);
-        a.set_ntp(Some(false), &mut out);
-        let got = sent(&mut out, 1);
-        assert_eq!((got[0].command.as_str(), got[0].get("ntp")), ("CLOCK_UNSTABLE", Some("unsynchronized")));
-    }
-
-    #[test]
-    fn silent_links_are_declared_dead_by_the_detector() {
-        let (mut a, mut b) = (router("a", ""), router("b", ""));
-        link(&mut a, &mut b, 0);
-        let mut out = Vec::new();
-        for t in (100..=1000).step_by(100) {
-            a.handle(10, Message::new("LINK_PING").param("t", t), t, &mut out);
-            a.tick(t, &mut out);
-        }
-        assert!(a.links.contains_key("b"));
-        out.clear();
-        let mut t = 1000;
-        while a.links.contains_key("b") {
-            t += 100;
-            a.tick(t, &mut out);
-            assert!(t < 3000, "detected within the 3 s budget");
-        }
-        assert!(out.contains(&Action::Close(10)));
-        assert!(t - 1000 <= 1000, "silence detected after {} ms", t - 1000);
-    }
-
-    #[test]
-    fn messages_past_the_hop_limit_are_dropped() {
-        let (mut a, mut b) = (router("a", ""), router("b", ""));
-        link(&mut a, &mut b, 0);
-        b.connect(3, Origin::Internal);
-        let mut out = Vec::new();
-        b.handle(3, Message::new("REGISTER").param("service", "svc").param("version", 1), 0, &mut out);
-        out.clear();
-        let mut m = Message::new("LOOPY").to("b:svc");
-        m.envelope.hops = 17;
-        b.handle(20, m.clone(), 0, &mut out);
-        assert!(sent(&mut out, 3).is_empty());
-        m.envelope.hops = 3;
-        b.handle(20, m, 0, &mut out);
-        assert_eq!(sent(&mut out, 3).len(), 1);
-    }
-}
+mod tests;

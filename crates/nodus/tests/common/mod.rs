@@ -73,7 +73,8 @@ impl Proc {
             dir,
             child: None,
             neighbors: Vec::new(),
-            secret: String::new(),
+            // Bound beyond loopback: the node refuses to start without a secret.
+            secret: "partition-test".into(),
             tls: None,
             ip: ip.into(),
             netns: Some(netns.into()),
@@ -101,7 +102,7 @@ impl Proc {
         let neighbors: Vec<String> = neighbors.iter().map(|n| format!("\"{n}\"")).collect();
         let config = format!(
             "server_name = \"{}\"\ndata_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"\"\n\
-             [cluster]\nlisten = \"{}:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:{}\"\n",
+             [cluster]\nlisten = \"{}:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:{}\"\nrun_as = \"root\"\n",
             self.name,
             self.dir.join("data").display(),
             self.socket().display(),
@@ -187,7 +188,7 @@ impl Watch {
     }
 
     pub async fn status(&self) -> (bool, bool, usize, usize) {
-        let m = self.client.request(Message::new("CLUSTER_STATUS"), WAIT).await.unwrap();
+        let m = self.client.request_with_timeout(Message::new("CLUSTER_STATUS"), WAIT).await.unwrap();
         let num = |k: &str| m.get(k).unwrap().parse::<usize>().unwrap();
         let up = m.command == "CLUSTER_UP";
         // The second answer (COMPLETE/INCOMPLETE) arrives as an ordinary incoming message.
@@ -257,4 +258,77 @@ pub fn wait_exit(p: &mut Proc) {
         std::thread::sleep(Duration::from_millis(10));
     }
     p.child = None;
+}
+
+/// Sends a request; returns the reply, or the node's refusal message (`SERVICE_UNAVAILABLE` while
+/// gossip has not spread yet).
+pub async fn ask(client: &Client, msg: Message) -> Message {
+    match client.request_with_timeout(msg, WAIT).await {
+        Ok(m) => m,
+        Err(nodus_client::ClientError::Refused(r)) => r.reply().clone(),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+/// A private network namespace with its loopback up, held open by a sleeping process; programs
+/// run inside it through `nsenter`, so they may bind fixed ports (the defaults a README uses)
+/// without clashing with anything else on the machine. Creating one needs root.
+pub struct NetNs {
+    holder: Child,
+}
+
+impl NetNs {
+    /// A new namespace, or why one cannot be made here.
+    pub fn new() -> Result<NetNs, String> {
+        use std::io::BufRead;
+        let mut holder = Command::new("unshare")
+            .args(["--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep 100000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run unshare: {e}"))?;
+        let mut line = String::new();
+        let out = holder.stdout.take().expect("piped stdout");
+        // `ready` once loopback is up; end of file when unshare or ip failed.
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        if line.trim() == "ready" {
+            return Ok(NetNs { holder });
+        }
+        let _ = holder.kill();
+        let out = holder.wait_with_output().map_err(|e| e.to_string())?;
+        Err(format!("cannot create a network namespace: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+
+    /// `program` to be run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{}/ns/net", self.holder.id())).arg("--").arg(program);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until a Unix socket at `path` accepts connections.
+pub fn wait_socket(path: &std::path::Path) {
+    let deadline = Instant::now() + WAIT;
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
