@@ -22,7 +22,11 @@ MARK=.nodus-pg-test-cluster
 die() { echo "pg-test-cluster: $*" >&2; exit 1; }
 
 bindir() {
-    if [[ -n "${NODUS_PG_BIN:-}" ]]; then echo "$NODUS_PG_BIN"; return; fi
+    if [[ -n "${NODUS_PG_BIN:-}" ]]; then
+        if [[ -x "$NODUS_PG_BIN/initdb" && -x "$NODUS_PG_BIN/pg_ctl" ]]; then echo "$NODUS_PG_BIN"; return; fi
+        echo "pg-test-cluster: no initdb and pg_ctl in NODUS_PG_BIN=$NODUS_PG_BIN" >&2
+        exit 3
+    fi
     local d
     d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n | tail -n1 || true)
     if [[ -n "$d" && -x "$d/initdb" ]]; then echo "$d"; return; fi
