@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nodus_tasks::cluster::registry::{Agent, AgentState, AgentStore};
 use nodus_tasks::store::{
     contract, AnyStore, Claim, ClaimMode, Command, Fenced, Finish, Outcome, PgConfig, PgStore, Store, StoreSpec, Wake,
 };
@@ -225,7 +226,7 @@ async fn nodes_starting_at_once_migrate_once() {
         .await
         .unwrap();
     let versions: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(versions, vec![("tasks".to_string(), 1)]);
+    assert_eq!(versions, vec![("tasks".to_string(), 1), ("tasks".to_string(), 2)]);
 
     // A schema newer than this binary is refused with a clear message.
     client
@@ -305,4 +306,62 @@ async fn other_nodes_news_arrives_over_listen_notify() {
     assert_eq!(next(&mut news).await, Wake::Pending("a".into()));
     a.close().await;
     b.close().await;
+}
+
+fn agent(name: &str, state: AgentState) -> Agent {
+    Agent {
+        id: format!("id-{name}"),
+        name: name.into(),
+        ip: "10.1.2.3".into(),
+        mac: "52:54:00:12:34:56".into(),
+        cores: 8,
+        memory: 32 << 30,
+        concurrency: 16,
+        queue: 64,
+        first_seen: UnixMs(1_000),
+        last_seen: UnixMs(2_000),
+        state,
+        state_since: UnixMs(1_500),
+        banned: false,
+    }
+}
+
+/// The agent registry on PostgreSQL: saved, replaced by name, removed, listed by name, seen by
+/// every manager on the database, and added by migration 2 to a database left at version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_are_kept_in_postgres_and_shared_by_its_managers() {
+    let Some(url) = pgtest::server() else { return };
+    let schema = pgtest::fresh_schema();
+    let a = PgStore::open(pgtest::config(&url, &schema, ClaimMode::SkipLocked)).await.unwrap();
+    let b = PgStore::open(pgtest::config(&url, &schema, ClaimMode::SkipLocked)).await.unwrap();
+    assert!(a.agents().await.unwrap().is_empty());
+    a.save_agent(agent("w2", AgentState::Active)).await.unwrap();
+    a.save_agent(agent("w1", AgentState::Silent)).await.unwrap();
+    let mut banned = agent("w1", AgentState::Gone);
+    banned.banned = true;
+    banned.last_seen = UnixMs(9_000);
+    b.save_agent(banned.clone()).await.unwrap();
+    assert_eq!(a.agents().await.unwrap(), vec![banned.clone(), agent("w2", AgentState::Active)], "by name, replaced");
+    assert!(b.remove_agent("w2".into()).await.unwrap());
+    assert!(!a.remove_agent("w2".into()).await.unwrap());
+    a.close().await;
+    b.close().await;
+
+    // A database migrated by a nodus that had no registry (version 1): the next one adds it.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE {schema}.nodus_agents; DELETE FROM {schema}.nodus_schema_version WHERE version = 2"
+        ))
+        .await
+        .unwrap();
+    let spec: StoreSpec = format!("{url}?schema={schema}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let any = AnyStore::open(&spec, dir.path(), Duration::from_secs(60)).await.unwrap();
+    assert!(any.agents().await.unwrap().is_empty());
+    any.save_agent(banned.clone()).await.unwrap();
+    assert_eq!(any.agents().await.unwrap(), vec![banned]);
+    any.close().await;
+    assert_eq!(any.agents().await, Err(nodus_tasks::store::StoreError::Closed));
 }

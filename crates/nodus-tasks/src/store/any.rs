@@ -13,6 +13,7 @@ use super::{
     Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, PgConfig, PgStore, SqliteConfig, SqliteStore, Store,
     StoreError, Wake, WriterStats,
 };
+use crate::cluster::registry::{Agent, AgentStore};
 use crate::task::{Claimed, NewTask, Submitted, Task, TaskId, UnixMs};
 
 /// Which backend holds the tasks, as `[tasks] store` names it.
@@ -193,6 +194,29 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.wakeups(),
             AnyStore::Postgres(s) => s.wakeups(),
+        }
+    }
+}
+
+impl AgentStore for AnyStore {
+    async fn save_agent(&self, agent: Agent) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.save_agent(agent).await,
+            AnyStore::Postgres(s) => s.save_agent(agent).await,
+        }
+    }
+
+    async fn remove_agent(&self, name: String) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.remove_agent(name).await,
+            AnyStore::Postgres(s) => s.remove_agent(name).await,
+        }
+    }
+
+    async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.agents().await,
+            AnyStore::Postgres(s) => s.agents().await,
         }
     }
 }

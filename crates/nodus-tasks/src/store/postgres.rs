@@ -51,6 +51,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use super::{
     Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError, Wake, WriterStats,
 };
+use crate::cluster::registry::{Agent, AgentStore};
 use crate::task::{json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
 
 /// How claims keep two nodes from taking the same task.
@@ -185,9 +186,10 @@ pub fn redact(url: &str) -> String {
 
 /// The schema's migrations, in order: `(version, SQL)`. Never edit one that shipped; add the
 /// next.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE nodus_tasks (
     id           text COLLATE \"C\" PRIMARY KEY,
     seq          bigint GENERATED ALWAYS AS IDENTITY,
@@ -218,7 +220,31 @@ CREATE INDEX nodus_tasks_expiry ON nodus_tasks (expires_at) WHERE expires_at IS 
 CREATE UNIQUE INDEX nodus_tasks_key ON nodus_tasks (key) WHERE key IS NOT NULL;
 CREATE SEQUENCE nodus_task_leases AS bigint START 1;
 ",
-)];
+    ),
+    (
+        2,
+        "
+CREATE TABLE nodus_agents (
+    name        text COLLATE \"C\" PRIMARY KEY,
+    id          text    NOT NULL UNIQUE,
+    ip          text    NOT NULL,
+    mac         text    NOT NULL,
+    cores       bigint  NOT NULL,
+    memory      bigint  NOT NULL,
+    concurrency bigint  NOT NULL,
+    queue       bigint  NOT NULL,
+    first_seen  bigint  NOT NULL,
+    last_seen   bigint  NOT NULL,
+    state       text    NOT NULL CHECK (state IN ('active', 'silent', 'gone')),
+    state_since bigint  NOT NULL,
+    banned      boolean NOT NULL
+);
+",
+    ),
+];
+
+const AGENT_COLUMNS: &str =
+    "name, id, ip, mac, cores, memory, concurrency, queue, first_seen, last_seen, state, state_since, banned";
 
 /// The component name in `nodus_schema_version`.
 const COMPONENT: &str = "tasks";
@@ -1503,6 +1529,87 @@ impl Store for PgStore {
     fn wakeups(&self) -> Option<broadcast::Receiver<Wake>> {
         Some(self.shared.wake.subscribe())
     }
+}
+
+/// The agent registry (`cluster::registry`) in table `nodus_agents`. With several managers on one
+/// database the registry is shared: an agent's row is the view of the manager that saved it last.
+impl AgentStore for PgStore {
+    async fn save_agent(&self, a: Agent) -> Result<(), StoreError> {
+        let a = &a;
+        self.shared
+            .with_retry(|conn| async move {
+                let s = conn
+                    .prepare_cached(&format!(
+                        "INSERT INTO nodus_agents ({AGENT_COLUMNS}) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                         ON CONFLICT (name) DO UPDATE SET id = $2, ip = $3, mac = $4, cores = $5, memory = $6, \
+                         concurrency = $7, queue = $8, first_seen = $9, last_seen = $10, state = $11, \
+                         state_since = $12, banned = $13"
+                    ))
+                    .await?;
+                let row: [&(dyn ToSql + Sync); 13] = [
+                    &a.name,
+                    &a.id,
+                    &a.ip,
+                    &a.mac,
+                    &i64::from(a.cores),
+                    &i64::try_from(a.memory).unwrap_or(i64::MAX),
+                    &i64::from(a.concurrency),
+                    &i64::from(a.queue),
+                    &a.first_seen.as_i64(),
+                    &a.last_seen.as_i64(),
+                    &a.state.as_str(),
+                    &a.state_since.as_i64(),
+                    &a.banned,
+                ];
+                conn.execute(&s, &row).await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn remove_agent(&self, name: String) -> Result<bool, StoreError> {
+        let name = &name;
+        let n = self
+            .shared
+            .with_retry(|conn| async move {
+                let s = conn.prepare_cached("DELETE FROM nodus_agents WHERE name = $1").await?;
+                conn.execute(&s, &[name]).await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        let conn = self.shared.conn().await?;
+        let s = conn
+            .prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM nodus_agents ORDER BY name"))
+            .await
+            .map_err(|e| self.shared.err(&e))?;
+        let rows = conn.query(&s, &[]).await.map_err(|e| self.shared.err(&e))?;
+        rows.iter().map(agent_from_row).collect()
+    }
+}
+
+fn agent_from_row(r: &Row) -> Result<Agent, StoreError> {
+    let int = |i: usize| -> Result<i64, StoreError> { r.try_get::<_, i64>(i).map_err(corrupt) };
+    let u32_at = |i: usize| -> Result<u32, StoreError> { Ok(u32::try_from(int(i)?).unwrap_or(0)) };
+    let state: String = r.try_get(10).map_err(corrupt)?;
+    Ok(Agent {
+        name: r.try_get(0).map_err(corrupt)?,
+        id: r.try_get(1).map_err(corrupt)?,
+        ip: r.try_get(2).map_err(corrupt)?,
+        mac: r.try_get(3).map_err(corrupt)?,
+        cores: u32_at(4)?,
+        memory: u64::try_from(int(5)?).unwrap_or(0),
+        concurrency: u32_at(6)?,
+        queue: u32_at(7)?,
+        first_seen: UnixMs::from_i64(int(8)?),
+        last_seen: UnixMs::from_i64(int(9)?),
+        state: state.parse().map_err(|e: String| StoreError::Failed(format!("stored agent state is corrupt: {e}")))?,
+        state_since: UnixMs::from_i64(int(11)?),
+        banned: r.try_get(12).map_err(corrupt)?,
+    })
 }
 
 #[cfg(test)]
