@@ -212,7 +212,8 @@ async fn serve(
     let api = nodus_http::Api::new(
         anonymous,
         owner.clone(),
-        c.data_dir.join("uploads"),
+        // The apps service takes absolute paths only.
+        std::path::absolute(c.data_dir.join("uploads")).unwrap_or_else(|_| c.data_dir.join("uploads")),
         c.apps.max_deploy_bytes,
         Arc::new(move || clock_shared.now_ms()),
     );
@@ -454,7 +455,7 @@ impl DaemonView {
                         .map(|w| WorkerRow {
                             uuid: w.uuid.clone(),
                             pid: w.pid,
-                            state: w.state.clone(),
+                            state: w.state.to_ascii_lowercase(),
                             load: w.load as u32,
                         })
                         .collect();

@@ -242,6 +242,8 @@ impl Ctx {
         if msg.to.service.is_empty() {
             msg = msg.to(service);
         }
+        // The node would answer INVALID without naming the request: say it here.
+        msg.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
         let reply = self
             .admin()
             .client()
@@ -374,8 +376,11 @@ pub(crate) async fn call(
     let ctx = ctx(&s, c, t)?;
     let Json(b) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     let valid = |n: &str| !n.is_empty() && nodus_wire::valid_name(n);
-    if !valid(&b.service) || !valid(&b.command) || b.server.as_deref().is_some_and(|n| !valid(n)) {
-        return Err(ApiError::invalid("service, command and server must be names ([A-Za-z0-9_.-]+)"));
+    if !valid(&b.service) || b.server.as_deref().is_some_and(|n| !valid(n)) {
+        return Err(ApiError::invalid("service and server must be names ([A-Za-z0-9_.-]+)"));
+    }
+    if !nodus_wire::valid_command(&b.command) {
+        return Err(ApiError::invalid(format!("command {:?} must match [A-Z][A-Z0-9_]*", b.command)));
     }
     let mut msg = Message::new(&b.command);
     msg.to = nodus_wire::Address::new(b.server.as_deref().unwrap_or(""), &b.service);
@@ -433,8 +438,11 @@ pub(crate) async fn app(State(s): S, c: C, t: T, Path(name): Path<String>) -> Ap
     let ctx = ctx(&s, c, t)?;
     app_name(&name)?;
     let a = ctx.admin().app_info(&name).await.map_err(apps_err)?;
-    let workers: Vec<Value> =
-        a.workers.iter().map(|w| json!({"uuid": w.uuid, "pid": w.pid, "state": w.state, "load": w.load})).collect();
+    let workers: Vec<Value> = a
+        .workers
+        .iter()
+        .map(|w| json!({"uuid": w.uuid, "pid": w.pid, "state": w.state.to_ascii_lowercase(), "load": w.load}))
+        .collect();
     ok(json!({
         "name": a.name,
         "version": a.version,
@@ -481,7 +489,12 @@ pub(crate) async fn deploy(State(s): S, c: C, t: T, Path(name): Path<String>, bo
     let upload = Upload::receive(&ctx.api, &name, body).await?;
     let result = ctx.admin().deploy(&name, &upload.path, None).await;
     drop(upload);
-    let d = result.map_err(apps_err)?;
+    let d = result.map_err(|e| match apps_err(e) {
+        // The apps service's own failures of a deploy are about what was uploaded (not an
+        // archive, no manifest, an executable missing or too large).
+        e if e.code == "apps" => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "deploy_failed", e.message),
+        e => e,
+    })?;
     Ok((StatusCode::CREATED, Json(deployed(d))).into_response())
 }
 
@@ -532,6 +545,67 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every operation of the document is routed: the router answers neither "no such route"
+    /// nor "method not allowed" for it.
+    #[tokio::test]
+    async fn every_documented_operation_is_routed() {
+        use tower::ServiceExt;
+        let doc: Value = serde_json::from_str(OPENAPI_JSON).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.0.3");
+        let router = crate::Http::new(crate::HttpConfig::default(), Default::default()).router();
+        let paths = doc["paths"].as_object().expect("paths");
+        assert!(paths.len() >= 20, "{}", paths.len());
+        for (path, item) in paths {
+            let concrete = path.replace("{id}", "1").replace(['{', '}'], "");
+            for method in item.as_object().unwrap().keys().filter(|m| *m != "parameters") {
+                let req = crate::front::request_from(
+                    "127.0.0.1:9",
+                    axum::http::Request::builder().method(method.to_uppercase().as_str()).uri(&concrete),
+                    Body::empty(),
+                );
+                let resp = router.clone().oneshot(req).await.unwrap();
+                assert_ne!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                let text = String::from_utf8_lossy(&body);
+                assert!(!text.contains("no such route"), "{method} {path}: {text}");
+            }
+            for op in item.as_object().unwrap().values().filter(|v| v.get("responses").is_some()) {
+                assert!(op["responses"].get("default").is_some(), "{path}: every error is documented");
+            }
+        }
+    }
+
+    #[test]
+    fn node_refusals_map_to_stable_codes() {
+        let e = ApiError::from_service("unknown_app", "no".into());
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::NOT_FOUND, "unknown_app"));
+        let e = ApiError::from_service("bad_arguments", "no".into());
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let e = ApiError::from_client(&NodeError::Timeout(Duration::from_secs(1)), "apps");
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::GATEWAY_TIMEOUT, "timeout"));
+        let refusal = |m: Message| {
+            let mut m = m;
+            m.from = nodus_wire::Address::new("a", "node");
+            NodeError::Refused(nodus_client::Refusal::from_reply(&m).unwrap())
+        };
+        let forbidden = refusal(Message::new("ERROR").param("code", "forbidden").param("message", "needs admin"));
+        let e = ApiError::from_client(&forbidden, "apps");
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+        let missing = refusal(Message::new("SERVICE_UNAVAILABLE").param("reason", "unavailable"));
+        let e = ApiError::from_client(&missing, "tasks");
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "not_available"));
+        let e = ApiError::from_client(&missing, "echo");
+        assert_eq!(e.code, "service_unavailable");
+        let unknown = refusal(Message::new("UNKNOWN").param("command", "TREE"));
+        let e = ApiError::from_client(&unknown, "control");
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::NOT_IMPLEMENTED, "not_implemented"));
     }
 }
 

@@ -124,7 +124,13 @@ async fn front(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -> Re
     let id = request_id(&req);
     let span = tracing::debug_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = admit(s, req, next).instrument(span).await;
+    let mut resp = async {
+        let resp = admit(s, req, next).await;
+        tracing::debug!(status = resp.status().as_u16(), "HTTP request answered");
+        resp
+    }
+    .instrument(span)
+    .await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

@@ -152,6 +152,9 @@ pub(super) async fn connection<R, W>(
                 match d {
                     Decoded::Message(m) => {
                         greeted = true;
+                        if tracing::enabled!(tracing::Level::DEBUG) {
+                            trace_message(&m);
+                        }
                         st.router.handle(id, m, now, &mut out);
                     }
                     Decoded::Invalid(e) => st.router.handle_invalid(id, &e, &mut out),
@@ -213,6 +216,21 @@ pub(super) async fn connection<R, W>(
     let _ = writer.await;
     meter.release_all(&counters);
     debug!("connection closed");
+}
+
+/// Logs a message that carries an HTTP request's id (`trace_id`, set by the HTTP API and kept
+/// across nodes), so one request can be followed through every node it reaches.
+fn trace_message(m: &Message) {
+    if let Some(trace_id) = m.get(nodus_http::api::TRACE_PARAM) {
+        debug!(
+            %trace_id,
+            command = %m.command,
+            from = %format_args!("{}:{}", m.from.server, m.from.service),
+            to = %format_args!("{}:{}", m.to.server, m.to.service),
+            hops = m.envelope.hops,
+            "traced message"
+        );
+    }
 }
 
 /// Writes what the router queues for one connection; see the module documentation.
