@@ -69,6 +69,8 @@ const NOTIFICATIONS: [&str; 13] = [
     "TASK_STATUS",
     "WATCHING",
 ];
+/// Services every node runs itself (another node's are shown as built-in by name).
+const BUILTIN_SERVICES: [&str; 6] = ["apps", "tasks", "flags", "control", HTTP_SERVICE, "locator"];
 /// How long a `tasks` `WATCH` lasts; it is renewed at half that.
 const WATCH_TTL: Duration = Duration::from_secs(60);
 /// Longest wait for one of the node's answers while taking a snapshot.
@@ -288,7 +290,7 @@ async fn engine_notices(
             e = events.recv() => e,
         };
         let text = match event {
-            Ok(E::Spawned { app, pid, .. }) => format!("app {app}: worker {pid} started"),
+            Ok(E::Spawned { app, worker, pid }) => format!("app {app}: worker {worker} started (pid {pid})"),
             Ok(E::Ready { app, worker }) => format!("app {app}: worker {worker} ready"),
             Ok(E::Exited { app, worker, failure, .. }) => match failure {
                 Some(f) => format!("app {app}: worker {worker} failed: {f}"),
@@ -375,7 +377,7 @@ impl DaemonView {
             .map(|s| {
                 let kind = if s.node == v.server && app_names.contains(s.name.as_str()) {
                     "app"
-                } else if s.internal {
+                } else if s.internal || (s.node != v.server && BUILTIN_SERVICES.contains(&s.name.as_str())) {
                     "builtin"
                 } else {
                     "external"

@@ -174,8 +174,16 @@ impl ApiError {
                 "not_available",
                 format!("the {service} service is not available on this node ({message})"),
             ),
-            RefusalKind::ServiceUnavailable | RefusalKind::Dropped => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+            // Nobody serves the destination: no such service (or node), unless it is only out of
+            // reach for now.
+            RefusalKind::ServiceUnavailable | RefusalKind::Dropped => match r.code() {
+                Some("unreachable" | "cache_full") => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+                }
+                _ => ApiError::new(StatusCode::NOT_FOUND, "unknown_service", message),
+            },
+            RefusalKind::Unknown if !BUILTIN.contains(&service) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "unknown_command", message)
             }
             RefusalKind::Unknown => ApiError::new(
                 StatusCode::NOT_IMPLEMENTED,
@@ -395,7 +403,8 @@ pub(crate) async fn call(
         msg = msg.with_payload(p.into_bytes());
     }
     let timeout = b.timeout_ms.map_or(REQUEST_TIMEOUT, Duration::from_millis).min(MAX_CALL_TIMEOUT);
-    let reply = ctx.request(&b.service, msg, timeout).await?;
+    // Errors in the words of a request to any service (an unknown command is the caller's).
+    let reply = ctx.request("", msg, timeout).await?;
     ok(message_json(&reply))
 }
 
@@ -602,7 +611,7 @@ mod tests {
         let e = ApiError::from_client(&missing, "tasks");
         assert_eq!((e.status, e.code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "not_available"));
         let e = ApiError::from_client(&missing, "echo");
-        assert_eq!(e.code, "service_unavailable");
+        assert_eq!((e.status, e.code.as_str()), (StatusCode::NOT_FOUND, "unknown_service"));
         let unknown = refusal(Message::new("UNKNOWN").param("command", "TREE"));
         let e = ApiError::from_client(&unknown, "control");
         assert_eq!((e.status, e.code.as_str()), (StatusCode::NOT_IMPLEMENTED, "not_implemented"));

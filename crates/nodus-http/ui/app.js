@@ -113,11 +113,12 @@ function renderTasks(t, takenAt) {
     if (throughput.length > THROUGHPUT_POINTS) throughput.shift();
   }
   lastCompleted = { t: takenAt, n: t.completed_total };
-  const max = Math.max(1, ...throughput.map((p) => p.rate));
+  const peak = Math.max(0, ...throughput.map((p) => p.rate));
+  const max = Math.max(1, peak);
   const points = throughput.map((p, i) => `${(i * 300) / (THROUGHPUT_POINTS - 1)},${78 - (p.rate / max) * 74}`).join(" ");
   document.getElementById("throughput").replaceChildren(svg("polyline", { points }));
   const now = throughput.length ? throughput[throughput.length - 1].rate : 0;
-  document.getElementById("throughput-label").textContent = `completed/s: ${now.toFixed(1)} now, ${max.toFixed(1)} peak · ${t.completed_total} total`;
+  document.getElementById("throughput-label").textContent = `completed/s: ${now.toFixed(1)} now, ${peak.toFixed(1)} peak · ${t.completed_total} total`;
 }
 
 function render(s) {
