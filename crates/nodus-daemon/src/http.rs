@@ -18,6 +18,21 @@
 //!   router's counters and the driver's (messages by outcome, bytes by listener, connections,
 //!   queue depths, requests awaiting replies, cache, link round trips); the app bridges record
 //!   every invocation's latency.
+//!
+//! | metric | type | labels | what |
+//! |---|---|---|---|
+//! | `nodus_messages_total` | counter | `outcome` (`received`, `delivered`, `cached`, `invalid`, `expired`, `undeliverable`, `forbidden`, `refused`) | messages the router handled |
+//! | `nodus_received_bytes_total`, `nodus_sent_bytes_total` | counter | `listener` | bytes read / written |
+//! | `nodus_connections_accepted_total`, `nodus_connections_refused_total`, `nodus_handshake_timeouts_total` | counter | `listener` | connections |
+//! | `nodus_slow_consumer_cuts_total`, `nodus_budget_cuts_total` | counter | | connections cut |
+//! | `nodus_buffered_input_bytes`, `nodus_buffered_output_bytes` | gauge | | held beyond each connection's allowance |
+//! | `nodus_pending_requests`, `nodus_cached_messages`, `nodus_clients` | gauge | | queue depths |
+//! | `nodus_link_rtt_ms`, `nodus_link_clock_offset_ms` | gauge | `peer` | this node's links |
+//! | `nodus_app_invoke_latency_seconds` | histogram | `app` | message to an app's service → worker's last chunk |
+//! | `nodus_app_invokes_total` | counter | `app`, `outcome` (`ok`, `error`) | invocations through the node |
+//!
+//! The HTTP side's own metrics and the gauges of the snapshot (nodes, links, quorum, clock,
+//! workers by state, tasks by status, flags) are listed in `nodus_http::metrics`.
 
 use crate::auth::Origin;
 use crate::config::Config;
