@@ -4,10 +4,9 @@
 # requests to every operation, as an anonymous caller and as the owner (with the token).
 #
 # Checks: every answer's status, content type, headers and body conform to the document (errors
-# included); data the document calls invalid is refused; no 5xx from the node's own endpoints.
-# The operations of built-in services a node may not run yet (tasks, flags, control) answer
-# 503 not_available there, so 5xx is allowed for them only. Left out of the owner's run: the
-# generic /api/call (it would STOP the node) and kill.
+# included); data the document calls invalid is refused; no 5xx. Left out of the owner's run:
+# the generic /api/call (it would STOP the node). Tasks, flags and the control plane are not
+# mounted in the daemon yet, so the API has no endpoints for them to check.
 #
 # Usage: scripts/schemathesis.sh [max examples per operation, default 20]
 # Env: NODUS (a built nodus binary; default: cargo build), NODUS_SCHEMATHESIS_VENV (default
@@ -75,21 +74,18 @@ tar czf "$WORK/echo.tar.gz" -C "$WORK" echo-app
 curl -sf -X PUT -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/gzip' \
     --data-binary @"$WORK/echo.tar.gz" "$URL/api/apps/echo" >/dev/null
 
+# Run from the scratch directory: schemathesis keeps a cache in ./.schemathesis.
 st() {
-    "$VENV/bin/schemathesis" run "$URL/api/openapi.json" --max-examples "$EXAMPLES" --seed 7 \
-        --no-shrink --request-timeout 60 --warnings off "$@"
+    (cd "$WORK" && "$VENV/bin/schemathesis" run "$URL/api/openapi.json" --max-examples "$EXAMPLES" --seed 7 \
+        --no-shrink --request-timeout 60 --warnings off "$@")
 }
-SERVICES='^/api/(tasks|flags|tree|components)'
-echo "== anonymous: the node's own endpoints"
-st --exclude-path-regex "$SERVICES" --checks all --exclude-checks positive_data_acceptance,ignored_auth
-echo "== anonymous: built-in services that may not run here"
-st --include-path-regex "$SERVICES" --checks all \
-    --exclude-checks positive_data_acceptance,ignored_auth,not_a_server_error
+echo "== anonymous"
+st --exclude-path /api/call --checks all --exclude-checks positive_data_acceptance,ignored_auth
+# /api/call waits as long as the caller asks (timeout_ms >= 1): a 504 there is a right answer.
+st --include-path /api/call --checks all --exclude-checks positive_data_acceptance,ignored_auth,not_a_server_error
 echo "== owner (bearer token)"
-st -H "Authorization: Bearer $TOKEN" --exclude-path /api/call --exclude-path-regex "$SERVICES|^/api/components" \
-    --checks all --exclude-checks positive_data_acceptance,ignored_auth
-st -H "Authorization: Bearer $TOKEN" --include-path-regex "$SERVICES" --exclude-path-regex '/kill$' \
-    --checks all --exclude-checks positive_data_acceptance,ignored_auth,not_a_server_error
+st -H "Authorization: Bearer $TOKEN" --exclude-path /api/call --checks all \
+    --exclude-checks positive_data_acceptance,ignored_auth
 kill "$PID"
 wait "$PID" || true
 PID=""

@@ -60,6 +60,10 @@ pub struct HttpConfig {
     pub max_body_bytes: u64,
     /// Longest wait for a worker's response head, seconds.
     pub head_timeout_secs: u64,
+    /// Longest wait for a request's headers on a connection, seconds (slow clients are closed).
+    pub header_timeout_secs: u64,
+    /// Longest wait for the next piece of a request or response body, seconds.
+    pub idle_timeout_secs: u64,
 }
 
 impl HttpConfig {
@@ -381,8 +385,11 @@ impl Config {
                 return bad(format!("http.public: {e}"));
             }
         }
-        if h.max_connections == 0 || h.max_in_flight == 0 || h.head_timeout_secs == 0 {
-            return bad("http.max_connections, max_in_flight and head_timeout_secs must be positive".into());
+        let timeouts = [h.head_timeout_secs, h.header_timeout_secs, h.idle_timeout_secs];
+        if h.max_connections == 0 || h.max_in_flight == 0 || timeouts.contains(&0) {
+            return bad("http.max_connections, max_in_flight, head_timeout_secs, header_timeout_secs and \
+                 idle_timeout_secs must be positive"
+                .into());
         }
         if h.tls_cert.as_os_str().is_empty() != h.tls_key.as_os_str().is_empty() {
             return bad("http.tls_cert and tls_key must be set together".into());

@@ -10,10 +10,10 @@
 //!   request with the HTTP token to the second, any other to the first, so the router's
 //!   permission check applies to every API call as it does to any client.
 //! - [`DaemonView`] is the `NodeView` of the dashboard and the metrics: the router's view taken
-//!   under its lock, the apps through the `apps` service, tasks and flags through the `tasks` and
-//!   `flags` services when the node has them. Its change notices come from the router (an
-//!   in-process service `http` that declares the cluster and service notifications the router
-//!   sends, and watches the `tasks` service's `TASK_STATUS`) and from the engine's events.
+//!   under its lock and the apps through the `apps` service. Tasks and flags are not mounted in
+//!   the daemon yet: the snapshot says so (`None`) and the dashboard shows them as absent. Its
+//!   change notices come from the router (an in-process service `http` that declares the
+//!   cluster and service notifications the router sends) and from the engine's events.
 //! - [`NodeMetrics`]: the node's Prometheus registry. At each scrape a collector reads the
 //!   router's counters and the driver's (messages by outcome, bytes by listener, connections,
 //!   queue depths, requests awaiting replies, cache, link round trips); the app bridges record
@@ -41,8 +41,7 @@ use anyhow::Context;
 use nodus_client::admin::Admin;
 use nodus_client::{Client, ClientConfig, Connector, Transport};
 use nodus_http::view::{
-    AppRow, BoxFuture, ClockStatus, ClusterView, FlagRow, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, TaskCounts,
-    WorkerRow,
+    AppRow, BoxFuture, ClockStatus, ClusterView, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, WorkerRow,
 };
 use nodus_http::{Http, HttpConfig, NodeView, Notice, NoticeKind, Snapshot};
 use nodus_wire::node::Permission;
@@ -69,7 +68,7 @@ pub const HTTP_SERVICE: &str = "http";
 /// Notices kept for dashboards that fall behind (they then take a fresh snapshot).
 const NOTICES: usize = 256;
 /// Notifications the `http` service declares (the router sends them to services that do).
-const NOTIFICATIONS: [&str; 13] = [
+const NOTIFICATIONS: [&str; 11] = [
     "CLUSTER_UP",
     "CLUSTER_DOWN",
     "CLUSTER_COMPLETE",
@@ -81,13 +80,9 @@ const NOTIFICATIONS: [&str; 13] = [
     "STATUS",
     "CLOCK_STABLE",
     "CLOCK_UNSTABLE",
-    "TASK_STATUS",
-    "WATCHING",
 ];
 /// Services every node runs itself (another node's are shown as built-in by name).
 const BUILTIN_SERVICES: [&str; 6] = ["apps", "tasks", "flags", "control", HTTP_SERVICE, "locator"];
-/// How long a `tasks` `WATCH` lasts; it is renewed at half that.
-const WATCH_TTL: Duration = Duration::from_secs(60);
 /// Longest wait for one of the node's answers while taking a snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Apps whose details a snapshot asks for (the rest are listed without workers).
@@ -162,12 +157,11 @@ pub(crate) fn start(shared: Arc<Shared>, bound: Bound, listen: BTreeMap<String, 
     let stop = CancellationToken::new();
     let (notices, _) = broadcast::channel(NOTICES);
     let commands: Vec<(&str, Permission)> = NOTIFICATIONS.iter().map(|c| (*c, Permission::Admin)).collect();
-    let (conn, rx) = shared.attach_with(HTTP_SERVICE, Some(&commands));
+    let (_conn, rx) = shared.attach_with(HTTP_SERVICE, Some(&commands));
     tokio::spawn(hear(rx, notices.clone()));
     if let Some(engine) = shared.engine() {
         tokio::spawn(engine_notices(engine.events(), notices.clone(), stop.clone()));
     }
-    tokio::spawn(watch_tasks(shared.clone(), conn, stop.clone()));
     let task = tokio::spawn(serve(shared, bound, listen, notices, stop.clone()));
     Mount { stop, task }
 }
@@ -214,25 +208,25 @@ async fn serve(
         token_on_loopback: c.http.token_on_loopback,
         gateway: nodus_http::GatewayConfig {
             head_timeout: Duration::from_secs(c.http.head_timeout_secs),
+            idle_timeout: Duration::from_secs(c.http.idle_timeout_secs),
             max_body_bytes: c.http.max_body_bytes,
             max_in_flight: c.http.max_in_flight,
             ..Default::default()
         },
         serve: nodus_http::ServeOptions {
             max_connections: c.http.max_connections,
+            header_read_timeout: Duration::from_secs(c.http.header_timeout_secs),
             shutdown_grace: Duration::from_secs(c.limits.shutdown_grace_secs),
             ..Default::default()
         },
         feed: Default::default(),
     };
-    let clock_shared = shared.clone();
     let api = nodus_http::Api::new(
         anonymous,
         owner.clone(),
         // The apps service takes absolute paths only.
         std::path::absolute(c.data_dir.join("uploads")).unwrap_or_else(|_| c.data_dir.join("uploads")),
         c.apps.max_deploy_bytes,
-        Arc::new(move || clock_shared.now_ms()),
     );
     let locator = listen.get("locator").cloned();
     let view = Arc::new(DaemonView { shared: Arc::downgrade(&shared), owner, notices, listen });
@@ -278,15 +272,6 @@ fn notice_of(m: &Message) -> Option<Notice> {
         "CLOCK_UNSTABLE" => {
             (NoticeKind::Node, format!("clock unstable (offset {} ms)", m.get("max_offset_ms").unwrap_or("?")))
         }
-        "TASK_STATUS" => (
-            NoticeKind::Task,
-            format!(
-                "task {} ({}) {}",
-                m.get("id").unwrap_or("?"),
-                m.get("procedure").unwrap_or("?"),
-                m.get("status").unwrap_or("changed")
-            ),
-        ),
         _ => return None,
     };
     Some(Notice { kind, text })
@@ -320,25 +305,6 @@ async fn engine_notices(
     }
 }
 
-/// Keeps a `WATCH` on the `tasks` service while it exists, so its `TASK_STATUS` messages reach
-/// the `http` service (and the dashboard updates when a task changes).
-async fn watch_tasks(shared: Arc<Shared>, conn: crate::router::ConnId, stop: CancellationToken) {
-    let mut every = tokio::time::interval(WATCH_TTL / 2);
-    let mut id: u64 = 1;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        if shared.instances("tasks") == 0 {
-            continue;
-        }
-        id += 1;
-        let watch = Message::new("WATCH").to("tasks").param("ttl_ms", WATCH_TTL.as_millis() as u64).with_id(id);
-        shared.inject(conn, watch);
-    }
-}
-
 /// The dashboard's and the metrics' view of this node; see the module documentation.
 struct DaemonView {
     shared: Weak<Shared>,
@@ -362,12 +328,8 @@ impl DaemonView {
         let Some(shared) = self.shared.upgrade() else { return Snapshot::default() };
         let v = shared.router_view();
         let now = shared.now_ms();
-        let has = |service: &str| shared.instances(service) > 0;
-        let (has_tasks, has_flags) = (has("tasks"), has("flags"));
         drop(shared);
         let apps = self.apps().await;
-        let tasks = if has_tasks { self.tasks().await } else { TaskCounts::default() };
-        let flags = if has_flags { self.flags().await } else { Vec::new() };
         let own_rtt: BTreeMap<&str, &crate::router::OwnLink> =
             v.own_links.iter().map(|l| (l.peer.as_str(), l)).collect();
         let links = v
@@ -441,8 +403,9 @@ impl DaemonView {
             },
             services,
             apps,
-            tasks,
-            flags,
+            // Not mounted in the daemon yet.
+            tasks: None,
+            flags: None,
         }
     }
 
@@ -481,44 +444,6 @@ impl DaemonView {
             rows.push(row);
         }
         rows
-    }
-
-    /// Tasks by status, from the `tasks` service's `COUNTS`.
-    async fn tasks(&self) -> TaskCounts {
-        let req = Message::new("COUNTS").to("tasks");
-        let Ok(reply) = self.owner.client().request_with_timeout(req, SNAPSHOT_TIMEOUT).await else {
-            return TaskCounts::default();
-        };
-        let mut counts = TaskCounts::default();
-        for status in ["pending", "running", "done", "error", "interrupted"] {
-            if let Some(n) = reply.get(status).and_then(|n| n.parse().ok()) {
-                counts.by_status.insert(status.to_string(), n);
-            }
-        }
-        let finished: u64 = ["completed", "failed"].iter().filter_map(|k| reply.get(k)?.parse::<u64>().ok()).sum();
-        counts.completed_total = finished;
-        counts
-    }
-
-    /// Raised flags, from the `flags` service's `FLAG_LIST`.
-    async fn flags(&self) -> Vec<FlagRow> {
-        use nodus_control::flags::{FlagReply, FlagRequest};
-        let req = FlagRequest::List.to_message().to("flags");
-        let Ok(reply) = self.owner.client().request_with_timeout(req, SNAPSHOT_TIMEOUT).await else {
-            return Vec::new();
-        };
-        let Ok(FlagReply::List(list)) = FlagReply::from_message(&reply) else { return Vec::new() };
-        list.into_iter()
-            .map(|f| FlagRow {
-                name: f.name.clone(),
-                source: format!("{}/{}", f.unit, f.section),
-                priority: f.priority,
-                message: f.message.clone(),
-                tags: f.tags.iter().cloned().collect(),
-                manual_down: f.manual_down,
-                modified_ms: f.modified,
-            })
-            .collect()
     }
 }
 
@@ -756,8 +681,6 @@ mod tests {
         assert_eq!(notice_of(&m), Some(Notice { kind: NoticeKind::Node, text: "node b unreachable".into() }));
         let m = Message::new("CLUSTER_DOWN").param("live", 1).param("known", 3);
         assert_eq!(notice_of(&m).unwrap().text, "cluster down (no quorum): 1 of 3 nodes live");
-        let m = Message::new("TASK_STATUS").param("id", "t1").param("procedure", "p.x").param("status", "done");
-        assert_eq!(notice_of(&m), Some(Notice { kind: NoticeKind::Task, text: "task t1 (p.x) done".into() }));
-        assert_eq!(notice_of(&Message::new("WATCHING")), None);
+        assert_eq!(notice_of(&Message::new("TASK_STATUS")), None);
     }
 }

@@ -1,23 +1,27 @@
 //! The REST API: JSON over the node's own message protocol, described by the OpenAPI document
 //! `openapi.json` (served at `/api/openapi.json`).
 //!
-//! Every endpoint becomes requests to the node (its `node` commands, the built-in `apps`,
-//! `tasks`, `flags` and `control` services) sent through one of two connections the node gives
-//! the API ([`Api`]): one that authenticated with the node's token (the owner) for requests that
-//! presented the HTTP token, one that did not (anonymous: what `[access] anonymous` grants) for
-//! the others. So the router's permission check applies to every call, as it does to any client;
-//! the API decides no permission itself. A built-in service that is not on the node answers
-//! `503 not_available`; one that does not know a command answers `501 not_implemented`.
+//! Every endpoint becomes requests to the node (its `node` commands and the built-in `apps`
+//! service, or any service through `POST /api/call`) sent through one of two connections the
+//! node gives the API ([`Api`]): one that authenticated with the node's token (the owner) for
+//! requests that presented the HTTP token, one that did not (anonymous: what `[access]
+//! anonymous` grants) for the others. So the router's permission check applies to every call, as
+//! it does to any client; the API decides no permission itself. A built-in service that is not
+//! on the node answers `503 not_available`; one that does not know a command answers
+//! `501 not_implemented`.
 //!
-//! Errors are `{"error": CODE, "message": TEXT}` with a stable `CODE` (see [`ApiError`]); the
-//! task endpoints add the arpcp code of the task API (`"arpcp": 203`).
+//! Tasks, flags and the control plane (tree, monitoring, kill) are not mounted in the daemon
+//! yet: they have no endpoints here until they are (`POST /api/call` reaches any service that
+//! runs, with the caller's permissions).
+//!
+//! Errors are `{"error": CODE, "message": TEXT}` with a stable `CODE` (see [`ApiError`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -41,8 +45,6 @@ const MAX_UPLOADS: usize = 2;
 const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default timeout of a request to the node.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a task submitted with `wait` may run before the answer says it is still running.
-const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The parameter carrying an HTTP request's id to the node (and on to other nodes).
 pub const TRACE_PARAM: &str = "trace_id";
 
@@ -70,11 +72,7 @@ pub struct Api {
     uploads: PathBuf,
     max_upload_bytes: u64,
     upload_slots: Arc<Semaphore>,
-    clock: Clock,
 }
-
-/// The node's clock: Unix milliseconds now (control requests carry `created_at`/`expires_at`).
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,9 +83,9 @@ impl std::fmt::Debug for Api {
 impl Api {
     /// The API over `anonymous` (a connection without the token) and `owner` (one that
     /// authenticated with it). Deploys are uploaded into `uploads` (created when missing), at
-    /// most `max_upload_bytes` each. `clock` is the node's.
-    pub fn new(anonymous: Admin, owner: Admin, uploads: PathBuf, max_upload_bytes: u64, clock: Clock) -> Api {
-        Api { anonymous, owner, uploads, max_upload_bytes, upload_slots: Arc::new(Semaphore::new(MAX_UPLOADS)), clock }
+    /// most `max_upload_bytes` each.
+    pub fn new(anonymous: Admin, owner: Admin, uploads: PathBuf, max_upload_bytes: u64) -> Api {
+        Api { anonymous, owner, uploads, max_upload_bytes, upload_slots: Arc::new(Semaphore::new(MAX_UPLOADS)) }
     }
 
     fn admin(&self, caller: Caller) -> &Admin {
@@ -104,20 +102,18 @@ pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,
     /// The stable code: `invalid`, `forbidden`, `unauthorized`, `not_found`, `unknown_app`,
-    /// `unknown_node`, `unknown_task`, `unknown_procedure`, `bad_arguments`, `name_in_use`,
-    /// `too_large`, `not_available`, `not_implemented`, `quitting`, `busy`, `timeout`,
-    /// `unavailable`, `bad_answer`, or a service's own code.
+    /// `unknown_node`, `unknown_service`, `unknown_command`, `bad_arguments`, `name_in_use`,
+    /// `deploy_failed`, `too_large`, `not_available`, `not_implemented`, `quitting`, `busy`,
+    /// `timeout`, `unavailable`, `service_unavailable`, `bad_answer`, or a service's own code.
     pub code: String,
     /// What happened and what to do.
     pub message: String,
-    /// The arpcp code, for task errors.
-    pub arpcp: Option<u16>,
 }
 
 impl ApiError {
     /// An error with `status` and `code`.
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code: code.to_string(), message: message.into(), arpcp: None }
+        ApiError { status, code: code.to_string(), message: message.into() }
     }
 
     fn invalid(message: impl Into<String>) -> ApiError {
@@ -141,12 +137,10 @@ impl ApiError {
         let status = match code {
             "invalid" | "bad_request" => StatusCode::BAD_REQUEST,
             "bad_arguments" => StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_app" | "unknown_task" | "unknown_procedure" | "unknown_component" | "not_found" => {
-                StatusCode::NOT_FOUND
-            }
+            "unknown_app" | "not_found" => StatusCode::NOT_FOUND,
             "name_in_use" | "manual_down" => StatusCode::CONFLICT,
             "forbidden" => StatusCode::FORBIDDEN,
-            "too_many_flags" | "too_large" => StatusCode::UNPROCESSABLE_ENTITY,
+            "too_large" => StatusCode::UNPROCESSABLE_ENTITY,
             "unavailable" | "storage" => StatusCode::SERVICE_UNAVAILABLE,
             "timeout" => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -209,14 +203,11 @@ impl ApiError {
 }
 
 /// Built-in services the API calls (a missing one is `not_available`, not an unknown name).
-const BUILTIN: [&str; 5] = ["node", "apps", "tasks", "flags", "control"];
+const BUILTIN: [&str; 2] = ["node", "apps"];
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.code, "message": self.message });
-        if let Some(code) = self.arpcp {
-            body["arpcp"] = json!(code);
-        }
+        let body = json!({ "error": self.code, "message": self.message });
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -259,12 +250,10 @@ impl Ctx {
             .await
             .map_err(|e| ApiError::from_client(&e, service))?;
         if reply.command == "ERROR" {
-            let mut e = ApiError::from_service(
+            return Err(ApiError::from_service(
                 reply.get("code").unwrap_or("error"),
                 reply.get("message").unwrap_or("failed").to_string(),
-            );
-            e.arpcp = reply.get("arpcp").and_then(|c| c.parse().ok());
-            return Err(e);
+            ));
         }
         Ok(reply)
     }
@@ -402,7 +391,13 @@ pub(crate) async fn call(
     if let Some(p) = b.payload {
         msg = msg.with_payload(p.into_bytes());
     }
-    let timeout = b.timeout_ms.map_or(REQUEST_TIMEOUT, Duration::from_millis).min(MAX_CALL_TIMEOUT);
+    let timeout = match b.timeout_ms {
+        None => REQUEST_TIMEOUT,
+        Some(ms) if ms == 0 || ms > MAX_CALL_TIMEOUT.as_millis() as u64 => {
+            return Err(ApiError::invalid(format!("timeout_ms must be 1 to {} (ms)", MAX_CALL_TIMEOUT.as_millis())))
+        }
+        Some(ms) => Duration::from_millis(ms),
+    };
     // Errors in the words of a request to any service (an unknown command is the caller's).
     let reply = ctx.request("", msg, timeout).await?;
     ok(message_json(&reply))
@@ -570,7 +565,7 @@ mod tests {
         assert_eq!(doc["openapi"], "3.0.3");
         let router = crate::Http::new(crate::HttpConfig::default(), Default::default()).router();
         let paths = doc["paths"].as_object().expect("paths");
-        assert!(paths.len() >= 20, "{}", paths.len());
+        assert!(paths.len() >= 13, "{}", paths.len());
         for (path, item) in paths {
             let concrete = path.replace("{id}", "1").replace(['{', '}'], "");
             for method in item.as_object().unwrap().keys().filter(|m| *m != "parameters") {
@@ -608,12 +603,12 @@ mod tests {
         let e = ApiError::from_client(&forbidden, "apps");
         assert_eq!((e.status, e.code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
         let missing = refusal(Message::new("SERVICE_UNAVAILABLE").param("reason", "unavailable"));
-        let e = ApiError::from_client(&missing, "tasks");
+        let e = ApiError::from_client(&missing, "apps");
         assert_eq!((e.status, e.code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "not_available"));
         let e = ApiError::from_client(&missing, "echo");
         assert_eq!((e.status, e.code.as_str()), (StatusCode::NOT_FOUND, "unknown_service"));
-        let unknown = refusal(Message::new("UNKNOWN").param("command", "TREE"));
-        let e = ApiError::from_client(&unknown, "control");
+        let unknown = refusal(Message::new("UNKNOWN").param("command", "CRASHLOG"));
+        let e = ApiError::from_client(&unknown, "apps");
         assert_eq!((e.status, e.code.as_str()), (StatusCode::NOT_IMPLEMENTED, "not_implemented"));
     }
 }
@@ -684,282 +679,4 @@ pub(crate) async fn crashlog(State(s): S, c: C, t: T, Path(name): Path<String>) 
             .map(|r| json!({"uuid": r.uuid, "at": r.at, "status": r.status, "failure": r.failure, "stderr": r.stderr}))
             .collect(),
     ))
-}
-
-// ---- tasks (the node's `tasks` service: the arpcp operations as node commands) ----
-
-/// The body of `POST /api/tasks`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SubmitBody {
-    procedure: String,
-    #[serde(default)]
-    args: Option<Vec<Value>>,
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-    #[serde(default)]
-    max_attempts: Option<u32>,
-    #[serde(default)]
-    wait: bool,
-}
-
-/// A `TASK` reply (a task and its arpcp code) as JSON: the payload's task with `arpcp` and
-/// `description` added.
-fn task_json(reply: &Message) -> Value {
-    let mut v: Value = serde_json::from_slice(&reply.payload).unwrap_or_else(|_| json!({}));
-    if !v.is_object() {
-        v = json!({ "value": v });
-    }
-    let num = |k: &str| reply.get(k).and_then(|c| c.parse::<u64>().ok());
-    if let Some(obj) = v.as_object_mut() {
-        obj.entry("id").or_insert_with(|| json!(reply.get("id")));
-        obj.entry("status").or_insert_with(|| json!(reply.get("status")));
-        obj.insert("arpcp".into(), json!(num("arpcp")));
-        obj.insert("description".into(), json!(reply.get("description")));
-    }
-    v
-}
-
-pub(crate) async fn submit_task(
-    State(s): S,
-    c: C,
-    t: T,
-    body: Result<Json<SubmitBody>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let Json(b) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let args = serde_json::to_string(&b.args.unwrap_or_default()).unwrap_or_else(|_| "[]".into());
-    let mut msg =
-        Message::new(if b.wait { "TASK" } else { "ATASK" }).param("procedure", &b.procedure).param("args", args);
-    if let Some(k) = &b.key {
-        msg = msg.param("key", k);
-    }
-    if let Some(ms) = b.timeout_ms {
-        msg = msg.param("timeout_ms", ms);
-    }
-    if let Some(n) = b.max_attempts {
-        msg = msg.param("max_attempts", n);
-    }
-    let timeout = if b.wait { WAIT_TIMEOUT } else { REQUEST_TIMEOUT };
-    let reply = ctx.request("tasks", msg, timeout).await?;
-    if b.wait {
-        return ok(task_json(&reply));
-    }
-    let existing = reply.get("existing").is_some_and(|e| e == "true" || e == "yes");
-    let body = json!({"id": reply.get("id"), "existing": existing, "arpcp": 100});
-    Ok((if existing { StatusCode::OK } else { StatusCode::CREATED }, Json(body)).into_response())
-}
-
-fn task_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::invalid(format!("{id:?} is not a task id")));
-    }
-    Ok(())
-}
-
-pub(crate) async fn task(State(s): S, c: C, t: T, Path(id): Path<String>) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    task_id(&id)?;
-    let reply = ctx.request("tasks", Message::new("GET").param("id", &id), REQUEST_TIMEOUT).await?;
-    ok(task_json(&reply))
-}
-
-/// The query of `GET /api/tasks`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ListQuery {
-    status: Option<String>,
-    procedure: Option<String>,
-    after: Option<String>,
-    limit: Option<u32>,
-}
-
-pub(crate) async fn tasks(
-    State(s): S,
-    c: C,
-    t: T,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let mut msg = Message::new("LIST");
-    if let Some(v) = &q.status {
-        msg = msg.param("status", v);
-    }
-    if let Some(v) = &q.procedure {
-        msg = msg.param("procedure", v);
-    }
-    if let Some(v) = &q.after {
-        msg = msg.param("after", v);
-    }
-    if let Some(v) = q.limit {
-        msg = msg.param("limit", v);
-    }
-    let reply = ctx.request("tasks", msg, REQUEST_TIMEOUT).await?;
-    let list: Vec<Value> = String::from_utf8_lossy(&reply.payload)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    ok(json!({"tasks": list, "next": reply.get("next")}))
-}
-
-pub(crate) async fn task_counts(State(s): S, c: C, t: T) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let reply = ctx.request("tasks", Message::new("COUNTS"), REQUEST_TIMEOUT).await?;
-    let counts: Map<String, Value> = reply
-        .params
-        .iter()
-        .filter(|(k, _)| k.as_str() != "arpcp" && k.as_str() != TRACE_PARAM)
-        .filter_map(|(k, v)| Some((k.clone(), json!(v.parse::<u64>().ok()?))))
-        .collect();
-    ok(Value::Object(counts))
-}
-
-pub(crate) async fn abort_task(State(s): S, c: C, t: T, Path(id): Path<String>) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    task_id(&id)?;
-    let reply = ctx.request("tasks", Message::new("ABORT").param("id", &id), REQUEST_TIMEOUT).await?;
-    ok(json!({"id": id, "before": reply.get("before"), "arpcp": 100}))
-}
-
-// ---- flags (the node's `flags` service, communicatord's flags) ----
-
-use nodus_control::flags::{FlagKey, FlagReply, FlagRequest, Raise};
-
-fn flag_reply(reply: &Message) -> Result<FlagReply, ApiError> {
-    FlagReply::from_message(reply).map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", e.to_string()))
-}
-
-fn flag_key(unit: &str, section: &str, name: &str) -> Result<FlagKey, ApiError> {
-    FlagKey::new(unit, section, name).map_err(|e| ApiError::invalid(e.to_string()))
-}
-
-pub(crate) async fn flags(State(s): S, c: C, t: T) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let reply = ctx.request("flags", FlagRequest::List.to_message(), REQUEST_TIMEOUT).await?;
-    match flag_reply(&reply)? {
-        FlagReply::List(list) => ok(serde_json::to_value(list).unwrap_or(Value::Null)),
-        _ => Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", "FLAG_LIST was not answered FLAGS")),
-    }
-}
-
-/// The body of `PUT /api/flags/{unit}/{section}/{name}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RaiseBody {
-    message: String,
-    #[serde(default)]
-    priority: Option<u8>,
-    #[serde(default)]
-    manual_down: bool,
-    #[serde(default)]
-    tags: Vec<String>,
-}
-
-pub(crate) async fn raise_flag(
-    State(s): S,
-    c: C,
-    t: T,
-    Path((unit, section, name)): Path<(String, String, String)>,
-    body: Result<Json<RaiseBody>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let key = flag_key(&unit, &section, &name)?;
-    let Json(b) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let mut raise = Raise::new(key, b.message);
-    if let Some(p) = b.priority {
-        if p > 100 {
-            return Err(ApiError::invalid("priority is 0 to 100"));
-        }
-        raise.priority = p;
-    }
-    raise.manual_down = b.manual_down;
-    raise.tags = b.tags.into_iter().collect();
-    let reply = ctx.request("flags", FlagRequest::Up(raise).to_message(), REQUEST_TIMEOUT).await?;
-    match flag_reply(&reply)? {
-        FlagReply::IsUp { count, new, .. } => {
-            ok(json!({"unit": unit, "section": section, "name": name, "count": count, "new": new}))
-        }
-        _ => Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", "FLAG_UP was not answered FLAG_IS_UP")),
-    }
-}
-
-/// The query of `DELETE /api/flags/{unit}/{section}/{name}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct LowerQuery {
-    #[serde(default)]
-    manual: bool,
-}
-
-pub(crate) async fn lower_flag(
-    State(s): S,
-    c: C,
-    t: T,
-    Path((unit, section, name)): Path<(String, String, String)>,
-    q: Result<Query<LowerQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let key = flag_key(&unit, &section, &name)?;
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let request = if q.manual { FlagRequest::Clear(key) } else { FlagRequest::Down(key) };
-    let reply = ctx.request("flags", request.to_message(), REQUEST_TIMEOUT).await?;
-    match flag_reply(&reply)? {
-        FlagReply::IsDown { lowered, .. } => {
-            ok(json!({"unit": unit, "section": section, "name": name, "lowered": lowered}))
-        }
-        _ => Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", "FLAG_DOWN was not answered FLAG_IS_DOWN")),
-    }
-}
-
-// ---- the component tree, monitoring and kill (the node's `control` service) ----
-
-pub(crate) async fn tree(State(s): S, c: C, t: T) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let reply = ctx.request("control", Message::new("TREE"), REQUEST_TIMEOUT).await?;
-    let tree: Value = serde_json::from_slice(&reply.payload).unwrap_or_else(|_| json!([]));
-    ok(json!({"components": tree, "params": message_json(&reply)["params"]}))
-}
-
-fn component(id: &str) -> Result<u64, ApiError> {
-    id.parse::<u64>()
-        .ok()
-        .filter(|n| *n != 0)
-        .ok_or_else(|| ApiError::invalid(format!("{id:?} is not a component id (a positive decimal number)")))
-}
-
-/// Milliseconds a monitoring or kill request may take before it expires.
-const CONTROL_TIMEOUT_MS: i64 = 5_000;
-
-fn control_request(command: &str, id: u64, now_ms: i64) -> Message {
-    let mut m = Message::new(command)
-        .param("component", id)
-        .param("message_type", "config")
-        .param("spec", command.to_ascii_lowercase());
-    if command == "MONITORING" {
-        m = m.param("sync_time", now_ms);
-    }
-    m.envelope.created_at = now_ms;
-    m.envelope.expires_at = now_ms + CONTROL_TIMEOUT_MS;
-    m.envelope.creator = "http".into();
-    m
-}
-
-pub(crate) async fn monitoring(State(s): S, c: C, t: T, Path(id): Path<String>) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let id = component(&id)?;
-    let msg = control_request("MONITORING", id, (ctx.api.clock)());
-    let reply = ctx.request("control", msg, Duration::from_millis(CONTROL_TIMEOUT_MS as u64 + 1000)).await?;
-    ok(message_json(&reply)["params"].clone())
-}
-
-pub(crate) async fn kill(State(s): S, c: C, t: T, Path(id): Path<String>) -> ApiResult {
-    let ctx = ctx(&s, c, t)?;
-    let id = component(&id)?;
-    let msg = control_request("KILL", id, (ctx.api.clock)());
-    let reply = ctx.request("control", msg, Duration::from_millis(CONTROL_TIMEOUT_MS as u64 + 1000)).await?;
-    ok(message_json(&reply)["params"].clone())
 }

@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -264,15 +264,6 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/api/apps/{name}/restart", post(api::restart_app))
         .route("/api/apps/{name}/scale", post(api::scale_app))
         .route("/api/apps/{name}/crashlog", get(api::crashlog))
-        .route("/api/tasks", get(api::tasks).post(api::submit_task))
-        .route("/api/tasks/counts", get(api::task_counts))
-        .route("/api/tasks/{id}", get(api::task))
-        .route("/api/tasks/{id}/abort", post(api::abort_task))
-        .route("/api/flags", get(api::flags))
-        .route("/api/flags/{unit}/{section}/{name}", put(api::raise_flag).delete(api::lower_flag))
-        .route("/api/tree", get(api::tree))
-        .route("/api/components/{id}/monitoring", get(api::monitoring))
-        .route("/api/components/{id}/kill", post(api::kill))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), front))
         .with_state(shared)

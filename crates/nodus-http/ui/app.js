@@ -102,6 +102,12 @@ function renderApps(apps) {
 }
 
 function renderTasks(t, takenAt) {
+  const panel = document.getElementById("tasks-panel");
+  panel.dataset.absent = String(!t);
+  if (!t) {
+    document.getElementById("task-counts").replaceChildren(el("span", { class: "empty" }, "this node does not run tasks"));
+    return;
+  }
   const counts = Object.entries(t.by_status || {});
   const box = document.getElementById("task-counts");
   box.replaceChildren(...(counts.length ? counts.map(([status, n]) =>
@@ -128,7 +134,8 @@ function render(s) {
   renderTasks(s.tasks, s.taken_at_ms);
   fillTable("services", s.services.map((v) => el("tr", { "data-service": v.name },
     el("td", {}, v.name), el("td", {}, v.node), el("td", {}, v.kind), el("td", {}, v.instances))));
-  fillTable("flags", s.flags.map((f) => el("tr", { "data-flag": f.name },
+  document.getElementById("flags-panel").dataset.absent = String(!s.flags);
+  fillTable("flags", (s.flags || []).map((f) => el("tr", { "data-flag": f.name },
     el("td", {}, f.name), el("td", {}, f.source), el("td", {}, f.priority), el("td", {}, f.message))));
   document.body.dataset.updated = String(s.taken_at_ms);
 }
