@@ -119,6 +119,27 @@ fn the_rest_api_acts_for_its_caller_through_the_router() {
 }
 
 #[test]
+fn without_the_token_the_api_gets_only_what_access_grants() {
+    let root = tempfile::tempdir().unwrap();
+    // Anonymous clients may only read: no `send`.
+    let node = Node::start(root.path(), "alpha", &[], "[access]\nanonymous = [\"status\"]", "info");
+    let token = node.token();
+    let archive = echo_archive(root.path());
+    let deployed = node.request("PUT", "/api/apps/echo", Some(&token), Some(("application/gzip", &archive)));
+    assert_eq!(deployed.status, 201, "{deployed:?}");
+    assert_eq!(node.request("GET", "/api/apps/echo", None, None).status, 200);
+    let call = br#"{"service": "echo", "command": "ECHO", "payload": "hi"}"#;
+    let refused = node.request("POST", "/api/call", None, Some(("application/json", call)));
+    assert_eq!((refused.status, refused.json()["error"].as_str()), (403, Some("forbidden")), "{refused:?}");
+    assert!(refused.json()["message"].as_str().unwrap().contains("send"), "{refused:?}");
+    let owner = node.request("POST", "/api/call", Some(&token), Some(("application/json", call)));
+    assert_eq!((owner.status, owner.json()["payload"].as_str()), (200, Some("hi")), "{owner:?}");
+    // A wrong token is refused outright, never taken for anonymous.
+    let wrong = node.request("GET", "/api/node", Some("not-the-token"), None);
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+}
+
+#[test]
 fn metrics_scraped_twice_show_counters_moving() {
     let root = tempfile::tempdir().unwrap();
     let node = Node::start(root.path(), "alpha", &[], "", "info");
@@ -333,4 +354,91 @@ fn the_gateway_invokes_a_deployed_app_on_a_real_node() {
     let metrics = node.request("GET", "/metrics", None, None).body;
     assert!(sample(&metrics, r#"nodus_gateway_requests_total{app="echo",code="200"}"#) >= 3.0, "{metrics}");
     assert!(sample(&metrics, r#"nodus_gateway_requests_total{app="echo",code="502"}"#) >= 1.0, "{metrics}");
+}
+
+/// The Cocaine virtualenv's python (`tests/cocaine-compat/setup.sh`), or why there is none.
+fn cocaine_python() -> Option<std::path::PathBuf> {
+    let venv = match std::env::var_os("NODUS_PYENV") {
+        Some(v) => std::path::PathBuf::from(v),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/nodus-cocaine-venv"),
+    };
+    let python = venv.join("bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import cocaine.decorators, cocaine.worker"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ready.then_some(python)
+}
+
+/// A web app written for Cocaine (the real Python framework's `http` and `wsgi` decorators)
+/// deployed to a real node through its API and reached through its gateway, unchanged.
+#[test]
+fn a_python_cocaine_web_app_runs_behind_a_real_node() {
+    let Some(python) = cocaine_python() else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "no cocaine virtualenv: run tests/cocaine-compat/setup.sh"
+        );
+        eprintln!("SKIPPED: no cocaine virtualenv (tests/cocaine-compat/setup.sh)");
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(root.path(), "alpha", &[], "", "info");
+    let app = root.path().join("pyweb");
+    std::fs::create_dir_all(&app).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nodus-http/tests/python/web_app.py");
+    std::fs::copy(script, app.join("web_app.py")).unwrap();
+    let run = app.join("run");
+    std::fs::write(
+        &run,
+        format!("#!/bin/sh\nexec {:?} \"$(dirname \"$0\")/web_app.py\" \"$@\"\n", python.display().to_string()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(app.join("manifest.json"), r#"{"executable": "run", "env": {"PYTHONDONTWRITEBYTECODE": "1"}}"#)
+        .unwrap();
+    std::fs::write(app.join("profile.toml"), "pool-limit = 1\nstartup-timeout = 20\n").unwrap();
+    let archive = root.path().join("pyweb.tar.gz");
+    let packed = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(root.path())
+        .arg("pyweb")
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    let archive = std::fs::read(archive).unwrap();
+    let deployed = node.request("PUT", "/api/apps/pyweb", Some(&node.token()), Some(("application/gzip", &archive)));
+    assert_eq!(deployed.status, 201, "{deployed:?}");
+
+    // The `http` decorator: method, URI, query, body.
+    let r = node.request("POST", "/pyweb/http/items/7?colour=red", None, Some(("text/plain", b"hi there")));
+    assert_eq!(r.status, 200, "{r:?}\n{}", node.log());
+    assert_eq!(r.header("x-worker"), Some("python-http"));
+    let j = r.json();
+    assert_eq!((j["method"].as_str(), j["uri"].as_str()), (Some("POST"), Some("/items/7?colour=red")), "{j}");
+    assert_eq!((j["query"]["colour"].as_str(), j["body_len"].as_u64()), (Some("red"), Some(8)), "{j}");
+    // A body of several upload chunks reaches the handler whole.
+    let big: Vec<u8> = (0..3 * 512 * 1024 + 5).map(|i| b'a' + (i % 26) as u8).collect();
+    let r = node.request("PUT", "/pyweb/http/upload", None, Some(("application/octet-stream", &big)));
+    assert_eq!((r.status, r.json()["body_len"].as_u64()), (200, Some(big.len() as u64)), "{r:?}");
+    assert!(r.json()["chunks"].as_u64().unwrap() >= 4, "{r:?}");
+    // The `wsgi` decorator around a plain WSGI application.
+    let r = node.request("POST", "/pyweb/wsgi/hello/world?a=b", None, Some(("application/json", br#"{"k":1}"#)));
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.header("x-worker"), Some("python-wsgi"));
+    let j = r.json();
+    assert_eq!(
+        (j["path"].as_str(), j["query"].as_str(), j["body"].as_str()),
+        (Some("/hello/world"), Some("a=b"), Some(r#"{"k":1}"#)),
+        "{j}"
+    );
+    // The framework's own errors.
+    let r = node.request("GET", "/pyweb/nosuch", None, None);
+    assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("unknown_event")), "{r:?}");
+    let r = node.request("GET", "/pyweb/fail", None, None);
+    assert_eq!((r.status, r.json()["error"].as_str()), (500, Some("app_error")), "{r:?}");
 }

@@ -19,7 +19,8 @@ async function main() {
   });
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    page.on("pageerror", (e) => console.log("PAGE ERROR " + e.message));
+    const errors = [];
+    page.on("pageerror", (e) => { console.log("PAGE ERROR " + e.message); errors.push(e.message); });
     await page.goto(URL);
     // The page loads and shows both nodes live, the deployed app, and the live feed.
     await page.waitForSelector('#nodes tr[data-node="a"] td.live', { timeout: WAIT });
@@ -28,6 +29,9 @@ async function main() {
     await page.waitForSelector("#feed.ok", { timeout: WAIT });
     await page.waitForSelector('#map g.node[data-node="b"]:not(.down)', { timeout: WAIT });
     await page.waitForSelector("#quorum.ok", { timeout: WAIT });
+    // Tasks and flags are not mounted in the daemon yet: their panels say so.
+    await page.waitForSelector('#tasks-panel[data-absent="true"]', { timeout: WAIT });
+    await page.waitForSelector('#flags-panel[data-absent="true"] .absent-note', { state: "visible", timeout: WAIT });
     // A mark that a reload would lose: every change below must arrive without one.
     await page.evaluate(() => { window.__nodusMark = "kept"; });
     const shot = async (name) => {
@@ -66,6 +70,7 @@ async function main() {
     const mark = await page.evaluate(() => window.__nodusMark);
     if (mark !== "kept") throw new Error("the page was reloaded");
     await shot("3-node-down");
+    if (errors.length) throw new Error("the page's script failed: " + errors.join("; "));
     console.log("OK");
   } finally {
     await browser.close();
