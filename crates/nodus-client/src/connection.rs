@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
@@ -22,13 +22,12 @@ const WRITE_CHUNK: usize = 256 * 1024;
 /// How often the driver forgets requests whose callers gave up (dropped or timed out).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Io = dyn crate::Transport;
 
 /// An open, handshaken connection.
 pub(crate) struct Established {
-    rd: ReadHalf<Box<dyn Io>>,
-    wr: WriteHalf<Box<dyn Io>>,
+    rd: ReadHalf<Box<Io>>,
+    wr: WriteHalf<Box<Io>>,
     buf: BytesMut,
     decoder: binary::FrameDecoder,
     /// Messages that arrived during the handshake (cached messages follow `READY`).
@@ -36,7 +35,10 @@ pub(crate) struct Established {
     pub(crate) server: String,
 }
 
-async fn open(endpoint: &Endpoint) -> std::io::Result<Box<dyn Io>> {
+async fn open(endpoint: &Endpoint, config: &ClientConfig) -> std::io::Result<Box<Io>> {
+    if let Some(connector) = &config.connector {
+        return connector().await;
+    }
     Ok(match endpoint {
         Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
         Endpoint::Tcp(a) => {
@@ -60,7 +62,7 @@ struct Handshake {
 pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Result<Established, ClientError> {
     let io_err = |e: std::io::Error| ClientError::Connect { endpoint: endpoint.to_string(), source: Arc::new(e) };
     let failed = |reason: String| ClientError::Handshake { endpoint: endpoint.to_string(), reason };
-    let io = open(endpoint).await.map_err(io_err)?;
+    let io = open(endpoint, config).await.map_err(io_err)?;
     let (rd, mut wr) = tokio::io::split(io);
     let mut out = BytesMut::from(&binary::PREFACE[..]);
     let encode = |m: &Message, out: &mut BytesMut| binary::encode(m, out, config.max_frame);

@@ -109,7 +109,18 @@ pub struct ClientConfig {
     max_frame: usize,
     request_timeout: Duration,
     token: Option<String>,
+    connector: Option<Connector>,
 }
+
+/// A byte stream to a node: what a [`Connector`] opens.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}
+
+/// Opens a connection to a node some other way than a socket address (the daemon's own
+/// in-process connections); called for the first connection and every reconnection.
+pub type Connector = Arc<
+    dyn Fn() -> Pin<Box<dyn std::future::Future<Output = std::io::Result<Box<dyn Transport>>> + Send>> + Send + Sync,
+>;
 
 impl std::fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,6 +137,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("max_frame", &self.max_frame)
             .field("request_timeout", &self.request_timeout)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("connector", &self.connector.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -149,7 +161,16 @@ impl ClientConfig {
             max_frame: nodus_wire::DEFAULT_MAX_FRAME,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             token: None,
+            connector: None,
         }
+    }
+
+    /// A client whose connections `connector` opens (an in-process node, a test harness):
+    /// `name` stands for the node in messages and errors. Everything else is as for a socket.
+    pub fn with_connector(name: impl Into<String>, connector: Connector) -> Self {
+        let mut config = ClientConfig::new(format!("tcp:{}", name.into()));
+        config.connector = Some(connector);
+        config
     }
 
     /// The node to talk to, as given.

@@ -29,6 +29,56 @@ pub struct Config {
     pub apps: AppsConfig,
     /// Who may do what.
     pub access: AccessConfig,
+    /// The HTTP listener.
+    pub http: HttpConfig,
+}
+
+/// The `[http]` section: the gateway, the REST API, the dashboard and the metrics on one
+/// listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; empty disables HTTP.
+    pub listen: String,
+    /// File whose first line is the bearer token beyond loopback; empty: the node's token file.
+    pub token_file: PathBuf,
+    /// Ask loopback peers for the token too.
+    pub token_on_loopback: bool,
+    /// Gateway routes open without the token: `APP` or `APP/EVENT`.
+    pub public: Vec<String>,
+    /// Serve HTTPS.
+    pub tls: bool,
+    /// Certificate chain (PEM); empty: the cluster's.
+    pub tls_cert: PathBuf,
+    /// Private key (PEM); empty: the cluster's.
+    pub tls_key: PathBuf,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Gateway requests served at once.
+    pub max_in_flight: usize,
+    /// Largest gateway request body, bytes.
+    pub max_body_bytes: u64,
+    /// Longest wait for a worker's response head, seconds.
+    pub head_timeout_secs: u64,
+    /// Longest wait for a request's headers on a connection, seconds (slow clients are closed).
+    pub header_timeout_secs: u64,
+    /// Longest wait for the next piece of a request or response body, seconds.
+    pub idle_timeout_secs: u64,
+}
+
+impl HttpConfig {
+    /// The certificate and key HTTPS serves with: the section's own, else the cluster's; `None`
+    /// without TLS.
+    pub fn tls_files<'a>(&'a self, cluster: &'a ClusterConfig) -> Option<(&'a Path, &'a Path)> {
+        if !self.tls {
+            return None;
+        }
+        if self.tls_cert.as_os_str().is_empty() {
+            Some((&cluster.tls_cert, &cluster.tls_key))
+        } else {
+            Some((&self.tls_cert, &self.tls_key))
+        }
+    }
 }
 
 /// The `[access]` section: principals and their permissions.
@@ -329,6 +379,26 @@ impl Config {
         if let Err(e) = self.access.anonymous.join(",").parse::<nodus_wire::node::Permissions>() {
             return bad(format!("access.anonymous: {e}"));
         }
+        let h = &self.http;
+        for route in &h.public {
+            if let Err(e) = route.parse::<nodus_http::PublicRoute>() {
+                return bad(format!("http.public: {e}"));
+            }
+        }
+        let timeouts = [h.head_timeout_secs, h.header_timeout_secs, h.idle_timeout_secs];
+        if h.max_connections == 0 || h.max_in_flight == 0 || timeouts.contains(&0) {
+            return bad("http.max_connections, max_in_flight, head_timeout_secs, header_timeout_secs and \
+                 idle_timeout_secs must be positive"
+                .into());
+        }
+        if h.tls_cert.as_os_str().is_empty() != h.tls_key.as_os_str().is_empty() {
+            return bad("http.tls_cert and tls_key must be set together".into());
+        }
+        if h.tls && h.tls_cert.as_os_str().is_empty() && c.tls_cert.as_os_str().is_empty() {
+            return bad(
+                "http.tls needs a certificate: set http.tls_cert and tls_key, or the cluster's TLS files".into()
+            );
+        }
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {
             return bad("cluster.tls_cert, tls_key and tls_ca must be set together".into());
@@ -408,6 +478,21 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 4194304);
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("server_name = \"bad name\"").is_err());
+    }
+
+    #[test]
+    fn http_defaults_and_checks() {
+        let c = Config::default();
+        assert_eq!(c.http.listen, "127.0.0.1:4080");
+        assert!(c.http.tls_files(&c.cluster).is_none());
+        let c = Config::from_toml("[http]\npublic = [\"echo\", \"web/http\"]\nlisten = \"\"").unwrap();
+        assert_eq!(c.http.public.len(), 2);
+        let e = Config::from_toml("[http]\npublic = [\"a/b/c\"]").unwrap_err().to_string();
+        assert!(e.contains("http.public"), "{e}");
+        let e = Config::from_toml("[http]\ntls = true").unwrap_err().to_string();
+        assert!(e.contains("http.tls needs a certificate"), "{e}");
+        let c = Config::from_toml("[http]\ntls = true\ntls_cert = \"/c\"\ntls_key = \"/k\"").unwrap();
+        assert_eq!(c.http.tls_files(&c.cluster), Some((Path::new("/c"), Path::new("/k"))));
     }
 
     #[test]

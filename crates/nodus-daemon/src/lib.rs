@@ -14,6 +14,7 @@ pub mod cache_store;
 pub mod clock;
 pub mod config;
 pub mod detector;
+pub mod http;
 pub mod ntp;
 pub mod router;
 pub mod server;

@@ -43,6 +43,7 @@
 //! - all tables are bounded by [`RouterLimits`], [`LinkPolicy`] and [`MAX_OWNED_NAMES`].
 
 mod links;
+mod view;
 
 use crate::auth::{AccessPolicy, Origin, Principal};
 use crate::cache::{Cache, CacheLimits, Stored};
@@ -55,6 +56,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 pub use nodus_wire::node::NODE_SERVICE;
+pub use view::{LinkState, NodeState, OwnLink, RouterView, ServiceState};
 
 /// A map keyed by node-chosen integers (connection ids, node-assigned request ids): every key is
 /// chosen by the node itself, never by a peer, so a fast unkeyed hash cannot be attacked.

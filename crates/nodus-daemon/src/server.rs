@@ -60,6 +60,8 @@ const UDP_CONN: ConnId = 0;
 const TRIM_AFTER: u64 = 16 * 1024 * 1024;
 /// How long close waits for connections to finish writing before cutting them.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Bytes in flight each way on an in-process connection.
+const IN_PROCESS_BUFFER: usize = 256 * 1024;
 
 /// What the router sends a connection, through its bounded queue.
 // Messages are the hot path: boxing them would cost an allocation per routed message.
@@ -106,6 +108,8 @@ pub(crate) struct Shared {
     locator: Option<nodus_engine::LocatorHandle>,
     /// Makes the router's cache journal durable (set once its thread runs).
     cache_writer: std::sync::OnceLock<crate::cache_store::CacheWriter>,
+    /// The node's metrics registry (served at `/metrics`) and what the node records into it.
+    metrics: crate::http::NodeMetrics,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -186,6 +190,52 @@ impl Shared {
     /// The node configuration.
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The node's clock, now (Unix ms).
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// The node's engine, when apps are enabled.
+    pub(crate) fn engine(&self) -> Option<&nodus_engine::Engine> {
+        self.engine.as_ref()
+    }
+
+    /// The driver's counters.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The node's metrics.
+    pub(crate) fn metrics(&self) -> &crate::http::NodeMetrics {
+        &self.metrics
+    }
+
+    /// The router as the dashboard and the metrics show it.
+    pub(crate) fn router_view(&self) -> crate::router::RouterView {
+        let now = self.clock.now_ms();
+        self.lock().router.view(now)
+    }
+
+    /// A connection from inside the node that goes through the router like a client's, with
+    /// `origin` deciding its principal (the HTTP API's connections): one end is served as a
+    /// connection, the other is returned. Fails once the node is stopping.
+    pub(crate) fn open_in_process(self: &Arc<Self>, origin: Origin) -> std::io::Result<tokio::io::DuplexStream> {
+        if self.stop.is_cancelled() {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the node is stopping"));
+        }
+        let (ours, theirs) = tokio::io::duplex(IN_PROCESS_BUFFER);
+        let id = self.next_conn_id();
+        let deadline = tokio::time::Instant::now() + self.config.handshake_timeout();
+        self.counters.listener(ListenerKind::Http).accepted.fetch_add(1, Ordering::Relaxed);
+        let (r, w) = tokio::io::split(ours);
+        let span = tracing::debug_span!("conn", conn = id, peer = "in-process", listener = ListenerKind::Http.name());
+        use tracing::Instrument;
+        tokio::spawn(
+            conn::connection(self.clone(), ListenerKind::Http, id, r, w, origin, deadline, None).instrument(span),
+        );
+        Ok(theirs)
     }
 
     /// Runs `f` on the router under the lock and applies the actions it pushed.
@@ -336,6 +386,7 @@ pub struct Daemon {
     tls_listener: Option<TcpListener>,
     locator: Option<nodus_engine::Locator>,
     neighbors: Vec<String>,
+    http: Option<crate::http::Bound>,
 }
 
 impl Daemon {
@@ -427,6 +478,7 @@ impl Daemon {
         }
         let token_file = config.access.token_path(&config.data_dir);
         let token = crate::auth::load_or_create_token(&token_file)?;
+        let http = crate::http::bind(&config, &token).await?;
         let access = crate::auth::AccessPolicy::new(&config.access, Some(token), token_file, crate::auth::own_uid());
         let mut router = Router::new(
             RouterConfig {
@@ -487,7 +539,9 @@ impl Daemon {
             persist: Persist::new(move |nodes: &KnownNodes| persist::save_nodes(&nodes_dir, nodes)),
             locator: locator.as_ref().map(|l| l.handle()),
             cache_writer: std::sync::OnceLock::new(),
+            metrics: crate::http::NodeMetrics::new(),
         });
+        shared.metrics.collect_from(Arc::downgrade(&shared));
         let weak = Arc::downgrade(&shared);
         let writer = crate::cache_store::CacheWriter::start(cache_store, move |f| {
             if let Some(shared) = weak.upgrade() {
@@ -499,7 +553,7 @@ impl Daemon {
         if let Some(l) = &shared.locator {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
-        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors, http })
     }
 
     /// The bound cluster listener address, if enabled.
@@ -515,6 +569,11 @@ impl Daemon {
     /// The bound locator address, if enabled.
     pub fn locator_addr(&self) -> Option<SocketAddr> {
         self.locator.as_ref().map(|l| l.local_addr())
+    }
+
+    /// The bound HTTP listener address, if enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(crate::http::Bound::addr)
     }
 
     /// The bound UDP signal port, if enabled.
@@ -568,6 +627,23 @@ impl Daemon {
         // Built-in services register before any listener accepts: a client connecting as soon as
         // the node is reachable finds them.
         let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        let mut listen = std::collections::BTreeMap::new();
+        let addrs = [
+            ("tcp", self.tcp.as_ref().and_then(|l| l.local_addr().ok())),
+            ("cluster", self.cluster.as_ref().and_then(|l| l.local_addr().ok())),
+            ("tls", self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())),
+            ("locator", self.locator.as_ref().map(|l| l.local_addr())),
+            ("http", self.http.as_ref().map(crate::http::Bound::addr)),
+        ];
+        for (role, addr) in addrs {
+            if let Some(a) = addr {
+                listen.insert(role.to_string(), a.to_string());
+            }
+        }
+        if let Some((_, p)) = &self.unix {
+            listen.insert("unix".to_string(), p.display().to_string());
+        }
+        let http = self.http.map(|bound| crate::http::start(shared.clone(), bound, listen));
         if let Some(l) = self.tcp {
             info!(addr = %l.local_addr()?, "listening on TCP");
             tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
@@ -598,7 +674,7 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
-        Ok(Running { shared, tracker, ticker, apps, locator, locator_stop, persist, unix_path })
+        Ok(Running { shared, tracker, ticker, apps, http, locator, locator_stop, persist, unix_path })
     }
 }
 
@@ -609,6 +685,8 @@ struct Running {
     tracker: TaskTracker,
     ticker: tokio::task::JoinHandle<()>,
     apps: Option<crate::apps::Apps>,
+    /// The HTTP listener.
+    http: Option<crate::http::Mount>,
     locator: Option<tokio::task::JoinHandle<()>>,
     locator_stop: CancellationToken,
     persist: tokio::task::JoinHandle<()>,
@@ -622,6 +700,9 @@ impl Running {
         let shared = &self.shared;
         shared.stop.cancel();
         shared.lock().router.begin_shutdown();
+        if let Some(http) = &self.http {
+            http.begin_shutdown();
+        }
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
         let deadline = tokio::time::Instant::now() + grace;
         loop {
@@ -645,6 +726,11 @@ impl Running {
     /// that do not finish in time), stops the built-in services and flushes the known nodes.
     async fn close(self) {
         let shared = &self.shared;
+        // HTTP requests in flight finish first (within the grace period): the gateway needs the
+        // engine and the API the router.
+        if let Some(http) = self.http {
+            http.finish().await;
+        }
         self.ticker.abort();
         {
             let mut out = Vec::new();

@@ -86,7 +86,9 @@ impl Bridges {
                     let reply_event = event.clone();
                     // Each request is its own session; the engine's queue-limit bounds how many
                     // wait, and the reply is routed from the app's task when the worker is done.
+                    let started = tokio::time::Instant::now();
                     let done = CallDone::new(move |result| {
+                        shared.metrics().invoked(&app_name, result.is_ok(), started.elapsed());
                         if req.envelope.id != 0 {
                             shared.inject(conn, call_reply(&req, &app_name, &reply_event, result));
                         }

@@ -1,7 +1,8 @@
-//! `nodus echo-worker`: a built-in example worker (events `echo`, `upper`, `fail`), so an app can
-//! be deployed with nothing but this binary.
+//! `nodus echo-worker`: a built-in example worker (events `echo`, `upper`, `fail`, and `http`
+//! behind the HTTP gateway), so an app can be deployed with nothing but this binary.
 
 use nodus_engine::worker_sdk::{HandlerResult, Request, Response, Worker, WorkerArgs};
+use nodus_http::cocaine::{RequestHead, ResponseHead};
 
 /// `nodus echo-worker` arguments.
 #[derive(clap::Args, Debug)]
@@ -29,6 +30,32 @@ async fn fail(_req: Request, _resp: Response) -> HandlerResult {
     Err("failed on purpose".into())
 }
 
+/// Cocaine's HTTP event, as the gateway invokes it: answers 200 with the request's body, written
+/// back piece by piece as it arrives (a large upload streams back as it streams in), its
+/// content type, and the method and URI in `x-echo-method` and `x-echo-uri`.
+async fn http(mut req: Request, mut resp: Response) -> HandlerResult {
+    let first = req.recv().await?.ok_or("no request chunk")?;
+    let head = RequestHead::decode(&first)?;
+    let ctype = head
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .map_or_else(|| bytes::Bytes::from_static(b"application/octet-stream"), |(_, v)| v.clone());
+    let headers = vec![
+        ("Content-Type".to_string(), ctype),
+        ("X-Echo-Method".to_string(), bytes::Bytes::from(head.method.into_bytes())),
+        ("X-Echo-Uri".to_string(), bytes::Bytes::from(head.uri.into_bytes())),
+    ];
+    resp.write(ResponseHead { code: 200, headers }.encode()).await?;
+    if !head.body.is_empty() {
+        resp.write(head.body).await?;
+    }
+    while let Some(chunk) = req.recv().await? {
+        resp.write(chunk).await?;
+    }
+    Ok(())
+}
+
 /// Serves the engine until it says terminate.
 ///
 /// Fails when the arguments are not the engine's or the engine connection fails.
@@ -38,6 +65,7 @@ pub async fn run(a: Args) -> anyhow::Result<u8> {
         .on("echo", echo)
         .on("upper", upper)
         .on("fail", fail)
+        .on("http", http)
         .run()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
