@@ -33,6 +33,7 @@
 
 pub mod admin;
 mod connection;
+pub mod flags;
 
 use nodus_wire::Message;
 use std::path::PathBuf;

@@ -14,6 +14,8 @@ pub mod cache_store;
 pub mod clock;
 pub mod config;
 pub mod detector;
+pub mod flags;
+mod inproc;
 pub mod ntp;
 pub mod router;
 pub mod server;

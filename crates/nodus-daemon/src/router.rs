@@ -456,6 +456,21 @@ impl Router {
         self.services.get(service).map_or(0, Vec::len)
     }
 
+    /// The other nodes reachable now.
+    pub fn live_nodes(&self) -> Vec<String> {
+        self.topology.live_remotes()
+    }
+
+    /// The other nodes known but not reachable now.
+    pub fn unreachable_nodes(&self) -> Vec<String> {
+        self.topology
+            .known()
+            .keys()
+            .filter(|n| n.as_str() != self.server && !self.topology.is_live(n))
+            .cloned()
+            .collect()
+    }
+
     /// Where connection `conn` came from, while it is open.
     pub fn origin(&self, conn: ConnId) -> Option<&Origin> {
         self.conns.get(&conn).map(|c| &c.origin)

@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     locator: Option<nodus_engine::LocatorHandle>,
     /// Makes the router's cache journal durable (set once its thread runs).
     cache_writer: std::sync::OnceLock<crate::cache_store::CacheWriter>,
+    /// The node's flags (the `flags` service and the node's own watchers).
+    flags: crate::flags::NodeFlags,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -186,6 +188,16 @@ impl Shared {
     /// The node configuration.
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The node's clock, now (Unix ms).
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Other nodes reachable now.
+    pub(crate) fn live_nodes(&self) -> Vec<String> {
+        self.lock().router.live_nodes()
     }
 
     /// Runs `f` on the router under the lock and applies the actions it pushed.
@@ -474,7 +486,16 @@ impl Daemon {
             _ => None,
         };
         let nodes_dir = config.data_dir.clone();
+        let flags_dir = config.control.flags_path(&config.data_dir);
+        let flags = crate::flags::NodeFlags::open(
+            flags_dir.clone(),
+            &config.server_name,
+            config.control.flags_limit,
+            clock.clone(),
+        )
+        .with_context(|| format!("cannot open the flag directory {}", flags_dir.display()))?;
         let shared = Arc::new(Shared {
+            flags,
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
             counters: Arc::new(Counters::new(&config.limits)),
@@ -568,6 +589,7 @@ impl Daemon {
         // Built-in services register before any listener accepts: a client connecting as soon as
         // the node is reachable finds them.
         let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        let flags = crate::flags::start(shared.clone(), shared.flags.clone());
         if let Some(l) = self.tcp {
             info!(addr = %l.local_addr()?, "listening on TCP");
             tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
@@ -598,7 +620,7 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
-        Ok(Running { shared, tracker, ticker, apps, locator, locator_stop, persist, unix_path })
+        Ok(Running { shared, tracker, ticker, apps, flags, locator, locator_stop, persist, unix_path })
     }
 }
 
@@ -609,6 +631,8 @@ struct Running {
     tracker: TaskTracker,
     ticker: tokio::task::JoinHandle<()>,
     apps: Option<crate::apps::Apps>,
+    /// The `flags` service.
+    flags: tokio::task::JoinHandle<()>,
     locator: Option<tokio::task::JoinHandle<()>>,
     locator_stop: CancellationToken,
     persist: tokio::task::JoinHandle<()>,
@@ -664,6 +688,7 @@ impl Running {
         if let Some(apps) = self.apps {
             apps.shutdown().await;
         }
+        self.flags.abort();
         self.tracker.close();
         if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait()).await.is_err() {
             warn!(tasks = self.tracker.len(), "some connections did not finish writing in time: cutting them");

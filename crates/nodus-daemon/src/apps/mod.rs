@@ -11,6 +11,7 @@
 mod bridge;
 mod store;
 
+pub(crate) use bridge::is_request;
 pub use store::{AppStore, Installed, Progress, Stage, StoreError, Wanted};
 
 use crate::config::Config;

@@ -12,6 +12,7 @@ mod cluster;
 mod config;
 mod daemon;
 mod echo_worker;
+mod flags;
 mod send;
 mod serve;
 mod services;
@@ -147,6 +148,8 @@ pub enum Command {
     Cluster(Group<cluster::Command>),
     /// Deploy and run apps (worker processes supervised by the node).
     App(Group<app::Command>),
+    /// Raise, lower and list flags (communicatord's): `count`/`raised` exit 1 when a flag is up.
+    Flags(Group<flags::Command>),
     /// Print the version of this nodus binary.
     Version(config::VersionArgs),
     /// Print a shell completion script: `nodus completions bash > /etc/bash_completion.d/nodus`.
@@ -174,6 +177,7 @@ impl Args {
             Command::Stop(w) => &w.conn,
             Command::Cluster(g) => &g.conn,
             Command::App(g) => &g.conn,
+            Command::Flags(g) => &g.conn,
             Command::Config(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Version(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Daemon(_) | Command::Completions(_) | Command::Man(_) | Command::EchoWorker(_) => return outer,
@@ -333,6 +337,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Stop(w) => status::stop(&Ctx::new(&conn)?, w.args).await,
         Command::Cluster(g) => cluster::run(&Ctx::new(&conn)?, g.command).await,
         Command::App(g) => app::run(&Ctx::new(&conn)?, g.command).await,
+        Command::Flags(g) => flags::run(&Ctx::new(&conn)?, g.command).await,
     }
 }
 
