@@ -48,6 +48,7 @@ use crate::auth::{AccessPolicy, Origin, Principal};
 use crate::cache::{Cache, CacheLimits, Stored};
 use crate::detector::PhiDetector;
 use crate::topology::{Health, KnownNode, RecordKey, Topology};
+use nodus_control::expiry::{self, is_expired};
 use nodus_wire::node::{answerable, NodeRequest, Permission, Permissions, RequestError};
 use nodus_wire::{binary, Message, MessageError};
 use rand::SeedableRng;
@@ -339,6 +340,8 @@ struct Pending {
     /// The id the requester chose; restored in the reply's `reply_to`.
     origin_id: u64,
     deadline: i64,
+    /// The deadline is the request's own `_expires_at` (earlier than the request timeout).
+    expires: bool,
     command: String,
 }
 
@@ -606,10 +609,14 @@ impl Router {
             }
         };
         msg.envelope.perms = Permissions::NONE;
-        if msg.envelope.expires_at != 0 && msg.envelope.expires_at <= now {
+        if is_expired(msg.envelope.expires_at, now) {
             self.stats.expired += 1;
-            let e = self.error(&msg, "expired", "the message expired before it could be delivered");
-            return self.refuse(conn, &msg, e, out);
+            let place = format!("the router of node {}", self.server);
+            if let Some(mut e) = expiry::expired_reply(&msg, now, &place) {
+                e.from = self.node_address();
+                self.refuse(conn, &msg, e, out);
+            }
+            return;
         }
         if !self.sniffers.is_empty() {
             self.sniff(conn, &msg, out);
@@ -808,14 +815,15 @@ impl Router {
                 return false;
             }
             let timeout = ms(self.limits.request_timeout);
-            let deadline = match msg.envelope.expires_at {
-                0 => now.saturating_add(timeout),
-                e => e.min(now.saturating_add(timeout)),
+            let by_timeout = now.saturating_add(timeout);
+            let (deadline, expires) = match msg.envelope.expires_at {
+                e if e != 0 && e < by_timeout => (e, true),
+                _ => (by_timeout, false),
             };
             let local_id = self.next_id;
             self.next_id += 1;
             msg.envelope.id = local_id;
-            let pending = Pending { origin, origin_id: id, deadline, command: msg.command.clone() };
+            let pending = Pending { origin, origin_id: id, deadline, expires, command: msg.command.clone() };
             self.pending.insert((target, local_id), pending);
             if let Some(c) = self.conns.get_mut(&target) {
                 c.in_flight += 1;
@@ -872,8 +880,8 @@ impl Router {
                 match self.cache.push(&service, origin, perms, msg.clone(), expires_at, now, &mut dropped) {
                     Some(seq) => {
                         self.stats.cached += 1;
-                        for seq in dropped {
-                            self.journal(CacheOp::Remove(seq), out);
+                        for t in dropped {
+                            self.expired_in_cache(t, now, out);
                         }
                         if self.durable_cache {
                             self.journal(CacheOp::Put(Box::new(Stored { seq, service, expires_at, perms, msg })), out);
@@ -953,6 +961,22 @@ impl Router {
             out.push(Action::PersistCache);
         }
         self.journal.push(op);
+    }
+
+    /// A cached message expired before its service registered: it leaves the journal, and its
+    /// sender (when still connected, and the message may be answered) gets `ERROR code=expired`.
+    fn expired_in_cache(&mut self, t: crate::cache::Taken, now: i64, out: &mut Vec<Action>) {
+        self.journal(CacheOp::Remove(t.seq), out);
+        self.stats.expired += 1;
+        if !self.conns.contains_key(&t.origin) || !answerable(&t.msg) {
+            return;
+        }
+        let place =
+            format!("the cache of node {} (service {:?} did not register in time)", self.server, t.msg.to.service);
+        if let Some(mut e) = expiry::expired_reply(&t.msg, now, &place) {
+            e.from = self.node_address();
+            out.push(Action::Deliver(t.origin, e));
+        }
     }
 
     /// The cache ops since the last call, in order, for the persistence task to make durable.
@@ -1134,8 +1158,11 @@ impl Router {
         out.push(Action::Deliver(conn, self.answer(msg, "HELP")));
         out.push(Action::Deliver(conn, self.answer(msg, "READY").param("server", &self.server)));
         let (taken, expired) = self.cache.take(&name, now);
-        for seq in expired.into_iter().chain(taken.iter().map(|t| t.seq)) {
-            self.journal(CacheOp::Remove(seq), out);
+        for t in &taken {
+            self.journal(CacheOp::Remove(t.seq), out);
+        }
+        for t in expired {
+            self.expired_in_cache(t, now, out);
         }
         for t in taken {
             let need = match self.conns.get(&conn).map(|c| &c.role) {
@@ -1279,26 +1306,32 @@ impl Router {
     /// connections whose handshake is late.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.cluster_tick(now, out);
-        for seq in self.cache.sweep(now) {
-            self.journal(CacheOp::Remove(seq), out);
+        for t in self.cache.sweep(now) {
+            self.expired_in_cache(t, now, out);
         }
         let mut timed_out = Vec::new();
         self.pending.retain(|(responder, _), p| {
             let keep = p.deadline > now;
             if !keep {
-                timed_out.push((*responder, p.origin, p.origin_id, std::mem::take(&mut p.command)));
+                timed_out.push((*responder, p.origin, p.origin_id, std::mem::take(&mut p.command), p.expires));
             }
             keep
         });
-        for (responder, origin, id, command) in timed_out {
+        for (responder, origin, id, command, expires) in timed_out {
             if let Some(c) = self.conns.get_mut(&responder) {
                 c.in_flight = c.in_flight.saturating_sub(1);
             }
             if let Some(c) = self.conns.get_mut(&origin) {
                 c.outstanding = c.outstanding.saturating_sub(1);
             }
-            let text = "no reply arrived before the request timed out: the request may have run";
-            self.fail_request(origin, id, "timeout", command, text, out);
+            if expires {
+                let text = "the request expired (_expires_at) before it was answered: if it had not started \
+                            by then it never will, but it may have run";
+                self.fail_request(origin, id, expiry::EXPIRED_CODE, command, text, out);
+            } else {
+                let text = "no reply arrived before the request timed out: the request may have run";
+                self.fail_request(origin, id, "timeout", command, text, out);
+            }
         }
     }
 

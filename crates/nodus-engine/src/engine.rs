@@ -330,6 +330,25 @@ impl AppCaller {
         }
     }
 
+    /// [`AppCaller::call`] for a request that must not run after `deadline` (its `_expires_at`
+    /// on tokio's clock): if no worker took it by then, it is dropped from the queue and `done`
+    /// gets [`Rejection::Expired`]; it never reaches a worker.
+    pub fn call_before(&self, event: impl Into<String>, body: Bytes, deadline: Instant, done: CallDone) -> bool {
+        let ev = AppEvent::CallBefore { event: event.into(), body, deadline, done };
+        match self.tx.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(AppEvent::CallBefore { done, .. })) => {
+                done.complete(Err(SessionError::Rejected(Rejection::Busy { limit: self.limit })));
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(AppEvent::CallBefore { done, .. })) => {
+                done.complete(Err(SessionError::EngineGone));
+                false
+            }
+            Err(_) => unreachable!("try_send gives back the event it was given"),
+        }
+    }
+
     /// Opens a streaming session in one event: `event` with `body` as its first input chunk
     /// (none when empty), the input closed when `close`. Unlike [`Engine::invoke`] it never
     /// waits for the app's task: a refusal (queue full, the app failed or stopped, its event
@@ -511,6 +530,7 @@ impl Engine {
             stop_waiters: Vec::new(),
             accept: accept.abort_handle(),
             dirty: Vec::new(),
+            expiring: std::collections::BTreeSet::new(),
         };
         tokio::spawn(actor.run(rx));
         Ok(AppHandle { tx, crashlog, caller_ids: Arc::new(AtomicU64::new(CALLER_IDS)) })
@@ -600,6 +620,8 @@ pub(crate) enum AppEvent {
     Invoke { event: String, reply: oneshot::Sender<Result<Session, EngineError>> },
     /// A caller makes a one-chunk call and collects the reply.
     Call { event: String, body: Bytes, done: CallDone },
+    /// [`AppEvent::Call`] that must not reach a worker after `deadline`.
+    CallBefore { event: String, body: Bytes, deadline: Instant, done: CallDone },
     /// A caller opens a session whose id and first input it chose ([`AppCaller::open`]).
     Open { id: u64, event: String, pending: Vec<Up>, down: mpsc::Sender<Down> },
     /// A caller sends up a session.
@@ -664,6 +686,8 @@ struct SessionEntry {
     place: Place,
     /// The caller is gone or too slow: replies are dropped.
     abandoned: bool,
+    /// A call that must not reach a worker after this (see [`AppCaller::call_before`]).
+    deadline: Option<Instant>,
 }
 
 impl SessionEntry {
@@ -732,6 +756,9 @@ struct App {
     accept: AbortHandle,
     /// Connections with encoded messages in `out`.
     dirty: Vec<u64>,
+    /// Queued calls with a deadline, soonest first: dropped with [`Rejection::Expired`] when it
+    /// passes before a worker took them.
+    expiring: std::collections::BTreeSet<(Instant, u64)>,
 }
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
@@ -812,10 +839,8 @@ impl App {
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
         let workers = self.workers.values().filter_map(|w| w.machine.next_deadline()).min();
-        match (workers, self.balancer.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let expiring = self.expiring.first().map(|(d, _)| d.into_std());
+        [workers, self.balancer.next_deadline(), expiring].into_iter().flatten().min()
     }
 
     fn tick(&mut self) {
@@ -824,7 +849,25 @@ impl App {
             w.machine.tick(now);
         }
         self.balancer.tick(now);
+        self.expire(now);
         self.settle();
+    }
+
+    /// Drops the queued calls whose deadline has come: they never reach a worker.
+    fn expire(&mut self, now: std::time::Instant) {
+        while let Some(&(deadline, id)) = self.expiring.first() {
+            if deadline.into_std() > now {
+                break;
+            }
+            self.expiring.pop_first();
+            let queued = self.sessions.get(&id).is_some_and(|e| matches!(e.place, Place::Queued { .. }));
+            if queued && self.balancer.cancel(id) {
+                if let Some(mut entry) = self.sessions.remove(&id) {
+                    tracing::debug!(app = %self.name, session = id, "request expired in the queue; not run");
+                    entry.fail(SessionError::Rejected(Rejection::Expired));
+                }
+            }
+        }
     }
 
     fn emit(&self, ev: EngineEvent) {
@@ -849,6 +892,7 @@ impl App {
                             sink: Sink::Stream(down_tx),
                             place: Place::Queued { pending: Vec::new() },
                             abandoned: false,
+                            deadline: None,
                         };
                         self.sessions.insert(id, entry);
                         if reply.send(Ok(session)).is_err() {
@@ -874,9 +918,21 @@ impl App {
                             sink: Sink::Collect { chunks: Vec::new(), done: Some(done) },
                             place: Place::Queued { pending },
                             abandoned: false,
+                            deadline: None,
                         };
                         self.sessions.insert(id, entry);
                     }
+                }
+            }
+            AppEvent::CallBefore { event, body, deadline, done } => {
+                if deadline.into_std() <= now {
+                    return done.complete(Err(SessionError::Rejected(Rejection::Expired)));
+                }
+                let id = self.next_session;
+                self.handle(AppEvent::Call { event, body, done }, now);
+                if let Some(entry) = self.sessions.get_mut(&id) {
+                    entry.deadline = Some(deadline);
+                    self.expiring.insert((deadline, id));
                 }
             }
             AppEvent::Open { id, event, pending, down } => match self.balancer.enqueue(id, now) {
@@ -889,6 +945,7 @@ impl App {
                         sink: Sink::Stream(down),
                         place: Place::Queued { pending },
                         abandoned: false,
+                        deadline: None,
                     };
                     self.sessions.insert(id, entry);
                 }
@@ -1119,6 +1176,9 @@ impl App {
             }
             Action::Reject { request, error } => {
                 if let Some(mut entry) = self.sessions.remove(&request) {
+                    if let Some(d) = entry.deadline {
+                        self.expiring.remove(&(d, request));
+                    }
                     entry.fail(SessionError::Rejected(error));
                 }
             }
@@ -1207,6 +1267,17 @@ impl App {
     }
 
     fn assign(&mut self, request: u64, worker: WorkerId, now: std::time::Instant) {
+        if let Some(deadline) = self.sessions.get(&request).and_then(|e| e.deadline) {
+            self.expiring.remove(&(deadline, request));
+            if deadline.into_std() <= now {
+                // Its time ran out while it waited: it is not run.
+                if let Some(mut entry) = self.sessions.remove(&request) {
+                    entry.fail(SessionError::Rejected(Rejection::Expired));
+                }
+                self.balancer.session_done(worker, false, now);
+                return;
+            }
+        }
         let Some(entry) = self.sessions.get_mut(&request) else {
             // Withdrawn meanwhile.
             self.balancer.session_done(worker, true, now);
@@ -1254,6 +1325,9 @@ impl App {
         let Some(entry) = self.sessions.get_mut(&session) else { return };
         match entry.place {
             Place::Queued { .. } => {
+                if let Some(d) = entry.deadline {
+                    self.expiring.remove(&(d, session));
+                }
                 self.sessions.remove(&session);
                 self.balancer.cancel(session);
             }

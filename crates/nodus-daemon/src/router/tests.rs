@@ -108,6 +108,14 @@ fn cached_message_expires_by_ttl_on_the_virtual_clock() {
     assert_eq!(r.cached_len(), 2);
     r.tick(1_000 + 10_000, &mut out);
     assert_eq!(r.cached_len(), 1);
+    // Its sender is told, once: the message was dropped, never delivered.
+    let told: Vec<(ConnId, String, Option<String>, Option<String>)> = delivered(&mut out)
+        .into_iter()
+        .map(|(c, m)| (c, m.command.clone(), m.get("code").map(String::from), m.get("command").map(String::from)))
+        .collect();
+    assert_eq!(told, [(2, "ERROR".to_string(), Some("expired".to_string()), Some("A".to_string()))]);
+    r.tick(1_000 + 20_000, &mut out);
+    assert!(out.is_empty());
     r.connect(1, Origin::Internal);
     r.handle(1, Message::new("REGISTER").param("service", "later").param("version", 1), 12_000, &mut out);
     let cmds: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
