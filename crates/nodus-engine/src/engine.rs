@@ -241,6 +241,14 @@ struct AppHandle {
     caller_ids: Arc<AtomicU64>,
 }
 
+/// The event the control plane invokes on a worker to monitor it (seed 000 `monitoring`): its one
+/// chunk is the request's content as JSON (`{"id", "pid", "creator", "created_at", "expires_at",
+/// "spec": "monitoring", "config": {"sync_time"}}`), and the worker answers one JSON chunk with
+/// the same envelope and `"result": {"sync_time", "name", "host", "is_running", "message"}`. The
+/// worker SDK answers it by default; a worker that does not know the event (a plain Cocaine
+/// worker answers "no handler") is answered for by its node.
+pub const MONITORING_EVENT: &str = "nodus:monitoring";
+
 /// The first session id a caller chooses itself.
 const CALLER_IDS: u64 = 1 << 63;
 
@@ -531,6 +539,7 @@ impl Engine {
             accept: accept.abort_handle(),
             dirty: Vec::new(),
             expiring: std::collections::BTreeSet::new(),
+            probes: std::collections::HashSet::new(),
         };
         tokio::spawn(actor.run(rx));
         Ok(AppHandle { tx, crashlog, caller_ids: Arc::new(AtomicU64::new(CALLER_IDS)) })
@@ -590,6 +599,42 @@ impl Engine {
         tx.send(AppEvent::Population { n }).await.map_err(|_| EngineError::Gone)
     }
 
+    /// Asks one worker something outside the app's queue and balancing: `event` (the control
+    /// plane's [`MONITORING_EVENT`]) with `body` as its one chunk, on a channel of that worker
+    /// only, even when it is busy; `done` gets its reply chunks. The worker must be active
+    /// (handshaken and heartbeating), else `done` gets [`SessionError::WorkerFailed`] at once.
+    ///
+    /// # Errors
+    /// An unknown app (`done` gets [`SessionError::EngineGone`]).
+    pub fn probe(
+        &self,
+        app: &str,
+        worker: WorkerId,
+        event: &str,
+        body: Bytes,
+        done: CallDone,
+    ) -> Result<(), EngineError> {
+        let tx = self.handle(app)?;
+        let ev = AppEvent::Probe { worker, event: event.to_string(), body, done };
+        if let Err(e) = tx.try_send(ev) {
+            let (mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev)) = e;
+            if let AppEvent::Probe { done, .. } = ev {
+                done.complete(Err(SessionError::Rejected(Rejection::Busy { limit: self.inner.config.app_events })));
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks one worker to terminate (terminate, then SIGTERM, then SIGKILL, as when the pool
+    /// shrinks); its open sessions finish first. The app may start another in its place.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub async fn terminate(&self, app: &str, worker: WorkerId) -> Result<(), EngineError> {
+        let tx = self.handle(app)?;
+        tx.send(AppEvent::Terminate { worker }).await.map_err(|_| EngineError::Gone)
+    }
+
     /// A snapshot of an app.
     ///
     /// # Errors
@@ -642,6 +687,10 @@ pub(crate) enum AppEvent {
     Info { reply: oneshot::Sender<AppInfo> },
     /// How many workers to keep running when idle.
     Population { n: usize },
+    /// A call on one worker's own channel, outside the queue ([`Engine::probe`]).
+    Probe { worker: WorkerId, event: String, body: Bytes, done: CallDone },
+    /// Terminate one worker.
+    Terminate { worker: WorkerId },
     /// Stop request, answered when no worker is left.
     Stop { reply: oneshot::Sender<()> },
     /// The app is forgotten: end the actor.
@@ -759,6 +808,8 @@ struct App {
     /// Queued calls with a deadline, soonest first: dropped with [`Rejection::Expired`] when it
     /// passes before a worker took them.
     expiring: std::collections::BTreeSet<(Instant, u64)>,
+    /// Open sessions of [`Engine::probe`]: not counted by the balancer.
+    probes: std::collections::HashSet<u64>,
 }
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
@@ -1013,6 +1064,13 @@ impl App {
                     workers,
                 });
             }
+            AppEvent::Probe { worker, event, body, done } => self.probe(worker, event, body, done),
+            AppEvent::Terminate { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    tracing::info!(app = %self.name, worker, "terminating the worker, as asked");
+                    w.machine.terminate("the worker was killed", now);
+                }
+            }
             AppEvent::Population { n } => {
                 tracing::info!(app = %self.name, population = n, "population set");
                 self.balancer.set_population(n, now);
@@ -1160,7 +1218,9 @@ impl App {
             if let Some(mut entry) = self.sessions.remove(&s) {
                 entry.fail(SessionError::WorkerFailed(reason.to_string()));
             }
-            self.balancer.session_done(worker, false, now);
+            if !self.probes.remove(&s) {
+                self.balancer.session_done(worker, false, now);
+            }
         }
     }
 
@@ -1300,6 +1360,38 @@ impl App {
         }
     }
 
+    /// Opens `event` on `worker`'s own channel, outside the balancer: the session is not
+    /// counted in the worker's load and never queued.
+    fn probe(&mut self, worker: WorkerId, event: String, body: Bytes, done: CallDone) {
+        let active = self.workers.get(&worker).is_some_and(|w| w.machine.state() == State::Active && w.conn.is_some());
+        if !active {
+            let state = self.workers.get(&worker).map_or("gone".to_string(), |w| w.machine.state().name().to_string());
+            return done.complete(Err(SessionError::WorkerFailed(format!("worker {worker} is not active ({state})"))));
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        let channel = w.next_channel;
+        w.next_channel += 1;
+        w.channels.insert(channel, id);
+        self.sessions.insert(
+            id,
+            SessionEntry {
+                event: event.clone(),
+                sink: Sink::Collect { chunks: Vec::new(), done: Some(done) },
+                place: Place::Open { worker, channel },
+                abandoned: false,
+                deadline: None,
+            },
+        );
+        self.probes.insert(id);
+        self.send_to_worker(worker, &Message::Invoke { channel, event });
+        if !body.is_empty() {
+            self.send_to_worker(worker, &Message::Chunk { channel, data: body });
+        }
+        self.send_to_worker(worker, &Message::Choke { channel });
+    }
+
     fn up(&mut self, session: u64, msg: Up) {
         let limit = self.config.session_messages;
         let Some(entry) = self.sessions.get_mut(&session) else { return };
@@ -1434,7 +1526,9 @@ impl App {
         }
         if last {
             self.sessions.remove(&session);
-            self.balancer.session_done(worker, true, now);
+            if !self.probes.remove(&session) {
+                self.balancer.session_done(worker, true, now);
+            }
         }
     }
 }
