@@ -42,6 +42,17 @@ impl InProc {
         Arc::new(InProc { shared, conn, next: AtomicU64::new(1), waiting: Mutex::new(HashMap::new()) })
     }
 
+    /// The router connection of the service.
+    pub(crate) fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// A fresh id for a request this service sends itself (answers to it come back through
+    /// [`InProc::settle`], which gives them back: nobody waits for them here).
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// The node.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -56,7 +67,7 @@ impl InProc {
     ///
     /// Fails on timeout, or when too many requests are outstanding.
     pub(crate) async fn ask(&self, mut msg: Message, timeout: Duration) -> Result<Message, AskError> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id();
         msg.envelope.id = id;
         let (tx, rx) = oneshot::channel();
         {

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cache_store;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod detector;
 pub mod flags;
 mod inproc;

@@ -270,6 +270,49 @@ struct Client {
     needs: HashMap<String, Permission>,
     sniff: Option<SniffFilter>,
     auth_failures: u8,
+    /// Where it stands in the component tree, once registered.
+    component: Option<Registration>,
+}
+
+/// A registered service instance as a component (seed 000): its id, what started it, since when.
+#[derive(Debug, Clone)]
+struct Registration {
+    id: u64,
+    pid: u64,
+    parent_node: Option<String>,
+    since: i64,
+}
+
+/// A registered service instance, as the control plane sees it ([`Router::registered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Its connection.
+    pub conn: ConnId,
+    /// The service name.
+    pub service: String,
+    /// A built-in service of the node (or an app's bridge).
+    pub internal: bool,
+    /// Its component id (announced in `READY component=`).
+    pub component: u64,
+    /// The component that started it (`_pid` of its `REGISTER`; 0: none, the node).
+    pub pid: u64,
+    /// The node its parent runs on, when it said (`parent_node=` of its `REGISTER`).
+    pub parent_node: Option<String>,
+    /// When it registered, Unix ms.
+    pub since: i64,
+    /// Requests it is handling.
+    pub in_flight: u32,
+}
+
+/// Why [`Router::deliver_to`] did not deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliverError {
+    /// The connection is gone, or is not a registered service.
+    Gone,
+    /// The service declared its commands, and this is not one of them.
+    NotUnderstood,
+    /// Too large, or too many requests tracked.
+    Refused,
 }
 
 impl Client {
@@ -459,6 +502,63 @@ impl Router {
         self.services.get(service).map_or(0, Vec::len)
     }
 
+    /// Every registered service instance on this node, by connection.
+    pub fn registered(&self) -> Vec<Registered> {
+        let mut all: Vec<Registered> = self
+            .conns
+            .iter()
+            .filter_map(|(conn, c)| {
+                let Role::Client(cl) = &c.role else { return None };
+                let (service, reg) = (cl.service.as_ref()?, cl.component.as_ref()?);
+                Some(Registered {
+                    conn: *conn,
+                    service: service.clone(),
+                    internal: cl.principal == Principal::Internal,
+                    component: reg.id,
+                    pid: reg.pid,
+                    parent_node: reg.parent_node.clone(),
+                    since: reg.since,
+                    in_flight: c.in_flight,
+                })
+            })
+            .collect();
+        all.sort_by_key(|r| r.conn);
+        all
+    }
+
+    /// Delivers `msg` from connection `origin` (an in-process service of the node: the control
+    /// plane) to the service instance on connection `target`, not to whichever instance of its
+    /// service the balancer would pick. A request is tracked like any other, so its reply (or the
+    /// node's `ERROR code=timeout|expired|disconnected`) comes back to `origin`.
+    ///
+    /// Fails when `target` is not a registered service, does not take the command (its
+    /// `COMMANDS`), or the message cannot be tracked or is too large.
+    pub fn deliver_to(
+        &mut self,
+        origin: ConnId,
+        target: ConnId,
+        mut msg: Message,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), DeliverError> {
+        let service = match self.conns.get(&origin).map(|c| &c.role) {
+            Some(Role::Client(c)) => c.service.clone(),
+            _ => return Err(DeliverError::Gone),
+        };
+        let Some(Role::Client(t)) = self.conns.get(&target).map(|c| &c.role) else { return Err(DeliverError::Gone) };
+        let Some(name) = t.service.clone() else { return Err(DeliverError::Gone) };
+        if !t.understands(&msg.command) {
+            return Err(DeliverError::NotUnderstood);
+        }
+        self.stamp_sender(&mut msg, service);
+        msg.to = nodus_wire::Address::new(&self.server, &name);
+        if self.deliver_tracked(origin, target, msg, now, out) {
+            Ok(())
+        } else {
+            Err(DeliverError::Refused)
+        }
+    }
+
     /// The other nodes reachable now.
     pub fn live_nodes(&self) -> Vec<String> {
         self.topology.live_remotes()
@@ -507,6 +607,7 @@ impl Router {
                     needs: HashMap::new(),
                     sniff: None,
                     auth_failures: 0,
+                    component: None,
                 })
             }
         };
@@ -1151,12 +1252,20 @@ impl Router {
         if let Err(text) = self.claim(&name, &principal, privileged) {
             return self.invalid_request(conn, msg, &text, out);
         }
+        // Its component id is the node's (name and start) and the connection's: unique for the
+        // node's life, and never reused by a later run.
+        let started = self.started_at.to_string();
+        let id = nodus_control::ComponentId::derive(&[&self.server, &started, "service", &conn.to_string()]).get();
+        let parent_node = msg.get("parent_node").filter(|n| !n.is_empty() && *n != self.server).map(String::from);
+        let registration = Registration { id, pid: msg.envelope.pid, parent_node, since: now };
         if let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
             c.service = Some(name.clone());
+            c.component = Some(registration);
         }
         self.services.entry(name.clone()).or_default().push(conn);
         out.push(Action::Deliver(conn, self.answer(msg, "HELP")));
-        out.push(Action::Deliver(conn, self.answer(msg, "READY").param("server", &self.server)));
+        let ready = self.answer(msg, "READY").param("server", &self.server).param("component", id);
+        out.push(Action::Deliver(conn, ready));
         let (taken, expired) = self.cache.take(&name, now);
         for t in &taken {
             self.journal(CacheOp::Remove(t.seq), out);

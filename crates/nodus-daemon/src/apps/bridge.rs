@@ -53,7 +53,7 @@ impl Bridges {
             b.running.store(running, Ordering::Relaxed);
             return;
         }
-        let (conn, mut rx) = shared.attach(name);
+        let (conn, mut rx) = shared.attach_app(name);
         let flag = Arc::new(AtomicBool::new(running));
         bridges.insert(name.to_string(), Bridge { conn, running: flag.clone() });
         let (shared, engine, app) = (shared.clone(), engine.clone(), name.to_string());
