@@ -176,7 +176,11 @@ impl Control {
         let mut health = tokio::time::interval(HEALTH_EVERY);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Monitoring answers and kills due before the next tick are acted on at their time.
+            let due = [self.tracker.next_deadline(), self.tree.next_deadline()].into_iter().flatten().min();
+            let wait = due.map_or(TICK, |d| Duration::from_millis(u64::try_from(d - self.now()).unwrap_or(0)));
             tokio::select! {
+                _ = tokio::time::sleep(wait), if due.is_some() && wait < TICK => self.deadlines(),
                 m = rx.recv() => match m {
                     Some(Outbound::Msg(m, _)) => self.message(m).await,
                     Some(Outbound::Close) => {}
@@ -268,6 +272,11 @@ impl Control {
 
     async fn tick(&mut self) {
         self.refresh().await;
+        self.deadlines();
+    }
+
+    /// Kills and monitoring answers whose time has come.
+    fn deadlines(&mut self) {
         let now = self.now();
         let mut actions = Vec::new();
         self.tree.tick(now, self.limits, &mut actions);
@@ -429,6 +438,10 @@ impl Control {
             0 => now.saturating_add(self.monitoring_timeout_ms),
             e => e,
         };
+        // The component must answer a little before the requester gives up (a quarter of the
+        // time left, at most one second), so that "not answering" reaches the requester in time.
+        let margin = (expires_at.saturating_sub(now) / 4).min(1000);
+        let due = expires_at.saturating_sub(margin);
         let Some(c) = self.tree.get(target).cloned() else {
             let text = format!("no component {target} on node {}: `nodus tree --cluster` lists them", self.server);
             let e = ControlMessage::answer(
@@ -448,12 +461,12 @@ impl Control {
             Some(Handle::Service { conn, in_flight }) => {
                 let ask = self.inproc.next_id();
                 let mut forward = ControlMessage {
-                    header: Header { expires_at, ..header.clone() },
+                    header: Header { expires_at: due, ..header.clone() },
                     body: Body::Monitoring { target: Some(target), sync_time },
                 }
                 .to_message();
                 forward.envelope.id = ask;
-                if let Err(e) = self.tracker.expect(ask, target, sync_time, expires_at, now) {
+                if let Err(e) = self.tracker.expect(ask, target, sync_time, due, now) {
                     let e = ControlMessage::answer(
                         &header,
                         Some(target),
@@ -492,7 +505,7 @@ impl Control {
             }
             Some(Handle::Worker { app, worker, pid, state, load }) => {
                 let ask = self.inproc.next_id();
-                if let Err(e) = self.tracker.expect(ask, target, sync_time, expires_at, now) {
+                if let Err(e) = self.tracker.expect(ask, target, sync_time, due, now) {
                     let e = ControlMessage::answer(
                         &header,
                         Some(target),
@@ -519,7 +532,7 @@ impl Control {
                     "pid": header.pid.map(|p| p.to_string()),
                     "creator": header.creator,
                     "created_at": header.created_at,
-                    "expires_at": expires_at,
+                    "expires_at": due,
                     "spec": "monitoring",
                     "config": {"sync_time": sync_time},
                 });
@@ -566,8 +579,9 @@ impl Control {
     /// Asks the component's own node, and hands its answer back (or says it did not answer).
     fn relay(&self, msg: Message, node: &str, expires_at: i64) {
         let inproc = self.inproc.clone();
-        let wait =
-            Duration::from_millis(u64::try_from(expiry::remaining(expires_at, self.now()).unwrap_or(0)).unwrap_or(0));
+        // Answer a little before the requester gives up, as for a local component.
+        let left = expiry::remaining(expires_at, self.now()).unwrap_or(0);
+        let wait = Duration::from_millis(u64::try_from(left - (left / 4).min(1000)).unwrap_or(0));
         let mut ask = msg.clone();
         ask.to = nodus_wire::Address::new(node, CONTROL_SERVICE);
         ask.from = Default::default();

@@ -1,5 +1,5 @@
-//! `nodus echo-worker`: a built-in example worker (events `echo`, `upper`, `fail`), so an app can
-//! be deployed with nothing but this binary.
+//! `nodus echo-worker`: a built-in example worker (events `echo`, `upper`, `fail`, `sleep` and
+//! `count`), so an app can be deployed with nothing but this binary.
 
 use nodus_engine::worker_sdk::{HandlerResult, Request, Response, Worker, WorkerArgs};
 
@@ -12,6 +12,7 @@ pub struct Args {
 }
 
 async fn echo(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
     while let Some(chunk) = req.recv().await? {
         resp.write(chunk).await?;
     }
@@ -19,6 +20,7 @@ async fn echo(mut req: Request, mut resp: Response) -> HandlerResult {
 }
 
 async fn upper(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
     while let Some(chunk) = req.recv().await? {
         resp.write(chunk.to_ascii_uppercase()).await?;
     }
@@ -26,7 +28,35 @@ async fn upper(mut req: Request, mut resp: Response) -> HandlerResult {
 }
 
 async fn fail(_req: Request, _resp: Response) -> HandlerResult {
+    count_call();
     Err("failed on purpose".into())
+}
+
+/// Invocations this worker process started (every event but `count` itself counts).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_call() {
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Waits the number of milliseconds its input says, then answers `slept`.
+async fn sleep(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
+    let mut input = Vec::new();
+    while let Some(chunk) = req.recv().await? {
+        input.extend_from_slice(&chunk);
+    }
+    let ms: u64 = std::str::from_utf8(&input)?.trim().parse()?;
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    resp.write("slept").await?;
+    Ok(())
+}
+
+/// How many invocations this worker ran before this one (tests use it to prove a request never
+/// reached a worker).
+async fn count(_req: Request, mut resp: Response) -> HandlerResult {
+    resp.write(CALLS.load(std::sync::atomic::Ordering::Relaxed).to_string()).await?;
+    Ok(())
 }
 
 /// Serves the engine until it says terminate.
@@ -38,6 +68,8 @@ pub async fn run(a: Args) -> anyhow::Result<u8> {
         .on("echo", echo)
         .on("upper", upper)
         .on("fail", fail)
+        .on("sleep", sleep)
+        .on("count", count)
         .run()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
