@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     flags: crate::flags::NodeFlags,
     /// Connections of apps' bridges.
     app_bridges: Mutex<std::collections::HashSet<ConnId>>,
+    /// Parts of the node that run components of their own (the tasks mount).
+    component_sources: Mutex<Vec<Arc<dyn crate::control::ComponentSource>>>,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -158,6 +160,11 @@ impl Shared {
         let (conn, rx) = self.attach(name);
         self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).insert(conn);
         (conn, rx)
+    }
+
+    /// The parts of the node that run components of their own.
+    pub(crate) fn component_sources(&self) -> Vec<Arc<dyn crate::control::ComponentSource>> {
+        self.component_sources.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// True when `conn` is an app's bridge.
@@ -562,6 +569,7 @@ impl Daemon {
         let shared = Arc::new(Shared {
             flags,
             app_bridges: Mutex::default(),
+            component_sources: Mutex::default(),
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
             counters: Arc::new(Counters::new(&config.limits)),
@@ -587,6 +595,12 @@ impl Daemon {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
         Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors })
+    }
+
+    /// Makes the components of `source` (tasks) part of the node's component tree: listed,
+    /// monitored and killed like the others (see [`crate::control::ComponentSource`]).
+    pub fn add_component_source(&self, source: Arc<dyn crate::control::ComponentSource>) {
+        self.shared.component_sources.lock().unwrap_or_else(|e| e.into_inner()).push(source);
     }
 
     /// The bound cluster listener address, if enabled.

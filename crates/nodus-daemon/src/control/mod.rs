@@ -41,6 +41,8 @@
 pub mod health;
 pub(crate) mod sources;
 
+pub use sources::ComponentSource;
+
 use crate::inproc::InProc;
 use crate::router::DeliverError;
 use crate::server::{Outbound, Shared};
@@ -77,15 +79,20 @@ pub const RELEASE: &str = "RELEASE";
 /// List the node's components.
 pub const TREE: &str = "TREE";
 
-/// Commands of the service and the permission each needs.
-const COMMANDS: [(&str, Permission); 6] = [
-    (ctl::MONITORING, Permission::Status),
-    (TREE, Permission::Status),
-    (ctl::KILL, Permission::Admin),
-    (ctl::ERROR, Permission::Admin),
-    (ADOPT, Permission::Admin),
-    (RELEASE, Permission::Admin),
-];
+/// Commands of the service and the permission each needs: the crate's requests
+/// ([`ctl::COMMANDS`]: `MONITORING` status, `KILL` admin), the listing, and what nodes tell each
+/// other.
+fn commands() -> Vec<(&'static str, Permission)> {
+    let mut all: Vec<(&str, Permission)> =
+        ctl::COMMANDS.iter().map(|(c, a)| (*c, crate::flags::permission(*a))).collect();
+    all.extend([
+        (TREE, Permission::Status),
+        (ctl::ERROR, Permission::Admin),
+        (ADOPT, Permission::Admin),
+        (RELEASE, Permission::Admin),
+    ]);
+    all
+}
 
 /// Completions of work the service started on other tasks.
 enum Event {
@@ -109,7 +116,7 @@ struct Asked {
 
 /// Registers the `control` service and runs it until the node stops.
 pub(crate) fn start(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
-    let (conn, rx) = shared.attach_with(CONTROL_SERVICE, Some(&COMMANDS));
+    let (conn, rx) = shared.attach_with(CONTROL_SERVICE, Some(&commands()));
     let inproc = InProc::new(shared.clone(), conn);
     let (events_tx, events) = mpsc::channel(1024);
     let c = &shared.config().control;
@@ -560,6 +567,7 @@ impl Control {
                     ),
                     Some(Handle::App { status, .. }) => format!("app {}: {status}", c.name),
                     Some(Handle::BuiltIn) => format!("built-in service of node {}", self.server),
+                    Some(Handle::External(_)) => format!("{} {} on node {}", c.kind, c.name, self.server),
                     _ => String::new(),
                 };
                 let result = c.monitoring_result(sync_time, message);
@@ -948,6 +956,7 @@ impl Control {
                     });
                 }
             }
+            Some(Handle::External(source)) => source.0.stop(id),
             // Built-in services stop with the node; anything else is gone already.
             Some(Handle::BuiltIn) | None => {
                 self.tree.finished(id, now, self.limits, more);

@@ -1,12 +1,47 @@
 //! Where the node's components come from, read fresh each time (never from events that could be
 //! missed): the node itself, the router's registered services (built-in ones, apps' bridges, and
-//! programs, with the `_pid`/`parent_node` they registered with), and the engine's apps and
-//! worker processes. The control service reconciles its [`Tree`](nodus_control::Tree) with this.
+//! programs, with the `_pid`/`parent_node` they registered with), the engine's apps and worker
+//! processes, and the parts of the node that run components of their own ([`ComponentSource`]:
+//! the hook the tasks mount uses for tasks). The control service reconciles its
+//! [`Tree`](nodus_control::Tree) with this.
 
 use crate::router::ConnId;
 use crate::server::Shared;
 use nodus_control::{Component, ComponentId, ComponentKind};
 use nodus_engine::balance::{AppStatus, WorkerId};
+
+/// A part of the node that runs components of its own (tasks and what they start): it lists
+/// them for the tree and stops one when the control plane kills it. The node answers monitoring
+/// for them from what [`ComponentSource::components`] says (`is_running`).
+///
+/// The tasks mount registers one with [`crate::Daemon::add_component_source`] (a task's `pid`
+/// is the component that submitted it, its kind [`ComponentKind::Task`]; a subtask's `pid` is its
+/// task).
+pub trait ComponentSource: Send + Sync {
+    /// The components it runs now, with this node as their `node`.
+    fn components(&self) -> Vec<Component>;
+    /// Stops component `id` (a kill reached it after what it started): abort the task and its
+    /// execution. It then leaves [`ComponentSource::components`], which the tree notices.
+    fn stop(&self, id: ComponentId);
+}
+
+/// A [`ComponentSource`], compared by identity.
+#[derive(Clone)]
+pub(crate) struct Source(pub(crate) std::sync::Arc<dyn ComponentSource>);
+
+impl PartialEq for Source {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Source {}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ComponentSource")
+    }
+}
 
 /// How the node reaches a component of its own, to monitor or stop it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +56,8 @@ pub(crate) enum Handle {
     App { name: String, status: String },
     /// One worker process of an app.
     Worker { app: String, worker: WorkerId, pid: u32, state: String, load: usize },
+    /// A component of a [`ComponentSource`] (a task).
+    External(Source),
 }
 
 /// One reading of the node's components.
@@ -110,6 +147,13 @@ pub(crate) async fn snapshot(shared: &Shared, started_at: i64) -> Snapshot {
                 load: w.load,
             };
             components.push((c, handle));
+        }
+    }
+    for source in shared.component_sources() {
+        for c in source.components() {
+            if c.node == server {
+                components.push((c, Handle::External(Source(source.clone()))));
+            }
         }
     }
     Snapshot { components, failed_apps }
