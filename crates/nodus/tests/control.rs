@@ -10,6 +10,7 @@
 
 use nodus_client::control::{Killed, Monitored};
 use nodus_client::{Client, ClientConfig, ClientError, Incoming, State};
+use nodus_control::control::{Body, ControlMessage, Header};
 use nodus_control::listing::ComponentRow;
 use nodus_control::ComponentId;
 use nodus_wire::Message;
@@ -35,11 +36,18 @@ struct Node {
     locator: u16,
     neighbors: Vec<u16>,
     extra: String,
+    /// More keys of its `[cluster]` section.
+    cluster_extra: String,
     child: Option<Child>,
 }
 
 impl Node {
     fn start(root: &Path, name: &str, neighbors: &[u16], extra: &str) -> Node {
+        Node::start_with(root, name, neighbors, extra, "")
+    }
+
+    /// [`Node::start`] with more keys in the `[cluster]` section.
+    fn start_with(root: &Path, name: &str, neighbors: &[u16], extra: &str, cluster_extra: &str) -> Node {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut n = Node {
@@ -50,6 +58,7 @@ impl Node {
             locator: free_port(),
             neighbors: neighbors.to_vec(),
             extra: extra.into(),
+            cluster_extra: cluster_extra.into(),
             child: None,
         };
         n.run();
@@ -80,7 +89,7 @@ impl Node {
         let config = format!(
             "{top}\nserver_name = \"{name}\"\ndata_dir = \"{data}\"\nunix_socket = \"{sock}\"\ntcp_listen = \"127.0.0.1:{tcp}\"\n\
              [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nneighbors = [{neighbors}]\nsecret = \"{SECRET}\"\n\
-             heartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:{locator}\"\nrun_as = \"{run_as}\"\n{extra}\n",
+             heartbeat_ms = 100\nudp_listen = \"\"\n{cluster_extra}\n[apps]\nlocator_listen = \"127.0.0.1:{locator}\"\nrun_as = \"{run_as}\"\n{extra}\n",
             name = self.name,
             data = self.data().display(),
             sock = self.socket().display(),
@@ -89,6 +98,7 @@ impl Node {
             neighbors = neighbors.join(","),
             locator = self.locator,
             extra = sections,
+            cluster_extra = self.cluster_extra,
         );
         let file = self.dir.join("nodus.toml");
         std::fs::write(&file, config).unwrap();
@@ -161,6 +171,10 @@ fn nix_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -325,6 +339,42 @@ async fn every_kind_of_component_answers_monitoring_and_a_silent_one_is_reported
         assert_eq!((result.name.as_str(), result.host.as_str()), (name, "m1"), "{kind}");
         assert!(tag.starts_with("result:monitoring:"), "{tag}");
     }
+    // The seed's envelope, field for field, on a request written by hand: the answer keeps the
+    // conversation id and expiry, is created now by the component (`pid`), names its creator,
+    // and its tag is `result:monitoring:<id>:<pid>:<creator>`.
+    let app = id(find(&r, "app", "rw").unwrap());
+    let conversation = client.next_id();
+    let created = now_ms();
+    let expires = created + 3_000;
+    let header = Header {
+        id: conversation,
+        pid: None,
+        creator: "envelope-test".into(),
+        created_at: created,
+        expires_at: expires,
+    };
+    let request = ControlMessage { header, body: Body::Monitoring { target: Some(app), sync_time: 4242 } }
+        .to_message()
+        .to("m1:control");
+    let line = nodus_wire::text::to_line(&request);
+    assert!(line.contains(&format!("tag=config:monitoring:{conversation}:null:envelope-test")), "{line}");
+    assert!(line.contains("message_type=config") && line.contains("spec=monitoring"), "{line}");
+    let reply = client.request_with_timeout(request, WAIT).await.unwrap();
+    let answered_line = nodus_wire::text::to_line(&reply);
+    let env = &reply.envelope;
+    assert_eq!(
+        (reply.command.as_str(), reply.get("message_type"), reply.get("spec")),
+        ("RESULT", Some("result"), Some("monitoring"))
+    );
+    assert_eq!(reply.get("sync_time"), Some("4242"), "{answered_line}");
+    assert_eq!((env.pid, env.expires_at), (app.get(), expires), "{answered_line}");
+    assert!(env.created_at >= created && env.created_at <= now_ms(), "{answered_line}");
+    assert!(!env.creator.is_empty(), "{answered_line}");
+    let tag = format!("result:monitoring:{conversation}:{app}:{}", env.creator);
+    assert_eq!(reply.get("tag"), Some(tag.as_str()), "{answered_line}");
+    for field in ["name=rw", "host=m1", "is_running=", "message="] {
+        assert!(answered_line.contains(field), "{field}: {answered_line}");
+    }
     // The Rust worker answers itself through the worker SDK (workers but busy one have is_running false).
     let worker = find(&r, "worker", "rw/").unwrap();
     let (result, creator, _) = answered(&ask(worker).await);
@@ -402,6 +452,28 @@ async fn a_chain_of_five_across_two_nodes_killed_in_the_middle() {
     let depth =
         |name: &str| drawn.lines().find(|l| l.contains(&format!("service {name} @"))).map(|l| l.find("service"));
     assert!(depth("c4") > depth("c3") && depth("c3") > depth("c2") && depth("c2") > depth("c1"), "{drawn}");
+    assert!(drawn.contains("service c3 @kb") && drawn.contains("service c2 @ka"), "{drawn}");
+    // `tree ID`: that component and what it started, on both nodes, nothing else; as JSON too.
+    let sub = text(&a.cli(&["tree", &ids[2].to_string()]));
+    assert!(sub.lines().next().is_some_and(|l| l.contains("service c2 @ka")), "{sub}");
+    assert!(sub.contains("service c3 @kb") && sub.contains("service c4 @kb"), "{sub}");
+    assert!(!sub.contains("service c1 ") && !sub.contains("node ka"), "{sub}");
+    let v = json(&a.cli(&["--json", "tree", &ids[2].to_string()]));
+    let listed: Vec<(String, u64, String)> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_string(), c["depth"].as_u64().unwrap(), c["pid"].to_string()))
+        .collect();
+    let want: Vec<(String, u64, String)> = (2..5)
+        .map(|i| (format!("c{i}"), (i - 2) as u64, serde_json::Value::String(ids[i - 1].to_string()).to_string()))
+        .collect();
+    assert_eq!(listed, want, "{v}");
+    // `--local`: this node's components only.
+    let local = text(&b.cli(&["tree", "--local"]));
+    assert!(local.contains("service c3 @kb") && !local.contains("@ka"), "{local}");
+    let o = a.cli(&["tree", "12345"]);
+    assert_eq!(o.status.code(), Some(1), "an unknown id: {}", text(&o));
 
     // Each of the lower three records when its KILL arrived, then sees its stream end.
     let killed = |name: &'static str, mut incoming: Incoming| {
@@ -494,6 +566,64 @@ async fn kill_needs_admin_and_kills_apps_workers_and_the_node() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(json(&o)["stopped"], true);
     node.wait_exit();
+}
+
+/// Who may kill, across two nodes: pa admits pb as an admin node (the default, `"*"` on a link
+/// with the secret), pb admits nobody (`admin_nodes = []`). c2 runs on pa, c3 on pb was started
+/// by c2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_is_for_local_owners_token_holders_and_admin_peers_only() {
+    let root = tempfile::Builder::new().prefix("nctl").tempdir().unwrap();
+    let a = Node::start(root.path(), "pa", &[], "");
+    let b = Node::start_with(root.path(), "pb", &[a.cluster], "", "admin_nodes = []");
+    let watch = a.client().await;
+    until("the two nodes linked", || async { watch.admin().cluster_info().await.is_ok_and(|c| c.live == 2) }).await;
+    let (c2, _in2) = a.service("c2", |c| c).await;
+    let (c3, _in3) = b.service("c3", |c| c.parent(c2.component(), Some("pa".into()))).await;
+    let (id2, id3) = (ComponentId::new(c2.component()).unwrap(), ComponentId::new(c3.component()).unwrap());
+    until("c3 under c2 in the cluster tree", || async {
+        rows(&watch, true).await.iter().any(|r| r.id == id3.to_string() && r.pid == Some(id2.to_string()))
+    })
+    .await;
+    let tcp = |node: &Node, token: Option<String>| {
+        let mut config = ClientConfig::new(format!("127.0.0.1:{}", node.tcp)).no_reconnect();
+        if let Some(t) = token {
+            config = config.token(t);
+        }
+        async move { Client::connect(config).await.unwrap().0 }
+    };
+    let forbidden = |k: Killed| match k {
+        Killed::Refused { code, message } => assert_eq!(code, "forbidden", "{message}"),
+        other => panic!("killed without the right: {other:?}"),
+    };
+    // Anonymous TCP clients may not kill, on their node nor through an admin peer: the peer
+    // carries what its client may do, not what the peer may.
+    let anon_a = tcp(&a, None).await;
+    forbidden(anon_a.kill("pa", id2, WAIT).await.unwrap());
+    let anon_b = tcp(&b, None).await;
+    forbidden(anon_b.kill("pa", id2, WAIT).await.unwrap());
+    // The owner of pa on pa's socket may kill there, but pb does not take kills from pa: the
+    // CLI's kill of c3 through pa is refused by pb.
+    let o = a.cli(&["kill", &id3.to_string()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("forbidden"), "{}", text(&o));
+    assert_eq!((c2.state(), c3.state()), (State::Connected, State::Connected));
+    // A client of pb holding pb's token is pb's owner, and pa admits pb: it kills c2 on pa. The
+    // cascade's KILL of c3, from pa to pb, is refused by pb, so c3 keeps running and is reported
+    // as not having answered; c2 stops anyway once the wait for it is over.
+    let token = std::fs::read_to_string(b.data().join("auth.token")).unwrap().trim().to_string();
+    let owner_b = tcp(&b, Some(token)).await;
+    match owner_b.kill("pa", id2, Duration::from_secs(4)).await.unwrap() {
+        Killed::Done { stopped, unanswered } => assert_eq!((stopped, unanswered), (true, vec![id3])),
+        other => panic!("{other:?}"),
+    }
+    assert!(c2.wait_state(State::Closed, WAIT).await, "c2 killed");
+    assert_eq!(c3.state(), State::Connected, "pb refused pa's kill of c3");
+    assert_eq!(c3.request(Message::new("PING")).await.unwrap().command, "PONG");
+    // pb's own owner kills c3 on pb.
+    let o = b.cli(&["kill", &id3.to_string()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(c3.wait_state(State::Closed, WAIT).await, "c3 killed by pb's owner");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
