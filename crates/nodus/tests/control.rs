@@ -706,6 +706,68 @@ async fn expired_messages_are_never_executed_where_they_wait() {
     assert_eq!(count.payload.as_ref(), b"1", "only the slow call ran on the worker");
 }
 
+/// The same rule one hop away: a client of xa sends to node xb, where the message waits in the
+/// cache of an expected service and in an app's queue; it expires there, is never executed, and
+/// its sender is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_waiting_on_another_node_are_never_executed_and_their_sender_is_told() {
+    let root = tempfile::Builder::new().prefix("nctl").tempdir().unwrap();
+    let a = Node::start(root.path(), "xa", &[], "");
+    let b = Node::start(root.path(), "xb", &[a.cluster], "expected_services = [\"later\"]");
+    let client = a.client().await;
+    until("the two nodes linked", || async { client.admin().cluster_info().await.is_ok_and(|c| c.live == 2) }).await;
+    let refused = |e: ClientError| e.refusal().map(|r| (r.code().map(String::from), r.to_string()));
+
+    // The cache of node xb.
+    let mut cached = Message::new("LATER").to("xb:later").param("n", "1");
+    cached.envelope.expires_at = now_ms() + 400;
+    let started = Instant::now();
+    let (code, text) = refused(client.request_with_timeout(cached, WAIT).await.unwrap_err()).unwrap();
+    assert_eq!(code.as_deref(), Some("expired"), "{text}");
+    // Both xb's cache and xa (tracking the request) tell at the expiry: whichever comes first.
+    assert!(text.contains("the cache of node xb") || text.contains("before it was answered"), "{text}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "told at the expiry, not before");
+    let (_later, mut later_in) = b.service("later", |c| c).await;
+    client.send(Message::new("LATER").to("xb:later").param("n", "2")).await.unwrap();
+    let first = loop {
+        let m = tokio::time::timeout(WAIT, later_in.recv()).await.unwrap().unwrap();
+        if m.command == "LATER" {
+            break m;
+        }
+    };
+    assert_eq!(first.get("n"), Some("2"), "the expired cached message was never delivered");
+
+    // The queue of an app on node xb, its one worker kept busy by a client of xb.
+    deploy(
+        &b,
+        root.path(),
+        "xq",
+        serde_json::json!({"executable": NODUS, "args": ["echo-worker"]}),
+        Some("pool-limit = 1\nconcurrency = 1\nqueue-limit = 10\n"),
+    );
+    let local = b.client().await;
+    let busy = {
+        let local = local.clone();
+        tokio::spawn(async move {
+            local.request_with_timeout(Message::new("SLEEP").to("xq").with_payload("1500"), WAIT).await
+        })
+    };
+    until("the worker busy", || async {
+        local.admin().app_info("xq").await.is_ok_and(|i| i.workers.iter().any(|w| w.load > 0))
+    })
+    .await;
+    let mut queued = Message::new("ECHO").to("xb:xq").with_payload("never");
+    queued.envelope.expires_at = now_ms() + 300;
+    let code = match client.request_with_timeout(queued, WAIT).await {
+        Ok(m) => m.get("code").map(String::from),
+        Err(e) => refused(e).and_then(|(c, _)| c),
+    };
+    assert_eq!(code.as_deref(), Some("expired"));
+    assert_eq!(busy.await.unwrap().unwrap().payload.as_ref(), b"slept");
+    let count = local.request_with_timeout(Message::new("COUNT").to("xq"), WAIT).await.unwrap();
+    assert_eq!(count.payload.as_ref(), b"1", "only the slow call ran on the worker");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flags_cli_persistence_manual_down_and_the_limit() {
     let root = tempfile::Builder::new().prefix("nctl").tempdir().unwrap();
