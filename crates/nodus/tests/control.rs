@@ -469,6 +469,12 @@ async fn a_chain_of_five_across_two_nodes_killed_in_the_middle() {
         .map(|i| (format!("c{i}"), (i - 2) as u64, serde_json::Value::String(ids[i - 1].to_string()).to_string()))
         .collect();
     assert_eq!(listed, want, "{v}");
+    for c in v["components"].as_array().unwrap() {
+        assert_eq!(c["kind"], "service", "{c}");
+        assert!(c["created_at"].as_i64().is_some_and(|t| t > 0) && c["expires_at"].is_i64(), "the envelope: {c}");
+        assert!(c["creator"].as_str().is_some_and(|s| !s.is_empty()), "the envelope: {c}");
+    }
+    assert_eq!(v["components"][1]["parent_node"], "ka", "c3 was started from another node: {v}");
     // `--local`: this node's components only.
     let local = text(&b.cli(&["tree", "--local"]));
     assert!(local.contains("service c3 @kb") && !local.contains("@ka"), "{local}");
@@ -531,7 +537,7 @@ async fn a_chain_of_five_across_two_nodes_killed_in_the_middle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_needs_admin_and_kills_apps_workers_and_the_node() {
     let root = tempfile::Builder::new().prefix("nctl").tempdir().unwrap();
-    let mut node = Node::start(root.path(), "kn", &[], "");
+    let mut node = Node::start(root.path(), "kn", &[], "[control]\nstop_grace_ms = 800");
     let client = node.client().await;
     deploy(&node, root.path(), "ka", serde_json::json!({"executable": NODUS, "args": ["echo-worker"]}), None);
     assert!(node.cli(&["app", "scale", "ka", "2"]).status.success());
@@ -560,6 +566,24 @@ async fn kill_needs_admin_and_kills_apps_workers_and_the_node() {
     assert_eq!(r.iter().filter(|r| r.kind == "worker").count(), 0, "{r:?}");
     assert!(!find(&r, "app", "ka").unwrap().is_running);
     assert!(text(&node.cli(&["app", "list"])).contains("stopped"));
+    // A service whose program handles control messages itself and ignores the KILL is
+    // disconnected anyway once `stop_grace_ms` is over; one whose SDK handles it, at once.
+    let (deaf, mut deaf_in) = node.service("deaf", |c| c.handle_control(false)).await;
+    let (obedient, _obedient_in) = node.service("obedient", |c| c).await;
+    let started = Instant::now();
+    let o = node.cli(&["kill", &deaf.component().to_string()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(deaf.wait_state(State::Closed, WAIT).await, "deaf closed");
+    assert!(started.elapsed() >= Duration::from_millis(700), "closed after its grace: {:?}", started.elapsed());
+    let mut saw_kill = false;
+    while let Some(m) = deaf_in.try_recv() {
+        saw_kill |= m.command == "KILL";
+    }
+    assert!(saw_kill, "the program got the KILL");
+    let started = Instant::now();
+    assert!(node.cli(&["kill", &obedient.component().to_string()]).status.success());
+    assert!(obedient.wait_state(State::Closed, WAIT).await, "obedient closed");
+    assert!(started.elapsed() < Duration::from_millis(700), "its SDK answered: {:?}", started.elapsed());
     // Killing the node stops it.
     let me = find(&r, "node", "kn").unwrap().id.clone();
     let o = node.cli(&["kill", &me, "--json"]);
@@ -780,8 +804,27 @@ async fn flags_cli_persistence_manual_down_and_the_limit() {
     assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).trim()), (Some(0), "0"), "{}", text(&o));
     assert_eq!(code_of(&node, &["flags", "raised"]), Some(0));
     // Raise: exit 0; then count and raised exit 1.
-    let up = ["flags", "up", "backup", "nightly", "failed", "disk full", "--priority", "60", "--tags", "disk,backup"];
+    let up = [
+        "flags",
+        "up",
+        "backup",
+        "nightly",
+        "failed",
+        "disk full",
+        "--priority",
+        "60",
+        "--tags",
+        "disk,backup",
+        "--source-file",
+        "backup.sh",
+        "--function",
+        "nightly",
+        "--line",
+        "42",
+    ];
+    let before = now_ms();
     assert_eq!(code_of(&node, &up), Some(0));
+    let first = json(&node.cli(&["flags", "list", "--json"]))["flags"][0].clone();
     assert_eq!(code_of(&node, &up), Some(0), "raising again updates it");
     let o = node.cli(&["flags", "count"]);
     assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).trim()), (Some(1), "1"));
@@ -803,6 +846,14 @@ async fn flags_cli_persistence_manual_down_and_the_limit() {
     let f = v["flags"].as_array().unwrap().iter().find(|f| f["unit"] == "backup").unwrap().clone();
     assert_eq!((&f["priority"], &f["count"], &f["hostname"]), (&60.into(), &2.into(), &"fl".into()), "{f}");
     assert_eq!(f["tags"], serde_json::json!(["backup", "disk"]));
+    assert_eq!((&f["source_file"], &f["function"], &f["line"]), (&"backup.sh".into(), &"nightly".into(), &42.into()));
+    assert_eq!((&f["message"], &f["manual_down"]), (&"disk full".into(), &false.into()), "{f}");
+    assert!(f["version"].as_str().is_some_and(|v| !v.is_empty()), "{f}");
+    // The first date stays that of the first raise; the modified date moves with each raise.
+    let (date, modified) = (f["date"].as_i64().unwrap(), f["modified"].as_i64().unwrap());
+    assert_eq!(date, first["date"].as_i64().unwrap(), "{first} then {f}");
+    assert!(date >= before / 1000 * 1000 - 1000 && modified >= date, "{f}");
+    assert!(modified >= first["modified"].as_i64().unwrap(), "{f}");
     // They survive a restart, manual_down included.
     node.stop();
     node.run();
@@ -840,6 +891,16 @@ async fn flags_cli_persistence_manual_down_and_the_limit() {
     let answer = String::from_utf8_lossy(&std::mem::take(&mut sh.stdout)).to_string();
     assert!(answer.contains("FLAG_IS_UP") && answer.contains("new=yes"), "{answer}");
     assert_eq!(code_of(&node, &["flags", "raised", "sh", "script", "warned"]), Some(1));
+    // And lowers it the same way.
+    let down = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("exec 3<>/dev/tcp/127.0.0.1/$PORT; printf 'flags/FLAG_DOWN unit=sh;section=script;name=warned;_id=10\\n' >&3; read -r line <&3; echo \"$line\"")
+        .env("PORT", node.tcp.to_string())
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&down.stdout).to_string();
+    assert!(answer.contains("_reply_to=10") && !answer.contains("ERROR"), "{answer}");
+    assert_eq!(code_of(&node, &["flags", "raised", "sh", "script", "warned"]), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
