@@ -720,14 +720,40 @@ async fn expired_messages_are_never_executed_where_they_wait() {
     let mut queued = Message::new("ECHO").to("q").with_payload("never");
     queued.envelope.expires_at = now() + 300;
     let answer = client.request_with_timeout(queued, WAIT).await;
-    let code = match answer {
+    let queued_code = match answer {
         Ok(m) => m.get("code").map(String::from),
         Err(e) => code(e),
     };
-    assert_eq!(code.as_deref(), Some("expired"));
+    assert_eq!(queued_code.as_deref(), Some("expired"));
     assert_eq!(busy.await.unwrap().unwrap().payload.as_ref(), b"slept");
     let count = client.request_with_timeout(Message::new("COUNT").to("q"), WAIT).await.unwrap();
     assert_eq!(count.payload.as_ref(), b"1", "only the slow call ran on the worker");
+
+    // 5. The queue of a built-in service: the apps service runs changes one at a time, and a
+    //    change whose time runs out behind a slow one (stopping an app whose worker is busy)
+    //    is never run.
+    deploy(&node, root.path(), "keep", serde_json::json!({"executable": NODUS, "args": ["echo-worker"]}), None);
+    let busy = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client.request_with_timeout(Message::new("SLEEP").to("q").with_payload("1500"), WAIT).await
+        })
+    };
+    until("the worker busy again", || async {
+        client.admin().app_info("q").await.is_ok_and(|i| i.workers.iter().any(|w| w.load > 0))
+    })
+    .await;
+    let stop_started = Instant::now();
+    client.send(Message::new("STOP").to("apps").param("name", "q")).await.unwrap();
+    let mut remove = Message::new("REMOVE").to("apps").param("name", "keep");
+    remove.envelope.expires_at = now() + 300;
+    assert_eq!(code(client.request_with_timeout(remove, WAIT).await.unwrap_err()).as_deref(), Some("expired"));
+    let _ = busy.await.unwrap();
+    until("q stopped", || async { client.admin().app_info("q").await.is_ok_and(|i| i.workers.is_empty()) }).await;
+    assert!(stop_started.elapsed() >= Duration::from_millis(300), "the stop outlived the remove's time");
+    // The apps service is free again: a later request is answered, and `keep` was never removed.
+    let list = text(&node.cli(&["app", "list"]));
+    assert!(list.contains("keep"), "the expired REMOVE never ran: {list}");
 }
 
 /// The same rule one hop away: a client of xa sends to node xb, where the message waits in the
