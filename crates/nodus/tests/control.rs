@@ -603,7 +603,7 @@ async fn kill_is_for_local_owners_token_holders_and_admin_peers_only() {
     let watch = a.client().await;
     until("the two nodes linked", || async { watch.admin().cluster_info().await.is_ok_and(|c| c.live == 2) }).await;
     let (c2, _in2) = a.service("c2", |c| c).await;
-    let (c3, _in3) = b.service("c3", |c| c.parent(c2.component(), Some("pa".into()))).await;
+    let (c3, mut in3) = b.service("c3", |c| c.parent(c2.component(), Some("pa".into()))).await;
     let (id2, id3) = (ComponentId::new(c2.component()).unwrap(), ComponentId::new(c3.component()).unwrap());
     until("c3 under c2 in the cluster tree", || async {
         rows(&watch, true).await.iter().any(|r| r.id == id3.to_string() && r.pid == Some(id2.to_string()))
@@ -626,6 +626,19 @@ async fn kill_is_for_local_owners_token_holders_and_admin_peers_only() {
     forbidden(anon_a.kill("pa", id2, WAIT).await.unwrap());
     let anon_b = tcp(&b, None).await;
     forbidden(anon_b.kill("pa", id2, WAIT).await.unwrap());
+    // A KILL written by another program straight to c3 is not obeyed by c3's SDK (only its own
+    // node's control kills it): the program sees it, then the next message; c3 stays.
+    let header = Header { id: 0, pid: None, creator: "c2".into(), created_at: now_ms(), expires_at: 0 };
+    let forged = ControlMessage { header, body: Body::Kill { target: Some(id3) } }.to_message().to("pb:c3");
+    c2.send(forged).await.unwrap();
+    c2.send(Message::new("AFTER").to("pb:c3")).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("AFTER") {
+        let m = tokio::time::timeout(WAIT, in3.recv()).await.expect("c3 hears").expect("c3's stream goes on");
+        seen.push(m.command);
+    }
+    assert!(seen.contains(&"KILL".to_string()), "{seen:?}");
+    assert_eq!(c3.state(), State::Connected);
     // The owner of pa on pa's socket may kill there, but pb does not take kills from pa: the
     // CLI's kill of c3 through pa is refused by pb.
     let o = a.cli(&["kill", &id3.to_string()]);
