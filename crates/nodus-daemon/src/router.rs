@@ -1196,7 +1196,16 @@ impl Router {
     fn info(&self, msg: &Message, now: i64) -> Message {
         let s = &self.stats;
         let instances: usize = self.services.values().map(Vec::len).sum();
-        let clients = self.conns.values().filter(|c| matches!(c.role, Role::Client(_) | Role::Pending(_))).count();
+        // Connections of programs: not links, datagrams, nor the node's own in-process services.
+        let clients = self
+            .conns
+            .values()
+            .filter(|c| match &c.role {
+                Role::Client(cl) => cl.principal != Principal::Internal,
+                Role::Pending(_) => true,
+                _ => false,
+            })
+            .count();
         self.answer(msg, "INFO")
             .param("server", &self.server)
             .param("version", env!("CARGO_PKG_VERSION"))
