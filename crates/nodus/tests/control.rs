@@ -480,6 +480,38 @@ async fn a_chain_of_five_across_two_nodes_killed_in_the_middle() {
     assert!(local.contains("service c3 @kb") && !local.contains("@ka"), "{local}");
     let o = a.cli(&["tree", "12345"]);
     assert_eq!(o.status.code(), Some(1), "an unknown id: {}", text(&o));
+    // Monitoring reaches a component of the other node through its node; asking either node
+    // gets the same answer.
+    for via in [&watch, &c0] {
+        match via.monitor("kb", ComponentId::new(ids[4]).unwrap(), Duration::from_secs(3)).await.unwrap() {
+            Monitored::Answered { result, creator, .. } => {
+                assert_eq!((result.name.as_str(), creator.as_str()), ("c4", "kb:c4"));
+            }
+            other => panic!("c4 did not answer across nodes: {other:?}"),
+        }
+    }
+    // On a terminal, `nodus monitor` redraws its table in place (cursor home, clear screen) at
+    // every round; `script` gives it one.
+    let command = format!("{NODUS} --node {} monitor {} --count 2 --interval 100ms --timeout 2s", a.endpoint(), ids[3]);
+    match Command::new("script").args(["-qec", &command, "/dev/null"]).output() {
+        Ok(o) => {
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "{out}");
+            assert_eq!(out.matches("\x1b[H\x1b[2J").count(), 2, "two rounds drawn in place: {out:?}");
+            assert_eq!(out.matches("1 of 1 component(s) answered").count(), 2, "{out}");
+        }
+        Err(e) => {
+            assert!(!in_ci(), "CI=true and util-linux's script cannot run: {e}");
+            eprintln!("SKIPPED the terminal part: script cannot run ({e})");
+        }
+    }
+    assert!(
+        !a.cli(&["monitor", &ids[3].to_string(), "--count", "2", "--interval", "100ms"])
+            .stdout
+            .windows(2)
+            .any(|w| w == b"\x1b["),
+        "no escape codes when the output is not a terminal"
+    );
 
     // Each of the lower three records when its KILL arrived, then sees its stream end.
     let killed = |name: &'static str, mut incoming: Incoming| {
