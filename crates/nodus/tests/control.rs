@@ -584,6 +584,17 @@ async fn kill_needs_admin_and_kills_apps_workers_and_the_node() {
         Killed::Refused { code, .. } => assert_eq!(code, "forbidden"),
         other => panic!("an anonymous client killed an app: {other:?}"),
     }
+    // An id nobody has: the protocol's own refusal, saying where ids are listed.
+    let o = node.cli(&["kill", "12345"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no component 12345") && text(&o).contains("`nodus tree`"), "{}", text(&o));
+    match client.kill("kn", ComponentId::new(12345).unwrap(), WAIT).await.unwrap() {
+        Killed::Refused { code, message } => {
+            assert_eq!(code, "unknown_component", "{message}");
+            assert!(message.contains("`nodus tree`"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     // A built-in service stops only with its node.
     let flags = find(&r, "service", "flags").unwrap();
     let o = node.cli(&["kill", &flags.id]);

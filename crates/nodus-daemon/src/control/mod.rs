@@ -450,7 +450,8 @@ impl Control {
         let margin = (expires_at.saturating_sub(now) / 4).min(1000);
         let due = expires_at.saturating_sub(margin);
         let Some(c) = self.tree.get(target).cloned() else {
-            let text = format!("no component {target} on node {}: `nodus tree --cluster` lists them", self.server);
+            let text =
+                format!("no component {target} on node {}: `nodus tree` lists the cluster's components", self.server);
             let e = ControlMessage::answer(
                 &header,
                 None,
@@ -779,7 +780,7 @@ impl Control {
             return refuse(
                 self,
                 "unknown_component",
-                format!("no component {target} on node {}: `nodus tree --cluster` lists them", self.server),
+                format!("no component {target} on node {}: `nodus tree` lists the cluster's components", self.server),
             );
         };
         if !self.tree.is_local(&c) {
