@@ -908,6 +908,14 @@ impl<S: Store> Executor<S> {
         self.inner.counters.started.fetch_add(1, Ordering::Relaxed);
         if self.inner.changes.receiver_count() > 0 {
             let procedure: Arc<str> = Arc::from(c.procedure.as_str());
+            // The store may hand the task out before its submitter has heard that it is stored
+            // (the claim commits first): then its `pending` goes out here, before `running`,
+            // under the lock the submitter takes to send it (so only one of them does).
+            let mut announcing = self.inner.announcing.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(procedure) = announcing.remove(&c.id) {
+                let change = StatusChange { id: c.id.clone(), procedure, status: Some(Status::Pending), attempt: 0 };
+                let _ = self.inner.changes.send(change);
+            }
             let change =
                 StatusChange { id: c.id.clone(), procedure, status: Some(Status::Running), attempt: c.attempt };
             let _ = self.inner.changes.send(change);
