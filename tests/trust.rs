@@ -48,6 +48,7 @@ fn forbidden(m: &Message, need: &str) {
 fn with_apps(c: &mut Config) {
     c.apps.enabled = true;
     c.apps.locator_listen = String::new();
+    c.tasks.arpcp_listen = String::new();
 }
 
 async fn info(owner: &mut TextConn, id: u64) -> Message {

@@ -29,6 +29,113 @@ pub struct Config {
     pub apps: AppsConfig,
     /// Who may do what.
     pub access: AccessConfig,
+    /// Tasks: the durable store, the executor, the arpcp listener.
+    pub tasks: TasksConfig,
+}
+
+/// The `[tasks]` section: the task service (`tasks`), its store and the arpcp listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Run the task service (it needs `[apps] enabled`: procedures are app events).
+    pub enabled: bool,
+    /// The store: `sqlite`, the file `<data_dir>/tasks.db`.
+    pub store: String,
+    /// SQLite `synchronous`: `off`, `normal`, `full` or `extra`.
+    pub synchronous: String,
+    /// How long a finished task and its result are kept, seconds.
+    pub result_ttl_secs: u64,
+    /// Largest store file, bytes; beyond it submissions are refused (arpcp 300).
+    pub max_store_bytes: u64,
+    /// Attempts of a task whose worker process keeps failing, unless it sets its own.
+    pub max_attempts: u32,
+    /// Delay before retrying a task whose worker failed: from this, doubling, ms.
+    pub retry_min_ms: u64,
+    /// Longest delay between retries, ms.
+    pub retry_max_ms: u64,
+    /// Timeout of a task that does not set one, seconds.
+    pub default_timeout_secs: u64,
+    /// Longest timeout a task may set, seconds.
+    pub max_timeout_secs: u64,
+    /// Largest arguments, bytes of JSON.
+    pub max_args_bytes: usize,
+    /// Largest result, bytes the worker writes.
+    pub max_result_bytes: usize,
+    /// Most tasks one app runs or has queued at once (also bounded by its profile).
+    pub max_inflight_per_app: usize,
+    /// Where `TASK_STATUS` notifications go: `service:NAME`, `app:APP.EVENT`, or empty (none).
+    pub notify: String,
+    /// Requests of the `tasks` service waiting for tasks to finish (`TASK`, `WAIT`) at once.
+    pub max_waiting: usize,
+    /// Subscribers of the `tasks` service's `WATCH` at once.
+    pub max_watchers: usize,
+    /// The arpcp listener (seed 004); empty disables it.
+    pub arpcp_listen: String,
+    /// Client networks served besides loopback (`10.0.0.0/8`); needed to listen beyond loopback.
+    pub arpcp_allow: Vec<String>,
+    /// arpcp connections served at once.
+    pub arpcp_max_connections: usize,
+    /// Longest arpcp request line, bytes.
+    pub arpcp_max_line_bytes: usize,
+    /// How long an arpcp client may take to send its request line, ms.
+    pub arpcp_read_timeout_ms: u64,
+}
+
+impl TasksConfig {
+    /// The SQLite file of a node whose data directory is `data_dir`.
+    pub fn sqlite_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("tasks.db")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(self.store.is_empty() || self.store.eq_ignore_ascii_case("sqlite")) {
+            return Err(format!(
+                "tasks.store is {:?}; use \"sqlite\" (the file tasks.db in the data directory)",
+                self.store
+            ));
+        }
+        self.synchronous.parse::<nodus_tasks::Synchronous>().map_err(|e| format!("tasks.synchronous: {e}"))?;
+        if !self.notify.is_empty() {
+            self.notify.parse::<nodus_tasks::notify::Target>().map_err(|e| format!("tasks.notify: {e}"))?;
+        }
+        for n in &self.arpcp_allow {
+            n.parse::<nodus_tasks::Network>().map_err(|e| format!("tasks.arpcp_allow: {e}"))?;
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err("tasks.max_attempts must be 1 to 100".into());
+        }
+        if self.retry_min_ms == 0 || self.retry_min_ms > self.retry_max_ms {
+            return Err("tasks.retry_min_ms must be positive and at most retry_max_ms".into());
+        }
+        if self.default_timeout_secs == 0 || self.default_timeout_secs > self.max_timeout_secs {
+            return Err("tasks.default_timeout_secs must be positive and at most max_timeout_secs".into());
+        }
+        if self.result_ttl_secs == 0 {
+            return Err("tasks.result_ttl_secs must be positive".into());
+        }
+        let positive = [
+            ("max_args_bytes", self.max_args_bytes),
+            ("max_result_bytes", self.max_result_bytes),
+            ("max_inflight_per_app", self.max_inflight_per_app),
+            ("max_waiting", self.max_waiting),
+            ("max_watchers", self.max_watchers),
+            ("arpcp_max_connections", self.arpcp_max_connections),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("tasks.{key} must be positive"));
+        }
+        if self.arpcp_max_line_bytes < 1024 || self.arpcp_read_timeout_ms == 0 {
+            return Err("tasks.arpcp_max_line_bytes must be at least 1024 and arpcp_read_timeout_ms positive".into());
+        }
+        if let Ok(addr) = self.arpcp_listen.parse::<std::net::SocketAddr>() {
+            if !addr.ip().is_loopback() && self.arpcp_allow.is_empty() {
+                return Err(format!(
+                    "tasks.arpcp_listen {addr} is beyond loopback: arpcp has no authentication, so set tasks.arpcp_allow to the client networks served (e.g. [\"10.0.0.0/8\"])"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[access]` section: principals and their permissions.
@@ -328,6 +435,9 @@ impl Config {
         }
         if let Err(e) = self.access.anonymous.join(",").parse::<nodus_wire::node::Permissions>() {
             return bad(format!("access.anonymous: {e}"));
+        }
+        if let Err(e) = self.tasks.validate() {
+            return bad(e);
         }
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {

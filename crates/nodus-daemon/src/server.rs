@@ -336,6 +336,8 @@ pub struct Daemon {
     tls_listener: Option<TcpListener>,
     locator: Option<nodus_engine::Locator>,
     neighbors: Vec<String>,
+    /// The arpcp listener of the task service, when tasks and it are on.
+    arpcp: Option<TcpListener>,
 }
 
 impl Daemon {
@@ -473,6 +475,7 @@ impl Daemon {
             }
             _ => None,
         };
+        let arpcp = crate::tasks::bind_arpcp(&config).await?;
         let nodes_dir = config.data_dir.clone();
         let shared = Arc::new(Shared {
             engine,
@@ -499,7 +502,7 @@ impl Daemon {
         if let Some(l) = &shared.locator {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
-        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors, arpcp })
     }
 
     /// The bound cluster listener address, if enabled.
@@ -567,7 +570,14 @@ impl Daemon {
         let persist = tokio::spawn(shared.persist.run());
         // Built-in services register before any listener accepts: a client connecting as soon as
         // the node is reachable finds them.
-        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        let (tasks, follower) = match shared.engine.clone() {
+            Some(engine) if shared.config.tasks.enabled => {
+                let (tasks, follower) = crate::tasks::TaskService::start(shared.clone(), engine, self.arpcp);
+                (Some(tasks), Some(follower))
+            }
+            _ => (None, None),
+        };
+        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine, follower));
         if let Some(l) = self.tcp {
             info!(addr = %l.local_addr()?, "listening on TCP");
             tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
@@ -598,7 +608,7 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
-        Ok(Running { shared, tracker, ticker, apps, locator, locator_stop, persist, unix_path })
+        Ok(Running { shared, tracker, ticker, apps, tasks, locator, locator_stop, persist, unix_path })
     }
 }
 
@@ -609,6 +619,7 @@ struct Running {
     tracker: TaskTracker,
     ticker: tokio::task::JoinHandle<()>,
     apps: Option<crate::apps::Apps>,
+    tasks: Option<crate::tasks::TaskService>,
     locator: Option<tokio::task::JoinHandle<()>>,
     locator_stop: CancellationToken,
     persist: tokio::task::JoinHandle<()>,
@@ -660,6 +671,10 @@ impl Running {
         self.locator_stop.cancel();
         if let Some(l) = self.locator {
             let _ = l.await;
+        }
+        // Tasks first: running attempts may finish on the apps' workers and be recorded.
+        if let Some(tasks) = self.tasks {
+            tasks.shutdown().await;
         }
         if let Some(apps) = self.apps {
             apps.shutdown().await;

@@ -35,6 +35,7 @@ impl Daemon {
         let child = Command::new(NODUS)
             .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", ""])
             .args(if extra.contains(&"--locator-listen") { &[][..] } else { &["--locator-listen", "127.0.0.1:0"][..] })
+            .args(if extra.contains(&"--arpcp-listen") { &[][..] } else { &["--arpcp-listen", ""][..] })
             .args(udp)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -622,7 +623,7 @@ fn daemon_with_log(dir: &Path, extra: &[&str]) -> (Running, PathBuf, std::sync::
     let socket = dir.join("n.sock");
     let mut child = Command::new(NODUS)
         .args(["daemon", "--server-name", "logged", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
-        .args(["--locator-listen", ""])
+        .args(["--locator-listen", "", "--arpcp-listen", ""])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--unix-socket")
@@ -683,6 +684,7 @@ fn the_daemon_logs_plain_or_json_without_colours_and_survives_sighup() {
     let mut deaf = Running(
         Command::new(NODUS)
             .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
+            .args(["--arpcp-listen", ""])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--unix-socket")
@@ -750,7 +752,7 @@ fn commands_find_the_node_started_in_the_working_directory() {
     let _daemon = Running(
         Command::new(NODUS)
             .args(["daemon", "--server-name", "here", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
-            .args(["--locator-listen", ""])
+            .args(["--locator-listen", "", "--arpcp-listen", ""])
             .current_dir(dir.path())
             .stderr(Stdio::null())
             .spawn()

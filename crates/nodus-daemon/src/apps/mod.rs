@@ -53,6 +53,18 @@ pub(crate) fn engine_config(config: &Config, locator: Option<SocketAddr>) -> any
     Ok(ec)
 }
 
+/// A change of a deployed app, told in order to a service that follows apps (the task service:
+/// an app's procedures are tasks while it is deployed, and run while it runs).
+#[derive(Debug, Clone)]
+pub(crate) enum AppChange {
+    /// The app runs this spec (started, restarted, or deployed anew).
+    Running(AppSpec),
+    /// The app is deployed but does not run (stopped, or it could not start).
+    Stopped(AppSpec),
+    /// The app was removed.
+    Removed(String),
+}
+
 /// Why the `apps` service refused a request (besides the store's [`StoreError`]).
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -154,8 +166,9 @@ pub(crate) struct Apps {
 
 impl Apps {
     /// Registers the `apps` service, starts every stored app the operator left started and
-    /// makes the stopped ones services that say so.
-    pub(crate) fn start(shared: Arc<Shared>, engine: Engine) -> Apps {
+    /// makes the stopped ones services that say so. `follower` hears of every app's changes, in
+    /// order (its queue is bounded: the `apps` service waits for it).
+    pub(crate) fn start(shared: Arc<Shared>, engine: Engine, follower: Option<mpsc::Sender<AppChange>>) -> Apps {
         let limits = shared.config().apps.clone();
         let store = AppStore::new(&shared.config().data_dir, limits.max_deploy_bytes);
         let bridges = Bridges::default();
@@ -166,6 +179,7 @@ impl Apps {
             bridges: bridges.clone(),
             max_apps: limits.max_apps,
             deploying: Mutex::default(),
+            follower,
         });
         use nodus_wire::node::Permission::{Admin, Status};
         let (conn, rx) = shared.attach_with(
@@ -206,6 +220,8 @@ struct Ctx {
     max_apps: usize,
     /// Deployments in progress, by app.
     deploying: Mutex<HashMap<String, Arc<Progress>>>,
+    /// Told of every app's changes.
+    follower: Option<mpsc::Sender<AppChange>>,
 }
 
 impl Ctx {
@@ -218,11 +234,31 @@ impl Ctx {
         for (wanted, name) in apps {
             if wanted == store::Wanted::Stopped {
                 self.bridges.attach(&self.shared, &self.engine, &name, false);
+                self.stopped(&name).await;
                 continue;
             }
             match self.start(&name).await {
                 Ok(version) => info!(app = %name, %version, "app started"),
-                Err(e) => warn!(app = %name, error = %format!("{e:#}"), "cannot start app"),
+                Err(e) => {
+                    warn!(app = %name, error = %format!("{e:#}"), "cannot start app");
+                    self.stopped(&name).await;
+                }
+            }
+        }
+    }
+
+    /// Tells the follower, if any, of a change.
+    async fn tell(&self, change: AppChange) {
+        if let Some(f) = &self.follower {
+            let _ = f.send(change).await;
+        }
+    }
+
+    /// Tells the follower that `name` is deployed but does not run.
+    async fn stopped(&self, name: &str) {
+        if self.follower.is_some() {
+            if let Ok((spec, _)) = self.load(name).await {
+                self.tell(AppChange::Stopped(spec)).await;
             }
         }
     }
@@ -309,7 +345,8 @@ impl Ctx {
                 req.reply("STARTED").param("name", name).param("version", version)
             }
             Command::Stop { name } => {
-                self.load(&name).await?;
+                let (spec, _) = self.load(&name).await?;
+                self.tell(AppChange::Stopped(spec)).await;
                 self.bridges.attach(&self.shared, &self.engine, &name, false);
                 self.publish();
                 match self.engine.stop(&name).await {
@@ -348,6 +385,7 @@ impl Ctx {
                     return Err(StoreError::NotDeployed(name).into());
                 }
                 self.detach(&name);
+                self.tell(AppChange::Removed(name.clone())).await;
                 let _ = self.engine.remove(&name).await;
                 let store = self.store.clone();
                 let app = name.clone();
@@ -526,10 +564,11 @@ impl Ctx {
         let (store, app) = (self.store.clone(), name.to_string());
         let stored = blocking(move || Ok(store.population(&app))).await?;
         let population = spec.profile.pool_limit.min(stored);
-        self.engine.start(spec).await?;
+        self.engine.start(spec.clone()).await?;
         self.engine.set_population(name, population).await?;
         self.bridges.attach(&self.shared, &self.engine, name, true);
         self.publish();
+        self.tell(AppChange::Running(spec)).await;
         Ok(())
     }
 

@@ -15,6 +15,7 @@ const UDP_PORT: u16 = 4041;
 const CLUSTER_PORT: u16 = 4042;
 const TLS_PORT: u16 = 4043;
 const LOCATOR_PORT: u16 = 10053;
+const ARPCP_PORT: u16 = 7018;
 
 /// How the daemon logs (stderr).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -46,7 +47,7 @@ pub struct DaemonArgs {
     config: Option<PathBuf>,
     /// Run instance N (1, 2, ...) of several nodes on this host: data in ./nodus-data-N, server
     /// name HOSTNAME-N, every port the default + 10×N (TCP 4040+10N, UDP 4041+10N, cluster
-    /// 4042+10N, TLS 4043+10N, locator 10053+10N). Other flags still override.
+    /// 4042+10N, TLS 4043+10N, locator 10053+10N, arpcp 7018+10N). Other flags still override.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=999))]
     instance: Option<u16>,
     /// This node's server name [default: the host name].
@@ -80,6 +81,9 @@ pub struct DaemonArgs {
     /// Cocaine-compatible locator address; '' disables it [default: 127.0.0.1:10053].
     #[arg(long)]
     locator_listen: Option<String>,
+    /// The task service's arpcp listener; '' disables it [default: 127.0.0.1:7018].
+    #[arg(long)]
+    arpcp_listen: Option<String>,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -99,6 +103,7 @@ struct Overrides {
     udp_listen: Option<String>,
     tls_listen: Option<String>,
     locator_listen: Option<String>,
+    arpcp_listen: Option<String>,
 }
 
 impl Overrides {
@@ -116,6 +121,7 @@ impl Overrides {
             udp_listen: a.udp_listen.clone(),
             tls_listen: None,
             locator_listen: a.locator_listen.clone(),
+            arpcp_listen: a.arpcp_listen.clone(),
         };
         if let Some(n) = a.instance {
             let port = |base: u16| format!("127.0.0.1:{}", base + super::INSTANCE_PORT_STEP * n);
@@ -126,6 +132,7 @@ impl Overrides {
             o.cluster_listen.get_or_insert_with(|| port(CLUSTER_PORT));
             o.tls_listen = Some(port(TLS_PORT));
             o.locator_listen.get_or_insert_with(|| port(LOCATOR_PORT));
+            o.arpcp_listen.get_or_insert_with(|| port(ARPCP_PORT));
         }
         o
     }
@@ -173,6 +180,9 @@ impl Overrides {
         }
         if let Some(v) = self.locator_listen {
             c.apps.locator_listen = v;
+        }
+        if let Some(v) = self.arpcp_listen {
+            c.tasks.arpcp_listen = v;
         }
     }
 }
@@ -252,6 +262,7 @@ mod tests {
         assert_eq!(c.cluster.listen, "127.0.0.1:4062");
         assert_eq!(c.cluster.tls_listen, "127.0.0.1:4063");
         assert_eq!(c.apps.locator_listen, "127.0.0.1:10073");
+        assert_eq!(c.tasks.arpcp_listen, "127.0.0.1:7038");
         assert_eq!(c.cluster.udp_listen, "", "a flag still overrides the instance");
         assert_eq!(c.data_dir, PathBuf::from("nodus-data-2"));
         assert_eq!(c.unix_socket, PathBuf::from("nodus-data-2/nodus.sock"));
