@@ -18,6 +18,7 @@ mod services;
 mod shell;
 mod sniff;
 mod status;
+mod task;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -147,6 +148,8 @@ pub enum Command {
     Cluster(Group<cluster::Command>),
     /// Deploy and run apps (worker processes supervised by the node).
     App(Group<app::Command>),
+    /// Run procedures of apps as durable tasks: run, submit, get, wait, list, abort, watch.
+    Task(Group<task::Command>),
     /// Print the version of this nodus binary.
     Version(config::VersionArgs),
     /// Print a shell completion script: `nodus completions bash > /etc/bash_completion.d/nodus`.
@@ -174,6 +177,7 @@ impl Args {
             Command::Stop(w) => &w.conn,
             Command::Cluster(g) => &g.conn,
             Command::App(g) => &g.conn,
+            Command::Task(g) => &g.conn,
             Command::Config(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Version(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Daemon(_) | Command::Completions(_) | Command::Man(_) | Command::EchoWorker(_) => return outer,
@@ -333,6 +337,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Stop(w) => status::stop(&Ctx::new(&conn)?, w.args).await,
         Command::Cluster(g) => cluster::run(&Ctx::new(&conn)?, g.command).await,
         Command::App(g) => app::run(&Ctx::new(&conn)?, g.command).await,
+        Command::Task(g) => task::run(&Ctx::new(&conn)?, g.command).await,
     }
 }
 
