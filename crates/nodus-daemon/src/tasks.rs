@@ -22,7 +22,7 @@
 //! error (arpcp 300) while the node keeps running, and opening is retried with backoff; a store
 //! that fails later answers 300 for what it cannot do.
 
-use crate::apps::AppChange;
+use crate::apps::{AppChange, Follower};
 use crate::config::Config;
 use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
@@ -46,7 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -125,6 +125,8 @@ struct Mount {
     engine: Engine,
     config: Config,
     state: watch::Sender<State>,
+    /// The service once its store is open and recovered; it serves once it also knows the apps.
+    opened: watch::Sender<Option<Tasks<TaskStore>>>,
     /// `TASK` and `WAIT` requests waiting at once (`max_waiting`).
     waiting: Arc<Semaphore>,
     watchers: Mutex<Watchers>,
@@ -152,11 +154,7 @@ impl TaskService {
     /// Registers the `tasks` service (before any listener accepts), then opens the store, recovers
     /// and serves on tasks of its own, and serves arpcp on `arpcp` when given. Returns the queue
     /// on which the `apps` service tells it of app changes.
-    pub(crate) fn start(
-        shared: Arc<Shared>,
-        engine: Engine,
-        arpcp: Option<TcpListener>,
-    ) -> (TaskService, mpsc::Sender<AppChange>) {
+    pub(crate) fn start(shared: Arc<Shared>, engine: Engine, arpcp: Option<TcpListener>) -> (TaskService, Follower) {
         let config = shared.config().clone();
         let (conn, rx) = shared.attach_with(TASKS_SERVICE, Some(&COMMANDS));
         let (state, _) = watch::channel(State::Starting);
@@ -167,6 +165,7 @@ impl TaskService {
             waiting: Arc::new(Semaphore::new(config.tasks.max_waiting)),
             config,
             state,
+            opened: watch::channel(None).0,
             watchers: Mutex::default(),
             undelivered: Default::default(),
         });
@@ -187,10 +186,10 @@ impl TaskService {
     /// service.
     pub(crate) async fn shutdown(mut self) {
         self.stop.cancel();
-        let state = self.mount.state.send_replace(State::Stopped);
+        self.mount.state.send_replace(State::Stopped);
         // The arpcp listener finishes the connections it serves, each within its timeouts.
         let grace = Duration::from_secs(self.mount.config.limits.shutdown_grace_secs);
-        if let State::Ready(tasks) = state {
+        if let Some(tasks) = self.mount.opened.send_replace(None) {
             tasks.shutdown(grace).await;
             tasks.store().close().await;
         }
@@ -255,19 +254,13 @@ impl Mount {
             };
             match started {
                 Ok(tasks) => {
-                    info!(store = %path.display(), "task service ready");
-                    if !self.state.send_if_modified(|s| {
-                        if matches!(s, State::Stopped) {
-                            return false;
-                        }
-                        *s = State::Ready(tasks.clone());
-                        true
-                    }) {
+                    if stop.is_cancelled() {
                         tasks.shutdown(Duration::ZERO).await;
                         tasks.store().close().await;
                         return;
                     }
-                    self.start_notifications(&tasks);
+                    info!(store = %path.display(), "task store open");
+                    self.opened.send_replace(Some(tasks));
                     return;
                 }
                 Err(why) => {
@@ -306,43 +299,66 @@ impl Mount {
         }
     }
 
-    /// Keeps the task service's procedures in step with the deployed apps. The latest state of
-    /// every app is kept while the store is not open, and applied once it is.
-    async fn follow_apps(self: Arc<Self>, mut changes: mpsc::Receiver<AppChange>) {
+    /// Keeps the task service's procedures in step with the deployed apps, and makes it serve
+    /// once its store is open and it knows every app stored on the node (so a task for a
+    /// deployed app is never refused as unknown at the node's start). Each change is applied
+    /// before the `apps` service hears it was.
+    async fn follow_apps(self: Arc<Self>, mut changes: mpsc::Receiver<(AppChange, oneshot::Sender<()>)>) {
         let mut apps: BTreeMap<String, Option<AppProcedures>> = BTreeMap::new();
-        let mut ready = self.state.subscribe();
-        let mut tasks: Option<Tasks<TaskStore>> = None;
+        let mut opened = self.opened.subscribe();
+        let mut listed = false;
+        let mut serving: Option<Tasks<TaskStore>> = None;
         loop {
             tokio::select! {
-                change = changes.recv() => {
-                    let Some(change) = change else { return };
-                    let (name, now) = match change {
+                told = changes.recv() => {
+                    let Some((change, done)) = told else { return };
+                    let update = match change {
                         AppChange::Running(spec) => {
                             let p = &spec.profile;
                             let limit = p.pool_limit.saturating_mul(p.concurrency).saturating_add(p.queue_limit);
-                            (spec.name.clone(), Some((spec.manifest.procedures.clone(), Some(limit))))
+                            Some((spec.name.clone(), Some((spec.manifest.procedures.clone(), Some(limit)))))
                         }
-                        AppChange::Stopped(spec) => (spec.name.clone(), Some((spec.manifest.procedures.clone(), None))),
-                        AppChange::Removed(name) => (name, None),
+                        AppChange::Stopped(spec) => Some((spec.name.clone(), Some((spec.manifest.procedures.clone(), None)))),
+                        AppChange::Removed(name) => Some((name, None)),
+                        AppChange::Listed => {
+                            listed = true;
+                            None
+                        }
                     };
-                    if let Some(t) = &tasks {
-                        apply(t, &name, &now).await;
+                    if let Some((name, now)) = update {
+                        if let Some(t) = &serving {
+                            apply(t, &name, &now).await;
+                        }
+                        apps.insert(name, now);
                     }
-                    apps.insert(name, now);
+                    let _ = done.send(());
                 }
-                changed = ready.changed(), if tasks.is_none() => {
+                changed = opened.changed(), if serving.is_none() => {
                     if changed.is_err() {
                         return;
                     }
-                    let state = ready.borrow_and_update().clone();
-                    if let State::Ready(t) = state {
-                        for (name, now) in &apps {
-                            apply(&t, name, now).await;
-                        }
-                        tasks = Some(t);
-                    }
                 }
             }
+            if serving.is_some() || !listed {
+                continue;
+            }
+            let Some(tasks) = opened.borrow_and_update().clone() else { continue };
+            for (name, now) in &apps {
+                apply(&tasks, name, now).await;
+            }
+            let published = self.state.send_if_modified(|s| {
+                if matches!(s, State::Stopped) {
+                    return false;
+                }
+                *s = State::Ready(tasks.clone());
+                true
+            });
+            if !published {
+                return;
+            }
+            info!("task service ready");
+            self.start_notifications(&tasks);
+            serving = Some(tasks);
         }
     }
 

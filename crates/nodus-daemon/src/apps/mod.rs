@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
 /// The built-in service's name.
@@ -63,7 +63,15 @@ pub(crate) enum AppChange {
     Stopped(AppSpec),
     /// The app was removed.
     Removed(String),
+    /// Every app stored on the node was told (as [`AppChange::Stopped`]) after the node's start:
+    /// the follower knows them all.
+    Listed,
 }
+
+/// Where the `apps` service tells a follower of app changes: each with a switch the follower
+/// flips once it applied the change (the `apps` service waits for that, so an app deployed is
+/// known to the follower when its deploy is answered).
+pub(crate) type Follower = mpsc::Sender<(AppChange, oneshot::Sender<()>)>;
 
 /// Why the `apps` service refused a request (besides the store's [`StoreError`]).
 #[derive(Debug, thiserror::Error)]
@@ -167,8 +175,8 @@ pub(crate) struct Apps {
 impl Apps {
     /// Registers the `apps` service, starts every stored app the operator left started and
     /// makes the stopped ones services that say so. `follower` hears of every app's changes, in
-    /// order (its queue is bounded: the `apps` service waits for it).
-    pub(crate) fn start(shared: Arc<Shared>, engine: Engine, follower: Option<mpsc::Sender<AppChange>>) -> Apps {
+    /// order, and says when it applied each (the `apps` service waits for it).
+    pub(crate) fn start(shared: Arc<Shared>, engine: Engine, follower: Option<Follower>) -> Apps {
         let limits = shared.config().apps.clone();
         let store = AppStore::new(&shared.config().data_dir, limits.max_deploy_bytes);
         let bridges = Bridges::default();
@@ -221,7 +229,7 @@ struct Ctx {
     /// Deployments in progress, by app.
     deploying: Mutex<HashMap<String, Arc<Progress>>>,
     /// Told of every app's changes.
-    follower: Option<mpsc::Sender<AppChange>>,
+    follower: Option<Follower>,
 }
 
 impl Ctx {
@@ -231,26 +239,31 @@ impl Ctx {
         let apps = blocking(move || Ok(store.list().into_iter().map(|n| (store.wanted(&n), n)).collect::<Vec<_>>()))
             .await
             .unwrap_or_default();
+        // The follower knows every stored app before any starts (its tasks wait in the store
+        // until it runs).
+        for (_, name) in &apps {
+            self.stopped(name).await;
+        }
+        self.tell(AppChange::Listed).await;
         for (wanted, name) in apps {
             if wanted == store::Wanted::Stopped {
                 self.bridges.attach(&self.shared, &self.engine, &name, false);
-                self.stopped(&name).await;
                 continue;
             }
             match self.start(&name).await {
                 Ok(version) => info!(app = %name, %version, "app started"),
-                Err(e) => {
-                    warn!(app = %name, error = %format!("{e:#}"), "cannot start app");
-                    self.stopped(&name).await;
-                }
+                Err(e) => warn!(app = %name, error = %format!("{e:#}"), "cannot start app"),
             }
         }
     }
 
-    /// Tells the follower, if any, of a change.
+    /// Tells the follower, if any, of a change, and waits until it applied it.
     async fn tell(&self, change: AppChange) {
         if let Some(f) = &self.follower {
-            let _ = f.send(change).await;
+            let (done, applied) = oneshot::channel();
+            if f.send((change, done)).await.is_ok() {
+                let _ = applied.await;
+            }
         }
     }
 

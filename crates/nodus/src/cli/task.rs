@@ -180,7 +180,7 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
                             t.procedure.clone(),
                             t.status.to_string(),
                             t.attempt.to_string(),
-                            output::time(t.created_at / 1000),
+                            output::time_ms(t.created_at),
                         ]
                     })
                     .collect();
@@ -235,7 +235,7 @@ fn failure_text(t: &TaskInfo) -> String {
 }
 
 fn describe(t: &TaskInfo) {
-    let when = |ms: Option<u64>| ms.map_or_else(|| "-".to_string(), |ms| output::time(ms / 1000));
+    let when = |ms: Option<u64>| ms.map_or_else(|| "-".to_string(), output::time_ms);
     let mut rows = vec![
         ("id", t.id.clone()),
         ("procedure", t.procedure.clone()),
