@@ -5,7 +5,7 @@
 //! protocol has it), run by the app's worker processes, recorded in the node's SQLite store.
 //!
 //! - end to end: K submitters each submit one no-op task at a time; timed from the first
-//!   submission until the node has recorded every completion (its `COUNTS`); with the submit →
+//!   submission until the node has recorded every completion (its `STATS`); with the submit →
 //!   acknowledged (durable) percentiles;
 //! - light load: one `TASK` at a time through the `tasks` service (submit, run, record, answer),
 //!   its round trip percentiles: submit → done as a client sees it.
@@ -137,7 +137,7 @@ impl BenchNode {
     }
 
     async fn completed(&self) -> anyhow::Result<u64> {
-        Ok(self.admin.task_counts().await?.completed)
+        Ok(self.admin.task_stats().await?.done)
     }
 
     /// K submitters, one task each at a time, until `count` are acknowledged; then until the

@@ -10,8 +10,8 @@
 mod tasks;
 
 pub use tasks::{
-    ProcedureInfo, TaskChange, TaskCounts, TaskFailure, TaskInfo, TaskPage, TaskRefusal, TaskSpec, TaskStatus,
-    TaskSubmitted, TASKS_TIMEOUT,
+    ProcedureInfo, TaskChange, TaskCounts, TaskFailure, TaskInfo, TaskPage, TaskRefusal, TaskSpec, TaskStats,
+    TaskStatus, TaskSubmitted, TASKS_TIMEOUT,
 };
 
 use crate::{Client, ClientError};

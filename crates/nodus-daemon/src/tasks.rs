@@ -13,7 +13,8 @@
 //! changes a task): `TASK` and `ATASK` (`procedure=APP.EVENT`, arguments as a JSON array in
 //! `args=` or the payload, optional `key=`, `timeout_ms=`, `max_attempts=`), `SUBMIT_MANY`
 //! (JSON lines), `GET id=`, `WAIT id= [timeout_ms=]`, `LIST [status=] [procedure=] [after=]
-//! [limit=]`, `COUNTS`, `PROCEDURES`, `ID`, `SIGNAL id= status=`, `ABORT id=`, `WATCH [ttl_ms=]`
+//! [limit=]`, `COUNTS` (tasks in the store by status), `STATS` (what the service did since the
+//! node started), `PROCEDURES`, `ID`, `SIGNAL id= status=`, `ABORT id=`, `WATCH [ttl_ms=]`
 //! and `UNWATCH`. Replies carry `arpcp=<code>` (100, or the seed's code of the refusal); a refusal
 //! is `ERROR code=<word>;arpcp=<code>;message=...`.
 //!
@@ -82,7 +83,7 @@ const WATCH_TTL_MAX: Duration = Duration::from_secs(3600);
 const ARPCP_REFUSALS: usize = 64;
 
 /// The commands of the `tasks` service and the permission each needs.
-pub const COMMANDS: [(&str, Permission); 13] = [
+pub const COMMANDS: [(&str, Permission); 14] = [
     ("TASK", Permission::Send),
     ("ATASK", Permission::Send),
     ("SUBMIT_MANY", Permission::Send),
@@ -90,6 +91,7 @@ pub const COMMANDS: [(&str, Permission); 13] = [
     ("WAIT", Permission::Status),
     ("LIST", Permission::Status),
     ("COUNTS", Permission::Status),
+    ("STATS", Permission::Status),
     ("PROCEDURES", Permission::Status),
     ("ID", Permission::Status),
     ("WATCH", Permission::Status),
@@ -607,19 +609,25 @@ impl Mount {
             }
             Command::Counts => {
                 let c = tasks.counts().await.map_err(Refusal::store)?;
-                let s = tasks.stats();
                 req.reply("COUNTS")
                     .param("pending", c.pending)
                     .param("running", c.running)
                     .param("done", c.done)
                     .param("error", c.error)
                     .param("interrupted", c.interrupted)
+                    .param("arpcp", 100)
+            }
+            Command::Stats => {
+                let s = tasks.stats();
+                req.reply("STATS")
                     .param("submitted", s.submitted)
                     .param("started", s.started)
-                    .param("completed", s.done)
+                    .param("done", s.done)
                     .param("failed", s.failed)
                     .param("retried", s.retried)
+                    .param("released", s.released)
                     .param("stale", s.stale)
+                    .param("record_retries", s.record_retries)
                     .param("arpcp", 100)
             }
             Command::Procedures => {
@@ -906,6 +914,7 @@ enum Command {
     Wait { id: TaskId, timeout: Duration },
     List(ListFilter),
     Counts,
+    Stats,
     Procedures,
     Id,
     Signal { id: TaskId, status: SignalStatus },
@@ -972,6 +981,7 @@ impl Command {
                 Command::List(ListFilter { status, procedure: req.get("procedure").map(String::from), after, limit })
             }
             "COUNTS" => Command::Counts,
+            "STATS" => Command::Stats,
             "PROCEDURES" => Command::Procedures,
             "ID" => Command::Id,
             "SIGNAL" => {
@@ -1214,7 +1224,7 @@ mod tests {
     #[test]
     fn every_command_needs_a_permission_and_only_reads_need_status() {
         for (c, p) in COMMANDS {
-            let read = ["GET", "WAIT", "LIST", "COUNTS", "PROCEDURES", "ID", "WATCH", "UNWATCH"].contains(&c);
+            let read = ["GET", "WAIT", "LIST", "COUNTS", "STATS", "PROCEDURES", "ID", "WATCH", "UNWATCH"].contains(&c);
             let admin = ["SIGNAL", "ABORT"].contains(&c);
             let want = if read {
                 Permission::Status

@@ -217,32 +217,40 @@ pub struct ProcedureInfo {
     pub signature: String,
 }
 
-/// How many tasks the node's store holds by status, and what its task service did since it
-/// started.
+/// How many tasks the node's store holds by status (finished ones until they expire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TaskCounts {
     /// Pending tasks.
     pub pending: u64,
     /// Running tasks.
     pub running: u64,
-    /// Done tasks (not expired).
+    /// Done tasks.
     pub done: u64,
-    /// Failed tasks (not expired).
+    /// Failed tasks.
     pub error: u64,
-    /// Interrupted tasks (not expired).
+    /// Interrupted tasks.
     pub interrupted: u64,
-    /// Tasks stored since the node started.
+}
+
+/// What the node's task service did since the node started (counters; no store access).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TaskStats {
+    /// Tasks stored.
     pub submitted: u64,
-    /// Attempts started since the node started.
+    /// Attempts started.
     pub started: u64,
-    /// Completions recorded since the node started.
-    pub completed: u64,
-    /// Failures recorded since the node started.
+    /// Completions recorded done.
+    pub done: u64,
+    /// Tasks recorded failed.
     pub failed: u64,
     /// Attempts retried after their worker failed.
     pub retried: u64,
+    /// Attempts that never ran (full queue, stopped app) and went back to the store.
+    pub released: u64,
     /// Late completions discarded (their attempt was no longer the task's).
     pub stale: u64,
+    /// Records written again after a store failure.
+    pub record_retries: u64,
 }
 
 /// A page of tasks.
@@ -383,7 +391,7 @@ impl Admin {
         Ok(TaskPage { tasks, next: m.get("next").map(String::from) })
     }
 
-    /// Tasks by status, and what the task service did since the node started.
+    /// Tasks in the store by status.
     ///
     /// Fails as described in the module docs.
     pub async fn task_counts(&self) -> Result<TaskCounts, AdminError> {
@@ -394,12 +402,23 @@ impl Admin {
             done: param(&m, "done")?,
             error: param(&m, "error")?,
             interrupted: param(&m, "interrupted")?,
+        })
+    }
+
+    /// What the task service did since the node started (cheap: counters only).
+    ///
+    /// Fails as described in the module docs.
+    pub async fn task_stats(&self) -> Result<TaskStats, AdminError> {
+        let m = self.tasks(Message::new("STATS"), "STATS", TASKS_TIMEOUT).await?;
+        Ok(TaskStats {
             submitted: param(&m, "submitted")?,
             started: param(&m, "started")?,
-            completed: param(&m, "completed")?,
+            done: param(&m, "done")?,
             failed: param(&m, "failed")?,
             retried: param(&m, "retried")?,
+            released: param(&m, "released")?,
             stale: param(&m, "stale")?,
+            record_retries: param(&m, "record_retries")?,
         })
     }
 
