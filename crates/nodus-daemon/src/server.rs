@@ -357,6 +357,8 @@ impl Daemon {
         raise_open_files_limit();
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        // Bound before the node's own sockets: whoever sees the node's socket can reach arpcp.
+        let arpcp = crate::tasks::bind_arpcp(&config).await?;
         let tcp = if config.tcp_listen.is_empty() {
             None
         } else {
@@ -475,7 +477,6 @@ impl Daemon {
             }
             _ => None,
         };
-        let arpcp = crate::tasks::bind_arpcp(&config).await?;
         let nodes_dir = config.data_dir.clone();
         let shared = Arc::new(Shared {
             engine,
