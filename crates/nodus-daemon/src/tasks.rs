@@ -1166,7 +1166,7 @@ pub(crate) async fn bind_arpcp(config: &Config) -> anyhow::Result<Option<TcpList
     if !config.apps.enabled || !t.enabled || t.arpcp_listen.is_empty() {
         return Ok(None);
     }
-    let l = TcpListener::bind(&t.arpcp_listen).await.with_context(|| {
+    let l = listen_arpcp(&t.arpcp_listen).await.with_context(|| {
         format!("cannot listen for arpcp on {} (set [tasks] arpcp_listen, or '' to turn it off)", t.arpcp_listen)
     })?;
     let addr = l.local_addr()?;
@@ -1176,6 +1176,25 @@ pub(crate) async fn bind_arpcp(config: &Config) -> anyhow::Result<Option<TcpList
         );
     }
     Ok(Some(l))
+}
+
+/// Connections the kernel queues for the arpcp listener before it accepts them. arpcp opens one
+/// connection per request, so bursts are the normal load: a short queue makes clients wait a
+/// second for the SYN to be sent again.
+const ARPCP_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (host:port) with [`ARPCP_BACKLOG`].
+async fn listen_arpcp(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(ARPCP_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the address resolves to nothing")))
 }
 
 #[cfg(test)]
