@@ -79,6 +79,27 @@ pub struct TasksConfig {
     pub arpcp_max_line_bytes: usize,
     /// How long an arpcp client may take to send its request line, ms.
     pub arpcp_read_timeout_ms: u64,
+    /// This node's part in tasks across nodes: `standalone` (runs its own tasks), `manager`
+    /// (dispatches its tasks to worker nodes) or `worker` (runs its manager's tasks).
+    pub role: String,
+    /// A manager: the worker nodes it accepts (server names).
+    pub workers: Vec<String>,
+    /// A worker: the managers it may pair with (server names), in order of preference.
+    pub managers: Vec<String>,
+    /// A manager pings its workers, and a worker its manager, this often, ms.
+    pub ping_interval_ms: u64,
+    /// A worker not heard from for this long is silent, ms.
+    pub silent_after_ms: u64,
+    /// A worker not heard from for this long is gone (its tasks run elsewhere); a worker whose
+    /// manager is silent this long pairs again, ms.
+    pub gone_after_ms: u64,
+    /// A gone agent is removed from the registry after this long, seconds.
+    pub agent_remove_after_secs: u64,
+    /// Tasks a worker node runs at once for its manager (0: the host's cores), and how many
+    /// more it accepts waiting.
+    pub worker_concurrency: u32,
+    /// See `worker_concurrency`.
+    pub worker_queue: u32,
 }
 
 impl TasksConfig {
@@ -126,6 +147,23 @@ impl TasksConfig {
         }
         if self.arpcp_max_line_bytes < 1024 || self.arpcp_read_timeout_ms == 0 {
             return Err("tasks.arpcp_max_line_bytes must be at least 1024 and arpcp_read_timeout_ms positive".into());
+        }
+        match self.role.as_str() {
+            "standalone" => {}
+            "manager" if self.workers.is_empty() => {
+                return Err("tasks.role is \"manager\" but tasks.workers lists no worker node".into())
+            }
+            "worker" if self.managers.is_empty() => {
+                return Err("tasks.role is \"worker\" but tasks.managers lists no manager node".into())
+            }
+            "manager" | "worker" => {}
+            r => return Err(format!("tasks.role is {r:?}; use \"standalone\", \"manager\" or \"worker\"")),
+        }
+        if self.ping_interval_ms == 0
+            || self.ping_interval_ms >= self.silent_after_ms
+            || self.silent_after_ms >= self.gone_after_ms
+        {
+            return Err("tasks: ping_interval_ms < silent_after_ms < gone_after_ms, all positive".into());
         }
         if let Ok(addr) = self.arpcp_listen.parse::<std::net::SocketAddr>() {
             if !addr.ip().is_loopback() && self.arpcp_allow.is_empty() {

@@ -17,6 +17,7 @@ pub mod detector;
 pub mod ntp;
 pub mod router;
 pub mod server;
+pub mod taskcluster;
 pub mod tasks;
 pub mod tls;
 pub mod topology;

@@ -135,6 +135,10 @@ struct Mount {
     /// `TASK_STATUS` messages a service target or a watcher could not take (logged at powers of
     /// two).
     undelivered: std::sync::atomic::AtomicU64,
+    /// The `taskcluster` service, until its driver takes it once the store is open.
+    cluster: Mutex<Option<(ConnId, mpsc::Receiver<Outbound>)>>,
+    /// Stops the service's own tasks.
+    stop: CancellationToken,
 }
 
 /// A subscriber of `WATCH`: a service somewhere in the cluster.
@@ -159,7 +163,9 @@ impl TaskService {
     pub(crate) fn start(shared: Arc<Shared>, engine: Engine, arpcp: Option<TcpListener>) -> (TaskService, Follower) {
         let config = shared.config().clone();
         let (conn, rx) = shared.attach_with(TASKS_SERVICE, Some(&COMMANDS));
+        let cluster = crate::taskcluster::attach(&shared);
         let (state, _) = watch::channel(State::Starting);
+        let stop = CancellationToken::new();
         let mount = Arc::new(Mount {
             shared,
             conn,
@@ -170,9 +176,10 @@ impl TaskService {
             opened: watch::channel(None).0,
             watchers: Mutex::default(),
             undelivered: Default::default(),
+            cluster: Mutex::new(Some(cluster)),
+            stop: stop.clone(),
         });
         let (changes_tx, changes_rx) = mpsc::channel(APP_CHANGES);
-        let stop = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(mount.clone().open(stop.clone()));
         tasks.spawn(mount.clone().serve(rx));
@@ -197,6 +204,10 @@ impl TaskService {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        let cluster = self.mount.cluster.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((conn, _)) = cluster {
+            self.mount.shared.detach(conn);
+        }
         self.mount.shared.detach(self.mount.conn);
     }
 }
@@ -285,6 +296,17 @@ impl Mount {
         }
     }
 
+    /// Starts this node's side of tasks across nodes (the `taskcluster` service).
+    fn start_cluster(self: &Arc<Self>, tasks: &Tasks<TaskStore>) {
+        let Some((conn, rx)) = self.cluster.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let (shared, engine, tasks, stop) =
+            (self.shared.clone(), self.engine.clone(), tasks.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            let (driver, events) = crate::taskcluster::Driver::start(shared, conn, engine, tasks).await;
+            driver.run(rx, events, stop).await;
+        });
+    }
+
     /// Starts the configured `TASK_STATUS` notifications.
     fn start_notifications(self: &Arc<Self>, tasks: &Tasks<TaskStore>) {
         match self.config.tasks.notify.parse::<Target>() {
@@ -318,7 +340,9 @@ impl Mount {
                         AppChange::Running(spec) => {
                             let p = &spec.profile;
                             let limit = p.pool_limit.saturating_mul(p.concurrency).saturating_add(p.queue_limit);
-                            Some((spec.name.clone(), Some((spec.manifest.procedures.clone(), Some(limit)))))
+                            // A manager's tasks run on its workers, not here.
+                            let limit = (self.config.tasks.role != "manager").then_some(limit);
+                            Some((spec.name.clone(), Some((spec.manifest.procedures.clone(), limit))))
                         }
                         AppChange::Stopped(spec) => Some((spec.name.clone(), Some((spec.manifest.procedures.clone(), None)))),
                         AppChange::Removed(name) => Some((name, None)),
@@ -360,6 +384,7 @@ impl Mount {
             }
             info!("task service ready");
             self.start_notifications(&tasks);
+            self.start_cluster(&tasks);
             serving = Some(tasks);
         }
     }

@@ -163,10 +163,10 @@ fn call_prints_the_reply_and_services_status_list_the_node() {
     assert!(stdout(&unknown).contains("UNKNOWN command=NOPE"));
 
     let services = d.cli(&["--json", "services"]);
-    // `apps` and `tasks` are the node's built-in services.
+    // `apps`, `taskcluster` and `tasks` are the node's built-in services.
     assert_eq!(
         stdout(&services).trim(),
-        r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"},{"instances":1,"service":"tasks"}]"#
+        r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"},{"instances":1,"service":"taskcluster"},{"instances":1,"service":"tasks"}]"#
     );
     let human = d.cli(&["services"]);
     assert!(stdout(&human).contains("calc"));
