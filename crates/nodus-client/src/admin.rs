@@ -7,8 +7,10 @@
 //! `ERROR`, and [`AdminError::Malformed`]/[`AdminError::Unexpected`] when the answer is not what
 //! the node sends.
 
+mod agents;
 mod tasks;
 
+pub use agents::{AgentInfo, Agents};
 pub use tasks::{
     ProcedureInfo, TaskChange, TaskCounts, TaskFailure, TaskInfo, TaskPage, TaskRefusal, TaskSpec, TaskStats,
     TaskStatus, TaskSubmitted, TASKS_TIMEOUT,

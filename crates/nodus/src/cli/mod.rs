@@ -6,6 +6,7 @@
 //! an `ERROR` reply, a message that was not delivered); 2 anything else (bad arguments, no node to
 //! talk to, a broken connection).
 
+mod agents;
 mod app;
 mod call;
 mod cluster;
@@ -150,6 +151,8 @@ pub enum Command {
     App(Group<app::Command>),
     /// Run procedures of apps as durable tasks: run, submit, get, wait, list, abort, watch.
     Task(Group<task::Command>),
+    /// A manager node's agent registry (its worker nodes); ban or unban one.
+    Agents(With<agents::Args>),
     /// Print the version of this nodus binary.
     Version(config::VersionArgs),
     /// Print a shell completion script: `nodus completions bash > /etc/bash_completion.d/nodus`.
@@ -178,6 +181,7 @@ impl Args {
             Command::Cluster(g) => &g.conn,
             Command::App(g) => &g.conn,
             Command::Task(g) => &g.conn,
+            Command::Agents(w) => &w.conn,
             Command::Config(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Version(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Daemon(_) | Command::Completions(_) | Command::Man(_) | Command::EchoWorker(_) => return outer,
@@ -338,6 +342,7 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Cluster(g) => cluster::run(&Ctx::new(&conn)?, g.command).await,
         Command::App(g) => app::run(&Ctx::new(&conn)?, g.command).await,
         Command::Task(g) => task::run(&Ctx::new(&conn)?, g.command).await,
+        Command::Agents(w) => agents::run(&Ctx::new(&conn)?, w.args).await,
     }
 }
 
