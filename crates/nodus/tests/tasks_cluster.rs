@@ -1,0 +1,326 @@
+//! Tasks across nodes through real node processes: a manager node and two worker nodes
+//! (`nodus daemon` each, linked by the cluster with a secret), the procedures app deployed on
+//! each. Tasks submitted to the manager run on the workers (the store says which one); a worker
+//! killed with kill -9 mid-run loses nothing (its tasks run again on the other one); the
+//! manager killed with kill -9 and restarted asks its workers what they finished and loses
+//! nothing either. A node that is not among the manager's workers is not accepted.
+//!
+//! Needs `nodus-procs-worker` next to `nodus` (`cargo test --workspace` builds it).
+// These tests drive real processes on wall time.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use common::{free_port, NODUS};
+use nodus_client::admin::{Agents, TaskChange, TaskSpec, TaskStatus};
+use nodus_client::{Admin, Client, ClientConfig};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Every wait of these tests is bounded by this.
+const WAIT: Duration = Duration::from_secs(120);
+/// Tasks of the fault test.
+const TASKS: usize = 10_000;
+
+/// A `nodus daemon` of the test cluster.
+struct Node {
+    name: String,
+    dir: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// A node called `name` with cluster port `port`, linked to `neighbors`, with `tasks` added
+    /// to its `[tasks]` section.
+    fn new(root: &Path, name: &str, port: u16, neighbors: &[u16], top: &str, tasks: &str) -> Node {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("node.toml");
+        let neighbors: Vec<String> = neighbors.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let text = format!(
+            "server_name = \"{name}\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"\"\n{top}\n\
+             [cluster]\nlisten = \"127.0.0.1:{port}\"\nneighbors = [{}]\nsecret = \"tasks-across-nodes\"\n\
+             udp_listen = \"\"\nheartbeat_ms = 100\n\
+             [apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
+             [tasks]\narpcp_listen = \"\"\nping_interval_ms = 200\nsilent_after_ms = 800\ngone_after_ms = 2000\n{tasks}\n",
+            dir.join("data").display().to_string(),
+            dir.join("n.sock").display().to_string(),
+            neighbors.join(", "),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut n = Node { name: name.into(), dir, config, child: None };
+        n.run();
+        n
+    }
+
+    fn run(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = Command::new(NODUS).arg("daemon").arg("--config").arg(&self.config).stderr(log).spawn().unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} exited ({status}): {}", self.name, self.log());
+            }
+            assert!(Instant::now() < deadline, "{} did not start listening", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("n.sock")
+    }
+
+    fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket().display())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(NODUS)
+            .arg("--node")
+            .arg(self.endpoint())
+            .args(args)
+            .current_dir(&self.dir)
+            .env_remove("NODUS_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    async fn admin(&self) -> Admin {
+        Client::connect(ClientConfig::new(self.endpoint()).no_reconnect()).await.unwrap().0.admin()
+    }
+
+    /// Deploys the Rust procedures app as `procs`.
+    fn deploy_procs(&self) {
+        let app = self.dir.join("procs-app");
+        std::fs::create_dir_all(&app).unwrap();
+        let example = repo().join("examples/procs-app");
+        std::fs::copy(example.join("manifest.json"), app.join("manifest.json")).unwrap();
+        std::fs::copy(example.join("profile.toml"), app.join("profile.toml")).unwrap();
+        std::fs::copy(worker(), app.join("nodus-procs-worker")).unwrap();
+        let out = self.cli(&["app", "deploy", "procs", app.to_str().unwrap()]);
+        assert!(out.status.success(), "deploy on {}: {}{}", self.name, text(&out), self.log());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn worker() -> PathBuf {
+    let w = Path::new(NODUS).with_file_name("nodus-procs-worker");
+    assert!(w.exists(), "{} is missing: cargo build -p nodus-tasks --bins", w.display());
+    w
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Waits until the manager's registry satisfies `ok`.
+async fn agents_until(m: &Node, what: &str, ok: impl Fn(&Agents) -> bool) -> Agents {
+    let admin = m.admin().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = admin.agents().await.unwrap();
+        if ok(&a) {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "{what}: {a:?}\n{}", m.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn active(a: &Agents, name: &str) -> bool {
+    a.agents.iter().any(|x| x.name == name && x.state == "active")
+}
+
+/// Waits until the manager has no pending or running task.
+async fn all_finished(m: &Node) {
+    let admin = m.admin().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = admin.task_counts().await.unwrap();
+        if c.pending + c.running == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the tasks did not all finish: {c:?}\n{}", m.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every task of the manager's store with `procedure`, page by page.
+async fn stored(admin: &Admin, procedure: &str) -> Vec<nodus_client::admin::TaskInfo> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = admin.task_list(None, Some(procedure), after.as_deref(), 1000).await.unwrap();
+        all.extend(page.tasks);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return all,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_and_two_workers_lose_nothing_when_a_worker_and_the_manager_are_killed() {
+    let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
+    let (mp, w1p, w2p) = (free_port(), free_port(), free_port());
+    let mut m = Node::new(
+        root.path(),
+        "m",
+        mp,
+        &[],
+        "expected_services = [\"taskwatch\"]",
+        "role = \"manager\"\nworkers = [\"w1\", \"w2\"]\nnotify = \"service:taskwatch\"",
+    );
+    let mut w1 =
+        Node::new(root.path(), "w1", w1p, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]\nworker_concurrency = 8");
+    let w2 =
+        Node::new(root.path(), "w2", w2p, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]\nworker_concurrency = 8");
+    for n in [&m, &w1, &w2] {
+        n.deploy_procs();
+    }
+    let a = agents_until(&m, "both workers pair", |a| active(a, "w1") && active(a, "w2")).await;
+    assert_eq!(a.role, "manager");
+    let w = w1.admin().await.agents().await.unwrap();
+    assert_eq!((w.role.as_str(), w.manager.as_deref()), ("worker", Some("m")));
+    let out = m.cli(&["agents"]);
+    assert!(out.status.success() && text(&out).contains("w1") && text(&out).contains("active"), "{}", text(&out));
+
+    // Every status change goes to `taskwatch` on the manager (cached there while it is away).
+    let config = ClientConfig::new(m.endpoint()).service("taskwatch").incoming_capacity(1 << 20);
+    let (_watcher, mut incoming) = Client::connect(config).await.unwrap();
+    let done: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(0usize);
+    let counter = done.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = incoming.recv().await {
+            if let Some(c) = TaskChange::from_message(&msg) {
+                if c.status == "done" {
+                    let n = {
+                        let mut d = counter.lock().unwrap();
+                        *d.entry(c.id).or_default() += 1;
+                        d.len()
+                    };
+                    let _ = done_tx.send(n);
+                }
+            }
+        }
+    });
+
+    // 10 000 tasks, each appending its number to one file when it runs.
+    let runs = root.path().join("runs.log");
+    let admin = m.admin().await;
+    let specs: Vec<TaskSpec> =
+        (0..TASKS).map(|n| TaskSpec::new("procs.record", vec![json!(runs.to_str().unwrap()), json!(n)])).collect();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for chunk in specs.chunks(5000) {
+        for r in admin.task_submit_many(chunk).await.unwrap() {
+            ids.push(r.unwrap().id);
+        }
+    }
+
+    // Which nodes run the tasks: the owners of running tasks, sampled until the manager dies.
+    let owners: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sampler = {
+        let (owners, admin) = (owners.clone(), m.admin().await);
+        tokio::spawn(async move {
+            while let Ok(page) = admin.task_list(Some(TaskStatus::Running), None, None, 1000).await {
+                owners.lock().unwrap().extend(page.tasks.into_iter().filter_map(|t| t.owner));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // kill -9 a worker mid-run: its tasks run again on the other one.
+    tokio::time::timeout(WAIT, done_rx.wait_for(|n| *n >= TASKS / 5)).await.expect("a fifth done").unwrap();
+    w1.kill9();
+    let at_worker_kill = done.lock().unwrap().len();
+    agents_until(&m, "w1 is judged gone", |a| a.agents.iter().any(|x| x.name == "w1" && x.state == "gone")).await;
+
+    // kill -9 the manager mid-run, restart it: it asks w2 what it finished.
+    tokio::time::timeout(WAIT, done_rx.wait_for(|n| *n >= TASKS / 2)).await.expect("half done").unwrap();
+    let stats = m.admin().await.task_stats().await.unwrap();
+    assert_eq!(stats.started, 0, "the manager runs no task itself: {stats:?}");
+    m.kill9();
+    let at_manager_kill = done.lock().unwrap().len();
+    sampler.await.unwrap();
+    m.run();
+    all_finished(&m).await;
+    let elapsed = started.elapsed();
+
+    let admin = m.admin().await;
+    let tasks = stored(&admin, "procs.record").await;
+    let by_id: HashMap<&str, &nodus_client::admin::TaskInfo> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+    let lost = ids.iter().filter(|id| by_id.get(id.as_str()).is_none_or(|t| t.status != TaskStatus::Done)).count();
+    let owners = owners.lock().unwrap().clone();
+    let executions = std::fs::read_to_string(&runs).unwrap().lines().count();
+    // A last task: its completion comes after every earlier one to the watcher.
+    let marker = admin.task_submit(&TaskSpec::new("procs.noop", vec![])).await.unwrap().id;
+    let seen = done.clone();
+    tokio::time::timeout(WAIT, done_rx.wait_for(|_| seen.lock().unwrap().contains_key(&marker)))
+        .await
+        .expect("the marker's completion reached the watcher")
+        .unwrap();
+    let duplicates: u32 = done.lock().unwrap().values().map(|n| n - 1).sum();
+    eprintln!(
+        "tasks across nodes: submitted {TASKS}, completed {}, lost {lost}, duplicate completions {duplicates}; \
+         executions {executions} (run again after the kills: {}); done at the worker's kill {at_worker_kill}, \
+         at the manager's kill {at_manager_kill}; run by {owners:?}; {:.1} s",
+        tasks.iter().filter(|t| t.status == TaskStatus::Done).count(),
+        executions.saturating_sub(TASKS),
+        elapsed.as_secs_f64(),
+    );
+    assert_eq!(lost, 0, "every task completed");
+    assert_eq!(duplicates, 0, "no task completed twice");
+    assert!(executions >= TASKS, "every task ran");
+    assert!(owners.contains("w1") && owners.contains("w2") && !owners.contains("m"), "{owners:?}");
+    assert!(at_worker_kill < TASKS && at_manager_kill < TASKS, "the kills came mid-run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_among_the_managers_workers_is_not_accepted() {
+    let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
+    let (mp, wp) = (free_port(), free_port());
+    let m = Node::new(root.path(), "m", mp, &[], "", "role = \"manager\"\nworkers = [\"w1\"]");
+    let intruder = Node::new(root.path(), "w9", wp, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]");
+    // The intruder asks, the manager refuses it (and says so), and it stays without a manager.
+    let deadline = Instant::now() + WAIT;
+    while !m.log().contains("refusing a ManagerRequest") {
+        assert!(Instant::now() < deadline, "w9 was never refused: {}\n{}", intruder.log(), m.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = m.admin().await.agents().await.unwrap();
+    assert!(a.agents.iter().all(|x| x.name != "w9"), "{a:?}");
+    let w = intruder.admin().await.agents().await.unwrap();
+    assert_eq!((w.role.as_str(), w.manager.as_deref()), ("worker", Some("")));
+    let out = intruder.cli(&["agents", "ban", "m"]);
+    assert_eq!(out.status.code(), Some(1), "only a manager bans: {}", text(&out));
+    assert!(text(&out).contains("not a manager"), "{}", text(&out));
+}
