@@ -75,9 +75,42 @@ fn cpu_secs(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
+/// A node's name and part: standalone with no cluster listener, or a member of a small
+/// loopback cluster with a `[tasks] role`.
+struct Setup {
+    name: String,
+    /// Keys of `[cluster]`.
+    cluster: String,
+    /// More keys of `[tasks]`.
+    tasks: String,
+}
+
+impl Setup {
+    fn standalone() -> Setup {
+        Setup { name: "tasks-bench".into(), cluster: "listen = \"\"".into(), tasks: String::new() }
+    }
+
+    /// A member of the bench's cluster listening on `port`, linked to `neighbors`.
+    fn member(name: &str, port: u16, neighbors: &[u16], tasks: &str) -> Setup {
+        let n: Vec<String> = neighbors.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        Setup {
+            name: name.into(),
+            cluster: format!("listen = \"127.0.0.1:{port}\"\nneighbors = [{}]\nsecret = \"tasks-bench\"", n.join(", ")),
+            tasks: tasks.into(),
+        }
+    }
+}
+
 impl BenchNode {
     /// Starts a node in `dir` with `synchronous` and deploys the app with `workers` workers.
-    async fn start(nodus: &Path, worker: &Path, dir: &Path, synchronous: &str, workers: usize) -> anyhow::Result<Self> {
+    async fn start(
+        nodus: &Path,
+        worker: &Path,
+        dir: &Path,
+        synchronous: &str,
+        workers: usize,
+        setup: &Setup,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let arpcp = std::net::SocketAddr::from(([127, 0, 0, 1], child::free_port()?));
         let socket = dir.join("n.sock");
@@ -86,11 +119,14 @@ impl BenchNode {
         std::fs::write(
             &config,
             format!(
-                "server_name = \"tasks-bench\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"\"\n\
-                 [cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
-                 [tasks]\nsynchronous = \"{synchronous}\"\narpcp_listen = \"{arpcp}\"\n",
+                "server_name = \"{}\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"\"\n\
+                 [cluster]\n{}\nudp_listen = \"\"\n[apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
+                 [tasks]\nsynchronous = \"{synchronous}\"\narpcp_listen = \"{arpcp}\"\n{}\n",
+                setup.name,
                 dir.join("data").display().to_string(),
                 socket.display().to_string(),
+                setup.cluster,
+                setup.tasks,
             ),
         )?;
         let mut command = tokio::process::Command::new(nodus);
@@ -237,7 +273,7 @@ pub async fn run(json: bool, nodus: Option<PathBuf>, load: &TasksLoad) -> anyhow
         for &workers in sizes {
             let dir = scratch.path().join(format!("{sync}{workers}"));
             report::progress(&format!("tasks through a node: {workers} worker(s), synchronous={name}"));
-            let mut node = BenchNode::start(&nodus, &worker, &dir, sync, workers).await?;
+            let mut node = BenchNode::start(&nodus, &worker, &dir, sync, workers, &Setup::standalone()).await?;
             let mut vias = vec![Via::Service];
             if workers == 1 {
                 vias.push(Via::Arpcp);
@@ -279,8 +315,54 @@ pub async fn run(json: bool, nodus: Option<PathBuf>, load: &TasksLoad) -> anyhow
             node.stop().await;
         }
     }
+    rows.push(across_nodes(&nodus, &worker, scratch.path(), load).await?);
     print(&rows, json);
     Ok(())
+}
+
+/// End to end with one manager and two worker nodes on loopback (`synchronous=FULL`, one app
+/// worker process on each worker node): submitted to the manager, run on the workers, recorded
+/// in the manager's store.
+async fn across_nodes(nodus: &Path, worker: &Path, dir: &Path, load: &TasksLoad) -> anyhow::Result<Figures> {
+    report::progress("tasks across nodes: a manager and 2 worker nodes, synchronous=FULL");
+    let ports = [child::free_port()?, child::free_port()?, child::free_port()?];
+    let timing = "ping_interval_ms = 500\nsilent_after_ms = 2000\ngone_after_ms = 10000\n";
+    let manager =
+        Setup::member("m", ports[0], &[], &format!("role = \"manager\"\nworkers = [\"w1\", \"w2\"]\n{timing}"));
+    let mut m = BenchNode::start(nodus, worker, &dir.join("m"), "full", 1, &manager).await?;
+    let mut workers = Vec::new();
+    for (i, name) in ["w1", "w2"].into_iter().enumerate() {
+        let tasks =
+            format!("role = \"worker\"\nmanagers = [\"m\"]\nworker_concurrency = 256\nworker_queue = 1024\n{timing}");
+        let setup = Setup::member(name, ports[i + 1], &[ports[0]], &tasks);
+        workers.push(BenchNode::start(nodus, worker, &dir.join(name), "full", 1, &setup).await?);
+    }
+    let paired = async {
+        loop {
+            let a = m.admin.agents().await?;
+            if a.agents.iter().filter(|x| x.state == "active").count() == 2 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), paired).await.context("the worker nodes did not pair")??;
+    let cpu = cpu_secs(m.pid);
+    let (secs, acked) = m.throughput(Via::Service, load.tasks, load.submitters).await?;
+    let cpu = cpu_secs(m.pid) - cpu;
+    for w in workers {
+        w.stop().await;
+    }
+    m.stop().await;
+    Ok(Figures {
+        what: "3 nodes: manager + 2 workers".into(),
+        sync: "FULL",
+        workers: 2,
+        tasks: load.tasks,
+        secs,
+        latency_us: pct(&acked),
+        node_cpu_us: cpu * 1e6 / load.tasks.max(1) as f64,
+    })
 }
 
 fn pct(sorted: &[u64]) -> (f64, f64) {
