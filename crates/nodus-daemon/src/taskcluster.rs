@@ -59,6 +59,8 @@ const MAX_SENT: usize = 65_536;
 const APPS_EVERY: Duration = Duration::from_secs(1);
 /// Longest sleep of the loop without a deadline.
 const IDLE: Duration = Duration::from_secs(1);
+/// Aborted tasks waiting for a manager's driver to stop them on their workers.
+pub(crate) const ABORTS: usize = 1024;
 /// Most tasks a manager asks about at its restart (the store's running tasks on workers).
 const MAX_IN_DOUBT: usize = 1_000_000;
 
@@ -192,6 +194,7 @@ impl Driver {
         mut self,
         mut rx: mpsc::Receiver<Outbound>,
         mut events: mpsc::Receiver<Event>,
+        mut aborted: mpsc::Receiver<TaskId>,
         stop: CancellationToken,
     ) {
         let mut submitted = self.tasks.submitted();
@@ -209,6 +212,13 @@ impl Driver {
                     None => break,
                 },
                 Some(ev) = events.recv() => self.on_event(ev),
+                Some(id) = aborted.recv() => {
+                    if let Role::Manager(m) = &mut self.role {
+                        if m.abort(&id, UnixMs::now()) {
+                            info!(task = %id, "aborted: telling its worker to stop it");
+                        }
+                    }
+                }
                 changed = submitted.changed() => {
                     if changed.is_err() {
                         break;

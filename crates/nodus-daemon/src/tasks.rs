@@ -139,6 +139,10 @@ struct Mount {
     cluster: Mutex<Option<(ConnId, mpsc::Receiver<Outbound>)>>,
     /// Stops the service's own tasks.
     stop: CancellationToken,
+    /// Aborted tasks, for a manager to stop them on their workers (`TasksAbort`).
+    aborted: mpsc::Sender<TaskId>,
+    /// See `aborted`; taken by the cluster driver.
+    aborted_rx: Mutex<Option<mpsc::Receiver<TaskId>>>,
 }
 
 /// A subscriber of `WATCH`: a service somewhere in the cluster.
@@ -164,6 +168,7 @@ impl TaskService {
         let config = shared.config().clone();
         let (conn, rx) = shared.attach_with(TASKS_SERVICE, Some(&COMMANDS));
         let cluster = crate::taskcluster::attach(&shared);
+        let (aborted, aborted_rx) = mpsc::channel(crate::taskcluster::ABORTS);
         let (state, _) = watch::channel(State::Starting);
         let stop = CancellationToken::new();
         let mount = Arc::new(Mount {
@@ -178,6 +183,8 @@ impl TaskService {
             undelivered: Default::default(),
             cluster: Mutex::new(Some(cluster)),
             stop: stop.clone(),
+            aborted,
+            aborted_rx: Mutex::new(Some(aborted_rx)),
         });
         let (changes_tx, changes_rx) = mpsc::channel(APP_CHANGES);
         let mut tasks = tokio::task::JoinSet::new();
@@ -296,14 +303,23 @@ impl Mount {
         }
     }
 
+    /// A task was aborted or signaled: a manager stops it on its worker. When the queue is full
+    /// the worker finishes it, and its completion is discarded (the task is no longer running).
+    fn tell_aborted(&self, id: &TaskId) {
+        if self.config.tasks.role == "manager" && self.aborted.try_send(id.clone()).is_err() {
+            warn!(task = %id, "too many aborts at once: the task's worker is not told, its late result will be discarded");
+        }
+    }
+
     /// Starts this node's side of tasks across nodes (the `taskcluster` service).
     fn start_cluster(self: &Arc<Self>, tasks: &Tasks<TaskStore>) {
         let Some((conn, rx)) = self.cluster.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        let Some(aborted) = self.aborted_rx.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         let (shared, engine, tasks, stop) =
             (self.shared.clone(), self.engine.clone(), tasks.clone(), self.stop.clone());
         tokio::spawn(async move {
             let (driver, events) = crate::taskcluster::Driver::start(shared, conn, engine, tasks).await;
-            driver.run(rx, events, stop).await;
+            driver.run(rx, events, aborted, stop).await;
         });
     }
 
@@ -680,16 +696,21 @@ impl Mount {
             }
             Command::Id => req.reply("ID").param("id", tasks.node()).param("arpcp", 100),
             Command::Signal { id, status } => match tasks.signal(&id, status).await.map_err(Refusal::store)? {
-                Some(before) => req
-                    .reply("SIGNALED")
-                    .param("id", &id)
-                    .param("status", status.name())
-                    .param("before", before)
-                    .param("arpcp", 100),
+                Some(before) => {
+                    self.tell_aborted(&id);
+                    req.reply("SIGNALED")
+                        .param("id", &id)
+                        .param("status", status.name())
+                        .param("before", before)
+                        .param("arpcp", 100)
+                }
                 None => return Err(Refusal::unknown(&id)),
             },
             Command::Abort(id) => match tasks.abort(&id).await.map_err(Refusal::store)? {
-                Some(before) => req.reply("ABORTED").param("id", &id).param("before", before).param("arpcp", 100),
+                Some(before) => {
+                    self.tell_aborted(&id);
+                    req.reply("ABORTED").param("id", &id).param("before", before).param("arpcp", 100)
+                }
                 None => return Err(Refusal::unknown(&id)),
             },
             Command::Watch { ttl } => {

@@ -324,3 +324,46 @@ async fn a_node_not_among_the_managers_workers_is_not_accepted() {
     assert_eq!(out.status.code(), Some(1), "only a manager bans: {}", text(&out));
     assert!(text(&out).contains("not a manager"), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_times_tasks_out_and_an_abort_reaches_the_worker() {
+    let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
+    let (mp, wp) = (free_port(), free_port());
+    let m = Node::new(root.path(), "m", mp, &[], "", "role = \"manager\"\nworkers = [\"w1\"]");
+    let w1 = Node::new(root.path(), "w1", wp, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]");
+    for n in [&m, &w1] {
+        n.deploy_procs();
+    }
+    agents_until(&m, "w1 pairs", |a| active(a, "w1")).await;
+    let admin = m.admin().await;
+
+    // A task past its timeout on the worker: the worker kills it and reports TimedOut.
+    let spec = TaskSpec { timeout_ms: Some(300), ..TaskSpec::new("procs.sleep", vec![json!(20_000)]) };
+    let id = admin.task_submit(&spec).await.unwrap().id;
+    let t = admin.task_wait(&id, WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Error, "{t:?}");
+    assert_eq!(t.error.as_ref().map(|e| e.kind.as_str()), Some("TimedOut"), "{t:?}");
+
+    // An abort on the manager: the task is interrupted at once and its worker is told to stop it.
+    let id = admin.task_submit(&TaskSpec::new("procs.sleep", vec![json!(3_000)])).await.unwrap().id;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = admin.task_get(&id).await.unwrap();
+        if t.status == TaskStatus::Running && t.owner.as_deref() == Some("w1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task never ran on w1: {t:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = m.cli(&["task", "abort", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let deadline = Instant::now() + WAIT;
+    while !m.log().contains("telling its worker to stop it") {
+        assert!(Instant::now() < deadline, "the worker was not told: {}", m.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Later tasks still run on w1, and the aborted one stays interrupted.
+    let t = admin.task_run(&TaskSpec::new("procs.add", vec![json!(40), json!(2)]), WAIT).await.unwrap();
+    assert_eq!((t.status, t.result), (TaskStatus::Done, Some(json!(42))));
+    assert_eq!(admin.task_get(&id).await.unwrap().status, TaskStatus::Interrupted);
+}
