@@ -329,11 +329,29 @@ async fn a_manager_and_two_workers_lose_nothing_when_a_worker_and_the_manager_ar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_not_among_the_managers_workers_is_not_accepted() {
+async fn pairing_follows_the_configured_names_and_an_operators_ban() {
     let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
-    let (mp, wp) = (free_port(), free_port());
+    let (mp, wp, w1p) = (free_port(), free_port(), free_port());
     let m = Node::new(root.path(), "m", mp, &[], "", "role = \"manager\"\nworkers = [\"w1\"]");
     let intruder = Node::new(root.path(), "w9", wp, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]");
+    // w1 lists a manager that does not exist first: it moves on to the next one.
+    let w1 = Node::new(root.path(), "w1", w1p, &[mp], "", "role = \"worker\"\nmanagers = [\"nowhere\", \"m\"]");
+    agents_until(&m, "w1 pairs with its second manager", |a| active(a, "w1")).await;
+    let out = m.cli(&["agents", "ban", "w1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let a = agents_until(&m, "w1 is let go", |a| {
+        a.agents.iter().any(|x| x.name == "w1" && x.banned && x.state != "active")
+    })
+    .await;
+    assert_eq!(a.agents.len(), 1, "{a:?}");
+    let w1_admin = w1.admin().await;
+    let deadline = Instant::now() + WAIT;
+    while w1_admin.agents().await.unwrap().manager.as_deref() != Some("") {
+        assert!(Instant::now() < deadline, "w1 still thinks it is paired: {}", w1.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(m.cli(&["agents", "unban", "w1"]).status.success());
+    agents_until(&m, "w1 pairs again once unbanned", |a| active(a, "w1")).await;
     // The intruder asks, the manager refuses it (and says so), and it stays without a manager.
     let deadline = Instant::now() + WAIT;
     while !m.log().contains("refusing a ManagerRequest") {
