@@ -93,6 +93,9 @@ pub struct TasksConfig {
     /// A worker not heard from for this long is gone (its tasks run elsewhere); a worker whose
     /// manager is silent this long pairs again, ms.
     pub gone_after_ms: u64,
+    /// A manager waits this long past a task's timeout for its worker's report, then records
+    /// `TimedOut` itself and aborts the task on the worker, ms.
+    pub worker_grace_ms: u64,
     /// A gone agent is removed from the registry after this long, seconds.
     pub agent_remove_after_secs: u64,
     /// Tasks a worker node runs at once for its manager (0: the host's cores), and how many
@@ -164,6 +167,9 @@ impl TasksConfig {
             || self.silent_after_ms >= self.gone_after_ms
         {
             return Err("tasks: ping_interval_ms < silent_after_ms < gone_after_ms, all positive".into());
+        }
+        if self.worker_grace_ms == 0 {
+            return Err("tasks.worker_grace_ms must be positive".into());
         }
         if let Ok(addr) = self.arpcp_listen.parse::<std::net::SocketAddr>() {
             if !addr.ip().is_loopback() && self.arpcp_allow.is_empty() {

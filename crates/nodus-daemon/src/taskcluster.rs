@@ -141,6 +141,9 @@ impl Driver {
                 mc.retry_min = Duration::from_millis(t.retry_min_ms);
                 mc.retry_max = Duration::from_millis(t.retry_max_ms);
                 mc.max_result_bytes = t.max_result_bytes as u64;
+                mc.worker_grace = Duration::from_millis(t.worker_grace_ms);
+                // The store's lease outlasts the manager's grace, so the manager acts first.
+                mc.lease_grace = mc.lease_grace.max(mc.worker_grace * 3);
                 mc.registry = RegistryConfig {
                     remove_after: Duration::from_secs(t.agent_remove_after_secs),
                     ..RegistryConfig::default()

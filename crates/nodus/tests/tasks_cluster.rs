@@ -58,12 +58,18 @@ impl Node {
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("node.toml");
         let neighbors: Vec<String> = neighbors.iter().map(|a| format!("\"{a}\"")).collect();
+        // Quick echolocation unless the test sets its own.
+        let timing: String = ["ping_interval_ms = 200", "silent_after_ms = 800", "gone_after_ms = 2000"]
+            .iter()
+            .filter(|kv| !tasks.contains(kv.split(' ').next().unwrap()))
+            .map(|kv| format!("{kv}\n"))
+            .collect();
         let text = format!(
             "server_name = \"{name}\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"\"\n{top}\n\
              [cluster]\nlisten = \"{listen}\"\nneighbors = [{}]\nsecret = \"tasks-across-nodes\"\n\
              udp_listen = \"\"\nheartbeat_ms = 100\n\
              [apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
-             [tasks]\narpcp_listen = \"\"\nping_interval_ms = 200\nsilent_after_ms = 800\ngone_after_ms = 2000\n{tasks}\n",
+             [tasks]\narpcp_listen = \"\"\n{timing}{tasks}\n",
             dir.join("data").display().to_string(),
             dir.join("n.sock").display().to_string(),
             neighbors.join(", "),
@@ -538,4 +544,46 @@ async fn a_worker_cut_off_by_a_partition_loses_nothing_and_pairs_again_when_heal
     );
     assert_eq!(lost, 0);
     assert_eq!(stats.done, N as u64, "every task recorded done exactly once: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_times_out_the_task_of_a_worker_that_went_quiet() {
+    let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
+    let (mp, wp) = (free_port(), free_port());
+    // The manager gives up on a report long before it gives up on the worker.
+    let m = Node::new(
+        root.path(),
+        "m",
+        mp,
+        &[],
+        "",
+        "role = \"manager\"\nworkers = [\"w1\"]\nworker_grace_ms = 300\ngone_after_ms = 30000",
+    );
+    let w1 =
+        Node::new(root.path(), "w1", wp, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]\ngone_after_ms = 30000");
+    for n in [&m, &w1] {
+        n.deploy_procs();
+    }
+    agents_until(&m, "w1 pairs", |a| active(a, "w1")).await;
+    let admin = m.admin().await;
+    let spec = TaskSpec { timeout_ms: Some(1000), ..TaskSpec::new("procs.sleep", vec![json!(20_000)]) };
+    let id = admin.task_submit(&spec).await.unwrap().id;
+    let deadline = Instant::now() + WAIT;
+    while admin.task_get(&id).await.unwrap().status != TaskStatus::Running {
+        assert!(Instant::now() < deadline, "the task never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The worker node freezes (SIGSTOP): it can neither time the task out nor report.
+    let pid = w1.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let t = admin.task_wait(&id, WAIT).await.unwrap();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert_eq!(t.status, TaskStatus::Error, "{t:?}");
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, "TimedOut");
+    assert!(e.message.contains("no report from worker node w1"), "timed out by the manager: {}", e.message);
+    // Once it thaws, the worker is told to stop the task and goes on working.
+    let t = admin.task_run(&TaskSpec::new("procs.add", vec![json!(1), json!(2)]), WAIT).await.unwrap();
+    assert_eq!(t.result, Some(json!(3)));
+    assert_eq!(admin.task_get(&id).await.unwrap().status, TaskStatus::Error, "the late end is discarded");
 }
