@@ -124,7 +124,8 @@ impl ControlConfig {
 pub struct TasksConfig {
     /// Run the task service (it needs `[apps] enabled`: procedures are app events).
     pub enabled: bool,
-    /// The store: `sqlite`, the file `<data_dir>/tasks.db`.
+    /// The store: `sqlite`, the file `<data_dir>/tasks.db`, or a `postgres://` URL (a database
+    /// several manager nodes share).
     pub store: String,
     /// SQLite `synchronous`: `off`, `normal`, `full` or `extra`.
     pub synchronous: String,
@@ -197,12 +198,7 @@ impl TasksConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if !(self.store.is_empty() || self.store.eq_ignore_ascii_case("sqlite")) {
-            return Err(format!(
-                "tasks.store is {:?}; use \"sqlite\" (the file tasks.db in the data directory)",
-                self.store
-            ));
-        }
+        self.store.parse::<nodus_tasks::store::StoreSpec>()?;
         self.synchronous.parse::<nodus_tasks::Synchronous>().map_err(|e| format!("tasks.synchronous: {e}"))?;
         if !self.notify.is_empty() {
             self.notify.parse::<nodus_tasks::notify::Target>().map_err(|e| format!("tasks.notify: {e}"))?;

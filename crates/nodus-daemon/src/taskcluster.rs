@@ -24,6 +24,7 @@
 
 use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
+use crate::tasks::TaskStore;
 use nodus_engine::Engine;
 use nodus_tasks::cluster::msg::{Body, COMMANDS as PROTOCOL};
 use nodus_tasks::cluster::registry::RegistryConfig;
@@ -36,7 +37,7 @@ use nodus_tasks::executor::run_attempt;
 use nodus_tasks::sched::{AttemptEnd, Attempted};
 use nodus_tasks::store::{Finish, ListFilter, Store};
 use nodus_tasks::task::{Claimed, Lease};
-use nodus_tasks::{SqliteStore, Status, TaskId, Tasks, UnixMs};
+use nodus_tasks::{Status, TaskId, Tasks, UnixMs};
 use nodus_wire::node::Permission;
 use nodus_wire::{Backoff, Message};
 use serde_json::json;
@@ -100,7 +101,7 @@ pub(crate) struct Driver {
     shared: Arc<Shared>,
     conn: ConnId,
     engine: Engine,
-    tasks: Tasks<SqliteStore>,
+    tasks: Tasks<TaskStore>,
     role: Role,
     events: mpsc::Sender<Event>,
     /// Requests in flight: id → peer.
@@ -124,7 +125,7 @@ impl Driver {
         shared: Arc<Shared>,
         conn: ConnId,
         engine: Engine,
-        tasks: Tasks<SqliteStore>,
+        tasks: Tasks<TaskStore>,
     ) -> (Driver, mpsc::Receiver<Event>) {
         let config = shared.config().clone();
         let t = &config.tasks;
@@ -505,7 +506,7 @@ enum Either {
 }
 
 /// Records a worker's report until the store takes it (with backoff), then tells the loop.
-async fn record(tasks: Tasks<SqliteStore>, f: Finish, meta: Attempted, events: mpsc::Sender<Event>) {
+async fn record(tasks: Tasks<TaskStore>, f: Finish, meta: Attempted, events: mpsc::Sender<Event>) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5), rand::random());
     let (id, lease) = (f.id.clone(), f.lease);
     loop {
@@ -522,7 +523,7 @@ async fn record(tasks: Tasks<SqliteStore>, f: Finish, meta: Attempted, events: m
 }
 
 /// The tasks the store shows running on workers (a manager's restart asks them about these).
-async fn in_doubt(tasks: &Tasks<SqliteStore>, me: &str) -> Vec<InDoubt> {
+async fn in_doubt(tasks: &Tasks<TaskStore>, me: &str) -> Vec<InDoubt> {
     let filter = ListFilter { status: Some(Status::Running), limit: MAX_IN_DOUBT, ..ListFilter::default() };
     let running = match tasks.store().list(filter, UnixMs::now()).await {
         Ok(r) => r,

@@ -32,7 +32,7 @@ use nodus_engine::Engine;
 use nodus_tasks::arpcp::{Answer, Code, SignalStatus};
 use nodus_tasks::executor::{Finished, StatusChange};
 use nodus_tasks::notify::Target;
-use nodus_tasks::store::ListFilter;
+use nodus_tasks::store::{AnyStore, ListFilter, PgStore, StoreSpec};
 use nodus_tasks::task::MAX_KEY_LEN;
 use nodus_tasks::{
     ArpcpConfig, ArpcpServer, SqliteConfig, SqliteStore, Status, Submission, SubmitError, Task, TaskId, Tasks, UnixMs,
@@ -52,7 +52,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 /// The store backend the node runs on.
-type TaskStore = SqliteStore;
+/// The node's task store: SQLite in the data directory, or a shared PostgreSQL database
+/// (`[tasks] store`).
+pub(crate) type TaskStore = AnyStore;
 
 /// The built-in service's name.
 pub const TASKS_SERVICE: &str = "tasks";
@@ -254,12 +256,24 @@ impl Mount {
         tc.max_inflight_per_app = c.max_inflight_per_app;
         tc.sched.retry_min = Duration::from_millis(c.retry_min_ms);
         tc.sched.retry_max = Duration::from_millis(c.retry_max_ms);
+        // Validated with the config: a bad spec never reaches here.
+        let spec: StoreSpec = c.store.parse().unwrap_or_default();
+        let path = match &spec {
+            StoreSpec::Sqlite => sqlite.path.display().to_string(),
+            pg => pg.to_string(),
+        };
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), rand::random());
         loop {
-            let path = sqlite.path.clone();
-            let opened = {
-                let sqlite = sqlite.clone();
-                tokio::task::spawn_blocking(move || SqliteStore::open(sqlite)).await
+            let opened = match &spec {
+                StoreSpec::Sqlite => {
+                    let sqlite = sqlite.clone();
+                    tokio::task::spawn_blocking(move || SqliteStore::open(sqlite).map(AnyStore::Sqlite)).await
+                }
+                StoreSpec::Postgres(pg) => {
+                    let mut pg = pg.clone();
+                    pg.result_ttl = Duration::from_secs(c.result_ttl_secs);
+                    Ok(PgStore::open(pg).await.map(AnyStore::Postgres))
+                }
             };
             let started = match opened {
                 Ok(Ok(store)) => match Tasks::start(store.clone(), self.engine.clone(), tc.clone()).await {
@@ -279,14 +293,14 @@ impl Mount {
                         tasks.store().close().await;
                         return;
                     }
-                    info!(store = %path.display(), "task store open");
+                    info!(store = %path, "task store open");
                     self.opened.send_replace(Some(tasks));
                     return;
                 }
                 Err(why) => {
                     let delay = backoff.next_delay();
-                    error!(store = %path.display(), error = %why, ?delay, "the task store cannot be opened; tasks are unavailable, retrying");
-                    let why = format!("the task store {} cannot be opened: {why}", path.display());
+                    error!(store = %path, error = %why, ?delay, "the task store cannot be opened; tasks are unavailable, retrying");
+                    let why = format!("the task store {path} cannot be opened: {why}");
                     self.state.send_if_modified(|s| {
                         if matches!(s, State::Stopped) {
                             return false;
