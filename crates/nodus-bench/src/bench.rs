@@ -32,8 +32,8 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
         Command::RawEcho { listen } => child_role(baseline::raw_echo(&listen)).await,
         Command::RawForwarder { listen, upstream } => child_role(baseline::raw_forwarder(&listen, &upstream)).await,
         Command::Apps { cold_starts } => interruptible(crate::apps::run(&options, cold_starts)).await,
-        Command::Tasks { tasks, submitters, light, worker } => {
-            let load = crate::tasks::TasksLoad { tasks, submitters, light, worker };
+        Command::Tasks { tasks, submitters, light, worker, postgres } => {
+            let load = crate::tasks::TasksLoad { tasks, submitters, light, worker, postgres };
             interruptible(async {
                 crate::tasks::run(options.json, load.clone()).await?;
                 crate::tasks_node::run(options.json, options.nodus.clone(), &load).await

@@ -73,6 +73,8 @@ pub async fn start_daemon_with(
         "",
         "--arpcp-listen",
         "",
+        "--http-listen",
+        "",
     ]);
     match cluster {
         None => {
