@@ -68,7 +68,7 @@ impl Node {
             "server_name = \"{name}\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"\"\n{top}\n\
              [cluster]\nlisten = \"{listen}\"\nneighbors = [{}]\nsecret = \"tasks-across-nodes\"\n\
              udp_listen = \"\"\nheartbeat_ms = 100\n\
-             [apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
+             [apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n[http]\nlisten = \"\"\n\
              [tasks]\narpcp_listen = \"\"\n{timing}{tasks}\n",
             dir.join("data").display().to_string(),
             dir.join("n.sock").display().to_string(),
