@@ -120,7 +120,7 @@ impl BenchNode {
             &config,
             format!(
                 "server_name = \"{}\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"\"\n\
-                 [cluster]\n{}\nudp_listen = \"\"\n[apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
+                 [cluster]\n{}\nudp_listen = \"\"\n[apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n[http]\nlisten = \"\"\n\
                  [tasks]\nsynchronous = \"{synchronous}\"\narpcp_listen = \"{arpcp}\"\n{}\n",
                 setup.name,
                 dir.join("data").display().to_string(),

@@ -26,7 +26,7 @@ use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
 use crate::tasks::TaskStore;
 use nodus_engine::Engine;
-use nodus_tasks::cluster::msg::{Body, COMMANDS as PROTOCOL};
+use nodus_tasks::cluster::msg::{Body, COMMANDS as PROTOCOL, MAX_LIST};
 use nodus_tasks::cluster::registry::RegistryConfig;
 use nodus_tasks::cluster::resources;
 use nodus_tasks::cluster::{
@@ -170,7 +170,7 @@ impl Driver {
                     ping_interval: ping,
                     manager_timeout: Duration::from_millis(t.gone_after_ms),
                     request_timeout: ping,
-                    ..WorkerConfig::new(name.clone(), t.managers.clone(), specs(&config))
+                    ..WorkerConfig::new(name.clone(), t.managers.clone(), specs(&config, &tasks))
                 };
                 info!(managers = ?t.managers, "tasks: this node is a worker");
                 Role::Worker(Box::new(WorkerNode::new(wc, rand::random(), now)))
@@ -552,8 +552,9 @@ async fn in_doubt(tasks: &Tasks<TaskStore>, me: &str) -> Vec<InDoubt> {
 }
 
 /// What a worker node declares: the host's cores and memory, its cluster address and that
-/// interface's MAC, the configured concurrency, and the procedures of its apps.
-fn specs(config: &crate::config::Config) -> Specs {
+/// interface's MAC, the configured concurrency, and the procedures of its apps when it starts
+/// (informational: the manager places tasks by capacity; packages are not declared yet).
+fn specs(config: &crate::config::Config, tasks: &Tasks<SqliteStore>) -> Specs {
     let t = &config.tasks;
     let ip: std::net::IpAddr = config
         .cluster
@@ -577,7 +578,7 @@ fn specs(config: &crate::config::Config) -> Specs {
         ip: ip.to_string(),
         mac,
         apps: Vec::new(),
-        procedures: Vec::new(),
+        procedures: tasks.procedures().iter().map(|p| p.name.clone()).take(MAX_LIST).collect(),
     }
 }
 
