@@ -33,7 +33,7 @@ pub enum AdminError {
         /// What it said.
         message: String,
     },
-    /// The node does not know this node name (checked before `FORGET`).
+    /// The node does not know this node name (`FORGET` answered `ERROR code=unknown_node`).
     #[error("no node named {0:?} is known to this node; `nodus cluster status` lists the known nodes")]
     UnknownNode(String),
     /// The answer is not the one the command gets.
@@ -316,15 +316,16 @@ impl Admin {
 
     /// Removes node `server` from the cluster's memory, everywhere; returns its name.
     ///
-    /// Fails with [`AdminError::UnknownNode`] when this node does not know `server` (the node
-    /// itself would answer `FORGOTTEN` for any name), and as described in the module docs.
+    /// Fails with [`AdminError::UnknownNode`] when this node does not know `server` (it answers
+    /// `ERROR code=unknown_node`), and as described in the module docs.
     pub async fn forget(&self, server: &str) -> Result<String, AdminError> {
-        let known = self.cluster_info().await?;
-        if !known.nodes.iter().any(|n| n.server == server) {
-            return Err(AdminError::UnknownNode(server.to_string()));
+        match self.node(Message::new("FORGET").param("server", server), &["FORGOTTEN"]).await {
+            Ok(m) => Ok(m.get("server").unwrap_or(server).to_string()),
+            Err(AdminError::Client(ClientError::Refused(r))) if r.code() == Some("unknown_node") => {
+                Err(AdminError::UnknownNode(server.to_string()))
+            }
+            Err(e) => Err(e),
         }
-        let m = self.node(Message::new("FORGET").param("server", server), &["FORGOTTEN"]).await?;
-        Ok(m.get("server").unwrap_or(server).to_string())
     }
 
     /// Stops every node of the cluster.

@@ -359,7 +359,9 @@ impl Router {
                 _ => tracing::warn!(conn, "ignoring SHUTDOWN from a node not in admin_nodes (or not authenticated)"),
             },
             LinkMsg::Forget { server } => match self.admin_peer(conn) {
-                Some(true) => self.forget(&server, Some(conn), out),
+                Some(true) => {
+                    self.forget(&server, Some(conn), out);
+                }
                 _ => {
                     tracing::warn!(conn, %server, "ignoring FORGET from a node not in admin_nodes (or not authenticated)")
                 }
@@ -419,22 +421,34 @@ impl Router {
         out.push(Action::Deliver(conn, m));
     }
 
+    /// `FORGET` from a client: the named node is removed here and everywhere; a node this one
+    /// does not know (or this node itself) is refused, so an operator's typo is never reported
+    /// as done.
     pub(super) fn forget_request(&mut self, conn: ConnId, msg: &Message, target: ForgetTarget, out: &mut Vec<Action>) {
         let name = match target {
-            ForgetTarget::Server(name) => Some(name),
-            ForgetTarget::Ip(ip) => self
-                .topology
-                .known()
-                .iter()
-                .find(|(_, a)| a.as_str() == ip || a.starts_with(&format!("{ip}:")))
-                .map(|(n, _)| n.clone()),
-        };
-        match name {
-            Some(name) if name != self.server => {
-                self.forget(&name, None, out);
-                out.push(Action::Deliver(conn, self.answer(msg, "FORGOTTEN").param("server", name)));
+            ForgetTarget::Server(name) => name,
+            ForgetTarget::Ip(ip) => {
+                let known =
+                    self.topology.known().iter().find(|(_, a)| a.as_str() == ip || a.starts_with(&format!("{ip}:")));
+                match known {
+                    Some((name, _)) => name.clone(),
+                    None => {
+                        let text = format!("no node known to this node was at {ip}; `nodus cluster status` lists them");
+                        let e = self.error(msg, "unknown_node", &text).param("ip", ip);
+                        return self.refuse(conn, msg, e, out);
+                    }
+                }
             }
-            _ => self.invalid_request(conn, msg, "FORGET needs server=NAME or ip=ADDR of a known node", out),
+        };
+        if name == self.server {
+            return self.invalid_request(conn, msg, "a node cannot forget itself: FORGET it from another node", out);
+        }
+        if self.forget(&name, None, out) {
+            out.push(Action::Deliver(conn, self.answer(msg, "FORGOTTEN").param("server", name)));
+        } else {
+            let text = format!("no node named {name} is known to this node; `nodus cluster status` lists them");
+            let e = self.error(msg, "unknown_node", &text).param("server", name);
+            self.refuse(conn, msg, e, out);
         }
     }
 
@@ -570,9 +584,10 @@ impl Router {
         out.push(Action::SaveNodes(nodes));
     }
 
-    fn forget(&mut self, name: &str, except: Option<ConnId>, out: &mut Vec<Action>) {
+    /// Forgets `name` here and tells every link but `except`; returns whether it was known.
+    fn forget(&mut self, name: &str, except: Option<ConnId>, out: &mut Vec<Action>) -> bool {
         if !self.topology.forget(name) {
-            return;
+            return false;
         }
         self.neighbors.remove(name);
         let mut m = LinkMsg::Forget { server: name.to_string() }.to_message();
@@ -587,6 +602,7 @@ impl Router {
         }
         self.save_nodes(out);
         self.health_changed(out);
+        true
     }
 
     pub(super) fn shutdown_cluster(&mut self, except: Option<ConnId>, out: &mut Vec<Action>) {
