@@ -15,6 +15,7 @@ use crate::auth::Origin;
 use crate::detector::PhiDetector;
 use crate::topology::{KnownNode, NodeRecord};
 use nodus_wire::node::{ForgetTarget, LinkMsg, LinkMsgError, Permission, Permissions};
+use nodus_wire::rows::{self, LinkRow, NodeRow};
 use nodus_wire::Message;
 use ring::hmac;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -454,20 +455,23 @@ impl Router {
 
     pub(super) fn cluster_info(&self, req: &Message, now: i64) -> Message {
         let h = self.topology.health();
-        let nodes: Vec<String> = self
+        let nodes: Vec<NodeRow> = self
             .topology
             .known()
             .iter()
-            .map(|(n, a)| format!("{n}@{a}@{}", if self.topology.is_live(n) { "up" } else { "down" }))
+            .map(|(n, a)| NodeRow { server: n.clone(), addr: a.clone(), live: self.topology.is_live(n) })
             .collect();
-        let links: Vec<String> = self
+        let links: Vec<LinkRow> = self
             .links
             .iter()
             .filter_map(|(peer, id)| {
                 let Role::Link(l) = &self.conns.get(id)?.role else { return None };
-                let rtt = l.samples.back().map_or("-".into(), |s| s.0.to_string());
-                let off = Self::link_offset(l).map_or("-".into(), |v| v.to_string());
-                Some(format!("{peer}@{rtt}@{off}@{:.2}", l.detector.phi(now)))
+                Some(LinkRow {
+                    peer: peer.clone(),
+                    rtt_ms: l.samples.back().map(|s| s.0),
+                    offset_ms: Self::link_offset(l),
+                    phi: l.detector.phi(now),
+                })
             })
             .collect();
         self.answer(req, "CLUSTER_INFO")
@@ -479,8 +483,8 @@ impl Router {
             .param("complete", h.complete())
             .param("clock_stable", self.clock_stable())
             .param("ntp", self.ntp_word())
-            .param("nodes", nodes.join(","))
-            .param("links", links.join(","))
+            .param("nodes", rows::join_list(&nodes))
+            .param("links", rows::join_list(&links))
     }
 
     /// Sends `msg` towards node `dest` over the next hop, stamped with what its sender may do.
