@@ -6,6 +6,7 @@
 
 use crate::{ClientConfig, ClientError, Command, Endpoint, State, Status};
 use bytes::BytesMut;
+use nodus_wire::node::NodeRequest;
 use nodus_wire::{binary, Backoff, Decoded, Message};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,17 +67,17 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
     let encode = |m: &Message, out: &mut BytesMut| binary::encode(m, out, config.max_frame);
     let auth_id = rand::random::<u64>() | 1;
     if let Some(token) = &config.token {
-        let auth = Message::new("AUTH").param("token", token).with_id(auth_id);
+        let auth = NodeRequest::Auth { token: token.clone() }.to_message().with_id(auth_id);
         encode(&auth, &mut out).map_err(|e| failed(e.to_string()))?;
     }
     let hello_id = auth_id.wrapping_add(2);
     let hello = match &config.service {
-        Some(name) => Message::new("REGISTER").param("service", name).param("version", 1).with_id(hello_id),
-        None => Message::new("PING").with_id(hello_id),
+        Some(name) => NodeRequest::Register { service: name.clone() }.to_message().with_id(hello_id),
+        None => NodeRequest::Ping.to_message().with_id(hello_id),
     };
     encode(&hello, &mut out).map_err(|e| failed(e.to_string()))?;
     if config.service.is_some() && !config.commands.is_empty() {
-        let commands = Message::new("COMMANDS").param("list", config.commands.join(","));
+        let commands = NodeRequest::Commands { list: config.commands.clone() }.to_message();
         encode(&commands, &mut out).map_err(|e| failed(e.to_string()))?;
     }
     wr.write_all(&out).await.map_err(io_err)?;
