@@ -20,7 +20,7 @@ mod session;
 pub mod worker;
 pub mod worker_sdk;
 
-pub use client::{AppClient, ClientError, ClientOptions, Endpoints, ServiceHandle, Stream};
+pub use client::{AppClient, AppClientConfig, AppClientError, Endpoints, ServiceHandle, Stream};
 pub use engine::{
     category, socket_path, AppCaller, AppInfo, AppSpec, CallDone, CallResult, CrashRecord, Engine, EngineConfig,
     EngineError, EngineEvent, WorkerInfo,
