@@ -356,6 +356,31 @@ fn line_with(c: RouterConfig) -> Router {
 }
 
 #[test]
+fn cluster_wide_commands_from_an_authenticated_node_not_in_admin_nodes_are_ignored() {
+    let with_admins = |admins: &[&str]| {
+        let mut c = setup("b", "s");
+        c.links.admin_nodes = admins.iter().map(|n| n.to_string()).collect();
+        line_with(c)
+    };
+    let mut out = Vec::new();
+    // `a` proved the secret, but the config allows only `c`: its FORGET and SHUTDOWN change nothing.
+    let mut b = with_admins(&["c"]);
+    b.handle(20, LinkMsg::Forget { server: "a".into() }.to_message(), 0, &mut out);
+    b.handle(20, LinkMsg::Shutdown.to_message(), 0, &mut out);
+    assert!(b.topology.known().contains_key("a"), "FORGET from a node not in admin_nodes was obeyed");
+    assert!(!out.contains(&Action::Shutdown), "SHUTDOWN from a node not in admin_nodes was obeyed");
+    assert!(sent(&mut out, 20).iter().all(|m| m.command != "FORGET" && m.command != "SHUTDOWN"));
+    // The same commands from the same link once the config names `a`: obeyed.
+    let mut b = with_admins(&["a"]);
+    out.clear();
+    b.handle(20, LinkMsg::Forget { server: "a".into() }.to_message(), 0, &mut out);
+    assert!(!b.topology.known().contains_key("a"));
+    let mut b = with_admins(&["a"]);
+    b.handle(20, LinkMsg::Shutdown.to_message(), 0, &mut out);
+    assert!(out.contains(&Action::Shutdown));
+}
+
+#[test]
 fn requests_forwarded_by_this_node_carry_the_senders_permissions() {
     let mut b = line();
     let mut out = Vec::new();
