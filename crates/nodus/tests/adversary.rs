@@ -15,7 +15,8 @@
 //!   loopback without a secret, which must not start.
 //! - Idle connections past the TCP listener's limit, and half-sent frames past the node's input
 //!   budget (measured from outside: the daemon's RSS).
-//! - A pending-request flood from one client, and a slow consumer cut with callers waiting.
+//! - A pending-request flood from one client, a slow consumer cut with callers waiting, and
+//!   sniffers that never read while 40 MiB flow past them.
 //! - A neighbour process of the same user impersonating an app's worker with the `--uuid` and
 //!   `--endpoint` it read from `/proc`.
 //!
@@ -55,6 +56,8 @@ const INPUT_BUDGET: u64 = 16 * MIB;
 const TCP_LIMIT: usize = 64;
 /// Requests one client may have in flight.
 const PENDING_PER_CLIENT: u64 = 64;
+/// The node's budget for queued output, node-wide.
+const OUTPUT_BUDGET: u64 = 8 * MIB;
 
 /// What the suite tried and what it saw.
 #[derive(Default)]
@@ -297,7 +300,7 @@ async fn start_daemon(dir: &Path, bin: &Path) -> Daemon {
     let config = format!(
         "server_name = \"adv\"\ntcp_listen = \"127.0.0.1:{tcp}\"\n\
          [limits]\nmax_frame_bytes = {frame}\nmax_connections = {TCP_LIMIT}\nhandshake_timeout_ms = 1000\n\
-         max_buffered_input_bytes = {INPUT_BUDGET}\nmax_outbound_bytes = 262144\nmax_pending_per_client = {PENDING_PER_CLIENT}\n\
+         max_buffered_input_bytes = {INPUT_BUDGET}\nmax_buffered_output_bytes = {OUTPUT_BUDGET}\nmax_outbound_bytes = 262144\nmax_pending_per_client = {PENDING_PER_CLIENT}\n\
          [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nudp_listen = \"127.0.0.1:{udp}\"\nmax_nodes = 16\n\
          failure_phi = 1e9\ntls_listen = \"\"\n\
          [apps]\nlocator_listen = \"127.0.0.1:{locator}\"\n",
@@ -402,6 +405,8 @@ async fn suite() {
     node.alive("the pending flood");
     slow_consumer(&node, &mut report).await;
     node.alive("the slow consumer");
+    silent_sniffers(&node, &mut report).await;
+    node.alive("the sniffers that never read");
     impersonation(&users, &node, &mut report).await;
     node.alive("the impostor");
 
@@ -758,6 +763,71 @@ async fn slow_consumer(node: &Daemon, report: &mut Report) {
     drop(slow);
     report.line(format!(
         "slow consumer: {CALLERS} callers × {EACH} requests of 32 KiB to a service that never reads: cut, {disconnected} 'disconnected, may have run', {lost} unanswered"
+    ));
+}
+
+/// Ten sniffers ask for everything and never read while a caller sends 40 MiB of requests to a
+/// service that answers them: every request is answered, the sniffers are cut, the node's memory
+/// stays bounded (it does not queue the 400 MiB of copies) and comes back once they are gone.
+async fn silent_sniffers(node: &Daemon, report: &mut Report) {
+    const SNIFFERS: usize = 10;
+    const REQUESTS: u64 = 1280;
+    const SIZE: usize = 32 * 1024;
+    let (_, rss_before) = node.memory_kib();
+    let mut sniffers = Vec::new();
+    for _ in 0..SNIFFERS {
+        let mut s = Conn::unix(&node.socket()).await;
+        s.send(&Message::new("SNIFF")).await;
+        assert_eq!(s.recv().await.command, "SNIFFING");
+        sniffers.push(s);
+    }
+    let mut store = Conn::unix(&node.socket()).await;
+    store.register("store").await;
+    let serve = tokio::spawn(async move {
+        while let Some(m) = store.try_recv(WAIT).await {
+            if m.command == "PUT" {
+                store.send(&m.reply("STORED")).await;
+            }
+        }
+    });
+    // One request at a time: the store keeps up, so only the sniffers fall behind.
+    let mut caller = Conn::unix(&node.socket()).await;
+    let payload = bytes::Bytes::from(vec![0x33u8; SIZE]);
+    let mut answered = 0;
+    for id in 1..=REQUESTS {
+        let put = Message::new("PUT").to("store").with_id(id).with_payload(payload.clone());
+        let answer = caller.request(put).await;
+        assert_eq!(answer.command, "STORED", "{answer:?}");
+        answered += 1;
+    }
+    serve.abort();
+    report.inputs += SNIFFERS as u64 + REQUESTS;
+    report.lost += REQUESTS - answered;
+    let (_, rss_held) = node.memory_kib();
+    let held_mib = rss_held.saturating_sub(rss_before) / 1024;
+    let offered_mib = SNIFFERS as u64 * REQUESTS * SIZE as u64 / MIB;
+    // Each sniffer is cut once its queue passes its bound; it reads what its socket buffered,
+    // then the end.
+    let mut cut = 0;
+    for s in sniffers.iter_mut() {
+        cut += usize::from(s.closed_within(WAIT).await);
+    }
+    assert_eq!(cut, SNIFFERS, "every sniffer that never read is cut");
+    assert!(held_mib <= 2 * (OUTPUT_BUDGET / MIB), "the node held {held_mib} MiB of {offered_mib} MiB of copies");
+    drop(sniffers);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let rss_after = loop {
+        let (_, rss) = node.memory_kib();
+        if rss <= rss_before + 8 * 1024 || tokio::time::Instant::now() > deadline {
+            break rss;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let back_mib = rss_after.saturating_sub(rss_before) / 1024;
+    assert!(back_mib <= 8, "the memory of cut sniffers comes back: still {back_mib} MiB over");
+    report.line(format!(
+        "silent sniffers: {SNIFFERS} that never read, {REQUESTS} requests of {} KiB past them ({offered_mib} MiB of copies): all answered, {cut} cut, RSS grew {held_mib} MiB, {back_mib} MiB after",
+        SIZE / 1024
     ));
 }
 
