@@ -16,6 +16,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::balance::{Action, AppStatus, BalanceConfig, Balancer, Rejection, WorkerId};
+use crate::category;
 use crate::identity::{Peer, RunAs};
 use crate::manifest::Manifest;
 use crate::process::{self, Launch, Running};
@@ -23,14 +24,6 @@ use crate::profile::Profile;
 use crate::protocol::{Decoder, Message, Role, DEFAULT_MAX_MESSAGE_BYTES, FIRST_SESSION_CHANNEL};
 use crate::session::{Down, Session, SessionError, Up};
 use crate::worker::{ExitReport, FailReason, Output, Signal, State, Worker};
-
-/// Error categories the engine itself uses in `[ch,1,[[category,code],message]]`.
-pub mod category {
-    /// Errors raised by the engine (session abandoned, worker failed).
-    pub const ENGINE: i64 = 1;
-    /// Errors raised by an app's handler (worker SDK).
-    pub const APPLICATION: i64 = 2;
-}
 
 /// Engine settings and bounds.
 #[derive(Debug, Clone)]

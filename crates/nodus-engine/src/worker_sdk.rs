@@ -35,7 +35,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::engine::category;
+use crate::category;
 use crate::protocol::{terminate_code, Decoder, Message, Role, DEFAULT_MAX_MESSAGE_BYTES};
 
 /// What a handler returns; an error is sent to the caller as `[[2, 1], text]`.
