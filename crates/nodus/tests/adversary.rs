@@ -16,7 +16,8 @@
 //! - Idle connections past the TCP listener's limit, and half-sent frames past the node's input
 //!   budget (measured from outside: the daemon's RSS).
 //! - A pending-request flood from one client, a slow consumer cut with callers waiting, and
-//!   sniffers that never read while 40 MiB flow past them.
+//!   sniffers that never read while 40 MiB flow past them, and a caller that never reads its
+//!   replies next to one that does.
 //! - A neighbour process of the same user impersonating an app's worker with the `--uuid` and
 //!   `--endpoint` it read from `/proc`.
 //!
@@ -407,6 +408,8 @@ async fn suite() {
     node.alive("the slow consumer");
     silent_sniffers(&node, &mut report).await;
     node.alive("the sniffers that never read");
+    caller_never_reads(&node, &mut report).await;
+    node.alive("the caller that never reads");
     impersonation(&users, &node, &mut report).await;
     node.alive("the impostor");
 
@@ -827,6 +830,47 @@ async fn silent_sniffers(node: &Daemon, report: &mut Report) {
     assert!(back_mib <= 8, "the memory of cut sniffers comes back: still {back_mib} MiB over");
     report.line(format!(
         "silent sniffers: {SNIFFERS} that never read, {REQUESTS} requests of {} KiB past them ({offered_mib} MiB of copies): all answered, {cut} cut, RSS grew {held_mib} MiB, {back_mib} MiB after",
+        SIZE / 1024
+    ));
+}
+
+/// A caller asks a service for 64 replies of 128 KiB and never reads them: the node cuts the
+/// caller, not the service, and another caller of the same service is served meanwhile and after.
+async fn caller_never_reads(node: &Daemon, report: &mut Report) {
+    const REQUESTS: u64 = PENDING_PER_CLIENT;
+    const SIZE: usize = 128 * 1024;
+    let mut mirror = Conn::unix(&node.socket()).await;
+    mirror.register("mirror").await;
+    let serve = tokio::spawn(async move {
+        while let Some(m) = mirror.try_recv(WAIT).await {
+            let payload = match m.command.as_str() {
+                "BIG" => bytes::Bytes::from(vec![0x44u8; SIZE]),
+                "ECHO" => m.payload.clone(),
+                _ => continue,
+            };
+            mirror.send(&m.reply("ECHOED").with_payload(payload)).await;
+        }
+    });
+    let mut lazy = Conn::tcp(&node.tcp).await;
+    for id in 1..=REQUESTS {
+        lazy.send(&Message::new("BIG").to("mirror").with_id(id)).await;
+    }
+    report.inputs += REQUESTS;
+    // Another caller is served while the lazy one's replies pile up.
+    let mut other = Conn::tcp(&node.tcp).await;
+    for id in 1..=8u64 {
+        let answer = other.request(Message::new("ECHO").to("mirror").with_id(id).with_payload(&b"hi"[..])).await;
+        assert_eq!((answer.command.as_str(), &answer.payload[..]), ("ECHOED", &b"hi"[..]));
+    }
+    report.inputs += 8;
+    // The lazy caller is cut once its queue passes its bound: it finds the end after what its
+    // socket buffered. The service was not.
+    assert!(lazy.closed_within(WAIT).await, "a caller that never reads its replies is cut");
+    let answer = other.request(Message::new("ECHO").to("mirror").with_id(9).with_payload(&b"after"[..])).await;
+    assert_eq!(answer.command, "ECHOED", "the service was not cut with its lazy caller");
+    serve.abort();
+    report.line(format!(
+        "caller that never reads: {REQUESTS} replies of {} KiB left unread: the caller cut, the service and another caller served",
         SIZE / 1024
     ));
 }
