@@ -20,7 +20,7 @@ fn config(dir: &tempfile::TempDir, name: &str, limits: &str, cluster: &str) -> C
     let data = dir.path().join(name);
     let toml = format!(
         "server_name = \"{name}\"\ndata_dir = {data:?}\ntcp_listen = \"127.0.0.1:0\"\n\
-         [limits]\n{limits}\n[cluster]\nudp_listen = \"\"\nheartbeat_ms = 100\n{cluster}\n[apps]\nenabled = false\n"
+         [limits]\n{limits}\n[cluster]\nudp_listen = \"\"\nheartbeat_ms = 100\n{cluster}\n[apps]\nenabled = false\n[http]\nlisten = \"\"\n"
     );
     Config::from_toml(&toml).expect("test config")
 }

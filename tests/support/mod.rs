@@ -47,7 +47,7 @@ impl Node {
     /// Starts a bare node in `dir` whose config `edit` changes first (any section).
     pub async fn start_with(dir: tempfile::TempDir, edit: impl FnOnce(&mut Config)) -> Node {
         let base = format!(
-            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n[http]\nlisten = \"\"\n",
             dir.path().join("data").display().to_string()
         );
         let mut config = Config::from_toml(&base).expect("test config");
@@ -58,7 +58,7 @@ impl Node {
     /// Starts a node whose data directory is `dir` (reused across restarts).
     pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> Node {
         let base = format!(
-            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"127.0.0.1:0\"\n{extra}\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n[http]\nlisten = \"\"\n",
             dir.path().join("data").display().to_string()
         );
         Self::start_config(dir, Config::from_toml(&base).expect("test config")).await

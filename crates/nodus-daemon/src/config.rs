@@ -29,6 +29,91 @@ pub struct Config {
     pub apps: AppsConfig,
     /// Who may do what.
     pub access: AccessConfig,
+    /// The HTTP listener.
+    pub http: HttpConfig,
+    /// The control plane: component tree, kill, flags.
+    pub control: ControlConfig,
+}
+
+/// The `[http]` section: the gateway, the REST API, the dashboard and the metrics on one
+/// listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; empty disables HTTP.
+    pub listen: String,
+    /// File whose first line is the bearer token beyond loopback; empty: the node's token file.
+    pub token_file: PathBuf,
+    /// Ask loopback peers for the token too.
+    pub token_on_loopback: bool,
+    /// Gateway routes open without the token: `APP` or `APP/EVENT`.
+    pub public: Vec<String>,
+    /// Serve HTTPS.
+    pub tls: bool,
+    /// Certificate chain (PEM); empty: the cluster's.
+    pub tls_cert: PathBuf,
+    /// Private key (PEM); empty: the cluster's.
+    pub tls_key: PathBuf,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Gateway requests served at once.
+    pub max_in_flight: usize,
+    /// Largest gateway request body, bytes.
+    pub max_body_bytes: u64,
+    /// Longest wait for a worker's response head, seconds.
+    pub head_timeout_secs: u64,
+    /// Longest wait for a request's headers on a connection, seconds (slow clients are closed).
+    pub header_timeout_secs: u64,
+    /// Longest wait for the next piece of a request or response body, seconds.
+    pub idle_timeout_secs: u64,
+}
+
+impl HttpConfig {
+    /// The certificate and key HTTPS serves with: the section's own, else the cluster's; `None`
+    /// without TLS.
+    pub fn tls_files<'a>(&'a self, cluster: &'a ClusterConfig) -> Option<(&'a Path, &'a Path)> {
+        if !self.tls {
+            return None;
+        }
+        if self.tls_cert.as_os_str().is_empty() {
+            Some((&cluster.tls_cert, &cluster.tls_key))
+        } else {
+            Some((&self.tls_cert, &self.tls_key))
+        }
+    }
+}
+
+/// The `[control]` section: the component tree, the kill cascade and flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Most components the node tracks.
+    pub max_components: usize,
+    /// Longest wait for the components a killed one started, ms.
+    pub child_wait_ms: i64,
+    /// Longest wait for a killed component to confirm it stopped, ms.
+    pub stop_grace_ms: i64,
+    /// How long a monitoring request waits for its answer when it names no `_expires_at`, ms.
+    pub monitoring_timeout_ms: i64,
+    /// Directory of the node's flags; empty means `<data_dir>/flags`.
+    pub flags_dir: PathBuf,
+    /// Most flags kept (past it the "too many flags" flag is raised).
+    pub flags_limit: usize,
+    /// A node unreachable this long raises the node's `nodus/cluster/node-unreachable` flag, s.
+    pub unreachable_flag_secs: u64,
+    /// How often the node checks that it can write its data directory, s.
+    pub write_check_secs: u64,
+}
+
+impl ControlConfig {
+    /// Where the flags of a node whose data directory is `data_dir` are kept.
+    pub fn flags_path(&self, data_dir: &Path) -> PathBuf {
+        if self.flags_dir.as_os_str().is_empty() {
+            data_dir.join("flags")
+        } else {
+            self.flags_dir.clone()
+        }
+    }
 }
 
 /// The `[access]` section: principals and their permissions.
@@ -306,6 +391,16 @@ impl Config {
         if l.max_buffered_output_bytes < l.max_frame_bytes {
             return bad("limits.max_buffered_output_bytes must be at least max_frame_bytes".into());
         }
+        let c = &self.control;
+        if c.max_components == 0 || c.flags_limit == 0 {
+            return bad("control.max_components and control.flags_limit must be positive".into());
+        }
+        if c.child_wait_ms <= 0 || c.stop_grace_ms <= 0 || c.monitoring_timeout_ms <= 0 {
+            return bad("control.child_wait_ms, stop_grace_ms and monitoring_timeout_ms must be positive".into());
+        }
+        if c.write_check_secs == 0 {
+            return bad("control.write_check_secs must be positive".into());
+        }
         if l.cache_min_ttl_secs > l.cache_max_ttl_secs
             || !(l.cache_min_ttl_secs..=l.cache_max_ttl_secs).contains(&l.cache_default_ttl_secs)
         {
@@ -328,6 +423,26 @@ impl Config {
         }
         if let Err(e) = self.access.anonymous.join(",").parse::<nodus_wire::node::Permissions>() {
             return bad(format!("access.anonymous: {e}"));
+        }
+        let h = &self.http;
+        for route in &h.public {
+            if let Err(e) = route.parse::<nodus_http::PublicRoute>() {
+                return bad(format!("http.public: {e}"));
+            }
+        }
+        let timeouts = [h.head_timeout_secs, h.header_timeout_secs, h.idle_timeout_secs];
+        if h.max_connections == 0 || h.max_in_flight == 0 || timeouts.contains(&0) {
+            return bad("http.max_connections, max_in_flight, head_timeout_secs, header_timeout_secs and \
+                 idle_timeout_secs must be positive"
+                .into());
+        }
+        if h.tls_cert.as_os_str().is_empty() != h.tls_key.as_os_str().is_empty() {
+            return bad("http.tls_cert and tls_key must be set together".into());
+        }
+        if h.tls && h.tls_cert.as_os_str().is_empty() && c.tls_cert.as_os_str().is_empty() {
+            return bad(
+                "http.tls needs a certificate: set http.tls_cert and tls_key, or the cluster's TLS files".into()
+            );
         }
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {
@@ -408,6 +523,21 @@ mod tests {
         assert_eq!(c.limits.max_frame_bytes, 4194304);
         assert!(Config::from_toml("nope = 1").is_err());
         assert!(Config::from_toml("server_name = \"bad name\"").is_err());
+    }
+
+    #[test]
+    fn http_defaults_and_checks() {
+        let c = Config::default();
+        assert_eq!(c.http.listen, "127.0.0.1:4080");
+        assert!(c.http.tls_files(&c.cluster).is_none());
+        let c = Config::from_toml("[http]\npublic = [\"echo\", \"web/http\"]\nlisten = \"\"").unwrap();
+        assert_eq!(c.http.public.len(), 2);
+        let e = Config::from_toml("[http]\npublic = [\"a/b/c\"]").unwrap_err().to_string();
+        assert!(e.contains("http.public"), "{e}");
+        let e = Config::from_toml("[http]\ntls = true").unwrap_err().to_string();
+        assert!(e.contains("http.tls needs a certificate"), "{e}");
+        let c = Config::from_toml("[http]\ntls = true\ntls_cert = \"/c\"\ntls_key = \"/k\"").unwrap();
+        assert_eq!(c.http.tls_files(&c.cluster), Some((Path::new("/c"), Path::new("/k"))));
     }
 
     #[test]

@@ -60,6 +60,8 @@ const UDP_CONN: ConnId = 0;
 const TRIM_AFTER: u64 = 16 * 1024 * 1024;
 /// How long close waits for connections to finish writing before cutting them.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Bytes in flight each way on an in-process connection.
+const IN_PROCESS_BUFFER: usize = 256 * 1024;
 
 /// What the router sends a connection, through its bounded queue.
 // Messages are the hot path: boxing them would cost an allocation per routed message.
@@ -106,6 +108,14 @@ pub(crate) struct Shared {
     locator: Option<nodus_engine::LocatorHandle>,
     /// Makes the router's cache journal durable (set once its thread runs).
     cache_writer: std::sync::OnceLock<crate::cache_store::CacheWriter>,
+    /// The node's metrics registry (served at `/metrics`) and what the node records into it.
+    metrics: crate::http::NodeMetrics,
+    /// The node's flags (the `flags` service and the node's own watchers).
+    flags: crate::flags::NodeFlags,
+    /// Connections of apps' bridges.
+    app_bridges: Mutex<std::collections::HashSet<ConnId>>,
+    /// Parts of the node that run components of their own (the tasks mount).
+    component_sources: Mutex<Vec<Arc<dyn crate::control::ComponentSource>>>,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -148,6 +158,63 @@ impl Shared {
         (id, rx)
     }
 
+    /// An app's bridge: an in-process service registered as the app's name, known to the
+    /// control plane as the app rather than as a service.
+    pub(crate) fn attach_app(&self, name: &str) -> (ConnId, mpsc::Receiver<Outbound>) {
+        let (conn, rx) = self.attach(name);
+        self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).insert(conn);
+        (conn, rx)
+    }
+
+    /// The parts of the node that run components of their own.
+    pub(crate) fn component_sources(&self) -> Vec<Arc<dyn crate::control::ComponentSource>> {
+        self.component_sources.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True when `conn` is an app's bridge.
+    pub(crate) fn is_app_bridge(&self, conn: ConnId) -> bool {
+        self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).contains(&conn)
+    }
+
+    /// Every registered service instance (for the control plane's tree).
+    pub(crate) fn registered(&self) -> Vec<crate::router::Registered> {
+        self.lock().router.registered()
+    }
+
+    /// Other nodes known but unreachable now.
+    pub(crate) fn unreachable_nodes(&self) -> Vec<String> {
+        self.lock().router.unreachable_nodes()
+    }
+
+    /// Sends `msg` from in-process service `origin` to the service instance on `target` (see
+    /// [`Router::deliver_to`]).
+    ///
+    /// Fails as [`Router::deliver_to`] does.
+    pub(crate) fn deliver_to(
+        &self,
+        origin: ConnId,
+        target: ConnId,
+        msg: Message,
+    ) -> Result<(), crate::router::DeliverError> {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        let result = st.router.deliver_to(origin, target, msg, self.clock.now_ms(), &mut out);
+        self.apply(&mut st, &mut out);
+        result
+    }
+
+    /// Closes connection `conn` once what is queued for it is written (a killed service).
+    pub(crate) fn close(&self, conn: ConnId) {
+        let mut out = vec![Action::Close(conn)];
+        let mut st = self.lock();
+        self.apply(&mut st, &mut out);
+    }
+
+    /// Starts the node's graceful shutdown (a killed node).
+    pub(crate) fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
     /// A message from an in-process service.
     pub(crate) fn inject(&self, conn: ConnId, msg: Message) {
         let mut out = Vec::new();
@@ -158,6 +225,7 @@ impl Shared {
 
     /// Removes an in-process service; its queue closes.
     pub(crate) fn detach(&self, conn: ConnId) {
+        self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).remove(&conn);
         let mut out = Vec::new();
         let mut st = self.lock();
         st.router.disconnect(conn, &mut out);
@@ -186,6 +254,62 @@ impl Shared {
     /// The node configuration.
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The node's clock, now (Unix ms).
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Other nodes reachable now.
+    pub(crate) fn live_nodes(&self) -> Vec<String> {
+        self.lock().router.live_nodes()
+    }
+
+    /// The node's flags.
+    pub(crate) fn flags(&self) -> &crate::flags::NodeFlags {
+        &self.flags
+    }
+
+    /// The node's engine, when apps are enabled.
+    pub(crate) fn engine(&self) -> Option<&nodus_engine::Engine> {
+        self.engine.as_ref()
+    }
+
+    /// The driver's counters.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The node's metrics.
+    pub(crate) fn metrics(&self) -> &crate::http::NodeMetrics {
+        &self.metrics
+    }
+
+    /// The router as the dashboard and the metrics show it.
+    pub(crate) fn router_view(&self) -> crate::router::RouterView {
+        let now = self.clock.now_ms();
+        self.lock().router.view(now)
+    }
+
+    /// A connection from inside the node that goes through the router like a client's, with
+    /// `origin` deciding its principal (the HTTP API's connections): one end is served as a
+    /// connection, the other is returned. Fails once the node is stopping.
+    pub(crate) fn open_in_process(self: &Arc<Self>, origin: Origin) -> std::io::Result<tokio::io::DuplexStream> {
+        if self.stop.is_cancelled() {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the node is stopping"));
+        }
+        let (ours, theirs) = tokio::io::duplex(IN_PROCESS_BUFFER);
+        let id = self.next_conn_id();
+        let deadline = tokio::time::Instant::now() + self.config.handshake_timeout();
+        self.counters.listener(ListenerKind::Http).accepted.fetch_add(1, Ordering::Relaxed);
+        let (r, w) = tokio::io::split(ours);
+        let span = tracing::debug_span!("conn", conn = id, peer = "in-process", listener = ListenerKind::Http.name());
+        use tracing::Instrument;
+        tokio::spawn(
+            conn::connection(self.clone(), ListenerKind::Http, id, r, w, origin, deadline, None).instrument(span),
+        );
+        Ok(theirs)
     }
 
     /// Runs `f` on the router under the lock and applies the actions it pushed.
@@ -336,6 +460,7 @@ pub struct Daemon {
     tls_listener: Option<TcpListener>,
     locator: Option<nodus_engine::Locator>,
     neighbors: Vec<String>,
+    http: Option<crate::http::Bound>,
 }
 
 impl Daemon {
@@ -429,6 +554,7 @@ impl Daemon {
         let token_file = config.access.token_path(&config.data_dir);
         let token_file = std::path::absolute(&token_file).unwrap_or(token_file);
         let token = crate::auth::load_or_create_token(&token_file)?;
+        let http = crate::http::bind(&config, &token).await?;
         let access = crate::auth::AccessPolicy::new(&config.access, Some(token), token_file, crate::auth::own_uid());
         let mut router = Router::new(
             RouterConfig {
@@ -476,7 +602,18 @@ impl Daemon {
             _ => None,
         };
         let nodes_dir = config.data_dir.clone();
+        let flags_dir = config.control.flags_path(&config.data_dir);
+        let flags = crate::flags::NodeFlags::open(
+            flags_dir.clone(),
+            &config.server_name,
+            config.control.flags_limit,
+            clock.clone(),
+        )
+        .with_context(|| format!("cannot open the flag directory {}", flags_dir.display()))?;
         let shared = Arc::new(Shared {
+            flags,
+            app_bridges: Mutex::default(),
+            component_sources: Mutex::default(),
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
             counters: Arc::new(Counters::new(&config.limits)),
@@ -489,7 +626,9 @@ impl Daemon {
             persist: Persist::new(move |nodes: &KnownNodes| persist::save_nodes(&nodes_dir, nodes)),
             locator: locator.as_ref().map(|l| l.handle()),
             cache_writer: std::sync::OnceLock::new(),
+            metrics: crate::http::NodeMetrics::new(),
         });
+        shared.metrics.collect_from(Arc::downgrade(&shared));
         let weak = Arc::downgrade(&shared);
         let writer = crate::cache_store::CacheWriter::start(cache_store, move |f| {
             if let Some(shared) = weak.upgrade() {
@@ -501,7 +640,13 @@ impl Daemon {
         if let Some(l) = &shared.locator {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
-        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors, http })
+    }
+
+    /// Makes the components of `source` (tasks) part of the node's component tree: listed,
+    /// monitored and killed like the others (see [`crate::control::ComponentSource`]).
+    pub fn add_component_source(&self, source: Arc<dyn crate::control::ComponentSource>) {
+        self.shared.component_sources.lock().unwrap_or_else(|e| e.into_inner()).push(source);
     }
 
     /// The bound cluster listener address, if enabled.
@@ -517,6 +662,11 @@ impl Daemon {
     /// The bound locator address, if enabled.
     pub fn locator_addr(&self) -> Option<SocketAddr> {
         self.locator.as_ref().map(|l| l.local_addr())
+    }
+
+    /// The bound HTTP listener address, if enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(crate::http::Bound::addr)
     }
 
     /// The bound UDP signal port, if enabled.
@@ -570,6 +720,25 @@ impl Daemon {
         // Built-in services register before any listener accepts: a client connecting as soon as
         // the node is reachable finds them.
         let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        let mut listen = std::collections::BTreeMap::new();
+        let addrs = [
+            ("tcp", self.tcp.as_ref().and_then(|l| l.local_addr().ok())),
+            ("cluster", self.cluster.as_ref().and_then(|l| l.local_addr().ok())),
+            ("tls", self.tls_listener.as_ref().and_then(|l| l.local_addr().ok())),
+            ("locator", self.locator.as_ref().map(|l| l.local_addr())),
+            ("http", self.http.as_ref().map(crate::http::Bound::addr)),
+        ];
+        for (role, addr) in addrs {
+            if let Some(a) = addr {
+                listen.insert(role.to_string(), a.to_string());
+            }
+        }
+        if let Some((_, p)) = &self.unix {
+            listen.insert("unix".to_string(), p.display().to_string());
+        }
+        let http = self.http.map(|bound| crate::http::start(shared.clone(), bound, listen));
+        let flags = crate::flags::start(shared.clone(), shared.flags.clone());
+        let control = crate::control::start(shared.clone());
         if let Some(l) = self.tcp {
             info!(addr = %l.local_addr()?, "listening on TCP");
             tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
@@ -600,7 +769,7 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
-        Ok(Running { shared, tracker, ticker, apps, locator, locator_stop, persist, unix_path })
+        Ok(Running { shared, tracker, ticker, apps, flags, control, http, locator, locator_stop, persist, unix_path })
     }
 }
 
@@ -611,6 +780,12 @@ struct Running {
     tracker: TaskTracker,
     ticker: tokio::task::JoinHandle<()>,
     apps: Option<crate::apps::Apps>,
+    /// The HTTP listener.
+    http: Option<crate::http::Mount>,
+    /// The `flags` service.
+    flags: tokio::task::JoinHandle<()>,
+    /// The `control` service.
+    control: tokio::task::JoinHandle<()>,
     locator: Option<tokio::task::JoinHandle<()>>,
     locator_stop: CancellationToken,
     persist: tokio::task::JoinHandle<()>,
@@ -624,6 +799,9 @@ impl Running {
         let shared = &self.shared;
         shared.stop.cancel();
         shared.lock().router.begin_shutdown();
+        if let Some(http) = &self.http {
+            http.begin_shutdown();
+        }
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
         let deadline = tokio::time::Instant::now() + grace;
         loop {
@@ -647,6 +825,11 @@ impl Running {
     /// that do not finish in time), stops the built-in services and flushes the known nodes.
     async fn close(self) {
         let shared = &self.shared;
+        // HTTP requests in flight finish first (within the grace period): the gateway needs the
+        // engine and the API the router.
+        if let Some(http) = self.http {
+            http.finish().await;
+        }
         self.ticker.abort();
         {
             let mut out = Vec::new();
@@ -666,6 +849,8 @@ impl Running {
         if let Some(apps) = self.apps {
             apps.shutdown().await;
         }
+        self.flags.abort();
+        self.control.abort();
         self.tracker.close();
         if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait()).await.is_err() {
             warn!(tasks = self.tracker.len(), "some connections did not finish writing in time: cutting them");

@@ -10,7 +10,7 @@
 //! Process supervision (the [`Engine`], [`locator`], [`identity`]) is the default feature
 //! `supervision`. Without it (`default-features = false`) the crate is the protocol, the app
 //! client ([`client`]) and the worker SDK ([`worker_sdk`]) with their pure cores, for programs
-//! that call apps or are workers without supervising processes, and it does not pull in `nix`.
+//! that call apps or are workers without supervising processes.
 
 pub mod balance;
 pub mod client;
@@ -38,6 +38,14 @@ pub mod category {
     /// Errors raised by an app's handler (worker SDK).
     pub const APPLICATION: i64 = 2;
 }
+
+/// The event the control plane invokes on a worker to monitor it (seed 000 `monitoring`): its one
+/// chunk is the request's content as JSON (`{"id", "pid", "creator", "created_at", "expires_at",
+/// "spec": "monitoring", "config": {"sync_time"}}`), and the worker answers one JSON chunk with
+/// the same envelope and `"result": {"sync_time", "name", "host", "is_running", "message"}`. The
+/// worker SDK answers it by default; a worker that does not know the event (a plain Cocaine
+/// worker answers "no handler") is answered for by its node.
+pub const MONITORING_EVENT: &str = "nodus:monitoring";
 
 pub use client::{AppClient, AppClientConfig, AppClientError, Endpoints, ServiceHandle, Stream};
 #[cfg(feature = "supervision")]

@@ -1,6 +1,7 @@
 //! Who may use the HTTP listener, decided in one place: loopback peers may do everything;
 //! beyond loopback every request needs the node's bearer token, except gateway routes the
-//! operator marks public. Pure: no I/O, no clock.
+//! operator marks public. A token that is not the node's is refused on the node's own routes
+//! (dashboard, API, metrics) wherever it comes from. Pure: no I/O, no clock.
 //!
 //! The token is presented as `Authorization: Bearer <token>`, as the `nodus_token` cookie (set
 //! by the dashboard page when opened with `?access_token=<token>`), or as the `access_token`
@@ -132,6 +133,12 @@ impl Policy {
                 return Decision::Token;
             }
         }
+        // On the node's own routes a token that is not the node's is refused even from
+        // loopback, so a mistyped or stale token says so instead of acting as anonymous. Gateway
+        // routes leave other tokens to the app (it may do its own bearer authentication).
+        if ask.gateway.is_none() && self.token.is_some() && ask.token.is_some() {
+            return Decision::Refused(Refusal::Wrong);
+        }
         if !self.token_on_loopback && is_loopback(ask.peer.ip()) {
             return Decision::Open;
         }
@@ -224,6 +231,9 @@ mod tests {
         for peer in ["127.0.0.1:1", "127.9.9.9:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
             assert_eq!(p.decide(ask(peer, None, None)), Decision::Open, "{peer}");
         }
+        // A wrong token is refused there too on the node's routes, not on an app's.
+        assert_eq!(p.decide(ask("127.0.0.1:1", None, Some(b"nope"))), Decision::Refused(Refusal::Wrong));
+        assert_eq!(p.decide(ask("127.0.0.1:1", Some(("shop", "x")), Some(b"app's own"))), Decision::Open);
     }
 
     #[test]

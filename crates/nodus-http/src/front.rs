@@ -14,11 +14,13 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::access::{self, Ask, Decision, Policy, TOKEN_COOKIE, TOKEN_QUERY};
+use crate::api::{self, Api, Caller, RequestId};
 use crate::cocaine::{self, Target};
 use crate::dashboard::{self, Feed};
 use crate::gateway::{Gateway, GatewayError};
@@ -39,6 +41,7 @@ pub struct Peer {
 pub(crate) struct Shared {
     pub gateway: Option<Arc<Gateway>>,
     pub view: Option<Arc<dyn NodeView>>,
+    pub api: Option<Api>,
     pub policy: Arc<Policy>,
     pub metrics: Arc<Metrics>,
     pub feed: Feed,
@@ -100,7 +103,41 @@ fn unauthorized(message: &str) -> Response {
     resp
 }
 
-async fn front(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+/// Header carrying a request's id, in and out.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The id a request came with (printable ASCII, at most 64 bytes), or a new one.
+fn request_id(req: &Request) -> String {
+    if let Some(v) = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return v.to_string();
+        }
+    }
+    use std::hash::{BuildHasher, Hasher};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    format!("{:016x}", h.finish())
+}
+
+async fn front(State(s): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let span = tracing::debug_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = async {
+        let resp = admit(s, req, next).await;
+        tracing::debug!(status = resp.status().as_u16(), "HTTP request answered");
+        resp
+    }
+    .instrument(span)
+    .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn admit(s: Arc<Shared>, mut req: Request, next: Next) -> Response {
     let peer = req
         .extensions()
         .get::<Peer>()
@@ -136,6 +173,7 @@ async fn front(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
             GatewayError::BadRoute(message).to_response(0)
         }
         Class::Builtin(area) => {
+            req.extensions_mut().insert(if decision == Decision::Token { Caller::Owner } else { Caller::Anonymous });
             let set_cookie =
                 from_query && decision == Decision::Token && req.method() == Method::GET && req.uri().path() == "/";
             let mut resp = next.run(req).await;
@@ -213,6 +251,19 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/snapshot", get(snapshot))
         .route("/api/events", get(events))
+        .route("/api/openapi.json", get(api::openapi))
+        .route("/api/node", get(api::node))
+        .route("/api/cluster", get(api::cluster))
+        .route("/api/cluster/services", get(api::cluster_services))
+        .route("/api/services", get(api::services))
+        .route("/api/call", post(api::call))
+        .route("/api/apps", get(api::apps))
+        .route("/api/apps/{name}", get(api::app).put(api::deploy).delete(api::remove_app))
+        .route("/api/apps/{name}/start", post(api::start_app))
+        .route("/api/apps/{name}/stop", post(api::stop_app))
+        .route("/api/apps/{name}/restart", post(api::restart_app))
+        .route("/api/apps/{name}/scale", post(api::scale_app))
+        .route("/api/apps/{name}/crashlog", get(api::crashlog))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), front))
         .with_state(shared)
@@ -272,6 +323,7 @@ mod tests {
         Shared {
             gateway: None,
             view,
+            api: None,
             policy: Arc::new(Policy::new(None, vec![])),
             metrics: Arc::new(Metrics::new()),
             feed: Feed {

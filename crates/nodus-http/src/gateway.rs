@@ -264,7 +264,9 @@ impl GatewayError {
         let (app, message) = (target.app.clone(), r.to_string());
         match r {
             Rejection::QueueFull { .. } | Rejection::Busy { .. } => GatewayError::QueueFull { app, message },
-            Rejection::Failed { .. } | Rejection::Stopped => GatewayError::Unavailable { app, message },
+            Rejection::Failed { .. } | Rejection::Stopped | Rejection::Expired => {
+                GatewayError::Unavailable { app, message }
+            }
         }
     }
 
@@ -565,8 +567,8 @@ impl Gateway {
             }
         }
         let ctx = (target.clone(), head_timeout);
-        *resp.body_mut() =
-            response_body(ready, replies, ctx, self.config.idle_timeout, self.metrics.clone(), guard, abort);
+        let parts = BodyParts { ready, replies, upload: upload_done, guard, abort };
+        *resp.body_mut() = response_body(parts, ctx, self.config.idle_timeout, self.metrics.clone());
         Ok(resp)
     }
 
@@ -827,21 +829,26 @@ async fn upload(
     tx.close().await.map_err(lost)
 }
 
-/// The response body: every later chunk from the worker, until close. A failure or a stall
-/// aborts the response (the client sees an incomplete body, never a truncated one passed off
-/// as whole).
-fn response_body(
+/// What a streamed response is made of once its head went out.
+struct BodyParts {
+    /// Chunks that followed the head at once.
     ready: Vec<Bytes>,
+    /// The later chunks.
     replies: Replies,
-    ctx: (Target, Duration),
-    idle: Duration,
-    metrics: Arc<Metrics>,
+    /// The end of an upload still going on (the worker answered before the whole body).
+    upload: Option<oneshot::Receiver<Result<(), GatewayError>>>,
     guard: InFlight,
     abort: AbortOnDrop,
-) -> Body {
+}
+
+/// The response body: every later chunk from the worker, until close. A failure, a stall, or
+/// an upload that fails after the head (too large, the client stalled or left) aborts the
+/// response (the client sees an incomplete body, never a truncated one passed off as whole).
+fn response_body(parts: BodyParts, ctx: (Target, Duration), idle: Duration, metrics: Arc<Metrics>) -> Body {
     struct State {
         ready: std::vec::IntoIter<Bytes>,
         replies: Replies,
+        upload: Option<oneshot::Receiver<Result<(), GatewayError>>>,
         ctx: (Target, Duration),
         idle: Duration,
         metrics: Arc<Metrics>,
@@ -849,8 +856,9 @@ fn response_body(
         _abort: AbortOnDrop,
         done: bool,
     }
+    let BodyParts { ready, replies, upload, guard, abort } = parts;
     let ready = ready.into_iter();
-    let state = State { ready, replies, ctx, idle, metrics, _guard: guard, _abort: abort, done: false };
+    let state = State { ready, replies, upload, ctx, idle, metrics, _guard: guard, _abort: abort, done: false };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
@@ -863,7 +871,31 @@ fn response_body(
             // A chunk that is there already needs no timer.
             let next = match s.replies.recv(&s.ctx.0, s.ctx.1).now_or_never() {
                 Some(r) => Ok(r),
-                None => tokio::time::timeout(s.idle, s.replies.recv(&s.ctx.0, s.ctx.1)).await,
+                None => {
+                    let recv = tokio::time::timeout(s.idle, s.replies.recv(&s.ctx.0, s.ctx.1));
+                    let upload = async {
+                        match s.upload.as_mut() {
+                            Some(u) => u.await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let woke = tokio::select! {
+                        r = recv => Ok(r),
+                        u = upload => Err(u),
+                    };
+                    match woke {
+                        Ok(r) => r,
+                        // The upload ended: fine when whole (or when its task ended because the
+                        // worker closed first), fatal when it failed.
+                        Err(u) => {
+                            s.upload = None;
+                            match u {
+                                Ok(Err(e)) => Ok(Err(e)),
+                                _ => continue,
+                            }
+                        }
+                    }
+                }
             };
             let item = match next {
                 Ok(Ok(Some(chunk))) if chunk.is_empty() => continue,

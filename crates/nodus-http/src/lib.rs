@@ -19,6 +19,7 @@
 //! ```
 
 pub mod access;
+pub mod api;
 pub mod cocaine;
 pub mod dashboard;
 mod front;
@@ -35,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use access::{Policy, PublicRoute};
+pub use api::{Api, ApiError, Caller};
 pub use dashboard::Feed;
 pub use front::Peer;
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
@@ -68,6 +70,7 @@ pub struct Http {
     metrics: Arc<Metrics>,
     gateway: Option<Arc<Gateway>>,
     view: Option<Arc<dyn NodeView>>,
+    api: Option<Api>,
     stop: CancellationToken,
 }
 
@@ -81,7 +84,7 @@ impl Http {
     /// A listener with no gateway and no node state yet (both answer an error until added).
     /// `metrics` is the node's registry: other parts may register into it too.
     pub fn new(config: HttpConfig, metrics: Arc<Metrics>) -> Http {
-        Http { config, metrics, gateway: None, view: None, stop: CancellationToken::new() }
+        Http { config, metrics, gateway: None, view: None, api: None, stop: CancellationToken::new() }
     }
 
     /// Adds the gateway to apps, reached through the locator at `locator` (`host:port`); apps
@@ -98,6 +101,12 @@ impl Http {
         self
     }
 
+    /// Adds the REST API over the node's connections.
+    pub fn with_api(mut self, api: Api) -> Http {
+        self.api = Some(api);
+        self
+    }
+
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -109,6 +118,7 @@ impl Http {
         front::router(front::Shared {
             gateway: self.gateway.clone(),
             view: self.view.clone(),
+            api: self.api.clone(),
             policy: Arc::new(
                 Policy::new(self.config.token.clone(), self.config.public.clone())
                     .token_on_loopback(self.config.token_on_loopback),

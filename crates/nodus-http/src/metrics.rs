@@ -23,9 +23,9 @@
 //! | `nodus_app_workers` | gauge | `app`, `state` | worker processes by state |
 //! | `nodus_app_queued` | gauge | `app` | requests waiting for a worker |
 //! | `nodus_app_sessions` | gauge | `app` | open sessions |
-//! | `nodus_tasks` | gauge | `status` | tasks by status |
-//! | `nodus_tasks_completed_total` | counter | | tasks completed since the node started |
-//! | `nodus_flags_raised` | gauge | | flags raised |
+//! | `nodus_tasks` | gauge | `status` | tasks by status (on a node that runs tasks) |
+//! | `nodus_tasks_completed_total` | counter | | tasks completed since the node started (idem) |
+//! | `nodus_flags_raised` | gauge | | flags raised (on a node that runs the flags service) |
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -278,15 +278,20 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
     r.register("nodus_app_workers", "Worker processes by app and state", workers);
     r.register("nodus_app_queued", "Requests waiting for a worker, by app", queued);
     r.register("nodus_app_sessions", "Open sessions, by app", sessions);
-    let tasks: Family<StatusLabel, Gauge> = Family::default();
-    for (status, n) in &s.tasks.by_status {
-        tasks.get_or_create(&StatusLabel { status: status.clone() }).set(*n as i64);
+    // Tasks and flags only on a node that runs them.
+    if let Some(t) = &s.tasks {
+        let tasks: Family<StatusLabel, Gauge> = Family::default();
+        for (status, n) in &t.by_status {
+            tasks.get_or_create(&StatusLabel { status: status.clone() }).set(*n as i64);
+        }
+        r.register("nodus_tasks", "Tasks by status", tasks);
+        let completed: Counter = Counter::default();
+        completed.inc_by(t.completed_total);
+        r.register("nodus_tasks_completed", "Tasks completed since the node started", completed);
     }
-    r.register("nodus_tasks", "Tasks by status", tasks);
-    let completed: Counter = Counter::default();
-    completed.inc_by(s.tasks.completed_total);
-    r.register("nodus_tasks_completed", "Tasks completed since the node started", completed);
-    r.register("nodus_flags_raised", "Flags raised", gauge(s.flags.len() as i64));
+    if let Some(flags) = &s.flags {
+        r.register("nodus_flags_raised", "Flags raised", gauge(flags.len() as i64));
+    }
     r
 }
 
@@ -344,8 +349,12 @@ mod tests {
             workers: vec![worker("active"), worker("active"), worker("spawning")],
             ..Default::default()
         }];
-        s.tasks.by_status.insert("done".into(), 7);
-        s.tasks.completed_total = 9;
+        let text = Metrics::new().render(Some(&s));
+        assert_eq!(value(&text, "nodus_tasks_completed_total"), None, "no tasks on this node: no task metrics");
+        let mut counts = crate::view::TaskCounts::default();
+        counts.by_status.insert("done".into(), 7);
+        counts.completed_total = 9;
+        s.tasks = Some(counts);
         let text = Metrics::new().render(Some(&s));
         assert_eq!(value(&text, r#"nodus_cluster_nodes{state="live"}"#), Some(1.0));
         assert_eq!(value(&text, r#"nodus_cluster_nodes{state="down"}"#), Some(1.0));

@@ -42,10 +42,10 @@ pub struct Snapshot {
     pub services: Vec<ServiceRow>,
     /// Deployed apps with their worker pools.
     pub apps: Vec<AppRow>,
-    /// Tasks by status.
-    pub tasks: TaskCounts,
-    /// Flags.
-    pub flags: Vec<FlagRow>,
+    /// Tasks by status; `None` when the node does not run tasks (not mounted in the daemon yet).
+    pub tasks: Option<TaskCounts>,
+    /// Raised flags; `None` when the node does not run the flags service (not mounted yet).
+    pub flags: Option<Vec<FlagRow>>,
 }
 
 /// This node.

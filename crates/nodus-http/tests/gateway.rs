@@ -53,6 +53,7 @@ both_paths!(
     failures_map_to_http_errors,
     no_head_in_time_is_a_gateway_timeout,
     a_full_queue_is_service_unavailable_with_retry_after,
+    an_upload_over_the_limit_after_the_head_cuts_the_response,
 );
 
 async fn web_node(config: HttpConfig, via: Via) -> Node {
@@ -183,6 +184,31 @@ async fn failures_map_to_http_errors(via: Via) {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("body_too_large"), "{answer}");
+    node.shutdown().await;
+}
+
+async fn an_upload_over_the_limit_after_the_head_cuts_the_response(via: Via) {
+    let mut c = config();
+    c.gateway.max_body_bytes = 1 << 20;
+    c.gateway.idle_timeout = Duration::from_secs(60);
+    let node = web_node(c, via).await;
+    // `drain` answers its head at once, then reads the body to its end. The client sends more
+    // than the limit (no length declared) and stays connected.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    // More than one upload chunk, so the worker is invoked before the body ends.
+    tx.send(Bytes::from(vec![7u8; UPLOAD_CHUNK_BYTES + 1000])).await.unwrap();
+    let mut conn = Conn::open(node.http).await;
+    let resp = conn.send(Request::post("/web/drain").header("host", "x").body(streamed(rx)).unwrap()).await;
+    assert_eq!(resp.status(), 200, "the head goes out before the body is whole");
+    for _ in 0..2 {
+        tx.send(Bytes::from(vec![7u8; UPLOAD_CHUNK_BYTES])).await.unwrap();
+    }
+    // The answer is cut at once (not after the idle timeout), never completed as if whole.
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the response was cut when the upload passed the limit, not left to stall");
+    assert!(body.is_err(), "an answer to a cut upload must not look complete: {:?}", body.map(|b| b.to_bytes()));
+    drop(tx);
     node.shutdown().await;
 }
 

@@ -2,8 +2,8 @@
 //! `cocaine==0.12.14.5`) and its `http` and `wsgi` decorators (`tests/python/web_app.py`).
 //!
 //! Needs the virtualenv made by `tests/cocaine-compat/setup.sh` (at `$NODUS_PYENV`, default
-//! `~/.cache/nodus-cocaine-venv`); without it the test prints why it is skipped and passes. It
-//! never installs anything itself.
+//! `~/.cache/nodus-cocaine-venv`); without it the test prints why it is skipped and passes,
+//! except under `CI=true` (`.ci/run`), where it fails. It never installs anything itself.
 
 mod common;
 
@@ -50,6 +50,12 @@ fn python_app(dir: &Path, python: &Path) -> AppSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_cocaine_web_apps_behind_the_gateway() {
     let Some(python) = venv_python() else {
+        // CI sets the virtualenv up (.ci/run): there, a missing one is a failure, not a skip.
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "no cocaine virtualenv: run tests/cocaine-compat/setup.sh"
+        );
         eprintln!("SKIPPED python gateway test: run tests/cocaine-compat/setup.sh");
         return;
     };

@@ -102,6 +102,12 @@ function renderApps(apps) {
 }
 
 function renderTasks(t, takenAt) {
+  const panel = document.getElementById("tasks-panel");
+  panel.dataset.absent = String(!t);
+  if (!t) {
+    document.getElementById("task-counts").replaceChildren(el("span", { class: "empty" }, "this node does not run tasks"));
+    return;
+  }
   const counts = Object.entries(t.by_status || {});
   const box = document.getElementById("task-counts");
   box.replaceChildren(...(counts.length ? counts.map(([status, n]) =>
@@ -113,11 +119,12 @@ function renderTasks(t, takenAt) {
     if (throughput.length > THROUGHPUT_POINTS) throughput.shift();
   }
   lastCompleted = { t: takenAt, n: t.completed_total };
-  const max = Math.max(1, ...throughput.map((p) => p.rate));
+  const peak = Math.max(0, ...throughput.map((p) => p.rate));
+  const max = Math.max(1, peak);
   const points = throughput.map((p, i) => `${(i * 300) / (THROUGHPUT_POINTS - 1)},${78 - (p.rate / max) * 74}`).join(" ");
   document.getElementById("throughput").replaceChildren(svg("polyline", { points }));
   const now = throughput.length ? throughput[throughput.length - 1].rate : 0;
-  document.getElementById("throughput-label").textContent = `completed/s: ${now.toFixed(1)} now, ${max.toFixed(1)} peak · ${t.completed_total} total`;
+  document.getElementById("throughput-label").textContent = `completed/s: ${now.toFixed(1)} now, ${peak.toFixed(1)} peak · ${t.completed_total} total`;
 }
 
 function render(s) {
@@ -127,7 +134,8 @@ function render(s) {
   renderTasks(s.tasks, s.taken_at_ms);
   fillTable("services", s.services.map((v) => el("tr", { "data-service": v.name },
     el("td", {}, v.name), el("td", {}, v.node), el("td", {}, v.kind), el("td", {}, v.instances))));
-  fillTable("flags", s.flags.map((f) => el("tr", { "data-flag": f.name },
+  document.getElementById("flags-panel").dataset.absent = String(!s.flags);
+  fillTable("flags", (s.flags || []).map((f) => el("tr", { "data-flag": f.name },
     el("td", {}, f.name), el("td", {}, f.source), el("td", {}, f.priority), el("td", {}, f.message))));
   document.body.dataset.updated = String(s.taken_at_ms);
 }

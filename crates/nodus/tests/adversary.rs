@@ -304,7 +304,7 @@ async fn start_daemon(dir: &Path, bin: &Path) -> Daemon {
          max_buffered_input_bytes = {INPUT_BUDGET}\nmax_buffered_output_bytes = {OUTPUT_BUDGET}\nmax_outbound_bytes = 262144\nmax_pending_per_client = {PENDING_PER_CLIENT}\n\
          [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nudp_listen = \"127.0.0.1:{udp}\"\nmax_nodes = 16\n\
          failure_phi = 1e9\ntls_listen = \"\"\n\
-         [apps]\nlocator_listen = \"127.0.0.1:{locator}\"\n",
+         [apps]\nlocator_listen = \"127.0.0.1:{locator}\"\n[http]\nlisten = \"\"\n",
         frame = MIB,
     );
     std::fs::write(dir.join("adv.toml"), config).unwrap();
@@ -605,7 +605,19 @@ async fn open_listener_needs_a_secret(users: &Users, dir: &Path, report: &mut Re
     let other = dir.join("open");
     std::fs::create_dir(&other).unwrap();
     let port = free_port().to_string();
-    let args = ["daemon", "--server-name", "open", "--listen", "", "--udp-listen", "", "--locator-listen", ""];
+    let args = [
+        "daemon",
+        "--server-name",
+        "open",
+        "--listen",
+        "",
+        "--udp-listen",
+        "",
+        "--locator-listen",
+        "",
+        "--http-listen",
+        "",
+    ];
     let mut c = users.command(User::Owner, &users.bin.join("nodus"));
     c.args(args).args(["--cluster-listen", &format!("0.0.0.0:{port}")]).current_dir(&other);
     let out = tokio::time::timeout(WAIT, c.output()).await.expect("it exits at once").unwrap();

@@ -22,7 +22,7 @@ struct Node {
 impl Node {
     fn start(cwd: &Path, extra: &[&str]) -> Node {
         let child = Command::new(NODUS)
-            .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
+            .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--http-listen", ""])
             .args(["--locator-listen", "127.0.0.1:0"])
             .args(extra)
             .current_dir(cwd)
@@ -141,6 +141,7 @@ fn a_root_node_runs_apps_as_an_unprivileged_user_and_says_when_it_cannot() {
         std::fs::write(&config, format!("[apps]\nrun_as = {run_as:?}\n")).unwrap();
         let out = Command::new(NODUS)
             .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
+            .args(["--http-listen", ""])
             .arg("--config")
             .arg(&config)
             .current_dir(dir.path())

@@ -33,7 +33,7 @@ impl Daemon {
         let config: Vec<&std::ffi::OsStr> =
             if extra.contains(&"--config") { vec![] } else { vec!["--config".as_ref(), apps.as_os_str()] };
         let child = Command::new(NODUS)
-            .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", ""])
+            .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", "", "--http-listen", ""])
             .args(if extra.contains(&"--locator-listen") { &[][..] } else { &["--locator-listen", "127.0.0.1:0"][..] })
             .args(udp)
             .arg("--data-dir")
@@ -162,8 +162,11 @@ fn call_prints_the_reply_and_services_status_list_the_node() {
     assert!(stdout(&unknown).contains("UNKNOWN command=NOPE"));
 
     let services = d.cli(&["--json", "services"]);
-    // `apps` is the node's built-in app management service.
-    assert_eq!(stdout(&services).trim(), r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"}]"#);
+    // `apps`, `control` and `flags` are the node's built-in services.
+    assert_eq!(
+        stdout(&services).trim(),
+        r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"},{"instances":1,"service":"control"},{"instances":1,"service":"flags"}]"#
+    );
     let human = d.cli(&["services"]);
     assert!(stdout(&human).contains("calc"));
     let status = d.cli(&["--json", "status"]);
@@ -622,6 +625,7 @@ fn daemon_with_log(dir: &Path, extra: &[&str]) -> (Running, PathBuf, std::sync::
     let socket = dir.join("n.sock");
     let mut child = Command::new(NODUS)
         .args(["daemon", "--server-name", "logged", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
+        .args(["--http-listen", ""])
         .args(["--locator-listen", ""])
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -683,6 +687,7 @@ fn the_daemon_logs_plain_or_json_without_colours_and_survives_sighup() {
     let mut deaf = Running(
         Command::new(NODUS)
             .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
+            .args(["--http-listen", ""])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--unix-socket")
@@ -750,6 +755,7 @@ fn commands_find_the_node_started_in_the_working_directory() {
     let _daemon = Running(
         Command::new(NODUS)
             .args(["daemon", "--server-name", "here", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
+            .args(["--http-listen", ""])
             .args(["--locator-listen", ""])
             .current_dir(dir.path())
             .stderr(Stdio::null())
@@ -900,7 +906,7 @@ fn over_tcp_the_cli_finds_the_token_of_the_node_in_its_directory_and_says_how_to
     let mut daemon = Running(
         Command::new(NODUS)
             .args(["daemon", "--server-name", "tok", "--listen", &addr, "--cluster-listen", "", "--udp-listen", ""])
-            .args(["--locator-listen", ""])
+            .args(["--locator-listen", "", "--http-listen", ""])
             .current_dir(here.path())
             .stderr(Stdio::null())
             .spawn()

@@ -394,7 +394,7 @@ impl Router {
     }
 
     /// A link's clock offset: the median of its recent samples, once there are enough.
-    fn link_offset(link: &Link) -> Option<i64> {
+    pub(super) fn link_offset(link: &Link) -> Option<i64> {
         if link.samples.len() < MIN_CLOCK_SAMPLES {
             return None;
         }
@@ -667,7 +667,7 @@ impl Router {
         }
     }
 
-    fn max_offset_ms(&self) -> i64 {
+    pub(super) fn max_offset_ms(&self) -> i64 {
         self.links
             .values()
             .filter_map(|id| match &self.conns.get(id)?.role {
@@ -679,7 +679,7 @@ impl Router {
             .unwrap_or(0)
     }
 
-    fn clock_stable(&self) -> bool {
+    pub(super) fn clock_stable(&self) -> bool {
         let ntp_ok = !(self.policy.clock_require_ntp && self.ntp == Some(false));
         ntp_ok && self.max_offset_ms() <= super::ms(self.policy.clock_threshold)
     }

@@ -280,7 +280,7 @@ mod tests {
 
     async fn bare_daemon(dir: &tempfile::TempDir) -> Daemon {
         let config = format!(
-            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"\"\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+            "server_name = \"n1\"\ndata_dir = {:?}\ntcp_listen = \"\"\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n[apps]\nenabled = false\n[http]\nlisten = \"\"\n",
             dir.path().display().to_string()
         );
         Daemon::bind_with_clock(Config::from_toml(&config).unwrap(), Clock::tokio()).await.unwrap()

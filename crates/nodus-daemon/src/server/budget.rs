@@ -27,12 +27,20 @@ pub enum ListenerKind {
     Tls,
     /// A link this node dialed to a neighbour.
     Dial,
+    /// An in-process connection of the node's HTTP API (it acts for HTTP callers).
+    Http,
 }
 
 impl ListenerKind {
     /// Every kind.
-    pub const ALL: [ListenerKind; 5] =
-        [ListenerKind::Tcp, ListenerKind::Unix, ListenerKind::Cluster, ListenerKind::Tls, ListenerKind::Dial];
+    pub const ALL: [ListenerKind; 6] = [
+        ListenerKind::Tcp,
+        ListenerKind::Unix,
+        ListenerKind::Cluster,
+        ListenerKind::Tls,
+        ListenerKind::Dial,
+        ListenerKind::Http,
+    ];
 
     /// The name used in logs and metrics (`listener="tcp"`).
     pub fn name(self) -> &'static str {
@@ -42,6 +50,7 @@ impl ListenerKind {
             ListenerKind::Cluster => "cluster",
             ListenerKind::Tls => "tls",
             ListenerKind::Dial => "dial",
+            ListenerKind::Http => "http",
         }
     }
 
@@ -63,6 +72,10 @@ pub(crate) struct ListenerCounters {
     /// Connections closed for not sending a complete first message within
     /// `handshake_timeout_ms` (`nodus_handshake_timeouts_total`).
     pub(crate) handshake_timeouts: AtomicU64,
+    /// Bytes read from its connections (`nodus_received_bytes_total`).
+    pub(crate) bytes_in: AtomicU64,
+    /// Bytes written to its connections (`nodus_sent_bytes_total`).
+    pub(crate) bytes_out: AtomicU64,
 }
 
 /// A node-wide bound on buffered bytes, and how much is buffered now.
@@ -203,7 +216,7 @@ impl Meter {
 /// The driver's live counters; names in brackets are the metric names they will be exported as.
 #[derive(Debug)]
 pub struct Counters {
-    listeners: [ListenerCounters; 5],
+    listeners: [ListenerCounters; 6],
     /// Slow consumers cut for exceeding their own outbound bound (`nodus_slow_consumer_cuts_total`).
     pub(crate) slow_consumer_cuts: AtomicU64,
     /// Undecoded input over all connections (`nodus_buffered_input_bytes`).

@@ -95,7 +95,9 @@ pub(super) async fn connection<R, W>(
             _ = &mut handshake => return timed_out(),
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => {
+                    counters.listener(kind).bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                }
             },
         }
     };
@@ -118,7 +120,7 @@ pub(super) async fn connection<R, W>(
         }
     }
     debug!(?form, "connection open");
-    let writer = write_loop(id, wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone());
+    let writer = write_loop(id, kind, wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone());
     let writer = tokio::spawn(writer.in_current_span());
     let mut decoder = match form {
         Form::Text => Decoder::Text(text::LineDecoder::new(max_frame)),
@@ -150,6 +152,9 @@ pub(super) async fn connection<R, W>(
                 match d {
                     Decoded::Message(m) => {
                         greeted = true;
+                        if tracing::enabled!(tracing::Level::DEBUG) {
+                            trace_message(&m);
+                        }
                         st.router.handle(id, m, now, &mut out);
                     }
                     Decoded::Invalid(e) => st.router.handle_invalid(id, &e, &mut out),
@@ -189,7 +194,9 @@ pub(super) async fn connection<R, W>(
             }
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(n) => {
+                    counters.listener(kind).bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Err(e) => {
                     debug!(error = %e, "read failed");
                     break;
@@ -211,10 +218,26 @@ pub(super) async fn connection<R, W>(
     debug!("connection closed");
 }
 
+/// Logs a message that carries an HTTP request's id (`trace_id`, set by the HTTP API and kept
+/// across nodes), so one request can be followed through every node it reaches.
+fn trace_message(m: &Message) {
+    if let Some(trace_id) = m.get(nodus_http::api::TRACE_PARAM) {
+        debug!(
+            %trace_id,
+            command = %m.command,
+            from = %format_args!("{}:{}", m.from.server, m.from.service),
+            to = %format_args!("{}:{}", m.to.server, m.to.service),
+            hops = m.envelope.hops,
+            "traced message"
+        );
+    }
+}
+
 /// Writes what the router queues for one connection; see the module documentation.
 #[allow(clippy::too_many_arguments)]
 async fn write_loop<W: AsyncWrite + Unpin>(
     id: ConnId,
+    kind: ListenerKind,
     mut wr: W,
     mut rx: mpsc::Receiver<Outbound>,
     form: Form,
@@ -270,6 +293,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             if !written {
                 break;
             }
+            counters.listener(kind).bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
             out.clear();
             if out.capacity() > SHRINK_ABOVE {
                 out = BytesMut::with_capacity(READ_CHUNK);

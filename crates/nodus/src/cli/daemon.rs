@@ -15,6 +15,7 @@ const UDP_PORT: u16 = 4041;
 const CLUSTER_PORT: u16 = 4042;
 const TLS_PORT: u16 = 4043;
 const LOCATOR_PORT: u16 = 10053;
+const HTTP_PORT: u16 = 4080;
 
 /// How the daemon logs (stderr).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -80,6 +81,9 @@ pub struct DaemonArgs {
     /// Cocaine-compatible locator address; '' disables it [default: 127.0.0.1:10053].
     #[arg(long)]
     locator_listen: Option<String>,
+    /// HTTP listener (gateway, API, dashboard, metrics); '' disables it [default: 127.0.0.1:4080].
+    #[arg(long)]
+    http_listen: Option<String>,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -99,6 +103,7 @@ struct Overrides {
     udp_listen: Option<String>,
     tls_listen: Option<String>,
     locator_listen: Option<String>,
+    http_listen: Option<String>,
 }
 
 impl Overrides {
@@ -116,6 +121,7 @@ impl Overrides {
             udp_listen: a.udp_listen.clone(),
             tls_listen: None,
             locator_listen: a.locator_listen.clone(),
+            http_listen: a.http_listen.clone(),
         };
         if let Some(n) = a.instance {
             let port = |base: u16| format!("127.0.0.1:{}", base + super::INSTANCE_PORT_STEP * n);
@@ -126,6 +132,7 @@ impl Overrides {
             o.cluster_listen.get_or_insert_with(|| port(CLUSTER_PORT));
             o.tls_listen = Some(port(TLS_PORT));
             o.locator_listen.get_or_insert_with(|| port(LOCATOR_PORT));
+            o.http_listen.get_or_insert_with(|| port(HTTP_PORT));
         }
         o
     }
@@ -173,6 +180,9 @@ impl Overrides {
         }
         if let Some(v) = self.locator_listen {
             c.apps.locator_listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.http.listen = v;
         }
     }
 }
@@ -252,6 +262,7 @@ mod tests {
         assert_eq!(c.cluster.listen, "127.0.0.1:4062");
         assert_eq!(c.cluster.tls_listen, "127.0.0.1:4063");
         assert_eq!(c.apps.locator_listen, "127.0.0.1:10073");
+        assert_eq!(c.http.listen, "127.0.0.1:4100");
         assert_eq!(c.cluster.udp_listen, "", "a flag still overrides the instance");
         assert_eq!(c.data_dir, PathBuf::from("nodus-data-2"));
         assert_eq!(c.unix_socket, PathBuf::from("nodus-data-2/nodus.sock"));
