@@ -17,6 +17,7 @@ pub use tasks::{
 };
 
 use crate::{Client, ClientError};
+use nodus_wire::node::{ForgetTarget, NodeRequest};
 use nodus_wire::rows::{self, AppRow, AppStatus, CrashRecord, LinkRow, NodeRow, RowError, ServiceAt, WorkerRow};
 use nodus_wire::Message;
 use std::path::Path;
@@ -42,7 +43,7 @@ pub enum AdminError {
         /// What it said.
         message: String,
     },
-    /// The node does not know this node name (checked before `FORGET`).
+    /// The node does not know this node name (`FORGET` answered `ERROR code=unknown_node`).
     #[error("no node named {0:?} is known to this node; `nodus cluster status` lists the known nodes")]
     UnknownNode(String),
     /// The answer is not the one the command gets.
@@ -244,7 +245,8 @@ impl Admin {
     }
 
     /// Sends `req` to the node and expects `want` back.
-    async fn node(&self, req: Message, want: &[&str]) -> Result<Message, AdminError> {
+    async fn node(&self, req: NodeRequest, want: &[&str]) -> Result<Message, AdminError> {
+        let req = req.to_message();
         let asked = req.command.clone();
         let reply = self.client.request(req).await?;
         expect(reply, &asked, want)
@@ -261,7 +263,7 @@ impl Admin {
     ///
     /// Fails as described in the module docs.
     pub async fn info(&self) -> Result<NodeInfo, AdminError> {
-        let m = self.node(Message::new("INFO"), &["INFO"]).await?;
+        let m = self.node(NodeRequest::Info, &["INFO"]).await?;
         Ok(NodeInfo {
             server: text(&m, "server"),
             version: text(&m, "version"),
@@ -287,10 +289,10 @@ impl Admin {
     ///
     /// Fails as described in the module docs.
     pub async fn services(&self) -> Result<Vec<ServiceInfo>, AdminError> {
-        let m = self.node(Message::new("LIST_SERVICES"), &["SERVICES"]).await?;
+        let m = self.node(NodeRequest::ListServices { cluster: false }, &["SERVICES"]).await?;
         let mut out = Vec::new();
         for name in m.get("list").unwrap_or("").split(',').filter(|s| !s.is_empty()) {
-            let st = self.node(Message::new("SERVICE_STATUS").param("service", name), &["STATUS"]).await?;
+            let st = self.node(NodeRequest::ServiceStatus { service: name.to_string() }, &["STATUS"]).await?;
             out.push(ServiceInfo { name: name.to_string(), instances: param(&st, "instances")? });
         }
         Ok(out)
@@ -300,7 +302,7 @@ impl Admin {
     ///
     /// Fails as described in the module docs.
     pub async fn cluster_services(&self) -> Result<Vec<ServiceAt>, AdminError> {
-        let m = self.node(Message::new("LIST_SERVICES").param("scope", "cluster"), &["SERVICES"]).await?;
+        let m = self.node(NodeRequest::ListServices { cluster: true }, &["SERVICES"]).await?;
         Ok(rows::parse_list(m.get("cluster").unwrap_or(""))?)
     }
 
@@ -308,7 +310,7 @@ impl Admin {
     ///
     /// Fails as described in the module docs.
     pub async fn cluster_info(&self) -> Result<ClusterInfo, AdminError> {
-        let m = self.node(Message::new("CLUSTER_INFO"), &["CLUSTER_INFO"]).await?;
+        let m = self.node(NodeRequest::ClusterInfo, &["CLUSTER_INFO"]).await?;
         Ok(ClusterInfo {
             server: text(&m, "server"),
             live: param(&m, "live")?,
@@ -325,22 +327,24 @@ impl Admin {
 
     /// Removes node `server` from the cluster's memory, everywhere; returns its name.
     ///
-    /// Fails with [`AdminError::UnknownNode`] when this node does not know `server` (the node
-    /// itself would answer `FORGOTTEN` for any name), and as described in the module docs.
+    /// Fails with [`AdminError::UnknownNode`] when this node does not know `server` (it answers
+    /// `ERROR code=unknown_node`), and as described in the module docs.
     pub async fn forget(&self, server: &str) -> Result<String, AdminError> {
-        let known = self.cluster_info().await?;
-        if !known.nodes.iter().any(|n| n.server == server) {
-            return Err(AdminError::UnknownNode(server.to_string()));
+        let req = NodeRequest::Forget(ForgetTarget::Server(server.to_string()));
+        match self.node(req, &["FORGOTTEN"]).await {
+            Ok(m) => Ok(m.get("server").unwrap_or(server).to_string()),
+            Err(AdminError::Client(ClientError::Refused(r))) if r.code() == Some("unknown_node") => {
+                Err(AdminError::UnknownNode(server.to_string()))
+            }
+            Err(e) => Err(e),
         }
-        let m = self.node(Message::new("FORGET").param("server", server), &["FORGOTTEN"]).await?;
-        Ok(m.get("server").unwrap_or(server).to_string())
     }
 
     /// Stops every node of the cluster.
     ///
     /// Fails as described in the module docs.
     pub async fn shutdown_cluster(&self) -> Result<String, AdminError> {
-        let m = self.node(Message::new("SHUTDOWN"), &["STOPPING"]).await?;
+        let m = self.node(NodeRequest::Shutdown, &["STOPPING"]).await?;
         Ok(m.from.server)
     }
 
@@ -349,7 +353,7 @@ impl Admin {
     /// Fails as described in the module docs.
     pub async fn stop(&self) -> Result<Stopping, AdminError> {
         let in_flight = self.info().await?.pending;
-        let m = self.node(Message::new("STOP"), &["STOPPING"]).await?;
+        let m = self.node(NodeRequest::Stop, &["STOPPING"]).await?;
         Ok(Stopping { server: m.from.server, in_flight })
     }
 

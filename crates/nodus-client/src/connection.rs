@@ -7,6 +7,7 @@
 use crate::{ClientConfig, ClientError, Command, Endpoint, SelfReport, State, Status};
 use bytes::BytesMut;
 use nodus_control::control::{Body, ControlMessage, MonitoringResult, Spec, KILL, MONITORING};
+use nodus_wire::node::NodeRequest;
 use nodus_wire::{binary, Backoff, Decoded, Message};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,13 +72,13 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
     let encode = |m: &Message, out: &mut BytesMut| binary::encode(m, out, config.max_frame);
     let auth_id = rand::random::<u64>() | 1;
     if let Some(token) = &config.token {
-        let auth = Message::new("AUTH").param("token", token).with_id(auth_id);
+        let auth = NodeRequest::Auth { token: token.clone() }.to_message().with_id(auth_id);
         encode(&auth, &mut out).map_err(|e| failed(e.to_string()))?;
     }
     let hello_id = auth_id.wrapping_add(2);
     let hello = match &config.service {
         Some(name) => {
-            let mut m = Message::new("REGISTER").param("service", name).param("version", 1).with_id(hello_id);
+            let mut m = NodeRequest::Register { service: name.clone() }.to_message().with_id(hello_id);
             if let Some((pid, node)) = &config.parent {
                 m.envelope.pid = *pid;
                 if let Some(node) = node {
@@ -86,11 +87,11 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
             }
             m
         }
-        None => Message::new("PING").with_id(hello_id),
+        None => NodeRequest::Ping.to_message().with_id(hello_id),
     };
     encode(&hello, &mut out).map_err(|e| failed(e.to_string()))?;
     if config.service.is_some() && !config.commands.is_empty() {
-        let commands = Message::new("COMMANDS").param("list", config.commands.join(","));
+        let commands = NodeRequest::Commands { list: config.commands.clone() }.to_message();
         encode(&commands, &mut out).map_err(|e| failed(e.to_string()))?;
     }
     wr.write_all(&out).await.map_err(io_err)?;

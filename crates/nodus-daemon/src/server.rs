@@ -554,7 +554,9 @@ impl Daemon {
                 neighbors.push(n.addr.clone());
             }
         }
+        // Absolute, so that what `forbidden` answers name can be found from anywhere.
         let token_file = config.access.token_path(&config.data_dir);
+        let token_file = std::path::absolute(&token_file).unwrap_or(token_file);
         let token = crate::auth::load_or_create_token(&token_file)?;
         let http = crate::http::bind(&config, &token).await?;
         let access = crate::auth::AccessPolicy::new(&config.access, Some(token), token_file, crate::auth::own_uid());

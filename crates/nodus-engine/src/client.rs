@@ -14,7 +14,7 @@
 //! app stopped, node draining). A request that may have run is never sent again.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), nodus_engine::client::ClientError> {
+//! # async fn demo() -> Result<(), nodus_engine::client::AppClientError> {
 //! use nodus_engine::client::AppClient;
 //! let client = AppClient::new("127.0.0.1:10053");
 //! let echo = client.service("echo");
@@ -23,10 +23,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Bounds: replies buffered per stream ([`ClientOptions::stream_buffer`], past it the stream
-//! fails with [`ClientError::Overflow`]), messages queued per connection
-//! ([`ClientOptions::outbound_messages`], senders wait), message size
-//! ([`ClientOptions::max_message_bytes`]), and a timeout on every network wait.
+//! Bounds: replies buffered per stream ([`AppClientConfig::stream_buffer`], past it the stream
+//! fails with [`AppClientError::Overflow`]), messages queued per connection
+//! ([`AppClientConfig::outbound_messages`], senders wait), message size
+//! ([`AppClientConfig::max_message_bytes`]), and a timeout on every network wait.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,9 +50,10 @@ pub const CANCEL_CATEGORY: i64 = 13;
 /// The error code the client uses when it abandons a stream.
 pub const CANCEL_CODE: i64 = 1;
 
-/// Client settings and bounds.
+/// Settings and bounds of an [`AppClient`] (named like the node client's
+/// `nodus_client::ClientConfig`: `...Config` for settings, `...Error` for failures).
 #[derive(Debug, Clone)]
-pub struct ClientOptions {
+pub struct AppClientConfig {
     /// Longest wait for a TCP connection (locator or service).
     pub connect_timeout: Duration,
     /// Longest wait for the locator's answer to `resolve`.
@@ -60,14 +61,14 @@ pub struct ClientOptions {
     /// Longest a [`ServiceHandle::call`] may take, retries included.
     pub call_timeout: Duration,
     /// How long a handle keeps retrying a connection or a refused request before it gives up
-    /// with [`ClientError::RetriesExhausted`].
+    /// with [`AppClientError::RetriesExhausted`].
     pub retry_budget: Duration,
     /// First retry delay; doubles per attempt up to `backoff_max`, each delay jittered to
     /// between half and all of it.
     pub backoff_min: Duration,
     /// Largest retry delay.
     pub backoff_max: Duration,
-    /// Replies buffered per stream before it fails with [`ClientError::Overflow`].
+    /// Replies buffered per stream before it fails with [`AppClientError::Overflow`].
     pub stream_buffer: usize,
     /// Messages queued per connection for the writer; senders wait when it is full.
     pub outbound_messages: usize,
@@ -75,9 +76,9 @@ pub struct ClientOptions {
     pub max_message_bytes: usize,
 }
 
-impl Default for ClientOptions {
+impl Default for AppClientConfig {
     fn default() -> Self {
-        ClientOptions {
+        AppClientConfig {
             connect_timeout: Duration::from_secs(5),
             resolve_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(60),
@@ -91,10 +92,18 @@ impl Default for ClientOptions {
     }
 }
 
-/// What went wrong, in terms a caller can act on. [`ClientError::is_retryable`] says whether the
+/// The settings' former name.
+#[deprecated(note = "renamed AppClientConfig, after nodus_client::ClientConfig")]
+pub type ClientOptions = AppClientConfig;
+
+/// The error's former name.
+#[deprecated(note = "renamed AppClientError, so that it is not confused with nodus_client::ClientError")]
+pub type ClientError = AppClientError;
+
+/// What went wrong, in terms a caller can act on. [`AppClientError::is_retryable`] says whether the
 /// request certainly did not run, so that sending it again is safe.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ClientError {
+pub enum AppClientError {
     /// No connection to the locator or the service, or the locator did not answer.
     #[error("cannot reach {addr}: {reason}; check that the node is running and the address is right")]
     Unreachable {
@@ -149,13 +158,13 @@ pub enum ClientError {
         /// Whether the request's first message may have reached the service.
         request_sent: bool,
     },
-    /// More replies waited unread than [`ClientOptions::stream_buffer`] allows.
+    /// More replies waited unread than [`AppClientConfig::stream_buffer`] allows.
     #[error("more than {limit} replies waited unread on this stream; read faster or raise stream_buffer")]
     Overflow {
         /// The bound in force.
         limit: usize,
     },
-    /// A chunk larger than [`ClientOptions::max_message_bytes`].
+    /// A chunk larger than [`AppClientConfig::max_message_bytes`].
     #[error("chunk of {size} bytes exceeds the {limit}-byte message limit; send smaller chunks")]
     TooLarge {
         /// The chunk's size.
@@ -185,38 +194,40 @@ pub enum ClientError {
         /// Time spent.
         elapsed: Duration,
         /// The last failure.
-        last: Box<ClientError>,
+        last: Box<AppClientError>,
     },
 }
 
-impl ClientError {
+impl AppClientError {
     /// Maps a service's `[category, code]` error to a variant: `[12, 1]` is
-    /// [`ClientError::QueueFull`]; refusals that leave the request unrun are
-    /// [`ClientError::Unavailable`]; anything else is [`ClientError::Service`].
-    pub fn from_service(category: i64, code: i64, message: String) -> ClientError {
+    /// [`AppClientError::QueueFull`]; refusals that leave the request unrun are
+    /// [`AppClientError::Unavailable`]; anything else is [`AppClientError::Service`].
+    pub fn from_service(category: i64, code: i64, message: String) -> AppClientError {
         match (category, code) {
-            (errors::APP, errors::QUEUE_FULL) => ClientError::QueueFull { message },
+            (errors::APP, errors::QUEUE_FULL) => AppClientError::QueueFull { message },
             (errors::APP, errors::APP_STOPPED | errors::UNKNOWN_APP)
             | (errors::DISPATCH, errors::TOO_MANY_CHANNELS | errors::SHUTTING_DOWN) => {
-                ClientError::Unavailable { category, code, message }
+                AppClientError::Unavailable { category, code, message }
             }
-            _ => ClientError::Service { category, code, message },
+            _ => AppClientError::Service { category, code, message },
         }
     }
 
     /// True when the request certainly did not run, so sending it again is safe.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } | ClientError::QueueFull { .. } | ClientError::Unavailable { .. } => true,
-            ClientError::Disconnected { request_sent } => !request_sent,
+            AppClientError::Unreachable { .. }
+            | AppClientError::QueueFull { .. }
+            | AppClientError::Unavailable { .. } => true,
+            AppClientError::Disconnected { request_sent } => !request_sent,
             _ => false,
         }
     }
 
-    /// The underlying failure: the last error of [`ClientError::RetriesExhausted`], else `self`.
-    pub fn root(&self) -> &ClientError {
+    /// The underlying failure: the last error of [`AppClientError::RetriesExhausted`], else `self`.
+    pub fn root(&self) -> &AppClientError {
         match self {
-            ClientError::RetriesExhausted { last, .. } => last.root(),
+            AppClientError::RetriesExhausted { last, .. } => last.root(),
             other => other,
         }
     }
@@ -245,7 +256,7 @@ struct Retry {
 }
 
 impl Retry {
-    fn new(options: &ClientOptions) -> Retry {
+    fn new(options: &AppClientConfig) -> Retry {
         Retry {
             started: tokio::time::Instant::now(),
             budget: options.retry_budget,
@@ -255,14 +266,14 @@ impl Retry {
     }
 
     /// Waits before the next attempt after `error`, or gives up when the budget would be spent.
-    async fn wait(&mut self, error: ClientError) -> Result<(), ClientError> {
+    async fn wait(&mut self, error: AppClientError) -> Result<(), AppClientError> {
         let delay = self.backoff.next_delay();
         let elapsed = self.started.elapsed();
         if elapsed + delay > self.budget {
             if self.attempts == 1 {
                 return Err(error);
             }
-            return Err(ClientError::RetriesExhausted { attempts: self.attempts, elapsed, last: Box::new(error) });
+            return Err(AppClientError::RetriesExhausted { attempts: self.attempts, elapsed, last: Box::new(error) });
         }
         tracing::debug!(error = %error, attempt = self.attempts, ?delay, "retrying");
         tokio::time::sleep(delay).await;
@@ -273,7 +284,7 @@ impl Retry {
 
 struct ClientInner {
     locator: String,
-    options: ClientOptions,
+    config: AppClientConfig,
 }
 
 /// A client of the services behind one locator. Cheap to clone.
@@ -289,31 +300,31 @@ impl std::fmt::Debug for AppClient {
 }
 
 impl AppClient {
-    /// A client of the locator at `locator` (`host:port`), with default options.
+    /// A client of the locator at `locator` (`host:port`), with the default settings.
     pub fn new(locator: impl Into<String>) -> AppClient {
-        AppClient::with_options(locator, ClientOptions::default())
+        AppClient::with_config(locator, AppClientConfig::default())
     }
 
     /// A client of the locator at `locator` (`host:port`).
-    pub fn with_options(locator: impl Into<String>, options: ClientOptions) -> AppClient {
-        AppClient { inner: Arc::new(ClientInner { locator: locator.into(), options }) }
+    pub fn with_config(locator: impl Into<String>, config: AppClientConfig) -> AppClient {
+        AppClient { inner: Arc::new(ClientInner { locator: locator.into(), config }) }
     }
 
-    /// The options in force.
-    pub fn options(&self) -> &ClientOptions {
-        &self.inner.options
+    /// The settings in force.
+    pub fn config(&self) -> &AppClientConfig {
+        &self.inner.config
     }
 
     /// Asks the locator where `name` is served (one attempt, no retries).
     ///
     /// # Errors
-    /// [`ClientError::Unreachable`] when the locator cannot be reached or does not answer in
-    /// time, [`ClientError::NotFound`] for an unknown name, [`ClientError::Protocol`] for an
+    /// [`AppClientError::Unreachable`] when the locator cannot be reached or does not answer in
+    /// time, [`AppClientError::NotFound`] for an unknown name, [`AppClientError::Protocol`] for an
     /// answer that is not a `resolve` answer.
-    pub async fn resolve(&self, name: &str) -> Result<Endpoints, ClientError> {
-        let options = &self.inner.options;
+    pub async fn resolve(&self, name: &str) -> Result<Endpoints, AppClientError> {
+        let options = &self.inner.config;
         let addr = self.inner.locator.as_str();
-        let unreachable = |reason: String| ClientError::Unreachable { addr: addr.to_string(), reason };
+        let unreachable = |reason: String| AppClientError::Unreachable { addr: addr.to_string(), reason };
         let mut stream = connect(addr, options.connect_timeout).await?;
         stream
             .write_all(&open_frame(1, locator_method::RESOLVE, name))
@@ -327,7 +338,7 @@ impl AppClient {
                     Ok(Some(f)) if f.channel == 1 => return Ok(f),
                     Ok(Some(_)) => continue,
                     Ok(None) => {}
-                    Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                    Err(e) => return Err(AppClientError::Protocol(e.to_string())),
                 }
                 match stream.read_buf(&mut buf).await {
                     Ok(0) => return Err(unreachable("the locator closed the connection before answering".into())),
@@ -355,8 +366,8 @@ impl AppClient {
     }
 }
 
-fn resolve_answer(name: &str, frame: Frame) -> Result<Endpoints, ClientError> {
-    let bad = |what: &str| ClientError::Protocol(format!("bad resolve answer: {what}"));
+fn resolve_answer(name: &str, frame: Frame) -> Result<Endpoints, AppClientError> {
+    let bad = |what: &str| AppClientError::Protocol(format!("bad resolve answer: {what}"));
     match frame.kind {
         service::primitive::VALUE => {
             let mut args = frame.args.into_iter();
@@ -373,9 +384,9 @@ fn resolve_answer(name: &str, frame: Frame) -> Result<Endpoints, ClientError> {
         }
         service::primitive::ERROR => match service_error(frame.args) {
             (errors::LOCATOR, errors::SERVICE_NOT_AVAILABLE, message) => {
-                Err(ClientError::NotFound { name: name.to_string(), message })
+                Err(AppClientError::NotFound { name: name.to_string(), message })
             }
-            (category, code, message) => Err(ClientError::from_service(category, code, message)),
+            (category, code, message) => Err(AppClientError::from_service(category, code, message)),
         },
         k => Err(bad(&format!("message type {k}"))),
     }
@@ -425,8 +436,8 @@ fn open_frame(channel: u64, method: u64, arg: &str) -> Bytes {
     w.into_inner().freeze()
 }
 
-async fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, ClientError> {
-    let unreachable = |reason: String| ClientError::Unreachable { addr: addr.to_string(), reason };
+async fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, AppClientError> {
+    let unreachable = |reason: String| AppClientError::Unreachable { addr: addr.to_string(), reason };
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
@@ -471,35 +482,35 @@ impl ServiceHandle {
     /// [`Stream::recv`].
     ///
     /// # Errors
-    /// [`ClientError::NotFound`] for an unknown service; [`ClientError::RetriesExhausted`] (or
+    /// [`AppClientError::NotFound`] for an unknown service; [`AppClientError::RetriesExhausted`] (or
     /// the single error, when the budget allows no retry) when no connection could be made.
-    pub async fn enqueue(&self, event: &str) -> Result<Stream, ClientError> {
-        let mut retry = Retry::new(self.options());
+    pub async fn enqueue(&self, event: &str) -> Result<Stream, AppClientError> {
+        let mut retry = Retry::new(self.config());
         self.open(event, &mut retry).await
     }
 
     /// Sends `chunks` to `event`, closes, and collects every reply chunk until the service
     /// closes. Retried (with backoff, within the retry budget) only when no reply arrived and
-    /// the failure proves the request did not run ([`ClientError::is_retryable`]).
+    /// the failure proves the request did not run ([`AppClientError::is_retryable`]).
     ///
     /// # Errors
-    /// The stream's error ([`ClientError::Service`] for a worker's error), a non-retryable
-    /// failure, [`ClientError::RetriesExhausted`], or [`ClientError::Timeout`] after
-    /// [`ClientOptions::call_timeout`].
-    pub async fn call<I>(&self, event: &str, chunks: I) -> Result<Vec<Bytes>, ClientError>
+    /// The stream's error ([`AppClientError::Service`] for a worker's error), a non-retryable
+    /// failure, [`AppClientError::RetriesExhausted`], or [`AppClientError::Timeout`] after
+    /// [`AppClientConfig::call_timeout`].
+    pub async fn call<I>(&self, event: &str, chunks: I) -> Result<Vec<Bytes>, AppClientError>
     where
         I: IntoIterator,
         I::Item: Into<Bytes>,
     {
         let chunks: Vec<Bytes> = chunks.into_iter().map(Into::into).collect();
-        let after = self.options().call_timeout;
+        let after = self.config().call_timeout;
         tokio::time::timeout(after, self.call_with_retries(event, &chunks))
             .await
-            .map_err(|_| ClientError::Timeout { what: "waiting for the call to finish", after })?
+            .map_err(|_| AppClientError::Timeout { what: "waiting for the call to finish", after })?
     }
 
-    async fn call_with_retries(&self, event: &str, chunks: &[Bytes]) -> Result<Vec<Bytes>, ClientError> {
-        let mut retry = Retry::new(self.options());
+    async fn call_with_retries(&self, event: &str, chunks: &[Bytes]) -> Result<Vec<Bytes>, AppClientError> {
+        let mut retry = Retry::new(self.config());
         loop {
             let stream = self.open(event, &mut retry).await?;
             let conn = stream.tx.conn.clone();
@@ -515,7 +526,7 @@ impl ServiceHandle {
                 while let Some(chunk) = rx.recv().await? {
                     replies.push(chunk);
                 }
-                Ok::<_, ClientError>(replies)
+                Ok::<_, AppClientError>(replies)
             };
             let (sent, received) = tokio::join!(send, receive);
             let error = match (sent, received) {
@@ -525,7 +536,7 @@ impl ServiceHandle {
             if rx.replied() || !error.is_retryable() {
                 return Err(error);
             }
-            if !matches!(error, ClientError::QueueFull { .. }) {
+            if !matches!(error, AppClientError::QueueFull { .. }) {
                 // The app may have moved: resolve again before the next attempt.
                 self.forget(&conn).await;
             }
@@ -533,11 +544,11 @@ impl ServiceHandle {
         }
     }
 
-    fn options(&self) -> &ClientOptions {
-        &self.inner.client.inner.options
+    fn config(&self) -> &AppClientConfig {
+        &self.inner.client.inner.config
     }
 
-    async fn open(&self, event: &str, retry: &mut Retry) -> Result<Stream, ClientError> {
+    async fn open(&self, event: &str, retry: &mut Retry) -> Result<Stream, AppClientError> {
         loop {
             let conn = self.connection(retry).await?;
             match conn.open(event).await {
@@ -552,7 +563,7 @@ impl ServiceHandle {
     }
 
     /// The live connection, made (resolving first) when there is none.
-    async fn connection(&self, retry: &mut Retry) -> Result<Arc<Conn>, ClientError> {
+    async fn connection(&self, retry: &mut Retry) -> Result<Arc<Conn>, AppClientError> {
         let mut cached = self.inner.conn.lock().await;
         loop {
             if let Some(c) = cached.as_ref() {
@@ -575,12 +586,12 @@ impl ServiceHandle {
         }
     }
 
-    async fn connect_once(&self) -> Result<Arc<Conn>, ClientError> {
+    async fn connect_once(&self) -> Result<Arc<Conn>, AppClientError> {
         let endpoints = self.inner.client.resolve(&self.inner.name).await?;
-        let mut last = ClientError::Protocol(format!("the locator gave no endpoint for {:?}", self.inner.name));
+        let mut last = AppClientError::Protocol(format!("the locator gave no endpoint for {:?}", self.inner.name));
         for (host, port) in endpoints.endpoints {
             let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-            match Conn::connect(addr, self.options()).await {
+            match Conn::connect(addr, self.config()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = e,
             }
@@ -610,7 +621,7 @@ enum Sent {
 
 struct StreamState {
     sent: Mutex<Sent>,
-    end: OnceLock<ClientError>,
+    end: OnceLock<AppClientError>,
 }
 
 impl StreamState {
@@ -638,7 +649,7 @@ impl StreamState {
 enum Down {
     Chunk(Bytes),
     Close,
-    Error(ClientError),
+    Error(AppClientError),
 }
 
 struct Slot {
@@ -673,9 +684,9 @@ struct Conn {
 }
 
 impl Conn {
-    async fn connect(peer: String, options: &ClientOptions) -> Result<Arc<Conn>, ClientError> {
+    async fn connect(peer: String, options: &AppClientConfig) -> Result<Arc<Conn>, AppClientError> {
         let stream = connect(&peer, options.connect_timeout).await?;
-        let unreachable = |e: std::io::Error| ClientError::Unreachable { addr: peer.clone(), reason: e.to_string() };
+        let unreachable = |e: std::io::Error| AppClientError::Unreachable { addr: peer.clone(), reason: e.to_string() };
         // A duplicate of the socket lets the writer check, without reading, whether the peer has
         // already closed before it writes a new request (so that request is known unsent).
         let std = stream.into_std().map_err(unreachable)?;
@@ -700,8 +711,8 @@ impl Conn {
         }))
     }
 
-    async fn open(self: &Arc<Self>, event: &str) -> Result<Stream, ClientError> {
-        let lost = ClientError::Disconnected { request_sent: false };
+    async fn open(self: &Arc<Self>, event: &str) -> Result<Stream, AppClientError> {
+        let lost = AppClientError::Disconnected { request_sent: false };
         let mut next = self.next.lock().await;
         let channel = *next;
         let state = Arc::new(StreamState { sent: Mutex::new(Sent::Pending), end: OnceLock::new() });
@@ -735,7 +746,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, mut decoder: 
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "bad message from the service; closing the connection");
-                    break 'conn Some(ClientError::Protocol(e.to_string()));
+                    break 'conn Some(AppClientError::Protocol(e.to_string()));
                 }
             }
         }
@@ -755,7 +766,7 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, mut decoder: 
     let slots = shared.slots.lock().expect("slots lock").take().unwrap_or_default();
     for (_, slot) in slots {
         let request_sent = slot.state.abandon();
-        let _ = slot.state.end.set(failure.clone().unwrap_or(ClientError::Disconnected { request_sent }));
+        let _ = slot.state.end.set(failure.clone().unwrap_or(AppClientError::Disconnected { request_sent }));
     }
 }
 
@@ -769,10 +780,10 @@ fn deliver(shared: &ConnShared, frame: Frame) {
         stream::WRITE => (Down::Chunk(payload(args.into_iter().next())), false),
         stream::ERROR => {
             let (category, code, message) = service_error(args);
-            (Down::Error(ClientError::from_service(category, code, message)), true)
+            (Down::Error(AppClientError::from_service(category, code, message)), true)
         }
         stream::CLOSE => (Down::Close, true),
-        other => (Down::Error(ClientError::Protocol(format!("message type {other} in a stream"))), true),
+        other => (Down::Error(AppClientError::Protocol(format!("message type {other} in a stream"))), true),
     };
     match slot.tx.try_send(down) {
         Ok(()) if !last => {}
@@ -780,7 +791,7 @@ fn deliver(shared: &ConnShared, frame: Frame) {
             map.remove(&channel);
         }
         Err(mpsc::error::TrySendError::Full(_)) => {
-            let _ = slot.state.end.set(ClientError::Overflow { limit: shared.stream_buffer });
+            let _ = slot.state.end.set(AppClientError::Overflow { limit: shared.stream_buffer });
             map.remove(&channel);
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -855,7 +866,7 @@ impl Stream {
     ///
     /// # Errors
     /// See [`StreamSender::send`].
-    pub async fn send(&mut self, chunk: impl Into<Bytes>) -> Result<(), ClientError> {
+    pub async fn send(&mut self, chunk: impl Into<Bytes>) -> Result<(), AppClientError> {
         self.tx.send(chunk).await
     }
 
@@ -863,7 +874,7 @@ impl Stream {
     ///
     /// # Errors
     /// See [`StreamSender::close`].
-    pub async fn close(&mut self) -> Result<(), ClientError> {
+    pub async fn close(&mut self) -> Result<(), AppClientError> {
         self.tx.close().await
     }
 
@@ -871,7 +882,7 @@ impl Stream {
     ///
     /// # Errors
     /// See [`StreamReceiver::recv`].
-    pub async fn recv(&mut self) -> Result<Option<Bytes>, ClientError> {
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, AppClientError> {
         self.rx.recv().await
     }
 
@@ -900,16 +911,16 @@ impl StreamSender {
     /// Sends one chunk; waits while the connection's outbound queue is full.
     ///
     /// # Errors
-    /// [`ClientError::Closed`] after `close`, [`ClientError::TooLarge`] for a chunk over the
-    /// message limit, [`ClientError::Disconnected`] when the connection is gone.
-    pub async fn send(&mut self, chunk: impl Into<Bytes>) -> Result<(), ClientError> {
+    /// [`AppClientError::Closed`] after `close`, [`AppClientError::TooLarge`] for a chunk over the
+    /// message limit, [`AppClientError::Disconnected`] when the connection is gone.
+    pub async fn send(&mut self, chunk: impl Into<Bytes>) -> Result<(), AppClientError> {
         let chunk = chunk.into();
         if self.closed {
-            return Err(ClientError::Closed);
+            return Err(AppClientError::Closed);
         }
         // The frame adds at most 15 bytes of header to the chunk.
         if chunk.len() + 16 > self.conn.max_message_bytes {
-            return Err(ClientError::TooLarge { size: chunk.len(), limit: self.conn.max_message_bytes });
+            return Err(AppClientError::TooLarge { size: chunk.len(), limit: self.conn.max_message_bytes });
         }
         self.push(service::encode_write(self.channel, &chunk)).await
     }
@@ -917,18 +928,18 @@ impl StreamSender {
     /// Closes the sending side: the service sees the end of the request's input.
     ///
     /// # Errors
-    /// [`ClientError::Closed`] when already closed, [`ClientError::Disconnected`] when the
+    /// [`AppClientError::Closed`] when already closed, [`AppClientError::Disconnected`] when the
     /// connection is gone.
-    pub async fn close(&mut self) -> Result<(), ClientError> {
+    pub async fn close(&mut self) -> Result<(), AppClientError> {
         if self.closed {
-            return Err(ClientError::Closed);
+            return Err(AppClientError::Closed);
         }
         self.closed = true;
         self.push(service::encode_close(self.channel)).await
     }
 
-    async fn push(&self, bytes: Bytes) -> Result<(), ClientError> {
-        let lost = || ClientError::Disconnected {
+    async fn push(&self, bytes: Bytes) -> Result<(), AppClientError> {
+        let lost = || AppClientError::Disconnected {
             request_sent: *self.state.sent.lock().expect("sent lock") != Sent::Abandoned,
         };
         if self.conn.shared.dead.is_cancelled() {
@@ -954,7 +965,7 @@ pub struct StreamReceiver {
     channel: u64,
     state: Arc<StreamState>,
     rx: mpsc::Receiver<Down>,
-    end: Option<Result<(), ClientError>>,
+    end: Option<Result<(), AppClientError>>,
     replied: bool,
 }
 
@@ -970,9 +981,9 @@ impl StreamReceiver {
     ///
     /// # Errors
     /// The stream's end when it is not a close: the service's error (see
-    /// [`ClientError::from_service`]), [`ClientError::Disconnected`],
-    /// [`ClientError::Overflow`], [`ClientError::Protocol`]. Later calls return it again.
-    pub async fn recv(&mut self) -> Result<Option<Bytes>, ClientError> {
+    /// [`AppClientError::from_service`]), [`AppClientError::Disconnected`],
+    /// [`AppClientError::Overflow`], [`AppClientError::Protocol`]. Later calls return it again.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, AppClientError> {
         if let Some(end) = &self.end {
             return end.clone().map(|()| None);
         }
@@ -983,7 +994,7 @@ impl StreamReceiver {
             }
             Some(Down::Close) => Ok(()),
             Some(Down::Error(e)) => Err(e),
-            None => Err(self.state.end.get().cloned().unwrap_or(ClientError::Disconnected { request_sent: true })),
+            None => Err(self.state.end.get().cloned().unwrap_or(AppClientError::Disconnected { request_sent: true })),
         };
         self.end = Some(end.clone());
         end.map(|()| None)

@@ -16,6 +16,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::balance::{Action, AppStatus, BalanceConfig, Balancer, Rejection, WorkerId};
+use crate::category;
 use crate::identity::{Peer, RunAs};
 use crate::manifest::Manifest;
 use crate::process::{self, Launch, Running};
@@ -23,14 +24,6 @@ use crate::profile::Profile;
 use crate::protocol::{Decoder, Message, Role, DEFAULT_MAX_MESSAGE_BYTES, FIRST_SESSION_CHANNEL};
 use crate::session::{Down, Session, SessionError, Up};
 use crate::worker::{ExitReport, FailReason, Output, Signal, State, Worker};
-
-/// Error categories the engine itself uses in `[ch,1,[[category,code],message]]`.
-pub mod category {
-    /// Errors raised by the engine (session abandoned, worker failed).
-    pub const ENGINE: i64 = 1;
-    /// Errors raised by an app's handler (worker SDK).
-    pub const APPLICATION: i64 = 2;
-}
 
 /// Engine settings and bounds.
 #[derive(Debug, Clone)]
@@ -240,14 +233,6 @@ struct AppHandle {
     /// above the ids the app's task hands out itself.
     caller_ids: Arc<AtomicU64>,
 }
-
-/// The event the control plane invokes on a worker to monitor it (seed 000 `monitoring`): its one
-/// chunk is the request's content as JSON (`{"id", "pid", "creator", "created_at", "expires_at",
-/// "spec": "monitoring", "config": {"sync_time"}}`), and the worker answers one JSON chunk with
-/// the same envelope and `"result": {"sync_time", "name", "host", "is_running", "message"}`. The
-/// worker SDK answers it by default; a worker that does not know the event (a plain Cocaine
-/// worker answers "no handler") is answered for by its node.
-pub const MONITORING_EVENT: &str = "nodus:monitoring";
 
 /// The first session id a caller chooses itself.
 const CALLER_IDS: u64 = 1 << 63;
@@ -600,7 +585,7 @@ impl Engine {
     }
 
     /// Asks one worker something outside the app's queue and balancing: `event` (the control
-    /// plane's [`MONITORING_EVENT`]) with `body` as its one chunk, on a channel of that worker
+    /// plane's [`crate::MONITORING_EVENT`]) with `body` as its one chunk, on a channel of that worker
     /// only, even when it is busy; `done` gets its reply chunks. The worker must be active
     /// (handshaken and heartbeating), else `done` gets [`SessionError::WorkerFailed`] at once.
     ///

@@ -41,8 +41,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::engine::{category, MONITORING_EVENT};
 use crate::protocol::{terminate_code, Decoder, Message, Role, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::{category, MONITORING_EVENT};
 
 /// What a handler returns; an error is sent to the caller as `[[2, 1], text]`.
 pub type HandlerResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;

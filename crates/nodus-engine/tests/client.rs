@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use bytes::BytesMut;
-use nodus_engine::client::{AppClient, Backoff, ClientError, ClientOptions};
+use nodus_engine::client::{AppClient, AppClientConfig, AppClientError, Backoff};
 use nodus_engine::profile::Profile;
 use nodus_engine::protocol::{Decoder, Frame, Role, DEFAULT_MAX_MESSAGE_BYTES};
 use nodus_engine::service::errors;
@@ -62,14 +62,14 @@ impl Node {
     }
 
     fn client(&self) -> AppClient {
-        let options = ClientOptions {
+        let options = AppClientConfig {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(200),
             retry_budget: Duration::from_secs(15),
             call_timeout: WAIT,
-            ..ClientOptions::default()
+            ..AppClientConfig::default()
         };
-        AppClient::with_options(self.addr.to_string(), options)
+        AppClient::with_config(self.addr.to_string(), options)
     }
 
     async fn shutdown(mut self) {
@@ -111,35 +111,36 @@ async fn the_retry_budget_runs_on_the_runtimes_clock() {
     // The budget was once measured with the std clock while retries slept on tokio's: with
     // paused time the budget never ran out and the call ended in its timeout instead.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let options = ClientOptions {
+    let options = AppClientConfig {
         retry_budget: Duration::from_secs(3),
         connect_timeout: Duration::from_millis(100),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
         call_timeout: Duration::from_secs(600),
-        ..ClientOptions::default()
+        ..AppClientConfig::default()
     };
-    let client = AppClient::with_options(closed.to_string(), options);
+    let client = AppClient::with_config(closed.to_string(), options);
     let started = tokio::time::Instant::now();
     let e = client.service("echo").call("echo", ["x"]).await.unwrap_err();
-    let ClientError::RetriesExhausted { attempts, elapsed, last } = &e else { panic!("{e}") };
+    let AppClientError::RetriesExhausted { attempts, elapsed, last } = &e else { panic!("{e}") };
     assert!(*elapsed <= Duration::from_secs(3) && started.elapsed() <= Duration::from_secs(3), "{e}");
     assert!(*attempts > 3, "{e}");
-    assert!(matches!(**last, ClientError::Unreachable { .. }), "{e}");
+    assert!(matches!(**last, AppClientError::Unreachable { .. }), "{e}");
 }
 
 #[test]
 fn service_errors_map_to_variants() {
-    let e = ClientError::from_service(errors::APP, errors::QUEUE_FULL, "full".into());
-    assert_eq!(e, ClientError::QueueFull { message: "full".into() });
+    let e = AppClientError::from_service(errors::APP, errors::QUEUE_FULL, "full".into());
+    assert_eq!(e, AppClientError::QueueFull { message: "full".into() });
     assert!(e.is_retryable());
-    let stopped = ClientError::from_service(errors::APP, errors::APP_STOPPED, "stopped".into());
-    assert!(matches!(stopped, ClientError::Unavailable { .. }) && stopped.is_retryable());
-    let worker = ClientError::from_service(errors::APP, errors::WORKER_FAILED, "crash".into());
-    assert!(matches!(worker, ClientError::Service { .. }) && !worker.is_retryable());
-    assert!(!ClientError::Disconnected { request_sent: true }.is_retryable());
-    assert!(ClientError::Disconnected { request_sent: false }.is_retryable());
-    let exhausted = ClientError::RetriesExhausted { attempts: 3, elapsed: Duration::ZERO, last: Box::new(e.clone()) };
+    let stopped = AppClientError::from_service(errors::APP, errors::APP_STOPPED, "stopped".into());
+    assert!(matches!(stopped, AppClientError::Unavailable { .. }) && stopped.is_retryable());
+    let worker = AppClientError::from_service(errors::APP, errors::WORKER_FAILED, "crash".into());
+    assert!(matches!(worker, AppClientError::Service { .. }) && !worker.is_retryable());
+    assert!(!AppClientError::Disconnected { request_sent: true }.is_retryable());
+    assert!(AppClientError::Disconnected { request_sent: false }.is_retryable());
+    let exhausted =
+        AppClientError::RetriesExhausted { attempts: 3, elapsed: Duration::ZERO, last: Box::new(e.clone()) };
     assert_eq!(exhausted.root(), &e);
     assert!(!exhausted.is_retryable());
 }
@@ -156,10 +157,10 @@ async fn resolves_apps_and_reports_unknown_services() {
     assert!(eps.graph.to_string().contains("enqueue"), "{}", eps.graph);
 
     let missing = within("resolve", client.resolve("nope")).await.unwrap_err();
-    assert!(matches!(&missing, ClientError::NotFound { name, .. } if name == "nope"), "{missing:?}");
+    assert!(matches!(&missing, AppClientError::NotFound { name, .. } if name == "nope"), "{missing:?}");
     // A handle on an unknown service fails at once, without spending the retry budget.
     let err = within("call", client.service("nope").call("echo", ["x"])).await.unwrap_err();
-    assert!(matches!(err, ClientError::NotFound { .. }), "{err:?}");
+    assert!(matches!(err, AppClientError::NotFound { .. }), "{err:?}");
     assert!(!err.is_retryable());
 
     // A locator that is not there is unreachable (and retryable).
@@ -167,7 +168,7 @@ async fn resolves_apps_and_reports_unknown_services() {
     let gone = AppClient::new(closed.local_addr().unwrap().to_string());
     drop(closed);
     let err = within("resolve", gone.resolve("echo")).await.unwrap_err();
-    assert!(matches!(err, ClientError::Unreachable { .. }) && err.is_retryable(), "{err:?}");
+    assert!(matches!(err, AppClientError::Unreachable { .. }) && err.is_retryable(), "{err:?}");
     node.shutdown().await;
 }
 
@@ -181,10 +182,16 @@ async fn call_echoes_and_surfaces_worker_errors() {
     assert_eq!(texts(&reply), ["0", "1", "2"]);
     let none: [&str; 0] = [];
     let err = within("call", echo.call("fail", none)).await.unwrap_err();
-    assert!(matches!(err, ClientError::Service { category: c, code: 1, .. } if c == category::APPLICATION), "{err:?}");
+    assert!(
+        matches!(err, AppClientError::Service { category: c, code: 1, .. } if c == category::APPLICATION),
+        "{err:?}"
+    );
     // A worker that crashes mid-request may have run it: the error is final, never retried.
     let err = within("call", echo.call("crash", ["x"])).await.unwrap_err();
-    assert!(matches!(err, ClientError::Service { category: errors::APP, code: errors::WORKER_FAILED, .. }), "{err:?}");
+    assert!(
+        matches!(err, AppClientError::Service { category: errors::APP, code: errors::WORKER_FAILED, .. }),
+        "{err:?}"
+    );
     assert!(!err.is_retryable());
     // Every call went over the one kept connection.
     assert_eq!(within("call", echo.call("echo", ["again"])).await.unwrap(), ["again"]);
@@ -271,7 +278,7 @@ async fn a_full_queue_is_retryable_and_call_retries_it() {
     queued.send("queued").await.unwrap();
     let mut refused = svc.enqueue("echo").await.unwrap();
     let err = within("refusal", refused.recv()).await.unwrap_err();
-    assert!(matches!(err, ClientError::QueueFull { .. }), "{err:?}");
+    assert!(matches!(err, AppClientError::QueueFull { .. }), "{err:?}");
     assert!(err.is_retryable());
 
     // A call made while the queue is full is retried until the queue has room.
@@ -432,7 +439,7 @@ async fn a_request_that_may_have_run_is_not_sent_again() {
     let fake = scripted(vec![Script::HangUpAfterRequest]).await;
     let svc = AppClient::new(fake.locator.to_string()).service("app");
     let err = within("call", svc.call("e", ["x"])).await.unwrap_err();
-    assert_eq!(err, ClientError::Disconnected { request_sent: true });
+    assert_eq!(err, AppClientError::Disconnected { request_sent: true });
     assert!(!err.is_retryable());
     assert_eq!(fake.accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the request was sent once");
 }

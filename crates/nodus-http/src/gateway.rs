@@ -41,7 +41,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use nodus_engine::balance::Rejection;
-use nodus_engine::client::{AppClient, ClientError, ClientOptions, ServiceHandle, StreamReceiver, StreamSender};
+use nodus_engine::client::{AppClient, AppClientConfig, AppClientError, ServiceHandle, StreamReceiver, StreamSender};
 use nodus_engine::service::errors;
 use nodus_engine::{AppCaller, Engine, Session, SessionError};
 use serde::Serialize;
@@ -224,20 +224,20 @@ impl GatewayError {
     }
 
     /// Maps the client SDK's error for `target` to an HTTP failure.
-    fn from_client(e: &ClientError, target: &Target, head_timeout: Duration) -> GatewayError {
+    fn from_client(e: &AppClientError, target: &Target, head_timeout: Duration) -> GatewayError {
         let app = target.app.clone();
         match e.root() {
-            ClientError::NotFound { message, .. } => GatewayError::UnknownApp { app, message: message.clone() },
-            ClientError::QueueFull { message } => GatewayError::QueueFull { app, message: message.clone() },
-            ClientError::Unavailable { category: errors::APP, code: errors::UNKNOWN_APP, message } => {
+            AppClientError::NotFound { message, .. } => GatewayError::UnknownApp { app, message: message.clone() },
+            AppClientError::QueueFull { message } => GatewayError::QueueFull { app, message: message.clone() },
+            AppClientError::Unavailable { category: errors::APP, code: errors::UNKNOWN_APP, message } => {
                 GatewayError::UnknownApp { app, message: message.clone() }
             }
-            ClientError::Unavailable { message, .. } => GatewayError::Unavailable { app, message: message.clone() },
-            ClientError::Service { category, code, message } => {
+            AppClientError::Unavailable { message, .. } => GatewayError::Unavailable { app, message: message.clone() },
+            AppClientError::Service { category, code, message } => {
                 GatewayError::from_service(*category, *code, message.clone(), target)
             }
-            ClientError::Timeout { .. } => GatewayError::Timeout(head_timeout),
-            ClientError::Disconnected { .. } => {
+            AppClientError::Timeout { .. } => GatewayError::Timeout(head_timeout),
+            AppClientError::Disconnected { .. } => {
                 GatewayError::WorkerFailed("the connection to the app's service was lost".into())
             }
             other => GatewayError::Unreachable(other.to_string()),
@@ -346,13 +346,13 @@ impl Gateway {
         config: GatewayConfig,
         metrics: Arc<Metrics>,
     ) -> Gateway {
-        let options = ClientOptions {
+        let options = AppClientConfig {
             // A refused connection is retried within the head timeout, never longer.
-            retry_budget: config.head_timeout.min(ClientOptions::default().retry_budget),
-            ..ClientOptions::default()
+            retry_budget: config.head_timeout.min(AppClientConfig::default().retry_budget),
+            ..AppClientConfig::default()
         };
         Gateway {
-            client: AppClient::with_options(locator, options),
+            client: AppClient::with_config(locator, options),
             local,
             apps: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
@@ -484,7 +484,7 @@ impl Gateway {
                 Replies::Relayed(down_rx)
             }
             Call::Remote(stream) => {
-                let client_error = |e: ClientError| GatewayError::from_client(&e, target, head_timeout);
+                let client_error = |e: AppClientError| GatewayError::from_client(&e, target, head_timeout);
                 let (mut tx, rx) = stream.split();
                 tx.send(head_chunk).await.map_err(client_error)?;
                 if more {
@@ -816,7 +816,7 @@ async fn upload(
     mut body: BodyReader,
     metrics: &Metrics,
 ) -> Result<(), GatewayError> {
-    let lost = |e: ClientError| GatewayError::WorkerFailed(format!("while sending the body: {e}"));
+    let lost = |e: AppClientError| GatewayError::WorkerFailed(format!("while sending the body: {e}"));
     while !first.is_empty() {
         let piece = first.split_to(first.len().min(UPLOAD_CHUNK_BYTES));
         metrics.request_bytes(piece.len());
@@ -928,22 +928,25 @@ mod tests {
     #[test]
     fn errors_map_to_statuses_and_codes() {
         let t = Target { app: "a".into(), event: "e".into(), uri: "/".into() };
-        let map = |e: ClientError| GatewayError::from_client(&e, &t, Duration::from_secs(1));
-        let s = |e: ClientError| map(e).status().as_u16();
-        assert_eq!(s(ClientError::NotFound { name: "a".into(), message: String::new() }), 404);
-        assert_eq!(s(ClientError::Service { category: 42, code: 200, message: String::new() }), 404);
-        assert_eq!(s(ClientError::Service { category: 2, code: 404, message: String::new() }), 404);
-        assert_eq!(s(ClientError::QueueFull { message: String::new() }), 503);
-        assert_eq!(s(ClientError::from_service(12, errors::APP_STOPPED, String::new())), 503);
-        assert_eq!(s(ClientError::from_service(12, errors::UNKNOWN_APP, String::new())), 404);
-        assert_eq!(s(ClientError::Service { category: 12, code: errors::WORKER_FAILED, message: String::new() }), 502);
-        assert_eq!(s(ClientError::Service { category: 42, code: 100, message: String::new() }), 500);
-        assert_eq!(s(ClientError::Disconnected { request_sent: true }), 502);
-        assert_eq!(s(ClientError::Timeout { what: "x", after: Duration::from_secs(1) }), 504);
-        let exhausted = ClientError::RetriesExhausted {
+        let map = |e: AppClientError| GatewayError::from_client(&e, &t, Duration::from_secs(1));
+        let s = |e: AppClientError| map(e).status().as_u16();
+        assert_eq!(s(AppClientError::NotFound { name: "a".into(), message: String::new() }), 404);
+        assert_eq!(s(AppClientError::Service { category: 42, code: 200, message: String::new() }), 404);
+        assert_eq!(s(AppClientError::Service { category: 2, code: 404, message: String::new() }), 404);
+        assert_eq!(s(AppClientError::QueueFull { message: String::new() }), 503);
+        assert_eq!(s(AppClientError::from_service(12, errors::APP_STOPPED, String::new())), 503);
+        assert_eq!(s(AppClientError::from_service(12, errors::UNKNOWN_APP, String::new())), 404);
+        assert_eq!(
+            s(AppClientError::Service { category: 12, code: errors::WORKER_FAILED, message: String::new() }),
+            502
+        );
+        assert_eq!(s(AppClientError::Service { category: 42, code: 100, message: String::new() }), 500);
+        assert_eq!(s(AppClientError::Disconnected { request_sent: true }), 502);
+        assert_eq!(s(AppClientError::Timeout { what: "x", after: Duration::from_secs(1) }), 504);
+        let exhausted = AppClientError::RetriesExhausted {
             attempts: 3,
             elapsed: Duration::from_secs(1),
-            last: Box::new(ClientError::QueueFull { message: String::new() }),
+            last: Box::new(AppClientError::QueueFull { message: String::new() }),
         };
         assert_eq!(map(exhausted).code(), "queue_full");
         let busy = GatewayError::QueueFull { app: "a".into(), message: "m".into() }.to_response(7);

@@ -1,5 +1,6 @@
 //! Typed rows of the node's list replies, with `Display`/`FromStr` for exactly the text the node
-//! puts in a parameter today, so the node, the client SDK and the CLI share one definition:
+//! puts in a parameter, so the node (which writes them with `Display`), the client SDK and the
+//! CLI share one definition:
 //!
 //! | row | where | text |
 //! |---|---|---|
@@ -357,7 +358,7 @@ mod tests {
 
     #[test]
     fn app_rows_round_trip_the_apps_service_format() {
-        // As apps.rs writes it: format!("{name}@{version}@{status}@{workers}").
+        // The text the apps service's LIST answers with.
         let text = "echo@v2@running@3,hello@v1@stopped@0,bad@@failed@0";
         let rows: Vec<AppRow> = parse_list(text).unwrap();
         assert_eq!(
@@ -375,7 +376,7 @@ mod tests {
 
     #[test]
     fn worker_rows_round_trip_the_app_info_format() {
-        // format!("{}@{}@{:?}@{}", w.uuid, w.pid, w.state, w.load)
+        // The text of APP_INFO workers=.
         let text = "3f2a-11@4242@Active@2,3f2a-12@4243@Terminating@0";
         let rows: Vec<WorkerRow> = parse_list(text).unwrap();
         assert_eq!(rows[0], WorkerRow { uuid: "3f2a-11".into(), pid: 4242, state: "Active".into(), load: 2 });
@@ -385,7 +386,7 @@ mod tests {
 
     #[test]
     fn node_and_link_rows_round_trip_cluster_info() {
-        // format!("{n}@{a}@{up|down}") and format!("{peer}@{rtt}@{off}@{:.2}", phi), `-` unmeasured.
+        // CLUSTER_INFO nodes= and links= (phi with two decimals, `-` unmeasured).
         let nodes: Vec<NodeRow> = parse_list("a@127.0.0.1:4042@up,b@10.0.0.2:4042@down").unwrap();
         assert_eq!(nodes[1], NodeRow { server: "b".into(), addr: "10.0.0.2:4042".into(), live: false });
         assert_eq!(join_list(&nodes), "a@127.0.0.1:4042@up,b@10.0.0.2:4042@down");

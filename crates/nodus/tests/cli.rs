@@ -895,3 +895,55 @@ fn credentials_are_found_the_way_the_readme_says() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the token file"), "{out:?}");
 }
+
+/// Against a real node over TCP: the CLI in the node's working directory finds its token and may
+/// do anything; elsewhere it is anonymous, and `forbidden` comes with how to authenticate, which
+/// then works.
+#[test]
+fn over_tcp_the_cli_finds_the_token_of_the_node_in_its_directory_and_says_how_to_give_it_elsewhere() {
+    let here = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut daemon = Running(
+        Command::new(NODUS)
+            .args(["daemon", "--server-name", "tok", "--listen", &addr, "--cluster-listen", "", "--udp-listen", ""])
+            .args(["--locator-listen", "", "--http-listen", "", "--arpcp-listen", ""])
+            .current_dir(here.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let socket = here.path().join("nodus-data/nodus.sock");
+    let deadline = Instant::now() + WAIT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let run = |dir: &Path, args: &[&str]| {
+        let mut c = Command::new(NODUS);
+        for var in ["NODUS_NODE", "NODUS_TOKEN", "NODUS_TOKEN_FILE"] {
+            c.env_remove(var);
+        }
+        c.arg("--node").arg(&addr).args(args).current_dir(dir).output().unwrap()
+    };
+    // Elsewhere: anonymous. The node names its token file (absolute), the CLI how to give it.
+    let out = run(elsewhere.path(), &["stop"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let token = here.path().join("nodus-data/auth.token");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("code=forbidden") && err.contains(&token.display().to_string()), "{err}");
+    assert!(err.contains("--token-file") && err.contains("NODUS_TOKEN"), "{err}");
+    // With the token given, an admin command is run (and answered in its own terms).
+    let out = run(elsewhere.path(), &["--token-file", token.to_str().unwrap(), "cluster", "forget", "nosuchnode"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no node named") && !err.contains("forbidden"), "{out:?}");
+    // In the node's working directory the CLI finds the token by itself.
+    let out = run(here.path(), &["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + WAIT;
+    while daemon.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the node did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

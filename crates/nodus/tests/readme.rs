@@ -140,11 +140,10 @@ impl Shell {
     }
 
     fn command(&self, script: &str) -> Command {
-        let mut c = self.ns.command("sh");
+        let mut c = self.ns.command_in("sh", &self.dir);
         let path = format!("{}:{}", bin_dir().display(), std::env::var("PATH").unwrap_or_default());
         c.arg("-ec")
             .arg(script)
-            .current_dir(&self.dir)
             .env("PATH", path)
             .env("HOME", &self.home)
             .env_remove("NODUS_NODE")
@@ -157,8 +156,9 @@ impl Shell {
         c
     }
 
-    /// Runs a block to its end; returns its stdout, failing the test on a non-zero exit.
-    fn run(&self, block: &str) -> String {
+    /// Runs a block to its end (at most [`BLOCK_TIMEOUT`]); returns how it ended (`None`: it
+    /// did not), its stdout and its stderr. Whatever it left behind (a `&` daemon) goes with it.
+    fn run_block(&self, block: &str) -> (Option<std::process::ExitStatus>, String, String) {
         let mut child = self.command(&script(block)).spawn().unwrap();
         let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
         let (out, err) = (lines_of(out), lines_of(err));
@@ -172,19 +172,29 @@ impl Shell {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        // Whatever the block left behind (a `&` daemon on failure) goes with it.
         kill_group(child.id());
         let _ = child.wait();
         let stdout: Vec<String> = out.try_iter().collect();
         let stderr: Vec<String> = err.try_iter().collect();
-        match status {
-            Some(s) if s.success() => stdout.join("\n"),
-            other => panic!(
-                "block failed ({other:?}):\n{block}\n--- stdout:\n{}\n--- stderr:\n{}",
-                stdout.join("\n"),
-                stderr.join("\n")
-            ),
+        (status, stdout.join("\n"), stderr.join("\n"))
+    }
+
+    /// Runs a block to its end; returns its stdout, failing the test on a non-zero exit.
+    fn run(&self, block: &str) -> String {
+        match self.run_block(block) {
+            (Some(s), stdout, _) if s.success() => stdout,
+            (other, stdout, stderr) => {
+                panic!("block failed ({other:?}):\n{block}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}")
+            }
         }
+    }
+
+    /// Runs a block that must fail (exit non-zero); returns its stdout and stderr.
+    fn run_failing(&self, block: &str) -> String {
+        let (status, stdout, stderr) = self.run_block(block);
+        let text = format!("{stdout}\n{stderr}");
+        assert!(status.is_some_and(|s| !s.success()), "the block should have failed ({status:?}):\n{block}\n{text}");
+        text
     }
 
     /// Starts a long-running block; returns once it printed (on stdout or stderr) a ready line.
@@ -251,9 +261,17 @@ fn the_using_it_blocks_run_as_written() {
     assert!(status.success(), "the node stopped cleanly: {status:?}");
 }
 
-#[test]
-fn the_echo_app_steps_run_as_written() {
-    let Some(ns) = namespace("the_echo_app_steps_run_as_written") else { return };
+/// The echo-app README's blocks: the steps, then the steps as root in a closed checkout.
+fn echo_app_blocks() -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("examples/echo-app/README.md")).unwrap();
+    let blocks = sh_blocks(&text, "# echo-app");
+    assert_eq!(blocks.len(), 2, "the steps, and the steps as root in a checkout others cannot enter");
+    blocks
+}
+
+/// What the steps need in the shell's directory, as in the repository's root: the example app,
+/// and `target/release` holding the built binaries (`nodus-echo-worker` built if missing).
+fn checkout(shell: &Shell) {
     let worker = bin_dir().join("nodus-echo-worker");
     if !worker.exists() {
         // Built by `cargo test --workspace` (nodus-engine's binaries); build it for a lone run.
@@ -264,12 +282,6 @@ fn the_echo_app_steps_run_as_written() {
             .unwrap();
         assert!(status.success() && worker.exists(), "cannot build nodus-echo-worker");
     }
-    let text = std::fs::read_to_string(repo().join("examples/echo-app/README.md")).unwrap();
-    let blocks = sh_blocks(&text, "# echo-app");
-    assert_eq!(blocks.len(), 1, "one block of steps");
-    let shell = Shell::new(ns);
-    // The steps run from the repository's root: the example app, and target/release holding the
-    // built binaries.
     let app = shell.dir.join("examples/echo-app");
     std::fs::create_dir_all(&app).unwrap();
     for f in ["manifest.json", "profile.toml"] {
@@ -277,9 +289,54 @@ fn the_echo_app_steps_run_as_written() {
     }
     std::fs::create_dir_all(shell.dir.join("target")).unwrap();
     std::os::unix::fs::symlink(bin_dir(), shell.dir.join("target/release")).unwrap();
+}
+
+#[test]
+fn the_echo_app_steps_run_as_written() {
+    let Some(ns) = namespace("the_echo_app_steps_run_as_written") else { return };
+    let blocks = echo_app_blocks();
+    let shell = Shell::new(ns);
+    checkout(&shell);
     let out = shell.run(&blocks[0]);
     assert!(out.lines().any(|l| l == "hi"), "{out}");
     assert!(out.lines().any(|l| l == "012"), "{out}");
     assert!(out.contains("status     running") && out.contains("workers    2"), "{out}");
     assert!(out.lines().any(|l| l.starts_with("WORKER")), "{out}");
+}
+
+/// As root in a checkout `nobody` cannot enter (a clone under `/root`): the steps warn at the
+/// deploy and fail at the first call, as the README says; then, in the same shell, its steps for
+/// that case work as written (their `/var/lib` is a private tmpfs here).
+#[test]
+fn as_root_in_a_closed_checkout_the_deploy_warns_and_the_readmes_steps_for_it_work() {
+    let test = "as_root_in_a_closed_checkout_the_deploy_warns_and_the_readmes_steps_for_it_work";
+    if !nodus_engine::identity::is_root() {
+        eprintln!("SKIPPED {test}: the node runs workers as another user only when it runs as root");
+        return;
+    }
+    let blocks = echo_app_blocks();
+    let ns = match NetNs::with_tmpfs(&["/var/lib"]) {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: its steps use the default ports and write /var/lib/nodus, here in private namespaces: {why}");
+            return;
+        }
+    };
+    let shell = Shell::new(ns);
+    checkout(&shell);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shell.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let out = shell.run_failing(&blocks[0]);
+    let dir = shell.dir.display().to_string();
+    assert!(
+        out.contains("workers run as user nobody") && out.contains(&format!("cannot enter {dir} (mode 0700)")),
+        "the deploy warns: {out}"
+    );
+    assert!(out.contains("ERROR code=rejected"), "the first call fails: {out}");
+    // The node of the failed steps went with them; the steps for this case follow.
+    let out = shell.run(&blocks[1]);
+    assert!(!out.contains("warning"), "{out}");
+    assert!(out.lines().any(|l| l == "hi"), "{out}");
 }

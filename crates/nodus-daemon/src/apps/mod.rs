@@ -20,6 +20,7 @@ use crate::server::{Outbound, Shared};
 use anyhow::{bail, Context};
 use bridge::Bridges;
 use nodus_engine::{AppSpec, Engine, EngineConfig, EngineError, RunAs};
+use nodus_wire::rows::{self, AppRow, CrashRecord, WorkerRow};
 use nodus_wire::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -442,11 +443,11 @@ impl Ctx {
                 for (name, version) in apps {
                     let (status, workers) = match self.engine.info(&name).await {
                         Ok(i) => (status_word(&i.status), i.workers.len()),
-                        Err(_) => ("stopped".to_string(), 0),
+                        Err(_) => (rows::AppStatus::Stopped, 0),
                     };
-                    rows.push(format!("{name}@{version}@{status}@{workers}"));
+                    rows.push(AppRow { name, version, status, workers });
                 }
-                req.reply("APPS").param("list", rows.join(","))
+                req.reply("APPS").param("list", rows::join_list(&rows))
             }
             Command::Info { name } => {
                 let (spec, version) = self.load(&name).await?;
@@ -461,19 +462,24 @@ impl Ctx {
                         if let nodus_engine::balance::AppStatus::Failed { reason } = &i.status {
                             reply = reply.param("reason", reason);
                         }
-                        let workers: Vec<String> = i
+                        let workers: Vec<WorkerRow> = i
                             .workers
                             .iter()
-                            .map(|w| format!("{}@{}@{}@{}", w.uuid, w.pid, w.state.name(), w.load))
+                            .map(|w| WorkerRow {
+                                uuid: w.uuid.clone(),
+                                pid: w.pid,
+                                state: w.state.name().to_string(),
+                                load: w.load,
+                            })
                             .collect();
                         reply = reply
                             .param("status", status_word(&i.status))
                             .param("queued", i.queued)
                             .param("population", i.population)
                             .param("sessions", i.sessions)
-                            .param("workers", workers.join(","));
+                            .param("workers", rows::join_list(&workers));
                     }
-                    Err(_) => reply = reply.param("status", "stopped"),
+                    Err(_) => reply = reply.param("status", rows::AppStatus::Stopped),
                 }
                 reply
             }
@@ -481,19 +487,19 @@ impl Ctx {
                 // An unknown app is refused as INFO refuses it.
                 self.load(&name).await?;
                 let records = self.engine.crashlog(&name).unwrap_or_default();
-                let mut text = String::new();
-                for r in &records {
-                    let status = r.status.as_ref().map_or("never started".to_string(), |s| s.to_string());
-                    let at = r.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                    text.push_str(&format!("worker {} at {at}: {status}", r.uuid));
-                    if let Some(f) = &r.failure {
-                        text.push_str(&format!(" ({f})"));
-                    }
-                    text.push('\n');
-                    for line in &r.stderr {
-                        text.push_str(&format!("    {line}\n"));
-                    }
-                }
+                let text: String = records
+                    .iter()
+                    .map(|r| {
+                        CrashRecord {
+                            uuid: r.uuid.clone(),
+                            at: r.at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                            status: r.status.as_ref().map_or("never started".to_string(), |s| s.to_string()),
+                            failure: r.failure.clone(),
+                            stderr: r.stderr.clone(),
+                        }
+                        .to_string()
+                    })
+                    .collect();
                 req.reply("CRASHLOG")
                     .param("name", name)
                     .param("entries", records.len())
@@ -629,11 +635,12 @@ impl Ctx {
     }
 }
 
-fn status_word(s: &nodus_engine::balance::AppStatus) -> String {
+/// An engine app status as the `apps` service words it (`rows::AppStatus`).
+fn status_word(s: &nodus_engine::balance::AppStatus) -> rows::AppStatus {
     match s {
-        nodus_engine::balance::AppStatus::Running => "running".into(),
-        nodus_engine::balance::AppStatus::Failed { .. } => "failed".into(),
-        _ => "stopped".into(),
+        nodus_engine::balance::AppStatus::Running => rows::AppStatus::Running,
+        nodus_engine::balance::AppStatus::Failed { .. } => rows::AppStatus::Failed,
+        _ => rows::AppStatus::Stopped,
     }
 }
 

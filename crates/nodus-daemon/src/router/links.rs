@@ -15,6 +15,7 @@ use crate::auth::Origin;
 use crate::detector::PhiDetector;
 use crate::topology::{KnownNode, NodeRecord};
 use nodus_wire::node::{ForgetTarget, LinkMsg, LinkMsgError, Permission, Permissions};
+use nodus_wire::rows::{self, LinkRow, NodeRow};
 use nodus_wire::Message;
 use ring::hmac;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -359,7 +360,9 @@ impl Router {
                 _ => tracing::warn!(conn, "ignoring SHUTDOWN from a node not in admin_nodes (or not authenticated)"),
             },
             LinkMsg::Forget { server } => match self.admin_peer(conn) {
-                Some(true) => self.forget(&server, Some(conn), out),
+                Some(true) => {
+                    self.forget(&server, Some(conn), out);
+                }
                 _ => {
                     tracing::warn!(conn, %server, "ignoring FORGET from a node not in admin_nodes (or not authenticated)")
                 }
@@ -419,41 +422,56 @@ impl Router {
         out.push(Action::Deliver(conn, m));
     }
 
+    /// `FORGET` from a client: the named node is removed here and everywhere; a node this one
+    /// does not know (or this node itself) is refused, so an operator's typo is never reported
+    /// as done.
     pub(super) fn forget_request(&mut self, conn: ConnId, msg: &Message, target: ForgetTarget, out: &mut Vec<Action>) {
         let name = match target {
-            ForgetTarget::Server(name) => Some(name),
-            ForgetTarget::Ip(ip) => self
-                .topology
-                .known()
-                .iter()
-                .find(|(_, a)| a.as_str() == ip || a.starts_with(&format!("{ip}:")))
-                .map(|(n, _)| n.clone()),
-        };
-        match name {
-            Some(name) if name != self.server => {
-                self.forget(&name, None, out);
-                out.push(Action::Deliver(conn, self.answer(msg, "FORGOTTEN").param("server", name)));
+            ForgetTarget::Server(name) => name,
+            ForgetTarget::Ip(ip) => {
+                let known =
+                    self.topology.known().iter().find(|(_, a)| a.as_str() == ip || a.starts_with(&format!("{ip}:")));
+                match known {
+                    Some((name, _)) => name.clone(),
+                    None => {
+                        let text = format!("no node known to this node was at {ip}; `nodus cluster status` lists them");
+                        let e = self.error(msg, "unknown_node", &text).param("ip", ip);
+                        return self.refuse(conn, msg, e, out);
+                    }
+                }
             }
-            _ => self.invalid_request(conn, msg, "FORGET needs server=NAME or ip=ADDR of a known node", out),
+        };
+        if name == self.server {
+            return self.invalid_request(conn, msg, "a node cannot forget itself: FORGET it from another node", out);
+        }
+        if self.forget(&name, None, out) {
+            out.push(Action::Deliver(conn, self.answer(msg, "FORGOTTEN").param("server", name)));
+        } else {
+            let text = format!("no node named {name} is known to this node; `nodus cluster status` lists them");
+            let e = self.error(msg, "unknown_node", &text).param("server", name);
+            self.refuse(conn, msg, e, out);
         }
     }
 
     pub(super) fn cluster_info(&self, req: &Message, now: i64) -> Message {
         let h = self.topology.health();
-        let nodes: Vec<String> = self
+        let nodes: Vec<NodeRow> = self
             .topology
             .known()
             .iter()
-            .map(|(n, a)| format!("{n}@{a}@{}", if self.topology.is_live(n) { "up" } else { "down" }))
+            .map(|(n, a)| NodeRow { server: n.clone(), addr: a.clone(), live: self.topology.is_live(n) })
             .collect();
-        let links: Vec<String> = self
+        let links: Vec<LinkRow> = self
             .links
             .iter()
             .filter_map(|(peer, id)| {
                 let Role::Link(l) = &self.conns.get(id)?.role else { return None };
-                let rtt = l.samples.back().map_or("-".into(), |s| s.0.to_string());
-                let off = Self::link_offset(l).map_or("-".into(), |v| v.to_string());
-                Some(format!("{peer}@{rtt}@{off}@{:.2}", l.detector.phi(now)))
+                Some(LinkRow {
+                    peer: peer.clone(),
+                    rtt_ms: l.samples.back().map(|s| s.0),
+                    offset_ms: Self::link_offset(l),
+                    phi: l.detector.phi(now),
+                })
             })
             .collect();
         self.answer(req, "CLUSTER_INFO")
@@ -465,8 +483,8 @@ impl Router {
             .param("complete", h.complete())
             .param("clock_stable", self.clock_stable())
             .param("ntp", self.ntp_word())
-            .param("nodes", nodes.join(","))
-            .param("links", links.join(","))
+            .param("nodes", rows::join_list(&nodes))
+            .param("links", rows::join_list(&links))
     }
 
     /// Sends `msg` towards node `dest` over the next hop, stamped with what its sender may do.
@@ -570,9 +588,10 @@ impl Router {
         out.push(Action::SaveNodes(nodes));
     }
 
-    fn forget(&mut self, name: &str, except: Option<ConnId>, out: &mut Vec<Action>) {
+    /// Forgets `name` here and tells every link but `except`; returns whether it was known.
+    fn forget(&mut self, name: &str, except: Option<ConnId>, out: &mut Vec<Action>) -> bool {
         if !self.topology.forget(name) {
-            return;
+            return false;
         }
         self.neighbors.remove(name);
         let mut m = LinkMsg::Forget { server: name.to_string() }.to_message();
@@ -587,6 +606,7 @@ impl Router {
         }
         self.save_nodes(out);
         self.health_changed(out);
+        true
     }
 
     pub(super) fn shutdown_cluster(&mut self, except: Option<ConnId>, out: &mut Vec<Action>) {

@@ -23,6 +23,7 @@ mod sniff;
 mod status;
 mod task;
 
+use crate::output;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use nodus_client::{AdminError, Client, ClientConfig, ClientError, Endpoint, Incoming};
@@ -214,6 +215,9 @@ pub struct Ctx {
     pub json: bool,
     /// `--instance`, when given.
     pub instance: Option<u16>,
+    /// Why the node's token file in the working directory was not used, when it is there but
+    /// could not be read (another user's file).
+    token_unreadable: Option<String>,
 }
 
 impl Ctx {
@@ -256,17 +260,40 @@ impl Ctx {
             }
         };
         let tcp = matches!(node.parse::<Endpoint>(), Ok(Endpoint::Tcp(_)));
+        let mut token_unreadable = None;
         let token = if let Some(t) = env_token.filter(|t| !t.trim().is_empty()) {
             Some(t.trim().to_string())
         } else if let Some(file) = &conn.token_file {
             Some(read_token(file)?)
         } else if tcp {
             // The daemon's own token, when this user can read it (the zero-configuration case).
-            read_token(&data_dir.join("auth.token")).ok()
+            let file = data_dir.join("auth.token");
+            match std::fs::read_to_string(&file) {
+                Ok(text) => Some(text.trim().to_string()),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        token_unreadable =
+                            Some(format!("{} is there, but this user cannot read it ({e})", file.display()));
+                    }
+                    None
+                }
+            }
         } else {
             None
         };
-        Ok(Ctx { node, token, json: conn.json, instance: conn.instance })
+        Ok(Ctx { node, token, json: conn.json, instance: conn.instance, token_unreadable })
+    }
+
+    /// What to do when the node answered `forbidden`: how this CLI finds and presents the token.
+    pub fn forbidden_hint(&self) -> String {
+        let how = "run nodus as the node's user in the node's working directory (over TCP it reads \
+                   ./nodus-data/auth.token), or give the token with --token-file FILE, $NODUS_TOKEN_FILE or \
+                   $NODUS_TOKEN";
+        match (&self.token, &self.token_unreadable) {
+            (Some(_), _) => format!("the token presented does not allow it; {how}"),
+            (None, Some(why)) => format!("no token was presented: {why}; {how}"),
+            (None, None) => format!("no token was presented; {how}"),
+        }
     }
 
     /// Client settings for a one-off command: no reconnecting, the token when there is one.
@@ -334,11 +361,34 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// Runs the command; returns the process exit status.
+/// True when `e` is the node's `ERROR code=forbidden`.
+fn forbidden(e: &anyhow::Error) -> bool {
+    let client = e.downcast_ref::<ClientError>().or_else(|| match e.downcast_ref::<AdminError>() {
+        Some(AdminError::Client(c)) => Some(c),
+        _ => None,
+    });
+    client.and_then(ClientError::refusal).is_some_and(|r| r.is_forbidden())
+}
+
+/// Runs the command; returns the process exit status. A `forbidden` answer is followed by a note
+/// on how to authenticate.
 ///
 /// Fails when the node cannot be reached, refuses, or the arguments are invalid.
 pub async fn run(args: Args) -> anyhow::Result<u8> {
     let conn = args.conn();
+    let result = dispatch(args, &conn).await;
+    if let Err(e) = &result {
+        if forbidden(e) && !conn.json {
+            if let Ok(ctx) = Ctx::new(&conn) {
+                output::note(&ctx.forbidden_hint());
+            }
+        }
+    }
+    result
+}
+
+async fn dispatch(args: Args, conn: &ConnArgs) -> anyhow::Result<u8> {
+    let conn = conn.clone();
     match args.command {
         Command::Daemon(a) => daemon::run(a).await,
         Command::Config(a) => config::run(conn.json, a),

@@ -17,6 +17,7 @@ use super::{Ctx, Failure};
 use crate::output;
 use anyhow::{bail, Context};
 use nodus_client::{Client, Incoming, Refusal, RefusalKind};
+use nodus_wire::node::NodeRequest;
 use nodus_wire::{text, Message};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -112,7 +113,8 @@ async fn barrier(
 ) -> anyhow::Result<BTreeMap<String, NodeVerdict>> {
     let mut pings = tokio::task::JoinSet::new();
     for node in targets {
-        let ping = if node == own { Message::new("PING") } else { Message::new("PING").to(&format!("{node}:node")) };
+        let ping = NodeRequest::Ping.to_message();
+        let ping = if node == own { ping } else { ping.to(&format!("{node}:node")) };
         let (client, node) = (client.clone(), node.clone());
         pings.spawn(async move { (node, client.request_with_timeout(ping, timeout).await) });
     }

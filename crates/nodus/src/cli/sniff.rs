@@ -2,7 +2,7 @@
 
 use super::Ctx;
 use crate::output;
-use nodus_wire::Message;
+use nodus_wire::node::NodeRequest;
 use std::time::Duration;
 
 /// How many sniffed messages may wait for the terminal before further ones are dropped (and
@@ -28,17 +28,15 @@ pub struct Args {
 /// Fails when the node cannot be reached or refuses to sniff.
 pub async fn run(ctx: &Ctx, a: Args) -> anyhow::Result<u8> {
     let (client, mut incoming) = ctx.connect(ctx.config().incoming_capacity(SNIFF_BUFFER)).await?;
-    let mut req = Message::new("SNIFF");
     let mut what = Vec::new();
-    if let Some(s) = a.service {
+    if let Some(s) = &a.service {
         what.push(format!("service {s}"));
-        req.params.insert("service".into(), s);
     }
-    if let Some(c) = a.command {
+    if let Some(c) = &a.command {
         what.push(format!("command {c}"));
-        req.params.insert("command".into(), c);
     }
-    client.request_with_timeout(req, Duration::from_secs(5)).await?;
+    let req = NodeRequest::Sniff { service: a.service, command: a.command };
+    client.request_with_timeout(req.to_message(), Duration::from_secs(5)).await?;
     let what = if what.is_empty() { "every message".to_string() } else { what.join(", ") };
     output::note(&format!("sniffing {what} on node {} (Ctrl-C to stop)", client.server()));
     let mut seen = 0;

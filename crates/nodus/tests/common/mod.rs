@@ -276,14 +276,33 @@ pub async fn ask(client: &Client, msg: Message) -> Message {
 /// without clashing with anything else on the machine. Creating one needs root.
 pub struct NetNs {
     holder: Child,
+    /// The holder also has a private mount namespace (see [`NetNs::with_tmpfs`]).
+    mounts: bool,
 }
 
 impl NetNs {
     /// A new namespace, or why one cannot be made here.
     pub fn new() -> Result<NetNs, String> {
+        Self::spawn(&[])
+    }
+
+    /// A new network namespace with its own mount namespace, in which each of `dirs` (existing
+    /// directories such as `/var/lib`) is an empty tmpfs: programs run inside may write paths a
+    /// README names (`/var/lib/nodus`) without touching the machine. Or why it cannot be made.
+    pub fn with_tmpfs(dirs: &[&str]) -> Result<NetNs, String> {
+        Self::spawn(dirs)
+    }
+
+    fn spawn(dirs: &[&str]) -> Result<NetNs, String> {
         use std::io::BufRead;
-        let mut holder = Command::new("unshare")
-            .args(["--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep 100000"])
+        let mounts: String = dirs.iter().map(|d| format!(" && mount -t tmpfs tmpfs {d}")).collect();
+        let mut unshare = Command::new("unshare");
+        unshare.arg("--net");
+        if !dirs.is_empty() {
+            unshare.args(["--mount", "--propagation", "private"]);
+        }
+        let mut holder = unshare
+            .args(["sh", "-c", &format!("ip link set lo up{mounts} && echo ready && exec sleep 100000")])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -293,17 +312,35 @@ impl NetNs {
         // `ready` once loopback is up; end of file when unshare or ip failed.
         let _ = std::io::BufReader::new(out).read_line(&mut line);
         if line.trim() == "ready" {
-            return Ok(NetNs { holder });
+            return Ok(NetNs { holder, mounts: !dirs.is_empty() });
         }
         let _ = holder.kill();
         let out = holder.wait_with_output().map_err(|e| e.to_string())?;
         Err(format!("cannot create a network namespace: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
 
+    /// `nsenter` into the namespace (network, and mounts when it has its own).
+    fn enter(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/proc/{}/ns/net", self.holder.id()));
+        if self.mounts {
+            c.arg(format!("--mount=/proc/{}/ns/mnt", self.holder.id()));
+        }
+        c
+    }
+
     /// `program` to be run inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/proc/{}/ns/net", self.holder.id())).arg("--").arg(program);
+        let mut c = self.enter();
+        c.arg("--").arg(program);
+        c
+    }
+
+    /// `program` to be run inside the namespace in `dir` (entering a mount namespace would
+    /// otherwise start it in `/`).
+    pub fn command_in(&self, program: impl AsRef<std::ffi::OsStr>, dir: &std::path::Path) -> Command {
+        let mut c = self.enter();
+        c.arg(format!("--wd={}", dir.display())).arg("--").arg(program).current_dir(dir);
         c
     }
 }

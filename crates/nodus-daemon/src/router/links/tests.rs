@@ -356,6 +356,31 @@ fn line_with(c: RouterConfig) -> Router {
 }
 
 #[test]
+fn cluster_wide_commands_from_an_authenticated_node_not_in_admin_nodes_are_ignored() {
+    let with_admins = |admins: &[&str]| {
+        let mut c = setup("b", "s");
+        c.links.admin_nodes = admins.iter().map(|n| n.to_string()).collect();
+        line_with(c)
+    };
+    let mut out = Vec::new();
+    // `a` proved the secret, but the config allows only `c`: its FORGET and SHUTDOWN change nothing.
+    let mut b = with_admins(&["c"]);
+    b.handle(20, LinkMsg::Forget { server: "a".into() }.to_message(), 0, &mut out);
+    b.handle(20, LinkMsg::Shutdown.to_message(), 0, &mut out);
+    assert!(b.topology.known().contains_key("a"), "FORGET from a node not in admin_nodes was obeyed");
+    assert!(!out.contains(&Action::Shutdown), "SHUTDOWN from a node not in admin_nodes was obeyed");
+    assert!(sent(&mut out, 20).iter().all(|m| m.command != "FORGET" && m.command != "SHUTDOWN"));
+    // The same commands from the same link once the config names `a`: obeyed.
+    let mut b = with_admins(&["a"]);
+    out.clear();
+    b.handle(20, LinkMsg::Forget { server: "a".into() }.to_message(), 0, &mut out);
+    assert!(!b.topology.known().contains_key("a"));
+    let mut b = with_admins(&["a"]);
+    b.handle(20, LinkMsg::Shutdown.to_message(), 0, &mut out);
+    assert!(out.contains(&Action::Shutdown));
+}
+
+#[test]
 fn requests_forwarded_by_this_node_carry_the_senders_permissions() {
     let mut b = line();
     let mut out = Vec::new();
@@ -431,6 +456,36 @@ fn cluster_wide_commands_from_an_authenticated_admin_node_are_obeyed_and_passed_
     assert!(!b.topology.known().contains_key("c"));
     b.handle(20, LinkMsg::Shutdown.to_message(), 0, &mut out);
     assert!(out.contains(&Action::Shutdown));
+}
+
+#[test]
+fn forget_from_a_client_is_refused_for_a_node_nobody_knows_and_passed_on_for_a_known_one() {
+    let mut b = line();
+    b.connect(5, Origin::Internal);
+    let mut out = Vec::new();
+    let forget = |key: &str, value: &str, id: u64| Message::new("FORGET").param(key, value).with_id(id);
+    b.handle(5, forget("server", "nosuchnode", 1), 0, &mut out);
+    let got = sent(&mut out, 5);
+    assert_eq!((got[0].command.as_str(), got[0].get("code")), ("ERROR", Some("unknown_node")), "{got:?}");
+    assert_eq!((got[0].get("server"), got[0].envelope.reply_to), (Some("nosuchnode"), 1));
+    assert!(got[0].get("message").unwrap().contains("nosuchnode"), "{got:?}");
+    b.handle(5, forget("ip", "10.255.0.1", 2), 0, &mut out);
+    assert_eq!(sent(&mut out, 5)[0].get("code"), Some("unknown_node"));
+    b.handle(5, forget("server", "b", 3), 0, &mut out);
+    assert_eq!(sent(&mut out, 5)[0].command, "INVALID", "a node does not forget itself");
+    assert!(sent(&mut out, 20).is_empty() && sent(&mut out, 30).is_empty(), "nothing passed on: {out:?}");
+    assert_eq!(b.topology.known().len(), 3);
+    // A known node is forgotten here and everywhere; a second FORGET finds it gone.
+    b.handle(5, forget("server", "c", 4), 0, &mut out);
+    let got = sent(&mut out, 5);
+    assert_eq!((got[0].command.as_str(), got[0].get("server")), ("FORGOTTEN", Some("c")));
+    assert!(sent(&mut out, 20).iter().any(|m| m.command == "FORGET" && m.get("server") == Some("c")));
+    assert!(!b.topology.known().contains_key("c"));
+    b.handle(5, forget("server", "c", 5), 0, &mut out);
+    assert_eq!(sent(&mut out, 5)[0].get("code"), Some("unknown_node"));
+    // Without `_id` the sender is told all the same (as a text-form script would be).
+    b.handle(5, Message::new("FORGET").param("server", "nosuchnode"), 0, &mut out);
+    assert_eq!(sent(&mut out, 5)[0].get("code"), Some("unknown_node"));
 }
 
 #[test]
