@@ -554,7 +554,7 @@ async fn in_doubt(tasks: &Tasks<TaskStore>, me: &str) -> Vec<InDoubt> {
 /// What a worker node declares: the host's cores and memory, its cluster address and that
 /// interface's MAC, the configured concurrency, and the procedures of its apps when it starts
 /// (informational: the manager places tasks by capacity; packages are not declared yet).
-fn specs(config: &crate::config::Config, tasks: &Tasks<SqliteStore>) -> Specs {
+fn specs(config: &crate::config::Config, tasks: &Tasks<TaskStore>) -> Specs {
     let t = &config.tasks;
     let ip: std::net::IpAddr = config
         .cluster
