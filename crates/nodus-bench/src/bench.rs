@@ -36,6 +36,10 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
             let load = crate::tasks::TasksLoad { tasks, submitters, light, worker };
             interruptible(crate::tasks::run(options.json, load)).await
         }
+        Command::Sim { nodes, seed, heartbeat_ms, dials, slowdown, loss, no_lane, limit_secs } => {
+            let load = crate::sim::SimLoad { nodes, seed, heartbeat_ms, dials, slowdown, loss, no_lane, limit_secs };
+            crate::sim::run(&load, options.json)
+        }
         // Normally handled in `main` before the runtime is built; harmless here too.
         Command::ConnectOnce { socket } => crate::apps::connect_once(&socket),
     }

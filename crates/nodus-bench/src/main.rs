@@ -20,6 +20,7 @@ mod cluster;
 mod latency;
 mod nodus_system;
 mod report;
+mod sim;
 mod tasks;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -113,6 +114,35 @@ enum Command {
         #[arg(long)]
         worker: Option<PathBuf>,
     },
+    /// Simulated cluster figures: the daemon's routers on a simulated network (virtual clock, in
+    /// this process): convergence from a start all together, idle bytes per link, kill -9 of the
+    /// busiest hub; messages and bytes per node, false deaths.
+    Sim {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        nodes: Vec<usize>,
+        /// Seeds the run (graph, latencies, jitter).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Links' heartbeat period, ms.
+        #[arg(long, default_value_t = 250)]
+        heartbeat_ms: u64,
+        /// Each node dials this many others.
+        #[arg(long, default_value_t = 2)]
+        dials: usize,
+        /// Multiplies every CPU cost (N processes sharing 2 cores: about N/2).
+        #[arg(long, default_value_t = 1.0)]
+        slowdown: f64,
+        /// Probability that a segment is lost once (retransmitted 200 ms later).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Heartbeats wait behind other work (no heartbeat lane).
+        #[arg(long)]
+        no_lane: bool,
+        /// Virtual time each phase may take, seconds.
+        #[arg(long, default_value_t = 120)]
+        limit_secs: u64,
+    },
     /// Child process: connects to a Unix socket, writes one byte and exits (cold-start baseline).
     #[command(hide = true)]
     ConnectOnce {
@@ -171,7 +201,10 @@ fn main() -> std::process::ExitCode {
     // cross-thread wake-ups. The forwarder (the baseline's stand-in for the daemon) and `apps`
     // (which hosts an engine in-process) run like the daemon, on every core.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if !matches!(args.command, Some(Command::RawForwarder { .. } | Command::Apps { .. } | Command::Tasks { .. })) {
+    if !matches!(
+        args.command,
+        Some(Command::RawForwarder { .. } | Command::Apps { .. } | Command::Tasks { .. } | Command::Sim { .. })
+    ) {
         builder.worker_threads(1);
     }
     let runtime = match builder.enable_all().build() {

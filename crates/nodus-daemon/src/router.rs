@@ -43,6 +43,7 @@
 //! - all tables are bounded by [`RouterLimits`], [`LinkPolicy`] and [`MAX_OWNED_NAMES`].
 
 mod links;
+pub mod sim;
 
 use crate::auth::{AccessPolicy, Origin, Principal};
 use crate::cache::{Cache, CacheLimits, Stored};
