@@ -17,13 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_TARGETS=(wire_text wire_binary cocaine_worker cocaine_service gossip control flags)
-# ARPCP LINE: when the tasks crate (nodus-tasks) lands on main, its line decoder gets a target
-# here: add `arpcp_line` to ALL_TARGETS, a [[bin]] and the dependency in fuzz/Cargo.toml, the
-# target in fuzz/fuzz_targets/arpcp_line.rs (`arpcp::decode_request` is total and, for a request,
-# `decode_request(encode_request(r)) == r`; `Answer::decode(Answer::encode(a)) == a`; both
-# bounded) and its seeds (the request and answer lines of crates/nodus-tasks/tests/arpcp.rs) in
-# fuzz/src/seeds.rs.
+ALL_TARGETS=(wire_text wire_binary cocaine_worker cocaine_service gossip control flags arpcp_line tasks_cluster rows)
 
 seconds=20
 merge=0

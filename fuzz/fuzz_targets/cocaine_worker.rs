@@ -7,7 +7,9 @@
 //! waiting for more consumes nothing and never holds more than its bound (a longer message is
 //! fatal); a message never consumes more than the bound; every message re-encodes to bytes that
 //! decode to it, within a bound of exactly their size; chunking does not change what is decoded;
-//! one decode never allocates beyond `allocation_bound(max)`.
+//! one decode never allocates beyond `allocation_bound(max)`; the scanning work stays linear: the
+//! decoder never examines more than `SCAN_FACTOR` bytes of MessagePack headers per byte fed,
+//! however small the reads (`Decoder::examined`).
 #![no_main]
 
 use bytes::BytesMut;
@@ -15,16 +17,30 @@ use libfuzzer_sys::fuzz_target;
 use nodus_engine::protocol::{Decoder, Message, ProtocolError, Role};
 use nodus_fuzz::{alloc::peak_during, allocation_bound};
 
+/// Most header bytes the decoder may examine per byte fed. A header is taken once its element
+/// is complete; until then each read looks at the one incomplete element's header again (at most
+/// 5 bytes: a marker and a 4-byte length), and every read brings at least one byte: at most
+/// 1 + 5 per byte. A decoder that rescanned its buffer on every read would pass this bound as
+/// soon as a message came in more than six pieces.
+const SCAN_FACTOR: u64 = 6;
+
 fn run(data: &[u8], chunk: usize, role: Role, max: usize) -> Vec<Result<Message, ProtocolError>> {
     let mut decoder = Decoder::new(role, max);
     let mut buf = BytesMut::new();
     let mut units = Vec::new();
+    let mut fed = 0u64;
     for piece in data.chunks(chunk) {
         buf.extend_from_slice(piece);
+        fed += piece.len() as u64;
         loop {
             let before = buf.len();
             let (result, peak) = peak_during(|| decoder.decode(&mut buf));
             assert!(peak <= allocation_bound(max), "one decode held {peak} bytes (message bound {max})");
+            assert!(
+                decoder.examined() <= SCAN_FACTOR * fed,
+                "the decoder examined {} header bytes for {fed} bytes fed in pieces of {chunk}",
+                decoder.examined()
+            );
             match result {
                 Ok(None) => {
                     assert_eq!(buf.len(), before, "waiting consumed bytes");

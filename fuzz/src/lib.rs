@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod alloc;
+pub mod cluster;
 pub mod seeds;
 pub mod wire;
 

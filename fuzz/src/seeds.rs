@@ -7,23 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::{Bytes, BytesMut};
 use nodus_control::flags::{file, Flag, FlagRequest, Raise};
 use nodus_control::{Body, ComponentId, ControlMessage, Header, MonitoringResult, Spec};
-use nodus_daemon::auth::Origin;
-use nodus_daemon::router::{Action, Router, RouterLimits};
 use nodus_daemon::topology::NodeRecord;
-use nodus_daemon::Config;
 use nodus_engine::protocol::Message as Cocaine;
 use nodus_wire::{binary, text, Message};
 use rmpv::Value;
 
-/// The node every gossip seed is addressed to, with its incarnation (the gossip target runs it).
-pub mod cluster {
-    /// The node under test.
-    pub const ME: &str = "a";
-    /// Its neighbour.
-    pub const PEER: &str = "b";
-    /// `a`'s incarnation (its start time, as the daemon sets it).
-    pub const INCARNATION: i64 = 1_700_000_000_000;
-}
+use crate::cluster;
 
 /// Lines as the tests and the README write them.
 const LINES: &[&str] = &[
@@ -77,6 +66,47 @@ const FLAG_LINES: &[&str] = &[
     "FLAG_IS_DOWN lowered=yes;name=failed;section=nightly;unit=backup",
     "FLAG_STATUS count=2;raised=yes",
     "ERROR code=manual_down;command=FLAG_DOWN;message=flag backup/nightly/failed is manual-down",
+];
+
+/// arpcp request lines as `tests/arpcp.rs` (nodus-tasks) and the reference client send them,
+/// and answer lines as the node writes them.
+const ARPCP_LINES: &[&str] = &[
+    r#"{"method": "atask", "version": "0.3", "remote_procedure": "procs.add", "remote_procedure_args": [1, 2]}"#,
+    r#"{"method": "TASK", "version": "1.0", "remote_procedure": "procs.concat", "remote_procedure_args": ["a", "b"]}"#,
+    r#"{"method": "Signal", "version": "ARPCP/1.0", "atask_id": "0f8a-1", "atask_status": "accepted"}"#,
+    r#"{"method": "ID", "version": "1.0"}"#,
+    r#"{"method": "procedures", "version": "1.0"}"#,
+    r#"{"method": "get", "version": "1.0", "atask_id": "0f8a-1"}"#,
+    r#"{"method":"SIGNAL","version":1.0,"atask_id":"a","atask_status":"Terminate"}"#,
+    r#"{"method": "atask", "version": "1.0", "remote_procedure": "procs.sleep", "remote_procedure_args": [60000]}"#,
+    r#"{"method": "task", "version": "0.3", "remote_procedure": "procs.concat", "remote_procedure_args": ["h\u00e9llo ", "w\u00f6rld"]}"#,
+    r#"{"method": "task", "version": "1.0", "remote_procedure": "procs.fail", "remote_procedure_args": ["disk on fire"]}"#,
+    r#"{"method": "atask", "version": "1.0", "remote_procedure": "procs.add", "remote_procedure_args": {"a": 1}}"#,
+    r#"{"method": "signal", "version": "1.0", "atask_id": "x", "atask_status": "explode"}"#,
+    r#"{"method": "get", "version": "1.0", "atask_id": 42}"#,
+    r#"{"method": "fly", "version": "1.0"}"#,
+    r#"{"method": "id"}"#,
+    r#"{"method": "atask", "version": "2.0", "remote_procedure": "procs.add", "remote_procedure_args": [1, 2]}"#,
+    r#"["atask", 1]"#,
+    "hello",
+    r#"{"code":100,"description":"done","data":{"a":[1,2.5,null,true],"b":"\n"}}"#,
+    r#"{"code":205,"description":"unknown task no-such-task","data":null}"#,
+    r#"{"code":400,"description":"boom\nbang","data":null}"#,
+];
+
+/// Reply rows as the node writes them (`rows.rs` tests), by row kind of the rows target.
+const ROWS: &[(u8, &str)] = &[
+    (0, "echo@v2@running@3,hello@v1@stopped@0,bad@@failed@0,x@v1@starting@0"),
+    (1, "3f2a-11@4242@Active@2,3f2a-12@4243@Terminating@0"),
+    (2, "a@127.0.0.1:4042@up,b@10.0.0.2:4042@down"),
+    (3, "b@1@-3@0.42,c@-@-@0.00,d@5@0@inf"),
+    (4, "a:apps,b:images,c:"),
+    (
+        5,
+        "worker u1 at 1700000000: exit code 3 (crashed: exit code 3)\n    boom\n    line two\n\
+         worker u2 at 1700000009: never started\n",
+    ),
+    (6, "worker 6f1c-3f0e at 1700000000: killed by signal 9 (crashed: killed by signal 9)\n    Traceback:\n"),
 ];
 
 fn with(first: u8, body: &[u8]) -> Vec<u8> {
@@ -219,34 +249,17 @@ fn cocaine_service() -> Vec<Vec<u8>> {
     seeds
 }
 
-/// The gossip two real routers exchange when `a` links to `b`, and after `b` learns of `c`.
+/// The gossip `b` sends `a` when they link (signed by their routers), then records as a peer may
+/// send them: a cluster a - b - c with app endpoints, a newer record claiming to be `a`, a record
+/// in the old format (no apps), without MACs (the target signs records that have none) and one
+/// with a MAC that is wrong.
 fn gossip() -> Vec<Vec<u8>> {
-    let config = Config::default();
-    let limits = RouterLimits::from_config(&config.limits);
-    let new =
-        |name: &str, inc: i64| Router::new(name, &[], limits, config.cluster.clone(), format!("{name}:4041"), inc);
-    let mut a = new(cluster::ME, cluster::INCARNATION);
-    let mut b = new(cluster::PEER, cluster::INCARNATION + 7);
-    let (mut to_b, mut to_a) = (Vec::new(), Vec::new());
-    a.dial(10, Origin::Dialed { addr: "b:4041".into(), tls: false }, &mut to_b);
-    b.connect(20, Origin::Cluster { peer: "127.0.0.2:5000".parse().expect("an address"), tls: false });
-    let mut payloads = Vec::new();
-    for _ in 0..4 {
-        for action in std::mem::take(&mut to_b) {
-            if let Action::Deliver(10, m) = action {
-                b.handle(20, m, cluster::INCARNATION, &mut to_a);
-            }
-        }
-        for action in std::mem::take(&mut to_a) {
-            if let Action::Deliver(20, m) = action {
-                if m.command == "GOSSIP" {
-                    payloads.push(m.payload.clone());
-                }
-                a.handle(10, m, cluster::INCARNATION, &mut to_b);
-            }
-        }
-    }
-    // A cluster a - b - c with app endpoints, and a record in the old format (no apps).
+    let (_, _, crossed) = cluster::linked(cluster::INCARNATION);
+    let mut payloads: Vec<Vec<u8>> = crossed
+        .iter()
+        .filter(|m| m.command == "GOSSIP" && m.from.server == cluster::PEER)
+        .map(|m| m.payload.to_vec())
+        .collect();
     let rec = |inc: i64, seq: u64, links: &[&str], services: &[&str]| NodeRecord {
         addr: "10.0.0.3:4041".into(),
         incarnation: inc,
@@ -254,13 +267,19 @@ fn gossip() -> Vec<Vec<u8>> {
         links: links.iter().map(|s| s.to_string()).collect(),
         services: services.iter().map(|s| s.to_string()).collect(),
         apps: BTreeMap::from([("echo".to_string(), ("10.0.0.3".to_string(), 4000))]),
+        mac: Vec::new(),
     };
     let records = BTreeMap::from([
-        (cluster::PEER.to_string(), rec(cluster::INCARNATION + 7, 3, &["a", "c"], &["billing"])),
+        (cluster::PEER.to_string(), rec(cluster::PEER_INCARNATION, 3, &["a", "c"], &["billing"])),
         ("c".to_string(), rec(5, 1, &["b"], &["echo", "jobs"])),
         (cluster::ME.to_string(), rec(cluster::INCARNATION, 1, &["b"], &[])),
     ]);
     payloads.push(rmp_serde::to_vec(&records).expect("records encode"));
+    let claim = BTreeMap::from([(cluster::ME.to_string(), rec(cluster::INCARNATION + 5, 9, &["x"], &["stolen"]))]);
+    payloads.push(rmp_serde::to_vec(&claim).expect("records encode"));
+    let mut forged = rec(cluster::PEER_INCARNATION, 4, &["a"], &[]);
+    forged.mac = vec![0x5a; 32];
+    payloads.push(rmp_serde::to_vec(&BTreeMap::from([(cluster::PEER, forged)])).expect("records encode"));
     let old = ("10.0.0.4:4041", 3i64, 1u64, BTreeSet::from(["a".to_string()]), BTreeSet::<String>::new());
     payloads.push(rmp_serde::to_vec(&BTreeMap::from([("d", old)])).expect("records encode"));
     payloads
@@ -329,6 +348,107 @@ fn flags() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// The arpcp lines, bare (the target reads the input as the line).
+fn arpcp_line() -> Vec<Vec<u8>> {
+    let mut seeds: Vec<Vec<u8>> = ARPCP_LINES.iter().map(|l| l.as_bytes().to_vec()).collect();
+    seeds.push(b"{\"method\": \"atask\xff\xfe\", \"version\": \"1.0\"}".to_vec());
+    seeds
+}
+
+/// One packet of every manager/worker message, as a text line and as a binary body.
+fn tasks_cluster() -> Vec<Vec<u8>> {
+    use nodus_tasks::cluster::msg::{Refusal, RefuseReason, TaskReport};
+    use nodus_tasks::cluster::{AppPackage, Blob, Body, NodeType, Packet, ResultBody, Specs, TaskSpec, TaskStatus};
+    use nodus_tasks::task::{json, ErrorKind, Lease, UnixMs};
+    let id = |s: &str| s.parse().expect("a task id");
+    let package = AppPackage { app: "procs".into(), version: "v2".into(), hash: "ab".repeat(32), size: 4096 };
+    let bodies = vec![
+        Body::NodeTypeRequest { node_type: NodeType::Worker },
+        Body::NodeTypeAnswer { node_type: NodeType::Manager },
+        Body::ManagerRequest(Specs {
+            cores: 4,
+            memory: 8 << 30,
+            concurrency: 2,
+            queue: 2,
+            ip: "10.0.0.2".into(),
+            mac: "00:00:00:00:00:00".into(),
+            apps: vec![package.clone()],
+            procedures: vec!["procs.add".into(), "procs.concat".into()],
+        }),
+        Body::ManagerAnswer { accepted: true },
+        Body::ManagerBye,
+        Body::ManagerPing,
+        Body::ManagerPong,
+        Body::NotMine,
+        Body::Ack,
+        Body::TasksExecute {
+            tasks: vec![TaskSpec {
+                id: id("t-1"),
+                lease: Lease(7),
+                attempt: 1,
+                procedure: "procs.add".into(),
+                app: "procs".into(),
+                args: json("[1, 2]").expect("JSON"),
+                timeout: std::time::Duration::from_secs(30),
+                package: Some(package.clone()),
+            }],
+        },
+        Body::TasksRefused {
+            tasks: vec![Refusal { task_id: id("t-2"), reason: RefuseReason::Busy, message: "queue full".into() }],
+        },
+        Body::TasksPing { tasks: vec![id("t-1"), id("t-2")] },
+        Body::TasksPong {
+            tasks_status: vec![
+                TaskReport {
+                    task_id: id("t-1"),
+                    lease: Lease(7),
+                    status: TaskStatus::Started(UnixMs(1_700_000_000_000)),
+                },
+                TaskReport {
+                    task_id: id("t-2"),
+                    lease: Lease(8),
+                    status: TaskStatus::Completed(Some(json("3").expect("JSON"))),
+                },
+                TaskReport { task_id: id("t-3"), lease: Lease(9), status: TaskStatus::Error(ErrorKind::TimedOut) },
+                TaskReport { task_id: id("t-4"), lease: Lease(0), status: TaskStatus::Unknown },
+            ],
+        },
+        Body::TasksAbort { tasks: vec![id("t-1")] },
+        Body::TaskStarted { task_id: id("t-1"), lease: Lease(7), datetime: UnixMs(1_700_000_000_000) },
+        Body::TaskError { task_id: id("t-1"), lease: Lease(7), error: ErrorKind::RunningError, message: "boom".into() },
+        Body::TaskCompleted {
+            task_id: id("t-1"),
+            lease: Lease(7),
+            result: ResultBody::Inline(json("{\"n\": 3}").expect("JSON")),
+        },
+        Body::TaskCompleted {
+            task_id: id("t-2"),
+            lease: Lease(8),
+            result: ResultBody::Held { size: 2_000_000, hash: "cd".repeat(32) },
+        },
+        Body::Fetch {
+            blob: Blob::Package { app: "procs".into(), version: "v2".into(), hash: "ab".repeat(32) },
+            offset: 0,
+            max_len: 65536,
+        },
+        Body::Fetch { blob: Blob::Result { task_id: id("t-2"), lease: Lease(8) }, offset: 65536, max_len: 65536 },
+        Body::FetchChunk { total: 10, offset: 4, data: b"chunk!".to_vec() },
+        Body::FetchMissing { reason: "no such package".into() },
+    ];
+    let mut seeds = Vec::new();
+    for (n, b) in bodies.into_iter().enumerate() {
+        let m = Packet::new(n as u64 + 1, b).to_message();
+        // Mode 0x3e keeps the command (62 >> 1 = 31 is not a command index).
+        seeds.push(with(0x3e, text::to_line(&m).as_bytes()));
+        seeds.push(with(0x3f, &body(&m)));
+    }
+    seeds
+}
+
+fn rows() -> Vec<Vec<u8>> {
+    ROWS.iter().map(|(kind, text)| with(*kind, text.as_bytes())).collect()
+}
+
 /// Every target's seeds, by target name.
 pub fn corpus() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     vec![
@@ -339,5 +459,8 @@ pub fn corpus() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("gossip", gossip()),
         ("control", control()),
         ("flags", flags()),
+        ("arpcp_line", arpcp_line()),
+        ("tasks_cluster", tasks_cluster()),
+        ("rows", rows()),
     ]
 }

@@ -10,9 +10,12 @@
 //! - [`arpcp`]: the wire format (pure); [`api`]: the methods on [`Tasks`]; [`server`]: the TCP
 //!   listener.
 //! - [`notify`]: `TASK_STATUS` notifications to a configured app event or service.
+//! - [`cluster`]: tasks across nodes: the manager/worker protocol (seed 002) and the agent
+//!   registry (seed 004), as pure state machines.
 
 pub mod api;
 pub mod arpcp;
+pub mod cluster;
 pub mod executor;
 pub mod notify;
 pub mod procedures;

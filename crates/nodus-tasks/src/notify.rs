@@ -62,9 +62,21 @@ pub fn status_json(c: &StatusChange) -> Bytes {
 
 /// Forwards every status change of `tasks` to `event` of `app` until the service stops. A call
 /// the app cannot take (queue full, app not running) is dropped and counted in the log.
-pub async fn forward_to_app<S: Store>(tasks: Tasks<S>, engine: Engine, app: String, event: String) {
-    let mut changes = tasks.watch();
+///
+/// It watches from the moment it is called, not from when the returned future first runs, so
+/// a change made right after `tokio::spawn(forward_to_app(..))` is not missed.
+pub fn forward_to_app<S: Store>(
+    tasks: Tasks<S>,
+    engine: Engine,
+    app: String,
+    event: String,
+) -> impl std::future::Future<Output = ()> + Send {
+    let changes = tasks.watch();
     drop(tasks);
+    forward(changes, engine, app, event)
+}
+
+async fn forward(mut changes: broadcast::Receiver<StatusChange>, engine: Engine, app: String, event: String) {
     let mut caller = None;
     let mut dropped: u64 = 0;
     loop {

@@ -179,9 +179,29 @@ pub enum ErrorKind {
     WorkerFailed,
     /// The task was aborted (a SIGNAL `interrupted`, `nodus task abort`).
     Aborted,
+    /// A worker node could not fetch the app (or the version) the task needs from its manager
+    /// (seed 002), or the package it got did not match its content hash.
+    DownloadError,
+    /// The worker node running the attempt was lost (dead, cut off, or it no longer knew the
+    /// task): the task runs again elsewhere while attempts remain.
+    WorkerLost,
+    /// A worker node could not start the attempt (its engine's queue was full, the app was
+    /// stopped): it runs again elsewhere and the attempt does not count. Never stored.
+    NotRun,
 }
 
 impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::TimedOut,
+        ErrorKind::RunningError,
+        ErrorKind::WorkerFailed,
+        ErrorKind::Aborted,
+        ErrorKind::DownloadError,
+        ErrorKind::WorkerLost,
+        ErrorKind::NotRun,
+    ];
+
     /// The name used in the store and on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -189,6 +209,9 @@ impl ErrorKind {
             ErrorKind::RunningError => "RunningError",
             ErrorKind::WorkerFailed => "WorkerFailed",
             ErrorKind::Aborted => "Aborted",
+            ErrorKind::DownloadError => "DownloadError",
+            ErrorKind::WorkerLost => "WorkerLost",
+            ErrorKind::NotRun => "NotRun",
         }
     }
 }
@@ -203,10 +226,7 @@ impl FromStr for ErrorKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<ErrorKind, String> {
-        [ErrorKind::TimedOut, ErrorKind::RunningError, ErrorKind::WorkerFailed, ErrorKind::Aborted]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown error kind {s:?}"))
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| format!("unknown error kind {s:?}"))
     }
 }
 
@@ -383,7 +403,7 @@ mod tests {
         }
         assert!("finished".parse::<Status>().is_err());
         assert!(Status::Done.is_final() && !Status::Running.is_final());
-        for k in [ErrorKind::TimedOut, ErrorKind::RunningError, ErrorKind::WorkerFailed, ErrorKind::Aborted] {
+        for k in ErrorKind::ALL {
             assert_eq!(k.as_str().parse::<ErrorKind>().unwrap(), k);
         }
     }

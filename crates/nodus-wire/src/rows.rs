@@ -280,13 +280,20 @@ pub struct CrashRecord {
     pub stderr: Vec<String>,
 }
 
+/// The lines of a crashlog text. Carriage returns at a line's end are part of its line ending,
+/// as the engine treats its workers' stderr (it trims them), so no parsed field ends with one and
+/// every record prints back (with `\n`) to text that parses to it.
+fn crashlog_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines().map(|l| l.trim_end_matches('\r'))
+}
+
 impl CrashRecord {
     /// Every record of a `CRASHLOG` payload.
     ///
     /// Fails on a line that is neither a record's first line nor an indented stderr line.
     pub fn parse_all(text: &str) -> Result<Vec<CrashRecord>, RowError> {
         let mut records: Vec<CrashRecord> = Vec::new();
-        for line in text.lines() {
+        for line in crashlog_lines(text) {
             if let Some(stderr) = line.strip_prefix("    ") {
                 match records.last_mut() {
                     Some(r) => r.stderr.push(stderr.to_string()),
@@ -319,7 +326,7 @@ impl FromStr for CrashRecord {
 
     /// Parses a record's first line (or a whole record with its stderr lines).
     fn from_str(s: &str) -> Result<Self, RowError> {
-        let mut lines = s.lines();
+        let mut lines = crashlog_lines(s);
         let head = lines.next().unwrap_or("");
         let bad = |why: &str| RowError::new("crash record", head, why);
         let rest = head.strip_prefix("worker ").ok_or_else(|| bad("does not start with \"worker \""))?;
@@ -412,6 +419,14 @@ mod tests {
         let again: String = records.iter().map(ToString::to_string).collect();
         assert_eq!(again, text);
         assert!(CrashRecord::parse_all("    orphan\n").is_err());
+        // A carriage return ending a line is part of the line ending, even the last line's
+        // (found by the rows fuzz target: a status ending in `\r` printed back without it).
+        let crlf = CrashRecord::parse_all("worker u3 at 5: exit code 1\r\n    boom\r\r\n    last\r").unwrap();
+        assert_eq!(crlf[0].status, "exit code 1");
+        assert_eq!(crlf[0].stderr, ["boom", "last"]);
+        let again: String = crlf.iter().map(ToString::to_string).collect();
+        assert_eq!(CrashRecord::parse_all(&again).unwrap(), crlf);
+        assert_eq!("worker u at 1: s\r".parse::<CrashRecord>().unwrap().status, "s");
         assert!(CrashRecord::parse_all("nonsense\n").is_err());
         assert_eq!(CrashRecord::parse_all("").unwrap(), vec![]);
     }

@@ -20,6 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError};
+use crate::cluster::registry::{Agent, AgentStore};
 use crate::task::{json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
 
 /// SQLite's `synchronous` setting: how hard a commit waits for the disk.
@@ -107,6 +108,8 @@ enum WriteOp {
     Recover(String, UnixMs, Reply<u64>),
     Reap(UnixMs, Reply<u64>),
     Purge(UnixMs, usize, Reply<u64>),
+    SaveAgent(Agent, Reply<()>),
+    RemoveAgent(String, Reply<bool>),
     Close(oneshot::Sender<()>),
 }
 
@@ -116,6 +119,7 @@ enum ReadOp {
     List(ListFilter, UnixMs, Reply<Vec<Task>>),
     PendingApps(Reply<Vec<String>>),
     Counts(UnixMs, Reply<Counts>),
+    Agents(Reply<Vec<Agent>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -190,8 +194,55 @@ CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks(expires_at) WHERE expires_at IS
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_key ON tasks(key) WHERE key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (name, value) VALUES ('next_lease', 1);
-PRAGMA user_version = 1;
 ";
+
+/// Version 2: the agent registry of a manager (seed 004).
+const AGENTS: &str = "
+CREATE TABLE IF NOT EXISTS agents (
+    name        TEXT    PRIMARY KEY,
+    id          TEXT    NOT NULL UNIQUE,
+    ip          TEXT    NOT NULL,
+    mac         TEXT    NOT NULL,
+    cores       INTEGER NOT NULL,
+    memory      INTEGER NOT NULL,
+    concurrency INTEGER NOT NULL,
+    queue       INTEGER NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    state       TEXT    NOT NULL,
+    state_since INTEGER NOT NULL,
+    banned      INTEGER NOT NULL
+);
+";
+
+/// The schema's migrations, in order: applying migration `n` brings a database from
+/// `user_version` `n` to `n + 1`. Each is idempotent (a version-1 database made before
+/// versions were counted has the tasks table already).
+const MIGRATIONS: [&str; 2] = [SCHEMA, AGENTS];
+
+/// Brings the database to the latest schema, each migration in its own transaction.
+fn migrate(conn: &Connection, path: &std::path::Path) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
+    let version = usize::try_from(version).unwrap_or(0);
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Failed(format!(
+            "{} has schema version {version}, newer than this nodus knows ({}); run a newer nodus",
+            path.display(),
+            MIGRATIONS.len()
+        )));
+    }
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let batch = format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {}; COMMIT;", n + 1);
+        if let Err(e) = conn.execute_batch(&batch) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(sql_err(e));
+        }
+    }
+    Ok(())
+}
+
+const AGENT_COLUMNS: &str =
+    "name, id, ip, mac, cores, memory, concurrency, queue, first_seen, last_seen, state, state_since, banned";
 
 const TASK_COLUMNS: &str =
     "id, procedure, args, status, attempt, max_attempts, timeout_ms, lease, owner, parent, key, \
@@ -218,7 +269,7 @@ fn open_connection(config: &SqliteConfig, writer: bool) -> Result<Connection, St
     conn.pragma_update(None, "temp_store", "MEMORY").map_err(sql_err)?;
     conn.pragma_update(None, "cache_size", -65_536).map_err(sql_err)?;
     if writer {
-        conn.execute_batch(SCHEMA).map_err(sql_err)?;
+        migrate(&conn, &config.path)?;
         // The checkpointer thread does this work; the writer only as a safety net.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000).map_err(sql_err)?;
         let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(sql_err)?;
@@ -368,6 +419,82 @@ impl Store for SqliteStore {
     }
 }
 
+impl AgentStore for SqliteStore {
+    async fn save_agent(&self, agent: Agent) -> Result<(), StoreError> {
+        self.write(|r| WriteOp::SaveAgent(agent, r)).await
+    }
+
+    async fn remove_agent(&self, name: String) -> Result<bool, StoreError> {
+        self.write(|r| WriteOp::RemoveAgent(name, r)).await
+    }
+
+    async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        self.read(ReadOp::Agents).await
+    }
+}
+
+fn save_agent(conn: &Connection, a: &Agent) -> Result<(), StoreError> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO agents ({AGENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+         ON CONFLICT(name) DO UPDATE SET id = ?2, ip = ?3, mac = ?4, cores = ?5, memory = ?6, concurrency = ?7, \
+         queue = ?8, first_seen = ?9, last_seen = ?10, state = ?11, state_since = ?12, banned = ?13"
+    ))
+    .and_then(|mut s| {
+        s.execute(params![
+            a.name,
+            a.id,
+            a.ip,
+            a.mac,
+            a.cores,
+            i64::try_from(a.memory).unwrap_or(i64::MAX),
+            a.concurrency,
+            a.queue,
+            a.first_seen.as_i64(),
+            a.last_seen.as_i64(),
+            a.state.as_str(),
+            a.state_since.as_i64(),
+            a.banned,
+        ])
+    })
+    .map(|_| ())
+    .map_err(sql_err)
+}
+
+fn read_agents(conn: &Connection) -> Result<Vec<Agent>, StoreError> {
+    let mut s = conn.prepare_cached(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name")).map_err(sql_err)?;
+    let rows = s
+        .query_map([], |r| {
+            let state: String = r.get(10)?;
+            Ok((
+                Agent {
+                    name: r.get(0)?,
+                    id: r.get(1)?,
+                    ip: r.get(2)?,
+                    mac: r.get(3)?,
+                    cores: r.get(4)?,
+                    memory: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                    concurrency: r.get(6)?,
+                    queue: r.get(7)?,
+                    first_seen: UnixMs::from_i64(r.get(8)?),
+                    last_seen: UnixMs::from_i64(r.get(9)?),
+                    state: crate::cluster::registry::AgentState::Gone,
+                    state_since: UnixMs::from_i64(r.get(11)?),
+                    banned: r.get(12)?,
+                },
+                state,
+            ))
+        })
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut agent, state) = row.map_err(sql_err)?;
+        agent.state =
+            state.parse().map_err(|e: String| StoreError::Failed(format!("stored agent state is corrupt: {e}")))?;
+        out.push(agent);
+    }
+    Ok(out)
+}
+
 /// An answer computed inside the transaction, sent once the commit is known.
 type Answer = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
@@ -501,6 +628,8 @@ impl Writer {
                 WriteOp::Finish(_, r) => answer(r, Err(e.clone())),
                 WriteOp::Command(_, _, _, r) => answer(r, Err(e.clone())),
                 WriteOp::Recover(_, _, r) | WriteOp::Reap(_, r) | WriteOp::Purge(_, _, r) => answer(r, Err(e.clone())),
+                WriteOp::SaveAgent(_, r) => answer(r, Err(e.clone())),
+                WriteOp::RemoveAgent(_, r) => answer(r, Err(e.clone())),
                 WriteOp::Close(_) => Box::new(|_: Option<&StoreError>| {}),
             };
             return (a, Some(e));
@@ -549,6 +678,17 @@ impl Writer {
                     )
                     .map(|n| n as u64)
                     .map_err(sql_err);
+                let err = res.as_ref().err().cloned();
+                (answer(r, res), err)
+            }
+            WriteOp::SaveAgent(agent, r) => {
+                let res = save_agent(&self.conn, &agent);
+                let err = res.as_ref().err().cloned();
+                (answer(r, res), err)
+            }
+            WriteOp::RemoveAgent(name, r) => {
+                let res =
+                    self.conn.execute("DELETE FROM agents WHERE name = ?1", [name]).map(|n| n > 0).map_err(sql_err);
                 let err = res.as_ref().err().cloned();
                 (answer(r, res), err)
             }
@@ -770,6 +910,8 @@ fn fail(op: WriteOp, e: StoreError) {
         WriteOp::Finish(_, r) => answer(r, Err(e))(None),
         WriteOp::Command(_, _, _, r) => answer(r, Err(e))(None),
         WriteOp::Recover(_, _, r) | WriteOp::Reap(_, r) | WriteOp::Purge(_, _, r) => answer(r, Err(e))(None),
+        WriteOp::SaveAgent(_, r) => answer(r, Err(e))(None),
+        WriteOp::RemoveAgent(_, r) => answer(r, Err(e))(None),
         WriteOp::Close(done) => {
             let _ = done.send(());
         }
@@ -874,6 +1016,9 @@ fn read_loop(conn: Connection, mut rx: mpsc::Receiver<ReadOp>) {
             ReadOp::Counts(now, r) => {
                 let _ = r.send(read_counts(&conn, now));
             }
+            ReadOp::Agents(r) => {
+                let _ = r.send(read_agents(&conn));
+            }
             ReadOp::Close(done) => {
                 rx.close();
                 while let Ok(op) = rx.try_recv() {
@@ -882,6 +1027,7 @@ fn read_loop(conn: Connection, mut rx: mpsc::Receiver<ReadOp>) {
                         ReadOp::List(_, _, r) => drop(r.send(Err(StoreError::Closed))),
                         ReadOp::PendingApps(r) => drop(r.send(Err(StoreError::Closed))),
                         ReadOp::Counts(_, r) => drop(r.send(Err(StoreError::Closed))),
+                        ReadOp::Agents(r) => drop(r.send(Err(StoreError::Closed))),
                         ReadOp::Close(d) => drop(d.send(())),
                     }
                 }
