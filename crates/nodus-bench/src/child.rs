@@ -102,7 +102,12 @@ impl Child {
         }
     }
 
-    /// Kills the child and reaps it (bounded by a short timeout).
+    /// The child's process id (`None` once reaped).
+    pub fn id(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    /// Kills the child (SIGKILL) and reaps it (bounded by a short timeout).
     pub async fn stop(mut self) {
         let _ = self.process.start_kill();
         let _ = tokio::time::timeout(REAP_TIMEOUT, self.process.wait()).await;

@@ -20,6 +20,7 @@ mod cluster;
 mod latency;
 mod nodus_system;
 mod report;
+mod scale;
 mod sim;
 mod tasks;
 
@@ -86,9 +87,34 @@ enum Command {
     },
     /// The matrix payload {64, 4096} × in flight {1, 64}, nodus and baseline (the default).
     All,
-    /// Cluster figures: single node, then client on node a and service on node b, then a
-    /// broadcast to a service on each of 5 nodes; 64 B, 1 and 64 in flight.
-    Cluster,
+    /// Cluster figures. Without `--nodes`: single node, cross-node and 5-node fan-out latency.
+    /// With `--nodes N,M,...`: the cluster at scale with real daemons on loopback (a random
+    /// graph, each node dialling `--dials` others, all started together): convergence, bytes,
+    /// false deaths, idle traffic per link, kill -9 of the busiest hub; medians of `--runs`.
+    Cluster {
+        /// Cluster sizes, one row each (the scale measurement).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<usize>,
+        /// Runs per size; the row shows their medians.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Each node dials this many others.
+        #[arg(long, default_value_t = 2)]
+        dials: usize,
+        /// Links' heartbeat period, ms.
+        #[arg(long, default_value_t = 250)]
+        heartbeat_ms: u64,
+        /// Seeds the graphs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Length of the idle measurement, seconds.
+        #[arg(long, default_value_t = 3)]
+        idle_secs: u64,
+        /// Another `nodus` binary (e.g. built from an older commit) measured first, row for row:
+        /// before and after in the same run.
+        #[arg(long)]
+        before: Option<PathBuf>,
+    },
     /// App engine figures: invoke throughput and latency through a node and through the engine
     /// in-process (64 B / 4 KiB × 1 / 64 in flight), then worker cold start next to a bare
     /// fork+exec+connect baseline.
@@ -204,7 +230,8 @@ fn main() -> std::process::ExitCode {
     if !matches!(
         args.command,
         Some(Command::RawForwarder { .. } | Command::Apps { .. } | Command::Tasks { .. } | Command::Sim { .. })
-    ) {
+    ) && !matches!(&args.command, Some(Command::Cluster { nodes, .. }) if !nodes.is_empty())
+    {
         builder.worker_threads(1);
     }
     let runtime = match builder.enable_all().build() {
