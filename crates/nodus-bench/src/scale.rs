@@ -91,7 +91,7 @@ pub async fn run(nodus: &Path, dir: &Path, load: &ScaleLoad) -> anyhow::Result<S
         bail!("--nodes must be at least 2");
     }
     let mut rng = StdRng::seed_from_u64(load.seed);
-    let ports: Vec<u16> = (0..n).map(|_| child::free_port()).collect::<anyhow::Result<_>>()?;
+    let ports = listen_ports(n, &mut rng)?;
     let mut nodes = Vec::with_capacity(n);
     let mut spawns = Vec::with_capacity(n);
     for (i, port) in ports.iter().enumerate() {
@@ -198,6 +198,28 @@ pub async fn run(nodus: &Path, dir: &Path, load: &ScaleLoad) -> anyhow::Result<S
     Ok(f)
 }
 
+/// `n` distinct free ports below the kernel's ephemeral range: a hundred daemons dialling each
+/// other use many ephemeral ports, and one taken by an outgoing connection between the check and
+/// the daemon's bind would fail the run.
+fn listen_ports(n: usize, rng: &mut StdRng) -> anyhow::Result<Vec<u16>> {
+    let mut ports = BTreeSet::new();
+    let mut tries = 0;
+    while ports.len() < n {
+        tries += 1;
+        if tries > 100 * n {
+            bail!("cannot find {n} free ports in 20000..32000");
+        }
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.insert(port);
+        }
+    }
+    let mut ports: Vec<u16> = ports.into_iter().collect();
+    // The graph is drawn from the same generator; the order of ports does not matter.
+    ports.sort_unstable();
+    Ok(ports)
+}
+
 /// Connects a client to every node, waiting for each to listen.
 async fn connect_all(nodes: &mut [Node]) -> anyhow::Result<()> {
     let deadline = Instant::now() + PHASE_LIMIT;
@@ -296,10 +318,11 @@ pub async fn table(
 ) -> anyhow::Result<()> {
     let after = crate::nodus_system::nodus_binary(options.nodus.clone())?;
     let mut binaries = Vec::new();
+    let label = if before.is_some() { "after" } else { "nodus" };
     if let Some(b) = before {
         binaries.push(("before", b));
     }
-    binaries.push(("after", after));
+    binaries.push((label, after));
     if !options.json {
         report::scale_header(load.dials, load.heartbeat_ms, runs);
     }
