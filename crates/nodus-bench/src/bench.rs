@@ -27,7 +27,11 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
             interruptible(reqrep(&options, payload, inflight, no_baseline)).await
         }
         Command::All => interruptible(all(&options)).await,
-        Command::Cluster => interruptible(cluster(&options)).await,
+        Command::Cluster { nodes, .. } if nodes.is_empty() => interruptible(cluster(&options)).await,
+        Command::Cluster { nodes, runs, dials, heartbeat_ms, seed, idle_secs, before } => {
+            let load = crate::scale::ScaleLoad { nodes: 0, dials, heartbeat_ms, seed, idle_secs };
+            interruptible(crate::scale::table(&options, &nodes, runs.max(1), &load, before)).await
+        }
         Command::EchoService { node, service } => nodus_system::echo_service_named(&node, &service).await,
         Command::RawEcho { listen } => child_role(baseline::raw_echo(&listen)).await,
         Command::RawForwarder { listen, upstream } => child_role(baseline::raw_forwarder(&listen, &upstream)).await,
@@ -39,6 +43,10 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
                 crate::tasks_node::run(options.json, options.nodus.clone(), &load).await
             })
             .await
+        }
+        Command::Sim { nodes, seed, heartbeat_ms, dials, slowdown, loss, no_lane, limit_secs } => {
+            let load = crate::sim::SimLoad { nodes, seed, heartbeat_ms, dials, slowdown, loss, no_lane, limit_secs };
+            crate::sim::run(&load, options.json)
         }
         // Normally handled in `main` before the runtime is built; harmless here too.
         Command::ConnectOnce { socket } => crate::apps::connect_once(&socket),

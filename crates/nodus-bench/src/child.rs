@@ -107,7 +107,7 @@ impl Child {
         }
     }
 
-    /// Kills the child and reaps it (bounded by a short timeout).
+    /// Kills the child (SIGKILL) and reaps it (bounded by a short timeout).
     pub async fn stop(mut self) {
         let _ = self.process.start_kill();
         let _ = tokio::time::timeout(REAP_TIMEOUT, self.process.wait()).await;

@@ -20,6 +20,8 @@ mod cluster;
 mod latency;
 mod nodus_system;
 mod report;
+mod scale;
+mod sim;
 mod tasks;
 mod tasks_node;
 
@@ -86,9 +88,34 @@ enum Command {
     },
     /// The matrix payload {64, 4096} × in flight {1, 64}, nodus and baseline (the default).
     All,
-    /// Cluster figures: single node, then client on node a and service on node b, then a
-    /// broadcast to a service on each of 5 nodes; 64 B, 1 and 64 in flight.
-    Cluster,
+    /// Cluster figures. Without `--nodes`: single node, cross-node and 5-node fan-out latency.
+    /// With `--nodes N,M,...`: the cluster at scale with real daemons on loopback (a random
+    /// graph, each node dialling `--dials` others, all started together): convergence, bytes,
+    /// false deaths, idle traffic per link, kill -9 of the busiest hub; medians of `--runs`.
+    Cluster {
+        /// Cluster sizes, one row each (the scale measurement).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<usize>,
+        /// Runs per size; the row shows their medians.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Each node dials this many others.
+        #[arg(long, default_value_t = 2)]
+        dials: usize,
+        /// Links' heartbeat period, ms.
+        #[arg(long, default_value_t = 250)]
+        heartbeat_ms: u64,
+        /// Seeds the graphs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Length of the idle measurement, seconds.
+        #[arg(long, default_value_t = 3)]
+        idle_secs: u64,
+        /// Another `nodus` binary (e.g. built from an older commit) measured first, row for row:
+        /// before and after in the same run.
+        #[arg(long)]
+        before: Option<PathBuf>,
+    },
     /// App engine figures: invoke throughput and latency through a node and through the engine
     /// in-process (64 B / 4 KiB × 1 / 64 in flight), then worker cold start next to a bare
     /// fork+exec+connect baseline.
@@ -119,6 +146,35 @@ enum Command {
         /// measurement in a scratch schema, dropped afterwards), next to SQLite.
         #[arg(long, env = "NODUS_TEST_PG")]
         postgres: Option<String>,
+    },
+    /// Simulated cluster figures: the daemon's routers on a simulated network (virtual clock, in
+    /// this process): convergence from a start all together, idle bytes per link, kill -9 of the
+    /// busiest hub; messages and bytes per node, false deaths.
+    Sim {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        nodes: Vec<usize>,
+        /// Seeds the run (graph, latencies, jitter).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Links' heartbeat period, ms.
+        #[arg(long, default_value_t = 250)]
+        heartbeat_ms: u64,
+        /// Each node dials this many others.
+        #[arg(long, default_value_t = 2)]
+        dials: usize,
+        /// Multiplies every CPU cost (N processes sharing 2 cores: about N/2).
+        #[arg(long, default_value_t = 1.0)]
+        slowdown: f64,
+        /// Probability that a segment is lost once (retransmitted 200 ms later).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Heartbeats wait behind other work (no heartbeat lane).
+        #[arg(long)]
+        no_lane: bool,
+        /// Virtual time each phase may take, seconds.
+        #[arg(long, default_value_t = 120)]
+        limit_secs: u64,
     },
     /// Child process: connects to a Unix socket, writes one byte and exits (cold-start baseline).
     #[command(hide = true)]
@@ -178,7 +234,11 @@ fn main() -> std::process::ExitCode {
     // cross-thread wake-ups. The forwarder (the baseline's stand-in for the daemon) and `apps`
     // (which hosts an engine in-process) run like the daemon, on every core.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if !matches!(args.command, Some(Command::RawForwarder { .. } | Command::Apps { .. } | Command::Tasks { .. })) {
+    if !matches!(
+        args.command,
+        Some(Command::RawForwarder { .. } | Command::Apps { .. } | Command::Tasks { .. } | Command::Sim { .. })
+    ) && !matches!(&args.command, Some(Command::Cluster { nodes, .. }) if !nodes.is_empty())
+    {
         builder.worker_threads(1);
     }
     let runtime = match builder.enable_all().build() {

@@ -231,3 +231,133 @@ pub fn cold_json(c: &ColdStart) {
         ready,
     );
 }
+
+fn ms(v: Option<i64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v}"))
+}
+
+/// The header of the `sim` table.
+pub fn sim_header(heartbeat_ms: u64, dials: usize, slowdown: f64, loss: f64, lane: bool) {
+    println!(
+        "simulated cluster: random graph, each node dials {dials}; heartbeat {heartbeat_ms} ms; \
+         CPU cost x{slowdown}; loss {loss}; heartbeat lane {}",
+        if lane { "on" } else { "off" }
+    );
+    println!(
+        "{:>6} | {:>9} {:>9} {:>9} {:>10} | {:>6} | {:>9} | {:>4} {:>8} {:>9} {:>10} {:>6} | {:>8}",
+        "nodes",
+        "conv ms",
+        "links ms",
+        "msg/node",
+        "KB/node",
+        "false",
+        "idle B/l/s",
+        "hub",
+        "seen ms",
+        "msg/node",
+        "KB/node",
+        "under",
+        "wall s"
+    );
+    println!("{}", "-".repeat(126));
+}
+
+/// One row of the `sim` table.
+pub fn sim_row(f: &nodus_daemon::router::sim::Figures, wall: std::time::Duration) {
+    println!(
+        "{:>6} | {:>9} {:>9} {:>9.0} {:>10.1} | {:>6} | {:>10.0} | {:>4} {:>8} {:>9.1} {:>10.1} {:>6} | {:>8.1}",
+        f.nodes,
+        ms(f.converge_ms),
+        ms(f.links_ms),
+        f.start_messages,
+        f.start_bytes / 1024.0,
+        f.false_deaths,
+        f.idle_bytes_per_link,
+        f.hub_degree,
+        ms(f.crash_seen_ms),
+        f.crash_messages,
+        f.crash_bytes / 1024.0,
+        f.under_reports,
+        wall.as_secs_f64()
+    );
+}
+
+/// One `sim` row as JSON.
+pub fn sim_json(f: &nodus_daemon::router::sim::Figures, wall: std::time::Duration) {
+    let opt = |v: Option<i64>| v.map_or_else(|| "null".to_string(), |v| v.to_string());
+    println!(
+        "{{\"nodes\":{},\"converge_ms\":{},\"links_ms\":{},\"start_messages_per_node\":{:.1},\
+         \"start_bytes_per_node\":{:.0},\"false_deaths\":{},\"idle_bytes_per_link_per_sec\":{:.1},\
+         \"hub_links\":{},\"crash_seen_ms\":{},\"crash_messages_per_node\":{:.2},\
+         \"crash_bytes_per_node\":{:.0},\"under_reports\":{},\"virtual_secs\":{:.2},\"wall_secs\":{:.2}}}",
+        f.nodes,
+        opt(f.converge_ms),
+        opt(f.links_ms),
+        f.start_messages,
+        f.start_bytes,
+        f.false_deaths,
+        f.idle_bytes_per_link,
+        f.hub_degree,
+        opt(f.crash_seen_ms),
+        f.crash_messages,
+        f.crash_bytes,
+        f.under_reports,
+        f.virtual_secs,
+        wall.as_secs_f64()
+    );
+}
+
+/// The header of the cluster-at-scale table.
+pub fn scale_header(dials: usize, heartbeat_ms: u64, runs: usize) {
+    println!(
+        "cluster at scale: real daemons on loopback, random graph, each node dials {dials}; \
+         heartbeat {heartbeat_ms} ms; medians of {runs} run(s)"
+    );
+    println!(
+        "{:>6} {:>6} | {:>9} {:>10} {:>6} | {:>10} | {:>4} {:>9} {:>6} {:>8} | {:>5}",
+        "binary", "nodes", "converge", "KB/node", "false", "idle B/l/s", "hub", "seen", "false", "min live", "load"
+    );
+    println!("{}", "-".repeat(104));
+}
+
+fn secs(d: Option<std::time::Duration>) -> String {
+    d.map_or_else(|| "-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+/// One row of the cluster-at-scale table.
+pub fn scale_row(label: &str, f: &crate::scale::ScaleFigures) {
+    println!(
+        "{:>6} {:>6} | {:>9} {:>10.1} {:>6} | {:>10.0} | {:>4} {:>9} {:>6} {:>8} | {:>5}",
+        label,
+        f.nodes,
+        secs(f.converge),
+        f.start_bytes_per_node / 1024.0,
+        f.false_deaths_start,
+        f.idle_bytes_per_link,
+        f.hub_links,
+        secs(f.crash_seen),
+        f.false_deaths_crash,
+        f.min_live_after_crash,
+        f.load
+    );
+}
+
+/// One cluster-at-scale row as JSON.
+pub fn scale_json(label: &str, f: &crate::scale::ScaleFigures) {
+    let opt = |d: Option<std::time::Duration>| d.map_or_else(|| "null".to_string(), |d| d.as_millis().to_string());
+    println!(
+        "{{\"binary\":\"{label}\",\"nodes\":{},\"converge_ms\":{},\"start_bytes_per_node\":{:.0},\
+         \"false_deaths_start\":{},\"idle_bytes_per_link_per_sec\":{:.1},\"hub_links\":{},\
+         \"crash_seen_ms\":{},\"false_deaths_crash\":{},\"min_live_after_crash\":{},\"load\":\"{}\"}}",
+        f.nodes,
+        opt(f.converge),
+        f.start_bytes_per_node,
+        f.false_deaths_start,
+        f.idle_bytes_per_link,
+        f.hub_links,
+        opt(f.crash_seen),
+        f.false_deaths_crash,
+        f.min_live_after_crash,
+        f.load
+    );
+}

@@ -43,6 +43,7 @@
 //! - all tables are bounded by [`RouterLimits`], [`LinkPolicy`] and [`MAX_OWNED_NAMES`].
 
 mod links;
+pub mod sim;
 mod view;
 
 use crate::auth::{AccessPolicy, Origin, Principal};
@@ -364,6 +365,8 @@ struct Link {
     samples: VecDeque<(i64, i64)>,
     /// The peer said DISCONNECT: report HANGUP rather than DISCONNECTED.
     hung_up: bool,
+    /// The tick at which this node last sent the peer every record it holds.
+    synced_tick: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -422,6 +425,8 @@ pub struct Router {
     last_clock_stable: bool,
     ntp: Option<bool>,
     ticks: u64,
+    /// When the last tick ran (how late this one is says how stalled this node was).
+    last_tick: Option<i64>,
     rng: rand::rngs::StdRng,
     durable_cache: bool,
     /// Cache ops not yet taken by the persistence task (bounded by the cache bounds).
@@ -472,6 +477,7 @@ impl Router {
             last_clock_stable: true,
             ntp: None,
             ticks: 0,
+            last_tick: None,
             rng: rand::rngs::StdRng::seed_from_u64(config.seed),
             durable_cache: config.durable_cache,
             journal: Vec::new(),

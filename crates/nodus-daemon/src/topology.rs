@@ -118,12 +118,26 @@ impl NodeRecord {
 }
 
 /// What merging a batch of records did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Merged {
     /// Something changed: routes were recomputed.
     pub changed: bool,
     /// Records refused: bad MAC, implausible, or past the bound on known nodes.
     pub rejected: usize,
+    /// The nodes whose record was replaced by a newer one (this node's own when it refuted a
+    /// claim): what to pass on to the other links, and nothing else.
+    pub updated: Vec<String>,
+    /// The set of known nodes or an address changed (what the known-nodes file holds).
+    pub known_changed: bool,
+}
+
+/// What merged records did to the links both ends report.
+#[derive(Debug, Default)]
+struct RouteChange {
+    /// A link went away: routes are searched again from scratch.
+    removed: bool,
+    /// New links (both ends report them).
+    added: Vec<(String, String)>,
 }
 
 /// Cluster health as `CLUSTER_STATUS` reports it.
@@ -229,11 +243,13 @@ impl Topology {
         if rec.links == links && rec.services == services {
             return false;
         }
-        rec.links = links;
+        let old = std::mem::replace(&mut rec.links, links);
         rec.services = services;
         rec.seq += 1;
         self.key.sign(&me, rec);
-        self.recompute();
+        let mut change = RouteChange::default();
+        self.links_changed(&me, &old, &mut change);
+        self.apply(change);
         true
     }
 
@@ -260,25 +276,29 @@ impl Topology {
     /// A valid record about this node that is newer than its own (a copy from a previous run, or
     /// a node claiming to be this one) is refuted: this node's record moves past it.
     pub fn merge(&mut self, incoming: BTreeMap<String, NodeRecord>, now: i64) -> Merged {
+        let mut change = RouteChange::default();
         let mut m = Merged::default();
         for (name, mut rec) in incoming {
-            if name.is_empty()
-                || !nodus_wire::valid_name(&name)
-                || name.contains(['*', '?'])
-                || rec.implausible(now, self.max_nodes).is_some()
-                || !self.key.verify(&name, &rec)
-            {
+            if name.is_empty() || !nodus_wire::valid_name(&name) || name.contains(['*', '?']) {
+                m.rejected += 1;
+                continue;
+            }
+            // A version already held (the common case: flooding brings each record over every
+            // link) is dropped before any cryptography.
+            if self.records.get(&name).is_some_and(|cur| !rec.newer_than(cur)) {
+                continue;
+            }
+            if rec.implausible(now, self.max_nodes).is_some() || !self.key.verify(&name, &rec) {
                 m.rejected += 1;
                 continue;
             }
             if name == self.me {
                 let own = self.records.get_mut(&self.me).expect("own record");
-                if rec.newer_than(own) {
-                    own.incarnation = rec.incarnation;
-                    own.seq = rec.seq + 1;
-                    self.key.sign(&self.me, own);
-                    m.changed = true;
-                }
+                own.incarnation = rec.incarnation;
+                own.seq = rec.seq + 1;
+                self.key.sign(&self.me, own);
+                m.changed = true;
+                m.updated.push(name);
                 continue;
             }
             let current = self.records.get(&name);
@@ -286,26 +306,96 @@ impl Topology {
                 m.rejected += 1;
                 continue;
             }
-            if current.is_none_or(|cur| rec.newer_than(cur)) {
-                // Endpoints are handed to clients as they are: keep only plausible ones.
-                rec.apps.retain(|app, (host, port)| {
-                    nodus_wire::valid_name(app)
-                        && !app.is_empty()
-                        && !host.is_empty()
-                        && host.len() <= 253
-                        && *port != 0
-                });
-                if !rec.addr.is_empty() || !self.known.contains_key(&name) {
-                    self.known.insert(name.clone(), rec.addr.clone());
-                }
-                self.records.insert(name, rec);
-                m.changed = true;
+            // Endpoints are handed to clients as they are: keep only plausible ones.
+            rec.apps.retain(|app, (host, port)| {
+                nodus_wire::valid_name(app) && !app.is_empty() && !host.is_empty() && host.len() <= 253 && *port != 0
+            });
+            if (!rec.addr.is_empty() || !self.known.contains_key(&name)) && self.known.get(&name) != Some(&rec.addr) {
+                self.known.insert(name.clone(), rec.addr.clone());
+                m.known_changed = true;
+            }
+            let old = self.records.insert(name.clone(), rec).map(|r| r.links).unwrap_or_default();
+            self.links_changed(&name, &old, &mut change);
+            m.changed = true;
+            m.updated.push(name);
+        }
+        self.apply(change);
+        m
+    }
+
+    /// Notes which links (reported by both ends) `name`'s new record added or removed, compared
+    /// with its `old` links.
+    fn links_changed(&self, name: &str, old: &BTreeSet<String>, change: &mut RouteChange) {
+        let Some(new) = self.records.get(name).map(|r| &r.links) else { return };
+        let reports = |peer: &str| self.records.get(peer).is_some_and(|r| r.links.contains(name));
+        if old.difference(new).any(|p| reports(p)) {
+            change.removed = true;
+        }
+        for p in new.difference(old) {
+            if reports(p) {
+                change.added.push((name.to_string(), p.clone()));
             }
         }
-        if m.changed {
-            self.recompute();
+    }
+
+    /// Brings the routes up to date: a full search after a link went away, otherwise only the
+    /// nodes that new links bring nearer (links only added never make a route longer).
+    fn apply(&mut self, change: RouteChange) {
+        if change.removed {
+            return self.recompute();
         }
-        m
+        let mut queue = VecDeque::new();
+        for (a, b) in change.added {
+            for (u, v) in [(&a, &b), (&b, &a)] {
+                self.relax(u, v, &mut queue);
+            }
+        }
+        while let Some(node) = queue.pop_front() {
+            let peers: Vec<String> =
+                self.records.get(&node).map(|r| r.links.iter().cloned().collect()).unwrap_or_default();
+            for peer in peers {
+                if self.linked(&node, &peer) {
+                    self.relax(&node, &peer, &mut queue);
+                }
+            }
+        }
+    }
+
+    /// `v` through `u` when that is shorter than what `v` has; `v` is queued to pass it on.
+    fn relax(&mut self, u: &str, v: &str, queue: &mut VecDeque<String>) {
+        let Some(&du) = self.distance.get(u) else { return };
+        if self.distance.get(v).is_some_and(|&dv| dv <= du + 1) {
+            return;
+        }
+        let hop = if u == self.me { v.to_string() } else { self.next_hop[u].clone() };
+        self.distance.insert(v.to_string(), du + 1);
+        self.next_hop.insert(v.to_string(), hop);
+        queue.push_back(v.to_string());
+    }
+
+    /// The records of `names` that this node holds, for passing on what changed.
+    pub fn records_of<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, NodeRecord> {
+        names.into_iter().filter_map(|n| Some((n.clone(), self.records.get(n)?.clone()))).collect()
+    }
+
+    /// A digest of the version of every record held (FNV-1a over name, incarnation and
+    /// sequence, in name order): two nodes with equal digests hold the same records. Stable
+    /// across builds, unlike `std`'s hasher.
+    pub fn digest(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (name, r) in &self.records {
+            eat(name.as_bytes());
+            eat(&[0]);
+            eat(&r.incarnation.to_be_bytes());
+            eat(&r.seq.to_be_bytes());
+        }
+        h
     }
 
     /// Removes a node from the cluster's memory (`FORGET`). Returns whether it was known.
@@ -373,8 +463,9 @@ impl Topology {
 
     /// Live and known counts.
     pub fn health(&self) -> Health {
-        let live = self.known.keys().filter(|n| self.is_live(n)).count();
-        Health { live, known: self.known.len() }
+        // Every node with a record is known (merging a record learns its node), so the
+        // reachable ones are the live known ones.
+        Health { live: self.distance.len(), known: self.known.len() }
     }
 }
 
@@ -489,7 +580,7 @@ mod tests {
             r.mac = mac;
             BTreeMap::from([("b".to_string(), r)])
         };
-        assert_eq!(t.merge(forged(Vec::new()), NOW), Merged { changed: false, rejected: 1 });
+        assert_eq!(t.merge(forged(Vec::new()), NOW), Merged { changed: false, rejected: 1, ..Merged::default() });
         assert_eq!(t.merge(forged(vec![0; 32]), NOW).rejected, 1);
         let mut other_cluster = rec(5, 1, &["a"]);
         RecordKey::from_secret("other").sign("b", &mut other_cluster);
@@ -536,6 +627,42 @@ mod tests {
         assert!((own.incarnation, own.seq) > (claim.incarnation, claim.seq), "this node's record moved past it");
         assert_eq!((own.links.clone(), own.addr.clone()), (mine.links, mine.addr), "and still says what is true");
         assert!(key().verify("a", own));
+    }
+
+    #[test]
+    fn routes_kept_up_to_date_match_a_full_search() {
+        // Records of a random graph arrive one at a time, in a random order, with links
+        // added and some removed; after each merge the distances equal a search from scratch
+        // and every next hop is a direct neighbour on a shortest path.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let names: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+        let mut t = Topology::new("n0", "", 1, key(), 1024);
+        let mut seq = vec![0u64; names.len()];
+        for step in 0..400 {
+            let i = rng.gen_range(0..names.len());
+            let links: BTreeSet<String> = (0..rng.gen_range(0..5))
+                .map(|_| names[rng.gen_range(0..names.len())].clone())
+                .filter(|p| *p != names[i])
+                .collect();
+            if i == 0 {
+                t.set_local(links, BTreeSet::new());
+            } else {
+                seq[i] += 1;
+                let mut r = rec(1, seq[i], &[]);
+                r.links = links;
+                key().sign(&names[i], &mut r);
+                t.merge(BTreeMap::from([(names[i].clone(), r)]), NOW);
+            }
+            let (distance, next_hop) = (t.distance.clone(), t.next_hop.clone());
+            t.recompute();
+            assert_eq!(distance, t.distance, "step {step}");
+            for (dest, hop) in &next_hop {
+                assert_eq!(t.distance[hop], 1, "step {step}: {dest} via {hop}");
+                assert!(t.linked("n0", hop));
+            }
+            assert_eq!(t.health().live, t.known().keys().filter(|n| t.is_live(n)).count());
+        }
     }
 
     #[test]

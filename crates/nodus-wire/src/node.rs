@@ -448,6 +448,15 @@ pub enum LinkMsg {
         /// The encoded records.
         records: Bytes,
     },
+    /// `SUMMARY digest=;records=`: anti-entropy. A digest of the versions of every link-state
+    /// record the sender holds (16 hex digits) and how many; a peer whose own differs sends its
+    /// records.
+    Summary {
+        /// Digest of every (node, incarnation, sequence) held, in hex.
+        digest: String,
+        /// Records held.
+        records: u64,
+    },
     /// `FORGET server=`: remove a node from the cluster's memory, passed on to every node.
     Forget {
         /// The node to forget.
@@ -504,6 +513,10 @@ impl TryFrom<&Message> for LinkMsg {
             "LINK_PING" => LinkMsg::Ping { t: int("t")? },
             "LINK_PONG" => LinkMsg::Pong { t0: int("t0")?, t1: int("t1")? },
             "GOSSIP" => LinkMsg::Gossip { records: m.payload.clone() },
+            "SUMMARY" => LinkMsg::Summary {
+                digest: text("digest"),
+                records: u64::try_from(int("records")?).map_err(|_| bad("records= is negative"))?,
+            },
             "FORGET" => match m.get("server") {
                 Some(s) if !s.is_empty() => LinkMsg::Forget { server: s.to_string() },
                 _ => return Err(bad("server=NAME is missing")),
@@ -541,6 +554,9 @@ impl LinkMsg {
             LinkMsg::Ping { t } => Message::new("LINK_PING").param("t", t),
             LinkMsg::Pong { t0, t1 } => Message::new("LINK_PONG").param("t0", t0).param("t1", t1),
             LinkMsg::Gossip { records } => Message::new("GOSSIP").with_payload(records.clone()),
+            LinkMsg::Summary { digest, records } => {
+                Message::new("SUMMARY").param("digest", digest).param("records", records)
+            }
             LinkMsg::Forget { server } => Message::new("FORGET").param("server", server),
             LinkMsg::Shutdown => Message::new("SHUTDOWN"),
         }
@@ -637,6 +653,7 @@ mod tests {
             LinkMsg::Ping { t: 5 },
             LinkMsg::Pong { t0: 5, t1: -7 },
             LinkMsg::Gossip { records: Bytes::from_static(b"\x80") },
+            LinkMsg::Summary { digest: "00ff00ff00ff00ff".into(), records: 3 },
             LinkMsg::Forget { server: "c".into() },
             LinkMsg::Shutdown,
         ];

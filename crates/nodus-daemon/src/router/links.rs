@@ -20,10 +20,14 @@ use nodus_wire::Message;
 use ring::hmac;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// Full gossip to every link every this many ticks (anti-entropy), besides gossip on change.
-const GOSSIP_EVERY_TICKS: u64 = 20;
+/// A `SUMMARY` (digest of the records held) to every link every this many ticks (anti-entropy);
+/// records themselves travel only when they change, or to a peer whose digest differs.
+const SUMMARY_EVERY_TICKS: u64 = 20;
 /// Smallest standard deviation the failure detector assumes, ms.
-const MIN_STD_MS: f64 = 50.0;
+const MIN_STD_MS: f64 = 100.0;
+/// Silence tolerated beyond the expected heartbeat, in heartbeat periods (the detector's
+/// acceptable pause): a peer must miss about this many heartbeats before suspicion rises.
+const ACCEPTABLE_PAUSE_HEARTBEATS: f64 = 3.0;
 /// Pings remembered while waiting for their pong.
 const MAX_PINGS: usize = 16;
 /// Clock samples kept per link; the offset reported is their median.
@@ -225,7 +229,9 @@ impl Router {
                 out.push(Action::Close(old));
             }
         }
-        let mut detector = PhiDetector::new(self.policy.heartbeat.as_millis() as f64, MIN_STD_MS);
+        let heartbeat = self.policy.heartbeat.as_millis() as f64;
+        let mut detector =
+            PhiDetector::new(heartbeat, MIN_STD_MS).with_acceptable_pause(heartbeat * ACCEPTABLE_PAUSE_HEARTBEATS);
         detector.heartbeat(now);
         let link = Link {
             peer: peer.clone(),
@@ -235,6 +241,7 @@ impl Router {
             pings: VecDeque::new(),
             samples: VecDeque::new(),
             hung_up: false,
+            synced_tick: self.ticks,
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.role = Role::Link(link);
@@ -244,8 +251,10 @@ impl Router {
         if !addr.is_empty() && addr.len() <= crate::topology::MAX_ADDR_LEN {
             self.topology.remember([(peer.clone(), addr.to_string())]);
         }
-        self.local_changed(out);
+        // The new peer gets every record (it may know none of them); the others get this
+        // node's new record only.
         self.send_gossip(conn, out);
+        self.local_changed(out);
         self.notify("NEW_REMOTE_CONNECTION", &[("server", &peer)], out);
         self.save_nodes(out);
         self.health_changed(out);
@@ -273,6 +282,10 @@ impl Router {
         now: i64,
         out: &mut Vec<Action>,
     ) -> Option<Permissions> {
+        // Whatever the peer sent, it was alive to send it.
+        if let Some(Role::Link(link)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
+            link.detector.evidence(now);
+        }
         match LinkMsg::try_from(msg) {
             Ok(l) => {
                 self.link_control(conn, l, now, out);
@@ -341,12 +354,28 @@ impl Router {
                             );
                         }
                         if merged.changed {
-                            self.flood_gossip(Some(conn), out);
-                            self.save_nodes(out);
+                            // Pass on what was new here, and only that: each version of a record
+                            // crosses each link at most once in each direction.
+                            self.flood_records(&merged.updated, Some(conn), out);
+                            if merged.known_changed {
+                                self.save_nodes(out);
+                            }
                             self.health_changed(out);
                         }
                     }
                     _ => tracing::warn!(conn, "ignoring malformed GOSSIP"),
+                }
+            }
+            LinkMsg::Summary { digest, records } => {
+                let mine = format!("{:016x}", self.topology.digest());
+                let ticks = self.ticks;
+                let Some(Role::Link(link)) = self.conns.get_mut(&conn).map(|c| &mut c.role) else { return };
+                // A peer that holds other versions gets every record here, at most once per
+                // summary period (it sends what it has that is newer the same way).
+                if digest != mine && ticks.saturating_sub(link.synced_tick) >= SUMMARY_EVERY_TICKS / 2 {
+                    link.synced_tick = ticks;
+                    tracing::debug!(conn, records, "a peer's records differ: sending ours");
+                    self.send_gossip(conn, out);
                 }
             }
             LinkMsg::Disconnect { .. } => {
@@ -524,7 +553,8 @@ impl Router {
     /// any locator in the cluster resolves them.
     pub fn set_app_endpoints(&mut self, apps: BTreeMap<String, (String, u16)>, out: &mut Vec<Action>) {
         if self.topology.set_local_apps(apps) {
-            self.flood_gossip(None, out);
+            let me = [self.server.clone()];
+            self.flood_records(&me, None, out);
         }
     }
 
@@ -550,26 +580,29 @@ impl Router {
         let links: BTreeSet<String> = self.links.keys().cloned().collect();
         let services: BTreeSet<String> = self.services.keys().cloned().collect();
         if self.topology.set_local(links, services) {
-            self.flood_gossip(None, out);
+            let me = [self.server.clone()];
+            self.flood_records(&me, None, out);
         }
     }
 
-    fn gossip_message(&self) -> Message {
-        let payload = rmp_serde::to_vec(self.topology.records()).unwrap_or_default();
+    fn gossip_message(&self, records: &BTreeMap<String, NodeRecord>) -> Message {
+        let payload = rmp_serde::to_vec(records).unwrap_or_default();
         let mut m = LinkMsg::Gossip { records: payload.into() }.to_message();
         m.from = self.node_address();
         m
     }
 
+    /// Every record this node holds, to one link (a new link, or a peer whose digest differs).
     fn send_gossip(&self, conn: ConnId, out: &mut Vec<Action>) {
-        out.push(Action::Deliver(conn, self.gossip_message()));
+        out.push(Action::Deliver(conn, self.gossip_message(self.topology.records())));
     }
 
-    fn flood_gossip(&self, except: Option<ConnId>, out: &mut Vec<Action>) {
-        if self.links.is_empty() {
+    /// The records of `names` (as held now) to every link but `except`, in one message.
+    fn flood_records(&self, names: &[String], except: Option<ConnId>, out: &mut Vec<Action>) {
+        if names.is_empty() || self.links.values().all(|id| Some(*id) == except) {
             return;
         }
-        let m = self.gossip_message();
+        let m = self.gossip_message(&self.topology.records_of(names));
         for id in self.links.values() {
             if Some(*id) != except {
                 out.push(Action::Deliver(*id, m.clone()));
@@ -624,6 +657,19 @@ impl Router {
     /// Heartbeats, failure detection, periodic gossip, and handshakes past their deadline.
     pub(super) fn cluster_tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.ticks += 1;
+        // A tick much later than its period means this node was stalled (overloaded, stopped):
+        // the peers' silence over that time is this node's, not theirs.
+        let period = super::ms(self.policy.heartbeat.min(std::time::Duration::from_millis(500)));
+        let stalled = self.last_tick.map_or(0, |t| now - t - 2 * period);
+        self.last_tick = Some(now);
+        if stalled > 0 {
+            tracing::debug!(stalled_ms = stalled, "this node was stalled: not counting it against its links");
+            for id in self.links.values() {
+                if let Some(Role::Link(l)) = self.conns.get_mut(id).map(|c| &mut c.role) {
+                    l.detector.pause(stalled + period);
+                }
+            }
+        }
         let deadline = super::ms(self.policy.handshake_timeout);
         let mut late = Vec::new();
         for (id, c) in self.conns.iter_mut() {
@@ -662,8 +708,14 @@ impl Router {
             // requests it carried fail at once.
             self.disconnect(id, out);
         }
-        if self.ticks.is_multiple_of(GOSSIP_EVERY_TICKS) {
-            self.flood_gossip(None, out);
+        if self.ticks.is_multiple_of(SUMMARY_EVERY_TICKS) && !self.links.is_empty() {
+            let summary = LinkMsg::Summary {
+                digest: format!("{:016x}", self.topology.digest()),
+                records: self.topology.records().len() as u64,
+            };
+            for id in self.links.values() {
+                self.send_link(*id, &summary, out);
+            }
         }
     }
 
