@@ -93,7 +93,7 @@ fn thirty_nodes_started_together_converge_without_false_deaths_and_see_a_hub_die
         let config = format!(
             "server_name = \"{name}\"\ndata_dir = {:?}\nunix_socket = {socket:?}\ntcp_listen = \"\"\n\
              [cluster]\nlisten = \"127.0.0.1:{}\"\nneighbors = [{}]\nsecret = \"scale-test\"\n\
-             heartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+             heartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nenabled = false\n[http]\nlisten = \"\"\n",
             dir.join("data"),
             ports[i],
             neighbors.join(","),

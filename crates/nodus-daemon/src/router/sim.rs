@@ -26,7 +26,7 @@ use nodus_wire::{binary, Backoff, Message};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
 
 /// The virtual clock starts at this Unix time (ms): incarnations must be plausible.
@@ -265,7 +265,7 @@ struct Node {
     scheduled: bool,
     tick_queued: bool,
     /// Connection → the pipe this node writes to.
-    conns: HashMap<ConnId, usize>,
+    conns: BTreeMap<ConnId, usize>,
     next_conn: ConnId,
     dialers: Vec<Dialer>,
     sent: Traffic,
@@ -285,7 +285,7 @@ pub struct Sim {
     pipes: Vec<Pipe>,
     rng: StdRng,
     side: Vec<u32>,
-    cuts: HashSet<(usize, usize)>,
+    cuts: BTreeSet<(usize, usize)>,
     deaths: Vec<Death>,
     /// Events handled so far.
     pub events: u64,
@@ -325,7 +325,7 @@ impl Sim {
                 busy_until: 0,
                 scheduled: false,
                 tick_queued: false,
-                conns: HashMap::new(),
+                conns: BTreeMap::new(),
                 next_conn: 1,
                 dialers,
                 sent: Traffic::default(),
@@ -343,7 +343,7 @@ impl Sim {
             nodes,
             pipes: Vec::new(),
             rng,
-            cuts: HashSet::new(),
+            cuts: BTreeSet::new(),
             deaths: Vec::new(),
             events: 0,
             cpu_us: 0.0,
@@ -482,7 +482,8 @@ impl Sim {
     /// Kills node `i` (kill -9): its connections close at once, the peers see them end after
     /// the latency; what it had queued is lost. It remembers what it last saved.
     pub fn crash(&mut self, i: usize) {
-        let conns: Vec<usize> = self.nodes[i].conns.drain().map(|(_, p)| p).collect();
+        // In connection order: the run must not depend on a hash seed.
+        let conns: Vec<usize> = std::mem::take(&mut self.nodes[i].conns).into_values().collect();
         for p in conns {
             self.send(p, Packet::Fin, self.now);
             self.pipes[p].open = false;
