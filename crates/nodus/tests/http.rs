@@ -205,6 +205,64 @@ fn with_token_on_loopback_every_route_asks_for_the_token() {
     assert_eq!((public.status, public.json()["error"].as_str()), (404, Some("unknown_app")), "{public:?}");
 }
 
+/// This host's address beyond loopback (the one a route to another network would use), if any.
+fn outside_address() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.254:9").ok()?; // no packet is sent
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// `curl -sk` (a real TLS client): (status, body).
+fn curl(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sk", "--max-time", "20", "-w", "\n%{http_code}", url]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = String::from_utf8_lossy(&cmd.output().expect("curl runs").stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn beyond_loopback_https_needs_the_token_except_on_public_routes() {
+    let Some(ip) = outside_address() else {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "this host has no address beyond loopback");
+        eprintln!("SKIPPED: this host has no address beyond loopback");
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), ip.to_string()]).unwrap();
+    let (cert, key) = (root.path().join("http.pem"), root.path().join("http.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let extra = format!(
+        "tls = true\ntls_cert = {:?}\ntls_key = {:?}\npublic = [\"shop/http\"]",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let node = Node::start_on("0.0.0.0", root.path(), "alpha", &[], &extra, "info");
+    let base = format!("https://{ip}:{}", node.http);
+    for path in ["/", "/api/node", "/metrics", "/echo/http", "/shop/other"] {
+        let (status, body) = curl(&format!("{base}{path}"), None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(curl(&format!("{base}{path}"), Some("wrong")).0, 401, "{path}");
+    }
+    let (status, body) = curl(&format!("{base}/api/node"), Some(&node.token()));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"server\":\"alpha\""), "{body}");
+    // The public route is open; there is no such app, which the gateway says.
+    let (status, body) = curl(&format!("{base}/shop/http"), None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_app"), "{body}");
+    // The same port over loopback is open without the token, and speaks only TLS.
+    let (status, _) = curl(&format!("https://127.0.0.1:{}/api/node", node.http), None);
+    assert_eq!(status, 200);
+    let (status, _) = curl(&format!("http://127.0.0.1:{}/api/node", node.http), None);
+    assert_ne!(status, 200, "plain HTTP on the HTTPS port");
+}
+
 #[test]
 fn one_request_is_followed_across_nodes_by_its_id() {
     let root = tempfile::tempdir().unwrap();
