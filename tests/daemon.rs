@@ -145,7 +145,7 @@ async fn register_is_answered_help_then_ready_with_the_server_name() {
 
     let mut other = TextConn::connect(&node).await;
     other.send("LIST_SERVICES").await;
-    assert_eq!(other.expect("SERVICES").await.get("list"), Some("svc"));
+    assert_eq!(other.expect("SERVICES").await.get("list"), Some("control,flags,svc"), "with the built-in services");
 }
 
 #[tokio::test]
@@ -158,7 +158,7 @@ async fn register_twice_on_one_connection_is_invalid() {
     assert_eq!(m.get("command"), Some("REGISTER"));
     assert!(m.get("message").unwrap_or("").contains("already registered"), "{m:?}");
     c.send("LIST_SERVICES").await;
-    assert_eq!(c.recv().await.get("list"), Some("first"), "the first registration stands, alone");
+    assert_eq!(c.recv().await.get("list"), Some("control,first,flags"), "the first registration stands, alone");
 }
 
 #[tokio::test]
@@ -183,7 +183,7 @@ async fn register_without_version_or_with_a_reserved_or_bad_name_is_invalid() {
         assert!(!m.get("message").unwrap_or("").is_empty(), "{line}: INVALID says why");
     }
     c.send("LIST_SERVICES").await;
-    assert_eq!(c.recv().await.get("list"), Some(""), "nothing was registered");
+    assert_eq!(c.recv().await.get("list"), Some("control,flags"), "nothing was registered but the built-ins");
     // The connection is still usable and can register properly.
     c.register("fine").await;
 }
@@ -197,12 +197,15 @@ async fn unregister_removes_the_service_and_list_services_is_sorted() {
     let mut c = TextConn::connect(&node).await;
     c.send("LIST_SERVICES _id=4").await;
     let m = c.recv().await;
-    assert_eq!((m.command.as_str(), m.get("list"), m.envelope.reply_to), ("SERVICES", Some("alpha,mid,zeta"), 4));
+    assert_eq!(
+        (m.command.as_str(), m.get("list"), m.envelope.reply_to),
+        ("SERVICES", Some("alpha,control,flags,mid,zeta"), 4)
+    );
 
     mid.send("UNREGISTER").await;
     sync(&mut mid).await; // UNREGISTER has no reply of its own.
     c.send("LIST_SERVICES").await;
-    assert_eq!(c.recv().await.get("list"), Some("alpha,zeta"));
+    assert_eq!(c.recv().await.get("list"), Some("alpha,control,flags,zeta"));
     c.send("mid/HELLO").await;
     let m = c.recv().await;
     assert_eq!((m.command.as_str(), m.get("destination_service")), ("SERVICE_UNAVAILABLE", Some("mid")));
@@ -214,7 +217,7 @@ async fn unregister_removes_the_service_and_list_services_is_sorted() {
     // After UNREGISTER the connection may register again, under another name.
     mid.register("beta").await;
     c.send("LIST_SERVICES").await;
-    assert_eq!(c.recv().await.get("list"), Some("alpha,beta,zeta"));
+    assert_eq!(c.recv().await.get("list"), Some("alpha,beta,control,flags,zeta"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,7 +466,7 @@ async fn responder_disconnect_fails_the_requests_in_flight() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn request_tracking_ends_with_a_timeout_error_at_its_expiry() {
+async fn request_tracking_ends_with_an_expired_error_at_its_expiry() {
     let node = Node::start("").await;
     let mut svc = service(&node, "svc").await;
     let mut c = TextConn::connect(&node).await;
@@ -472,7 +475,8 @@ async fn request_tracking_ends_with_a_timeout_error_at_its_expiry() {
     c.send(&format!("svc/ASK _id=21;_expires_at={}", node.clock.now_ms() + 400)).await;
     let ask = svc.recv().await;
     let m = c.recv().await;
-    assert_eq!((m.command.as_str(), m.get("code"), m.get("command")), ("ERROR", Some("timeout"), Some("ASK")));
+    // Its own `_expires_at` ended it (`request_timeout_secs` would be `timeout`).
+    assert_eq!((m.command.as_str(), m.get("code"), m.get("command")), ("ERROR", Some("expired"), Some("ASK")));
     assert_eq!(m.envelope.reply_to, 21);
     // A late reply is dropped: the requester got its one answer already.
     svc.send(&format!("LATE _reply_to={}", ask.envelope.id)).await;
@@ -597,8 +601,9 @@ async fn info_reports_the_node_state() {
     let m = c.recv().await;
     assert_eq!((m.command.as_str(), m.envelope.reply_to), ("INFO", 3));
     assert_eq!(m.get("server"), Some("n1"));
-    assert_eq!(m.get("received"), Some("2"), "the PING and the INFO itself");
-    assert_eq!((m.get("services"), m.get("instances"), m.get("pending")), (Some("0"), Some("0"), Some("0")));
+    // The node's built-in services (`control`, `flags`) registered at its start.
+    assert_eq!(m.get("received"), Some("4"), "their REGISTERs, the PING and the INFO itself");
+    assert_eq!((m.get("services"), m.get("instances"), m.get("pending")), (Some("2"), Some("2"), Some("0")));
     for key in ["version", "uptime_ms", "delivered", "invalid", "expired", "undeliverable", "cached"] {
         assert!(m.get(key).is_some(), "INFO has {key}: {m:?}");
     }
@@ -610,8 +615,8 @@ async fn info_reports_the_node_state() {
     c.send("INFO").await;
     let m = c.recv().await;
     assert_eq!(count(&m, "connections"), connections + 1, "one more connection");
-    assert_eq!((m.get("services"), m.get("instances")), (Some("1"), Some("1")));
-    assert_eq!(count(&m, "received"), 4, "PING, INFO, the service's REGISTER and this INFO");
+    assert_eq!((m.get("services"), m.get("instances")), (Some("3"), Some("3")));
+    assert_eq!(count(&m, "received"), 6, "the built-ins', PING, INFO, the service's REGISTER and this INFO");
 }
 
 #[tokio::test]
@@ -619,7 +624,11 @@ async fn info_counts_client_connections_only() {
     let node = Node::start("").await;
     let mut c = TextConn::connect(&node).await;
     c.send("INFO").await;
-    assert_eq!(c.recv().await.get("connections"), Some("1"), "a single client is connected (UDP is disabled)");
+    assert_eq!(
+        c.recv().await.get("connections"),
+        Some("1"),
+        "a single client is connected (UDP is disabled; the built-in services are not clients)"
+    );
 }
 
 #[tokio::test]

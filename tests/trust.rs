@@ -112,7 +112,7 @@ async fn udp_datagrams_cannot_stop_the_node_or_register_a_service() {
     let poke = svc.expect("POKE").await;
     assert_eq!(poke.get("n"), Some("1"));
     let list = text_request(&mut svc, "LIST_SERVICES _id=2", 2).await;
-    assert_eq!(list.get("list"), Some("svc"), "no black-hole service");
+    assert_eq!(list.get("list"), Some("control,flags,svc"), "no black-hole service");
     let info = info(&mut svc, 3).await;
     assert_eq!(info.get("refused"), Some("4"));
     assert_eq!(info.get("quitting"), Some("false"));

@@ -32,8 +32,8 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
         Command::RawEcho { listen } => child_role(baseline::raw_echo(&listen)).await,
         Command::RawForwarder { listen, upstream } => child_role(baseline::raw_forwarder(&listen, &upstream)).await,
         Command::Apps { cold_starts } => interruptible(crate::apps::run(&options, cold_starts)).await,
-        Command::Tasks { tasks, submitters, light, worker } => {
-            let load = crate::tasks::TasksLoad { tasks, submitters, light, worker };
+        Command::Tasks { tasks, submitters, light, worker, postgres } => {
+            let load = crate::tasks::TasksLoad { tasks, submitters, light, worker, postgres };
             interruptible(crate::tasks::run(options.json, load)).await
         }
         // Normally handled in `main` before the runtime is built; harmless here too.

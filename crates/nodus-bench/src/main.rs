@@ -98,7 +98,8 @@ enum Command {
     },
     /// Task figures: submit-only throughput, end to end (submit → no-op procedure in a worker
     /// process → completion on disk) with 1 and 4 workers, synchronous=FULL and NORMAL, and
-    /// latency at light load; on the task crate in this process with real workers and SQLite.
+    /// latency at light load; on the task crate in this process with real workers and SQLite,
+    /// and PostgreSQL with --postgres.
     Tasks {
         /// Tasks per throughput measurement.
         #[arg(long, default_value_t = 20_000)]
@@ -112,6 +113,10 @@ enum Command {
         /// The procedures worker (default: nodus-procs-worker next to this executable).
         #[arg(long)]
         worker: Option<PathBuf>,
+        /// Also measure on this PostgreSQL database (postgres://user@host:port/database; each
+        /// measurement in a scratch schema, dropped afterwards), next to SQLite.
+        #[arg(long, env = "NODUS_TEST_PG")]
+        postgres: Option<String>,
     },
     /// Child process: connects to a Unix socket, writes one byte and exits (cold-start baseline).
     #[command(hide = true)]

@@ -4,8 +4,9 @@
 //! matches replies to requests, hands everything else to [`crate::Incoming`] without ever waiting
 //! for its reader, and reconnects with [`nodus_wire::Backoff`].
 
-use crate::{ClientConfig, ClientError, Command, Endpoint, State, Status};
+use crate::{ClientConfig, ClientError, Command, Endpoint, SelfReport, State, Status};
 use bytes::BytesMut;
+use nodus_control::control::{Body, ControlMessage, MonitoringResult, Spec, KILL, MONITORING};
 use nodus_wire::{binary, Backoff, Decoded, Message};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,8 @@ pub(crate) struct Established {
     /// Messages that arrived during the handshake (cached messages follow `READY`).
     early: Vec<Message>,
     pub(crate) server: String,
+    /// The service's component id (`READY component=`).
+    pub(crate) component: u64,
 }
 
 async fn open(endpoint: &Endpoint, config: &ClientConfig) -> std::io::Result<Box<Io>> {
@@ -73,7 +76,16 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
     }
     let hello_id = auth_id.wrapping_add(2);
     let hello = match &config.service {
-        Some(name) => Message::new("REGISTER").param("service", name).param("version", 1).with_id(hello_id),
+        Some(name) => {
+            let mut m = Message::new("REGISTER").param("service", name).param("version", 1).with_id(hello_id);
+            if let Some((pid, node)) = &config.parent {
+                m.envelope.pid = *pid;
+                if let Some(node) = node {
+                    m = m.param("parent_node", node);
+                }
+            }
+            m
+        }
         None => Message::new("PING").with_id(hello_id),
     };
     encode(&hello, &mut out).map_err(|e| failed(e.to_string()))?;
@@ -89,6 +101,7 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
         decoder: binary::FrameDecoder::new(config.max_frame),
         early: Vec::new(),
         server: String::new(),
+        component: 0,
     };
     let mut state = Handshake { authenticated: config.token.is_none(), ready: false };
     let handshake = async {
@@ -113,6 +126,7 @@ pub(crate) async fn establish(endpoint: &Endpoint, config: &ClientConfig) -> Res
                     match m.command.as_str() {
                         "READY" | "PONG" => {
                             conn.server = m.get("server").unwrap_or(&m.from.server).to_string();
+                            conn.component = m.get("component").and_then(|c| c.parse().ok()).unwrap_or(0);
                             state.ready = true;
                         }
                         "HELP" => {}
@@ -154,10 +168,16 @@ pub(crate) struct Driver {
     dropped: Arc<AtomicU64>,
     /// In a run of drops (logged once per run).
     slow: bool,
+    /// What the service says when monitored.
+    report: Arc<std::sync::Mutex<SelfReport>>,
+    /// Answers to the control plane, to write before anything else.
+    answers: Vec<Message>,
+    /// The node's control plane killed this service: answer, then close for good.
+    killed: bool,
 }
 
 enum Exit {
-    /// Every client handle is gone.
+    /// Every client handle is gone, or the service was killed.
     Closed,
     /// The connection dropped.
     Dropped,
@@ -171,8 +191,21 @@ impl Driver {
         incoming: mpsc::Sender<Message>,
         status: watch::Sender<Status>,
         dropped: Arc<AtomicU64>,
+        report: Arc<std::sync::Mutex<SelfReport>>,
     ) -> Driver {
-        Driver { endpoint, config, commands, incoming, status, pending: HashMap::new(), dropped, slow: false }
+        Driver {
+            endpoint,
+            config,
+            commands,
+            incoming,
+            status,
+            pending: HashMap::new(),
+            dropped,
+            slow: false,
+            report,
+            answers: Vec::new(),
+            killed: false,
+        }
     }
 
     pub(crate) async fn run(mut self, first: Established) {
@@ -189,11 +222,12 @@ impl Driver {
             self.status.send_modify(|s| s.state = State::Reconnecting);
             match self.reconnect().await {
                 Some(c) => {
-                    let server = c.server.clone();
+                    let (server, component) = (c.server.clone(), c.component);
                     conn = c;
                     self.status.send_modify(|s| {
                         s.state = State::Connected;
                         s.server = server;
+                        s.component = component;
                     });
                 }
                 None => break,
@@ -242,6 +276,23 @@ impl Driver {
                         return Exit::Dropped;
                     }
                 }
+            }
+            if !self.answers.is_empty() {
+                for m in std::mem::take(&mut self.answers) {
+                    if let Err(e) = binary::encode(&m, &mut out, self.config.max_frame) {
+                        warn!(error = %e, "control answer too large; not sent");
+                    }
+                }
+                let r = conn.wr.write_all(&out).await;
+                out.clear();
+                if r.is_err() {
+                    return Exit::Dropped;
+                }
+            }
+            if self.killed {
+                // The node closes the connection once it has the answer; nothing more goes out.
+                let _ = conn.wr.shutdown().await;
+                return Exit::Closed;
             }
             tokio::select! {
                 c = self.commands.recv() => {
@@ -324,6 +375,15 @@ impl Driver {
     /// Routes one incoming message: to the request it answers, else to [`crate::Incoming`]
     /// without waiting (a full stream drops the message; see the crate docs).
     fn dispatch(&mut self, m: Message) {
+        if self.config.control && m.envelope.reply_to == 0 && matches!(m.command.as_str(), MONITORING | KILL) {
+            if let Some(answer) = self.control(&m) {
+                self.answers.push(answer);
+                if !self.killed {
+                    return;
+                }
+                // Killed: the program learns it from the KILL itself, then the stream ends.
+            }
+        }
         if m.envelope.reply_to != 0 && settles(&m) {
             if let Some(w) = self.pending.remove(&m.envelope.reply_to) {
                 if let Err(Ok(m)) = w.send(Ok(m)) {
@@ -352,6 +412,70 @@ impl Driver {
             // Nobody reads incoming messages: requests are still served while handles exist.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+impl Driver {
+    /// The SDK's answer to a control message (seed 000) for its service: `MONITORING` from
+    /// anyone, `KILL` only from this node's `control` service (anything else would let any
+    /// sender stop a service). `None`: not a control message this SDK answers.
+    fn control(&mut self, m: &Message) -> Option<Message> {
+        let request = match ControlMessage::from_message(m) {
+            Ok(c) => c,
+            Err(e) => {
+                let bad = m.reply("INVALID").param("command", &m.command).param("message", e.to_string());
+                return (m.envelope.id != 0).then_some(bad);
+            }
+        };
+        let (component, server) = {
+            let s = self.status.borrow();
+            (nodus_control::ComponentId::new(s.component), s.server.clone())
+        };
+        let creator = format!("{server}:{}", self.config.service.as_deref().unwrap_or(""));
+        let now = now_ms();
+        let body = match request.body {
+            Body::Monitoring { sync_time, .. } => {
+                let report = self.report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut message = report.message;
+                truncate(&mut message, nodus_control::control::MAX_TEXT_BYTES);
+                let name = self.config.service.clone().unwrap_or_else(|| "client".into());
+                let result =
+                    MonitoringResult { sync_time, name, host: server.clone(), is_running: report.is_running, message };
+                Body::MonitoringResult { component, result }
+            }
+            Body::Kill { .. } if m.from.service == "control" && m.from.server == server => {
+                debug!("killed by the node's control plane: answering, then closing for good");
+                self.killed = true;
+                Body::KillResult { component, stopped: true, unanswered: Vec::new() }
+            }
+            Body::Kill { .. } => Body::Error {
+                spec: Spec::Kill,
+                component,
+                code: "refused".into(),
+                message: format!("only node {server}'s control service kills this service: use `nodus kill ID`"),
+            },
+            _ => return None,
+        };
+        let answer = ControlMessage::answer(&request.header, component, &creator, now, body);
+        (m.envelope.id != 0 || self.killed).then(|| answer.reply_to(m))
+    }
+}
+
+/// The wall clock in Unix ms, for the envelope times of control messages.
+#[allow(clippy::disallowed_methods)] // The SDK runs in other programs: it has no node clock.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 

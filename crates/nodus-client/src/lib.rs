@@ -33,6 +33,8 @@
 
 pub mod admin;
 mod connection;
+pub mod control;
+pub mod flags;
 
 use nodus_wire::Message;
 use std::path::PathBuf;
@@ -110,6 +112,8 @@ pub struct ClientConfig {
     request_timeout: Duration,
     token: Option<String>,
     connector: Option<Connector>,
+    control: bool,
+    parent: Option<(u64, Option<String>)>,
 }
 
 /// A byte stream to a node: what a [`Connector`] opens.
@@ -138,6 +142,8 @@ impl std::fmt::Debug for ClientConfig {
             .field("request_timeout", &self.request_timeout)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("connector", &self.connector.as_ref().map(|_| "<set>"))
+            .field("control", &self.control)
+            .field("parent", &self.parent)
             .finish()
     }
 }
@@ -162,6 +168,8 @@ impl ClientConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             token: None,
             connector: None,
+            control: true,
+            parent: None,
         }
     }
 
@@ -238,6 +246,24 @@ impl ClientConfig {
     /// Timeout of [`Client::request`].
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Whether the SDK answers the control plane for this service (the default): `MONITORING`
+    /// is answered with the service name, the node, and what [`Client::set_status`] last said;
+    /// `KILL` from the node's `control` service is answered, handed to [`Incoming`] (so the
+    /// program learns it), and the client closes for good (no reconnect). With `false` both arrive
+    /// on [`Incoming`] like any message, for the program to answer itself.
+    pub fn handle_control(mut self, handle: bool) -> Self {
+        self.control = handle;
+        self
+    }
+
+    /// The component that started this service (seed 000 `pid`), for the node's component tree:
+    /// `pid` as announced to it in `READY component=` (see [`Client::component`]), and the node it
+    /// runs on when that is another node. A kill of the parent then kills this service first.
+    pub fn parent(mut self, pid: u64, node: Option<String>) -> Self {
+        self.parent = Some((pid, node));
         self
     }
 
@@ -481,6 +507,15 @@ pub enum State {
 pub(crate) struct Status {
     pub(crate) state: State,
     pub(crate) server: String,
+    /// The service's component id, from `READY component=` (0 before, or without a service).
+    pub(crate) component: u64,
+}
+
+/// What this service says about itself when monitored (see [`Client::set_status`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SelfReport {
+    pub(crate) is_running: bool,
+    pub(crate) message: String,
 }
 
 /// What a handle asks of the driver task, in order. Messages in it are known to fit in a frame.
@@ -504,6 +539,7 @@ pub struct Client {
     hold: usize,
     max_frame: usize,
     request_timeout: Duration,
+    report: Arc<std::sync::Mutex<SelfReport>>,
 }
 
 /// Messages for this client that are not replies to its requests; a [`futures_core::Stream`].
@@ -551,9 +587,22 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(config.queue.max(config.hold).max(1));
         let (in_tx, in_rx) = mpsc::channel(config.incoming.max(1));
         let first = connection::establish(&endpoint, &config).await?;
-        let (status_tx, status_rx) = watch::channel(Status { state: State::Connected, server: first.server.clone() });
+        let (status_tx, status_rx) = watch::channel(Status {
+            state: State::Connected,
+            server: first.server.clone(),
+            component: first.component,
+        });
         let dropped = Arc::new(AtomicU64::new(0));
-        let driver = connection::Driver::new(endpoint, config.clone(), cmd_rx, in_tx, status_tx, dropped.clone());
+        let report = Arc::new(std::sync::Mutex::new(SelfReport::default()));
+        let driver = connection::Driver::new(
+            endpoint,
+            config.clone(),
+            cmd_rx,
+            in_tx,
+            status_tx,
+            dropped.clone(),
+            report.clone(),
+        );
         tokio::spawn(driver.run(first));
         let seed = rand::random::<u64>() >> 16;
         Ok((
@@ -564,6 +613,7 @@ impl Client {
                 hold: config.hold,
                 max_frame: config.max_frame,
                 request_timeout: config.request_timeout,
+                report,
             },
             Incoming { rx: in_rx, dropped },
         ))
@@ -577,6 +627,20 @@ impl Client {
     /// The server name of the node, as it said in `READY` (or `PONG`).
     pub fn server(&self) -> String {
         self.status.borrow().server.clone()
+    }
+
+    /// This service's component id in its node's tree (from `READY component=`; it changes when
+    /// the client registers again after a reconnect), or 0 without a service.
+    pub fn component(&self) -> u64 {
+        self.status.borrow().component
+    }
+
+    /// What this service answers when monitored (see [`ClientConfig::handle_control`]): whether
+    /// it is doing work, and a short message (at most 1 KiB is sent).
+    pub fn set_status(&self, is_running: bool, message: impl Into<String>) {
+        let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        r.is_running = is_running;
+        r.message = message.into();
     }
 
     /// Current connection state.

@@ -13,6 +13,7 @@
 //!   component it started, wait for them (bounded), stop, report an error to the parent.
 //! - [`monitor`]: the tracker that tells which monitored components did not answer before the
 //!   request's `expires_at`.
+//! - [`listing`]: the tree as nodes list it (`TREE`, JSON rows) and as `nodus tree` draws it.
 //! - [`flags`]: communicatord's flags, field for field: names, raise/lower semantics with
 //!   `manual_down`, the limit and its "too many flags" flag, persistence in a directory, the
 //!   `FLAG_*` messages and the `flags` tool's behaviour and exit codes.
@@ -27,6 +28,7 @@ pub mod expiry;
 pub mod flags;
 pub mod id;
 pub mod kill;
+pub mod listing;
 pub mod monitor;
 pub mod tree;
 

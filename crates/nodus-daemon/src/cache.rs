@@ -1,9 +1,12 @@
 //! The message cache: messages for expected services that have not registered yet, each with a
-//! time to live, bounded in count and bytes. Expired entries are never handed out. Every entry has
+//! time to live, bounded in count and bytes. Expired entries are never handed out: they are given
+//! back as expired (by [`nodus_control::expiry::is_expired`], the one rule), so the router can tell
+//! their senders. Every entry has
 //! a sequence number, so a journal of puts and removals (see `cache_store`) can make the cache
 //! survive restarts.
 
 use crate::router::ConnId;
+use nodus_control::expiry::is_expired;
 use nodus_wire::node::Permissions;
 use nodus_wire::Message;
 use std::collections::{HashMap, VecDeque};
@@ -72,8 +75,8 @@ impl Cache {
     }
 
     /// Stores `msg` (sent by connection `origin` with `perms`) for `service` until `expires_at`
-    /// (Unix ms). Expired entries are dropped first to make room (their numbers are added to
-    /// `dropped`). Returns the entry's sequence number, or `None`, storing nothing, when the cache
+    /// (Unix ms). Expired entries are dropped first to make room (they are added to `dropped`).
+    /// Returns the entry's sequence number, or `None`, storing nothing, when the cache
     /// is full.
     #[allow(clippy::too_many_arguments)]
     pub fn push(
@@ -84,7 +87,7 @@ impl Cache {
         msg: Message,
         expires_at: i64,
         now: i64,
-        dropped: &mut Vec<u64>,
+        dropped: &mut Vec<Taken>,
     ) -> Option<u64> {
         let size = msg.approx_size();
         if !self.fits(size) {
@@ -116,7 +119,7 @@ impl Cache {
         for s in entries {
             self.next_seq = self.next_seq.max(s.seq + 1);
             let size = s.msg.approx_size();
-            if s.expires_at <= now || !self.fits(size) {
+            if is_expired(s.expires_at, now) || !self.fits(size) {
                 skipped.push(s.seq);
                 continue;
             }
@@ -126,39 +129,43 @@ impl Cache {
         skipped
     }
 
-    /// Removes and returns every message for `service`, oldest first: unexpired ones in `Ok`,
-    /// the numbers of expired ones (dropped) in the second list.
-    pub fn take(&mut self, service: &str, now: i64) -> (Vec<Taken>, Vec<u64>) {
+    /// Removes and returns every message for `service`, oldest first: unexpired ones first, the
+    /// expired ones (dropped, never to be delivered) in the second list.
+    pub fn take(&mut self, service: &str, now: i64) -> (Vec<Taken>, Vec<Taken>) {
         let Some(queue) = self.queues.remove(service) else { return (Vec::new(), Vec::new()) };
         let mut out = Vec::with_capacity(queue.len());
         let mut expired = Vec::new();
         for e in queue {
             self.count -= 1;
             self.bytes -= e.size;
-            if e.expires_at > now {
-                out.push(Taken { seq: e.seq, origin: e.origin, perms: e.perms, msg: e.msg });
+            let taken = Taken { seq: e.seq, origin: e.origin, perms: e.perms, msg: e.msg };
+            if is_expired(e.expires_at, now) {
+                expired.push(taken);
             } else {
-                expired.push(e.seq);
+                out.push(taken);
             }
         }
         (out, expired)
     }
 
-    /// Drops expired entries; returns their numbers.
-    pub fn sweep(&mut self, now: i64) -> Vec<u64> {
+    /// Drops expired entries; returns them.
+    pub fn sweep(&mut self, now: i64) -> Vec<Taken> {
         let mut dropped = Vec::new();
-        self.queues.retain(|_, q| {
-            q.retain(|e| {
-                let keep = e.expires_at > now;
-                if !keep {
-                    dropped.push(e.seq);
+        for q in self.queues.values_mut() {
+            if !q.iter().any(|e| is_expired(e.expires_at, now)) {
+                continue;
+            }
+            for e in std::mem::take(q) {
+                if is_expired(e.expires_at, now) {
                     self.count -= 1;
                     self.bytes -= e.size;
+                    dropped.push(Taken { seq: e.seq, origin: e.origin, perms: e.perms, msg: e.msg });
+                } else {
+                    q.push_back(e);
                 }
-                keep
-            });
-            !q.is_empty()
-        });
+            }
+        }
+        self.queues.retain(|_, q| !q.is_empty());
         dropped
     }
 
@@ -212,7 +219,10 @@ mod tests {
         let (got, expired) = c.take("a", 200);
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].origin, got[0].msg.command.as_str(), got[0].seq), (7, "TWO", 2));
-        assert_eq!(expired, [1]);
+        assert_eq!(
+            expired.iter().map(|t| (t.seq, t.origin, t.msg.command.as_str())).collect::<Vec<_>>(),
+            [(1, 7, "ONE")]
+        );
         assert!(c.is_empty());
     }
 
@@ -225,8 +235,12 @@ mod tests {
         let mut dropped = Vec::new();
         let seq = c.push("b", 1, Permissions::NONE, Message::new("C"), 1000, 150, &mut dropped);
         assert!(seq.is_some(), "the expired entry makes room");
-        assert_eq!(dropped, [1]);
+        assert_eq!(dropped.iter().map(|t| t.seq).collect::<Vec<_>>(), [1]);
         assert_eq!(c.len(), 2);
+        assert!(c.sweep(999).is_empty());
+        let swept = c.sweep(1000);
+        assert_eq!(swept.iter().map(|t| t.msg.command.as_str()).collect::<Vec<_>>(), ["B", "C"], "oldest first");
+        assert!(c.is_empty());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Config {
     pub access: AccessConfig,
     /// The HTTP listener.
     pub http: HttpConfig,
+    /// The control plane: component tree, kill, flags.
+    pub control: ControlConfig,
 }
 
 /// The `[http]` section: the gateway, the REST API, the dashboard and the metrics on one
@@ -77,6 +79,39 @@ impl HttpConfig {
             Some((&cluster.tls_cert, &cluster.tls_key))
         } else {
             Some((&self.tls_cert, &self.tls_key))
+        }
+    }
+}
+
+/// The `[control]` section: the component tree, the kill cascade and flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Most components the node tracks.
+    pub max_components: usize,
+    /// Longest wait for the components a killed one started, ms.
+    pub child_wait_ms: i64,
+    /// Longest wait for a killed component to confirm it stopped, ms.
+    pub stop_grace_ms: i64,
+    /// How long a monitoring request waits for its answer when it names no `_expires_at`, ms.
+    pub monitoring_timeout_ms: i64,
+    /// Directory of the node's flags; empty means `<data_dir>/flags`.
+    pub flags_dir: PathBuf,
+    /// Most flags kept (past it the "too many flags" flag is raised).
+    pub flags_limit: usize,
+    /// A node unreachable this long raises the node's `nodus/cluster/node-unreachable` flag, s.
+    pub unreachable_flag_secs: u64,
+    /// How often the node checks that it can write its data directory, s.
+    pub write_check_secs: u64,
+}
+
+impl ControlConfig {
+    /// Where the flags of a node whose data directory is `data_dir` are kept.
+    pub fn flags_path(&self, data_dir: &Path) -> PathBuf {
+        if self.flags_dir.as_os_str().is_empty() {
+            data_dir.join("flags")
+        } else {
+            self.flags_dir.clone()
         }
     }
 }
@@ -355,6 +390,16 @@ impl Config {
         }
         if l.max_buffered_output_bytes < l.max_frame_bytes {
             return bad("limits.max_buffered_output_bytes must be at least max_frame_bytes".into());
+        }
+        let c = &self.control;
+        if c.max_components == 0 || c.flags_limit == 0 {
+            return bad("control.max_components and control.flags_limit must be positive".into());
+        }
+        if c.child_wait_ms <= 0 || c.stop_grace_ms <= 0 || c.monitoring_timeout_ms <= 0 {
+            return bad("control.child_wait_ms, stop_grace_ms and monitoring_timeout_ms must be positive".into());
+        }
+        if c.write_check_secs == 0 {
+            return bad("control.write_check_secs must be positive".into());
         }
         if l.cache_min_ttl_secs > l.cache_max_ttl_secs
             || !(l.cache_min_ttl_secs..=l.cache_max_ttl_secs).contains(&l.cache_default_ttl_secs)

@@ -49,6 +49,7 @@ use crate::auth::{AccessPolicy, Origin, Principal};
 use crate::cache::{Cache, CacheLimits, Stored};
 use crate::detector::PhiDetector;
 use crate::topology::{Health, KnownNode, RecordKey, Topology};
+use nodus_control::expiry::{self, is_expired};
 use nodus_wire::node::{answerable, NodeRequest, Permission, Permissions, RequestError};
 use nodus_wire::{binary, Message, MessageError};
 use rand::SeedableRng;
@@ -271,6 +272,49 @@ struct Client {
     needs: HashMap<String, Permission>,
     sniff: Option<SniffFilter>,
     auth_failures: u8,
+    /// Where it stands in the component tree, once registered.
+    component: Option<Registration>,
+}
+
+/// A registered service instance as a component (seed 000): its id, what started it, since when.
+#[derive(Debug, Clone)]
+struct Registration {
+    id: u64,
+    pid: u64,
+    parent_node: Option<String>,
+    since: i64,
+}
+
+/// A registered service instance, as the control plane sees it ([`Router::registered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Its connection.
+    pub conn: ConnId,
+    /// The service name.
+    pub service: String,
+    /// A built-in service of the node (or an app's bridge).
+    pub internal: bool,
+    /// Its component id (announced in `READY component=`).
+    pub component: u64,
+    /// The component that started it (`_pid` of its `REGISTER`; 0: none, the node).
+    pub pid: u64,
+    /// The node its parent runs on, when it said (`parent_node=` of its `REGISTER`).
+    pub parent_node: Option<String>,
+    /// When it registered, Unix ms.
+    pub since: i64,
+    /// Requests it is handling.
+    pub in_flight: u32,
+}
+
+/// Why [`Router::deliver_to`] did not deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliverError {
+    /// The connection is gone, or is not a registered service.
+    Gone,
+    /// The service declared its commands, and this is not one of them.
+    NotUnderstood,
+    /// Too large, or too many requests tracked.
+    Refused,
 }
 
 impl Client {
@@ -341,6 +385,8 @@ struct Pending {
     /// The id the requester chose; restored in the reply's `reply_to`.
     origin_id: u64,
     deadline: i64,
+    /// The deadline is the request's own `_expires_at` (earlier than the request timeout).
+    expires: bool,
     command: String,
 }
 
@@ -458,6 +504,78 @@ impl Router {
         self.services.get(service).map_or(0, Vec::len)
     }
 
+    /// Every registered service instance on this node, by connection.
+    pub fn registered(&self) -> Vec<Registered> {
+        let mut all: Vec<Registered> = self
+            .conns
+            .iter()
+            .filter_map(|(conn, c)| {
+                let Role::Client(cl) = &c.role else { return None };
+                let (service, reg) = (cl.service.as_ref()?, cl.component.as_ref()?);
+                Some(Registered {
+                    conn: *conn,
+                    service: service.clone(),
+                    internal: cl.principal == Principal::Internal,
+                    component: reg.id,
+                    pid: reg.pid,
+                    parent_node: reg.parent_node.clone(),
+                    since: reg.since,
+                    in_flight: c.in_flight,
+                })
+            })
+            .collect();
+        all.sort_by_key(|r| r.conn);
+        all
+    }
+
+    /// Delivers `msg` from connection `origin` (an in-process service of the node: the control
+    /// plane) to the service instance on connection `target`, not to whichever instance of its
+    /// service the balancer would pick. A request is tracked like any other, so its reply (or the
+    /// node's `ERROR code=timeout|expired|disconnected`) comes back to `origin`.
+    ///
+    /// Fails when `target` is not a registered service, does not take the command (its
+    /// `COMMANDS`), or the message cannot be tracked or is too large.
+    pub fn deliver_to(
+        &mut self,
+        origin: ConnId,
+        target: ConnId,
+        mut msg: Message,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) -> Result<(), DeliverError> {
+        let service = match self.conns.get(&origin).map(|c| &c.role) {
+            Some(Role::Client(c)) => c.service.clone(),
+            _ => return Err(DeliverError::Gone),
+        };
+        let Some(Role::Client(t)) = self.conns.get(&target).map(|c| &c.role) else { return Err(DeliverError::Gone) };
+        let Some(name) = t.service.clone() else { return Err(DeliverError::Gone) };
+        if !t.understands(&msg.command) {
+            return Err(DeliverError::NotUnderstood);
+        }
+        self.stamp_sender(&mut msg, service);
+        msg.to = nodus_wire::Address::new(&self.server, &name);
+        if self.deliver_tracked(origin, target, msg, now, out) {
+            Ok(())
+        } else {
+            Err(DeliverError::Refused)
+        }
+    }
+
+    /// The other nodes reachable now.
+    pub fn live_nodes(&self) -> Vec<String> {
+        self.topology.live_remotes()
+    }
+
+    /// The other nodes known but not reachable now.
+    pub fn unreachable_nodes(&self) -> Vec<String> {
+        self.topology
+            .known()
+            .keys()
+            .filter(|n| n.as_str() != self.server && !self.topology.is_live(n))
+            .cloned()
+            .collect()
+    }
+
     /// Where connection `conn` came from, while it is open.
     pub fn origin(&self, conn: ConnId) -> Option<&Origin> {
         self.conns.get(&conn).map(|c| &c.origin)
@@ -491,6 +609,7 @@ impl Router {
                     needs: HashMap::new(),
                     sniff: None,
                     auth_failures: 0,
+                    component: None,
                 })
             }
         };
@@ -593,10 +712,14 @@ impl Router {
             }
         };
         msg.envelope.perms = Permissions::NONE;
-        if msg.envelope.expires_at != 0 && msg.envelope.expires_at <= now {
+        if is_expired(msg.envelope.expires_at, now) {
             self.stats.expired += 1;
-            let e = self.error(&msg, "expired", "the message expired before it could be delivered");
-            return self.refuse(conn, &msg, e, out);
+            let place = format!("the router of node {}", self.server);
+            if let Some(mut e) = expiry::expired_reply(&msg, now, &place) {
+                e.from = self.node_address();
+                self.refuse(conn, &msg, e, out);
+            }
+            return;
         }
         if !self.sniffers.is_empty() {
             self.sniff(conn, &msg, out);
@@ -795,14 +918,15 @@ impl Router {
                 return false;
             }
             let timeout = ms(self.limits.request_timeout);
-            let deadline = match msg.envelope.expires_at {
-                0 => now.saturating_add(timeout),
-                e => e.min(now.saturating_add(timeout)),
+            let by_timeout = now.saturating_add(timeout);
+            let (deadline, expires) = match msg.envelope.expires_at {
+                e if e != 0 && e < by_timeout => (e, true),
+                _ => (by_timeout, false),
             };
             let local_id = self.next_id;
             self.next_id += 1;
             msg.envelope.id = local_id;
-            let pending = Pending { origin, origin_id: id, deadline, command: msg.command.clone() };
+            let pending = Pending { origin, origin_id: id, deadline, expires, command: msg.command.clone() };
             self.pending.insert((target, local_id), pending);
             if let Some(c) = self.conns.get_mut(&target) {
                 c.in_flight += 1;
@@ -859,8 +983,8 @@ impl Router {
                 match self.cache.push(&service, origin, perms, msg.clone(), expires_at, now, &mut dropped) {
                     Some(seq) => {
                         self.stats.cached += 1;
-                        for seq in dropped {
-                            self.journal(CacheOp::Remove(seq), out);
+                        for t in dropped {
+                            self.expired_in_cache(t, now, out);
                         }
                         if self.durable_cache {
                             self.journal(CacheOp::Put(Box::new(Stored { seq, service, expires_at, perms, msg })), out);
@@ -940,6 +1064,22 @@ impl Router {
             out.push(Action::PersistCache);
         }
         self.journal.push(op);
+    }
+
+    /// A cached message expired before its service registered: it leaves the journal, and its
+    /// sender (when still connected, and the message may be answered) gets `ERROR code=expired`.
+    fn expired_in_cache(&mut self, t: crate::cache::Taken, now: i64, out: &mut Vec<Action>) {
+        self.journal(CacheOp::Remove(t.seq), out);
+        self.stats.expired += 1;
+        if !self.conns.contains_key(&t.origin) || !answerable(&t.msg) {
+            return;
+        }
+        let place =
+            format!("the cache of node {} (service {:?} did not register in time)", self.server, t.msg.to.service);
+        if let Some(mut e) = expiry::expired_reply(&t.msg, now, &place) {
+            e.from = self.node_address();
+            out.push(Action::Deliver(t.origin, e));
+        }
     }
 
     /// The cache ops since the last call, in order, for the persistence task to make durable.
@@ -1058,7 +1198,16 @@ impl Router {
     fn info(&self, msg: &Message, now: i64) -> Message {
         let s = &self.stats;
         let instances: usize = self.services.values().map(Vec::len).sum();
-        let clients = self.conns.values().filter(|c| matches!(c.role, Role::Client(_) | Role::Pending(_))).count();
+        // Connections of programs: not links, datagrams, nor the node's own in-process services.
+        let clients = self
+            .conns
+            .values()
+            .filter(|c| match &c.role {
+                Role::Client(cl) => cl.principal != Principal::Internal,
+                Role::Pending(_) => true,
+                _ => false,
+            })
+            .count();
         self.answer(msg, "INFO")
             .param("server", &self.server)
             .param("version", env!("CARGO_PKG_VERSION"))
@@ -1114,15 +1263,26 @@ impl Router {
         if let Err(text) = self.claim(&name, &principal, privileged) {
             return self.invalid_request(conn, msg, &text, out);
         }
+        // Its component id is the node's (name and start) and the connection's: unique for the
+        // node's life, and never reused by a later run.
+        let started = self.started_at.to_string();
+        let id = nodus_control::ComponentId::derive(&[&self.server, &started, "service", &conn.to_string()]).get();
+        let parent_node = msg.get("parent_node").filter(|n| !n.is_empty() && *n != self.server).map(String::from);
+        let registration = Registration { id, pid: msg.envelope.pid, parent_node, since: now };
         if let Some(Role::Client(c)) = self.conns.get_mut(&conn).map(|c| &mut c.role) {
             c.service = Some(name.clone());
+            c.component = Some(registration);
         }
         self.services.entry(name.clone()).or_default().push(conn);
         out.push(Action::Deliver(conn, self.answer(msg, "HELP")));
-        out.push(Action::Deliver(conn, self.answer(msg, "READY").param("server", &self.server)));
+        let ready = self.answer(msg, "READY").param("server", &self.server).param("component", id);
+        out.push(Action::Deliver(conn, ready));
         let (taken, expired) = self.cache.take(&name, now);
-        for seq in expired.into_iter().chain(taken.iter().map(|t| t.seq)) {
-            self.journal(CacheOp::Remove(seq), out);
+        for t in &taken {
+            self.journal(CacheOp::Remove(t.seq), out);
+        }
+        for t in expired {
+            self.expired_in_cache(t, now, out);
         }
         for t in taken {
             let need = match self.conns.get(&conn).map(|c| &c.role) {
@@ -1266,26 +1426,32 @@ impl Router {
     /// connections whose handshake is late.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.cluster_tick(now, out);
-        for seq in self.cache.sweep(now) {
-            self.journal(CacheOp::Remove(seq), out);
+        for t in self.cache.sweep(now) {
+            self.expired_in_cache(t, now, out);
         }
         let mut timed_out = Vec::new();
         self.pending.retain(|(responder, _), p| {
             let keep = p.deadline > now;
             if !keep {
-                timed_out.push((*responder, p.origin, p.origin_id, std::mem::take(&mut p.command)));
+                timed_out.push((*responder, p.origin, p.origin_id, std::mem::take(&mut p.command), p.expires));
             }
             keep
         });
-        for (responder, origin, id, command) in timed_out {
+        for (responder, origin, id, command, expires) in timed_out {
             if let Some(c) = self.conns.get_mut(&responder) {
                 c.in_flight = c.in_flight.saturating_sub(1);
             }
             if let Some(c) = self.conns.get_mut(&origin) {
                 c.outstanding = c.outstanding.saturating_sub(1);
             }
-            let text = "no reply arrived before the request timed out: the request may have run";
-            self.fail_request(origin, id, "timeout", command, text, out);
+            if expires {
+                let text = "the request expired (_expires_at) before it was answered: if it had not started \
+                            by then it never will, but it may have run";
+                self.fail_request(origin, id, expiry::EXPIRED_CODE, command, text, out);
+            } else {
+                let text = "no reply arrived before the request timed out: the request may have run";
+                self.fail_request(origin, id, "timeout", command, text, out);
+            }
         }
     }
 

@@ -110,6 +110,12 @@ pub(crate) struct Shared {
     cache_writer: std::sync::OnceLock<crate::cache_store::CacheWriter>,
     /// The node's metrics registry (served at `/metrics`) and what the node records into it.
     metrics: crate::http::NodeMetrics,
+    /// The node's flags (the `flags` service and the node's own watchers).
+    flags: crate::flags::NodeFlags,
+    /// Connections of apps' bridges.
+    app_bridges: Mutex<std::collections::HashSet<ConnId>>,
+    /// Parts of the node that run components of their own (the tasks mount).
+    component_sources: Mutex<Vec<Arc<dyn crate::control::ComponentSource>>>,
 }
 
 /// The cluster's directory of app endpoints, for the node's locator.
@@ -152,6 +158,63 @@ impl Shared {
         (id, rx)
     }
 
+    /// An app's bridge: an in-process service registered as the app's name, known to the
+    /// control plane as the app rather than as a service.
+    pub(crate) fn attach_app(&self, name: &str) -> (ConnId, mpsc::Receiver<Outbound>) {
+        let (conn, rx) = self.attach(name);
+        self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).insert(conn);
+        (conn, rx)
+    }
+
+    /// The parts of the node that run components of their own.
+    pub(crate) fn component_sources(&self) -> Vec<Arc<dyn crate::control::ComponentSource>> {
+        self.component_sources.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True when `conn` is an app's bridge.
+    pub(crate) fn is_app_bridge(&self, conn: ConnId) -> bool {
+        self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).contains(&conn)
+    }
+
+    /// Every registered service instance (for the control plane's tree).
+    pub(crate) fn registered(&self) -> Vec<crate::router::Registered> {
+        self.lock().router.registered()
+    }
+
+    /// Other nodes known but unreachable now.
+    pub(crate) fn unreachable_nodes(&self) -> Vec<String> {
+        self.lock().router.unreachable_nodes()
+    }
+
+    /// Sends `msg` from in-process service `origin` to the service instance on `target` (see
+    /// [`Router::deliver_to`]).
+    ///
+    /// Fails as [`Router::deliver_to`] does.
+    pub(crate) fn deliver_to(
+        &self,
+        origin: ConnId,
+        target: ConnId,
+        msg: Message,
+    ) -> Result<(), crate::router::DeliverError> {
+        let mut out = Vec::new();
+        let mut st = self.lock();
+        let result = st.router.deliver_to(origin, target, msg, self.clock.now_ms(), &mut out);
+        self.apply(&mut st, &mut out);
+        result
+    }
+
+    /// Closes connection `conn` once what is queued for it is written (a killed service).
+    pub(crate) fn close(&self, conn: ConnId) {
+        let mut out = vec![Action::Close(conn)];
+        let mut st = self.lock();
+        self.apply(&mut st, &mut out);
+    }
+
+    /// Starts the node's graceful shutdown (a killed node).
+    pub(crate) fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
     /// A message from an in-process service.
     pub(crate) fn inject(&self, conn: ConnId, msg: Message) {
         let mut out = Vec::new();
@@ -162,6 +225,7 @@ impl Shared {
 
     /// Removes an in-process service; its queue closes.
     pub(crate) fn detach(&self, conn: ConnId) {
+        self.app_bridges.lock().unwrap_or_else(|e| e.into_inner()).remove(&conn);
         let mut out = Vec::new();
         let mut st = self.lock();
         st.router.disconnect(conn, &mut out);
@@ -195,6 +259,16 @@ impl Shared {
     /// The node's clock, now (Unix ms).
     pub(crate) fn now_ms(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// Other nodes reachable now.
+    pub(crate) fn live_nodes(&self) -> Vec<String> {
+        self.lock().router.live_nodes()
+    }
+
+    /// The node's flags.
+    pub(crate) fn flags(&self) -> &crate::flags::NodeFlags {
+        &self.flags
     }
 
     /// The node's engine, when apps are enabled.
@@ -526,7 +600,18 @@ impl Daemon {
             _ => None,
         };
         let nodes_dir = config.data_dir.clone();
+        let flags_dir = config.control.flags_path(&config.data_dir);
+        let flags = crate::flags::NodeFlags::open(
+            flags_dir.clone(),
+            &config.server_name,
+            config.control.flags_limit,
+            clock.clone(),
+        )
+        .with_context(|| format!("cannot open the flag directory {}", flags_dir.display()))?;
         let shared = Arc::new(Shared {
+            flags,
+            app_bridges: Mutex::default(),
+            component_sources: Mutex::default(),
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
             counters: Arc::new(Counters::new(&config.limits)),
@@ -554,6 +639,12 @@ impl Daemon {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
         Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors, http })
+    }
+
+    /// Makes the components of `source` (tasks) part of the node's component tree: listed,
+    /// monitored and killed like the others (see [`crate::control::ComponentSource`]).
+    pub fn add_component_source(&self, source: Arc<dyn crate::control::ComponentSource>) {
+        self.shared.component_sources.lock().unwrap_or_else(|e| e.into_inner()).push(source);
     }
 
     /// The bound cluster listener address, if enabled.
@@ -644,6 +735,8 @@ impl Daemon {
             listen.insert("unix".to_string(), p.display().to_string());
         }
         let http = self.http.map(|bound| crate::http::start(shared.clone(), bound, listen));
+        let flags = crate::flags::start(shared.clone(), shared.flags.clone());
+        let control = crate::control::start(shared.clone());
         if let Some(l) = self.tcp {
             info!(addr = %l.local_addr()?, "listening on TCP");
             tracker.spawn(accept::serve(TcpAccept::new(l, ListenerKind::Tcp), shared.clone(), tracker.clone()));
@@ -674,7 +767,7 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
-        Ok(Running { shared, tracker, ticker, apps, http, locator, locator_stop, persist, unix_path })
+        Ok(Running { shared, tracker, ticker, apps, flags, control, http, locator, locator_stop, persist, unix_path })
     }
 }
 
@@ -687,6 +780,10 @@ struct Running {
     apps: Option<crate::apps::Apps>,
     /// The HTTP listener.
     http: Option<crate::http::Mount>,
+    /// The `flags` service.
+    flags: tokio::task::JoinHandle<()>,
+    /// The `control` service.
+    control: tokio::task::JoinHandle<()>,
     locator: Option<tokio::task::JoinHandle<()>>,
     locator_stop: CancellationToken,
     persist: tokio::task::JoinHandle<()>,
@@ -750,6 +847,8 @@ impl Running {
         if let Some(apps) = self.apps {
             apps.shutdown().await;
         }
+        self.flags.abort();
+        self.control.abort();
         self.tracker.close();
         if tokio::time::timeout(CLOSE_WAIT, self.tracker.wait()).await.is_err() {
             warn!(tasks = self.tracker.len(), "some connections did not finish writing in time: cutting them");

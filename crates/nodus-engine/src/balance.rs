@@ -79,6 +79,9 @@ pub enum Rejection {
     /// The app is stopped.
     #[error("app is stopped; start it first")]
     Stopped,
+    /// The request's `_expires_at` passed before a worker took it: it was dropped, never run.
+    #[error("the request expired in the app's queue before a worker took it; it was not run (send it again with a later _expires_at)")]
+    Expired,
     /// The app's task has more events waiting than it may queue (a burst faster than the
     /// engine takes them); nothing was queued. Retry shortly.
     #[error("the app is busy ({limit} events waiting for the engine); retry shortly")]

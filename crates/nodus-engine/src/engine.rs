@@ -241,6 +241,14 @@ struct AppHandle {
     caller_ids: Arc<AtomicU64>,
 }
 
+/// The event the control plane invokes on a worker to monitor it (seed 000 `monitoring`): its one
+/// chunk is the request's content as JSON (`{"id", "pid", "creator", "created_at", "expires_at",
+/// "spec": "monitoring", "config": {"sync_time"}}`), and the worker answers one JSON chunk with
+/// the same envelope and `"result": {"sync_time", "name", "host", "is_running", "message"}`. The
+/// worker SDK answers it by default; a worker that does not know the event (a plain Cocaine
+/// worker answers "no handler") is answered for by its node.
+pub const MONITORING_EVENT: &str = "nodus:monitoring";
+
 /// The first session id a caller chooses itself.
 const CALLER_IDS: u64 = 1 << 63;
 
@@ -323,6 +331,25 @@ impl AppCaller {
                 true
             }
             Err(mpsc::error::TrySendError::Closed(AppEvent::Call { done, .. })) => {
+                done.complete(Err(SessionError::EngineGone));
+                false
+            }
+            Err(_) => unreachable!("try_send gives back the event it was given"),
+        }
+    }
+
+    /// [`AppCaller::call`] for a request that must not run after `deadline` (its `_expires_at`
+    /// on tokio's clock): if no worker took it by then, it is dropped from the queue and `done`
+    /// gets [`Rejection::Expired`]; it never reaches a worker.
+    pub fn call_before(&self, event: impl Into<String>, body: Bytes, deadline: Instant, done: CallDone) -> bool {
+        let ev = AppEvent::CallBefore { event: event.into(), body, deadline, done };
+        match self.tx.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(AppEvent::CallBefore { done, .. })) => {
+                done.complete(Err(SessionError::Rejected(Rejection::Busy { limit: self.limit })));
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(AppEvent::CallBefore { done, .. })) => {
                 done.complete(Err(SessionError::EngineGone));
                 false
             }
@@ -511,6 +538,8 @@ impl Engine {
             stop_waiters: Vec::new(),
             accept: accept.abort_handle(),
             dirty: Vec::new(),
+            expiring: std::collections::BTreeSet::new(),
+            probes: std::collections::HashSet::new(),
         };
         tokio::spawn(actor.run(rx));
         Ok(AppHandle { tx, crashlog, caller_ids: Arc::new(AtomicU64::new(CALLER_IDS)) })
@@ -570,6 +599,42 @@ impl Engine {
         tx.send(AppEvent::Population { n }).await.map_err(|_| EngineError::Gone)
     }
 
+    /// Asks one worker something outside the app's queue and balancing: `event` (the control
+    /// plane's [`MONITORING_EVENT`]) with `body` as its one chunk, on a channel of that worker
+    /// only, even when it is busy; `done` gets its reply chunks. The worker must be active
+    /// (handshaken and heartbeating), else `done` gets [`SessionError::WorkerFailed`] at once.
+    ///
+    /// # Errors
+    /// An unknown app (`done` gets [`SessionError::EngineGone`]).
+    pub fn probe(
+        &self,
+        app: &str,
+        worker: WorkerId,
+        event: &str,
+        body: Bytes,
+        done: CallDone,
+    ) -> Result<(), EngineError> {
+        let tx = self.handle(app)?;
+        let ev = AppEvent::Probe { worker, event: event.to_string(), body, done };
+        if let Err(e) = tx.try_send(ev) {
+            let (mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev)) = e;
+            if let AppEvent::Probe { done, .. } = ev {
+                done.complete(Err(SessionError::Rejected(Rejection::Busy { limit: self.inner.config.app_events })));
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks one worker to terminate (terminate, then SIGTERM, then SIGKILL, as when the pool
+    /// shrinks); its open sessions finish first. The app may start another in its place.
+    ///
+    /// # Errors
+    /// An unknown app.
+    pub async fn terminate(&self, app: &str, worker: WorkerId) -> Result<(), EngineError> {
+        let tx = self.handle(app)?;
+        tx.send(AppEvent::Terminate { worker }).await.map_err(|_| EngineError::Gone)
+    }
+
     /// A snapshot of an app.
     ///
     /// # Errors
@@ -600,6 +665,8 @@ pub(crate) enum AppEvent {
     Invoke { event: String, reply: oneshot::Sender<Result<Session, EngineError>> },
     /// A caller makes a one-chunk call and collects the reply.
     Call { event: String, body: Bytes, done: CallDone },
+    /// [`AppEvent::Call`] that must not reach a worker after `deadline`.
+    CallBefore { event: String, body: Bytes, deadline: Instant, done: CallDone },
     /// A caller opens a session whose id and first input it chose ([`AppCaller::open`]).
     Open { id: u64, event: String, pending: Vec<Up>, down: mpsc::Sender<Down> },
     /// A caller sends up a session.
@@ -620,6 +687,10 @@ pub(crate) enum AppEvent {
     Info { reply: oneshot::Sender<AppInfo> },
     /// How many workers to keep running when idle.
     Population { n: usize },
+    /// A call on one worker's own channel, outside the queue ([`Engine::probe`]).
+    Probe { worker: WorkerId, event: String, body: Bytes, done: CallDone },
+    /// Terminate one worker.
+    Terminate { worker: WorkerId },
     /// Stop request, answered when no worker is left.
     Stop { reply: oneshot::Sender<()> },
     /// The app is forgotten: end the actor.
@@ -664,6 +735,8 @@ struct SessionEntry {
     place: Place,
     /// The caller is gone or too slow: replies are dropped.
     abandoned: bool,
+    /// A call that must not reach a worker after this (see [`AppCaller::call_before`]).
+    deadline: Option<Instant>,
 }
 
 impl SessionEntry {
@@ -732,6 +805,11 @@ struct App {
     accept: AbortHandle,
     /// Connections with encoded messages in `out`.
     dirty: Vec<u64>,
+    /// Queued calls with a deadline, soonest first: dropped with [`Rejection::Expired`] when it
+    /// passes before a worker took them.
+    expiring: std::collections::BTreeSet<(Instant, u64)>,
+    /// Open sessions of [`Engine::probe`]: not counted by the balancer.
+    probes: std::collections::HashSet<u64>,
 }
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
@@ -812,10 +890,8 @@ impl App {
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
         let workers = self.workers.values().filter_map(|w| w.machine.next_deadline()).min();
-        match (workers, self.balancer.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let expiring = self.expiring.first().map(|(d, _)| d.into_std());
+        [workers, self.balancer.next_deadline(), expiring].into_iter().flatten().min()
     }
 
     fn tick(&mut self) {
@@ -824,7 +900,25 @@ impl App {
             w.machine.tick(now);
         }
         self.balancer.tick(now);
+        self.expire(now);
         self.settle();
+    }
+
+    /// Drops the queued calls whose deadline has come: they never reach a worker.
+    fn expire(&mut self, now: std::time::Instant) {
+        while let Some(&(deadline, id)) = self.expiring.first() {
+            if deadline.into_std() > now {
+                break;
+            }
+            self.expiring.pop_first();
+            let queued = self.sessions.get(&id).is_some_and(|e| matches!(e.place, Place::Queued { .. }));
+            if queued && self.balancer.cancel(id) {
+                if let Some(mut entry) = self.sessions.remove(&id) {
+                    tracing::debug!(app = %self.name, session = id, "request expired in the queue; not run");
+                    entry.fail(SessionError::Rejected(Rejection::Expired));
+                }
+            }
+        }
     }
 
     fn emit(&self, ev: EngineEvent) {
@@ -849,6 +943,7 @@ impl App {
                             sink: Sink::Stream(down_tx),
                             place: Place::Queued { pending: Vec::new() },
                             abandoned: false,
+                            deadline: None,
                         };
                         self.sessions.insert(id, entry);
                         if reply.send(Ok(session)).is_err() {
@@ -874,9 +969,21 @@ impl App {
                             sink: Sink::Collect { chunks: Vec::new(), done: Some(done) },
                             place: Place::Queued { pending },
                             abandoned: false,
+                            deadline: None,
                         };
                         self.sessions.insert(id, entry);
                     }
+                }
+            }
+            AppEvent::CallBefore { event, body, deadline, done } => {
+                if deadline.into_std() <= now {
+                    return done.complete(Err(SessionError::Rejected(Rejection::Expired)));
+                }
+                let id = self.next_session;
+                self.handle(AppEvent::Call { event, body, done }, now);
+                if let Some(entry) = self.sessions.get_mut(&id) {
+                    entry.deadline = Some(deadline);
+                    self.expiring.insert((deadline, id));
                 }
             }
             AppEvent::Open { id, event, pending, down } => match self.balancer.enqueue(id, now) {
@@ -889,6 +996,7 @@ impl App {
                         sink: Sink::Stream(down),
                         place: Place::Queued { pending },
                         abandoned: false,
+                        deadline: None,
                     };
                     self.sessions.insert(id, entry);
                 }
@@ -955,6 +1063,13 @@ impl App {
                     sessions: self.sessions.len(),
                     workers,
                 });
+            }
+            AppEvent::Probe { worker, event, body, done } => self.probe(worker, event, body, done),
+            AppEvent::Terminate { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    tracing::info!(app = %self.name, worker, "terminating the worker, as asked");
+                    w.machine.terminate("the worker was killed", now);
+                }
             }
             AppEvent::Population { n } => {
                 tracing::info!(app = %self.name, population = n, "population set");
@@ -1103,7 +1218,9 @@ impl App {
             if let Some(mut entry) = self.sessions.remove(&s) {
                 entry.fail(SessionError::WorkerFailed(reason.to_string()));
             }
-            self.balancer.session_done(worker, false, now);
+            if !self.probes.remove(&s) {
+                self.balancer.session_done(worker, false, now);
+            }
         }
     }
 
@@ -1119,6 +1236,9 @@ impl App {
             }
             Action::Reject { request, error } => {
                 if let Some(mut entry) = self.sessions.remove(&request) {
+                    if let Some(d) = entry.deadline {
+                        self.expiring.remove(&(d, request));
+                    }
                     entry.fail(SessionError::Rejected(error));
                 }
             }
@@ -1207,6 +1327,17 @@ impl App {
     }
 
     fn assign(&mut self, request: u64, worker: WorkerId, now: std::time::Instant) {
+        if let Some(deadline) = self.sessions.get(&request).and_then(|e| e.deadline) {
+            self.expiring.remove(&(deadline, request));
+            if deadline.into_std() <= now {
+                // Its time ran out while it waited: it is not run.
+                if let Some(mut entry) = self.sessions.remove(&request) {
+                    entry.fail(SessionError::Rejected(Rejection::Expired));
+                }
+                self.balancer.session_done(worker, false, now);
+                return;
+            }
+        }
         let Some(entry) = self.sessions.get_mut(&request) else {
             // Withdrawn meanwhile.
             self.balancer.session_done(worker, true, now);
@@ -1227,6 +1358,38 @@ impl App {
         for up in pending {
             self.send_to_worker(worker, &up_message(channel, up));
         }
+    }
+
+    /// Opens `event` on `worker`'s own channel, outside the balancer: the session is not
+    /// counted in the worker's load and never queued.
+    fn probe(&mut self, worker: WorkerId, event: String, body: Bytes, done: CallDone) {
+        let active = self.workers.get(&worker).is_some_and(|w| w.machine.state() == State::Active && w.conn.is_some());
+        if !active {
+            let state = self.workers.get(&worker).map_or("gone".to_string(), |w| w.machine.state().name().to_string());
+            return done.complete(Err(SessionError::WorkerFailed(format!("worker {worker} is not active ({state})"))));
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        let channel = w.next_channel;
+        w.next_channel += 1;
+        w.channels.insert(channel, id);
+        self.sessions.insert(
+            id,
+            SessionEntry {
+                event: event.clone(),
+                sink: Sink::Collect { chunks: Vec::new(), done: Some(done) },
+                place: Place::Open { worker, channel },
+                abandoned: false,
+                deadline: None,
+            },
+        );
+        self.probes.insert(id);
+        self.send_to_worker(worker, &Message::Invoke { channel, event });
+        if !body.is_empty() {
+            self.send_to_worker(worker, &Message::Chunk { channel, data: body });
+        }
+        self.send_to_worker(worker, &Message::Choke { channel });
     }
 
     fn up(&mut self, session: u64, msg: Up) {
@@ -1254,6 +1417,9 @@ impl App {
         let Some(entry) = self.sessions.get_mut(&session) else { return };
         match entry.place {
             Place::Queued { .. } => {
+                if let Some(d) = entry.deadline {
+                    self.expiring.remove(&(d, session));
+                }
                 self.sessions.remove(&session);
                 self.balancer.cancel(session);
             }
@@ -1360,7 +1526,9 @@ impl App {
         }
         if last {
             self.sessions.remove(&session);
-            self.balancer.session_done(worker, true, now);
+            if !self.probes.remove(&session) {
+                self.balancer.session_done(worker, true, now);
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod worker_sdk;
 pub use client::{AppClient, ClientError, ClientOptions, Endpoints, ServiceHandle, Stream};
 pub use engine::{
     category, socket_path, AppCaller, AppInfo, AppSpec, CallDone, CallResult, CrashRecord, Engine, EngineConfig,
-    EngineError, EngineEvent, WorkerInfo,
+    EngineError, EngineEvent, WorkerInfo, MONITORING_EVENT,
 };
 pub use identity::{RunAs, RunAsError};
 pub use locator::{Directory, Locator, LocatorConfig, LocatorError, LocatorHandle};

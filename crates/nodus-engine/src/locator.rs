@@ -587,6 +587,7 @@ fn rejection(r: &Rejection) -> i64 {
         Rejection::QueueFull { .. } | Rejection::Busy { .. } => errors::QUEUE_FULL,
         Rejection::Failed { .. } => errors::APP_FAILED,
         Rejection::Stopped => errors::APP_STOPPED,
+        Rejection::Expired => errors::EXPIRED,
     }
 }
 

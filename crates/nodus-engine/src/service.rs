@@ -110,6 +110,8 @@ pub mod errors {
     pub const OVERFLOW: i64 = 6;
     /// The engine shut down or the app was removed.
     pub const ENGINE_GONE: i64 = 7;
+    /// The request expired in the app's queue before a worker took it; it was not run.
+    pub const EXPIRED: i64 = 8;
 }
 
 /// Which API a connection serves.

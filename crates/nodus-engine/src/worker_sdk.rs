@@ -20,6 +20,12 @@
 //! The worker connects to `--endpoint`, sends the handshake with `--uuid`, heartbeats every
 //! [`Worker::heartbeat_interval`], runs one task per invocation, and on the engine's terminate
 //! lets open invocations finish, answers terminate and returns from [`Worker::run`].
+//!
+//! Control plane: the node monitors a worker by invoking [`MONITORING_EVENT`]; the SDK answers
+//! it by default (name = the app, host = the machine, `is_running` = an invocation is open,
+//! `message` = what [`Worker::status`] last set). A handler registered for that event with
+//! [`Worker::on`] replaces the default. The node kills a worker with the protocol's terminate,
+//! which the SDK obeys as above.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +41,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::engine::category;
+use crate::engine::{category, MONITORING_EVENT};
 use crate::protocol::{terminate_code, Decoder, Message, Role, DEFAULT_MAX_MESSAGE_BYTES};
 
 /// What a handler returns; an error is sent to the caller as `[[2, 1], text]`.
@@ -232,12 +238,61 @@ pub struct Worker {
     args: WorkerArgs,
     handlers: HashMap<String, Handler>,
     heartbeat: Duration,
+    status: Arc<std::sync::Mutex<String>>,
+}
+
+/// Sets the `message` a worker's default monitoring answer carries; cheap to clone.
+#[derive(Clone, Default)]
+pub struct StatusMessage(Arc<std::sync::Mutex<String>>);
+
+impl StatusMessage {
+    /// Replaces the message (keep it short: at most 1 KiB is sent).
+    pub fn set(&self, message: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = message.into();
+    }
+}
+
+/// The default answer to [`MONITORING_EVENT`]: the request's envelope echoed with the seed's
+/// `result` object.
+fn monitoring_answer(request: &[u8], app: &str, is_running: bool, message: &str) -> Result<Bytes, String> {
+    let req: serde_json::Value =
+        serde_json::from_slice(request).map_err(|e| format!("the monitoring request is not JSON: {e}"))?;
+    let sync_time = req["config"]["sync_time"].as_i64().ok_or("the monitoring request has no config.sync_time")?;
+    let mut message = message.to_string();
+    if message.len() > 1024 {
+        let mut end = 1024;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    let answer = serde_json::json!({
+        "id": req["id"],
+        "pid": req["pid"],
+        "creator": app,
+        "created_at": req["created_at"],
+        "expires_at": req["expires_at"],
+        "spec": "monitoring",
+        "result": {
+            "sync_time": sync_time,
+            "name": app,
+            "host": host_name(),
+            "is_running": is_running,
+            "message": message,
+        }
+    });
+    Ok(Bytes::from(answer.to_string()))
+}
+
+/// This machine's host name (empty when it cannot be read).
+fn host_name() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
 
 impl Worker {
     /// A worker for these arguments, with no handlers.
     pub fn new(args: WorkerArgs) -> Worker {
-        Worker { args, handlers: HashMap::new(), heartbeat: Duration::from_secs(5) }
+        Worker { args, handlers: HashMap::new(), heartbeat: Duration::from_secs(5), status: Arc::default() }
     }
 
     /// A worker for this process's command line.
@@ -257,6 +312,11 @@ impl Worker {
     pub fn heartbeat_interval(mut self, every: Duration) -> Worker {
         self.heartbeat = every;
         self
+    }
+
+    /// A handle that sets the `message` of the worker's default monitoring answer.
+    pub fn status(&self) -> StatusMessage {
+        StatusMessage(self.status.clone())
     }
 
     /// Handles `event` with `f`. Returning `Ok` closes the reply (if the handler did not),
@@ -306,6 +366,24 @@ impl Worker {
                 Err(e) => break 'serve Err(SdkError::from(e)),
             } {
                 match msg {
+                    Message::Invoke { channel, event }
+                        if event == MONITORING_EVENT && !self.handlers.contains_key(&event) =>
+                    {
+                        // The default answer: the invocations open besides this one say whether it works.
+                        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+                        sessions.insert(channel, tx);
+                        let (app, status, busy) = (self.args.app.clone(), self.status.clone(), !tasks.is_empty());
+                        let handler: Handler = Arc::new(move |mut req: Request, mut resp: Response| {
+                            let (app, status) = (app.clone(), status.clone());
+                            Box::pin(async move {
+                                let body = req.recv().await?.unwrap_or_default();
+                                let message = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                                resp.write(monitoring_answer(&body, &app, busy, &message)?).await?;
+                                Ok(())
+                            })
+                        });
+                        tasks.spawn(run_handler(handler, Request { event, rx, done: false }, channel, out.clone()));
+                    }
                     Message::Invoke { channel, event } => {
                         let handler = if terminating { None } else { self.handlers.get(&event).cloned() };
                         let Some(handler) = handler else {

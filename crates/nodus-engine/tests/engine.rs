@@ -473,3 +473,93 @@ async fn a_caller_opens_a_streaming_session_in_one_event() {
     assert_eq!(within("after a drop", caller.open("echo", "d".into(), true).collect()).await.unwrap(), ["d"]);
     h.engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_call_whose_deadline_passes_in_the_queue_never_reaches_a_worker() {
+    let h = harness();
+    let p = Profile { pool_limit: 1, concurrency: 1, queue_limit: 4, ..profile() };
+    h.start("expiring", ECHO, &[], p).await;
+    let caller = h.engine.caller("expiring").unwrap();
+    // The only worker is busy with an open session: calls wait in the queue.
+    let mut busy = h.engine.invoke("expiring", "echo").await.unwrap();
+    echo_once(&mut busy, "busy").await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = nodus_engine::CallDone::new(move |r| {
+        let _ = tx.send(r);
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+    assert!(caller.call_before("echo", bytes::Bytes::from_static(b"late"), deadline, done));
+    let e = within("the queued call expires", rx).await.unwrap().unwrap_err();
+    assert_eq!(e, SessionError::Rejected(Rejection::Expired));
+    assert!(tokio::time::Instant::now() >= deadline, "not before its deadline");
+    // It left the queue: nothing waits, and freeing the worker runs nothing more.
+    let info = h.engine.info("expiring").await.unwrap();
+    assert_eq!((info.queued, info.sessions), (0, 1), "only the busy session remains");
+    busy.close().await.unwrap();
+    within("busy done", busy.collect()).await.unwrap();
+    // A call already past its deadline is refused at once; a live one runs.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = nodus_engine::CallDone::new(move |r| {
+        let _ = tx.send(r);
+    });
+    caller.call_before("echo", bytes::Bytes::from_static(b"x"), tokio::time::Instant::now(), done);
+    assert_eq!(within("refused", rx).await.unwrap().unwrap_err(), SessionError::Rejected(Rejection::Expired));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = nodus_engine::CallDone::new(move |r| {
+        let _ = tx.send(r);
+    });
+    let later = tokio::time::Instant::now() + WAIT;
+    caller.call_before("echo", bytes::Bytes::from_static(b"in time"), later, done);
+    assert_eq!(within("served", rx).await.unwrap().unwrap(), vec!["in time"]);
+    let info = h.engine.info("expiring").await.unwrap();
+    assert_eq!((info.queued, info.sessions), (0, 0));
+    h.engine.shutdown().await;
+}
+
+/// Probes `worker` of `app` with a monitoring request; returns the worker's answer as JSON.
+async fn probe_monitoring(h: &Harness, app: &str, worker: nodus_engine::balance::WorkerId) -> serde_json::Value {
+    let request = serde_json::json!({
+        "id": 7, "pid": 11, "creator": "test", "created_at": 1000, "expires_at": 0,
+        "spec": "monitoring", "config": {"sync_time": 123_456},
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = nodus_engine::CallDone::new(move |r| {
+        let _ = tx.send(r);
+    });
+    h.engine.probe(app, worker, nodus_engine::MONITORING_EVENT, request.to_string().into(), done).unwrap();
+    let chunks = within("the probe's answer", rx).await.unwrap().unwrap();
+    serde_json::from_slice(&chunks.concat()).unwrap()
+}
+
+#[tokio::test]
+async fn a_busy_worker_is_probed_outside_the_queue_and_answers_by_default_or_as_its_program_says() {
+    let h = harness();
+    let p = Profile { pool_limit: 1, concurrency: 1, queue_limit: 4, ..profile() };
+    h.start("plain", ECHO, &[], p.clone()).await;
+    h.start("own", ECHO, &[("ECHO_MONITORING", "counting sheep")], p).await;
+    for app in ["plain", "own"] {
+        // The only worker is busy, so a call would wait in the queue; the probe does not.
+        let mut busy = h.engine.invoke(app, "echo").await.unwrap();
+        echo_once(&mut busy, "busy").await;
+        let info = h.engine.info(app).await.unwrap();
+        let worker = info.workers.iter().find(|w| w.state == State::Active).expect("active worker").id;
+        let v = probe_monitoring(&h, app, worker).await;
+        assert_eq!((&v["id"], &v["pid"], &v["spec"]), (&7.into(), &11.into(), &"monitoring".into()), "{v}");
+        assert_eq!(v["result"]["sync_time"], 123_456, "echoed: {v}");
+        assert_eq!(v["result"]["is_running"], true, "an invocation is open: {v}");
+        if app == "plain" {
+            // The SDK's default answer: the app's name and this host.
+            assert_eq!(v["result"]["name"], "plain", "{v}");
+            assert_eq!(v["result"]["message"], "", "{v}");
+        } else {
+            assert_eq!(
+                (&v["result"]["name"], &v["result"]["message"]),
+                (&"echo".into(), &"counting sheep".into()),
+                "{v}"
+            );
+        }
+        busy.close().await.unwrap();
+        within("busy done", busy.collect()).await.unwrap();
+    }
+    h.engine.shutdown().await;
+}

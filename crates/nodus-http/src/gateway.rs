@@ -264,7 +264,9 @@ impl GatewayError {
         let (app, message) = (target.app.clone(), r.to_string());
         match r {
             Rejection::QueueFull { .. } | Rejection::Busy { .. } => GatewayError::QueueFull { app, message },
-            Rejection::Failed { .. } | Rejection::Stopped => GatewayError::Unavailable { app, message },
+            Rejection::Failed { .. } | Rejection::Stopped | Rejection::Expired => {
+                GatewayError::Unavailable { app, message }
+            }
         }
     }
 

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +29,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::arpcp::{Code, SignalStatus};
 use crate::procedures::{Catalog, CatalogError, Procedure};
 use crate::sched::{AttemptEnd, Attempted, Output, SchedConfig, Scheduler};
-use crate::store::{Command, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError};
+use crate::store::{Command, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError, Wake};
 use crate::task::{
     json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs, MAX_KEY_LEN,
 };
@@ -223,13 +223,33 @@ struct Counters {
 
 enum Event {
     Submitted(Vec<String>),
-    SetApp { app: String, limit: usize },
+    SetApp {
+        app: String,
+        limit: usize,
+    },
     RemoveApp(String),
-    Claimed { app: String, asked: usize, result: Result<Vec<Claimed>, StoreError> },
-    Ended { id: TaskId, lease: Lease, end: AttemptEnd },
-    Recorded { batch: Vec<Finish>, metas: Vec<Attempted>, result: Result<Vec<Fenced>, StoreError> },
+    Claimed {
+        app: String,
+        asked: usize,
+        result: Result<Vec<Claimed>, StoreError>,
+    },
+    Ended {
+        id: TaskId,
+        lease: Lease,
+        end: AttemptEnd,
+    },
+    Recorded {
+        batch: Vec<Finish>,
+        metas: Vec<Attempted>,
+        result: Result<Vec<Fenced>, StoreError>,
+    },
     Aborted(TaskId),
-    Shutdown { grace: Duration, done: oneshot::Sender<()> },
+    /// Another node's news may have been missed: every app looks for due tasks.
+    WakeAll,
+    Shutdown {
+        grace: Duration,
+        done: oneshot::Sender<()>,
+    },
 }
 
 type Waiter = oneshot::Sender<Option<Finished>>;
@@ -294,6 +314,9 @@ impl<S: Store> Tasks<S> {
             closing: AtomicBool::new(false),
             counters: Counters::default(),
         });
+        if let Some(news) = inner.store.wakeups() {
+            tokio::spawn(follow_store(Arc::downgrade(&inner), news));
+        }
         tokio::spawn(Executor::new(inner.clone(), sched).run(rx));
         Ok(Tasks { inner })
     }
@@ -645,6 +668,51 @@ impl<S: Store> Tasks<S> {
     }
 }
 
+/// Carries other nodes' news about a shared store ([`Store::wakeups`]) into this node: apps with
+/// new pending tasks claim at once, waiters of tasks that finished elsewhere are answered, and an
+/// attempt of a task a client changed elsewhere is cancelled here.
+async fn follow_store<S: Store>(inner: Weak<Inner<S>>, mut news: broadcast::Receiver<Wake>) {
+    loop {
+        let wake = match news.recv().await {
+            Ok(w) => w,
+            Err(broadcast::error::RecvError::Lagged(_)) => Wake::All,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        match wake {
+            Wake::Pending(app) => {
+                let _ = inner.events.send(Event::Submitted(vec![app])).await;
+            }
+            Wake::Finished(ids) => answer_waiters(&inner, ids).await,
+            Wake::Commanded(id) => {
+                let _ = inner.events.send(Event::Aborted(id.clone())).await;
+                answer_waiters(&inner, vec![id]).await;
+            }
+            Wake::All => {
+                let _ = inner.events.send(Event::WakeAll).await;
+                let ids: Vec<TaskId> =
+                    inner.waiters.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+                answer_waiters(&inner, ids).await;
+            }
+        }
+    }
+}
+
+/// Answers the waiters of tasks that may have finished (or gone) elsewhere, from the store.
+async fn answer_waiters<S: Store>(inner: &Inner<S>, ids: Vec<TaskId>) {
+    for id in ids {
+        if !inner.waiters.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id) {
+            continue;
+        }
+        match inner.store.get(id.clone(), UnixMs::now()).await {
+            Ok(Some(t)) if t.status.is_final() => notify_waiters(inner, &id, Some(Finished::of(&t))),
+            Ok(None) => notify_waiters(inner, &id, None),
+            Ok(Some(_)) => {}
+            Err(e) => tracing::warn!(task = %id, error = %e, "cannot read a task another node finished"),
+        }
+    }
+}
+
 fn notify_waiters<S>(inner: &Inner<S>, id: &TaskId, finished: Option<Finished>) {
     let list = inner.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     for w in list.unwrap_or_default() {
@@ -767,6 +835,11 @@ impl<S: Store> Executor<S> {
             }
             Event::Aborted(id) => {
                 self.sched.handle_abort(&id, now);
+            }
+            Event::WakeAll => {
+                for app in self.apps_running() {
+                    self.sched.handle_submitted(&app, now);
+                }
             }
             Event::Shutdown { grace, done } => {
                 let apps: Vec<String> = self.apps_running();

@@ -162,8 +162,11 @@ fn call_prints_the_reply_and_services_status_list_the_node() {
     assert!(stdout(&unknown).contains("UNKNOWN command=NOPE"));
 
     let services = d.cli(&["--json", "services"]);
-    // `apps` is the node's built-in app management service.
-    assert_eq!(stdout(&services).trim(), r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"}]"#);
+    // `apps`, `control` and `flags` are the node's built-in services.
+    assert_eq!(
+        stdout(&services).trim(),
+        r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"},{"instances":1,"service":"control"},{"instances":1,"service":"flags"}]"#
+    );
     let human = d.cli(&["services"]);
     assert!(stdout(&human).contains("calc"));
     let status = d.cli(&["--json", "status"]);

@@ -6,12 +6,14 @@
 use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
 use bytes::Bytes;
+use nodus_control::expiry::{self, Admit};
 use nodus_engine::balance::Rejection;
 use nodus_engine::{CallDone, Engine, SessionError};
 use nodus_wire::Message;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Requests an app's bridge takes off its queue at a time.
 const BRIDGE_BATCH: usize = 128;
@@ -51,7 +53,7 @@ impl Bridges {
             b.running.store(running, Ordering::Relaxed);
             return;
         }
-        let (conn, mut rx) = shared.attach(name);
+        let (conn, mut rx) = shared.attach_app(name);
         let flag = Arc::new(AtomicBool::new(running));
         bridges.insert(name.to_string(), Bridge { conn, running: flag.clone() });
         let (shared, engine, app) = (shared.clone(), engine.clone(), name.to_string());
@@ -62,6 +64,14 @@ impl Bridges {
                 for out in batch.drain(..) {
                     let Outbound::Msg(mut req, _) = out else { continue };
                     if !is_request(&req) {
+                        continue;
+                    }
+                    let now = shared.now_ms();
+                    let place = format!("the queue of app {app}");
+                    if let Admit::Expired { reply } = expiry::admit(&req, now, &place) {
+                        if let Some(r) = reply.filter(|_| req.envelope.id != 0) {
+                            shared.inject(conn, *r);
+                        }
                         continue;
                     }
                     if !flag.load(Ordering::Relaxed) {
@@ -82,6 +92,7 @@ impl Bridges {
                         continue;
                     };
                     let body = std::mem::take(&mut req.payload);
+                    let expires_at = req.envelope.expires_at;
                     let (shared, app_name) = (shared.clone(), app.clone());
                     let reply_event = event.clone();
                     // Each request is its own session; the engine's queue-limit bounds how many
@@ -93,7 +104,16 @@ impl Bridges {
                             shared.inject(conn, call_reply(&req, &app_name, &reply_event, result));
                         }
                     });
-                    if !c.call(event, body, done) {
+                    let accepted = match expiry::remaining(expires_at, now) {
+                        // It must not reach a worker after its _expires_at: the engine drops it
+                        // from the app's queue then.
+                        Some(left) => {
+                            let deadline = tokio::time::Instant::now() + Duration::from_millis(left as u64);
+                            c.call_before(event, body, deadline, done)
+                        }
+                        None => c.call(event, body, done),
+                    };
+                    if !accepted {
                         // The app was removed (and perhaps started again): look it up anew.
                         caller = None;
                     }
@@ -156,6 +176,7 @@ fn call_reply(req: &Message, app: &str, event: &str, result: Result<Vec<Bytes>, 
         Err(e) => {
             let code = match &e {
                 SessionError::Rejected(Rejection::QueueFull { .. } | Rejection::Busy { .. }) => "queue_full",
+                SessionError::Rejected(Rejection::Expired) => expiry::EXPIRED_CODE,
                 SessionError::Rejected(_) => "rejected",
                 SessionError::Worker { .. } => "app_error",
                 SessionError::WorkerFailed(_) => "worker_failed",

@@ -11,6 +11,7 @@
 mod bridge;
 mod store;
 
+pub(crate) use bridge::is_request;
 pub use store::{AppStore, Installed, Progress, Stage, StoreError, Wanted};
 
 use crate::config::Config;
@@ -236,6 +237,10 @@ impl Ctx {
         let mut changer = tokio::task::JoinSet::new();
         changer.spawn(async move {
             while let Some((req, command)) = queued.recv().await {
+                // A change may wait behind a long deploy: one whose time ran out is not run.
+                if ctx.expired(conn, &req) {
+                    continue;
+                }
                 let answer = ctx.execute(&req, command).await;
                 ctx.answer(conn, &req, answer);
             }
@@ -244,7 +249,7 @@ impl Ctx {
         while let Some(out) = rx.recv().await {
             let Outbound::Msg(req, _) = out else { continue };
             // Replies and errors are never acted on, so this service never answers an answer.
-            if !bridge::is_request(&req) {
+            if !bridge::is_request(&req) || self.expired(conn, &req) {
                 continue;
             }
             let command = match Command::parse(&req) {
@@ -269,6 +274,21 @@ impl Ctx {
             });
         }
         changer.abort_all();
+    }
+
+    /// True when `req` expired while it waited (the one rule, [`nodus_control::expiry`]): it is
+    /// dropped, and its sender told.
+    fn expired(&self, conn: ConnId, req: &Message) -> bool {
+        let now = self.shared.now_ms();
+        match nodus_control::expiry::admit(req, now, "the queue of the apps service") {
+            nodus_control::expiry::Admit::Live => false,
+            nodus_control::expiry::Admit::Expired { reply } => {
+                if let Some(r) = reply.filter(|_| req.envelope.id != 0) {
+                    self.shared.inject(conn, *r);
+                }
+                true
+            }
+        }
     }
 
     /// Sends the answer to a request that has an id; a message without one is never answered.

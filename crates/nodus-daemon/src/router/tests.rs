@@ -108,6 +108,14 @@ fn cached_message_expires_by_ttl_on_the_virtual_clock() {
     assert_eq!(r.cached_len(), 2);
     r.tick(1_000 + 10_000, &mut out);
     assert_eq!(r.cached_len(), 1);
+    // Its sender is told, once: the message was dropped, never delivered.
+    let told: Vec<(ConnId, String, Option<String>, Option<String>)> = delivered(&mut out)
+        .into_iter()
+        .map(|(c, m)| (c, m.command.clone(), m.get("code").map(String::from), m.get("command").map(String::from)))
+        .collect();
+    assert_eq!(told, [(2, "ERROR".to_string(), Some("expired".to_string()), Some("A".to_string()))]);
+    r.tick(1_000 + 20_000, &mut out);
+    assert!(out.is_empty());
     r.connect(1, Origin::Internal);
     r.handle(1, Message::new("REGISTER").param("service", "later").param("version", 1), 12_000, &mut out);
     let cmds: Vec<String> = delivered(&mut out).into_iter().map(|(_, m)| m.command).collect();
@@ -520,4 +528,42 @@ fn a_callers_share_of_pending_requests_fits_half_its_queue() {
     assert_eq!(RouterLimits::from_config(&c.limits).max_pending_per_client, 8);
     let c = Config::default();
     assert_eq!(RouterLimits::from_config(&c.limits).max_pending_per_client, 32_768);
+}
+
+#[test]
+fn registered_instances_are_components_and_can_be_addressed_one_by_one() {
+    let mut r = router(&[]);
+    register(&mut r, 1, "control");
+    // Two instances of one service, the second started by component 77 of node b.
+    let mut out = Vec::new();
+    r.connect(2, tcp());
+    r.handle(2, Message::new("REGISTER").param("service", "svc").param("version", 1).with_id(1), 1_000, &mut out);
+    let ready = delivered(&mut out).into_iter().find(|(_, m)| m.command == "READY").unwrap().1;
+    r.connect(3, tcp());
+    let mut second = Message::new("REGISTER").param("service", "svc").param("version", 1).param("parent_node", "b");
+    second.envelope.pid = 77;
+    r.handle(3, second, 1_500, &mut out);
+    out.clear();
+    let regs = r.registered();
+    let find = |conn: ConnId| regs.iter().find(|g| g.conn == conn).unwrap();
+    assert_eq!(ready.get("component"), Some(find(2).component.to_string().as_str()), "READY announces the id");
+    assert_ne!(find(2).component, find(3).component);
+    assert!(find(1).internal && !find(2).internal);
+    assert_eq!((find(3).pid, find(3).parent_node.as_deref(), find(3).since), (77, Some("b"), 1_500));
+    // A targeted request reaches that instance (not the balancer's choice) and its reply comes back.
+    for target in [3, 2, 3] {
+        r.deliver_to(1, target, Message::new("MONITORING").param("sync_time", 1).with_id(50 + target), 2_000, &mut out)
+            .unwrap();
+        let (to, m) = delivered(&mut out).pop().unwrap();
+        assert_eq!((to, m.from.to_string().as_str()), (target, "n1:control"));
+        r.handle(target, Message::new("RESULT").tap_reply_to(m.envelope.id), 2_000, &mut out);
+        let (back, reply) = delivered(&mut out).pop().unwrap();
+        assert_eq!((back, reply.envelope.reply_to), (1, 50 + target));
+    }
+    // An instance that declared its commands without this one, or a connection that is not a
+    // registered service, is refused without anything delivered.
+    r.handle(2, Message::new("COMMANDS").param("list", "WORK"), 2_000, &mut out);
+    assert_eq!(r.deliver_to(1, 2, Message::new("MONITORING"), 2_000, &mut out), Err(DeliverError::NotUnderstood));
+    assert_eq!(r.deliver_to(1, 9, Message::new("MONITORING"), 2_000, &mut out), Err(DeliverError::Gone));
+    assert!(out.is_empty());
 }

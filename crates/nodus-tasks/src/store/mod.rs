@@ -1,5 +1,6 @@
-//! The durable task store: a trait every backend implements (SQLite now, PostgreSQL next) and one
-//! contract test suite ([`contract`]) that every backend must pass.
+//! The durable task store: a trait every backend implements (SQLite embedded, PostgreSQL shared by
+//! several nodes), one contract test suite ([`contract`]) that every backend must pass, and
+//! [`AnyStore`], the backend chosen at run time (`[tasks] store`).
 //!
 //! Invariants every backend keeps:
 //! - A submission acknowledged `Ok` is durable (on disk, or in the database's committed state).
@@ -12,12 +13,16 @@
 //!   deletes it (its idempotency key can then be used again).
 //! - Nothing reads a clock: `now` is always an argument, so expiry and leases are testable.
 
+mod any;
 pub mod contract;
+mod postgres;
 mod sqlite;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use any::{AnyStore, StoreSpec};
+pub use postgres::{redact, ClaimMode, PgConfig, PgStore};
 pub use sqlite::{SqliteConfig, SqliteStore, Synchronous, WriterStats};
 
 use crate::task::{Claimed, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
@@ -171,6 +176,21 @@ impl Counts {
     }
 }
 
+/// News from other nodes sharing a store ([`Store::wakeups`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// Tasks of this app became pending (submitted, retried, released, reaped elsewhere).
+    Pending(String),
+    /// These tasks finished elsewhere.
+    Finished(Vec<TaskId>),
+    /// A client's command changed this task elsewhere (interrupted, marked done, deleted): an
+    /// attempt running here is cancelled.
+    Commanded(TaskId),
+    /// Some news may have been missed (the listener reconnected, or fell behind): look at
+    /// everything.
+    All,
+}
+
 /// A durable task store. Every method may be called from many tasks at once; a backend batches
 /// concurrent calls (group commit) as it sees fit. Every method takes `now` where time matters
 /// and reads no clock.
@@ -251,4 +271,10 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`].
     fn counts(&self, now: UnixMs) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+
+    /// News from other nodes writing to this store, so a node claims at once what another one
+    /// submitted rather than at its next poll. `None` (the default): nobody else writes to it.
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wake>> {
+        None
+    }
 }

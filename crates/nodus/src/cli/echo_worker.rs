@@ -1,5 +1,6 @@
-//! `nodus echo-worker`: a built-in example worker (events `echo`, `upper`, `fail`, and `http`
-//! behind the HTTP gateway), so an app can be deployed with nothing but this binary.
+//! `nodus echo-worker`: a built-in example worker (events `echo`, `upper`, `fail`, `sleep`,
+//! `count`, and `http` behind the HTTP gateway), so an app can be deployed with nothing but this
+//! binary.
 
 use nodus_engine::worker_sdk::{HandlerResult, Request, Response, Worker, WorkerArgs};
 use nodus_http::cocaine::{RequestHead, ResponseHead};
@@ -13,6 +14,7 @@ pub struct Args {
 }
 
 async fn echo(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
     while let Some(chunk) = req.recv().await? {
         resp.write(chunk).await?;
     }
@@ -20,6 +22,7 @@ async fn echo(mut req: Request, mut resp: Response) -> HandlerResult {
 }
 
 async fn upper(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
     while let Some(chunk) = req.recv().await? {
         resp.write(chunk.to_ascii_uppercase()).await?;
     }
@@ -27,6 +30,7 @@ async fn upper(mut req: Request, mut resp: Response) -> HandlerResult {
 }
 
 async fn fail(_req: Request, _resp: Response) -> HandlerResult {
+    count_call();
     Err("failed on purpose".into())
 }
 
@@ -34,6 +38,7 @@ async fn fail(_req: Request, _resp: Response) -> HandlerResult {
 /// back piece by piece as it arrives (a large upload streams back as it streams in), its
 /// content type, and the method and URI in `x-echo-method` and `x-echo-uri`.
 async fn http(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
     let first = req.recv().await?.ok_or("no request chunk")?;
     let head = RequestHead::decode(&first)?;
     let ctype = head
@@ -56,6 +61,33 @@ async fn http(mut req: Request, mut resp: Response) -> HandlerResult {
     Ok(())
 }
 
+/// Invocations this worker process started (every event but `count` itself counts).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_call() {
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Waits the number of milliseconds its input says, then answers `slept`.
+async fn sleep(mut req: Request, mut resp: Response) -> HandlerResult {
+    count_call();
+    let mut input = Vec::new();
+    while let Some(chunk) = req.recv().await? {
+        input.extend_from_slice(&chunk);
+    }
+    let ms: u64 = std::str::from_utf8(&input)?.trim().parse()?;
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    resp.write("slept").await?;
+    Ok(())
+}
+
+/// How many invocations this worker ran before this one (tests use it to prove a request never
+/// reached a worker).
+async fn count(_req: Request, mut resp: Response) -> HandlerResult {
+    resp.write(CALLS.load(std::sync::atomic::Ordering::Relaxed).to_string()).await?;
+    Ok(())
+}
+
 /// Serves the engine until it says terminate.
 ///
 /// Fails when the arguments are not the engine's or the engine connection fails.
@@ -66,6 +98,8 @@ pub async fn run(a: Args) -> anyhow::Result<u8> {
         .on("upper", upper)
         .on("fail", fail)
         .on("http", http)
+        .on("sleep", sleep)
+        .on("count", count)
         .run()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -10,8 +10,10 @@ mod app;
 mod call;
 mod cluster;
 mod config;
+mod control;
 mod daemon;
 mod echo_worker;
+mod flags;
 mod send;
 mod serve;
 mod services;
@@ -147,6 +149,14 @@ pub enum Command {
     Cluster(Group<cluster::Command>),
     /// Deploy and run apps (worker processes supervised by the node).
     App(Group<app::Command>),
+    /// Raise, lower and list flags (communicatord's): `count`/`raised` exit 1 when a flag is up.
+    Flags(Group<flags::Command>),
+    /// Draw the components of the cluster (nodes, services, apps, workers) by who started whom.
+    Tree(With<control::TreeArgs>),
+    /// Monitor components: a live table of their answers (`--json`: once).
+    Monitor(With<control::MonitorArgs>),
+    /// Kill a component and everything it started (needs admin).
+    Kill(With<control::KillArgs>),
     /// Print the version of this nodus binary.
     Version(config::VersionArgs),
     /// Print a shell completion script: `nodus completions bash > /etc/bash_completion.d/nodus`.
@@ -174,6 +184,10 @@ impl Args {
             Command::Stop(w) => &w.conn,
             Command::Cluster(g) => &g.conn,
             Command::App(g) => &g.conn,
+            Command::Flags(g) => &g.conn,
+            Command::Tree(w) => &w.conn,
+            Command::Monitor(w) => &w.conn,
+            Command::Kill(w) => &w.conn,
             Command::Config(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Version(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Daemon(_) | Command::Completions(_) | Command::Man(_) | Command::EchoWorker(_) => return outer,
@@ -333,6 +347,10 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Stop(w) => status::stop(&Ctx::new(&conn)?, w.args).await,
         Command::Cluster(g) => cluster::run(&Ctx::new(&conn)?, g.command).await,
         Command::App(g) => app::run(&Ctx::new(&conn)?, g.command).await,
+        Command::Flags(g) => flags::run(&Ctx::new(&conn)?, g.command).await,
+        Command::Tree(w) => control::tree(&Ctx::new(&conn)?, w.args).await,
+        Command::Monitor(w) => control::monitor(&Ctx::new(&conn)?, w.args).await,
+        Command::Kill(w) => control::kill(&Ctx::new(&conn)?, w.args).await,
     }
 }
 

@@ -432,3 +432,40 @@ fn cluster_wide_commands_from_an_authenticated_admin_node_are_obeyed_and_passed_
     b.handle(20, LinkMsg::Shutdown.to_message(), 0, &mut out);
     assert!(out.contains(&Action::Shutdown));
 }
+
+#[test]
+fn a_message_that_expires_on_its_way_is_refused_at_the_hop_never_delivered_nor_passed_on() {
+    let mut b = line();
+    register(&mut b, 3, "svc", "HI");
+    let from_a = |to: &str, expires_at: i64| {
+        let mut m = Message::new("HI").to(to).with_id(7);
+        m.from = nodus_wire::Address::new("a", "x");
+        m.envelope.perms = Permissions::of(&[Permission::Send]);
+        m.envelope.expires_at = expires_at;
+        m
+    };
+    let mut out = Vec::new();
+    // For a service here, and for node c through here: at its expiry, neither goes further and
+    // the sender, on the link it came from, is told where it expired.
+    for to in ["b:svc", "c:svc"] {
+        b.handle(20, from_a(to, 1_000), 1_000, &mut out);
+        assert!(sent(&mut out, 3).is_empty() && sent(&mut out, 30).is_empty(), "{to}: not delivered nor forwarded");
+        let back = sent(&mut out, 20);
+        assert_eq!(back.len(), 1, "{to}: {back:?}");
+        assert_eq!((back[0].command.as_str(), back[0].get("code")), ("ERROR", Some("expired")), "{to}");
+        assert_eq!(back[0].envelope.reply_to, 7);
+        assert!(back[0].get("message").is_some_and(|t| t.contains("node b")), "{:?}", back[0]);
+    }
+    assert_eq!(b.stats().expired, 2);
+    // A millisecond earlier both go on; 0 never expires.
+    b.handle(20, from_a("b:svc", 1_000), 999, &mut out);
+    b.handle(20, from_a("c:svc", 0), 5_000, &mut out);
+    assert_eq!(sent(&mut out, 3).len(), 1);
+    assert_eq!(sent(&mut out, 30).len(), 1);
+    // An error that expired is dropped, not answered with another error.
+    let mut e = from_a("b:svc", 1_000).tap(9);
+    e.command = "ERROR".into();
+    e.envelope.id = 0;
+    b.handle(20, e, 2_000, &mut out);
+    assert!(sent(&mut out, 20).is_empty() && sent(&mut out, 3).is_empty());
+}
