@@ -106,14 +106,40 @@ fn the_rest_api_acts_for_its_caller_through_the_router() {
     let refused = node.request("POST", "/api/call", None, Some(("application/json", stop_node)));
     assert_eq!((refused.status, refused.json()["error"].as_str()), (403, Some("forbidden")), "{refused:?}");
 
-    // Tasks, flags and the control plane are not mounted in the daemon yet: no endpoints (and the
-    // snapshot says the node does not run them).
-    for path in ["/api/tasks", "/api/flags", "/api/tree", "/api/components/7/monitoring"] {
+    // Flags through the node's flags service: anonymous callers may raise and lower (`send`),
+    // clearing a manual-down flag needs the owner (`admin`).
+    assert_eq!(node.request("GET", "/api/flags", None, None).json(), serde_json::json!([]));
+    let raise = br#"{"message": "the nightly backup failed", "priority": 60, "manual_down": true, "tags": ["disk"]}"#;
+    let up = node.request("PUT", "/api/flags/backup/nightly/failed", None, Some(("application/json", raise)));
+    assert_eq!(
+        (up.status, up.json()["count"].as_u64(), up.json()["new"].as_bool()),
+        (200, Some(1), Some(true)),
+        "{up:?}"
+    );
+    let flags = node.request("GET", "/api/flags", None, None).json();
+    assert_eq!((flags[0]["name"].as_str(), flags[0]["priority"].as_u64()), (Some("failed"), Some(60)), "{flags}");
+    let snapshot = node.request("GET", "/api/snapshot", None, None).json();
+    assert_eq!(snapshot["flags"][0]["source"], "backup/nightly", "{snapshot}");
+    let down = node.request("DELETE", "/api/flags/backup/nightly/failed", None, None);
+    assert_eq!((down.status, down.json()["error"].as_str()), (409, Some("manual_down")), "{down:?}");
+    let clear = node.request("DELETE", "/api/flags/backup/nightly/failed?manual=true", None, None);
+    assert_eq!((clear.status, clear.json()["error"].as_str()), (403, Some("forbidden")), "{clear:?}");
+    let clear = node.request("DELETE", "/api/flags/backup/nightly/failed?manual=true", Some(&token), None);
+    assert_eq!((clear.status, clear.json()["lowered"].as_bool()), (200, Some(true)), "{clear:?}");
+    let bad = node.request("PUT", "/api/flags/Bad%20Unit/x/y", None, Some(("application/json", raise)));
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+    // The flags service's own INVALID (a tag it refuses) is the caller's error too.
+    let tag = br#"{"message": "m", "tags": ["not a tag!"]}"#;
+    let bad = node.request("PUT", "/api/flags/backup/nightly/tag", None, Some(("application/json", tag)));
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+
+    // Tasks and the control plane's tree, monitoring and kill have no endpoints yet (and the
+    // snapshot says the node does not run tasks).
+    for path in ["/api/tasks", "/api/tree", "/api/components/7/monitoring"] {
         let r = node.request("GET", path, None, None);
         assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")), "{path}: {r:?}");
     }
-    let snapshot = node.request("GET", "/api/snapshot", None, None).json();
-    assert!(snapshot["tasks"].is_null() && snapshot["flags"].is_null(), "{snapshot}");
+    assert!(snapshot["tasks"].is_null(), "{snapshot}");
     let route = node.request("GET", "/api/nothing/here", None, None);
     assert_eq!((route.status, route.json()["error"].as_str()), (404, Some("not_found")));
 }
