@@ -5,7 +5,7 @@
 #
 # Checks: every answer's status, content type, headers and body conform to the document (errors
 # included); data the document calls invalid is refused; no 5xx. Left out of the owner's run:
-# the generic /api/call (it would STOP the node). Tasks (not mounted in the daemon yet) and the
+# the generic /api/call (it would STOP the node). Tasks and the
 # control plane's tree, monitoring and kill have no endpoints yet, so there is nothing to check.
 #
 # Usage: scripts/schemathesis.sh [max examples per operation, default 20]

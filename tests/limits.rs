@@ -220,13 +220,7 @@ async fn a_neighbour_that_never_answers_connect_is_dropped_after_the_handshake_t
     dialed.read_exact(&mut first).await.unwrap();
     assert_eq!(first, nodus_wire::binary::PREFACE);
     closed_by_peer(&mut dialed, "a link that never got ACCEPT").await;
-    // The counter is bumped as the dialing task ends, which may be just after the close is seen.
-    let counted = async {
-        while node.counters.snapshot().dial.handshake_timeouts < 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, counted).await.expect("the handshake timeout is counted");
+    assert!(node.counters.snapshot().dial.handshake_timeouts >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

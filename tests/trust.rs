@@ -49,6 +49,7 @@ fn with_apps(c: &mut Config) {
     c.apps.enabled = true;
     c.apps.locator_listen = String::new();
     c.http.listen = String::new();
+    c.tasks.arpcp_listen = String::new();
 }
 
 async fn info(owner: &mut TextConn, id: u64) -> Message {

@@ -34,7 +34,11 @@ pub async fn run(options: Options, command: Command) -> anyhow::Result<()> {
         Command::Apps { cold_starts } => interruptible(crate::apps::run(&options, cold_starts)).await,
         Command::Tasks { tasks, submitters, light, worker, postgres } => {
             let load = crate::tasks::TasksLoad { tasks, submitters, light, worker, postgres };
-            interruptible(crate::tasks::run(options.json, load)).await
+            interruptible(async {
+                crate::tasks::run(options.json, load.clone()).await?;
+                crate::tasks_node::run(options.json, options.nodus.clone(), &load).await
+            })
+            .await
         }
         // Normally handled in `main` before the runtime is built; harmless here too.
         Command::ConnectOnce { socket } => crate::apps::connect_once(&socket),

@@ -94,6 +94,11 @@ impl Child {
         }
     }
 
+    /// The child's process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.process.id()
+    }
+
     /// Fails when the child has already exited (quoting its log).
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         match self.process.try_wait().with_context(|| format!("cannot check on {}", self.name))? {

@@ -21,6 +21,7 @@ mod latency;
 mod nodus_system;
 mod report;
 mod tasks;
+mod tasks_node;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -99,7 +100,8 @@ enum Command {
     /// Task figures: submit-only throughput, end to end (submit → no-op procedure in a worker
     /// process → completion on disk) with 1 and 4 workers, synchronous=FULL and NORMAL, and
     /// latency at light load; on the task crate in this process with real workers and SQLite,
-    /// and PostgreSQL with --postgres.
+    /// and PostgreSQL with --postgres,
+    /// then the same through a `nodus daemon` (its `tasks` service and its arpcp listener).
     Tasks {
         /// Tasks per throughput measurement.
         #[arg(long, default_value_t = 20_000)]

@@ -64,8 +64,18 @@ pub async fn start_daemon_with(
     let mut command = tokio::process::Command::new(nodus);
     command.arg("daemon").arg("--server-name").arg(name).arg("--data-dir").arg(&data_dir).args(extra);
     // Only the listeners asked for: the default cluster and UDP ports are fixed and may be taken.
-    command.args(["--listen", &format!("127.0.0.1:{port}"), "--udp-listen", "", "--locator-listen", ""]);
-    command.args(["--http-listen", ""]);
+    command.args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--udp-listen",
+        "",
+        "--locator-listen",
+        "",
+        "--arpcp-listen",
+        "",
+        "--http-listen",
+        "",
+    ]);
     match cluster {
         None => {
             command.args(["--cluster-listen", ""]);

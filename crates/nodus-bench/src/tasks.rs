@@ -98,7 +98,7 @@ impl Figures {
     }
 }
 
-fn worker_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn worker_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(p) => p,
         None => std::env::current_exe().context("cannot find this executable")?.with_file_name(WORKER),

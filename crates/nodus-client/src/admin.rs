@@ -1,11 +1,20 @@
 //! Typed administration of a node: its own commands (`INFO`, `LIST_SERVICES`, `CLUSTER_INFO`,
-//! `FORGET`, `STOP`, ...) and the built-in `apps` service, with replies decoded into typed values
+//! `FORGET`, `STOP`, ...) and the built-in `apps` and `tasks` services, with replies decoded into typed values
 //! ([`nodus_wire::rows`]) in one place instead of by every caller.
 //!
 //! Every call fails with [`AdminError::Client`] when the request itself fails (including the
 //! node's refusals, [`ClientError::Refused`]), [`AdminError::Failed`] when a service answers
 //! `ERROR`, and [`AdminError::Malformed`]/[`AdminError::Unexpected`] when the answer is not what
 //! the node sends.
+
+mod agents;
+mod tasks;
+
+pub use agents::{AgentInfo, Agents};
+pub use tasks::{
+    ProcedureInfo, TaskChange, TaskCounts, TaskFailure, TaskInfo, TaskPage, TaskRefusal, TaskSpec, TaskStats,
+    TaskStatus, TaskSubmitted, TASKS_TIMEOUT,
+};
 
 use crate::{Client, ClientError};
 use nodus_wire::rows::{self, AppRow, AppStatus, CrashRecord, LinkRow, NodeRow, RowError, ServiceAt, WorkerRow};

@@ -33,6 +33,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// The control plane: component tree, kill, flags.
     pub control: ControlConfig,
+    /// Tasks: the durable store, the executor, the arpcp listener.
+    pub tasks: TasksConfig,
 }
 
 /// The `[http]` section: the gateway, the REST API, the dashboard and the metrics on one
@@ -113,6 +115,155 @@ impl ControlConfig {
         } else {
             self.flags_dir.clone()
         }
+    }
+}
+
+/// The `[tasks]` section: the task service (`tasks`), its store and the arpcp listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Run the task service (it needs `[apps] enabled`: procedures are app events).
+    pub enabled: bool,
+    /// The store: `sqlite`, the file `<data_dir>/tasks.db`.
+    pub store: String,
+    /// SQLite `synchronous`: `off`, `normal`, `full` or `extra`.
+    pub synchronous: String,
+    /// How long a finished task and its result are kept, seconds.
+    pub result_ttl_secs: u64,
+    /// Largest store file, bytes; beyond it submissions are refused (arpcp 300).
+    pub max_store_bytes: u64,
+    /// Attempts of a task whose worker process keeps failing, unless it sets its own.
+    pub max_attempts: u32,
+    /// Delay before retrying a task whose worker failed: from this, doubling, ms.
+    pub retry_min_ms: u64,
+    /// Longest delay between retries, ms.
+    pub retry_max_ms: u64,
+    /// Timeout of a task that does not set one, seconds.
+    pub default_timeout_secs: u64,
+    /// Longest timeout a task may set, seconds.
+    pub max_timeout_secs: u64,
+    /// Largest arguments, bytes of JSON.
+    pub max_args_bytes: usize,
+    /// Largest result, bytes the worker writes.
+    pub max_result_bytes: usize,
+    /// Most tasks one app runs or has queued at once (also bounded by its profile).
+    pub max_inflight_per_app: usize,
+    /// Where `TASK_STATUS` notifications go: `service:NAME`, `app:APP.EVENT`, or empty (none).
+    pub notify: String,
+    /// Requests of the `tasks` service waiting for tasks to finish (`TASK`, `WAIT`) at once.
+    pub max_waiting: usize,
+    /// Subscribers of the `tasks` service's `WATCH` at once.
+    pub max_watchers: usize,
+    /// The arpcp listener (seed 004); empty disables it.
+    pub arpcp_listen: String,
+    /// Client networks served besides loopback (`10.0.0.0/8`); needed to listen beyond loopback.
+    pub arpcp_allow: Vec<String>,
+    /// arpcp connections served at once.
+    pub arpcp_max_connections: usize,
+    /// Longest arpcp request line, bytes.
+    pub arpcp_max_line_bytes: usize,
+    /// How long an arpcp client may take to send its request line, ms.
+    pub arpcp_read_timeout_ms: u64,
+    /// This node's part in tasks across nodes: `standalone` (runs its own tasks), `manager`
+    /// (dispatches its tasks to worker nodes) or `worker` (runs its manager's tasks).
+    pub role: String,
+    /// A manager: the worker nodes it accepts (server names).
+    pub workers: Vec<String>,
+    /// A worker: the managers it may pair with (server names), in order of preference.
+    pub managers: Vec<String>,
+    /// A manager pings its workers, and a worker its manager, this often, ms.
+    pub ping_interval_ms: u64,
+    /// A worker not heard from for this long is silent, ms.
+    pub silent_after_ms: u64,
+    /// A worker not heard from for this long is gone (its tasks run elsewhere); a worker whose
+    /// manager is silent this long pairs again, ms.
+    pub gone_after_ms: u64,
+    /// A manager waits this long past a task's timeout for its worker's report, then records
+    /// `TimedOut` itself and aborts the task on the worker, ms.
+    pub worker_grace_ms: u64,
+    /// A gone agent is removed from the registry after this long, seconds.
+    pub agent_remove_after_secs: u64,
+    /// Tasks a worker node runs at once for its manager (0: the host's cores), and how many
+    /// more it accepts waiting.
+    pub worker_concurrency: u32,
+    /// See `worker_concurrency`.
+    pub worker_queue: u32,
+}
+
+impl TasksConfig {
+    /// The SQLite file of a node whose data directory is `data_dir`.
+    pub fn sqlite_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("tasks.db")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(self.store.is_empty() || self.store.eq_ignore_ascii_case("sqlite")) {
+            return Err(format!(
+                "tasks.store is {:?}; use \"sqlite\" (the file tasks.db in the data directory)",
+                self.store
+            ));
+        }
+        self.synchronous.parse::<nodus_tasks::Synchronous>().map_err(|e| format!("tasks.synchronous: {e}"))?;
+        if !self.notify.is_empty() {
+            self.notify.parse::<nodus_tasks::notify::Target>().map_err(|e| format!("tasks.notify: {e}"))?;
+        }
+        for n in &self.arpcp_allow {
+            n.parse::<nodus_tasks::Network>().map_err(|e| format!("tasks.arpcp_allow: {e}"))?;
+        }
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err("tasks.max_attempts must be 1 to 100".into());
+        }
+        if self.retry_min_ms == 0 || self.retry_min_ms > self.retry_max_ms {
+            return Err("tasks.retry_min_ms must be positive and at most retry_max_ms".into());
+        }
+        if self.default_timeout_secs == 0 || self.default_timeout_secs > self.max_timeout_secs {
+            return Err("tasks.default_timeout_secs must be positive and at most max_timeout_secs".into());
+        }
+        if self.result_ttl_secs == 0 {
+            return Err("tasks.result_ttl_secs must be positive".into());
+        }
+        let positive = [
+            ("max_args_bytes", self.max_args_bytes),
+            ("max_result_bytes", self.max_result_bytes),
+            ("max_inflight_per_app", self.max_inflight_per_app),
+            ("max_waiting", self.max_waiting),
+            ("max_watchers", self.max_watchers),
+            ("arpcp_max_connections", self.arpcp_max_connections),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("tasks.{key} must be positive"));
+        }
+        if self.arpcp_max_line_bytes < 1024 || self.arpcp_read_timeout_ms == 0 {
+            return Err("tasks.arpcp_max_line_bytes must be at least 1024 and arpcp_read_timeout_ms positive".into());
+        }
+        match self.role.as_str() {
+            "standalone" => {}
+            "manager" if self.workers.is_empty() => {
+                return Err("tasks.role is \"manager\" but tasks.workers lists no worker node".into())
+            }
+            "worker" if self.managers.is_empty() => {
+                return Err("tasks.role is \"worker\" but tasks.managers lists no manager node".into())
+            }
+            "manager" | "worker" => {}
+            r => return Err(format!("tasks.role is {r:?}; use \"standalone\", \"manager\" or \"worker\"")),
+        }
+        if self.ping_interval_ms == 0
+            || self.ping_interval_ms >= self.silent_after_ms
+            || self.silent_after_ms >= self.gone_after_ms
+        {
+            return Err("tasks: ping_interval_ms < silent_after_ms < gone_after_ms, all positive".into());
+        }
+        if self.worker_grace_ms == 0 {
+            return Err("tasks.worker_grace_ms must be positive".into());
+        }
+        if let Ok(addr) = self.arpcp_listen.parse::<std::net::SocketAddr>() {
+            if !addr.ip().is_loopback() && self.arpcp_allow.is_empty() {
+                return Err(format!(
+                    "tasks.arpcp_listen {addr} is beyond loopback: arpcp has no authentication, so set tasks.arpcp_allow to the client networks served (e.g. [\"10.0.0.0/8\"])"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -443,6 +594,9 @@ impl Config {
             return bad(
                 "http.tls needs a certificate: set http.tls_cert and tls_key, or the cluster's TLS files".into()
             );
+        }
+        if let Err(e) = self.tasks.validate() {
+            return bad(e);
         }
         let tls_files = [&c.tls_cert, &c.tls_key, &c.tls_ca].iter().filter(|p| !p.as_os_str().is_empty()).count();
         if tls_files != 0 && tls_files != 3 {

@@ -11,8 +11,8 @@
 //!   permission check applies to every API call as it does to any client.
 //! - [`DaemonView`] is the `NodeView` of the dashboard and the metrics: the router's view taken
 //!   under its lock, the apps through the `apps` service, the raised flags through the `flags`
-//!   service. Tasks are not mounted in the daemon yet: the snapshot says so (`None`) and the
-//!   dashboard shows them as absent. Its
+//!   service. Tasks are not read for the dashboard yet: the snapshot leaves them out (`None`) and
+//!   the page says so. Its
 //!   change notices come from the router (an in-process service `http` that declares the
 //!   cluster and service notifications the router sends) and from the engine's events.
 //! - [`NodeMetrics`]: the node's Prometheus registry. At each scrape a collector reads the
@@ -406,7 +406,7 @@ impl DaemonView {
             },
             services,
             apps,
-            // Not mounted in the daemon yet.
+            // Not read from the tasks service yet.
             tasks: None,
             flags,
         }

@@ -21,6 +21,8 @@ mod inproc;
 pub mod ntp;
 pub mod router;
 pub mod server;
+pub mod taskcluster;
+pub mod tasks;
 pub mod tls;
 pub mod topology;
 

@@ -461,6 +461,8 @@ pub struct Daemon {
     locator: Option<nodus_engine::Locator>,
     neighbors: Vec<String>,
     http: Option<crate::http::Bound>,
+    /// The arpcp listener of the task service, when tasks and it are on.
+    arpcp: Option<TcpListener>,
 }
 
 impl Daemon {
@@ -480,6 +482,8 @@ impl Daemon {
         raise_open_files_limit();
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        // Bound before the node's own sockets: whoever sees the node's socket can reach arpcp.
+        let arpcp = crate::tasks::bind_arpcp(&config).await?;
         let tcp = if config.tcp_listen.is_empty() {
             None
         } else {
@@ -638,7 +642,7 @@ impl Daemon {
         if let Some(l) = &shared.locator {
             l.set_directory(Arc::new(ClusterDirectory(Arc::downgrade(&shared))));
         }
-        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors, http })
+        Ok(Daemon { shared, tcp, unix, cluster, udp, tls_listener, locator, neighbors, http, arpcp })
     }
 
     /// Makes the components of `source` (tasks) part of the node's component tree: listed,
@@ -717,7 +721,14 @@ impl Daemon {
         let persist = tokio::spawn(shared.persist.run());
         // Built-in services register before any listener accepts: a client connecting as soon as
         // the node is reachable finds them.
-        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine));
+        let (tasks, follower) = match shared.engine.clone() {
+            Some(engine) if shared.config.tasks.enabled => {
+                let (tasks, follower) = crate::tasks::TaskService::start(shared.clone(), engine, self.arpcp);
+                (Some(tasks), Some(follower))
+            }
+            _ => (None, None),
+        };
+        let apps = shared.engine.clone().map(|engine| crate::apps::Apps::start(shared.clone(), engine, follower));
         let mut listen = std::collections::BTreeMap::new();
         let addrs = [
             ("tcp", self.tcp.as_ref().and_then(|l| l.local_addr().ok())),
@@ -767,7 +778,20 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
-        Ok(Running { shared, tracker, ticker, apps, flags, control, http, locator, locator_stop, persist, unix_path })
+        Ok(Running {
+            shared,
+            tracker,
+            ticker,
+            apps,
+            tasks,
+            flags,
+            control,
+            http,
+            locator,
+            locator_stop,
+            persist,
+            unix_path,
+        })
     }
 }
 
@@ -784,6 +808,8 @@ struct Running {
     flags: tokio::task::JoinHandle<()>,
     /// The `control` service.
     control: tokio::task::JoinHandle<()>,
+    /// The task service.
+    tasks: Option<crate::tasks::TaskService>,
     locator: Option<tokio::task::JoinHandle<()>>,
     locator_stop: CancellationToken,
     persist: tokio::task::JoinHandle<()>,
@@ -843,6 +869,10 @@ impl Running {
         self.locator_stop.cancel();
         if let Some(l) = self.locator {
             let _ = l.await;
+        }
+        // Tasks first: running attempts may finish on the apps' workers and be recorded.
+        if let Some(tasks) = self.tasks {
+            tasks.shutdown().await;
         }
         if let Some(apps) = self.apps {
             apps.shutdown().await;

@@ -11,8 +11,8 @@
 //! `501 not_implemented`.
 //!
 //! Flags go to the node's `flags` service (list: `status`; raise and lower: `send`; clear a
-//! `manual_down` flag: `admin`). Tasks and the control plane (tree, monitoring, kill) have no
-//! endpoints yet (`POST /api/call` reaches any service that runs, with the caller's
+//! `manual_down` flag: `admin`). Tasks (mounted in the daemon since) and the control plane
+//! (tree, monitoring, kill) have no endpoints yet (`POST /api/call` reaches any service that runs, with the caller's
 //! permissions).
 //!
 //! Errors are `{"error": CODE, "message": TEXT}` with a stable `CODE` (see [`ApiError`]).

@@ -24,7 +24,7 @@ use nodus_engine::manifest::Param;
 use nodus_engine::{Engine, EngineError, SessionError};
 use nodus_wire::Backoff;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::arpcp::{Code, SignalStatus};
 use crate::procedures::{Catalog, CatalogError, Procedure};
@@ -267,6 +267,8 @@ struct Inner<S> {
     announcing: Mutex<HashMap<TaskId, Arc<str>>>,
     closing: AtomicBool,
     counters: Counters,
+    /// Bumped when a submission stored new tasks.
+    submitted: watch::Sender<u64>,
 }
 
 /// A node's task service. Cheap to clone.
@@ -313,6 +315,7 @@ impl<S: Store> Tasks<S> {
             announcing: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             counters: Counters::default(),
+            submitted: watch::channel(0).0,
         });
         if let Some(news) = inner.store.wakeups() {
             tokio::spawn(follow_store(Arc::downgrade(&inner), news));
@@ -359,6 +362,25 @@ impl<S: Store> Tasks<S> {
     pub async fn remove_app(&self, app: &str) {
         self.inner.catalog.write().unwrap_or_else(|e| e.into_inner()).remove_app(app);
         let _ = self.inner.events.send(Event::RemoveApp(app.to_string())).await;
+    }
+
+    /// Records attempts that ran elsewhere (a manager node's workers): in the store, fenced by
+    /// their leases, then counted, told to the watchers and to whoever waits for the tasks, as
+    /// the executor does for its own.
+    ///
+    /// # Errors
+    /// The store failed: nothing was recorded.
+    pub async fn record(&self, batch: Vec<(Finish, Attempted)>) -> Result<Vec<Fenced>, StoreError> {
+        let (batch, metas): (Vec<Finish>, Vec<Attempted>) = batch.into_iter().unzip();
+        let fenced = self.inner.store.finish(batch.clone()).await?;
+        announce_records(&self.inner, batch, metas, fenced.clone());
+        Ok(fenced)
+    }
+
+    /// Counts of submission batches that stored new tasks: changes whenever tasks were
+    /// submitted (a manager node dispatches them to its workers).
+    pub fn submitted(&self) -> watch::Receiver<u64> {
+        self.inner.submitted.subscribe()
     }
 
     /// Every procedure, sorted by name.
@@ -487,6 +509,7 @@ impl<S: Store> Tasks<S> {
             out[slot] = Ok(sub);
         }
         if !apps.is_empty() {
+            self.inner.submitted.send_modify(|n| *n = n.wrapping_add(1));
             let _ = self.inner.events.send(Event::Submitted(apps)).await;
         }
         Ok(out)
@@ -709,6 +732,49 @@ async fn answer_waiters<S: Store>(inner: &Inner<S>, ids: Vec<TaskId>) {
             Ok(None) => notify_waiters(inner, &id, None),
             Ok(Some(_)) => {}
             Err(e) => tracing::warn!(task = %id, error = %e, "cannot read a task another node finished"),
+        }
+    }
+}
+
+/// Counts recorded outcomes, tells the watchers and wakes the waiters of the final ones.
+fn announce_records<S>(inner: &Inner<S>, batch: Vec<Finish>, metas: Vec<Attempted>, fenced: Vec<Fenced>) {
+    let c = &inner.counters;
+    let watching = inner.changes.receiver_count() > 0;
+    for ((f, meta), fence) in batch.into_iter().zip(metas).zip(fenced) {
+        if fence == Fenced::Stale {
+            c.stale.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(task = %f.id, lease = %f.lease, "stale completion discarded");
+            continue;
+        }
+        let (status, finished) = match f.outcome {
+            Outcome::Done(result) => {
+                c.done.fetch_add(1, Ordering::Relaxed);
+                (Status::Done, Some(Finished { status: Status::Done, result: Some(result), error: None }))
+            }
+            Outcome::Failed(error) => {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                (Status::Error, Some(Finished { status: Status::Error, result: None, error: Some(error) }))
+            }
+            Outcome::Retry { .. } => {
+                c.retried.fetch_add(1, Ordering::Relaxed);
+                (Status::Pending, None)
+            }
+            Outcome::Release { .. } => {
+                c.released.fetch_add(1, Ordering::Relaxed);
+                (Status::Pending, None)
+            }
+        };
+        if watching {
+            let change = StatusChange {
+                id: f.id.clone(),
+                procedure: meta.procedure,
+                status: Some(status),
+                attempt: meta.attempt,
+            };
+            let _ = inner.changes.send(change);
+        }
+        if let Some(done) = finished {
+            notify_waiters(inner, &f.id, Some(done));
         }
     }
 }
@@ -936,51 +1002,21 @@ impl<S: Store> Executor<S> {
             }
         };
         self.record_backoff.reset();
-        let c = &self.inner.counters;
-        let watching = self.inner.changes.receiver_count() > 0;
-        for ((f, meta), fence) in batch.into_iter().zip(metas).zip(fenced) {
-            if fence == Fenced::Stale {
-                c.stale.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(task = %f.id, lease = %f.lease, "stale completion discarded");
-                continue;
-            }
-            let (status, finished) = match f.outcome {
-                Outcome::Done(result) => {
-                    c.done.fetch_add(1, Ordering::Relaxed);
-                    (Status::Done, Some(Finished { status: Status::Done, result: Some(result), error: None }))
-                }
-                Outcome::Failed(error) => {
-                    c.failed.fetch_add(1, Ordering::Relaxed);
-                    (Status::Error, Some(Finished { status: Status::Error, result: None, error: Some(error) }))
-                }
-                Outcome::Retry { .. } => {
-                    c.retried.fetch_add(1, Ordering::Relaxed);
-                    (Status::Pending, None)
-                }
-                Outcome::Release { .. } => {
-                    c.released.fetch_add(1, Ordering::Relaxed);
-                    (Status::Pending, None)
-                }
-            };
-            if watching {
-                let change = StatusChange {
-                    id: f.id.clone(),
-                    procedure: meta.procedure,
-                    status: Some(status),
-                    attempt: meta.attempt,
-                };
-                let _ = self.inner.changes.send(change);
-            }
-            if let Some(done) = finished {
-                notify_waiters(&self.inner, &f.id, Some(done));
-            }
-        }
+        announce_records(&self.inner, batch, metas, fenced);
     }
 
     fn dispatch(&mut self, c: Claimed) {
         self.inner.counters.started.fetch_add(1, Ordering::Relaxed);
         if self.inner.changes.receiver_count() > 0 {
             let procedure: Arc<str> = Arc::from(c.procedure.as_str());
+            // The store may hand the task out before its submitter has heard that it is stored
+            // (the claim commits first): then its `pending` goes out here, before `running`,
+            // under the lock the submitter takes to send it (so only one of them does).
+            let mut announcing = self.inner.announcing.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(procedure) = announcing.remove(&c.id) {
+                let change = StatusChange { id: c.id.clone(), procedure, status: Some(Status::Pending), attempt: 0 };
+                let _ = self.inner.changes.send(change);
+            }
             let change =
                 StatusChange { id: c.id.clone(), procedure, status: Some(Status::Running), attempt: c.attempt };
             let _ = self.inner.changes.send(change);
@@ -1004,13 +1040,21 @@ impl<S: Store> Executor<S> {
 /// Runs one attempt: the app event with the arguments as one chunk; the joined reply chunks
 /// are the result (JSON when they parse, else a string).
 async fn attempt(engine: &Engine, c: &Claimed, max_result: usize) -> AttemptEnd {
-    let event = c.procedure.strip_prefix(c.app.as_str()).and_then(|r| r.strip_prefix('.')).unwrap_or(&c.procedure);
-    let mut session = match engine.invoke(&c.app, event).await {
+    run_attempt(engine, &c.app, &c.procedure, &c.args, max_result).await
+}
+
+/// Runs one attempt of `procedure` (`APP.EVENT`) of `app` on `engine`: the event with the
+/// arguments as one chunk; the joined reply chunks are the result (JSON when they parse, else a
+/// string). Dropping the future cancels the attempt (its session is withdrawn or the worker gets
+/// an error). Used by the executor and by a worker node running its manager's tasks.
+pub async fn run_attempt(engine: &Engine, app: &str, procedure: &str, args: &Json, max_result: usize) -> AttemptEnd {
+    let event = procedure.strip_prefix(app).and_then(|r| r.strip_prefix('.')).unwrap_or(procedure);
+    let mut session = match engine.invoke(app, event).await {
         Ok(s) => s,
         Err(EngineError::Rejected(r)) => return AttemptEnd::NotRun(r.to_string()),
         Err(e) => return AttemptEnd::NotRun(e.to_string()),
     };
-    let args = Bytes::copy_from_slice(c.args.get().as_bytes());
+    let args = Bytes::copy_from_slice(args.get().as_bytes());
     if let Err(e) = session.send(args).await {
         return session_end(e);
     }

@@ -321,6 +321,110 @@ async fn every_change_is_watched_in_order() {
     node.stop().await;
 }
 
+/// A store whose submissions are answered only once a claim handed a task out: the executor
+/// starts a task before its submitter hears that it is stored (what a loaded machine does now
+/// and then).
+#[derive(Clone)]
+struct LateAck {
+    inner: nodus_tasks::SqliteStore,
+    claimed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl nodus_tasks::Store for LateAck {
+    async fn submit(
+        &self,
+        tasks: Vec<nodus_tasks::task::NewTask>,
+    ) -> Result<Vec<nodus_tasks::task::Submitted>, nodus_tasks::StoreError> {
+        let stored = self.inner.submit(tasks).await;
+        tokio::time::timeout(WAIT, self.claimed.notified()).await.expect("a claim took the task");
+        stored
+    }
+    async fn claim(
+        &self,
+        claim: nodus_tasks::store::Claim,
+    ) -> Result<Vec<nodus_tasks::task::Claimed>, nodus_tasks::StoreError> {
+        let claimed = self.inner.claim(claim).await;
+        if claimed.as_ref().is_ok_and(|c| !c.is_empty()) {
+            self.claimed.notify_one();
+        }
+        claimed
+    }
+    async fn finish(
+        &self,
+        batch: Vec<nodus_tasks::store::Finish>,
+    ) -> Result<Vec<nodus_tasks::store::Fenced>, nodus_tasks::StoreError> {
+        self.inner.finish(batch).await
+    }
+    async fn command(
+        &self,
+        id: nodus_tasks::TaskId,
+        command: nodus_tasks::store::Command,
+        now: nodus_tasks::UnixMs,
+    ) -> Result<Option<nodus_tasks::store::Commanded>, nodus_tasks::StoreError> {
+        self.inner.command(id, command, now).await
+    }
+    async fn recover(&self, owner: String, now: nodus_tasks::UnixMs) -> Result<u64, nodus_tasks::StoreError> {
+        self.inner.recover(owner, now).await
+    }
+    async fn reap(&self, now: nodus_tasks::UnixMs) -> Result<u64, nodus_tasks::StoreError> {
+        self.inner.reap(now).await
+    }
+    async fn purge(&self, now: nodus_tasks::UnixMs, max: usize) -> Result<u64, nodus_tasks::StoreError> {
+        self.inner.purge(now, max).await
+    }
+    async fn get(
+        &self,
+        id: nodus_tasks::TaskId,
+        now: nodus_tasks::UnixMs,
+    ) -> Result<Option<nodus_tasks::Task>, nodus_tasks::StoreError> {
+        self.inner.get(id, now).await
+    }
+    async fn list(
+        &self,
+        filter: nodus_tasks::store::ListFilter,
+        now: nodus_tasks::UnixMs,
+    ) -> Result<Vec<nodus_tasks::Task>, nodus_tasks::StoreError> {
+        self.inner.list(filter, now).await
+    }
+    async fn pending_apps(&self) -> Result<Vec<String>, nodus_tasks::StoreError> {
+        self.inner.pending_apps().await
+    }
+    async fn counts(&self, now: nodus_tasks::UnixMs) -> Result<nodus_tasks::store::Counts, nodus_tasks::StoreError> {
+        self.inner.counts(now).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_started_before_its_submitter_heard_it_is_stored_is_watched_pending_first() {
+    let dir = tempfile::Builder::new().prefix("ntk").tempdir().unwrap();
+    let engine = nodus_engine::Engine::new(nodus_engine::EngineConfig::new(dir.path().join("run")));
+    let manifest = common::procs_manifest();
+    let setup = Setup::default();
+    let spec = nodus_engine::AppSpec {
+        name: "procs".into(),
+        dir: dir.path().to_path_buf(),
+        manifest: manifest.clone(),
+        profile: setup.profile,
+    };
+    engine.start(spec).await.unwrap();
+    let inner = nodus_tasks::SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.db"))).unwrap();
+    let store = LateAck { inner: inner.clone(), claimed: Default::default() };
+    // The executor polls every 200 ms: a poll claims the task while its submission waits.
+    let tasks = nodus_tasks::Tasks::start(store, engine.clone(), setup.tasks).await.unwrap();
+    tasks.set_app("procs", &manifest.procedures, Some(8)).await.unwrap();
+    let mut changes = tasks.watch();
+    let s = tokio::time::timeout(WAIT, tasks.submit(sub("procs.add", json!([2, 3])))).await.unwrap().unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(|c: &StatusChange| c.status) != Some(Some(Status::Done)) {
+        seen.push(change(&mut changes, |c| c.id == s.id).await);
+    }
+    let statuses: Vec<&str> = seen.iter().map(StatusChange::status_name).collect();
+    assert_eq!(statuses, vec!["pending", "running", "done"]);
+    tasks.shutdown(Duration::from_secs(2)).await;
+    engine.shutdown().await;
+    inner.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_status_notifications_reach_an_app_event() {
     let dir = tempfile::tempdir().unwrap();

@@ -208,6 +208,21 @@ pub fn time(unix_secs: u64) -> String {
     }
 }
 
+/// A Unix time in milliseconds for people: `2026-11-30T12:00:05.123Z (3m 12s ago)`.
+// "ago" needs the wall clock: this is a report for a person, not a decision.
+#[allow(clippy::disallowed_methods)]
+pub fn time_ms(unix_ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(unix_ms);
+    let stamp = humantime::format_rfc3339_millis(at);
+    match SystemTime::now().duration_since(at) {
+        Ok(ago) => {
+            let ago = Duration::from_millis(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX));
+            format!("{stamp} ({} ago)", duration(ago))
+        }
+        Err(_) => stamp.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +232,7 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(192_345)), "3m 12s");
         assert_eq!(duration(Duration::from_millis(450)), "450ms");
         assert!(time(0).starts_with("1970-01-01T00:00:00Z ("), "{}", time(0));
+        assert!(time_ms(1500).starts_with("1970-01-01T00:00:01.500Z ("), "{}", time_ms(1500));
         assert_eq!(
             (bytes(512), bytes(12 * 1024), bytes(3_565_158)),
             ("512 B".into(), "12.0 KiB".into(), "3.4 MiB".into())

@@ -23,7 +23,7 @@ impl Node {
     fn start(cwd: &Path, extra: &[&str]) -> Node {
         let child = Command::new(NODUS)
             .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--http-listen", ""])
-            .args(["--locator-listen", "127.0.0.1:0"])
+            .args(["--locator-listen", "127.0.0.1:0", "--arpcp-listen", ""])
             .args(extra)
             .current_dir(cwd)
             .stderr(Stdio::null())
@@ -142,6 +142,7 @@ fn a_root_node_runs_apps_as_an_unprivileged_user_and_says_when_it_cannot() {
         let out = Command::new(NODUS)
             .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
             .args(["--http-listen", ""])
+            .args(["--arpcp-listen", ""])
             .arg("--config")
             .arg(&config)
             .current_dir(dir.path())

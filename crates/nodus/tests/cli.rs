@@ -35,6 +35,7 @@ impl Daemon {
         let child = Command::new(NODUS)
             .args(["daemon", "--server-name", "cli1", "--listen", "", "--cluster-listen", "", "--http-listen", ""])
             .args(if extra.contains(&"--locator-listen") { &[][..] } else { &["--locator-listen", "127.0.0.1:0"][..] })
+            .args(if extra.contains(&"--arpcp-listen") { &[][..] } else { &["--arpcp-listen", ""][..] })
             .args(udp)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -162,10 +163,10 @@ fn call_prints_the_reply_and_services_status_list_the_node() {
     assert!(stdout(&unknown).contains("UNKNOWN command=NOPE"));
 
     let services = d.cli(&["--json", "services"]);
-    // `apps`, `control` and `flags` are the node's built-in services.
+    // `apps`, `control`, `flags`, `taskcluster` and `tasks` are the node's built-in services.
     assert_eq!(
         stdout(&services).trim(),
-        r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"},{"instances":1,"service":"control"},{"instances":1,"service":"flags"}]"#
+        r#"[{"instances":1,"service":"apps"},{"instances":1,"service":"calc"},{"instances":1,"service":"control"},{"instances":1,"service":"flags"},{"instances":1,"service":"taskcluster"},{"instances":1,"service":"tasks"}]"#
     );
     let human = d.cli(&["services"]);
     assert!(stdout(&human).contains("calc"));
@@ -627,6 +628,7 @@ fn daemon_with_log(dir: &Path, extra: &[&str]) -> (Running, PathBuf, std::sync::
         .args(["daemon", "--server-name", "logged", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
         .args(["--http-listen", ""])
         .args(["--locator-listen", ""])
+        .args(["--locator-listen", "", "--arpcp-listen", ""])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--unix-socket")
@@ -688,6 +690,7 @@ fn the_daemon_logs_plain_or_json_without_colours_and_survives_sighup() {
         Command::new(NODUS)
             .args(["daemon", "--listen", "", "--cluster-listen", "", "--udp-listen", "", "--locator-listen", ""])
             .args(["--http-listen", ""])
+            .args(["--arpcp-listen", ""])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--unix-socket")
@@ -757,6 +760,7 @@ fn commands_find_the_node_started_in_the_working_directory() {
             .args(["daemon", "--server-name", "here", "--listen", "", "--cluster-listen", "", "--udp-listen", ""])
             .args(["--http-listen", ""])
             .args(["--locator-listen", ""])
+            .args(["--locator-listen", "", "--arpcp-listen", ""])
             .current_dir(dir.path())
             .stderr(Stdio::null())
             .spawn()

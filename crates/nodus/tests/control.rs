@@ -89,8 +89,7 @@ impl Node {
         let config = format!(
             "{top}\nserver_name = \"{name}\"\ndata_dir = \"{data}\"\nunix_socket = \"{sock}\"\ntcp_listen = \"127.0.0.1:{tcp}\"\n\
              [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nneighbors = [{neighbors}]\nsecret = \"{SECRET}\"\n\
-             heartbeat_ms = 100\nudp_listen = \"\"\n{cluster_extra}\n[apps]\nlocator_listen = \"127.0.0.1:{locator}\"\nrun_as = \"{run_as}\"\n\
-             [http]\nlisten = \"\"\n{extra}\n",
+             heartbeat_ms = 100\nudp_listen = \"\"\n{cluster_extra}\n[apps]\nlocator_listen = \"127.0.0.1:{locator}\"\nrun_as = \"{run_as}\"\n[http]\nlisten = \"\"\n[tasks]\narpcp_listen = \"\"\n{extra}\n",
             name = self.name,
             data = self.data().display(),
             sock = self.socket().display(),

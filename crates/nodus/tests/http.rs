@@ -134,7 +134,7 @@ fn the_rest_api_acts_for_its_caller_through_the_router() {
     assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
 
     // Tasks and the control plane's tree, monitoring and kill have no endpoints yet (and the
-    // snapshot says the node does not run tasks).
+    // snapshot leaves tasks out).
     for path in ["/api/tasks", "/api/tree", "/api/components/7/monitoring"] {
         let r = node.request("GET", path, None, None);
         assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")), "{path}: {r:?}");

@@ -16,7 +16,7 @@ fn three_nodes_on_one_host_with_one_flag_each() {
     let ns = match NetNs::new() {
         Ok(ns) => Some(ns),
         Err(why) => {
-            eprintln!("running on the host's network ({why}): ports 4050-4083 and 10063-10083 must be free");
+            eprintln!("running on the host's network ({why}): ports 4050-4083, 7028-7048 and 10063-10083 must be free");
             None
         }
     };

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
 /// The built-in service's name.
@@ -53,6 +53,26 @@ pub(crate) fn engine_config(config: &Config, locator: Option<SocketAddr>) -> any
     }
     Ok(ec)
 }
+
+/// A change of a deployed app, told in order to a service that follows apps (the task service:
+/// an app's procedures are tasks while it is deployed, and run while it runs).
+#[derive(Debug, Clone)]
+pub(crate) enum AppChange {
+    /// The app runs this spec (started, restarted, or deployed anew).
+    Running(AppSpec),
+    /// The app is deployed but does not run (stopped, or it could not start).
+    Stopped(AppSpec),
+    /// The app was removed.
+    Removed(String),
+    /// Every app stored on the node was told (as [`AppChange::Stopped`]) after the node's start:
+    /// the follower knows them all.
+    Listed,
+}
+
+/// Where the `apps` service tells a follower of app changes: each with a switch the follower
+/// flips once it applied the change (the `apps` service waits for that, so an app deployed is
+/// known to the follower when its deploy is answered).
+pub(crate) type Follower = mpsc::Sender<(AppChange, oneshot::Sender<()>)>;
 
 /// Why the `apps` service refused a request (besides the store's [`StoreError`]).
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +175,9 @@ pub(crate) struct Apps {
 
 impl Apps {
     /// Registers the `apps` service, starts every stored app the operator left started and
-    /// makes the stopped ones services that say so.
-    pub(crate) fn start(shared: Arc<Shared>, engine: Engine) -> Apps {
+    /// makes the stopped ones services that say so. `follower` hears of every app's changes, in
+    /// order, and says when it applied each (the `apps` service waits for it).
+    pub(crate) fn start(shared: Arc<Shared>, engine: Engine, follower: Option<Follower>) -> Apps {
         let limits = shared.config().apps.clone();
         let store = AppStore::new(&shared.config().data_dir, limits.max_deploy_bytes);
         let bridges = Bridges::default();
@@ -167,6 +188,7 @@ impl Apps {
             bridges: bridges.clone(),
             max_apps: limits.max_apps,
             deploying: Mutex::default(),
+            follower,
         });
         use nodus_wire::node::Permission::{Admin, Status};
         let (conn, rx) = shared.attach_with(
@@ -207,6 +229,8 @@ struct Ctx {
     max_apps: usize,
     /// Deployments in progress, by app.
     deploying: Mutex<HashMap<String, Arc<Progress>>>,
+    /// Told of every app's changes.
+    follower: Option<Follower>,
 }
 
 impl Ctx {
@@ -216,6 +240,12 @@ impl Ctx {
         let apps = blocking(move || Ok(store.list().into_iter().map(|n| (store.wanted(&n), n)).collect::<Vec<_>>()))
             .await
             .unwrap_or_default();
+        // The follower knows every stored app before any starts (its tasks wait in the store
+        // until it runs).
+        for (_, name) in &apps {
+            self.stopped(name).await;
+        }
+        self.tell(AppChange::Listed).await;
         for (wanted, name) in apps {
             if wanted == store::Wanted::Stopped {
                 self.bridges.attach(&self.shared, &self.engine, &name, false);
@@ -224,6 +254,25 @@ impl Ctx {
             match self.start(&name).await {
                 Ok(version) => info!(app = %name, %version, "app started"),
                 Err(e) => warn!(app = %name, error = %format!("{e:#}"), "cannot start app"),
+            }
+        }
+    }
+
+    /// Tells the follower, if any, of a change, and waits until it applied it.
+    async fn tell(&self, change: AppChange) {
+        if let Some(f) = &self.follower {
+            let (done, applied) = oneshot::channel();
+            if f.send((change, done)).await.is_ok() {
+                let _ = applied.await;
+            }
+        }
+    }
+
+    /// Tells the follower that `name` is deployed but does not run.
+    async fn stopped(&self, name: &str) {
+        if self.follower.is_some() {
+            if let Ok((spec, _)) = self.load(name).await {
+                self.tell(AppChange::Stopped(spec)).await;
             }
         }
     }
@@ -329,7 +378,8 @@ impl Ctx {
                 req.reply("STARTED").param("name", name).param("version", version)
             }
             Command::Stop { name } => {
-                self.load(&name).await?;
+                let (spec, _) = self.load(&name).await?;
+                self.tell(AppChange::Stopped(spec)).await;
                 self.bridges.attach(&self.shared, &self.engine, &name, false);
                 self.publish();
                 match self.engine.stop(&name).await {
@@ -368,6 +418,7 @@ impl Ctx {
                     return Err(StoreError::NotDeployed(name).into());
                 }
                 self.detach(&name);
+                self.tell(AppChange::Removed(name.clone())).await;
                 let _ = self.engine.remove(&name).await;
                 let store = self.store.clone();
                 let app = name.clone();
@@ -546,10 +597,11 @@ impl Ctx {
         let (store, app) = (self.store.clone(), name.to_string());
         let stored = blocking(move || Ok(store.population(&app))).await?;
         let population = spec.profile.pool_limit.min(stored);
-        self.engine.start(spec).await?;
+        self.engine.start(spec.clone()).await?;
         self.engine.set_population(name, population).await?;
         self.bridges.attach(&self.shared, &self.engine, name, true);
         self.publish();
+        self.tell(AppChange::Running(spec)).await;
         Ok(())
     }
 

@@ -187,9 +187,16 @@ pub(super) async fn connection<R, W>(
         }
         tokio::select! {
             biased;
-            _ = kill.cancelled() => break,
             _ = &mut handshake, if !greeted => {
                 timed_out();
+                break;
+            }
+            _ = kill.cancelled() => {
+                // The router closes a link whose handshake ran past the same deadline; whichever
+                // of the two notices first, it counts as a handshake timeout.
+                if !greeted && Instant::now() >= deadline {
+                    timed_out();
+                }
                 break;
             }
             r = rd.read_buf(&mut buf) => match r {

@@ -16,6 +16,7 @@ const CLUSTER_PORT: u16 = 4042;
 const TLS_PORT: u16 = 4043;
 const LOCATOR_PORT: u16 = 10053;
 const HTTP_PORT: u16 = 4080;
+const ARPCP_PORT: u16 = 7018;
 
 /// How the daemon logs (stderr).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -47,7 +48,7 @@ pub struct DaemonArgs {
     config: Option<PathBuf>,
     /// Run instance N (1, 2, ...) of several nodes on this host: data in ./nodus-data-N, server
     /// name HOSTNAME-N, every port the default + 10×N (TCP 4040+10N, UDP 4041+10N, cluster
-    /// 4042+10N, TLS 4043+10N, locator 10053+10N). Other flags still override.
+    /// 4042+10N, TLS 4043+10N, locator 10053+10N, arpcp 7018+10N). Other flags still override.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=999))]
     instance: Option<u16>,
     /// This node's server name [default: the host name].
@@ -84,6 +85,9 @@ pub struct DaemonArgs {
     /// HTTP listener (gateway, API, dashboard, metrics); '' disables it [default: 127.0.0.1:4080].
     #[arg(long)]
     http_listen: Option<String>,
+    /// The task service's arpcp listener; '' disables it [default: 127.0.0.1:7018].
+    #[arg(long)]
+    arpcp_listen: Option<String>,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -104,6 +108,7 @@ struct Overrides {
     tls_listen: Option<String>,
     locator_listen: Option<String>,
     http_listen: Option<String>,
+    arpcp_listen: Option<String>,
 }
 
 impl Overrides {
@@ -122,6 +127,7 @@ impl Overrides {
             tls_listen: None,
             locator_listen: a.locator_listen.clone(),
             http_listen: a.http_listen.clone(),
+            arpcp_listen: a.arpcp_listen.clone(),
         };
         if let Some(n) = a.instance {
             let port = |base: u16| format!("127.0.0.1:{}", base + super::INSTANCE_PORT_STEP * n);
@@ -133,6 +139,7 @@ impl Overrides {
             o.tls_listen = Some(port(TLS_PORT));
             o.locator_listen.get_or_insert_with(|| port(LOCATOR_PORT));
             o.http_listen.get_or_insert_with(|| port(HTTP_PORT));
+            o.arpcp_listen.get_or_insert_with(|| port(ARPCP_PORT));
         }
         o
     }
@@ -183,6 +190,9 @@ impl Overrides {
         }
         if let Some(v) = self.http_listen {
             c.http.listen = v;
+        }
+        if let Some(v) = self.arpcp_listen {
+            c.tasks.arpcp_listen = v;
         }
     }
 }
@@ -263,6 +273,7 @@ mod tests {
         assert_eq!(c.cluster.tls_listen, "127.0.0.1:4063");
         assert_eq!(c.apps.locator_listen, "127.0.0.1:10073");
         assert_eq!(c.http.listen, "127.0.0.1:4100");
+        assert_eq!(c.tasks.arpcp_listen, "127.0.0.1:7038");
         assert_eq!(c.cluster.udp_listen, "", "a flag still overrides the instance");
         assert_eq!(c.data_dir, PathBuf::from("nodus-data-2"));
         assert_eq!(c.unix_socket, PathBuf::from("nodus-data-2/nodus.sock"));

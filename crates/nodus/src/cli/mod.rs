@@ -6,6 +6,7 @@
 //! an `ERROR` reply, a message that was not delivered); 2 anything else (bad arguments, no node to
 //! talk to, a broken connection).
 
+mod agents;
 mod app;
 mod call;
 mod cluster;
@@ -20,6 +21,7 @@ mod services;
 mod shell;
 mod sniff;
 mod status;
+mod task;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -157,6 +159,10 @@ pub enum Command {
     Monitor(With<control::MonitorArgs>),
     /// Kill a component and everything it started (needs admin).
     Kill(With<control::KillArgs>),
+    /// Run procedures of apps as durable tasks: run, submit, get, wait, list, abort, watch.
+    Task(Group<task::Command>),
+    /// A manager node's agent registry (its worker nodes); ban or unban one.
+    Agents(With<agents::Args>),
     /// Print the version of this nodus binary.
     Version(config::VersionArgs),
     /// Print a shell completion script: `nodus completions bash > /etc/bash_completion.d/nodus`.
@@ -188,6 +194,8 @@ impl Args {
             Command::Tree(w) => &w.conn,
             Command::Monitor(w) => &w.conn,
             Command::Kill(w) => &w.conn,
+            Command::Task(g) => &g.conn,
+            Command::Agents(w) => &w.conn,
             Command::Config(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Version(c) => return ConnArgs { json: c.json || outer.json, ..outer },
             Command::Daemon(_) | Command::Completions(_) | Command::Man(_) | Command::EchoWorker(_) => return outer,
@@ -351,6 +359,8 @@ pub async fn run(args: Args) -> anyhow::Result<u8> {
         Command::Tree(w) => control::tree(&Ctx::new(&conn)?, w.args).await,
         Command::Monitor(w) => control::monitor(&Ctx::new(&conn)?, w.args).await,
         Command::Kill(w) => control::kill(&Ctx::new(&conn)?, w.args).await,
+        Command::Task(g) => task::run(&Ctx::new(&conn)?, g.command).await,
+        Command::Agents(w) => agents::run(&Ctx::new(&conn)?, w.args).await,
     }
 }
 

@@ -102,7 +102,8 @@ impl Proc {
         let neighbors: Vec<String> = neighbors.iter().map(|n| format!("\"{n}\"")).collect();
         let config = format!(
             "server_name = \"{}\"\ndata_dir = \"{}\"\nunix_socket = \"{}\"\ntcp_listen = \"\"\n\
-             [cluster]\nlisten = \"{}:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:{}\"\nrun_as = \"root\"\n[http]\nlisten = \"\"\n",
+             [cluster]\nlisten = \"{}:{}\"\nneighbors = [{}]\nsecret = \"{}\"\nheartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:{}\"\nrun_as = \"root\"\n[http]\nlisten = \"\"\n\
+             [tasks]\narpcp_listen = \"\"\n",
             self.name,
             self.dir.join("data").display(),
             self.socket().display(),

@@ -29,7 +29,7 @@ async function main() {
     await page.waitForSelector("#feed.ok", { timeout: WAIT });
     await page.waitForSelector('#map g.node[data-node="b"]:not(.down)', { timeout: WAIT });
     await page.waitForSelector("#quorum.ok", { timeout: WAIT });
-    // Tasks are not mounted in the daemon yet: their panel says so; flags are.
+    // Tasks are not read for the page yet: their panel says so; flags are.
     await page.waitForSelector('#tasks-panel[data-absent="true"]', { timeout: WAIT });
     await page.waitForSelector('#flags-panel[data-absent="false"] table', { state: "visible", timeout: WAIT });
     // A mark that a reload would lose: every change below must arrive without one.

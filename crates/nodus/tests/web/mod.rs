@@ -35,7 +35,7 @@ impl Node {
             "server_name = \"{name}\"\ndata_dir = {data:?}\nunix_socket = {sock:?}\ntcp_listen = \"\"\n\
              [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nneighbors = [{n}]\nsecret = \"http-test\"\n\
              heartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:0\"\nrun_as = \"root\"\n\
-             [http]\nlisten = \"{host}:{http}\"\n{extra}\n",
+             [tasks]\narpcp_listen = \"\"\n[http]\nlisten = \"{host}:{http}\"\n{extra}\n",
             data = dir.join("data").display().to_string(),
             sock = dir.join("n.sock").display().to_string(),
             n = neighbors.join(","),
