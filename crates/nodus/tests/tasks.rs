@@ -62,7 +62,7 @@ impl Node {
         let text = format!(
             "server_name = \"tn\"\ndata_dir = {:?}\nunix_socket = {:?}\ntcp_listen = \"{}\"\n{}\n\
              [limits]\n{}\n[cluster]\nlisten = \"\"\nudp_listen = \"\"\n\
-             [apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n\
+             [apps]\nlocator_listen = \"\"\nrun_as = \"root\"\n[http]\nlisten = \"\"\n\
              [tasks]\narpcp_listen = \"{arpcp}\"\n{}\n",
             dir.path().join("data").display().to_string(),
             dir.path().join("n.sock").display().to_string(),
