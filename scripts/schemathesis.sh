@@ -5,8 +5,8 @@
 #
 # Checks: every answer's status, content type, headers and body conform to the document (errors
 # included); data the document calls invalid is refused; no 5xx. Left out of the owner's run:
-# the generic /api/call (it would STOP the node). Tasks, flags and the control plane are not
-# mounted in the daemon yet, so the API has no endpoints for them to check.
+# the generic /api/call (it would STOP the node). Tasks and the
+# control plane's tree, monitoring and kill have no endpoints yet, so there is nothing to check.
 #
 # Usage: scripts/schemathesis.sh [max examples per operation, default 20]
 # Env: NODUS (a built nodus binary; default: cargo build), NODUS_SCHEMATHESIS_VENV (default

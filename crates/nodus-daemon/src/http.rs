@@ -10,8 +10,9 @@
 //!   request with the HTTP token to the second, any other to the first, so the router's
 //!   permission check applies to every API call as it does to any client.
 //! - [`DaemonView`] is the `NodeView` of the dashboard and the metrics: the router's view taken
-//!   under its lock and the apps through the `apps` service. Tasks and flags are not mounted in
-//!   the daemon yet: the snapshot says so (`None`) and the dashboard shows them as absent. Its
+//!   under its lock, the apps through the `apps` service, the raised flags through the `flags`
+//!   service. Tasks are not read for the dashboard yet: the snapshot leaves them out (`None`) and
+//!   the page says so. Its
 //!   change notices come from the router (an in-process service `http` that declares the
 //!   cluster and service notifications the router sends) and from the engine's events.
 //! - [`NodeMetrics`]: the node's Prometheus registry. At each scrape a collector reads the
@@ -41,7 +42,7 @@ use anyhow::Context;
 use nodus_client::admin::Admin;
 use nodus_client::{Client, ClientConfig, Connector, Transport};
 use nodus_http::view::{
-    AppRow, BoxFuture, ClockStatus, ClusterView, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, WorkerRow,
+    AppRow, BoxFuture, ClockStatus, ClusterView, FlagRow, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, WorkerRow,
 };
 use nodus_http::{Http, HttpConfig, NodeView, Notice, NoticeKind, Snapshot};
 use nodus_wire::node::Permission;
@@ -328,8 +329,10 @@ impl DaemonView {
         let Some(shared) = self.shared.upgrade() else { return Snapshot::default() };
         let v = shared.router_view();
         let now = shared.now_ms();
+        let has_flags = shared.instances("flags") > 0;
         drop(shared);
         let apps = self.apps().await;
+        let flags = if has_flags { Some(self.flags().await) } else { None };
         let own_rtt: BTreeMap<&str, &crate::router::OwnLink> =
             v.own_links.iter().map(|l| (l.peer.as_str(), l)).collect();
         let links = v
@@ -403,9 +406,9 @@ impl DaemonView {
             },
             services,
             apps,
-            // Not mounted in the daemon yet.
+            // Not read from the tasks service yet.
             tasks: None,
-            flags: None,
+            flags,
         }
     }
 
@@ -444,6 +447,23 @@ impl DaemonView {
             rows.push(row);
         }
         rows
+    }
+
+    /// Raised flags, from the `flags` service's `FLAG_LIST` (empty when it does not answer).
+    async fn flags(&self) -> Vec<FlagRow> {
+        let asked = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.owner.client().flags_list(false)).await;
+        let Ok(Ok(list)) = asked else { return Vec::new() };
+        list.into_iter()
+            .map(|f| FlagRow {
+                name: f.name.clone(),
+                source: format!("{}/{}", f.unit, f.section),
+                priority: f.priority,
+                message: f.message.clone(),
+                tags: f.tags.iter().cloned().collect(),
+                manual_down: f.manual_down,
+                modified_ms: f.modified,
+            })
+            .collect()
     }
 }
 

@@ -10,9 +10,10 @@
 //! on the node answers `503 not_available`; one that does not know a command answers
 //! `501 not_implemented`.
 //!
-//! Tasks, flags and the control plane (tree, monitoring, kill) are not mounted in the daemon
-//! yet: they have no endpoints here until they are (`POST /api/call` reaches any service that
-//! runs, with the caller's permissions).
+//! Flags go to the node's `flags` service (list: `status`; raise and lower: `send`; clear a
+//! `manual_down` flag: `admin`). Tasks (mounted in the daemon since) and the control plane
+//! (tree, monitoring, kill) have no endpoints yet (`POST /api/call` reaches any service that runs, with the caller's
+//! permissions).
 //!
 //! Errors are `{"error": CODE, "message": TEXT}` with a stable `CODE` (see [`ApiError`]).
 
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -138,9 +139,9 @@ impl ApiError {
             "invalid" | "bad_request" => StatusCode::BAD_REQUEST,
             "bad_arguments" => StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_app" | "not_found" => StatusCode::NOT_FOUND,
-            "name_in_use" | "manual_down" => StatusCode::CONFLICT,
+            "name_in_use" | "manual_down" | "reserved" => StatusCode::CONFLICT,
             "forbidden" => StatusCode::FORBIDDEN,
-            "too_large" => StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_flags" | "too_large" => StatusCode::UNPROCESSABLE_ENTITY,
             "unavailable" | "storage" => StatusCode::SERVICE_UNAVAILABLE,
             "timeout" => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -203,7 +204,7 @@ impl ApiError {
 }
 
 /// Built-in services the API calls (a missing one is `not_available`, not an unknown name).
-const BUILTIN: [&str; 2] = ["node", "apps"];
+const BUILTIN: [&str; 3] = ["node", "apps", "flags"];
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -254,6 +255,10 @@ impl Ctx {
                 reply.get("code").unwrap_or("error"),
                 reply.get("message").unwrap_or("failed").to_string(),
             ));
+        }
+        // A service's INVALID: the request was not valid for it (its words say why).
+        if reply.command == "INVALID" {
+            return Err(ApiError::invalid(reply.get("message").unwrap_or("the service found the request invalid")));
         }
         Ok(reply)
     }
@@ -679,4 +684,94 @@ pub(crate) async fn crashlog(State(s): S, c: C, t: T, Path(name): Path<String>) 
             .map(|r| json!({"uuid": r.uuid, "at": r.at, "status": r.status, "failure": r.failure, "stderr": r.stderr}))
             .collect(),
     ))
+}
+
+// ---- flags (the node's `flags` service, communicatord's flags) ----
+
+use nodus_control::flags::{FlagKey, FlagReply, FlagRequest, Raise};
+
+fn flag_reply(reply: &Message) -> Result<FlagReply, ApiError> {
+    FlagReply::from_message(reply).map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", e.to_string()))
+}
+
+fn flag_key(unit: &str, section: &str, name: &str) -> Result<FlagKey, ApiError> {
+    FlagKey::new(unit, section, name).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+pub(crate) async fn flags(State(s): S, c: C, t: T) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let reply = ctx.request("flags", FlagRequest::List.to_message(), REQUEST_TIMEOUT).await?;
+    match flag_reply(&reply)? {
+        FlagReply::List(list) => ok(serde_json::to_value(list).unwrap_or(Value::Null)),
+        _ => Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", "FLAG_LIST was not answered FLAGS")),
+    }
+}
+
+/// The body of `PUT /api/flags/{unit}/{section}/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RaiseBody {
+    message: String,
+    #[serde(default)]
+    priority: Option<u8>,
+    #[serde(default)]
+    manual_down: bool,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+pub(crate) async fn raise_flag(
+    State(s): S,
+    c: C,
+    t: T,
+    Path((unit, section, name)): Path<(String, String, String)>,
+    body: Result<Json<RaiseBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let key = flag_key(&unit, &section, &name)?;
+    let Json(b) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let mut raise = Raise::new(key, b.message);
+    if let Some(p) = b.priority {
+        if p > 100 {
+            return Err(ApiError::invalid("priority is 0 to 100"));
+        }
+        raise.priority = p;
+    }
+    raise.manual_down = b.manual_down;
+    raise.tags = b.tags.into_iter().collect();
+    let reply = ctx.request("flags", FlagRequest::Up(raise).to_message(), REQUEST_TIMEOUT).await?;
+    match flag_reply(&reply)? {
+        FlagReply::IsUp { count, new, .. } => {
+            ok(json!({"unit": unit, "section": section, "name": name, "count": count, "new": new}))
+        }
+        _ => Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", "FLAG_UP was not answered FLAG_IS_UP")),
+    }
+}
+
+/// The query of `DELETE /api/flags/{unit}/{section}/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LowerQuery {
+    #[serde(default)]
+    manual: bool,
+}
+
+pub(crate) async fn lower_flag(
+    State(s): S,
+    c: C,
+    t: T,
+    Path((unit, section, name)): Path<(String, String, String)>,
+    q: Result<Query<LowerQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let key = flag_key(&unit, &section, &name)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let request = if q.manual { FlagRequest::Clear(key) } else { FlagRequest::Down(key) };
+    let reply = ctx.request("flags", request.to_message(), REQUEST_TIMEOUT).await?;
+    match flag_reply(&reply)? {
+        FlagReply::IsDown { lowered, .. } => {
+            ok(json!({"unit": unit, "section": section, "name": name, "lowered": lowered}))
+        }
+        _ => Err(ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", "FLAG_DOWN was not answered FLAG_IS_DOWN")),
+    }
 }

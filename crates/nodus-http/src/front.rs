@@ -14,7 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -264,6 +264,8 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/api/apps/{name}/restart", post(api::restart_app))
         .route("/api/apps/{name}/scale", post(api::scale_app))
         .route("/api/apps/{name}/crashlog", get(api::crashlog))
+        .route("/api/flags", get(api::flags))
+        .route("/api/flags/{unit}/{section}/{name}", put(api::raise_flag).delete(api::lower_flag))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), front))
         .with_state(shared)

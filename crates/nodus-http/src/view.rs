@@ -42,9 +42,10 @@ pub struct Snapshot {
     pub services: Vec<ServiceRow>,
     /// Deployed apps with their worker pools.
     pub apps: Vec<AppRow>,
-    /// Tasks by status; `None` when the node does not run tasks (not mounted in the daemon yet).
+    /// Tasks by status; `None` when not known (the daemon does not read its tasks service for
+    /// the dashboard yet).
     pub tasks: Option<TaskCounts>,
-    /// Raised flags; `None` when the node does not run the flags service (not mounted yet).
+    /// Raised flags; `None` when the node does not run the flags service.
     pub flags: Option<Vec<FlagRow>>,
 }
 

@@ -105,7 +105,7 @@ function renderTasks(t, takenAt) {
   const panel = document.getElementById("tasks-panel");
   panel.dataset.absent = String(!t);
   if (!t) {
-    document.getElementById("task-counts").replaceChildren(el("span", { class: "empty" }, "this node does not run tasks"));
+    document.getElementById("task-counts").replaceChildren(el("span", { class: "empty" }, "tasks are not shown here yet: nodus task list"));
     return;
   }
   const counts = Object.entries(t.by_status || {});

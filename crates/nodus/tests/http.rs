@@ -106,14 +106,40 @@ fn the_rest_api_acts_for_its_caller_through_the_router() {
     let refused = node.request("POST", "/api/call", None, Some(("application/json", stop_node)));
     assert_eq!((refused.status, refused.json()["error"].as_str()), (403, Some("forbidden")), "{refused:?}");
 
-    // Tasks, flags and the control plane are not mounted in the daemon yet: no endpoints (and the
-    // snapshot says the node does not run them).
-    for path in ["/api/tasks", "/api/flags", "/api/tree", "/api/components/7/monitoring"] {
+    // Flags through the node's flags service: anonymous callers may raise and lower (`send`),
+    // clearing a manual-down flag needs the owner (`admin`).
+    assert_eq!(node.request("GET", "/api/flags", None, None).json(), serde_json::json!([]));
+    let raise = br#"{"message": "the nightly backup failed", "priority": 60, "manual_down": true, "tags": ["disk"]}"#;
+    let up = node.request("PUT", "/api/flags/backup/nightly/failed", None, Some(("application/json", raise)));
+    assert_eq!(
+        (up.status, up.json()["count"].as_u64(), up.json()["new"].as_bool()),
+        (200, Some(1), Some(true)),
+        "{up:?}"
+    );
+    let flags = node.request("GET", "/api/flags", None, None).json();
+    assert_eq!((flags[0]["name"].as_str(), flags[0]["priority"].as_u64()), (Some("failed"), Some(60)), "{flags}");
+    let snapshot = node.request("GET", "/api/snapshot", None, None).json();
+    assert_eq!(snapshot["flags"][0]["source"], "backup/nightly", "{snapshot}");
+    let down = node.request("DELETE", "/api/flags/backup/nightly/failed", None, None);
+    assert_eq!((down.status, down.json()["error"].as_str()), (409, Some("manual_down")), "{down:?}");
+    let clear = node.request("DELETE", "/api/flags/backup/nightly/failed?manual=true", None, None);
+    assert_eq!((clear.status, clear.json()["error"].as_str()), (403, Some("forbidden")), "{clear:?}");
+    let clear = node.request("DELETE", "/api/flags/backup/nightly/failed?manual=true", Some(&token), None);
+    assert_eq!((clear.status, clear.json()["lowered"].as_bool()), (200, Some(true)), "{clear:?}");
+    let bad = node.request("PUT", "/api/flags/Bad%20Unit/x/y", None, Some(("application/json", raise)));
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+    // The flags service's own INVALID (a tag it refuses) is the caller's error too.
+    let tag = br#"{"message": "m", "tags": ["not a tag!"]}"#;
+    let bad = node.request("PUT", "/api/flags/backup/nightly/tag", None, Some(("application/json", tag)));
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+
+    // Tasks and the control plane's tree, monitoring and kill have no endpoints yet (and the
+    // snapshot leaves tasks out).
+    for path in ["/api/tasks", "/api/tree", "/api/components/7/monitoring"] {
         let r = node.request("GET", path, None, None);
         assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")), "{path}: {r:?}");
     }
-    let snapshot = node.request("GET", "/api/snapshot", None, None).json();
-    assert!(snapshot["tasks"].is_null() && snapshot["flags"].is_null(), "{snapshot}");
+    assert!(snapshot["tasks"].is_null(), "{snapshot}");
     let route = node.request("GET", "/api/nothing/here", None, None);
     assert_eq!((route.status, route.json()["error"].as_str()), (404, Some("not_found")));
 }
@@ -203,6 +229,64 @@ fn with_token_on_loopback_every_route_asks_for_the_token() {
     // A public gateway route needs no token (there is no such app: the gateway says so).
     let public = node.request("GET", "/echo/ping", None, None);
     assert_eq!((public.status, public.json()["error"].as_str()), (404, Some("unknown_app")), "{public:?}");
+}
+
+/// This host's address beyond loopback (the one a route to another network would use), if any.
+fn outside_address() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.254:9").ok()?; // no packet is sent
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// `curl -sk` (a real TLS client): (status, body).
+fn curl(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sk", "--max-time", "20", "-w", "\n%{http_code}", url]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = String::from_utf8_lossy(&cmd.output().expect("curl runs").stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn beyond_loopback_https_needs_the_token_except_on_public_routes() {
+    let Some(ip) = outside_address() else {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "this host has no address beyond loopback");
+        eprintln!("SKIPPED: this host has no address beyond loopback");
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), ip.to_string()]).unwrap();
+    let (cert, key) = (root.path().join("http.pem"), root.path().join("http.key"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let extra = format!(
+        "tls = true\ntls_cert = {:?}\ntls_key = {:?}\npublic = [\"shop/http\"]",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let node = Node::start_on("0.0.0.0", root.path(), "alpha", &[], &extra, "info");
+    let base = format!("https://{ip}:{}", node.http);
+    for path in ["/", "/api/node", "/metrics", "/echo/http", "/shop/other"] {
+        let (status, body) = curl(&format!("{base}{path}"), None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert_eq!(curl(&format!("{base}{path}"), Some("wrong")).0, 401, "{path}");
+    }
+    let (status, body) = curl(&format!("{base}/api/node"), Some(&node.token()));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"server\":\"alpha\""), "{body}");
+    // The public route is open; there is no such app, which the gateway says.
+    let (status, body) = curl(&format!("{base}/shop/http"), None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_app"), "{body}");
+    // The same port over loopback is open without the token, and speaks only TLS.
+    let (status, _) = curl(&format!("https://127.0.0.1:{}/api/node", node.http), None);
+    assert_eq!(status, 200);
+    let (status, _) = curl(&format!("http://127.0.0.1:{}/api/node", node.http), None);
+    assert_ne!(status, 200, "plain HTTP on the HTTPS port");
 }
 
 #[test]

@@ -29,9 +29,9 @@ async function main() {
     await page.waitForSelector("#feed.ok", { timeout: WAIT });
     await page.waitForSelector('#map g.node[data-node="b"]:not(.down)', { timeout: WAIT });
     await page.waitForSelector("#quorum.ok", { timeout: WAIT });
-    // Tasks and flags are not mounted in the daemon yet: their panels say so.
+    // Tasks are not read for the page yet: their panel says so; flags are.
     await page.waitForSelector('#tasks-panel[data-absent="true"]', { timeout: WAIT });
-    await page.waitForSelector('#flags-panel[data-absent="true"] .absent-note', { state: "visible", timeout: WAIT });
+    await page.waitForSelector('#flags-panel[data-absent="false"] table', { state: "visible", timeout: WAIT });
     // A mark that a reload would lose: every change below must arrive without one.
     await page.evaluate(() => { window.__nodusMark = "kept"; });
     const shot = async (name) => {

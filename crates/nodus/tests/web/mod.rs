@@ -22,6 +22,11 @@ pub struct Node {
 
 impl Node {
     pub fn start(root: &Path, name: &str, neighbors: &[u16], extra: &str, log_level: &str) -> Node {
+        Node::start_on("127.0.0.1", root, name, neighbors, extra, log_level)
+    }
+
+    /// As [`Node::start`], with HTTP listening on `host` (a free port).
+    pub fn start_on(host: &str, root: &Path, name: &str, neighbors: &[u16], extra: &str, log_level: &str) -> Node {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let (http, cluster) = (free_port(), free_port());
@@ -30,7 +35,7 @@ impl Node {
             "server_name = \"{name}\"\ndata_dir = {data:?}\nunix_socket = {sock:?}\ntcp_listen = \"\"\n\
              [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nneighbors = [{n}]\nsecret = \"http-test\"\n\
              heartbeat_ms = 100\nudp_listen = \"\"\n[apps]\nlocator_listen = \"127.0.0.1:0\"\nrun_as = \"root\"\n\
-             [tasks]\narpcp_listen = \"\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{extra}\n",
+             [tasks]\narpcp_listen = \"\"\n[http]\nlisten = \"{host}:{http}\"\n{extra}\n",
             data = dir.join("data").display().to_string(),
             sock = dir.join("n.sock").display().to_string(),
             n = neighbors.join(","),
