@@ -166,6 +166,11 @@ impl Shared {
         (conn, rx)
     }
 
+    /// Makes the components of `source` part of the node's component tree.
+    pub(crate) fn add_component_source(&self, source: Arc<dyn crate::control::ComponentSource>) {
+        self.component_sources.lock().unwrap_or_else(|e| e.into_inner()).push(source);
+    }
+
     /// The parts of the node that run components of their own.
     pub(crate) fn component_sources(&self) -> Vec<Arc<dyn crate::control::ComponentSource>> {
         self.component_sources.lock().unwrap_or_else(|e| e.into_inner()).clone()

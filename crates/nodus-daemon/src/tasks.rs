@@ -27,6 +27,7 @@ use crate::apps::{AppChange, Follower};
 use crate::config::Config;
 use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
+use nodus_control::{Component, ComponentId, ComponentKind};
 use nodus_engine::manifest::Param;
 use nodus_engine::Engine;
 use nodus_tasks::arpcp::{Answer, Code, SignalStatus};
@@ -188,9 +189,12 @@ impl TaskService {
             aborted,
             aborted_rx: Mutex::new(Some(aborted_rx)),
         });
+        let running = Arc::new(RunningTasks::new(&mount.config.server_name));
+        mount.shared.add_component_source(running.clone());
         let (changes_tx, changes_rx) = mpsc::channel(APP_CHANGES);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(mount.clone().open(stop.clone()));
+        tasks.spawn(running.follow(mount.opened.subscribe()));
         tasks.spawn(mount.clone().serve(rx));
         tasks.spawn(mount.clone().follow_apps(changes_rx));
         if let Some(listener) = arpcp {
@@ -294,6 +298,7 @@ impl Mount {
                         return;
                     }
                     info!(store = %path, "task store open");
+                    self.shared.flags().lower_own("tasks", "store-failure").await;
                     self.opened.send_replace(Some(tasks));
                     return;
                 }
@@ -301,6 +306,7 @@ impl Mount {
                     let delay = backoff.next_delay();
                     error!(store = %path, error = %why, ?delay, "the task store cannot be opened; tasks are unavailable, retrying");
                     let why = format!("the task store {path} cannot be opened: {why}");
+                    self.shared.flags().raise_own("tasks", "store-failure", why.clone(), 80, &[]).await;
                     self.state.send_if_modified(|s| {
                         if matches!(s, State::Stopped) {
                             return false;
@@ -1255,6 +1261,103 @@ async fn listen_arpcp(addr: &str) -> std::io::Result<TcpListener> {
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the address resolves to nothing")))
+}
+
+/// The node's running tasks as components of its tree (the control plane's
+/// [`ComponentSource`](crate::control::ComponentSource)): each one started by the node, listed
+/// while it runs, answered for when monitored, and aborted (`interrupted`) by a kill. Kept from
+/// the executor's status changes, so listing never waits for the store.
+struct RunningTasks {
+    node: String,
+    node_id: ComponentId,
+    running: Mutex<BTreeMap<ComponentId, (TaskId, Component)>>,
+    /// The service once its store is open (to abort with).
+    tasks: Mutex<Option<Tasks<TaskStore>>>,
+}
+
+impl RunningTasks {
+    fn new(node: &str) -> Self {
+        RunningTasks {
+            node: node.to_string(),
+            node_id: crate::control::sources::node_id(node),
+            running: Mutex::default(),
+            tasks: Mutex::default(),
+        }
+    }
+
+    fn id_of(&self, task: &TaskId) -> ComponentId {
+        ComponentId::derive(&[&self.node, "task", task.as_str()])
+    }
+
+    fn component(&self, task: &TaskId, procedure: &str) -> Component {
+        let mut c = Component::new(self.id_of(task), ComponentKind::Task, format!("{procedure} {task}"), &self.node)
+            .started_by(self.node_id);
+        c.creator = TASKS_SERVICE.to_string();
+        c.created_at = i64::try_from(UnixMs::now().0).unwrap_or(i64::MAX);
+        c
+    }
+
+    /// Follows the service: once the store is open, every status change; after a lag, the
+    /// running tasks read again from the store.
+    async fn follow(self: Arc<Self>, mut opened: watch::Receiver<Option<Tasks<TaskStore>>>) {
+        let tasks = loop {
+            if let Some(t) = opened.borrow_and_update().clone() {
+                break t;
+            }
+            if opened.changed().await.is_err() {
+                return;
+            }
+        };
+        *self.tasks.lock().unwrap_or_else(|e| e.into_inner()) = Some(tasks.clone());
+        let mut changes = tasks.watch();
+        self.resync(&tasks).await;
+        loop {
+            match changes.recv().await {
+                Ok(change) => {
+                    let id = self.id_of(&change.id);
+                    let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                    if change.status == Some(Status::Running) {
+                        let c = self.component(&change.id, &change.procedure);
+                        running.insert(id, (change.id, c));
+                    } else {
+                        running.remove(&id);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.resync(&tasks).await,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    async fn resync(&self, tasks: &Tasks<TaskStore>) {
+        let filter = ListFilter { status: Some(Status::Running), procedure: None, after: None, limit: 10_000 };
+        match tasks.list(filter).await {
+            Ok(list) => {
+                let now: BTreeMap<_, _> = list
+                    .iter()
+                    .map(|t| (self.id_of(&t.id), (t.id.clone(), self.component(&t.id, &t.procedure))))
+                    .collect();
+                *self.running.lock().unwrap_or_else(|e| e.into_inner()) = now;
+            }
+            Err(e) => warn!(error = %e, "cannot list the running tasks for the component tree"),
+        }
+    }
+}
+
+impl crate::control::ComponentSource for RunningTasks {
+    fn components(&self) -> Vec<Component> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).values().map(|(_, c)| c.clone()).collect()
+    }
+
+    fn stop(&self, id: ComponentId) {
+        let Some((task, _)) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) else { return };
+        let Some(tasks) = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        tokio::spawn(async move {
+            if let Err(e) = tasks.abort(&task).await {
+                warn!(task = %task, error = %e, "a kill could not abort the task");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

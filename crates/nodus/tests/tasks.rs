@@ -901,3 +901,58 @@ async fn two_nodes_share_one_postgresql_store_through_nodus_task_and_arpcp() {
     let out = a.cli(&["task", "run", "procs.add", "1", "1"]);
     assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "2"), "{}", text(&out));
 }
+
+/// The control plane sees tasks: a running task is a component of the node's tree (kind `task`,
+/// started by the node) while it runs, and `nodus kill` of it aborts it (`interrupted`); a store
+/// that cannot be opened raises the node's `tasks/store-failure` flag until it opens.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_task_is_in_the_tree_a_kill_aborts_it_and_a_store_failure_raises_a_flag() {
+    let mut node = Node::start(Extra::default());
+    node.deploy_procs(None);
+    let id = stdout(&node.cli(&["task", "submit", "procs.sleep", "60000"]));
+    let deadline = Instant::now() + WAIT;
+    let component = loop {
+        let out = node.cli(&["--json", "tree"]);
+        let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        let found = v["components"].as_array().and_then(|cs| {
+            cs.iter().find(|c| c["kind"] == "task" && c["name"].as_str().is_some_and(|n| n.contains(&id))).cloned()
+        });
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the running task never joined the tree: {}", text(&out));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(component["depth"], json!(1), "started by the node: {component}");
+    let cid = component["id"].as_str().map_or_else(|| component["id"].to_string(), str::to_string);
+    let out = node.cli(&["kill", &cid]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = node.cli(&["task", "wait", &id]);
+    assert!(stdout(&out).contains("interrupted"), "a killed task is interrupted: {}", text(&out));
+    let deadline = Instant::now() + WAIT;
+    while stdout(&node.cli(&["--json", "tree"])).contains(&id) {
+        assert!(Instant::now() < deadline, "an ended task leaves the tree");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The store cannot be opened: the flag is up; once it opens, down.
+    node.kill9();
+    let db = node.path("data/tasks.db");
+    for f in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{f}", db.display()));
+    }
+    std::fs::create_dir_all(db.join("in-the-way")).unwrap();
+    node.run();
+    let raised = |node: &Node| stdout(&node.cli(&["flags", "list"])).contains("store-failure");
+    let deadline = Instant::now() + WAIT;
+    while !raised(&node) {
+        assert!(Instant::now() < deadline, "no store-failure flag: {}", text(&node.cli(&["flags", "list"])));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_dir_all(&db).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while raised(&node) {
+        assert!(Instant::now() < deadline, "the store-failure flag stays up after the store opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
