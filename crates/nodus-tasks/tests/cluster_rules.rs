@@ -1022,6 +1022,42 @@ fn timeouts_are_seen_by_both_sides() {
 }
 
 #[test]
+fn a_batch_its_worker_never_answers_is_timed_out_not_handed_back_to_it_again_and_again() {
+    // The worker freezes before it answers the TasksExecute (the daemon test's SIGSTOP): the
+    // request expires long before the worker is gone. The task must not bounce between claims
+    // and releases to the same silent worker (attempt 0 for ever); it times out like one the
+    // worker acknowledged.
+    let mut cfg = ManagerConfig::new("m1", ["w1".to_string()]);
+    cfg.ping_interval = Duration::from_millis(200);
+    cfg.request_timeout = Duration::from_millis(200);
+    cfg.silent_after = Duration::from_millis(800);
+    cfg.gone_after = Duration::from_secs(30);
+    cfg.worker_grace = Duration::from_millis(300);
+    let mut net = Net::with(cfg, &[("w1", m1(), specs(2, 2))]);
+    net.paired();
+    net.cut = vec!["w1".into()];
+    net.give("w1", vec![claimed(1, 11, 1, 1_000)]);
+    // Sent and resent (200 ms, 3 retries): unanswered after 800 ms, the task stays assigned.
+    net.advance(Duration::from_millis(1_299));
+    assert!(net.records().is_empty(), "nothing released or recorded before the deadline");
+    assert_eq!(net.manager.assigned_to(&id(1)), Some("w1"));
+    assert_eq!(net.manager.stats().released, 0);
+    net.advance(Duration::from_millis(1));
+    let r = net.records();
+    assert_eq!(r.iter().map(outcome).collect::<Vec<_>>(), vec!["failed TimedOut"]);
+    assert_eq!(r[0].lease, Lease(11));
+    assert!(matches!(&r[0].outcome, Outcome::Failed(e) if e.message.contains("no report from worker node w1")));
+    assert_eq!((net.manager.stats().timed_out, net.manager.stats().released), (1, 0));
+    // The worker is still paired (silent, not gone); it thaws and is told to drop the task.
+    assert_eq!(net.manager.workers().collect::<Vec<_>>(), vec!["w1"]);
+    net.cut.clear();
+    net.log.clear();
+    net.advance(Duration::from_secs(1));
+    assert_eq!(net.bodies("m1", "w1", "TASKS_ABORT"), vec![Body::TasksAbort { tasks: vec![id(1)] }]);
+    assert_eq!(net.w("w1").tasks(), 0);
+}
+
+#[test]
 fn a_worker_keeps_completions_while_its_manager_is_away_and_sends_them_when_it_is_back() {
     let mut cfg = ManagerConfig::new("m1", ["w1".to_string()]);
     cfg.gone_after = Duration::from_secs(600);

@@ -245,11 +245,22 @@ async fn two_managers_share_10_000_tasks_lose_none_and_complete_none_twice() {
 const CHILD_URL: &str = "NODUS_MANAGER_URL";
 const CHILD_SCHEMA: &str = "NODUS_MANAGER_SCHEMA";
 
+/// The PostgreSQL application name of the child manager's sessions.
+fn child_app(schema: &str) -> String {
+    format!("nodus-child-{schema}")
+}
+
+/// `url` with the child's application name.
+fn child_url(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={}", child_app(schema))
+}
+
 /// Runs one manager in a child process (this test binary running `manager_child`).
 fn spawn_child(url: &str, schema: &str) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut c = Command::new(std::env::current_exe().unwrap())
         .args(["manager_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_URL, url)
+        .env(CHILD_URL, child_url(url, schema))
         .env(CHILD_SCHEMA, schema)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -283,9 +294,45 @@ async fn a_manager_killed_mid_run_has_its_tasks_adopted_by_the_other() {
             child_done.push(id.parse().unwrap());
         }
     }
+    // The child dies holding leases: tasks it is running are locked here first (its records of
+    // them wait), and once it is dead its sessions are ended. Otherwise a statement the server
+    // had already received, such as its last batch of records, still commits after its death
+    // and may leave nothing to adopt (seen on a loaded machine: 159 tasks 'running' at the
+    // kill, all recorded done by the dead child's last batch half a second later).
+    let (pg, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    loop {
+        pg.batch_execute("BEGIN").await.unwrap();
+        let held = pg
+            .query(&format!("SELECT id FROM {schema}.nodus_tasks WHERE status = 'running' FOR UPDATE SKIP LOCKED"), &[])
+            .await
+            .unwrap();
+        if !held.is_empty() {
+            break;
+        }
+        pg.batch_execute("ROLLBACK").await.unwrap();
+        // Between two of its batches: wait for its next completion and look again.
+        assert!(child_done.len() < TASKS, "the child finished everything before it held a lease");
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the child exited early: {:?}", child.wait());
+        if let Some(id) = line.trim_end().strip_prefix("done ") {
+            child_done.push(id.parse().unwrap());
+        }
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let killed_at = Instant::now();
+    // Another session: the locking one's transaction would see one snapshot of the activity.
+    let (watch, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let sessions = format!("FROM pg_stat_activity WHERE application_name = '{}'", child_app(&schema));
+    watch.batch_execute(&format!("SELECT pg_terminate_backend(pid) {sessions}")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watch.query_one(&format!("SELECT count(*) {sessions}"), &[]).await.unwrap().get::<_, i64>(0) > 0 {
+        assert!(Instant::now() < deadline, "the dead child's sessions never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pg.batch_execute("COMMIT").await.unwrap();
     line.clear();
     while out.read_line(&mut line).unwrap() > 0 {
         if let Some(id) = line.trim_end().strip_prefix("done ") {

@@ -24,7 +24,9 @@
 //!   report from an abandoned attempt is fenced off by the store (exactly one recorded
 //!   completion), and still acknowledged.
 //! - A task with no report `worker_grace` past its timeout is recorded `TimedOut` and aborted on
-//!   its worker (`TasksAbort`). A worker silent for `silent_after` is marked silent; for
+//!   its worker (`TasksAbort`), whether or not the worker answered its `TasksExecute` (an
+//!   unanswered one may be held by a frozen worker; only a refusal, `NotMine` or an
+//!   undeliverable one gives its tasks back uncounted). A worker silent for `silent_after` is marked silent; for
 //!   `gone_after`, gone: the relationship ends and its tasks run again (new attempt, new lease).
 //! - After a restart, the tasks the store shows running on workers are asked about with
 //!   `TasksPing`: completed ones are recorded, unknown ones run again, the others are watched.
@@ -1318,6 +1320,14 @@ impl Manager {
         for e in self.calls.tick(now) {
             match e {
                 Expired::Resend(to, p) => self.send(&to, p),
+                // Unanswered (not refused, not undeliverable): the worker may hold the batch
+                // (frozen or slow, the request in its socket). The tasks stay assigned: their
+                // deadlines time them out and abort them there, or the worker's loss runs them
+                // again. Released instead, they would go to the same silent worker again and
+                // again, the attempt neither counted nor ever timed out.
+                Expired::Failed(peer, _, CallKind::Execute { .. }) => {
+                    tracing::debug!(manager = %self.config.name, worker = %peer, "a TasksExecute went unanswered; its tasks are watched by their deadlines");
+                }
                 Expired::Failed(peer, _, kind) => self.call_failed(&peer, kind, now),
             }
         }
