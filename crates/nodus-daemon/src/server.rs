@@ -15,7 +15,9 @@
 //! `handshake_timeout_ms` (a connection that has not sent its first complete message by then is
 //! closed), `max_frame_bytes` (a longer frame or line closes the connection after an `INVALID`),
 //! the per-connection outbound queue (`max_outbound_messages`/`max_outbound_bytes`: a consumer
-//! that falls behind is cut), and the node-wide `max_buffered_input_bytes` /
+//! that falls behind is cut; a registered service's queue refuses offers past its soft mark or
+//! the sender's share instead, [`Pressure`], and a service that stops writing with offers queued
+//! is cut after `outbound_stall_secs`), and the node-wide `max_buffered_input_bytes` /
 //! `max_buffered_output_bytes` (the connection holding the most is cut).
 //!
 //! A cut connection is disconnected from the router at once, under the same lock that found it
