@@ -862,9 +862,11 @@ async fn bad_binary_preface_version_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_consumer_is_disconnected_and_the_node_keeps_serving() {
-    let node = Node::start("[limits]\nmax_outbound_messages = 16\nmax_outbound_bytes = 262144").await;
+    let node =
+        Node::start("[limits]\nmax_outbound_messages = 16\nmax_outbound_bytes = 262144\noutbound_stall_secs = 1").await;
     let mut watcher = service_with_commands(&node, "watcher", "STATUS").await;
-    // Registers, then never reads again.
+    // Registers, then never reads again. The flood does not get it cut (what its queue cannot
+    // take is refused); writing nothing for outbound_stall_secs with messages waiting does.
     let mut sink = service(&node, "sink").await;
     assert_eq!(watcher.recv().await.get("status"), Some("up"));
 
@@ -875,6 +877,17 @@ async fn slow_consumer_is_disconnected_and_the_node_keeps_serving() {
         binary::encode(&flood, &mut frames, 1 << 20).expect("encode");
     }
     flooder.send_raw(&frames).await;
+    // One-way probes of 32 KiB fill what the sink's socket buffer still takes; once the sink is
+    // gone they are answered SERVICE_UNAVAILABLE.
+    let probe = |_| Message::new("FLOOD").to("sink").with_payload(vec![0x5a; 32 * 1024]);
+    nodus_tests::probe_until_cut(&mut flooder, probe, |m| {
+        assert!(
+            matches!(m.get("code"), Some("overloaded" | "disconnected" | "too_many_requests"))
+                || m.command == "SERVICE_UNAVAILABLE",
+            "{m:?}"
+        )
+    })
+    .await;
 
     let m = watcher.recv().await;
     assert_eq!((m.get("service"), m.get("status")), (Some("sink"), Some("down")), "the slow sink is cut off");

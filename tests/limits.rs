@@ -296,33 +296,47 @@ async fn a_cut_slow_consumer_leaves_every_request_of_its_callers_answered() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_config(
         tempfile::tempdir().unwrap(),
-        config(&dir, "a", "max_outbound_bytes = 1048576", "listen = \"\""),
+        config(&dir, "a", "max_outbound_bytes = 1048576\noutbound_stall_secs = 1", "listen = \"\""),
     )
     .await;
-    // Registers, then never reads: its socket buffer fills, its writer is stuck, its queue passes
-    // 1 MiB. (The caller's answers, about 600 bytes each, stay far below that.)
+    // Registers, then never reads: its socket buffer fills, its writer is stuck; what its queue
+    // cannot take is refused at once (ERROR code=overloaded), and once it has written nothing for
+    // outbound_stall_secs it is cut. (The caller's answers, about 600 bytes each, stay far below
+    // the caller's own bound.)
     let mut slow = TextConn::connect(&node).await;
     slow.register("slow").await;
     let mut caller = BinConn::connect(&node).await;
-    const REQUESTS: u64 = 400;
-    for id in 1..=REQUESTS {
-        caller.send(&Message::new("WORK").to("slow").with_id(id).with_payload(vec![7; 32 * 1024])).await;
+    const BURST: u64 = 400;
+    let work = |id: u64| Message::new("WORK").to("slow").with_id(id).with_payload(vec![7; 32 * 1024]);
+    for id in 1..=BURST {
+        caller.send(&work(id)).await;
     }
     let mut answers: HashMap<u64, String> = HashMap::new();
-    while answers.len() < REQUESTS as usize {
+    let kind = |m: &Message| match m.get("code") {
+        Some(code) => format!("{} code={code}", m.command),
+        None => m.command.clone(),
+    };
+    let probes = nodus_tests::probe_until_cut(
+        &mut caller,
+        |n| work(BURST + n),
+        |m| {
+            assert!(answers.insert(m.envelope.reply_to, kind(&m)).is_none(), "one answer per request: {m:?}");
+        },
+    )
+    .await;
+    let requests = BURST + probes;
+    while answers.len() < requests as usize {
         let Some(m) = caller.try_recv(WAIT).await else {
-            let missing: Vec<u64> = (1..=REQUESTS).filter(|id| !answers.contains_key(id)).collect();
+            let missing: Vec<u64> = (1..=requests).filter(|id| !answers.contains_key(id)).collect();
             panic!("no answer for {missing:?}; answers {answers:?}");
         };
-        let kind = match m.get("code") {
-            Some(code) => format!("{} code={code}", m.command),
-            None => m.command.clone(),
-        };
-        assert!(answers.insert(m.envelope.reply_to, kind).is_none(), "one answer per request: {m:?}");
+        assert!(answers.insert(m.envelope.reply_to, kind(&m)).is_none(), "one answer per request: {m:?}");
     }
-    assert!((1..=REQUESTS).all(|id| answers.contains_key(&id)));
+    assert!((1..=requests).all(|id| answers.contains_key(&id)));
     let disconnected = answers.values().filter(|k| *k == "ERROR code=disconnected").count();
     assert!(disconnected > 0, "requests queued to the cut consumer fail at once: {answers:?}");
+    let overloaded = answers.values().filter(|k| *k == "ERROR code=overloaded").count();
+    assert!(overloaded > 0, "what the consumer's queue could not take was refused at once");
     assert_eq!(node.counters.snapshot().slow_consumer_cuts, 1);
     drop(slow);
 }

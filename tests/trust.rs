@@ -254,9 +254,11 @@ async fn one_client_cannot_fill_the_pending_table_and_others_keep_their_replies(
 async fn every_caller_of_a_cut_slow_consumer_gets_one_answer_per_request() {
     let node = Node::start_with(tempfile::tempdir().unwrap(), |c| {
         c.limits.max_outbound_bytes = 256 * 1024;
+        c.limits.outbound_stall_secs = 1;
     })
     .await;
-    // The slow consumer registers, then never reads again.
+    // The slow consumer registers, then never reads again: what its queue cannot take is refused
+    // at once (overloaded), and it is cut once it has written nothing for outbound_stall_secs.
     let mut slow = TextConn::connect(&node).await;
     slow.register("slow").await;
     const CALLERS: usize = 3;
@@ -265,29 +267,42 @@ async fn every_caller_of_a_cut_slow_consumer_gets_one_answer_per_request() {
     for _ in 0..CALLERS {
         callers.push(BinConn::connect(&node).await);
     }
+    let work = |id: u64| Message::new("WORK").to("slow").with_id(id).with_payload(vec![7u8; 32 * 1024]);
     for c in callers.iter_mut() {
         for id in 1..=EACH {
-            c.send(&Message::new("WORK").to("slow").with_id(id).with_payload(vec![7u8; 32 * 1024])).await;
+            c.send(&work(id)).await;
         }
     }
-    let mut disconnected = 0;
-    for (n, c) in callers.iter_mut().enumerate() {
-        let mut answered = std::collections::BTreeSet::new();
-        while answered.len() < EACH as usize {
-            let m = c.recv().await;
-            assert!(answered.insert(m.envelope.reply_to), "caller {n}: a second answer to {}", m.envelope.reply_to);
-            match m.command.as_str() {
-                "ERROR" => {
-                    assert_eq!((m.get("code"), m.get("delivered")), (Some("disconnected"), Some("maybe")), "{m:?}");
-                    disconnected += 1;
-                }
-                "SERVICE_UNAVAILABLE" => {}
-                other => panic!("caller {n}: unexpected {other}: {m:?}"),
+    let (mut disconnected, mut overloaded) = (0, 0);
+    let mut answered = vec![std::collections::BTreeSet::new(); CALLERS];
+    let mut sent = [EACH; CALLERS];
+    let mut count = |n: usize, m: &Message, answered: &mut std::collections::BTreeSet<u64>| {
+        assert!(answered.insert(m.envelope.reply_to), "caller {n}: a second answer to {}", m.envelope.reply_to);
+        match (m.command.as_str(), m.get("code")) {
+            ("ERROR", Some("disconnected")) => {
+                assert_eq!(m.get("delivered"), Some("maybe"), "{m:?}");
+                disconnected += 1;
             }
+            ("ERROR", Some("overloaded")) => {
+                assert_eq!(m.get("delivered"), Some("no"), "{m:?}");
+                overloaded += 1;
+            }
+            ("SERVICE_UNAVAILABLE", _) => {}
+            _ => panic!("caller {n}: unexpected {m:?}"),
+        }
+    };
+    let (first, _) = callers.split_at_mut(1);
+    sent[0] +=
+        nodus_tests::probe_until_cut(&mut first[0], |n| work(EACH + n), |m| count(0, &m, &mut answered[0])).await;
+    for (n, c) in callers.iter_mut().enumerate() {
+        while answered[n].len() < sent[n] as usize {
+            let m = c.recv().await;
+            count(n, &m, &mut answered[n]);
         }
         assert!(c.try_recv(Duration::from_millis(50)).await.is_none(), "caller {n}: exactly one answer each");
     }
     assert!(disconnected > 0, "the consumer was cut with requests in flight");
+    assert!(overloaded > 0, "what its queue could not take was refused at once");
     drop(slow);
 }
 

@@ -243,3 +243,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         assert_eq!(self.recv().await.command, "READY");
     }
 }
+
+/// Keeps offering `probe(n)` (n = 1, 2, ...) from `c` to a service that has stopped reading, one
+/// every 100 ms, each followed by a `PING` (whose `PONG` comes after the offer's refusal, if any),
+/// until an answer says the service is gone (`ERROR code=disconnected` or `SERVICE_UNAVAILABLE`):
+/// what the kernel's socket buffer took is not the node's to judge, a queue that stops moving is.
+/// Every answer but the `PONG`s goes to `seen`; returns how many probes were sent.
+pub async fn probe_until_cut<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Conn<S>,
+    mut probe: impl FnMut(u64) -> Message,
+    mut seen: impl FnMut(Message),
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let mut n = 0;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "the service that stopped reading was not cut");
+        every.tick().await;
+        n += 1;
+        c.send_message(&probe(n)).await;
+        let ping = 4_000_000_000 + n;
+        c.send_message(&Message::new("PING").with_id(ping)).await;
+        let mut gone = false;
+        loop {
+            let m = c.recv().await;
+            if m.command == "PONG" && m.envelope.reply_to == ping {
+                break;
+            }
+            gone |= m.get("code") == Some("disconnected") || m.command == "SERVICE_UNAVAILABLE";
+            seen(m);
+        }
+        if gone {
+            return n;
+        }
+    }
+}

@@ -402,6 +402,10 @@ pub struct Limits {
     pub max_outbound_messages: usize,
     /// Per-connection outbound queue bound, bytes.
     pub max_outbound_bytes: usize,
+    /// A registered service whose queue holds others' messages and has not been written to for
+    /// this long, seconds, has stopped reading and is cut (below `max_outbound_bytes`, a busy
+    /// service's queue refuses new messages instead: `ERROR code=overloaded`).
+    pub outbound_stall_secs: u64,
     /// Cache bound, messages.
     pub cache_max_messages: usize,
     /// Cache bound, bytes.

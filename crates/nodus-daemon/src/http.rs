@@ -22,7 +22,7 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `nodus_messages_total` | counter | `outcome` (`received`, `delivered`, `cached`, `invalid`, `expired`, `undeliverable`, `forbidden`, `refused`) | messages the router handled |
+//! | `nodus_messages_total` | counter | `outcome` (`received`, `delivered`, `cached`, `invalid`, `expired`, `undeliverable`, `forbidden`, `overloaded`, `refused`) | messages the router handled |
 //! | `nodus_received_bytes_total`, `nodus_sent_bytes_total` | counter | `listener` | bytes read / written |
 //! | `nodus_connections_accepted_total`, `nodus_connections_refused_total`, `nodus_handshake_timeouts_total` | counter | `listener` | connections |
 //! | `nodus_slow_consumer_cuts_total`, `nodus_budget_cuts_total` | counter | | connections cut |
@@ -602,6 +602,7 @@ impl prometheus_client::collector::Collector for NodeCollector {
             ("expired", s.expired),
             ("undeliverable", s.undeliverable),
             ("forbidden", s.forbidden),
+            ("overloaded", s.overloaded),
             ("refused", s.refused),
         ] {
             messages.get_or_create(&Outcome { outcome }).inc_by(n);

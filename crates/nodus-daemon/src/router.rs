@@ -19,7 +19,10 @@
 //!
 //! After every call the driver applies the returned actions in order, before the next call:
 //! `Deliver` into the target's bounded queue (a full queue cuts that connection, which the
-//! driver reports with `disconnect`), `Close` after what is queued is written, `Shutdown`,
+//! driver reports with `disconnect`), `Offer` likewise unless [`Pressure::offer`] says the
+//! service's queue is past its soft mark or the sender's share (the driver then reports it with
+//! [`Router::overloaded`], and cuts a service that stopped reading), `Close` after what is
+//! queued is written, `Shutdown`,
 //! `SaveNodes` and `PersistCache` to their tasks. The router never waits for an action.
 //!
 //! # Who may do what
@@ -38,11 +41,14 @@
 //! - every request the router tracks ends in exactly one of: the reply, `ERROR code=disconnected`
 //!   (responder gone), `ERROR code=timeout` or `ERROR code=too_large`; a request it cannot
 //!   track (table full for the node or the client) is refused, never delivered untracked;
-//! - every accepted message is delivered, cached, or its sender gets an error;
+//! - every accepted message is delivered, cached, or its sender gets an error; a message a busy
+//!   service refuses ([`Router::overloaded`]) gets `ERROR code=overloaded` (requests; one-way
+//!   messages get their `failed` transmission report when they asked for one) and is counted;
 //! - errors, reports and replies are never answered with an error ([`answerable`]);
 //! - all tables are bounded by [`RouterLimits`], [`LinkPolicy`] and [`MAX_OWNED_NAMES`].
 
 mod links;
+mod pressure;
 pub mod sim;
 mod view;
 
@@ -58,6 +64,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 pub use nodus_wire::node::NODE_SERVICE;
+pub use pressure::{Pressure, Queue, Verdict};
 pub use view::{LinkState, NodeState, OwnLink, RouterView, ServiceState};
 
 /// A map keyed by node-chosen integers (connection ids, node-assigned request ids): every key is
@@ -88,6 +95,17 @@ const MAX_AUTH_FAILURES: u8 = 3;
 pub enum Action {
     /// Queue the message on the connection.
     Deliver(ConnId, Message),
+    /// Queue a message from connection `from` on the registered service `to`, unless the
+    /// service is too far behind ([`Pressure::offer`]); a refused offer is reported with
+    /// [`Router::overloaded`].
+    Offer {
+        /// The service's connection.
+        to: ConnId,
+        /// The connection the message came from (a client, a link or a built-in service).
+        from: ConnId,
+        /// The message, as the service will see it.
+        msg: Message,
+    },
     /// Close the connection once what is queued has been written.
     Close(ConnId),
     /// A client asked the node to stop: begin a graceful shutdown.
@@ -236,6 +254,8 @@ pub struct Stats {
     /// Messages from links dropped because their sender could not have sent them that way, and
     /// messages over UDP that were not signals to services.
     pub refused: u64,
+    /// Messages a busy service's queue refused (`ERROR code=overloaded`).
+    pub overloaded: u64,
 }
 
 #[derive(Debug)]
@@ -942,8 +962,61 @@ impl Router {
             }
         }
         self.stats.delivered += 1;
-        out.push(Action::Deliver(target, msg));
+        let service =
+            matches!(self.conns.get(&target).map(|c| &c.role), Some(Role::Client(Client { service: Some(_), .. })));
+        if service && origin != GONE && origin != target {
+            out.push(Action::Offer { to: target, from: origin, msg });
+        } else {
+            out.push(Action::Deliver(target, msg));
+        }
         true
+    }
+
+    /// The driver refused an [`Action::Offer`] of `msg` from `from` to the service `to`: its
+    /// queue is past its soft mark or `from` holds its share of it (`share`). A tracked request
+    /// stops being tracked and its caller gets `ERROR code=overloaded` under its own id; a
+    /// one-way message is counted, and its sender gets its `failed` transmission report when it
+    /// asked for one. Either way the message was not delivered (`delivered=no`).
+    pub fn overloaded(&mut self, to: ConnId, from: ConnId, msg: &Message, share: bool, out: &mut Vec<Action>) {
+        self.stats.overloaded += 1;
+        self.stats.delivered = self.stats.delivered.saturating_sub(1);
+        let service = match self.conns.get(&to).map(|c| &c.role) {
+            Some(Role::Client(Client { service: Some(s), .. })) => s.clone(),
+            _ => msg.to.service.clone(),
+        };
+        let text = if share {
+            format!(
+                "service {service:?} on {} is busy: this sender already has its share of the service's queue waiting; retry later",
+                self.server
+            )
+        } else {
+            format!("service {service:?} on {} is busy: its queue is past its soft mark; retry later", self.server)
+        };
+        let id = msg.envelope.id;
+        let tracked = if id != 0 { self.pending.remove(&(to, id)) } else { None };
+        let Some(p) = tracked else {
+            if let Some(r) = self.report(msg, "failed") {
+                out.push(Action::Deliver(from, r));
+            }
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(&to) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+        if let Some(c) = self.conns.get_mut(&p.origin) {
+            c.outstanding = c.outstanding.saturating_sub(1);
+        }
+        if self.conns.contains_key(&p.origin) {
+            let mut e = Message::new("ERROR")
+                .param("code", "overloaded")
+                .param("command", p.command)
+                .param("destination_service", &service)
+                .param("delivered", "no")
+                .param("message", text);
+            e.from = self.node_address();
+            e.envelope.reply_to = p.origin_id;
+            out.push(Action::Deliver(p.origin, e));
+        }
     }
 
     fn is_link(&self, conn: ConnId) -> bool {
@@ -1229,6 +1302,7 @@ impl Router {
             .param("expired", s.expired)
             .param("undeliverable", s.undeliverable)
             .param("forbidden", s.forbidden)
+            .param("overloaded", s.overloaded)
             .param("refused", s.refused)
             .param("quitting", self.quitting)
             .param("links", self.links.len())

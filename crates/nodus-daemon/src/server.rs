@@ -15,7 +15,9 @@
 //! `handshake_timeout_ms` (a connection that has not sent its first complete message by then is
 //! closed), `max_frame_bytes` (a longer frame or line closes the connection after an `INVALID`),
 //! the per-connection outbound queue (`max_outbound_messages`/`max_outbound_bytes`: a consumer
-//! that falls behind is cut), and the node-wide `max_buffered_input_bytes` /
+//! that falls behind is cut; a registered service's queue refuses offers past its soft mark or
+//! the sender's share instead, [`Pressure`], and a service that stops writing with offers queued
+//! is cut after `outbound_stall_secs`), and the node-wide `max_buffered_input_bytes` /
 //! `max_buffered_output_bytes` (the connection holding the most is cut).
 //!
 //! A cut connection is disconnected from the router at once, under the same lock that found it
@@ -35,7 +37,7 @@ pub use budget::{Counters, ListenerKind, ListenerSnapshot, Snapshot, BUDGET_ALLO
 use crate::auth::Origin;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::router::{Action, ConnId, LinkPolicy, Router, RouterConfig, RouterLimits};
+use crate::router::{Action, ConnId, LinkPolicy, Pressure, Queue, Router, RouterConfig, RouterLimits, Verdict};
 use accept::{TcpAccept, UnixAccept};
 use anyhow::Context;
 use budget::Meter;
@@ -69,6 +71,9 @@ const IN_PROCESS_BUFFER: usize = 256 * 1024;
 pub(crate) enum Outbound {
     /// A message and the bytes it was counted as on its connection's queue.
     Msg(Message, usize),
+    /// A message offered to a registered service, the bytes it was counted as, and its sender,
+    /// whose share of the queue it holds until written (socket connections only).
+    Offered(Message, usize, ConnId),
     /// Close once everything before this is written.
     Close,
 }
@@ -103,6 +108,8 @@ pub(crate) struct Shared {
     idle: Notify,
     next_conn: AtomicU64,
     counters: Arc<Counters>,
+    /// Backpressure marks of registered services' queues.
+    pressure: Pressure,
     persist: Persist<KnownNodes>,
     engine: Option<nodus_engine::Engine>,
     locator: Option<nodus_engine::LocatorHandle>,
@@ -345,6 +352,8 @@ impl Shared {
         let mut added = 0usize;
         let mut base = budget.used();
         let mut cuts: Vec<ConnId> = Vec::new();
+        // What refused offers produce (their senders' errors), applied in the next round.
+        let mut later = Vec::new();
         loop {
             for action in actions.drain(..) {
                 match action {
@@ -385,6 +394,64 @@ impl Shared {
                             base = budget.used();
                         }
                     }
+                    Action::Offer { to, from, msg } => {
+                        let Some(h) = state.handles.get_mut(&to) else { continue };
+                        let Some(meter) = &h.meter else {
+                            // A built-in service reads its queue in-process: no backpressure.
+                            if h.tx.try_send(Outbound::Msg(msg, 0)).is_err() && !h.warned {
+                                warn!(conn = to, "in-process service queue full: dropping messages for it");
+                                h.warned = true;
+                            }
+                            continue;
+                        };
+                        if h.kill.is_cancelled() {
+                            continue;
+                        }
+                        let size = msg.approx_size();
+                        let queue = Queue {
+                            bytes: meter.queued(),
+                            messages: h.tx.max_capacity() - h.tx.capacity(),
+                            from_sender: meter.share(from),
+                            last_write: meter.progress(),
+                        };
+                        let now = self.clock.now_ms();
+                        let verdict = self.pressure.offer(queue, size, now);
+                        if verdict != Verdict::Accept {
+                            if verdict == Verdict::Stalled {
+                                warn!(conn = to, queued = queue.bytes, "service stopped reading: cutting it");
+                                self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
+                                h.kill.cancel();
+                                cuts.push(to);
+                            }
+                            state.router.overloaded(to, from, &msg, verdict == Verdict::Share, &mut later);
+                            continue;
+                        }
+                        if h.tx.try_send(Outbound::Offered(msg, size, from)).is_err() {
+                            warn!(conn = to, queued = queue.bytes, "slow consumer: outbound queue full, cutting it");
+                            self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
+                            h.kill.cancel();
+                            cuts.push(to);
+                            continue;
+                        }
+                        if queue.bytes == 0 {
+                            meter.progressed(now);
+                        }
+                        meter.add_share(from, size);
+                        added += meter.queue(size);
+                        if base + added <= budget.limit() {
+                            continue;
+                        }
+                        budget.add(std::mem::take(&mut added));
+                        base = budget.used();
+                        while base > budget.limit() {
+                            let Some(victim) = biggest(&state.handles, Meter::queued) else { break };
+                            warn!(conn = victim, used = base, "output budget exceeded: cutting the biggest queue");
+                            budget.cuts.fetch_add(1, Ordering::Relaxed);
+                            self.cut(state, victim);
+                            cuts.push(victim);
+                            base = budget.used();
+                        }
+                    }
                     Action::Close(conn) => {
                         if let Some(h) = state.handles.get(&conn) {
                             if h.tx.try_send(Outbound::Close).is_err() {
@@ -401,7 +468,8 @@ impl Shared {
                     }
                 }
             }
-            if cuts.is_empty() {
+            actions.append(&mut later);
+            if cuts.is_empty() && actions.is_empty() {
                 break;
             }
             // The router forgets cut connections now; what that produces is applied in turn.
@@ -413,6 +481,25 @@ impl Shared {
         budget.add(added);
         if state.router.is_quitting() && state.router.pending_len() == 0 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Cuts every service that has others' messages queued and has written nothing for the
+    /// stall time: it stopped reading (the router learns of it now, its callers are answered).
+    fn cut_stalled(&self, state: &mut State, now: i64, out: &mut Vec<Action>) {
+        let stalled: Vec<ConnId> = state
+            .handles
+            .iter()
+            .filter(|(_, h)| !h.kill.is_cancelled())
+            .filter_map(|(id, h)| Some((*id, h.meter.as_ref()?)))
+            .filter(|(_, m)| m.has_shares() && now.saturating_sub(m.progress()) >= self.pressure.stall_ms)
+            .map(|(id, _)| id)
+            .collect();
+        for conn in stalled {
+            warn!(conn, "service stopped reading: cutting it");
+            self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
+            self.cut(state, conn);
+            state.router.disconnect(conn, out);
         }
     }
 
@@ -626,6 +713,11 @@ impl Daemon {
             engine,
             state: Mutex::new(State { router, handles: Default::default() }),
             counters: Arc::new(Counters::new(&config.limits)),
+            pressure: Pressure::new(
+                config.limits.max_outbound_bytes,
+                config.limits.max_outbound_messages,
+                i64::try_from(config.limits.outbound_stall_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            ),
             config,
             clock,
             tls,
@@ -932,7 +1024,9 @@ async fn tick(shared: Arc<Shared>) {
         if let Some(ntp) = ntp {
             st.router.set_ntp(ntp, &mut out);
         }
-        st.router.tick(shared.clock.now_ms(), &mut out);
+        let now = shared.clock.now_ms();
+        shared.cut_stalled(&mut st, now, &mut out);
+        st.router.tick(now, &mut out);
         shared.apply(&mut st, &mut out);
     }
 }

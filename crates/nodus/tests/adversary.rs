@@ -15,9 +15,11 @@
 //!   loopback without a secret, which must not start.
 //! - Idle connections past the TCP listener's limit, and half-sent frames past the node's input
 //!   budget (measured from outside: the daemon's RSS).
-//! - A pending-request flood from one client, a slow consumer cut with callers waiting, and
-//!   sniffers that never read while 40 MiB flow past them, and a caller that never reads its
-//!   replies next to one that does.
+//! - A pending-request flood from one client; one client's burst of large requests at a service
+//!   another client uses (the service is not cut: the burster's excess is refused `overloaded`,
+//!   the other client served); a service that never reads (what it cannot take refused at once,
+//!   cut after the stall time with every caller answered); sniffers that never read while 40 MiB
+//!   flow past them, and a caller that never reads its replies next to one that does.
 //! - A neighbour process of the same user impersonating an app's worker with the `--uuid` and
 //!   `--endpoint` it read from `/proc`.
 //!
@@ -59,6 +61,8 @@ const TCP_LIMIT: usize = 64;
 const PENDING_PER_CLIENT: u64 = 64;
 /// The node's budget for queued output, node-wide.
 const OUTPUT_BUDGET: u64 = 8 * MIB;
+/// How long a service with others' messages queued may write nothing before it is cut.
+const STALL_SECS: u64 = 4;
 
 /// What the suite tried and what it saw.
 #[derive(Default)]
@@ -301,7 +305,7 @@ async fn start_daemon(dir: &Path, bin: &Path) -> Daemon {
     let config = format!(
         "server_name = \"adv\"\ntcp_listen = \"127.0.0.1:{tcp}\"\n\
          [limits]\nmax_frame_bytes = {frame}\nmax_connections = {TCP_LIMIT}\nhandshake_timeout_ms = 1000\n\
-         max_buffered_input_bytes = {INPUT_BUDGET}\nmax_buffered_output_bytes = {OUTPUT_BUDGET}\nmax_outbound_bytes = 262144\nmax_pending_per_client = {PENDING_PER_CLIENT}\n\
+         max_buffered_input_bytes = {INPUT_BUDGET}\nmax_buffered_output_bytes = {OUTPUT_BUDGET}\nmax_outbound_bytes = 262144\nmax_pending_per_client = {PENDING_PER_CLIENT}\noutbound_stall_secs = {STALL_SECS}\n\
          [cluster]\nlisten = \"127.0.0.1:{cluster}\"\nudp_listen = \"127.0.0.1:{udp}\"\nmax_nodes = 16\n\
          failure_phi = 1e9\ntls_listen = \"\"\n\
          [apps]\nlocator_listen = \"127.0.0.1:{locator}\"\n[http]\nlisten = \"\"\n[tasks]\narpcp_listen = \"\"\n",
@@ -404,6 +408,8 @@ async fn suite() {
     node.alive("the half-sent frames");
     pending_flood(&node, &mut report).await;
     node.alive("the pending flood");
+    burst_at_a_service(&node, &mut report).await;
+    node.alive("the burst at a shared service");
     slow_consumer(&node, &mut report).await;
     node.alive("the slow consumer");
     silent_sniffers(&node, &mut report).await;
@@ -743,6 +749,13 @@ async fn pending_flood(node: &Daemon, report: &mut Report) {
     ));
 }
 
+/// A service that never reads, and three callers sending it 60 requests of 32 KiB each: the
+/// service is not cut for what they send; what its queue cannot take is refused at once
+/// (`ERROR code=overloaded`, `delivered=no`). One caller goes on sending a request every 100 ms
+/// (what the kernel's socket buffer absorbs is not the node's to judge: the service is judged once
+/// its queue stops moving); once the service has written nothing for the stall time
+/// (`outbound_stall_secs`) with requests queued, it is cut, and each accepted request is
+/// answered `disconnected`.
 async fn slow_consumer(node: &Daemon, report: &mut Report) {
     let mut slow = Conn::unix(&node.socket()).await;
     slow.register("slow").await;
@@ -752,34 +765,147 @@ async fn slow_consumer(node: &Daemon, report: &mut Report) {
     for _ in 0..CALLERS {
         callers.push(Conn::tcp(&node.tcp).await);
     }
+    let work = |id: u64| Message::new("WORK").to("slow").with_id(id).with_payload(vec![7u8; 32 * 1024]);
     for c in callers.iter_mut() {
         for id in 1..=EACH {
-            c.send(&Message::new("WORK").to("slow").with_id(id).with_payload(vec![7u8; 32 * 1024])).await;
+            c.send(&work(id)).await;
         }
     }
-    report.inputs += CALLERS as u64 * EACH;
-    let (mut lost, mut disconnected) = (0, 0);
-    for c in callers.iter_mut() {
-        let mut answered = BTreeSet::new();
-        while answered.len() < EACH as usize {
+    let (mut overloaded, mut disconnected) = (0u64, 0u64);
+    let mut answered = vec![BTreeSet::new(); CALLERS];
+    let mut sent = [EACH; CALLERS];
+    let mut count = |m: &Message, answered: &mut BTreeSet<u64>| {
+        assert!(answered.insert(m.envelope.reply_to), "a second answer to {}", m.envelope.reply_to);
+        match (m.command.as_str(), m.get("code")) {
+            ("ERROR", Some("overloaded")) => {
+                assert_eq!(m.get("delivered"), Some("no"), "says the request did not run: {m:?}");
+                overloaded += 1;
+            }
+            ("ERROR", Some("disconnected")) => {
+                assert_eq!(m.get("delivered"), Some("maybe"), "says the request may have run: {m:?}");
+                disconnected += 1;
+            }
+            // Sent after the cut.
+            ("SERVICE_UNAVAILABLE", _) => {}
+            _ => panic!("unexpected answer {m:?}"),
+        }
+    };
+    // The first caller keeps offering, each offer followed by a PING whose PONG comes after the
+    // offer's refusal, if any: it stops once the service is gone.
+    let deadline = tokio::time::Instant::now() + WAIT + Duration::from_secs(2 * STALL_SECS);
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let mut ping = 1_000_000u64;
+    let mut gone = false;
+    while !gone {
+        assert!(tokio::time::Instant::now() < deadline, "the service that never reads was not cut");
+        every.tick().await;
+        sent[0] += 1;
+        ping += 1;
+        callers[0].send(&work(sent[0])).await;
+        callers[0].send(&Message::new("PING").with_id(ping)).await;
+        loop {
+            let m = callers[0].recv().await;
+            if m.envelope.reply_to == ping {
+                break;
+            }
+            gone |= m.get("code") == Some("disconnected") || m.command == "SERVICE_UNAVAILABLE";
+            count(&m, &mut answered[0]);
+        }
+    }
+    report.inputs += sent.iter().sum::<u64>();
+    let mut lost = 0;
+    for (i, c) in callers.iter_mut().enumerate() {
+        while answered[i].len() < sent[i] as usize {
             let Some(m) = c.try_recv(WAIT).await else { break };
-            assert!(answered.insert(m.envelope.reply_to), "a second answer to {}", m.envelope.reply_to);
-            match (m.command.as_str(), m.get("code")) {
-                ("ERROR", Some("disconnected")) => {
-                    assert_eq!(m.get("delivered"), Some("maybe"), "says the request may have run: {m:?}");
-                    disconnected += 1;
+            count(&m, &mut answered[i]);
+        }
+        lost += sent[i] - answered[i].len() as u64;
+    }
+    assert!(overloaded > 0, "the service's queue refused what it could not take");
+    assert!(disconnected > 0, "the service was cut with accepted requests in flight once it stalled");
+    assert!(slow.closed_within(WAIT).await, "the service that never reads is cut");
+    report.lost += lost;
+    report.line(format!(
+        "slow consumer: {CALLERS} callers × {EACH} requests of 32 KiB (then one every 100 ms) to a service that never reads: {overloaded} refused at once 'overloaded', cut after {STALL_SECS} s without a write, {disconnected} 'disconnected, may have run', {lost} unanswered"
+    ));
+}
+
+/// One client bursts 64 requests of 128 KiB (half the service's 256 KiB queue each) at a
+/// service, while a second client sends the same service small requests; the service reads
+/// nothing until the burst is sent, then answers everything it gets. The service is not cut, the
+/// burster gets `ERROR code=overloaded` at once for what the queue refused (one sender's share
+/// is a quarter of the queue), every accepted request is answered, and every one of the second
+/// client's requests is answered by the service.
+async fn burst_at_a_service(node: &Daemon, report: &mut Report) {
+    const BURST: u64 = PENDING_PER_CLIENT;
+    const SIZE: usize = 128 * 1024;
+    const SMALL: u64 = 48;
+    let mut shared = Conn::unix(&node.socket()).await;
+    shared.register("shared").await;
+    let (go, gate) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(async move {
+        let _ = gate.await;
+        let mut served = 0u64;
+        while let Some(m) = shared.try_recv(WAIT).await {
+            match m.command.as_str() {
+                "BIG" | "SMALL" => {
+                    shared.send(&m.reply("DONE")).await;
+                    served += 1;
                 }
-                ("SERVICE_UNAVAILABLE", _) => {}
-                _ => panic!("unexpected answer {m:?}"),
+                "QUIT" => break,
+                _ => {}
             }
         }
-        lost += EACH - answered.len() as u64;
+        served
+    });
+    let mut burster = Conn::tcp(&node.tcp).await;
+    let mut other = Conn::tcp(&node.tcp).await;
+    let payload = bytes::Bytes::from(vec![0x55u8; SIZE]);
+    let mut small_sent = 0u64;
+    for id in 1..=BURST {
+        burster.send(&Message::new("BIG").to("shared").with_id(id).with_payload(payload.clone())).await;
+        if small_sent < SMALL {
+            small_sent += 1;
+            other.send(&Message::new("SMALL").to("shared").with_id(1000 + small_sent)).await;
+        }
     }
-    assert!(disconnected > 0, "the consumer was cut with requests in flight");
+    go.send(()).unwrap();
+    report.inputs += BURST + SMALL;
+    // The other client: every small request answered by the service.
+    for _ in 0..SMALL {
+        let m = other.recv().await;
+        assert_eq!(m.command, "DONE", "the other client's request was served, not refused: {m:?}");
+    }
+    let (mut done, mut overloaded) = (0u64, 0u64);
+    let mut answered = BTreeSet::new();
+    while answered.len() < BURST as usize {
+        let Some(m) = burster.try_recv(WAIT).await else { break };
+        assert!(answered.insert(m.envelope.reply_to), "a second answer to {}", m.envelope.reply_to);
+        match (m.command.as_str(), m.get("code")) {
+            ("DONE", _) => done += 1,
+            ("ERROR", Some("overloaded")) => {
+                assert_eq!(m.get("delivered"), Some("no"), "{m:?}");
+                assert!(m.get("message").is_some_and(|t| t.contains("busy")), "{m:?}");
+                overloaded += 1;
+            }
+            _ => panic!("the burster got {m:?}: only answers and overloaded errors"),
+        }
+    }
+    let lost = BURST - answered.len() as u64;
     report.lost += lost;
-    drop(slow);
+    assert_eq!(lost, 0, "every burst request answered: {done} done, {overloaded} overloaded");
+    assert!(overloaded > 0, "the burst exceeded the service's queue: some was refused");
+    assert!(done > 0, "what the queue took was served");
+    // The service is still there: a new client is served by the same connection.
+    let mut late = Conn::tcp(&node.tcp).await;
+    let answer = late.request(Message::new("SMALL").to("shared").with_id(1)).await;
+    assert_eq!(answer.command, "DONE", "the service was not cut: {answer:?}");
+    late.send(&Message::new("QUIT").to("shared")).await;
+    let served = tokio::time::timeout(WAIT, serve).await.expect("the service stops").unwrap();
+    assert_eq!(served, done + SMALL + 1, "one service connection served everything accepted");
     report.line(format!(
-        "slow consumer: {CALLERS} callers × {EACH} requests of 32 KiB to a service that never reads: cut, {disconnected} 'disconnected, may have run', {lost} unanswered"
+        "burst at a shared service: {BURST} × {} KiB from one client (queue 256 KiB, the service paused): {done} served, {overloaded} refused at once 'overloaded'; another client's {SMALL} small requests all served; the service not cut",
+        SIZE / 1024
     ));
 }
 

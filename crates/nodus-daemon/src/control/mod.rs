@@ -189,7 +189,7 @@ impl Control {
             tokio::select! {
                 _ = tokio::time::sleep(wait), if due.is_some() && wait < TICK => self.deadlines(),
                 m = rx.recv() => match m {
-                    Some(Outbound::Msg(m, _)) => self.message(m).await,
+                    Some(Outbound::Msg(m, _) | Outbound::Offered(m, _, _)) => self.message(m).await,
                     Some(Outbound::Close) => {}
                     None => break,
                 },

@@ -811,7 +811,8 @@ impl Sim {
     fn apply(&mut self, i: usize, out: Vec<Action>, at: i64) {
         for action in out {
             match action {
-                Action::Deliver(conn, m) => {
+                // The simulated pipes have no queue limit: an offer is always taken.
+                Action::Deliver(conn, m) | Action::Offer { to: conn, msg: m, .. } => {
                     let Some(&p) = self.nodes[i].conns.get(&conn) else { continue };
                     if !self.pipes[p].open {
                         continue;

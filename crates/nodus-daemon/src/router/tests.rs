@@ -42,7 +42,7 @@ fn builtin_apps(r: &mut Router, conn: ConnId) {
 fn delivered(out: &mut Vec<Action>) -> Vec<(ConnId, Message)> {
     out.drain(..)
         .filter_map(|a| match a {
-            Action::Deliver(c, m) => Some((c, m)),
+            Action::Deliver(c, m) | Action::Offer { to: c, msg: m, .. } => Some((c, m)),
             _ => None,
         })
         .collect()
@@ -566,4 +566,70 @@ fn registered_instances_are_components_and_can_be_addressed_one_by_one() {
     assert_eq!(r.deliver_to(1, 2, Message::new("MONITORING"), 2_000, &mut out), Err(DeliverError::NotUnderstood));
     assert_eq!(r.deliver_to(1, 9, Message::new("MONITORING"), 2_000, &mut out), Err(DeliverError::Gone));
     assert!(out.is_empty());
+}
+
+#[test]
+fn a_message_to_a_service_is_offered_and_an_overloaded_request_gets_one_error() {
+    let mut r = router(&[]);
+    register(&mut r, 1, "busy");
+    r.connect(2, tcp());
+    let mut out = Vec::new();
+    r.handle(2, Message::new("ASK").to("busy").with_id(7), 1_000, &mut out);
+    let Some(Action::Offer { to: 1, from: 2, msg }) = out.pop() else { panic!("an offer to the service: {out:?}") };
+    assert_eq!(r.pending_len(), 1);
+    // The driver refuses it: the caller gets one ERROR under its own id, the request is no
+    // longer tracked and nothing comes later.
+    r.overloaded(1, 2, &msg, true, &mut out);
+    let got = delivered(&mut out);
+    assert_eq!(got.len(), 1);
+    let (to, e) = &got[0];
+    assert_eq!((*to, e.command.as_str(), e.envelope.reply_to), (2, "ERROR", 7));
+    assert_eq!((e.get("code"), e.get("delivered"), e.get("command")), (Some("overloaded"), Some("no"), Some("ASK")));
+    assert!(e.get("message").unwrap().contains("share"), "{e:?}");
+    assert_eq!((r.pending_len(), r.stats().overloaded), (0, 1));
+    assert_eq!(r.registered()[0].in_flight, 0);
+    r.tick(1_000 + 3_600_000, &mut out);
+    assert!(delivered(&mut out).is_empty(), "no timeout later for a refused request");
+    // The caller's share of pending requests came back.
+    r.handle(2, Message::new("ASK").to("busy").with_id(8), 2_000, &mut out);
+    assert!(matches!(&out[..], [Action::Offer { to: 1, from: 2, .. }]));
+}
+
+#[test]
+fn an_overloaded_one_way_message_is_counted_and_reported_only_when_asked() {
+    let mut r = router(&[]);
+    register(&mut r, 1, "busy");
+    r.connect(2, tcp());
+    let mut out = Vec::new();
+    r.handle(2, Message::new("NOTE").to("busy"), 1_000, &mut out);
+    let Some(Action::Offer { msg, .. }) = out.pop() else { panic!("an offer") };
+    r.overloaded(1, 2, &msg, false, &mut out);
+    assert!(out.is_empty(), "a one-way message that asked nothing gets nothing back");
+    r.handle(2, Message::new("NOTE").to("busy").param("transmission_report", "failure"), 1_000, &mut out);
+    let Some(Action::Offer { msg, .. }) = out.pop() else { panic!("an offer") };
+    r.overloaded(1, 2, &msg, false, &mut out);
+    let got = delivered(&mut out);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].0, got[0].1.command.as_str(), got[0].1.get("status")),
+        (2, "TRANSMISSION_REPORT", Some("failed"))
+    );
+    assert_eq!(r.stats().overloaded, 2);
+}
+
+#[test]
+fn replies_and_node_answers_are_delivered_not_offered() {
+    let mut r = router(&[]);
+    register(&mut r, 1, "svc");
+    r.connect(2, tcp());
+    let mut out = Vec::new();
+    // The service's own request to another connection's service, and its reply back.
+    register(&mut r, 3, "other");
+    r.handle(1, Message::new("ASK").to("other").with_id(5), 1_000, &mut out);
+    let Some(Action::Offer { msg, .. }) = out.pop() else { panic!("an offer") };
+    r.handle(3, msg.reply("OK"), 1_000, &mut out);
+    assert!(matches!(&out[..], [Action::Deliver(1, m)] if m.command == "OK"), "{out:?}");
+    out.clear();
+    r.handle(1, Message::new("PING").with_id(6), 1_000, &mut out);
+    assert!(matches!(&out[..], [Action::Deliver(1, m)] if m.command == "PONG"), "{out:?}");
 }

@@ -12,7 +12,9 @@
 //! touches the node-wide counters at all.
 
 use crate::config::Limits;
-use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use crate::router::{ConnId, IdMap};
+use std::sync::atomic::{AtomicI64, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Which listener a connection came from (or that this node dialed it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +143,11 @@ pub(crate) struct Meter {
     /// Bytes received and not decoded yet (a partial frame or line); [`RELEASED`] once the
     /// connection's bytes left the budget for good.
     input: AtomicUsize,
+    /// Of `queued`, the bytes each sender's offers hold (a registered service's queue; one entry
+    /// per sender with something queued, so at most `max_outbound_messages` entries).
+    shares: Mutex<IdMap<ConnId, usize>>,
+    /// When the queue last made progress (a write, or a message queued on an empty queue), Unix ms.
+    progress: AtomicI64,
 }
 
 /// A meter whose input was released: the reader of a cut connection counts nothing more.
@@ -159,6 +166,47 @@ impl Meter {
     /// Bytes queued and not written yet.
     pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Bytes `sender` has queued here through offers.
+    pub(crate) fn share(&self, sender: ConnId) -> usize {
+        self.shares.lock().unwrap_or_else(|e| e.into_inner()).get(&sender).copied().unwrap_or(0)
+    }
+
+    /// An offer of `n` bytes from `sender` was queued.
+    pub(crate) fn add_share(&self, sender: ConnId, n: usize) {
+        *self.shares.lock().unwrap_or_else(|e| e.into_inner()).entry(sender).or_default() += n;
+    }
+
+    /// Offers taken off the queue: `(sender, bytes)` leave their senders' shares.
+    pub(crate) fn drop_shares(&self, taken: &[(ConnId, usize)]) {
+        if taken.is_empty() {
+            return;
+        }
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        for (sender, n) in taken {
+            if let Some(held) = shares.get_mut(sender) {
+                *held = held.saturating_sub(*n);
+                if *held == 0 {
+                    shares.remove(sender);
+                }
+            }
+        }
+    }
+
+    /// Whether offers from other connections are queued here.
+    pub(crate) fn has_shares(&self) -> bool {
+        !self.shares.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// When the queue last made progress, Unix ms.
+    pub(crate) fn progress(&self) -> i64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// The queue made progress at `now` (Unix ms).
+    pub(crate) fn progressed(&self, now: i64) {
+        self.progress.store(now, Ordering::Relaxed);
     }
 
     /// Bytes received and not decoded yet.
@@ -204,6 +252,7 @@ impl Meter {
     pub(crate) fn release_all(&self, counters: &Counters) {
         let queued = self.queued.swap(0, Ordering::Relaxed);
         counters.output.sub(excess(queued));
+        drop(std::mem::take(&mut *self.shares.lock().unwrap_or_else(|e| e.into_inner())));
         let input = match self.input.swap(RELEASED, Ordering::Relaxed) {
             RELEASED => 0,
             n => n,

@@ -103,6 +103,7 @@ pub(super) async fn connection<R, W>(
     };
     let (tx, rx) = mpsc::channel(shared.config.limits.max_outbound_messages);
     let meter = Arc::new(Meter::default());
+    meter.progressed(shared.clock.now_ms());
     let kill = CancellationToken::new();
     {
         let mut st = shared.lock();
@@ -120,7 +121,8 @@ pub(super) async fn connection<R, W>(
         }
     }
     debug!(?form, "connection open");
-    let writer = write_loop(id, kind, wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone());
+    let clock = shared.clock.clone();
+    let writer = write_loop(id, kind, wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone(), clock);
     let writer = tokio::spawn(writer.in_current_span());
     let mut decoder = match form {
         Form::Text => Decoder::Text(text::LineDecoder::new(max_frame)),
@@ -252,8 +254,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     meter: Arc<Meter>,
     counters: Arc<Counters>,
     kill: CancellationToken,
+    clock: crate::clock::Clock,
 ) {
     let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut shares: Vec<(ConnId, usize)> = Vec::new();
     if form == Form::Binary {
         out.extend_from_slice(&binary::PREFACE);
     }
@@ -272,22 +276,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             m = rx.recv() => m,
         };
         let mut close = false;
-        // Queued bytes taken off the queue in this batch, released once written.
+        // Queued bytes taken off the queue in this batch, released once written, and the
+        // senders' shares among them.
         let mut taken = 0;
-        match first {
-            None | Some(Outbound::Close) => close = true,
-            Some(Outbound::Msg(m, size)) => {
-                taken += size;
-                encode(m, &mut out);
-            }
-        }
-        while !close && out.len() < WRITE_CHUNK {
-            match rx.try_recv() {
-                Ok(Outbound::Msg(m, size)) => {
+        shares.clear();
+        let mut next = first;
+        loop {
+            match next {
+                None | Some(Outbound::Close) => close = true,
+                Some(Outbound::Msg(m, size)) => {
                     taken += size;
                     encode(m, &mut out);
                 }
-                Ok(Outbound::Close) => close = true,
+                Some(Outbound::Offered(m, size, sender)) => {
+                    taken += size;
+                    shares.push((sender, size));
+                    encode(m, &mut out);
+                }
+            }
+            if close || out.len() >= WRITE_CHUNK {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(o) => next = Some(o),
                 Err(_) => break,
             }
         }
@@ -306,7 +317,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 out = BytesMut::with_capacity(READ_CHUNK);
             }
         }
+        meter.drop_shares(&shares);
         meter.written(taken, &counters);
+        meter.progressed(clock.now_ms());
         if close {
             break;
         }

@@ -27,7 +27,7 @@ fn router(name: &str, secret: &str) -> Router {
 fn sent(out: &mut Vec<Action>, conn: ConnId) -> Vec<Message> {
     let mut got = Vec::new();
     out.retain(|a| match a {
-        Action::Deliver(c, m) if *c == conn => {
+        Action::Deliver(c, m) | Action::Offer { to: c, msg: m, .. } if *c == conn => {
             got.push(m.clone());
             false
         }
