@@ -133,8 +133,8 @@ fn the_rest_api_acts_for_its_caller_through_the_router() {
     let bad = node.request("PUT", "/api/flags/backup/nightly/tag", None, Some(("application/json", tag)));
     assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
 
-    // The snapshot leaves tasks out until the dashboard reads them.
-    assert!(snapshot["tasks"].is_null(), "{snapshot}");
+    // The node runs tasks: the snapshot counts them (none yet).
+    assert_eq!(snapshot["tasks"]["by_status"]["done"], 0, "{snapshot}");
     let route = node.request("GET", "/api/nothing/here", None, None);
     assert_eq!((route.status, route.json()["error"].as_str()), (404, Some("not_found")));
 }
@@ -207,6 +207,20 @@ fn tasks_through_the_rest_api_with_the_task_apis_codes() {
     assert_eq!((counts["done"].as_u64(), counts["interrupted"].as_u64()), (Some(1), Some(1)), "{counts}");
     let stats = node.request("GET", "/api/tasks/stats", None, None).json();
     assert_eq!((stats["submitted"].as_u64(), stats["done"].as_u64()), (Some(2), Some(1)), "{stats}");
+
+    // The same counters in /metrics and the snapshot, with the latest changes first.
+    let metrics = node.request("GET", "/metrics", None, None).body;
+    assert_eq!(sample(&metrics, "nodus_tasks_submitted_total"), 2.0, "{metrics}");
+    assert_eq!(sample(&metrics, "nodus_tasks_done_total"), 1.0, "{metrics}");
+    assert!(samples(&metrics).contains(&("nodus_tasks_failed_total".to_string(), 0.0)), "{metrics}");
+    assert_eq!(sample(&metrics, r#"nodus_tasks{status="interrupted"}"#), 1.0, "{metrics}");
+    eventually("the snapshot lists the aborted task first", || {
+        let snap = node.request("GET", "/api/snapshot", None, None).json();
+        snap["tasks"]["recent"][0]["id"] == slow.as_str() && snap["tasks"]["recent"][0]["status"] == "interrupted"
+    });
+    let snap = node.request("GET", "/api/snapshot", None, None).json();
+    let recent = snap["tasks"]["recent"].as_array().unwrap();
+    assert!(recent.iter().any(|t| t["id"] == id.as_str() && t["status"] == "done"), "{snap}");
 }
 
 #[test]
