@@ -5,8 +5,10 @@
 #
 # Checks: every answer's status, content type, headers and body conform to the document (errors
 # included); data the document calls invalid is refused; no 5xx. Left out of the owner's run:
-# the generic /api/call (it would STOP the node). Tasks and the
-# control plane's tree, monitoring and kill have no endpoints yet, so there is nothing to check.
+# the generic /api/call (it would STOP the node). Tasks (submit, get, list, abort, counts, stats)
+# and the control plane (tree, monitoring, kill) are checked too; no procedures app is deployed,
+# so submissions are refused in the task API's words (404 unknown_procedure), which the document
+# describes.
 #
 # Usage: scripts/schemathesis.sh [max examples per operation, default 20]
 # Env: NODUS (a built nodus binary; default: cargo build), NODUS_SCHEMATHESIS_VENV (default

@@ -11,10 +11,11 @@
 //!   permission check applies to every API call as it does to any client.
 //! - [`DaemonView`] is the `NodeView` of the dashboard and the metrics: the router's view taken
 //!   under its lock, the apps through the `apps` service, the raised flags through the `flags`
-//!   service. Tasks are not read for the dashboard yet: the snapshot leaves them out (`None`) and
-//!   the page says so. Its
-//!   change notices come from the router (an in-process service `http` that declares the
-//!   cluster and service notifications the router sends) and from the engine's events.
+//!   service, the tasks by status and the task service's counters through the `tasks` service
+//!   (`COUNTS`, `STATS`). Its change notices come from the router (an in-process service `http`
+//!   that declares the cluster and service notifications the router sends), from the `tasks`
+//!   service (the `http` service keeps a `WATCH` on it: every `TASK_STATUS`, which also keeps the
+//!   latest [`RECENT_TASKS`] changed tasks for the page) and from the engine's events.
 //! - [`NodeMetrics`]: the node's Prometheus registry. At each scrape a collector reads the
 //!   router's counters and the driver's (messages by outcome, bytes by listener, connections,
 //!   queue depths, requests awaiting replies, cache, link round trips); the app bridges record
@@ -39,10 +40,11 @@ use crate::auth::Origin;
 use crate::config::Config;
 use crate::server::{ListenerKind, Outbound, Shared};
 use anyhow::Context;
-use nodus_client::admin::Admin;
+use nodus_client::admin::{Admin, TaskChange};
 use nodus_client::{Client, ClientConfig, Connector, Transport};
 use nodus_http::view::{
-    AppRow, BoxFuture, ClockStatus, ClusterView, FlagRow, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, WorkerRow,
+    AppRow, BoxFuture, ClockStatus, ClusterView, FlagRow, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, TaskCounts,
+    TaskRow, WorkerRow,
 };
 use nodus_http::{Http, HttpConfig, NodeView, Notice, NoticeKind, Snapshot};
 use nodus_wire::node::Permission;
@@ -53,10 +55,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Unit;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
@@ -69,7 +71,7 @@ pub const HTTP_SERVICE: &str = "http";
 /// Notices kept for dashboards that fall behind (they then take a fresh snapshot).
 const NOTICES: usize = 256;
 /// Notifications the `http` service declares (the router sends them to services that do).
-const NOTIFICATIONS: [&str; 11] = [
+const NOTIFICATIONS: [&str; 12] = [
     "CLUSTER_UP",
     "CLUSTER_DOWN",
     "CLUSTER_COMPLETE",
@@ -81,7 +83,14 @@ const NOTIFICATIONS: [&str; 11] = [
     "STATUS",
     "CLOCK_STABLE",
     "CLOCK_UNSTABLE",
+    "TASK_STATUS",
 ];
+/// Tasks the dashboard lists (the latest changed, heard since the listener started).
+pub const RECENT_TASKS: usize = 20;
+/// How long the `http` service's `WATCH` on the `tasks` service lasts.
+const TASK_WATCH_TTL: Duration = Duration::from_secs(60);
+/// How often it is renewed (also what a `WATCH` refused at the node's start waits).
+const TASK_WATCH_RENEW: Duration = Duration::from_secs(10);
 /// Services every node runs itself (another node's are shown as built-in by name).
 const BUILTIN_SERVICES: [&str; 6] = ["apps", "tasks", "flags", "control", HTTP_SERVICE, "locator"];
 /// Longest wait for one of the node's answers while taking a snapshot.
@@ -158,12 +167,14 @@ pub(crate) fn start(shared: Arc<Shared>, bound: Bound, listen: BTreeMap<String, 
     let stop = CancellationToken::new();
     let (notices, _) = broadcast::channel(NOTICES);
     let commands: Vec<(&str, Permission)> = NOTIFICATIONS.iter().map(|c| (*c, Permission::Admin)).collect();
-    let (_conn, rx) = shared.attach_with(HTTP_SERVICE, Some(&commands));
-    tokio::spawn(hear(rx, notices.clone()));
+    let (conn, rx) = shared.attach_with(HTTP_SERVICE, Some(&commands));
+    let recent = Arc::new(Mutex::new(VecDeque::with_capacity(RECENT_TASKS)));
+    tokio::spawn(hear(rx, notices.clone(), recent.clone()));
+    tokio::spawn(watch_tasks(Arc::downgrade(&shared), conn, stop.clone()));
     if let Some(engine) = shared.engine() {
         tokio::spawn(engine_notices(engine.events(), notices.clone(), stop.clone()));
     }
-    let task = tokio::spawn(serve(shared, bound, listen, notices, stop.clone()));
+    let task = tokio::spawn(serve(shared, bound, listen, notices, recent, stop.clone()));
     Mount { stop, task }
 }
 
@@ -190,6 +201,7 @@ async fn serve(
     bound: Bound,
     listen: BTreeMap<String, String>,
     notices: broadcast::Sender<Notice>,
+    recent: Arc<Mutex<VecDeque<TaskRow>>>,
     stop: CancellationToken,
 ) {
     let addr = bound.addr();
@@ -230,7 +242,7 @@ async fn serve(
         c.apps.max_deploy_bytes,
     );
     let locator = listen.get("locator").cloned();
-    let view = Arc::new(DaemonView { shared: Arc::downgrade(&shared), owner, notices, listen });
+    let view = Arc::new(DaemonView { shared: Arc::downgrade(&shared), owner, notices, listen, recent });
     let mut http = Http::new(config, shared.metrics().registry().clone()).with_view(view).with_api(api);
     if let (Some(engine), Some(locator)) = (shared.engine(), locator) {
         http = http.with_gateway(locator, Some(engine.clone()));
@@ -242,12 +254,53 @@ async fn serve(
     debug!("HTTP listener stopped");
 }
 
-/// The router's notifications to the `http` service, as notices.
-async fn hear(mut rx: mpsc::Receiver<Outbound>, notices: broadcast::Sender<Notice>) {
+/// The router's notifications and the `tasks` service's `TASK_STATUS` to the `http` service,
+/// as notices; changed tasks also go to `recent`.
+async fn hear(
+    mut rx: mpsc::Receiver<Outbound>,
+    notices: broadcast::Sender<Notice>,
+    recent: Arc<Mutex<VecDeque<TaskRow>>>,
+) {
     while let Some(out) = rx.recv().await {
         let Outbound::Msg(m, _) = out else { continue };
+        if let Some(change) = TaskChange::from_message(&m) {
+            let mut r = recent.lock().unwrap_or_else(|e| e.into_inner());
+            remember(&mut r, change);
+        }
         if let Some(n) = notice_of(&m) {
             let _ = notices.send(n);
+        }
+    }
+}
+
+/// Puts `change` first in `recent` (at most [`RECENT_TASKS`]); a deleted task leaves it.
+fn remember(recent: &mut VecDeque<TaskRow>, change: TaskChange) {
+    recent.retain(|t| t.id != change.id);
+    if change.status != "deleted" {
+        recent.push_front(TaskRow {
+            id: change.id,
+            procedure: change.procedure,
+            status: change.status,
+            attempt: change.attempt,
+        });
+        recent.truncate(RECENT_TASKS);
+    }
+}
+
+/// Keeps the `http` service's `WATCH` on this node's `tasks` service (when it runs) until the
+/// listener stops; the answers come back to [`hear`], which ignores them.
+async fn watch_tasks(shared: Weak<Shared>, conn: crate::router::ConnId, stop: CancellationToken) {
+    loop {
+        {
+            let Some(shared) = shared.upgrade() else { return };
+            if shared.instances("tasks") > 0 {
+                let watch = Message::new("WATCH").to("tasks").param("ttl_ms", TASK_WATCH_TTL.as_millis());
+                shared.inject(conn, watch);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TASK_WATCH_RENEW) => {}
         }
     }
 }
@@ -270,6 +323,10 @@ fn notice_of(m: &Message) -> Option<Notice> {
             (NoticeKind::Service, format!("service {service} {}", m.get("status").unwrap_or("changed")))
         }
         "CLOCK_STABLE" => (NoticeKind::Node, "clock stable".to_string()),
+        "TASK_STATUS" => {
+            let (id, procedure) = (m.get("id").unwrap_or("?"), m.get("procedure").unwrap_or("?"));
+            (NoticeKind::Task, format!("task {id} ({procedure}) {}", m.get("status").unwrap_or("changed")))
+        }
         "CLOCK_UNSTABLE" => {
             (NoticeKind::Node, format!("clock unstable (offset {} ms)", m.get("max_offset_ms").unwrap_or("?")))
         }
@@ -312,6 +369,8 @@ struct DaemonView {
     owner: Admin,
     notices: broadcast::Sender<Notice>,
     listen: BTreeMap<String, String>,
+    /// The latest changed tasks, latest first.
+    recent: Arc<Mutex<VecDeque<TaskRow>>>,
 }
 
 impl NodeView for DaemonView {
@@ -330,9 +389,11 @@ impl DaemonView {
         let v = shared.router_view();
         let now = shared.now_ms();
         let has_flags = shared.instances("flags") > 0;
+        let has_tasks = shared.instances("tasks") > 0;
         drop(shared);
         let apps = self.apps().await;
         let flags = if has_flags { Some(self.flags().await) } else { None };
+        let tasks = if has_tasks { Some(self.tasks().await) } else { None };
         let own_rtt: BTreeMap<&str, &crate::router::OwnLink> =
             v.own_links.iter().map(|l| (l.peer.as_str(), l)).collect();
         let links = v
@@ -406,8 +467,7 @@ impl DaemonView {
             },
             services,
             apps,
-            // Not read from the tasks service yet.
-            tasks: None,
+            tasks,
             flags,
         }
     }
@@ -447,6 +507,31 @@ impl DaemonView {
             rows.push(row);
         }
         rows
+    }
+
+    /// Tasks by status and the task service's counters, from the `tasks` service's `COUNTS` and
+    /// `STATS` (what answered), with the latest changed tasks.
+    async fn tasks(&self) -> TaskCounts {
+        let mut t = TaskCounts::default();
+        if let Ok(Ok(c)) = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.owner.task_counts()).await {
+            for (status, n) in [
+                ("pending", c.pending),
+                ("running", c.running),
+                ("done", c.done),
+                ("error", c.error),
+                ("interrupted", c.interrupted),
+            ] {
+                t.by_status.insert(status.to_string(), n);
+            }
+        }
+        if let Ok(Ok(s)) = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.owner.task_stats()).await {
+            t.submitted_total = s.submitted;
+            t.done_total = s.done;
+            t.failed_total = s.failed;
+            t.completed_total = s.done + s.failed;
+        }
+        t.recent = self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        t
     }
 
     /// Raised flags, from the `flags` service's `FLAG_LIST` (empty when it does not answer).
@@ -702,6 +787,31 @@ mod tests {
         assert_eq!(notice_of(&m), Some(Notice { kind: NoticeKind::Node, text: "node b unreachable".into() }));
         let m = Message::new("CLUSTER_DOWN").param("live", 1).param("known", 3);
         assert_eq!(notice_of(&m).unwrap().text, "cluster down (no quorum): 1 of 3 nodes live");
-        assert_eq!(notice_of(&Message::new("TASK_STATUS")), None);
+        let m = Message::new("TASK_STATUS").param("id", "t1").param("procedure", "procs.add").param("status", "done");
+        assert_eq!(notice_of(&m), Some(Notice { kind: NoticeKind::Task, text: "task t1 (procs.add) done".into() }));
+        assert_eq!(notice_of(&Message::new("WATCHING")), None);
+    }
+
+    #[test]
+    fn recent_tasks_keep_the_latest_change_first_and_are_bounded() {
+        let change = |id: &str, status: &str| TaskChange {
+            id: id.into(),
+            procedure: "procs.add".into(),
+            status: status.into(),
+            attempt: 1,
+        };
+        let mut r = VecDeque::new();
+        remember(&mut r, change("a", "running"));
+        remember(&mut r, change("b", "running"));
+        remember(&mut r, change("a", "done"));
+        let ids: Vec<(&str, &str)> = r.iter().map(|t| (t.id.as_str(), t.status.as_str())).collect();
+        assert_eq!(ids, vec![("a", "done"), ("b", "running")]);
+        remember(&mut r, change("b", "deleted"));
+        assert_eq!(r.len(), 1);
+        for i in 0..2 * RECENT_TASKS {
+            remember(&mut r, change(&format!("t{i}"), "pending"));
+        }
+        assert_eq!(r.len(), RECENT_TASKS);
+        assert_eq!(r[0].id, format!("t{}", 2 * RECENT_TASKS - 1));
     }
 }

@@ -11,9 +11,11 @@
 //! `501 not_implemented`.
 //!
 //! Flags go to the node's `flags` service (list: `status`; raise and lower: `send`; clear a
-//! `manual_down` flag: `admin`). Tasks (mounted in the daemon since) and the control plane
-//! (tree, monitoring, kill) have no endpoints yet (`POST /api/call` reaches any service that runs, with the caller's
-//! permissions).
+//! `manual_down` flag: `admin`). Tasks go to the node's `tasks` service (submit: `send`; get,
+//! list, counts, stats: `status`; abort: `admin`), with its codes (`unknown_task`,
+//! `unknown_procedure`: 404; `bad_arguments`: 422). The component tree, monitoring and kill go
+//! to the `control` service (tree and monitoring: `status`; kill: `admin`). `POST /api/call`
+//! reaches any service that runs, with the caller's permissions.
 //!
 //! Errors are `{"error": CODE, "message": TEXT}` with a stable `CODE` (see [`ApiError`]).
 
@@ -138,7 +140,11 @@ impl ApiError {
         let status = match code {
             "invalid" | "bad_request" => StatusCode::BAD_REQUEST,
             "bad_arguments" => StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_app" | "not_found" => StatusCode::NOT_FOUND,
+            "unknown_app" | "not_found" | "unknown_task" | "unknown_procedure" | "unknown_component" => {
+                StatusCode::NOT_FOUND
+            }
+            "not_killable" => StatusCode::CONFLICT,
+            "not_answering" | "expired" => StatusCode::GATEWAY_TIMEOUT,
             "name_in_use" | "manual_down" | "reserved" => StatusCode::CONFLICT,
             "forbidden" => StatusCode::FORBIDDEN,
             "too_many_flags" | "too_large" => StatusCode::UNPROCESSABLE_ENTITY,
@@ -204,7 +210,7 @@ impl ApiError {
 }
 
 /// Built-in services the API calls (a missing one is `not_available`, not an unknown name).
-const BUILTIN: [&str; 3] = ["node", "apps", "flags"];
+const BUILTIN: [&str; 5] = ["node", "apps", "flags", "tasks", "control"];
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -554,6 +560,268 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+// ---- tasks ----
+
+/// Longest wait a caller may ask of `GET /api/tasks/{id}?wait_ms=` (the node's own bound).
+const MAX_TASK_WAIT: Duration = Duration::from_secs(120);
+/// Default page of `GET /api/tasks`.
+const DEFAULT_TASK_PAGE: usize = 100;
+/// Largest page of `GET /api/tasks` (the node's own bound).
+const MAX_TASK_PAGE: usize = 1000;
+
+fn tasks_err(e: AdminError) -> ApiError {
+    ApiError::from_admin(e, "tasks")
+}
+
+fn task_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 128 || !nodus_wire::valid_name(id) {
+        return Err(ApiError::invalid(format!("{id:?} is not a task id ([A-Za-z0-9_.-]+, at most 128)")));
+    }
+    Ok(())
+}
+
+fn task_json(t: &nodus_client::admin::TaskInfo) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
+}
+
+/// `POST /api/tasks`: the body is a task spec (`procedure`, `args`, `key`, `timeout_ms`,
+/// `max_attempts`).
+pub(crate) async fn submit_task(
+    State(s): S,
+    c: C,
+    t: T,
+    body: Result<Json<TaskBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let Json(b) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if b.procedure.is_empty() || b.procedure.len() > 255 || !nodus_wire::valid_name(&b.procedure) {
+        return Err(ApiError::invalid("procedure must be APP.EVENT ([A-Za-z0-9_.-]+)"));
+    }
+    if b.key.as_deref().is_some_and(|k| k.is_empty() || k.len() > 255 || !nodus_wire::valid_name(k)) {
+        return Err(ApiError::invalid("key must be 1 to 255 of [A-Za-z0-9_.-]"));
+    }
+    let spec = nodus_client::admin::TaskSpec {
+        procedure: b.procedure,
+        args: b.args,
+        key: b.key,
+        timeout_ms: b.timeout_ms,
+        max_attempts: b.max_attempts,
+    };
+    let done = ctx.admin().task_submit(&spec).await.map_err(tasks_err)?;
+    let status = if done.existing { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(json!({"id": done.id, "existing": done.existing}))).into_response())
+}
+
+/// The body of `POST /api/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TaskBody {
+    procedure: String,
+    #[serde(default)]
+    args: Vec<Value>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+}
+
+/// The query of `GET /api/tasks`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TaskQuery {
+    status: Option<String>,
+    procedure: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub(crate) async fn tasks(
+    State(s): S,
+    c: C,
+    t: T,
+    q: Result<Query<TaskQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse().map_err(ApiError::invalid)?),
+    };
+    if q.procedure.as_deref().is_some_and(|p| p.is_empty() || !nodus_wire::valid_name(p)) {
+        return Err(ApiError::invalid("procedure must be APP.EVENT ([A-Za-z0-9_.-]+)"));
+    }
+    if let Some(a) = q.after.as_deref() {
+        task_id(a)?;
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_TASK_PAGE);
+    if limit == 0 || limit > MAX_TASK_PAGE {
+        return Err(ApiError::invalid(format!("limit must be 1 to {MAX_TASK_PAGE}")));
+    }
+    let page =
+        ctx.admin().task_list(status, q.procedure.as_deref(), q.after.as_deref(), limit).await.map_err(tasks_err)?;
+    ok(json!({"tasks": page.tasks.iter().map(task_json).collect::<Vec<_>>(), "next": page.next}))
+}
+
+/// The query of `GET /api/tasks/{id}`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct WaitQuery {
+    wait_ms: Option<u64>,
+}
+
+/// `GET /api/tasks/{id}`; with `wait_ms`, waits that long at most for it to finish.
+pub(crate) async fn task(
+    State(s): S,
+    c: C,
+    t: T,
+    Path(id): Path<String>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    task_id(&id)?;
+    let info = match q.wait_ms {
+        None | Some(0) => ctx.admin().task_get(&id).await,
+        Some(ms) if ms > MAX_TASK_WAIT.as_millis() as u64 => {
+            return Err(ApiError::invalid(format!("wait_ms must be at most {}", MAX_TASK_WAIT.as_millis())))
+        }
+        Some(ms) => ctx.admin().task_wait(&id, Duration::from_millis(ms)).await,
+    };
+    ok(task_json(&info.map_err(tasks_err)?))
+}
+
+/// `POST /api/tasks/{id}/abort` (needs `admin`): its status before.
+pub(crate) async fn abort_task(State(s): S, c: C, t: T, Path(id): Path<String>) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    task_id(&id)?;
+    let before = ctx.admin().task_abort(&id).await.map_err(tasks_err)?;
+    ok(json!({"id": id, "before": before.as_str()}))
+}
+
+pub(crate) async fn task_counts(State(s): S, c: C, t: T) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let n = ctx.admin().task_counts().await.map_err(tasks_err)?;
+    ok(serde_json::to_value(n).unwrap_or(Value::Null))
+}
+
+pub(crate) async fn task_stats(State(s): S, c: C, t: T) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let n = ctx.admin().task_stats().await.map_err(tasks_err)?;
+    ok(serde_json::to_value(n).unwrap_or(Value::Null))
+}
+
+// ---- control ----
+
+/// Default wait of a monitoring or a kill.
+const CONTROL_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait a caller may ask of a monitoring or a kill.
+const MAX_CONTROL_WAIT: Duration = Duration::from_secs(60);
+
+fn control_err(e: nodus_client::control::ControlError) -> ApiError {
+    match e {
+        nodus_client::control::ControlError::Client(c) => ApiError::from_client(&c, "control"),
+        nodus_client::control::ControlError::Malformed(m) => ApiError::new(StatusCode::BAD_GATEWAY, "bad_answer", m),
+    }
+}
+
+/// The query of `GET /api/control/tree`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TreeQuery {
+    scope: Option<String>,
+}
+
+pub(crate) async fn tree(
+    State(s): S,
+    c: C,
+    t: T,
+    q: Result<Query<TreeQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let cluster = match q.scope.as_deref() {
+        None | Some("node") => false,
+        Some("cluster") => true,
+        Some(other) => return Err(ApiError::invalid(format!("scope {other:?}: use node or cluster"))),
+    };
+    let l = ctx.admin().client().tree(cluster).await.map_err(control_err)?;
+    let rows: Vec<Value> = l.rows.iter().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).collect();
+    ok(json!({"components": rows, "missing": l.missing}))
+}
+
+/// The path and query of a monitoring or a kill: the component's node and id, how long to wait.
+fn component(node: &str, id: &str, wait_ms: Option<u64>) -> Result<(nodus_control::ComponentId, Duration), ApiError> {
+    if node.is_empty() || !nodus_wire::valid_name(node) {
+        return Err(ApiError::invalid(format!("{node:?} is not a node name ([A-Za-z0-9_.-]+)")));
+    }
+    let id = id.parse().map_err(|_| ApiError::invalid(format!("{id:?} is not a component id (a decimal number)")))?;
+    let wait = match wait_ms {
+        None => CONTROL_WAIT,
+        Some(ms) if ms == 0 || ms > MAX_CONTROL_WAIT.as_millis() as u64 => {
+            return Err(ApiError::invalid(format!("wait_ms must be 1 to {}", MAX_CONTROL_WAIT.as_millis())))
+        }
+        Some(ms) => Duration::from_millis(ms),
+    };
+    Ok((id, wait))
+}
+
+/// `GET /api/control/{node}/{id}/monitor`: the component's own answer.
+pub(crate) async fn monitor(
+    State(s): S,
+    c: C,
+    t: T,
+    Path((node, id)): Path<(String, String)>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let (id, wait) = component(&node, &id, q.wait_ms)?;
+    match ctx.admin().client().monitor(&node, id, wait).await.map_err(control_err)? {
+        nodus_client::control::Monitored::Answered { result, creator, latency, .. } => ok(json!({
+            "name": result.name,
+            "host": result.host,
+            "is_running": result.is_running,
+            "message": result.message,
+            "creator": creator,
+            "latency_ms": u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+        })),
+        nodus_client::control::Monitored::Failed { code, message } => Err(control_refusal(&code, message)),
+    }
+}
+
+/// `POST /api/control/{node}/{id}/kill` (needs `admin`).
+pub(crate) async fn kill(
+    State(s): S,
+    c: C,
+    t: T,
+    Path((node, id)): Path<(String, String)>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let ctx = ctx(&s, c, t)?;
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let (id, wait) = component(&node, &id, q.wait_ms)?;
+    match ctx.admin().client().kill(&node, id, wait).await.map_err(control_err)? {
+        nodus_client::control::Killed::Done { stopped, unanswered } => ok(json!({
+            "stopped": stopped,
+            "unanswered": unanswered.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        })),
+        nodus_client::control::Killed::Refused { code, message } => Err(control_refusal(&code, message)),
+    }
+}
+
+/// A control refusal (the router's or the control service's) in HTTP.
+fn control_refusal(code: &str, message: String) -> ApiError {
+    match code {
+        "unknown_server" => ApiError::new(StatusCode::NOT_FOUND, "unknown_node", message),
+        "SERVICE_UNAVAILABLE" | "DROPPED" | "unreachable" | "cache_full" => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the node's control service cannot be reached ({message})"),
+        ),
+        "unauthorized" => ApiError::new(StatusCode::UNAUTHORIZED, code, message),
+        _ => ApiError::from_service(code, message),
     }
 }
 

@@ -24,7 +24,8 @@
 //! | `nodus_app_queued` | gauge | `app` | requests waiting for a worker |
 //! | `nodus_app_sessions` | gauge | `app` | open sessions |
 //! | `nodus_tasks` | gauge | `status` | tasks by status (on a node that runs tasks) |
-//! | `nodus_tasks_completed_total` | counter | | tasks completed since the node started (idem) |
+//! | `nodus_tasks_completed_total` | counter | | tasks finished (done or failed) since the node started (idem) |
+//! | `nodus_tasks_submitted_total`, `nodus_tasks_done_total`, `nodus_tasks_failed_total` | counter | | the task service's `STATS` (idem) |
 //! | `nodus_flags_raised` | gauge | | flags raised (on a node that runs the flags service) |
 
 use std::sync::Mutex;
@@ -285,9 +286,16 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
             tasks.get_or_create(&StatusLabel { status: status.clone() }).set(*n as i64);
         }
         r.register("nodus_tasks", "Tasks by status", tasks);
-        let completed: Counter = Counter::default();
-        completed.inc_by(t.completed_total);
-        r.register("nodus_tasks_completed", "Tasks completed since the node started", completed);
+        for (name, help, n) in [
+            ("nodus_tasks_completed", "Tasks finished (done or failed) since the node started", t.completed_total),
+            ("nodus_tasks_submitted", "Tasks submitted since the node started", t.submitted_total),
+            ("nodus_tasks_done", "Tasks done since the node started", t.done_total),
+            ("nodus_tasks_failed", "Tasks failed since the node started", t.failed_total),
+        ] {
+            let c: Counter = Counter::default();
+            c.inc_by(n);
+            r.register(name, help, c);
+        }
     }
     if let Some(flags) = &s.flags {
         r.register("nodus_flags_raised", "Flags raised", gauge(flags.len() as i64));
@@ -354,6 +362,8 @@ mod tests {
         let mut counts = crate::view::TaskCounts::default();
         counts.by_status.insert("done".into(), 7);
         counts.completed_total = 9;
+        counts.submitted_total = 12;
+        counts.failed_total = 2;
         s.tasks = Some(counts);
         let text = Metrics::new().render(Some(&s));
         assert_eq!(value(&text, r#"nodus_cluster_nodes{state="live"}"#), Some(1.0));
@@ -363,6 +373,8 @@ mod tests {
         assert_eq!(value(&text, r#"nodus_app_queued{app="echo"}"#), Some(3.0));
         assert_eq!(value(&text, r#"nodus_tasks{status="done"}"#), Some(7.0));
         assert_eq!(value(&text, "nodus_tasks_completed_total"), Some(9.0));
+        assert_eq!(value(&text, "nodus_tasks_submitted_total"), Some(12.0));
+        assert_eq!(value(&text, "nodus_tasks_failed_total"), Some(2.0));
         assert_eq!(text.matches("# EOF").count(), 1);
     }
 }

@@ -42,7 +42,7 @@ pub struct Snapshot {
     pub services: Vec<ServiceRow>,
     /// Deployed apps with their worker pools.
     pub apps: Vec<AppRow>,
-    /// Tasks by status; `None` when not known (the daemon does not read its tasks service for
+    /// Tasks by status; `None` on a node that does not run tasks (the daemon does not read its tasks service for
     /// the dashboard yet).
     pub tasks: Option<TaskCounts>,
     /// Raised flags; `None` when the node does not run the flags service.
@@ -174,13 +174,39 @@ pub struct WorkerRow {
     pub load: u32,
 }
 
-/// Tasks by status.
+/// Tasks by status, the task service's counters and the latest changes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskCounts {
-    /// Count per status (`queued`, `running`, `done`, `failed`, ...).
+    /// Count per status in the node's store (`pending`, `running`, `done`, `error`,
+    /// `interrupted`).
     pub by_status: BTreeMap<String, u64>,
-    /// Tasks completed since the node started (the dashboard charts its rate).
+    /// Tasks finished (done or failed) since the node started (the dashboard charts its rate).
     pub completed_total: u64,
+    /// Tasks submitted since the node started.
+    #[serde(default)]
+    pub submitted_total: u64,
+    /// Tasks done since the node started.
+    #[serde(default)]
+    pub done_total: u64,
+    /// Tasks failed since the node started.
+    #[serde(default)]
+    pub failed_total: u64,
+    /// The tasks that changed last, latest first (bounded by the daemon).
+    #[serde(default)]
+    pub recent: Vec<TaskRow>,
+}
+
+/// One task as the dashboard lists it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskRow {
+    /// Its id.
+    pub id: String,
+    /// `APP.EVENT`.
+    pub procedure: String,
+    /// `pending`, `running`, `done`, `error`, `interrupted`.
+    pub status: String,
+    /// Attempts started.
+    pub attempt: u32,
 }
 
 /// One flag.

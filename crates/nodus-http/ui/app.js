@@ -105,9 +105,14 @@ function renderTasks(t, takenAt) {
   const panel = document.getElementById("tasks-panel");
   panel.dataset.absent = String(!t);
   if (!t) {
-    document.getElementById("task-counts").replaceChildren(el("span", { class: "empty" }, "tasks are not shown here yet: nodus task list"));
+    document.getElementById("task-counts").replaceChildren(el("span", { class: "empty" }, "this node does not run tasks"));
+    fillTable("recent-tasks", []);
     return;
   }
+  fillTable("recent-tasks", (t.recent || []).map((r) => el("tr", { "data-task": r.id, "data-status": r.status },
+    el("td", {}, r.id), el("td", {}, r.procedure), el("td", {}, r.status), el("td", {}, r.attempt))));
+  document.getElementById("task-totals").textContent =
+    `since start: ${t.submitted_total || 0} submitted · ${t.done_total || 0} done · ${t.failed_total || 0} failed`;
   const counts = Object.entries(t.by_status || {});
   const box = document.getElementById("task-counts");
   box.replaceChildren(...(counts.length ? counts.map(([status, n]) =>

@@ -1,7 +1,7 @@
 //! The dashboard in a real browser: headless Chromium (Debian `chromium`) driven by
 //! playwright-core (npm) through `dashboard/check.js`, against two `nodus daemon` processes. The
-//! page loads and shows both nodes and a deployed app; an app call and then a node killed with
-//! SIGKILL show up without a reload. Screenshots are written under the target directory and
+//! page loads and shows both nodes and a deployed app; an app call, a task submitted from the
+//! page (listed as done, counted) and then a node killed with SIGKILL show up without a reload. Screenshots are written under the target directory and
 //! their paths printed.
 //!
 //! Needs `node`, `/usr/bin/chromium` (or `NODUS_CHROMIUM`) and playwright-core in
@@ -17,7 +17,7 @@ mod web;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use web::{echo_archive, eventually, Node};
+use web::{echo_archive, eventually, procs_archive, Node};
 
 /// Where playwright-core is, or why the test cannot run.
 fn browser_setup() -> Result<(PathBuf, PathBuf), String> {
@@ -54,6 +54,9 @@ fn the_dashboard_shows_the_cluster_and_follows_it_live() {
     let archive = echo_archive(root.path());
     let deployed = a.request("PUT", "/api/apps/echo", Some(&a.token()), Some(("application/gzip", &archive)));
     assert_eq!(deployed.status, 201, "{deployed:?}");
+    let procs = procs_archive(root.path());
+    let deployed = a.request("PUT", "/api/apps/procs", Some(&a.token()), Some(("application/gzip", &procs)));
+    assert_eq!(deployed.status, 201, "{deployed:?}");
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     std::fs::create_dir_all(&shots).unwrap();
@@ -82,6 +85,6 @@ fn the_dashboard_shows_the_cluster_and_follows_it_live() {
     let status = browser.wait().unwrap();
     let shots_taken: Vec<&String> = said.iter().filter(|l| l.starts_with("SCREENSHOT ")).collect();
     assert!(status.success() && said.last().map(String::as_str) == Some("OK"), "{said:#?}\n{}", a.log());
-    assert_eq!(shots_taken.len(), 3, "{said:#?}");
+    assert_eq!(shots_taken.len(), 4, "{said:#?}");
     eprintln!("screenshots in {}", shots.display());
 }

@@ -11,7 +11,7 @@ mod common;
 mod web;
 
 use std::io::{Read, Write};
-use web::{echo_archive, eventually, http, Node};
+use web::{echo_archive, eventually, http, procs_archive, Node};
 
 /// `name{labels} value` samples of a Prometheus exposition (comments left out).
 fn samples(text: &str) -> Vec<(String, f64)> {
@@ -133,15 +133,146 @@ fn the_rest_api_acts_for_its_caller_through_the_router() {
     let bad = node.request("PUT", "/api/flags/backup/nightly/tag", None, Some(("application/json", tag)));
     assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
 
-    // Tasks and the control plane's tree, monitoring and kill have no endpoints yet (and the
-    // snapshot leaves tasks out).
-    for path in ["/api/tasks", "/api/tree", "/api/components/7/monitoring"] {
-        let r = node.request("GET", path, None, None);
-        assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")), "{path}: {r:?}");
-    }
-    assert!(snapshot["tasks"].is_null(), "{snapshot}");
+    // The node runs tasks: the snapshot counts them (none yet).
+    assert_eq!(snapshot["tasks"]["by_status"]["done"], 0, "{snapshot}");
     let route = node.request("GET", "/api/nothing/here", None, None);
     assert_eq!((route.status, route.json()["error"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn tasks_through_the_rest_api_with_the_task_apis_codes() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(root.path(), "alpha", &[], "", "info");
+    let token = node.token();
+    let archive = procs_archive(root.path());
+    let deployed = node.request("PUT", "/api/apps/procs", Some(&token), Some(("application/gzip", &archive)));
+    assert_eq!(deployed.status, 201, "{deployed:?}");
+    let json = |b: serde_json::Value| b.to_string().into_bytes();
+    let submit = |token: Option<&str>, body: serde_json::Value| {
+        node.request("POST", "/api/tasks", token, Some(("application/json", &json(body))))
+    };
+
+    // An anonymous caller submits (`send`) and reads (`status`).
+    let sent = submit(None, serde_json::json!({"procedure": "procs.add", "args": [1, 2], "key": "add-1-2"}));
+    assert_eq!((sent.status, sent.json()["existing"].as_bool()), (201, Some(false)), "{sent:?}");
+    let id = sent.json()["id"].as_str().unwrap().to_string();
+    let again = submit(None, serde_json::json!({"procedure": "procs.add", "args": [1, 2], "key": "add-1-2"}));
+    assert_eq!((again.status, again.json()["existing"].as_bool()), (200, Some(true)), "{again:?}");
+    assert_eq!(again.json()["id"].as_str(), Some(id.as_str()));
+    let done = node.request("GET", &format!("/api/tasks/{id}?wait_ms=20000"), None, None);
+    assert_eq!(done.status, 200, "{done:?}");
+    let done = done.json();
+    assert_eq!((done["status"].as_str(), done["result"].as_f64()), (Some("done"), Some(3.0)), "{done}");
+    assert_eq!((done["procedure"].as_str(), done["args"].clone()), (Some("procs.add"), serde_json::json!([1, 2])));
+
+    // Refusals in the task API's words, with a message.
+    let unknown = submit(None, serde_json::json!({"procedure": "procs.nope", "args": []}));
+    assert_eq!((unknown.status, unknown.json()["error"].as_str()), (404, Some("unknown_procedure")), "{unknown:?}");
+    assert!(!unknown.json()["message"].as_str().unwrap().is_empty(), "{unknown:?}");
+    let bad = submit(None, serde_json::json!({"procedure": "procs.add", "args": ["1", 2]}));
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (422, Some("bad_arguments")), "{bad:?}");
+    let bad = submit(None, serde_json::json!({"procedure": "procs.add", "extra": 1}));
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+    let missing = node.request("GET", "/api/tasks/no-such-task", None, None);
+    assert_eq!((missing.status, missing.json()["error"].as_str()), (404, Some("unknown_task")), "{missing:?}");
+    let bad = node.request("GET", "/api/tasks?status=finished", None, None);
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+    assert!(bad.json()["message"].as_str().unwrap().contains("pending"), "{bad:?}");
+
+    // Abort needs `admin`: refused to an anonymous caller, done for the owner.
+    let slow = submit(None, serde_json::json!({"procedure": "procs.sleep", "args": [60000]}));
+    assert_eq!(slow.status, 201, "{slow:?}");
+    let slow = slow.json()["id"].as_str().unwrap().to_string();
+    let refused = node.request("POST", &format!("/api/tasks/{slow}/abort"), None, None);
+    assert_eq!((refused.status, refused.json()["error"].as_str()), (403, Some("forbidden")), "{refused:?}");
+    assert!(refused.json()["message"].as_str().unwrap().contains("admin"), "{refused:?}");
+    let aborted = node.request("POST", &format!("/api/tasks/{slow}/abort"), Some(&token), None);
+    assert_eq!(aborted.status, 200, "{aborted:?}");
+    assert!(matches!(aborted.json()["before"].as_str(), Some("pending" | "running")), "{aborted:?}");
+    let after = node.request("GET", &format!("/api/tasks/{slow}"), None, None).json();
+    assert_eq!(after["status"], "interrupted", "{after}");
+
+    // Lists with filters, counts and the service's counters.
+    let list = node.request("GET", "/api/tasks?status=done&procedure=procs.add&limit=10", None, None);
+    assert_eq!(list.status, 200, "{list:?}");
+    let tasks = list.json()["tasks"].as_array().unwrap().clone();
+    assert_eq!(tasks.iter().map(|t| t["id"].as_str().unwrap()).collect::<Vec<_>>(), vec![id.as_str()]);
+    let all = node.request("GET", "/api/tasks?limit=1", None, None).json();
+    assert_eq!(all["tasks"].as_array().unwrap().len(), 1, "{all}");
+    let next = all["next"].as_str().expect("a second page").to_string();
+    let page = node.request("GET", &format!("/api/tasks?limit=1&after={next}"), None, None).json();
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 1, "{page}");
+    assert_ne!(page["tasks"][0]["id"], all["tasks"][0]["id"]);
+    let counts = node.request("GET", "/api/tasks/counts", None, None).json();
+    assert_eq!((counts["done"].as_u64(), counts["interrupted"].as_u64()), (Some(1), Some(1)), "{counts}");
+    let stats = node.request("GET", "/api/tasks/stats", None, None).json();
+    assert_eq!((stats["submitted"].as_u64(), stats["done"].as_u64()), (Some(2), Some(1)), "{stats}");
+
+    // The same counters in /metrics and the snapshot, with the latest changes first.
+    let metrics = node.request("GET", "/metrics", None, None).body;
+    assert_eq!(sample(&metrics, "nodus_tasks_submitted_total"), 2.0, "{metrics}");
+    assert_eq!(sample(&metrics, "nodus_tasks_done_total"), 1.0, "{metrics}");
+    assert!(samples(&metrics).contains(&("nodus_tasks_failed_total".to_string(), 0.0)), "{metrics}");
+    assert_eq!(sample(&metrics, r#"nodus_tasks{status="interrupted"}"#), 1.0, "{metrics}");
+    eventually("the snapshot lists the aborted task first", || {
+        let snap = node.request("GET", "/api/snapshot", None, None).json();
+        snap["tasks"]["recent"][0]["id"] == slow.as_str() && snap["tasks"]["recent"][0]["status"] == "interrupted"
+    });
+    let snap = node.request("GET", "/api/snapshot", None, None).json();
+    let recent = snap["tasks"]["recent"].as_array().unwrap();
+    assert!(recent.iter().any(|t| t["id"] == id.as_str() && t["status"] == "done"), "{snap}");
+}
+
+#[test]
+fn the_component_tree_monitoring_and_kill_through_the_rest_api() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(root.path(), "alpha", &[], "", "info");
+    let token = node.token();
+    let archive = echo_archive(root.path());
+    let deployed = node.request("PUT", "/api/apps/echo", Some(&token), Some(("application/gzip", &archive)));
+    assert_eq!(deployed.status, 201, "{deployed:?}");
+    let app_id = || {
+        let tree = node.request("GET", "/api/control/tree", None, None);
+        assert_eq!(tree.status, 200, "{tree:?}");
+        let tree = tree.json();
+        let rows = tree["components"].as_array().unwrap().clone();
+        assert!(rows.iter().any(|r| r["kind"] == "node" && r["name"] == "alpha"), "{tree}");
+        rows.iter().find(|r| r["kind"] == "app" && r["name"] == "echo").map(|r| r["id"].as_str().unwrap().to_string())
+    };
+    eventually("the echo app is in the tree", || app_id().is_some());
+    let id = app_id().unwrap();
+    let cluster = node.request("GET", "/api/control/tree?scope=cluster", None, None);
+    assert_eq!(cluster.status, 200, "{cluster:?}");
+    let bad = node.request("GET", "/api/control/tree?scope=planet", None, None);
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+
+    // Anyone with `status` monitors; the component (its node, for an app) answers.
+    let answer = node.request("GET", &format!("/api/control/alpha/{id}/monitor?wait_ms=5000"), None, None);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.json()["name"].as_str().is_some_and(|n| !n.is_empty()), "{answer:?}");
+    let nobody = node.request("GET", "/api/control/alpha/12345/monitor", None, None);
+    assert_eq!((nobody.status, nobody.json()["error"].as_str()), (404, Some("unknown_component")), "{nobody:?}");
+    let elsewhere = node.request("POST", "/api/control/nowhere/12345/kill", Some(&token), None);
+    assert_eq!((elsewhere.status, elsewhere.json()["error"].as_str()), (404, Some("unknown_node")), "{elsewhere:?}");
+    let bad = node.request("GET", "/api/control/alpha/x7/monitor", None, None);
+    assert_eq!((bad.status, bad.json()["error"].as_str()), (400, Some("invalid")), "{bad:?}");
+
+    // Kill needs `admin`: the router refuses the anonymous connection.
+    let refused = node.request("POST", &format!("/api/control/alpha/{id}/kill"), None, None);
+    assert_eq!((refused.status, refused.json()["error"].as_str()), (403, Some("forbidden")), "{refused:?}");
+    assert!(refused.json()["message"].as_str().unwrap().contains("admin"), "{refused:?}");
+    assert_eq!(node.request("GET", "/api/apps/echo", None, None).json()["status"], "running");
+    let unknown = node.request("POST", "/api/control/alpha/12345/kill", Some(&token), None);
+    assert_eq!((unknown.status, unknown.json()["error"].as_str()), (404, Some("unknown_component")), "{unknown:?}");
+    assert!(unknown.json()["message"].as_str().unwrap().contains("12345"), "{unknown:?}");
+    let killed = node.request("POST", &format!("/api/control/alpha/{id}/kill?wait_ms=10000"), Some(&token), None);
+    assert_eq!((killed.status, killed.json()["stopped"].as_bool()), (200, Some(true)), "{killed:?}");
+    // Its workers were killed first, then the app stopped (it stays deployed).
+    assert_eq!(node.request("GET", "/api/apps/echo", None, None).json()["status"], "stopped");
+    let tree = node.request("GET", "/api/control/tree", None, None).json();
+    let rows = tree["components"].as_array().unwrap();
+    assert!(!rows.iter().any(|r| r["kind"] == "worker"), "{tree}");
+    assert!(rows.iter().any(|r| r["kind"] == "app" && r["name"] == "echo" && r["is_running"] == false), "{tree}");
 }
 
 #[test]

@@ -29,8 +29,8 @@ async function main() {
     await page.waitForSelector("#feed.ok", { timeout: WAIT });
     await page.waitForSelector('#map g.node[data-node="b"]:not(.down)', { timeout: WAIT });
     await page.waitForSelector("#quorum.ok", { timeout: WAIT });
-    // Tasks are not read for the page yet: their panel says so; flags are.
-    await page.waitForSelector('#tasks-panel[data-absent="true"]', { timeout: WAIT });
+    // The node runs tasks and flags: both panels are there.
+    await page.waitForSelector('#tasks-panel[data-absent="false"]', { timeout: WAIT });
     await page.waitForSelector('#flags-panel[data-absent="false"] table', { state: "visible", timeout: WAIT });
     // A mark that a reload would lose: every change below must arrive without one.
     await page.evaluate(() => { window.__nodusMark = "kept"; });
@@ -41,8 +41,7 @@ async function main() {
     };
     await shot("1-loaded");
 
-    // An app call (the tasks service is not on this node yet): the engine starts a worker for
-    // it, and the page shows the worker and the event without a reload.
+    // An app call: the engine starts a worker for it, and the page shows the worker and the event without a reload.
     const answer = await page.evaluate(async () => {
       const r = await fetch("/api/call", {
         method: "POST",
@@ -58,6 +57,25 @@ async function main() {
       null, { timeout: WAIT });
     await shot("2-app-called");
 
+    // A task submitted while the page is open shows up as done, counted, without a reload.
+    const id = await page.evaluate(async () => {
+      const r = await fetch("/api/tasks", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ procedure: "procs.add", args: [2, 3] }),
+      });
+      if (r.status !== 201) throw new Error("submit answered " + r.status + " " + (await r.text()));
+      return (await r.json()).id;
+    });
+    await page.waitForSelector(`#recent-tasks tr[data-task="${id}"][data-status="done"]`, { timeout: WAIT });
+    await page.waitForFunction(
+      () => document.querySelector('#task-counts .count[data-status="done"] b')?.textContent === "1",
+      null, { timeout: WAIT });
+    await page.waitForFunction(
+      () => [...document.querySelectorAll('#log li[data-kind="task"]')].some((li) => /procs\.add\) done/.test(li.textContent)),
+      null, { timeout: WAIT });
+    await shot("3-task-done");
+
     // A node goes down: the test kills it; the map, the table and the quorum follow.
     console.log("KILL");
     await nextLine();
@@ -69,7 +87,7 @@ async function main() {
     await page.waitForSelector("#quorum.bad", { timeout: WAIT });
     const mark = await page.evaluate(() => window.__nodusMark);
     if (mark !== "kept") throw new Error("the page was reloaded");
-    await shot("3-node-down");
+    await shot("4-node-down");
     if (errors.length) throw new Error("the page's script failed: " + errors.join("; "));
     console.log("OK");
   } finally {

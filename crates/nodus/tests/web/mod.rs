@@ -180,3 +180,25 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `examples/procs-app` (the task procedures) as a `.tar.gz` whose worker runs the
+/// `nodus-procs-worker` built next to `nodus` (`cargo build -p nodus-tasks --bins`; `cargo test
+/// --workspace` builds it).
+pub fn procs_archive(dir: &Path) -> Vec<u8> {
+    use std::os::unix::fs::PermissionsExt;
+    let built = Path::new(NODUS).with_file_name("nodus-procs-worker");
+    assert!(built.exists(), "{} is missing: build it with `cargo build -p nodus-tasks --bins`", built.display());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/procs-app");
+    let app = dir.join("procs-app");
+    std::fs::create_dir_all(&app).unwrap();
+    for file in ["manifest.json", "profile.toml"] {
+        std::fs::copy(example.join(file), app.join(file)).unwrap();
+    }
+    let worker = app.join("nodus-procs-worker");
+    std::fs::write(&worker, format!("#!/bin/sh\nexec {built:?} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&worker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let archive = dir.join("procs-app.tar.gz");
+    let ok = Command::new("tar").arg("czf").arg(&archive).arg("-C").arg(dir).arg("procs-app").status().unwrap();
+    assert!(ok.success());
+    std::fs::read(archive).unwrap()
+}
