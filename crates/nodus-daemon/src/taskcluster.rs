@@ -325,6 +325,8 @@ impl Driver {
         match m.command.as_str() {
             "AGENTS" => return self.answer_agents(&m),
             "BAN" | "UNBAN" => return self.answer_ban(&m),
+            // What the node tells every service it registers, and node notifications: not ours.
+            "HELP" | "READY" | "STATUS" | "QUITTING" => return,
             _ => {}
         }
         let packet = match Packet::from_message(&m) {
