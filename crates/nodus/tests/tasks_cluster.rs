@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::netns::Net;
 use common::{free_port, NODUS};
 use nodus_client::admin::{Agents, TaskChange, TaskSpec, TaskStatus};
 use nodus_client::{Admin, Client, ClientConfig};
@@ -416,76 +417,9 @@ async fn a_worker_times_tasks_out_and_an_abort_reaches_the_worker() {
     assert_eq!(admin.task_get(&id).await.unwrap().status, TaskStatus::Interrupted);
 }
 
-/// Network namespaces joined by a bridge in another one (as `tests/partition.rs` builds them,
-/// on a subnet of their own), removed on drop. Cutting a host's port on the bridge partitions it.
-struct Net {
-    switch: String,
-    hosts: Vec<String>,
-    tag: u32,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Net {
-    /// `n` hosts at 10.78.0.1.. on one bridge.
-    fn new(n: usize) -> Result<Net, String> {
-        let tag = std::process::id() % 100_000;
-        let mut net = Net { switch: format!("ntk{tag}sw"), hosts: Vec::new(), tag };
-        ip(&["netns", "add", &net.switch])?;
-        ip(&["-n", &net.switch, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &net.switch, "link", "set", "br0", "up"])?;
-        for i in 0..n {
-            let host = format!("ntk{tag}h{i}");
-            ip(&["netns", "add", &host])?;
-            net.hosts.push(host.clone());
-            let (inside, outside) = (format!("tk{tag}i{i}"), net.port(i));
-            ip(&["link", "add", &inside, "type", "veth", "peer", "name", &outside])?;
-            ip(&["link", "set", &inside, "netns", &host])?;
-            ip(&["link", "set", &outside, "netns", &net.switch])?;
-            ip(&["-n", &host, "addr", "add", &format!("{}/24", Net::addr(i)), "dev", &inside])?;
-            ip(&["-n", &host, "link", "set", &inside, "up"])?;
-            ip(&["-n", &host, "link", "set", "lo", "up"])?;
-            ip(&["-n", &net.switch, "link", "set", &outside, "master", "br0"])?;
-            ip(&["-n", &net.switch, "link", "set", &outside, "up"])?;
-        }
-        Ok(net)
-    }
-
-    fn addr(i: usize) -> String {
-        format!("10.78.0.{}", i + 1)
-    }
-
-    fn port(&self, i: usize) -> String {
-        format!("tk{}o{i}", self.tag)
-    }
-
-    fn cut(&self, i: usize) {
-        ip(&["-n", &self.switch, "link", "set", &self.port(i), "down"]).unwrap();
-    }
-
-    fn heal(&self, i: usize) {
-        ip(&["-n", &self.switch, "link", "set", &self.port(i), "up"]).unwrap();
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_by_a_partition_loses_nothing_and_pairs_again_when_healed() {
-    let net = match Net::new(3) {
+    let net = match Net::new(3, "tk", 78) {
         Ok(net) => net,
         Err(why) => {
             eprintln!("SKIPPED the tasks partition test: network namespaces unavailable ({why})");
@@ -494,7 +428,7 @@ async fn a_worker_cut_off_by_a_partition_loses_nothing_and_pairs_again_when_heal
     };
     const N: usize = 3000;
     let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
-    let listen = |i: usize| format!("{}:14042", Net::addr(i));
+    let listen = |i: usize| format!("{}:14042", net.addr(i));
     // Nodes in their own namespaces; the listener on 10.78.0.x needs the secret (set).
     let m = Node::with(
         root.path(),

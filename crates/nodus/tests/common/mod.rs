@@ -2,6 +2,8 @@
 //! directory and config, a watcher service that reads cluster status, a test CA.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use nodus_client::{Client, ClientConfig, Incoming};
 use nodus_wire::Message;
 use std::path::PathBuf;
