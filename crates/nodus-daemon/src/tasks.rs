@@ -1289,11 +1289,12 @@ impl RunningTasks {
         ComponentId::derive(&[&self.node, "task", task.as_str()])
     }
 
-    fn component(&self, task: &TaskId, procedure: &str) -> Component {
+    /// Task `task` as a component; `started` is when its attempt started.
+    fn component(&self, task: &TaskId, procedure: &str, started: UnixMs) -> Component {
         let mut c = Component::new(self.id_of(task), ComponentKind::Task, format!("{procedure} {task}"), &self.node)
             .started_by(self.node_id);
         c.creator = TASKS_SERVICE.to_string();
-        c.created_at = i64::try_from(UnixMs::now().0).unwrap_or(i64::MAX);
+        c.created_at = i64::try_from(started.0).unwrap_or(i64::MAX);
         c
     }
 
@@ -1317,7 +1318,7 @@ impl RunningTasks {
                     let id = self.id_of(&change.id);
                     let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                     if change.status == Some(Status::Running) {
-                        let c = self.component(&change.id, &change.procedure);
+                        let c = self.component(&change.id, &change.procedure, UnixMs::now());
                         running.insert(id, (change.id, c));
                     } else {
                         running.remove(&id);
@@ -1335,7 +1336,15 @@ impl RunningTasks {
             Ok(list) => {
                 let now: BTreeMap<_, _> = list
                     .iter()
-                    .map(|t| (self.id_of(&t.id), (t.id.clone(), self.component(&t.id, &t.procedure))))
+                    .map(|t| {
+                        (
+                            self.id_of(&t.id),
+                            (
+                                t.id.clone(),
+                                self.component(&t.id, &t.procedure, t.started_at.unwrap_or_else(UnixMs::now)),
+                            ),
+                        )
+                    })
                     .collect();
                 *self.running.lock().unwrap_or_else(|e| e.into_inner()) = now;
             }
