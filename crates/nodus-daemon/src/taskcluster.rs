@@ -468,7 +468,7 @@ impl Driver {
                     self.deployed.insert(app.clone(), deployed);
                     match result {
                         Ok(p) => {
-                            debug!(%app, version = %p.package.version, hash = %p.package.hash, "declaring a deployed app");
+                            info!(%app, version = %p.package.version, hash = %p.package.hash, "declaring a deployed app");
                             w.set_app(p.package);
                         }
                         Err(e) => {
