@@ -183,7 +183,8 @@ pub(crate) struct Driver {
     announced: BTreeSet<String>,
     /// Chunk reads under way (bounded).
     reads: Arc<Semaphore>,
-    /// Installs done by a worker node: a scan begun before the last one is not applied.
+    /// Deploys a worker node finished (or saw fail): a scan begun before the last one is not
+    /// applied.
     installs: u64,
     /// A worker node's fetches by content hash.
     fetches: HashMap<String, Fetch>,
@@ -403,7 +404,8 @@ impl Driver {
             Role::Worker(_) => None,
             Role::Standalone(_) => return,
         };
-        if self.scanning {
+        // A deploy under way would be seen half done (or before its rollback).
+        if self.scanning || !self.deploys.is_empty() {
             return;
         }
         self.scanning = true;
@@ -430,6 +432,13 @@ impl Driver {
         let now = UnixMs::now();
         for (app, scanned) in results {
             match (scanned, &mut self.role) {
+                (Scanned::Unchanged, Role::Manager(m)) => {
+                    // Its procedures went and came back meanwhile: announced again as it was.
+                    if self.announced.insert(app.clone()) {
+                        let package = self.served.get(&app).and_then(|kept| kept.first()).map(|p| p.package.clone());
+                        m.set_app(&app, package, now);
+                    }
+                }
                 (Scanned::Unchanged, _) | (_, Role::Standalone(_)) => {}
                 (Scanned::Gone, Role::Manager(m)) => {
                     self.deployed.remove(&app);
@@ -458,6 +467,9 @@ impl Driver {
                         }
                         Err(e) => {
                             warn!(%app, error = %e, "worker nodes that lack this app cannot fetch it");
+                            for old in self.served.remove(&app).unwrap_or_default() {
+                                forget_package(old);
+                            }
                             None
                         }
                     };
@@ -743,8 +755,9 @@ impl Driver {
         tokio::spawn(async move {
             let _ = tokio::fs::remove_file(path).await;
         });
+        // The app store changed (or was rolled back): a scan begun before is not applied.
+        self.installs += 1;
         let result = if answer.command == "DEPLOYED" {
-            self.installs += 1;
             info!(
                 app = %package.app,
                 version = %package.version,
