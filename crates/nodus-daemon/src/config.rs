@@ -189,6 +189,9 @@ pub struct TasksConfig {
     pub worker_concurrency: u32,
     /// See `worker_concurrency`.
     pub worker_queue: u32,
+    /// Largest app package, bytes: a manager packs no larger app for its workers, a worker
+    /// fetches none larger (its tasks fail with `DownloadError`).
+    pub max_package_bytes: u64,
 }
 
 impl TasksConfig {
@@ -251,6 +254,9 @@ impl TasksConfig {
         }
         if self.worker_grace_ms == 0 {
             return Err("tasks.worker_grace_ms must be positive".into());
+        }
+        if self.max_package_bytes == 0 {
+            return Err("tasks.max_package_bytes must be positive".into());
         }
         if let Ok(addr) = self.arpcp_listen.parse::<std::net::SocketAddr>() {
             if !addr.ip().is_loopback() && self.arpcp_allow.is_empty() {

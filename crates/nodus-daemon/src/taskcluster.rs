@@ -9,8 +9,21 @@
 //!   reports are recorded in the store, fenced by each attempt's lease, and answered once
 //!   durable. It keeps the agent registry (`AGENTS`, `BAN`, `UNBAN`; `nodus agents`).
 //! - `worker`: pairs with the first of `[tasks] managers` that accepts it and runs the tasks it
-//!   sends on this node's apps (the app must be deployed here too: packages are not fetched
-//!   yet), reporting start and end.
+//!   sends on this node's apps, reporting start and end.
+//!
+//! Apps follow their tasks ([`package`]). A manager packs the deployed version of every app
+//! with procedures (a deterministic tar of `<data_dir>/apps/<name>/v<N>/`, at most `[tasks]
+//! max_package_bytes`) into `<data_dir>/packages/`, announces it to its state machine (every
+//! task it sends names the package: app, version, SHA-256, size) and serves it in chunks to
+//! its paired workers; a redeploy is seen within a second and packed again (the previous
+//! package is kept for fetches under way). A worker node declares the packages of its own
+//! deployed apps (packed the same way, so the same files give the same hash); a task whose
+//! package it lacks is fetched from its manager (only its paired manager: the state machine
+//! fetches from the task's sender and takes chunks only from it) into
+//! `<data_dir>/packages/incoming/<sha256>.tar`, checked again on disk, and deployed by a
+//! `DEPLOY` to this node's `apps` service, the path `nodus app deploy` takes, so the app runs
+//! as any other (as `[apps] run_as`). A fetch or deploy that fails ends the tasks that needed
+//! it with `DownloadError` and the reason.
 //!
 //! The messages are node messages from this service to the peer's: the router delivers them
 //! like any other, so they pass its permission model (each protocol command needs `send`; the
@@ -22,6 +35,9 @@
 //! The state machines are pure; this driver does the I/O: store operations and attempts run on
 //! tasks of their own and come back as events, so the loop never waits on them.
 
+mod package;
+
+use crate::apps::{AppStore, APPS_SERVICE};
 use crate::router::ConnId;
 use crate::server::{Outbound, Shared};
 use crate::tasks::TaskStore;
@@ -30,8 +46,8 @@ use nodus_tasks::cluster::msg::{Body, COMMANDS as PROTOCOL, MAX_LIST};
 use nodus_tasks::cluster::registry::RegistryConfig;
 use nodus_tasks::cluster::resources;
 use nodus_tasks::cluster::{
-    Agent, AgentStore, InDoubt, Manager, ManagerAction, ManagerConfig, Packet, RegistryChange, Specs, Standalone,
-    WorkerAction, WorkerConfig, WorkerNode,
+    Agent, AgentStore, AppPackage, InDoubt, Manager, ManagerAction, ManagerConfig, Packet, RegistryChange, Specs,
+    Standalone, WorkerAction, WorkerConfig, WorkerNode,
 };
 use nodus_tasks::executor::run_attempt;
 use nodus_tasks::sched::{AttemptEnd, Attempted};
@@ -40,11 +56,14 @@ use nodus_tasks::task::{Claimed, Lease};
 use nodus_tasks::{Status, TaskId, Tasks, UnixMs};
 use nodus_wire::node::Permission;
 use nodus_wire::{Backoff, Message};
+use package::{Deployed, Incoming, Packed, Scanned};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -56,8 +75,17 @@ const EVENTS: usize = 8192;
 /// for; beyond it the oldest are forgotten (their peer is then found by the state machine's
 /// own timeouts).
 const MAX_SENT: usize = 65_536;
-/// How often a manager compares its apps with the task service's procedures.
+/// How often a manager compares its apps with the task service's procedures, and a node looks
+/// for deployed versions it has not packed yet.
 const APPS_EVERY: Duration = Duration::from_secs(1);
+/// Packages a manager keeps per app: the current one and the one before (fetches of it may be
+/// under way).
+const KEEP_PACKAGES: usize = 2;
+/// Chunks of packages a manager reads from disk at once (each up to 1 MiB).
+const MAX_CHUNK_READS: usize = 16;
+/// The first id of the `DEPLOY` requests a worker node sends its `apps` service (far above
+/// the state machines' request ids).
+const DEPLOY_IDS: u64 = 1 << 62;
 /// Longest sleep of the loop without a deadline.
 const IDLE: Duration = Duration::from_secs(1);
 /// Aborted tasks waiting for a manager's driver to stop them on their workers.
@@ -91,9 +119,37 @@ impl Role {
 
 /// What the driver's own tasks report.
 pub(crate) enum Event {
-    Claimed { owner: String, app: String, asked: usize, result: Result<Vec<Claimed>, ()> },
-    Recorded { id: TaskId, lease: Lease },
-    Ended { id: TaskId, lease: Lease, end: AttemptEnd },
+    Claimed {
+        owner: String,
+        app: String,
+        asked: usize,
+        result: Result<Vec<Claimed>, ()>,
+    },
+    Recorded {
+        id: TaskId,
+        lease: Lease,
+    },
+    Ended {
+        id: TaskId,
+        lease: Lease,
+        end: AttemptEnd,
+    },
+    /// A scan of the app store, begun at install generation `generation`.
+    Scanned {
+        generation: u64,
+        results: Vec<(String, Scanned)>,
+    },
+    /// A fetched package's file was checked on disk.
+    Verified {
+        package: AppPackage,
+        result: package::Verified,
+    },
+}
+
+/// A package a worker node is fetching.
+struct Fetch {
+    incoming: Incoming,
+    started: Instant,
 }
 
 /// The driver of this node's side of the protocol.
@@ -111,6 +167,31 @@ pub(crate) struct Driver {
     /// A manager's tasks on workers: their procedure and attempt (for status changes).
     assigned: HashMap<TaskId, Attempted>,
     max_result: usize,
+    /// This node's deployed apps: packages are made of them, fetched ones deployed into them.
+    store: AppStore,
+    /// `<data_dir>/packages`: a manager's packages; a worker's fetches go to `incoming/`.
+    packages: PathBuf,
+    /// `[tasks] max_package_bytes`.
+    max_package: u64,
+    /// The deployed version of each app as the last scan saw it.
+    deployed: BTreeMap<String, Deployed>,
+    /// A scan of the app store is under way.
+    scanning: bool,
+    /// A manager's packages by app, newest first (at most [`KEEP_PACKAGES`]).
+    served: BTreeMap<String, Vec<Packed>>,
+    /// A manager's apps announced to its state machine.
+    announced: BTreeSet<String>,
+    /// Chunk reads under way (bounded).
+    reads: Arc<Semaphore>,
+    /// Deploys a worker node finished (or saw fail): a scan begun before the last one is not
+    /// applied.
+    installs: u64,
+    /// A worker node's fetches by content hash.
+    fetches: HashMap<String, Fetch>,
+    /// `DEPLOY` requests to the `apps` service: id → the package, its file and when its fetch
+    /// began.
+    deploys: HashMap<u64, (AppPackage, PathBuf, Instant)>,
+    next_deploy: u64,
 }
 
 /// Registers the service now (before any listener accepts); its requests wait until
@@ -131,6 +212,10 @@ impl Driver {
         let t = &config.tasks;
         let now = UnixMs::now();
         let name = config.server_name.clone();
+        let store = AppStore::new(&config.data_dir, config.apps.max_deploy_bytes);
+        let packages =
+            std::path::absolute(config.data_dir.join("packages")).unwrap_or_else(|_| config.data_dir.join("packages"));
+        let mut deployed = BTreeMap::new();
         let ping = Duration::from_millis(t.ping_interval_ms);
         let role = match t.role.as_str() {
             "manager" => {
@@ -156,6 +241,9 @@ impl Driver {
                         Vec::new()
                     }
                 };
+                // Packages are made again from the app store (what is on disk may be stale).
+                let dir = packages.clone();
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
                 let mut m = Manager::new(mc, agents, rand::random(), now);
                 let in_doubt = in_doubt(&tasks, &name).await;
                 if !in_doubt.is_empty() {
@@ -166,13 +254,35 @@ impl Driver {
                 Role::Manager(Box::new(m))
             }
             "worker" => {
+                // The packages of the apps deployed here, declared when pairing; fetches left
+                // half-done by the last run are deleted.
+                let (st, dir, max) = (store.clone(), packages.join("incoming"), t.max_package_bytes);
+                let scanned = tokio::task::spawn_blocking(move || {
+                    let _ = std::fs::remove_dir_all(dir);
+                    package::scan(&st, None, &BTreeMap::new(), None, max)
+                })
+                .await
+                .unwrap_or_default();
+                let mut have = Vec::new();
+                for (app, s) in scanned {
+                    if let Scanned::Changed { deployed: d, result } = s {
+                        deployed.insert(app.clone(), d);
+                        match result {
+                            Ok(p) => have.push(p.package),
+                            Err(e) => warn!(%app, error = %e, "a deployed app cannot be declared"),
+                        }
+                    }
+                }
+                let mut specs = specs(&config, &tasks);
+                specs.apps = have.into_iter().take(MAX_LIST).collect();
                 let wc = WorkerConfig {
                     ping_interval: ping,
                     manager_timeout: Duration::from_millis(t.gone_after_ms),
                     request_timeout: ping,
-                    ..WorkerConfig::new(name.clone(), t.managers.clone(), specs(&config, &tasks))
+                    max_package_bytes: t.max_package_bytes,
+                    ..WorkerConfig::new(name.clone(), t.managers.clone(), specs)
                 };
-                info!(managers = ?t.managers, "tasks: this node is a worker");
+                info!(managers = ?t.managers, apps = wc.specs.apps.len(), "tasks: this node is a worker");
                 Role::Worker(Box::new(WorkerNode::new(wc, rand::random(), now)))
             }
             _ => Role::Standalone(Standalone::new(1)),
@@ -189,6 +299,18 @@ impl Driver {
             running: HashMap::new(),
             assigned: HashMap::new(),
             max_result: t.max_result_bytes,
+            store,
+            packages,
+            max_package: t.max_package_bytes,
+            deployed,
+            scanning: false,
+            served: BTreeMap::new(),
+            announced: BTreeSet::new(),
+            reads: Arc::new(Semaphore::new(MAX_CHUNK_READS)),
+            installs: 0,
+            fetches: HashMap::new(),
+            deploys: HashMap::new(),
+            next_deploy: DEPLOY_IDS,
         };
         (driver, events_rx)
     }
@@ -203,7 +325,6 @@ impl Driver {
     ) {
         let mut submitted = self.tasks.submitted();
         let mut apps_check = tokio::time::interval(APPS_EVERY);
-        let mut apps: BTreeSet<String> = BTreeSet::new();
         loop {
             self.drain();
             let wait =
@@ -229,12 +350,12 @@ impl Driver {
                     }
                     if let Role::Manager(m) = &mut self.role {
                         let now = UnixMs::now();
-                        for app in &apps {
+                        for app in &self.announced {
                             m.handle_submitted(app, now);
                         }
                     }
                 }
-                _ = apps_check.tick() => self.sync_apps(&mut apps),
+                _ = apps_check.tick() => self.sync_apps(),
                 _ = tokio::time::sleep(wait.min(IDLE)) => {
                     let now = UnixMs::now();
                     match &mut self.role {
@@ -252,6 +373,9 @@ impl Driver {
         for (_, t) in self.running.drain() {
             t.cancel();
         }
+        for (_, f) in self.fetches.drain() {
+            f.incoming.drop_file();
+        }
         self.shared.detach(self.conn);
     }
 
@@ -263,19 +387,110 @@ impl Driver {
         }
     }
 
-    /// A manager's apps are the task service's: every app with procedures runs on workers.
-    fn sync_apps(&mut self, known: &mut BTreeSet<String>) {
-        let Role::Manager(m) = &mut self.role else { return };
-        let now: BTreeSet<String> = self.tasks.procedures().iter().map(|p| p.app.clone()).collect();
-        let t = UnixMs::now();
-        for app in now.difference(known) {
-            debug!(%app, "the manager dispatches this app's tasks to its workers");
-            m.set_app(app, None, t);
+    /// A manager's apps are the task service's: every app with procedures runs on workers,
+    /// once packed. A worker node declares the packages of every app deployed here. Both look
+    /// at the app store on the blocking pool; what changed comes back as [`Event::Scanned`].
+    fn sync_apps(&mut self) {
+        let apps = match &mut self.role {
+            Role::Manager(m) => {
+                let now: BTreeSet<String> = self.tasks.procedures().iter().map(|p| p.app.clone()).collect();
+                for app in self.announced.difference(&now) {
+                    debug!(%app, "no procedures any more: no more tasks of this app go to workers");
+                    m.remove_app(app);
+                }
+                self.announced.retain(|a| now.contains(a));
+                Some(now.into_iter().collect::<Vec<_>>())
+            }
+            Role::Worker(_) => None,
+            Role::Standalone(_) => return,
+        };
+        // A deploy under way would be seen half done (or before its rollback).
+        if self.scanning || !self.deploys.is_empty() {
+            return;
         }
-        for app in known.difference(&now) {
-            m.remove_app(app);
+        self.scanning = true;
+        let manager = apps.is_some();
+        let (store, known, max) = (self.store.clone(), self.deployed.clone(), self.max_package);
+        let into = manager.then(|| self.packages.clone());
+        let (events, generation) = (self.events.clone(), self.installs);
+        tokio::spawn(async move {
+            let results =
+                tokio::task::spawn_blocking(move || package::scan(&store, apps, &known, into.as_deref(), max))
+                    .await
+                    .unwrap_or_default();
+            let _ = events.send(Event::Scanned { generation, results }).await;
+        });
+    }
+
+    /// What a scan of the app store found: a manager announces (or withdraws) its packages, a
+    /// worker node declares what it has.
+    fn on_scanned(&mut self, generation: u64, results: Vec<(String, Scanned)>) {
+        self.scanning = false;
+        if generation != self.installs {
+            return; // a fetched package was deployed meanwhile: the next scan sees it
         }
-        *known = now;
+        let now = UnixMs::now();
+        for (app, scanned) in results {
+            match (scanned, &mut self.role) {
+                (Scanned::Unchanged, Role::Manager(m)) => {
+                    // Its procedures went and came back meanwhile: announced again as it was.
+                    if self.announced.insert(app.clone()) {
+                        let package = self.served.get(&app).and_then(|kept| kept.first()).map(|p| p.package.clone());
+                        m.set_app(&app, package, now);
+                    }
+                }
+                (Scanned::Unchanged, _) | (_, Role::Standalone(_)) => {}
+                (Scanned::Gone, Role::Manager(m)) => {
+                    self.deployed.remove(&app);
+                    m.remove_app(&app);
+                    self.announced.remove(&app);
+                    for p in self.served.remove(&app).unwrap_or_default() {
+                        forget_package(p);
+                    }
+                }
+                (Scanned::Gone, Role::Worker(w)) => {
+                    self.deployed.remove(&app);
+                    w.remove_app(&app);
+                }
+                (Scanned::Changed { deployed, result }, Role::Manager(m)) => {
+                    self.deployed.insert(app.clone(), deployed);
+                    let package = match result {
+                        Ok(p) => {
+                            let package = p.package.clone();
+                            info!(%app, version = %package.version, size = package.size, hash = %package.hash, "app packed for worker nodes");
+                            let kept = self.served.entry(app.clone()).or_default();
+                            kept.insert(0, p);
+                            for old in kept.drain(KEEP_PACKAGES.min(kept.len())..) {
+                                forget_package(old);
+                            }
+                            Some(package)
+                        }
+                        Err(e) => {
+                            warn!(%app, error = %e, "worker nodes that lack this app cannot fetch it");
+                            for old in self.served.remove(&app).unwrap_or_default() {
+                                forget_package(old);
+                            }
+                            None
+                        }
+                    };
+                    m.set_app(&app, package, now);
+                    self.announced.insert(app);
+                }
+                (Scanned::Changed { deployed, result }, Role::Worker(w)) => {
+                    self.deployed.insert(app.clone(), deployed);
+                    match result {
+                        Ok(p) => {
+                            info!(%app, version = %p.package.version, hash = %p.package.hash, "declaring a deployed app");
+                            w.set_app(p.package);
+                        }
+                        Err(e) => {
+                            warn!(%app, error = %e, "a deployed app cannot be declared; its tasks fetch it");
+                            w.remove_app(&app);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Carries out what the state machine asks until it asks nothing more.
@@ -295,8 +510,7 @@ impl Driver {
     }
 
     fn send(&mut self, to: &str, p: &Packet) {
-        let mut m = p.to_message().to(CLUSTER_SERVICE);
-        m.to.server = to.to_string();
+        let m = packet_message(to, p);
         if !p.body.is_answer() {
             self.sent.insert(p.id, to.to_string());
             while self.sent.len() > MAX_SENT {
@@ -310,6 +524,9 @@ impl Driver {
         let now = UnixMs::now();
         let from = m.from.server.clone();
         let reply_to = m.envelope.reply_to;
+        if let Some((package, path, started)) = self.deploys.remove(&reply_to) {
+            return self.on_deployed(&m, package, path, started);
+        }
         if reply_to != 0 && matches!(m.command.as_str(), "ERROR" | "INVALID" | "QUITTING") {
             // The router (here or on the way) could not deliver one of our requests.
             if let Some(peer) = self.sent.remove(&reply_to) {
@@ -371,6 +588,14 @@ impl Driver {
                 m.handle_claimed(&owner, &app, asked, result, now);
             }
             (Event::Recorded { id, lease }, Role::Manager(m)) => m.handle_recorded(&id, lease, now),
+            (Event::Scanned { generation, results }, _) => self.on_scanned(generation, results),
+            (Event::Verified { package, result }, Role::Worker(w)) => {
+                let started = self.fetches.remove(&package.hash).map_or_else(Instant::now, |f| f.started);
+                match result {
+                    Ok(path) => self.deploy(package, path, started),
+                    Err(e) => w.handle_installed(&package, Err(e), now),
+                }
+            }
             // A killed attempt's end is not reported (the state machine already moved on).
             (Event::Ended { id, lease, end }, Role::Worker(w))
                 if self.running.remove(&(id.clone(), lease)).is_some() =>
@@ -411,9 +636,22 @@ impl Driver {
                     }
                 });
             }
-            ManagerAction::ServePackage { to, id, app, .. } => {
-                let reason = format!("this manager serves no app packages yet: deploy {app} on the worker node");
-                self.send(&to, &Packet::new(id, Body::FetchMissing { reason }));
+            ManagerAction::ServePackage { to, id, app, version, hash, offset, max_len } => {
+                let found = self.served.get(&app).and_then(|kept| kept.iter().find(|p| p.package.hash == hash));
+                let Some((package, file)) = found.and_then(|p| Some((p.package.clone(), p.file.clone()?.1))) else {
+                    let reason = format!(
+                        "this manager has no package of app {app} {version} with SHA-256 {hash}: it was redeployed or removed"
+                    );
+                    return self.send(&to, &Packet::new(id, Body::FetchMissing { reason }));
+                };
+                let (shared, conn, reads) = (self.shared.clone(), self.conn, self.reads.clone());
+                tokio::spawn(async move {
+                    let Ok(_permit) = reads.acquire_owned().await else { return };
+                    let body = tokio::task::spawn_blocking(move || package::chunk(&file, &package, offset, max_len))
+                        .await
+                        .unwrap_or_else(|e| Body::FetchMissing { reason: format!("reading the package failed: {e}") });
+                    shared.inject(conn, packet_message(&to, &Packet::new(id, body)));
+                });
             }
             ManagerAction::Reap(t) => {
                 tokio::spawn(async move {
@@ -452,12 +690,90 @@ impl Driver {
                     t.cancel();
                 }
             }
-            WorkerAction::PackageData { .. } | WorkerAction::DropPackage(_) => {}
-            WorkerAction::Install(p) => {
-                if let Role::Worker(w) = &mut self.role {
-                    w.handle_installed(&p, Err("packages are not installed by worker nodes yet".into()), UnixMs::now());
+            WorkerAction::PackageData { package, offset, data } => {
+                let r = self.fetch(&package).and_then(|f| f.incoming.data(offset, data));
+                if let Err(e) = r {
+                    self.fetch_failed(&package, e);
                 }
             }
+            WorkerAction::Install(package) => {
+                if let Err(e) = self.fetch(&package).and_then(|f| f.incoming.install()) {
+                    self.fetch_failed(&package, e);
+                }
+            }
+            WorkerAction::DropPackage(package) => {
+                if let Some(f) = self.fetches.remove(&package.hash) {
+                    f.incoming.drop_file();
+                }
+            }
+        }
+    }
+
+    /// The fetch of `package` under way, started now if it is not.
+    fn fetch(&mut self, package: &AppPackage) -> Result<&Fetch, String> {
+        if !self.fetches.contains_key(&package.hash) {
+            let path = package::incoming_path(&self.packages.join("incoming"), &package.hash)?;
+            let (incoming, verified) = Incoming::start(package, path);
+            let (events, p) = (self.events.clone(), package.clone());
+            tokio::spawn(async move {
+                let result = verified.await.unwrap_or_else(|_| Err("the package's writer stopped".into()));
+                let _ = events.send(Event::Verified { package: p, result }).await;
+            });
+            self.fetches.insert(package.hash.clone(), Fetch { incoming, started: Instant::now() });
+        }
+        self.fetches.get(&package.hash).ok_or_else(|| "the fetch is gone".to_string())
+    }
+
+    /// Writing a fetched package failed: the tasks that need it fail with `DownloadError`.
+    fn fetch_failed(&mut self, package: &AppPackage, reason: String) {
+        if let Some(f) = self.fetches.remove(&package.hash) {
+            f.incoming.drop_file();
+        }
+        if let Role::Worker(w) = &mut self.role {
+            w.handle_installed(package, Err(reason), UnixMs::now());
+        }
+    }
+
+    /// Deploys a fetched, verified package through this node's `apps` service (as `nodus app
+    /// deploy` does); its answer comes to [`Driver::on_deployed`].
+    fn deploy(&mut self, package: AppPackage, path: PathBuf, started: Instant) {
+        let id = self.next_deploy;
+        self.next_deploy += 1;
+        let request = Message::new("DEPLOY")
+            .to(APPS_SERVICE)
+            .param("name", &package.app)
+            .param("path", path.display())
+            .with_id(id);
+        debug!(app = %package.app, version = %package.version, "deploying a fetched package");
+        self.deploys.insert(id, (package, path, started));
+        self.shared.inject(self.conn, request);
+    }
+
+    /// The `apps` service answered a `DEPLOY` of a fetched package: its tasks run, or fail
+    /// with `DownloadError` and the service's reason.
+    fn on_deployed(&mut self, answer: &Message, package: AppPackage, path: PathBuf, started: Instant) {
+        tokio::spawn(async move {
+            let _ = tokio::fs::remove_file(path).await;
+        });
+        // The app store changed (or was rolled back): a scan begun before is not applied.
+        self.installs += 1;
+        let result = if answer.command == "DEPLOYED" {
+            info!(
+                app = %package.app,
+                version = %package.version,
+                deployed_as = answer.get("version").unwrap_or(""),
+                bytes = package.size,
+                ms = started.elapsed().as_millis() as u64,
+                "app package fetched from the manager and deployed"
+            );
+            Ok(())
+        } else {
+            let reason = answer.get("message").unwrap_or(answer.command.as_str());
+            warn!(app = %package.app, version = %package.version, %reason, "a fetched package cannot be deployed");
+            Err(format!("deploying it failed: {reason}"))
+        };
+        if let Role::Worker(w) = &mut self.role {
+            w.handle_installed(&package, result, UnixMs::now());
         }
     }
 
@@ -505,6 +821,22 @@ impl Driver {
 enum Either {
     Manager(ManagerAction),
     Worker(WorkerAction),
+}
+
+/// `p` as a node message to the `taskcluster` service of `to`.
+fn packet_message(to: &str, p: &Packet) -> Message {
+    let mut m = p.to_message().to(CLUSTER_SERVICE);
+    m.to.server = to.to_string();
+    m
+}
+
+/// Deletes a package a manager no longer serves (fetches reading it keep their open file).
+fn forget_package(p: Packed) {
+    if let Some((path, _)) = p.file {
+        tokio::spawn(async move {
+            let _ = tokio::fs::remove_file(path).await;
+        });
+    }
 }
 
 /// Records a worker's report until the store takes it (with backoff), then tells the loop.
@@ -555,7 +887,7 @@ async fn in_doubt(tasks: &Tasks<TaskStore>, me: &str) -> Vec<InDoubt> {
 
 /// What a worker node declares: the host's cores and memory, its cluster address and that
 /// interface's MAC, the configured concurrency, and the procedures of its apps when it starts
-/// (informational: the manager places tasks by capacity; packages are not declared yet).
+/// (informational: the manager places tasks by capacity). The driver adds its packages.
 fn specs(config: &crate::config::Config, tasks: &Tasks<TaskStore>) -> Specs {
     let t = &config.tasks;
     let ip: std::net::IpAddr = config

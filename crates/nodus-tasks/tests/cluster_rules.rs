@@ -1235,6 +1235,55 @@ fn a_package_that_does_not_match_its_hash_or_is_missing_is_a_download_error() {
     }
 }
 
+#[test]
+fn only_the_paired_managers_packages_are_fetched_and_installed() {
+    let bytes: Vec<u8> = (0..2000u32).map(|n| (n % 253) as u8).collect();
+    let forged = b"a forged package".to_vec();
+    let mut net = Net::new(&[("w1", m1(), specs(2, 2))]);
+    let now = net.now;
+    net.manager.set_app("procs", Some(package(&bytes)), now);
+    net.paired();
+    // A node that is not its manager sends a task with its own package: refused, nothing fetched.
+    let stranger = TaskSpec {
+        id: id(9),
+        lease: Lease(99),
+        attempt: 1,
+        procedure: "procs.add".into(),
+        app: "procs".into(),
+        args: json("[1]").unwrap(),
+        timeout: Duration::from_secs(60),
+        package: Some(package(&forged)),
+    };
+    let answer = net.ask("m9", "w1", 7, Body::TasksExecute { tasks: vec![stranger] });
+    assert_eq!(answer, Body::NotMine);
+    assert!(net.bodies("w1", "m9", "FETCH").is_empty());
+    // Its manager's task: the fetch goes to the manager, and a chunk from anyone else
+    // answering that fetch's id is not taken.
+    net.give("w1", vec![claimed(1, 11, 1, 60_000)]);
+    let fetch = net.log.iter().rev().find(|(f, t, p)| f == "w1" && t == "m1" && p.body.command() == "FETCH");
+    let fetch_id = fetch.expect("the worker fetches from its manager").2.id;
+    net.deliver_from("m9", "w1", Packet::new(fetch_id, chunk_of(&forged, 0, 1 << 20)));
+    net.pump();
+    assert_eq!(installs(&mut net), (vec![], 0, vec![]), "nothing of the stranger's chunk is written");
+    // The manager's own chunks complete the package, which is installed.
+    serve(&mut net, &bytes);
+    let (inst, data, dropped) = installs(&mut net);
+    assert_eq!((inst, data, dropped), (vec![package(&bytes)], bytes.len(), vec![]));
+    let now = net.now;
+    net.w("w1").handle_installed(&package(&bytes), Ok(()), now);
+    net.pump();
+    assert_eq!(net.runs("w1").len(), 1);
+    // An app the operator removed from the worker node is fetched again for its next task.
+    net.w("w1").remove_app("procs");
+    net.end("w1", 1, 11, AttemptEnd::Returned(json("1").unwrap()));
+    net.records();
+    let now = net.now;
+    net.manager.handle_submitted("procs", now);
+    net.give("w1", vec![claimed(2, 12, 1, 60_000)]);
+    assert!(net.runs("w1").is_empty(), "not before the package is there again");
+    assert_eq!(serve(&mut net, &bytes), 1);
+}
+
 // ---- Echolocation and the registry ----
 
 #[test]

@@ -3,7 +3,9 @@
 //! each. Tasks submitted to the manager run on the workers (the store says which one); a worker
 //! killed with kill -9 mid-run loses nothing (its tasks run again on the other one); the
 //! manager killed with kill -9 and restarted asks its workers what they finished and loses
-//! nothing either. A node that is not among the manager's workers is not accepted.
+//! nothing either. A node that is not among the manager's workers is not accepted. A worker
+//! node without the app fetches its package from the manager (and again after a redeploy), and
+//! one that cannot take it fails the task with `DownloadError`.
 //!
 //! Needs `nodus-procs-worker` next to `nodus` (`cargo test --workspace` builds it).
 // These tests drive real processes on wall time.
@@ -520,4 +522,174 @@ async fn a_manager_times_out_the_task_of_a_worker_that_went_quiet() {
     let t = admin.task_run(&TaskSpec::new("procs.add", vec![json!(1), json!(2)]), WAIT).await.unwrap();
     assert_eq!(t.result, Some(json!(3)));
     assert_eq!(admin.task_get(&id).await.unwrap().status, TaskStatus::Error, "the late end is discarded");
+}
+
+/// The log lines of `node` that contain `what`, without terminal colours.
+fn log_lines(node: &Node, what: &str) -> Vec<String> {
+    let mut plain = String::new();
+    let log = node.log();
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain.lines().filter(|l| l.contains(what)).map(String::from).collect()
+}
+
+/// The value of `key=` in a log line.
+fn field(line: &str, key: &str) -> Option<String> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    Some(line[at..].split_whitespace().next()?.trim_matches('"').to_string())
+}
+
+/// Waits for a log line of `node` with `what` that satisfies `ok`; returns it.
+async fn log_until(node: &Node, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(l) = log_lines(node, what).into_iter().rev().find(|l| ok(l)) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "{} never logged {what:?}: {}", node.name, node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every file under `dir` with its bytes and whether it is executable, in order.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir).unwrap().to_path_buf();
+                out.push((rel, std::fs::read(e.path()).unwrap(), meta.permissions().mode() & 0o111 != 0));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The directory of the current version of `app` on `node`.
+fn current(node: &Node, app: &str) -> PathBuf {
+    let apps = node.dir.join("data/apps").join(app);
+    let version = std::fs::read_to_string(apps.join("current")).unwrap();
+    apps.join(version.trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_app_fetches_it_from_its_manager_and_follows_its_redeploys() {
+    let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
+    let (mp, wp) = (free_port(), free_port());
+    let m = Node::new(root.path(), "m", mp, &[], "", "role = \"manager\"\nworkers = [\"w1\"]");
+    let w1 = Node::new(root.path(), "w1", wp, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]");
+    m.deploy_procs();
+    agents_until(&m, "w1 pairs", |a| active(a, "w1")).await;
+    let out = w1.cli(&["app", "list"]);
+    assert!(out.status.success() && !text(&out).contains("procs"), "w1 starts without the app: {}", text(&out));
+    let packed = log_until(&m, "app packed for worker nodes", |l| field(l, "version").as_deref() == Some("v1")).await;
+    let hash = field(&packed, "hash").unwrap();
+
+    // The first task of the app: w1 fetches the package, deploys it, runs the task.
+    let admin = m.admin().await;
+    let started = Instant::now();
+    let t = admin.task_run(&TaskSpec::new("procs.add", vec![json!(40), json!(2)]), WAIT).await.unwrap();
+    let first = started.elapsed();
+    assert_eq!((t.status, t.result.clone()), (TaskStatus::Done, Some(json!(42))), "{t:?}\n{}", w1.log());
+    assert_eq!(admin.task_stats().await.unwrap().started, 0, "the manager ran nothing itself");
+    let out = w1.cli(&["app", "list"]);
+    assert!(text(&out).contains("procs") && text(&out).contains("running"), "{}", text(&out));
+    // Deployed with the same content: the same files, and the same hash when w1 packs its copy.
+    assert_eq!(tree(&current(&w1, "procs")), tree(&current(&m, "procs")));
+    let declared = log_until(&w1, "declaring a deployed app", |l| field(l, "app").as_deref() == Some("procs")).await;
+    assert_eq!(field(&declared, "hash").as_deref(), Some(hash.as_str()), "{declared}");
+    let fetched = log_lines(&w1, "fetched from the manager and deployed");
+    assert_eq!(fetched.len(), 1, "{fetched:?}");
+    let (bytes, ms) = (field(&fetched[0], "bytes").unwrap(), field(&fetched[0], "ms").unwrap());
+    assert_eq!(field(&packed, "size").as_deref(), Some(bytes.as_str()));
+
+    // Later tasks of the same version need no fetch.
+    let started = Instant::now();
+    for n in 0..20 {
+        let t = admin.task_run(&TaskSpec::new("procs.add", vec![json!(n), json!(1)]), WAIT).await.unwrap();
+        assert_eq!(t.result, Some(json!(n + 1)));
+    }
+    let warm = started.elapsed() / 20;
+    assert_eq!(log_lines(&w1, "fetched from the manager and deployed").len(), 1, "fetched once");
+
+    // A redeploy on the manager: the next task brings the new version to w1.
+    std::fs::write(m.dir.join("procs-app/VERSION"), "2\n").unwrap();
+    let out = m.cli(&["app", "deploy", "procs", m.dir.join("procs-app").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let repacked = log_until(&m, "app packed for worker nodes", |l| field(l, "version").as_deref() == Some("v2")).await;
+    assert_ne!(field(&repacked, "hash"), Some(hash), "another version, another hash");
+    let t = admin.task_run(&TaskSpec::new("procs.add", vec![json!(2), json!(2)]), WAIT).await.unwrap();
+    assert_eq!(t.result, Some(json!(4)), "{}", w1.log());
+    assert_eq!(log_lines(&w1, "fetched from the manager and deployed").len(), 2);
+    assert_eq!(std::fs::read_to_string(current(&w1, "procs").join("VERSION")).unwrap(), "2\n");
+    assert_eq!(tree(&current(&w1, "procs")), tree(&current(&m, "procs")));
+    assert!(
+        std::fs::read_dir(w1.dir.join("data/packages/incoming")).map_or(true, |d| d.count() == 0),
+        "fetched files are removed once deployed"
+    );
+    eprintln!(
+        "apps follow their tasks: a package of {bytes} bytes fetched from the manager, checked and deployed in \
+         {ms} ms; the first task end to end {:.0} ms, later ones {:.1} ms each",
+        first.as_secs_f64() * 1000.0,
+        warm.as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_a_worker_cannot_take_fails_its_task_with_download_error() {
+    let root = tempfile::Builder::new().prefix("ntc").tempdir().unwrap();
+    let (mp, w1p, w2p) = (free_port(), free_port(), free_port());
+    let m = Node::new(root.path(), "m", mp, &[], "", "role = \"manager\"\nworkers = [\"w1\", \"w2\"]");
+    m.deploy_procs();
+    // w1 fetches no package over 4 KiB.
+    let w1 =
+        Node::new(root.path(), "w1", w1p, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]\nmax_package_bytes = 4096");
+    agents_until(&m, "w1 pairs", |a| active(a, "w1")).await;
+    let admin = m.admin().await;
+    let once = |args: Vec<serde_json::Value>| TaskSpec { max_attempts: Some(1), ..TaskSpec::new("procs.add", args) };
+    let id = admin.task_submit(&once(vec![json!(1), json!(2)])).await.unwrap().id;
+    let t = admin.task_wait(&id, WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Error, "{t:?}");
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, "DownloadError", "{e:?}");
+    assert!(e.message.contains("procs") && e.message.contains("at most 4096"), "{}", e.message);
+    let out = m.cli(&["task", "get", &id]);
+    assert!(text(&out).contains("DownloadError") && text(&out).contains("at most 4096"), "{}", text(&out));
+    assert!(!text(&w1.cli(&["app", "list"])).contains("procs"));
+
+    // w2 fetches it, but a program holds the service name `procs` there: the deploy is refused.
+    assert!(m.cli(&["agents", "ban", "w1"]).status.success());
+    agents_until(&m, "w1 is let go", |a| a.agents.iter().any(|x| x.name == "w1" && x.banned && x.state != "active"))
+        .await;
+    let w2 = Node::new(root.path(), "w2", w2p, &[mp], "", "role = \"worker\"\nmanagers = [\"m\"]");
+    let (_holder, _) = Client::connect(ClientConfig::new(w2.endpoint()).service("procs")).await.unwrap();
+    agents_until(&m, "w2 pairs", |a| active(a, "w2")).await;
+    let id = admin.task_submit(&once(vec![json!(3), json!(4)])).await.unwrap().id;
+    let t = admin.task_wait(&id, WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Error, "{t:?}");
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, "DownloadError", "{e:?}");
+    assert!(e.message.contains("deploying it failed") && e.message.contains("already registered"), "{}", e.message);
+    assert!(
+        std::fs::read_dir(w2.dir.join("data/packages/incoming")).map_or(true, |d| d.count() == 0),
+        "the fetched file is removed"
+    );
 }

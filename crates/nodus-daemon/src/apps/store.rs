@@ -715,6 +715,43 @@ mod tests {
     }
 
     #[test]
+    fn archive_entries_cannot_reach_outside_the_app_by_absolute_paths_or_links() {
+        // What a worker node deploys comes from its manager: an archive must not write
+        // anywhere but into the new version's directory.
+        let dir = tempfile::tempdir().unwrap();
+        let store = AppStore::new(dir.path(), 1 << 20);
+        let manifest: &[u8] = b"{\"executable\": \"./run\"}";
+        let run: &[u8] = b"#!/bin/sh\n";
+        let outside = dir.path().join("outside");
+        let absolute = outside.to_str().unwrap();
+        let archive =
+            pack(dir.path(), "abs.tar", false, &[("manifest.json", manifest), ("run", run), (absolute, b"x")]);
+        if let Ok(installed) = deploy(&store, "abs", &archive) {
+            assert!(installed.spec.dir.join(absolute.trim_start_matches('/')).exists(), "kept inside the app");
+        }
+        assert!(!outside.exists(), "an absolute path wrote outside the app");
+        for (kind, target) in [(tar::EntryType::Symlink, "/etc"), (tar::EntryType::Link, "../../outside")] {
+            let path = dir.path().join("link.tar");
+            let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+            for (n, data) in [("manifest.json", manifest), ("run", run)] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o755);
+                b.append_data(&mut h, n, data).unwrap();
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(0);
+            b.append_link(&mut h, "escape", target).unwrap();
+            b.into_inner().unwrap().flush().unwrap();
+            let e = format!("{:#}", deploy(&store, "linked", &path).unwrap_err());
+            assert!(e.contains("cannot contain links"), "{kind:?}: {e}");
+            assert!(!store.is_deployed("linked") && !dir.path().join("apps/linked").exists(), "{kind:?}");
+        }
+        assert!(!outside.exists());
+    }
+
+    #[test]
     fn bad_deployments_are_refused_name_the_source_and_leave_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let store = AppStore::new(dir.path(), 1 << 20);

@@ -12,6 +12,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(digest::digest(&digest::SHA256, bytes).as_ref())
 }
 
+/// [`sha256_hex`] of bytes that come in pieces (a package written or read as a stream).
+#[derive(Clone)]
+pub struct Sha256(digest::Context);
+
+impl Default for Sha256 {
+    fn default() -> Sha256 {
+        Sha256(digest::Context::new(&digest::SHA256))
+    }
+}
+
+impl std::fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sha256")
+    }
+}
+
+impl Sha256 {
+    /// Adds the next piece.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The hash of every piece so far, as [`sha256_hex`] gives it.
+    pub fn finish_hex(self) -> String {
+        hex(self.0.finish().as_ref())
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -192,6 +220,11 @@ mod tests {
     #[test]
     fn known_vector() {
         assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let mut s = Sha256::default();
+        s.update(b"a");
+        s.update(b"");
+        s.update(b"bc");
+        assert_eq!(s.finish_hex(), sha256_hex(b"abc"));
     }
 
     #[test]

@@ -297,6 +297,12 @@ impl WorkerNode {
         self.have.insert(package.app.clone(), package);
     }
 
+    /// The node no longer has `app` (an operator removed it): tasks needing it fetch its
+    /// package again, and the next `ManagerRequest` does not declare it.
+    pub fn remove_app(&mut self, app: &str) {
+        self.have.remove(app);
+    }
+
     /// Stops taking tasks (they are refused `ShuttingDown`); what it holds still runs and is
     /// reported.
     pub fn begin_shutdown(&mut self) {
