@@ -347,6 +347,7 @@ impl Harness {
                                     timeout: Duration::from_secs(20),
                                     lease: Lease(100 + self.claimed),
                                     created_at: self.now,
+                                    parent: None,
                                 }
                             })
                             .collect();

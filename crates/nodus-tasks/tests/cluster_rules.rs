@@ -46,6 +46,7 @@ fn claimed(n: u64, lease: u64, attempt: u32, timeout_ms: u64) -> Claimed {
         timeout: Duration::from_millis(timeout_ms),
         lease: Lease(lease),
         created_at: T0,
+        parent: None,
     }
 }
 

@@ -369,6 +369,13 @@ impl nodus_tasks::Store for LateAck {
     async fn reap(&self, now: nodus_tasks::UnixMs) -> Result<u64, nodus_tasks::StoreError> {
         self.inner.reap(now).await
     }
+    async fn expire(
+        &self,
+        now: nodus_tasks::UnixMs,
+        max: usize,
+    ) -> Result<Vec<nodus_tasks::store::Expired>, nodus_tasks::StoreError> {
+        self.inner.expire(now, max).await
+    }
     async fn purge(&self, now: nodus_tasks::UnixMs, max: usize) -> Result<u64, nodus_tasks::StoreError> {
         self.inner.purge(now, max).await
     }

@@ -158,12 +158,28 @@ pub struct TaskSpec {
     /// Most attempts when its worker fails (default: the node's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// The parent task (this one is its subtask: killing the parent kills it). A procedure
+    /// submitting subtasks passes its own task id here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<String>,
+    /// The task's deadline, Unix ms: not started by then, it never runs (it ends `error`, kind
+    /// `Expired`). Sent as the message's `_expires_at`; already past, the node refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 impl TaskSpec {
     /// `procedure` with `args` and the node's defaults.
     pub fn new(procedure: impl Into<String>, args: Vec<Value>) -> TaskSpec {
         TaskSpec { procedure: procedure.into(), args, ..TaskSpec::default() }
+    }
+
+    /// The same with a deadline `d` from now (this host's clock): not started by then, the task
+    /// never runs.
+    pub fn expires_in(mut self, d: Duration) -> TaskSpec {
+        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        self.expires_at = Some(crate::connection::now_ms().saturating_add(ms));
+        self
     }
 
     fn message(&self, command: &str) -> Message {
@@ -177,6 +193,12 @@ impl TaskSpec {
         }
         if let Some(n) = self.max_attempts {
             m = m.param("max_attempts", n);
+        }
+        if let Some(p) = &self.pid {
+            m = m.param("pid", p);
+        }
+        if let Some(e) = self.expires_at {
+            m.envelope.expires_at = e;
         }
         m
     }

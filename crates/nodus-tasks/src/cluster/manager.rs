@@ -947,7 +947,7 @@ impl Manager {
                 )),
                 None => Outcome::Failed(error),
             },
-            ErrorKind::TimedOut | ErrorKind::RunningError | ErrorKind::Aborted => {
+            ErrorKind::TimedOut | ErrorKind::RunningError | ErrorKind::Aborted | ErrorKind::Expired => {
                 if let Some(a) = &a {
                     self.grow(&a.worker);
                 }
