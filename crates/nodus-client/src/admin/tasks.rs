@@ -68,7 +68,8 @@ impl std::str::FromStr for TaskStatus {
 /// Why a task failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFailure {
-    /// `RunningError` (the procedure failed), `TimedOut`, `WorkerFailed` or `Aborted`.
+    /// `RunningError` (the procedure failed), `TimedOut`, `WorkerFailed`, `Aborted` (killed), or
+    /// `Expired` (its deadline passed before it started: it never ran).
     pub kind: String,
     /// What happened (for `RunningError`, the worker's own message).
     pub message: String,
@@ -133,6 +134,9 @@ pub struct TaskInfo {
     /// Why it failed, or why its last attempt did.
     #[serde(default)]
     pub error: Option<TaskFailure>,
+    /// The latest time (Unix ms) it may start, when it has a deadline.
+    #[serde(default)]
+    pub deadline: Option<u64>,
 }
 
 impl TaskInfo {
