@@ -1524,6 +1524,28 @@ mod tests {
         assert_eq!(code(Message::new("FLY")), Code::UnknownMethod);
         let w = parse(Message::new("WAIT").param("id", "x").param("timeout_ms", "999999999")).unwrap();
         assert!(matches!(w, Command::Wait { timeout, .. } if timeout == WAIT_MAX));
+        // The parent and the deadline (the message's _expires_at).
+        let mut m = Message::new("ATASK").param("procedure", "p.x").param("pid", "t-1");
+        m.envelope.expires_at = 1_700_000_000_000;
+        let t = parse(m).unwrap();
+        assert!(
+            matches!(&t, Command::Atask(s) if s.parent.as_ref().map(TaskId::as_str) == Some("t-1")
+                && s.deadline == Some(UnixMs(1_700_000_000_000))),
+            "{t:?}"
+        );
+        let t = parse(Message::new("TASK").param("procedure", "p.x")).unwrap();
+        assert!(matches!(&t, Command::Task(s) if s.deadline.is_none() && s.parent.is_none()), "{t:?}");
+        assert_eq!(code(Message::new("ATASK").param("procedure", "p.x").param("pid", "a b")), Code::UnknownTask);
+        let l = parse(Message::new("LIST").param("parent", "t-1")).unwrap();
+        assert!(matches!(&l, Command::List(f) if f.parent.as_ref().map(TaskId::as_str) == Some("t-1")), "{l:?}");
+        let mut many = Message::new("SUBMIT_MANY").with_payload(
+            &b"{\"procedure\": \"p.x\", \"pid\": \"t-2\"}\n{\"procedure\": \"p.y\", \"expires_at\": 5}\n"[..],
+        );
+        many.envelope.expires_at = 9;
+        let Ok(Command::SubmitMany(lines)) = parse(many) else { panic!("SUBMIT_MANY") };
+        let lines: Vec<Submission> = lines.into_iter().map(Result::unwrap).collect();
+        assert_eq!(lines[0].parent.as_ref().map(TaskId::as_str), Some("t-2"));
+        assert_eq!((lines[0].deadline, lines[1].deadline), (Some(UnixMs(9)), Some(UnixMs(5))), "a line's own wins");
     }
 
     #[test]
