@@ -545,6 +545,7 @@ mod tests {
             lease: Lease(n * 10 + u64::from(attempt)),
             created_at: T0,
             parent: None,
+            deadline: None,
         }
     }
 

@@ -345,6 +345,9 @@ pub struct Claimed {
     pub created_at: UnixMs,
     /// The task that submitted this one, if any.
     pub parent: Option<TaskId>,
+    /// The latest time the attempt may start (a worker node holding it in its queue past it
+    /// does not start it).
+    pub deadline: Option<UnixMs>,
 }
 
 /// A stored task, as reads return it.

@@ -1261,6 +1261,7 @@ impl Manager {
                 args: c.args,
                 timeout: c.timeout,
                 package: package.clone(),
+                deadline: c.deadline,
             });
         }
         if !batch.is_empty() {

@@ -90,6 +90,7 @@ async fn deadlines_are_honoured_at_claim_and_expired_tasks_never_run<S: Store>(s
     // even though it is the oldest and due, in the same statement that claims.
     let c = s.claim(claim("a", 10, at(50))).await.expect("claim");
     assert_eq!(c.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![id(2), id(3)]);
+    assert_eq!((c[0].deadline, c[1].deadline), (Some(at(500)), None), "a claim carries the deadline on");
     assert_eq!(s.get(id(1), at(50)).await.expect("get").expect("stored").status, Status::Pending);
     // A claim of the other app never hands task 4 out either.
     assert!(s.claim(claim("b", 10, at(60))).await.expect("claim").is_empty());

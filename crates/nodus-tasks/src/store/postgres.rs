@@ -322,7 +322,8 @@ WITH picked AS (
 UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
     owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
 FROM picked WHERE t.ctid = picked.ctid AND t.status = 'pending'
-RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at, t.parent
+RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at, t.parent,
+    t.deadline
 ";
 
 /// Claims with one guarded `UPDATE` (no locks beforehand, no `ctid`: neither exists in every
@@ -337,7 +338,8 @@ WITH cand AS (
     UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
         owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
     WHERE t.id IN (SELECT id FROM cand) AND t.status = 'pending'
-    RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at, t.parent
+    RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at, t.parent,
+    t.deadline
 )
 SELECT taken.*, c.n FROM (SELECT count(*) AS n FROM cand) c LEFT JOIN taken ON true
 ";
@@ -1323,7 +1325,7 @@ impl Store for PgStore {
             let (mut candidates, mut taken) = (0, 0);
             for r in rows {
                 if guarded {
-                    candidates = r.try_get::<_, i64>(10).map_err(corrupt)?;
+                    candidates = r.try_get::<_, i64>(11).map_err(corrupt)?;
                 }
                 let Some(seq) = r.try_get::<_, Option<i64>>(0).map_err(corrupt)? else { continue };
                 let id: String = r.try_get(1).map_err(corrupt)?;
@@ -1339,6 +1341,7 @@ impl Store for PgStore {
                     lease: Lease(u64::try_from(lease).unwrap_or(0)),
                     created_at: UnixMs::from_i64(r.try_get(8).map_err(corrupt)?),
                     parent: r.try_get::<_, Option<String>>(9).map_err(corrupt)?.map(|p| TaskId(p.into())),
+                    deadline: r.try_get::<_, Option<i64>>(10).map_err(corrupt)?.map(UnixMs::from_i64),
                 };
                 out.push((seq, claimed));
                 taken += 1;

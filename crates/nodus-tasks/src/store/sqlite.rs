@@ -795,7 +795,8 @@ impl Writer {
         let mut select = self
             .conn
             .prepare_cached(
-                "SELECT seq, id, procedure, args, attempt, max_attempts, timeout_ms, created_at, parent FROM tasks \
+                "SELECT seq, id, procedure, args, attempt, max_attempts, timeout_ms, created_at, parent, deadline \
+                 FROM tasks \
                  WHERE status = 'pending' AND app = ?1 AND run_after <= ?2 AND (deadline IS NULL OR deadline > ?2) \
                  ORDER BY seq LIMIT ?3",
             )
@@ -815,6 +816,7 @@ impl Writer {
                     lease: Lease(0),
                     created_at: UnixMs::from_i64(r.get(7)?),
                     parent: r.get::<_, Option<String>>(8)?.map(|p| TaskId(p.into())),
+                    deadline: r.get::<_, Option<i64>>(9)?.map(UnixMs::from_i64),
                 };
                 Ok((r.get(0)?, r.get(3)?, claimed))
             })
