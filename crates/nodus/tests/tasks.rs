@@ -316,6 +316,30 @@ async fn every_arpcp_code_through_the_nodes_listener() {
     assert!(admin.task_wait(&failing, WAIT).await.unwrap().status.is_final());
     let g = arpcp(addr, json!({"method": "get", "version": "1.0", "atask_id": failing})).await;
     assert!(code(&g) == 400 && g["description"].as_str().unwrap().contains("again"), "{g}");
+
+    // nodus's optional fields: a deadline already past is 200 (nothing stored); a parent that
+    // is unknown is 205; a known one is recorded, and a deadline ahead is kept.
+    let mut past = atask("procs.add", json!([1, 2]));
+    past["expires_at"] = json!(nodus_tasks::UnixMs::now().as_i64() - 1_000);
+    let a = arpcp(addr, past).await;
+    assert!(code(&a) == 200 && a["description"].as_str().unwrap().contains("expired"), "{a}");
+    let mut orphan = atask("procs.add", json!([1, 2]));
+    orphan["pid"] = json!("no-such-task");
+    expect(&arpcp(addr, orphan).await, 205, "an unknown parent");
+    let parent = arpcp(addr, atask("procs.sleep", json!([60000]))).await["data"].as_str().unwrap().to_string();
+    let mut child = atask("procs.add", json!([1, 2]));
+    child["pid"] = json!(parent);
+    let ahead = nodus_tasks::UnixMs::now().as_i64() + 600_000;
+    child["expires_at"] = json!(ahead);
+    let child = arpcp(addr, child).await["data"].as_str().unwrap().to_string();
+    let t = admin.task_get(&child).await.unwrap();
+    assert_eq!((t.parent.as_deref(), t.deadline), (Some(parent.as_str()), u64::try_from(ahead).ok()), "{t:?}");
+    // SIGNAL interrupted of the parent interrupts its subtask too (unless it already finished).
+    let s = json!({"method": "signal", "version": "1.0", "atask_id": parent, "atask_status": "interrupted"});
+    expect(&arpcp(addr, s).await, 100, "interrupted");
+    assert_eq!(admin.task_wait(&parent, WAIT).await.unwrap().status, TaskStatus::Interrupted);
+    let t = admin.task_wait(&child, WAIT).await.unwrap();
+    assert!(matches!(t.status, TaskStatus::Interrupted | TaskStatus::Done), "{t:?}");
     // (300 has tests of its own below: a store that is full, one that cannot be opened.)
 }
 
