@@ -11,12 +11,18 @@
 //!
 //! Commands (each needs the permission the router checks; `send` submits, `status` reads, `admin`
 //! changes a task): `TASK` and `ATASK` (`procedure=APP.EVENT`, arguments as a JSON array in
-//! `args=` or the payload, optional `key=`, `timeout_ms=`, `max_attempts=`), `SUBMIT_MANY`
-//! (JSON lines), `GET id=`, `WAIT id= [timeout_ms=]`, `LIST [status=] [procedure=] [after=]
-//! [limit=]`, `COUNTS` (tasks in the store by status), `STATS` (what the service did since the
+//! `args=` or the payload, optional `key=`, `timeout_ms=`, `max_attempts=`, `pid=` the parent
+//! task; the message's `_expires_at` is the task's deadline), `SUBMIT_MANY` (JSON lines), `GET
+//! id=`, `WAIT id= [timeout_ms=]`, `LIST [status=] [procedure=] [parent=] [after=] [limit=]`, `COUNTS` (tasks in the store by status), `STATS` (what the service did since the
 //! node started), `PROCEDURES`, `ID`, `SIGNAL id= status=`, `ABORT id=`, `WATCH [ttl_ms=]`
 //! and `UNWATCH`. Replies carry `arpcp=<code>` (100, or the seed's code of the refusal); a refusal
 //! is `ERROR code=<word>;arpcp=<code>;message=...`.
+//!
+//! Deadlines: a submission whose `_expires_at` has passed is refused `ERROR code=expired`; a
+//! stored task not started by it never runs and ends `error` with kind `Expired`, and a `TASK`
+//! waiting for it is answered `ERROR code=expired`. Subtasks: a task submitted with `pid=` is a
+//! subtask of that task, drawn under it in the component tree while both run; `ABORT`, SIGNAL
+//! `interrupted` and a control-plane kill of a task interrupt its subtasks too, at any depth.
 //!
 //! The service starts before any listener accepts; it opens the store and recovers on a task of
 //! its own, and requests wait for that. A store that cannot be opened makes every request an
@@ -34,7 +40,7 @@ use nodus_tasks::arpcp::{Answer, Code, SignalStatus};
 use nodus_tasks::executor::{Finished, StatusChange};
 use nodus_tasks::notify::Target;
 use nodus_tasks::store::{AnyStore, ListFilter, PgStore, StoreSpec};
-use nodus_tasks::task::MAX_KEY_LEN;
+use nodus_tasks::task::{ErrorKind, MAX_KEY_LEN};
 use nodus_tasks::{
     ArpcpConfig, ArpcpServer, SqliteConfig, SqliteStore, Status, Submission, SubmitError, Task, TaskId, Tasks, UnixMs,
     Waited,
@@ -189,7 +195,8 @@ impl TaskService {
             aborted,
             aborted_rx: Mutex::new(Some(aborted_rx)),
         });
-        let running = Arc::new(RunningTasks::new(&mount.config.server_name));
+        let manager = mount.config.tasks.role == "manager";
+        let running = Arc::new(RunningTasks::new(&mount.config.server_name, manager.then(|| mount.aborted.clone())));
         mount.shared.add_component_source(running.clone());
         let (changes_tx, changes_rx) = mpsc::channel(APP_CHANGES);
         let mut tasks = tokio::task::JoinSet::new();
@@ -575,6 +582,12 @@ impl Mount {
             Command::Task(s) => {
                 let (id, waited) = tasks.run(s).await?;
                 match waited {
+                    Waited::Finished(Finished { error: Some(e), .. }) if e.kind == ErrorKind::Expired => {
+                        // Never executed: the sender hears it as every expired message's sender does.
+                        let mut r = Refusal::new(Code::ProcedureFailed, e.message).with_id(&id);
+                        r.word = Some(nodus_control::expiry::EXPIRED_CODE);
+                        return Err(r);
+                    }
                     Waited::Finished(f) => {
                         let task = tasks.get(&id).await.ok().flatten();
                         task_reply(req, &id, task.as_ref(), Some(&f))
@@ -689,6 +702,7 @@ impl Mount {
                     .param("released", s.released)
                     .param("stale", s.stale)
                     .param("record_retries", s.record_retries)
+                    .param("expired", s.expired)
                     .param("arpcp", 100)
             }
             Command::Procedures => {
@@ -715,6 +729,23 @@ impl Mount {
                     .with_payload(serde_json::to_vec(&list).expect("JSON to a Vec"))
             }
             Command::Id => req.reply("ID").param("id", tasks.node()).param("arpcp", 100),
+            Command::Signal { id, status: SignalStatus::Interrupted } => {
+                match tasks.kill(&id).await.map_err(Refusal::store)? {
+                    Some(killed) => {
+                        self.tell_aborted(&id);
+                        for sub in &killed.subtasks {
+                            self.tell_aborted(sub);
+                        }
+                        req.reply("SIGNALED")
+                            .param("id", &id)
+                            .param("status", SignalStatus::Interrupted.name())
+                            .param("before", killed.before)
+                            .param("subtasks", killed.subtasks.len())
+                            .param("arpcp", 100)
+                    }
+                    None => return Err(Refusal::unknown(&id)),
+                }
+            }
             Command::Signal { id, status } => match tasks.signal(&id, status).await.map_err(Refusal::store)? {
                 Some(before) => {
                     self.tell_aborted(&id);
@@ -726,10 +757,17 @@ impl Mount {
                 }
                 None => return Err(Refusal::unknown(&id)),
             },
-            Command::Abort(id) => match tasks.abort(&id).await.map_err(Refusal::store)? {
-                Some(before) => {
+            Command::Abort(id) => match tasks.kill(&id).await.map_err(Refusal::store)? {
+                Some(killed) => {
                     self.tell_aborted(&id);
-                    req.reply("ABORTED").param("id", &id).param("before", before).param("arpcp", 100)
+                    for sub in &killed.subtasks {
+                        self.tell_aborted(sub);
+                    }
+                    req.reply("ABORTED")
+                        .param("id", &id)
+                        .param("before", killed.before)
+                        .param("subtasks", killed.subtasks.len())
+                        .param("arpcp", 100)
                 }
                 None => return Err(Refusal::unknown(&id)),
             },
@@ -930,11 +968,13 @@ struct Refusal {
     code: Code,
     message: String,
     id: Option<TaskId>,
+    /// The `code=` word when it is not the arpcp code's (`expired`).
+    word: Option<&'static str>,
 }
 
 impl Refusal {
     fn new(code: Code, message: impl Into<String>) -> Refusal {
-        Refusal { code, message: message.into(), id: None }
+        Refusal { code, message: message.into(), id: None, word: None }
     }
 
     fn with_id(mut self, id: &TaskId) -> Refusal {
@@ -952,6 +992,9 @@ impl Refusal {
 
     /// The stable `code=` word of the `ERROR` reply.
     fn word(&self) -> &'static str {
+        if let Some(w) = self.word {
+            return w;
+        }
         match self.code {
             Code::Malformed | Code::MissingField | Code::UnknownMethod | Code::Version => "invalid",
             Code::UnknownProcedure => "unknown_procedure",
@@ -966,7 +1009,11 @@ impl Refusal {
 
 impl From<SubmitError> for Refusal {
     fn from(e: SubmitError) -> Refusal {
-        Refusal::new(e.code(), e.to_string())
+        let mut r = Refusal::new(e.code(), e.to_string());
+        if matches!(e, SubmitError::Expired(_)) {
+            r.word = Some(nodus_control::expiry::EXPIRED_CODE);
+        }
+        r
     }
 }
 
@@ -1020,7 +1067,18 @@ impl Command {
                         format!("SUBMIT_MANY takes at most {MAX_SUBMIT_MANY} tasks, got {}", lines.len()),
                     ));
                 }
-                Command::SubmitMany(lines.into_iter().map(submission_line).collect())
+                let deadline = deadline_of(req);
+                Command::SubmitMany(
+                    lines
+                        .into_iter()
+                        .map(|l| {
+                            submission_line(l).map(|mut s| {
+                                s.deadline = s.deadline.or(deadline);
+                                s
+                            })
+                        })
+                        .collect(),
+                )
             }
             "GET" => Command::Get(id()?),
             "WAIT" => Command::Wait { id: id()?, timeout: millis("timeout_ms")?.unwrap_or(WAIT_DEFAULT).min(WAIT_MAX) },
@@ -1044,7 +1102,20 @@ impl Command {
                         .ok_or_else(|| Refusal::new(Code::Malformed, format!("limit is 1 to {LIST_MAX}")))?,
                     None => LIST_DEFAULT,
                 };
-                Command::List(ListFilter { status, procedure: req.get("procedure").map(String::from), after, limit })
+                let parent = match req.get("parent") {
+                    Some(p) => Some(
+                        p.parse()
+                            .map_err(|_| Refusal::new(Code::Malformed, format!("parent={p:?} is not a task id")))?,
+                    ),
+                    None => None,
+                };
+                Command::List(ListFilter {
+                    status,
+                    procedure: req.get("procedure").map(String::from),
+                    parent,
+                    after,
+                    limit,
+                })
             }
             "COUNTS" => Command::Counts,
             "STATS" => Command::Stats,
@@ -1082,7 +1153,8 @@ impl Command {
 }
 
 /// The submission of `TASK`/`ATASK`: `procedure=`, the arguments in `args=` or the payload (a
-/// JSON array; none: no arguments), `key=`, `timeout_ms=`, `max_attempts=`.
+/// JSON array; none: no arguments), `key=`, `timeout_ms=`, `max_attempts=`, `pid=` (the parent
+/// task); the message's `_expires_at` is the task's deadline.
 fn submission_of(req: &Message) -> Result<Submission, Refusal> {
     let procedure = req
         .get("procedure")
@@ -1113,11 +1185,21 @@ fn submission_of(req: &Message) -> Result<Submission, Refusal> {
         s.max_attempts =
             Some(n.parse().map_err(|_| Refusal::new(Code::Malformed, format!("max_attempts={n:?} is not a number")))?);
     }
+    if let Some(p) = req.get("pid") {
+        s.parent = Some(p.parse().map_err(|_| Refusal::new(Code::UnknownTask, format!("pid={p:?} is not a task id")))?);
+    }
+    s.deadline = deadline_of(req);
     Ok(s)
 }
 
-/// One line of `SUBMIT_MANY`: `{"procedure", "args", "key", "timeout_ms", "max_attempts"}` (the
-/// arpcp names `remote_procedure` and `remote_procedure_args` are accepted too).
+/// The deadline a message gives the tasks it submits: its `_expires_at` (0: none).
+fn deadline_of(req: &Message) -> Option<UnixMs> {
+    (req.envelope.expires_at != 0).then(|| UnixMs::from_i64(req.envelope.expires_at))
+}
+
+/// One line of `SUBMIT_MANY`: `{"procedure", "args", "key", "timeout_ms", "max_attempts", "pid",
+/// "expires_at"}` (the arpcp names `remote_procedure` and `remote_procedure_args` are accepted
+/// too; `parent` for `pid`). A line without `expires_at` takes the message's `_expires_at`.
 fn submission_line(line: &str) -> Result<Submission, Refusal> {
     let v: Value = serde_json::from_str(line).map_err(|e| Refusal::new(Code::Malformed, format!("not JSON: {e}")))?;
     let Value::Object(o) = v else {
@@ -1152,6 +1234,14 @@ fn submission_line(line: &str) -> Result<Submission, Refusal> {
         let n = n.as_u64().and_then(|n| u32::try_from(n).ok());
         s.max_attempts = Some(n.ok_or_else(|| Refusal::new(Code::Malformed, "\"max_attempts\" must be a number"))?);
     }
+    if let Some(p) = field("pid", "parent") {
+        let p = p.as_str().and_then(|p| p.parse().ok());
+        s.parent = Some(p.ok_or_else(|| Refusal::new(Code::UnknownTask, "\"pid\" must be a task id"))?);
+    }
+    if let Some(e) = field("expires_at", "expires_at") {
+        let e = e.as_i64().ok_or_else(|| Refusal::new(Code::Malformed, "\"expires_at\" must be Unix milliseconds"))?;
+        s.deadline = Some(UnixMs::from_i64(e));
+    }
     Ok(s)
 }
 
@@ -1174,6 +1264,7 @@ pub fn task_json(t: &Task, full: bool) -> Value {
         "started_at": ms(t.started_at),
         "finished_at": ms(t.finished_at),
         "expires_at": ms(t.expires_at),
+        "deadline": ms(t.deadline),
         "error": t.error.as_ref().map(|e| json!({"kind": e.kind.as_str(), "message": e.message})),
     });
     if full {
@@ -1264,24 +1355,30 @@ async fn listen_arpcp(addr: &str) -> std::io::Result<TcpListener> {
 }
 
 /// The node's running tasks as components of its tree (the control plane's
-/// [`ComponentSource`](crate::control::ComponentSource)): each one started by the node, listed
-/// while it runs, answered for when monitored, and aborted (`interrupted`) by a kill. Kept from
-/// the executor's status changes, so listing never waits for the store.
+/// [`ComponentSource`](crate::control::ComponentSource)): each one started by its parent task
+/// when that one runs here too (a subtask), else by the node; listed while it runs, answered for
+/// when monitored, and killed (`interrupted`, with its subtasks at any depth: running ones are
+/// children in the tree and the cascade stops them first, pending ones are interrupted in the
+/// store so they never start). Kept from the executor's status changes, so listing never waits
+/// for the store.
 struct RunningTasks {
     node: String,
     node_id: ComponentId,
     running: Mutex<BTreeMap<ComponentId, (TaskId, Component)>>,
     /// The service once its store is open (to abort with).
     tasks: Mutex<Option<Tasks<TaskStore>>>,
+    /// On a manager, the tasks killed, for their worker nodes to stop them.
+    aborted: Option<mpsc::Sender<TaskId>>,
 }
 
 impl RunningTasks {
-    fn new(node: &str) -> Self {
+    fn new(node: &str, aborted: Option<mpsc::Sender<TaskId>>) -> Self {
         RunningTasks {
             node: node.to_string(),
             node_id: crate::control::sources::node_id(node),
             running: Mutex::default(),
             tasks: Mutex::default(),
+            aborted,
         }
     }
 
@@ -1289,10 +1386,13 @@ impl RunningTasks {
         ComponentId::derive(&[&self.node, "task", task.as_str()])
     }
 
-    /// Task `task` as a component; `started` is when its attempt started.
-    fn component(&self, task: &TaskId, procedure: &str, started: UnixMs) -> Component {
+    /// Task `task` as a component; `started` is when its attempt started. A subtask is started
+    /// by its parent's component (the listing hangs it on the node while the parent does not run
+    /// here).
+    fn component(&self, task: &TaskId, procedure: &str, started: UnixMs, parent: Option<&TaskId>) -> Component {
+        let pid = parent.map_or(self.node_id, |p| self.id_of(p));
         let mut c = Component::new(self.id_of(task), ComponentKind::Task, format!("{procedure} {task}"), &self.node)
-            .started_by(self.node_id);
+            .started_by(pid);
         c.creator = TASKS_SERVICE.to_string();
         c.created_at = i64::try_from(started.0).unwrap_or(i64::MAX);
         c
@@ -1318,7 +1418,7 @@ impl RunningTasks {
                     let id = self.id_of(&change.id);
                     let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                     if change.status == Some(Status::Running) {
-                        let c = self.component(&change.id, &change.procedure, UnixMs::now());
+                        let c = self.component(&change.id, &change.procedure, UnixMs::now(), change.parent.as_ref());
                         running.insert(id, (change.id, c));
                     } else {
                         running.remove(&id);
@@ -1331,7 +1431,7 @@ impl RunningTasks {
     }
 
     async fn resync(&self, tasks: &Tasks<TaskStore>) {
-        let filter = ListFilter { status: Some(Status::Running), procedure: None, after: None, limit: 10_000 };
+        let filter = ListFilter { status: Some(Status::Running), limit: 10_000, ..ListFilter::default() };
         match tasks.list(filter).await {
             Ok(list) => {
                 let now: BTreeMap<_, _> = list
@@ -1341,7 +1441,12 @@ impl RunningTasks {
                             self.id_of(&t.id),
                             (
                                 t.id.clone(),
-                                self.component(&t.id, &t.procedure, t.started_at.unwrap_or_else(UnixMs::now)),
+                                self.component(
+                                    &t.id,
+                                    &t.procedure,
+                                    t.started_at.unwrap_or_else(UnixMs::now),
+                                    t.parent.as_ref(),
+                                ),
                             ),
                         )
                     })
@@ -1355,15 +1460,40 @@ impl RunningTasks {
 
 impl crate::control::ComponentSource for RunningTasks {
     fn components(&self) -> Vec<Component> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).values().map(|(_, c)| c.clone()).collect()
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running
+            .values()
+            .map(|(_, c)| {
+                let mut c = c.clone();
+                if c.pid.is_some_and(|p| p != self.node_id && !running.contains_key(&p)) {
+                    // Its parent task runs elsewhere or has finished: the node holds it.
+                    c.pid = Some(self.node_id);
+                }
+                c
+            })
+            .collect()
     }
 
     fn stop(&self, id: ComponentId) {
         let Some((task, _)) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) else { return };
         let Some(tasks) = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let aborted = self.aborted.clone();
         tokio::spawn(async move {
-            if let Err(e) = tasks.abort(&task).await {
-                warn!(task = %task, error = %e, "a kill could not abort the task");
+            match tasks.kill(&task).await {
+                Ok(Some(killed)) => {
+                    if !killed.subtasks.is_empty() {
+                        info!(task = %task, subtasks = killed.subtasks.len(), "killed with its subtasks");
+                    }
+                    if let Some(tx) = aborted {
+                        for id in std::iter::once(task).chain(killed.subtasks) {
+                            if tx.try_send(id.clone()).is_err() {
+                                warn!(task = %id, "too many aborts at once: the task's worker is not told, its late result will be discarded");
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => warn!(task = %task, error = %e, "a kill could not abort the task"),
             }
         });
     }
@@ -1394,6 +1524,28 @@ mod tests {
         assert_eq!(code(Message::new("FLY")), Code::UnknownMethod);
         let w = parse(Message::new("WAIT").param("id", "x").param("timeout_ms", "999999999")).unwrap();
         assert!(matches!(w, Command::Wait { timeout, .. } if timeout == WAIT_MAX));
+        // The parent and the deadline (the message's _expires_at).
+        let mut m = Message::new("ATASK").param("procedure", "p.x").param("pid", "t-1");
+        m.envelope.expires_at = 1_700_000_000_000;
+        let t = parse(m).unwrap();
+        assert!(
+            matches!(&t, Command::Atask(s) if s.parent.as_ref().map(TaskId::as_str) == Some("t-1")
+                && s.deadline == Some(UnixMs(1_700_000_000_000))),
+            "{t:?}"
+        );
+        let t = parse(Message::new("TASK").param("procedure", "p.x")).unwrap();
+        assert!(matches!(&t, Command::Task(s) if s.deadline.is_none() && s.parent.is_none()), "{t:?}");
+        assert_eq!(code(Message::new("ATASK").param("procedure", "p.x").param("pid", "a b")), Code::UnknownTask);
+        let l = parse(Message::new("LIST").param("parent", "t-1")).unwrap();
+        assert!(matches!(&l, Command::List(f) if f.parent.as_ref().map(TaskId::as_str) == Some("t-1")), "{l:?}");
+        let mut many = Message::new("SUBMIT_MANY").with_payload(
+            &b"{\"procedure\": \"p.x\", \"pid\": \"t-2\"}\n{\"procedure\": \"p.y\", \"expires_at\": 5}\n"[..],
+        );
+        many.envelope.expires_at = 9;
+        let Ok(Command::SubmitMany(lines)) = parse(many) else { panic!("SUBMIT_MANY") };
+        let lines: Vec<Submission> = lines.into_iter().map(Result::unwrap).collect();
+        assert_eq!(lines[0].parent.as_ref().map(TaskId::as_str), Some("t-2"));
+        assert_eq!((lines[0].deadline, lines[1].deadline), (Some(UnixMs(9)), Some(UnixMs(5))), "a line's own wins");
     }
 
     #[test]

@@ -609,6 +609,7 @@ pub(crate) async fn submit_task(
         key: b.key,
         timeout_ms: b.timeout_ms,
         max_attempts: b.max_attempts,
+        ..nodus_client::admin::TaskSpec::default()
     };
     let done = ctx.admin().task_submit(&spec).await.map_err(tasks_err)?;
     let status = if done.existing { StatusCode::OK } else { StatusCode::CREATED };

@@ -3,14 +3,14 @@
 //!
 //! | method | success | refusals |
 //! |---|---|---|
-//! | `task` | 100, `data` = the result | 203, 204, 300, 400 (the procedure failed, timed out or was interrupted) |
-//! | `atask` | 100, `data` = the task id | 203, 204, 300 |
+//! | `task` | 100, `data` = the result | 200 (already expired), 203, 204, 205 (unknown or finished `pid`), 300, 400 (the procedure failed, timed out, was interrupted, or expired before it started) |
+//! | `atask` | 100, `data` = the task id | 200 (already expired), 203, 204, 205, 300 |
 //! | `get` | 100 `done` + result; 100 `pending`/`running` + null | 205, 300, 400 (failed or interrupted) |
 //! | `signal` | 100, `data` `"OK"` | 205, 300 |
 //! | `id` | 100, `data` = the node id | |
 //! | `procedures` | 100, `data` = the procedure names | |
 
-use crate::arpcp::{Answer, Code, Request};
+use crate::arpcp::{Answer, Code, Extension, Request};
 use crate::executor::{Finished, Submission, Tasks, Waited};
 use crate::store::Store;
 use crate::task::{json_null, ErrorKind, Status, TaskId};
@@ -18,7 +18,7 @@ use crate::task::{json_null, ErrorKind, Status, TaskId};
 /// Answers one request.
 pub async fn answer<S: Store>(tasks: &Tasks<S>, req: Request) -> Answer {
     match req {
-        Request::Task { procedure, args } => match tasks.run(Submission::new(procedure, args)).await {
+        Request::Task { procedure, args, extra } => match tasks.run(submission(procedure, args, extra)).await {
             Ok((_, Waited::Finished(f))) => finished(f, "OK"),
             Ok((id, Waited::NotYet(s))) => Answer::error(
                 Code::Internal,
@@ -27,7 +27,7 @@ pub async fn answer<S: Store>(tasks: &Tasks<S>, req: Request) -> Answer {
             Ok((id, Waited::Unknown)) => Answer::error(Code::Internal, format!("task {id} was deleted while it ran")),
             Err(e) => Answer::error(e.code(), e.to_string()),
         },
-        Request::Atask { procedure, args } => match tasks.submit(Submission::new(procedure, args)).await {
+        Request::Atask { procedure, args, extra } => match tasks.submit(submission(procedure, args, extra)).await {
             Ok(sub) => Answer::ok("OK", Answer::string_data(sub.id.as_str())),
             Err(e) => Answer::error(e.code(), e.to_string()),
         },
@@ -51,6 +51,14 @@ pub async fn answer<S: Store>(tasks: &Tasks<S>, req: Request) -> Answer {
             Answer::ok("OK", data)
         }
     }
+}
+
+/// A submission with nodus's optional arpcp fields (`expires_at`, `pid`).
+fn submission(procedure: String, args: Vec<serde_json::Value>, extra: Extension) -> Submission {
+    let mut s = Submission::new(procedure, args);
+    s.deadline = extra.expires_at;
+    s.parent = extra.pid;
+    s
 }
 
 fn unknown(id: &TaskId) -> Answer {

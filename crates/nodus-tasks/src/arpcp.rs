@@ -6,12 +6,18 @@
 //! any bytes give a [`Request`] or the [`Answer`] that refuses them (codes 200, 201, 202, 205,
 //! 206). Procedure and id lookups (203, 204, 205) and execution (100, 300, 400) belong to the
 //! service that answers the request.
+//!
+//! nodus extends `task` and `atask` with two optional fields the reference never sends (and its
+//! server ignores, as it ignores every unknown field): `expires_at`, the task's deadline as Unix
+//! milliseconds (a task not started by then never runs; already past on arrival, the request is
+//! refused with 200), and `pid`, the id of the parent task submitting this one (killing the
+//! parent kills it).
 
 use std::fmt;
 
 use serde_json::Value;
 
-use crate::task::{json, json_null, Json, TaskId};
+use crate::task::{json, json_null, Json, TaskId, UnixMs};
 
 /// The arpcp port of the reference implementation (and nodus's default).
 pub const DEFAULT_PORT: u16 = 7018;
@@ -156,6 +162,15 @@ impl SignalStatus {
     }
 }
 
+/// The optional fields nodus adds to `task` and `atask` (absent from the reference's requests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extension {
+    /// `expires_at`: the latest time (Unix ms) the task may start.
+    pub expires_at: Option<UnixMs>,
+    /// `pid`: the parent task.
+    pub pid: Option<TaskId>,
+}
+
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -165,6 +180,8 @@ pub enum Request {
         procedure: String,
         /// Positional arguments.
         args: Vec<Value>,
+        /// nodus's optional fields.
+        extra: Extension,
     },
     /// Submit `procedure` with `args`; answer the task id.
     Atask {
@@ -172,6 +189,8 @@ pub enum Request {
         procedure: String,
         /// Positional arguments.
         args: Vec<Value>,
+        /// nodus's optional fields.
+        extra: Extension,
     },
     /// A task's status or result.
     Get {
@@ -330,9 +349,29 @@ pub fn decode_request(line: &[u8]) -> Result<Request, Answer> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Answer::error(Code::UnknownTask, format!("{v} is not a task id")))
     };
+    let extra = || -> Result<Extension, Answer> {
+        let expires_at = match field("expires_at") {
+            None => None,
+            Some(v) => Some(v.as_i64().map(UnixMs::from_i64).ok_or_else(|| {
+                Answer::error(
+                    Code::Malformed,
+                    format!("\"expires_at\" must be an integer (Unix milliseconds), not {v}"),
+                )
+            })?),
+        };
+        let pid = match field("pid") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| Answer::error(Code::UnknownTask, format!("pid {v} is not a task id")))?,
+            ),
+        };
+        Ok(Extension { expires_at, pid })
+    };
     Ok(match method {
-        Method::Task => Request::Task { procedure: procedure()?, args: args()? },
-        Method::Atask => Request::Atask { procedure: procedure()?, args: args()? },
+        Method::Task => Request::Task { procedure: procedure()?, args: args()?, extra: extra()? },
+        Method::Atask => Request::Atask { procedure: procedure()?, args: args()?, extra: extra()? },
         Method::Get => Request::Get { id: id()? },
         Method::Signal => {
             let id = id()?;
@@ -364,9 +403,15 @@ pub fn encode_request(req: &Request, version: &str, out: &mut Vec<u8>) {
     obj.insert("method".into(), method.name().into());
     obj.insert("version".into(), version.into());
     match req {
-        Request::Task { procedure, args } | Request::Atask { procedure, args } => {
+        Request::Task { procedure, args, extra } | Request::Atask { procedure, args, extra } => {
             obj.insert("remote_procedure".into(), procedure.clone().into());
             obj.insert("remote_procedure_args".into(), Value::Array(args.clone()));
+            if let Some(e) = extra.expires_at {
+                obj.insert("expires_at".into(), e.0.into());
+            }
+            if let Some(p) = &extra.pid {
+                obj.insert("pid".into(), p.as_str().into());
+            }
         }
         Request::Get { id } => {
             obj.insert("atask_id".into(), id.as_str().into());
@@ -399,7 +444,23 @@ mod tests {
             br#"{"method": "atask", "version": "0.3", "remote_procedure": "procs.add", "remote_procedure_args": [1, 2]}"#,
         )
         .unwrap();
-        assert_eq!(r, Request::Atask { procedure: "procs.add".into(), args: vec![1.into(), 2.into()] });
+        assert_eq!(
+            r,
+            Request::Atask {
+                procedure: "procs.add".into(),
+                args: vec![1.into(), 2.into()],
+                extra: Extension::default()
+            }
+        );
+        let r = decode_request(
+            br#"{"method": "atask", "version": "1.0", "remote_procedure": "p.x", "remote_procedure_args": [], "expires_at": 1700000000000, "pid": "t-1"}"#,
+        )
+        .unwrap();
+        let want = Extension { expires_at: Some(UnixMs(1_700_000_000_000)), pid: Some("t-1".parse().unwrap()) };
+        assert!(matches!(&r, Request::Atask { extra, .. } if *extra == want), "{r:?}");
+        let bad = r#"{"method": "task", "version": "1.0", "remote_procedure": "p.x", "remote_procedure_args": []"#;
+        assert_eq!(code(&format!(r#"{bad}, "expires_at": "soon"}}"#)), Code::Malformed);
+        assert_eq!(code(&format!(r#"{bad}, "pid": 7}}"#)), Code::UnknownTask);
         let r =
             decode_request(br#"{"method":"TASK","version":"1.0","remote_procedure":"p.x","remote_procedure_args":[]}"#);
         assert!(matches!(r, Ok(Request::Task { .. })));
@@ -463,8 +524,12 @@ mod tests {
     #[test]
     fn encoded_requests_decode_back() {
         let reqs = [
-            Request::Task { procedure: "p.a".into(), args: vec!["x".into(), Value::Null] },
-            Request::Atask { procedure: "p.b".into(), args: vec![] },
+            Request::Task { procedure: "p.a".into(), args: vec!["x".into(), Value::Null], extra: Extension::default() },
+            Request::Atask {
+                procedure: "p.b".into(),
+                args: vec![],
+                extra: Extension { expires_at: Some(UnixMs(5)), pid: Some("t-0".parse().unwrap()) },
+            },
             Request::Get { id: "id-1".parse().unwrap() },
             Request::Signal { id: "id-2".parse().unwrap(), status: SignalStatus::ClientError },
             Request::Id,

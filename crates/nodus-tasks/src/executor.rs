@@ -93,8 +93,13 @@ pub struct Submission {
     pub args: Vec<Value>,
     /// Idempotency key: the same key again returns the existing task.
     pub key: Option<String>,
-    /// The task that submits this one.
+    /// The task that submits this one: it must exist and not be finished; killing it kills
+    /// this one.
     pub parent: Option<TaskId>,
+    /// The latest time an attempt may start (the `expires_at` of the submitting message):
+    /// past it the task is finished as expired without running; already past on arrival, the
+    /// submission is refused.
+    pub deadline: Option<UnixMs>,
     /// Longest an attempt may run (default: the node's).
     pub timeout: Option<Duration>,
     /// Most attempts when its worker fails (default: the node's).
@@ -120,6 +125,12 @@ pub enum SubmitError {
     /// Something else about the submission is out of bounds (arpcp 200).
     #[error("{0}")]
     Invalid(String),
+    /// The submission's deadline had passed when it arrived (arpcp 200; `ERROR code=expired`).
+    #[error("{0}")]
+    Expired(String),
+    /// The parent task named is unknown or already finished (arpcp 205).
+    #[error("{0}")]
+    Parent(String),
     /// The store failed (arpcp 300).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -134,7 +145,8 @@ impl SubmitError {
         match self {
             SubmitError::UnknownProcedure(_) => Code::UnknownProcedure,
             SubmitError::BadArguments(_) => Code::BadArguments,
-            SubmitError::Invalid(_) => Code::Malformed,
+            SubmitError::Invalid(_) | SubmitError::Expired(_) => Code::Malformed,
+            SubmitError::Parent(_) => Code::UnknownTask,
             SubmitError::Store(_) | SubmitError::ShuttingDown => Code::Internal,
         }
     }
@@ -179,6 +191,9 @@ pub struct StatusChange {
     pub status: Option<Status>,
     /// Its attempt number (0 before the first).
     pub attempt: u32,
+    /// The task that submitted it, when the change knows (always for `pending` at submission
+    /// and `running`).
+    pub parent: Option<TaskId>,
 }
 
 impl StatusChange {
@@ -207,10 +222,13 @@ pub struct TaskStats {
     pub stale: u64,
     /// Records that had to be written again after a store failure.
     pub record_retries: u64,
+    /// Pending tasks finished as expired (their deadline passed before they could start).
+    pub expired: u64,
 }
 
 #[derive(Default)]
 struct Counters {
+    expired: AtomicU64,
     submitted: AtomicU64,
     started: AtomicU64,
     done: AtomicU64,
@@ -244,6 +262,10 @@ enum Event {
         result: Result<Vec<Fenced>, StoreError>,
     },
     Aborted(TaskId),
+    /// Tasks with these deadlines were stored.
+    Deadlines(Vec<UnixMs>),
+    /// An expiry sweep finished as many tasks as it could: sweep again.
+    ExpireFull,
     /// Another node's news may have been missed: every app looks for due tasks.
     WakeAll,
     Shutdown {
@@ -412,6 +434,12 @@ impl<S: Store> Tasks<S> {
                 return Err(SubmitError::Invalid(format!("an idempotency key is 1 to {MAX_KEY_LEN} bytes")));
             }
         }
+        if let Some(d) = s.deadline.filter(|d| *d <= now) {
+            return Err(SubmitError::Expired(format!(
+                "the task expired before it was stored (expires_at={} <= now={}); submit it again with a later _expires_at",
+                d.0, now.0
+            )));
+        }
         let timeout = s.timeout.unwrap_or(config.default_timeout);
         if timeout.is_zero() || timeout > config.max_timeout {
             return Err(SubmitError::Invalid(format!(
@@ -429,6 +457,7 @@ impl<S: Store> Tasks<S> {
             parent: s.parent,
             key: s.key,
             created_at: now,
+            deadline: s.deadline,
         })
     }
 
@@ -466,9 +495,13 @@ impl<S: Store> Tasks<S> {
                 }
             }
         }
+        self.check_parents(&mut tasks, &mut slots, &mut out).await?;
         if tasks.is_empty() {
             return Ok(out);
         }
+        let deadlines: Vec<UnixMs> = tasks.iter().filter_map(|t| t.deadline).collect();
+        let parents: HashMap<TaskId, TaskId> =
+            tasks.iter().filter_map(|t| t.parent.clone().map(|p| (t.id.clone(), p))).collect();
         let meta: Vec<(String, Arc<str>)> =
             tasks.iter().map(|t| (t.app.clone(), Arc::from(t.procedure.as_str()))).collect();
         let watching = self.inner.changes.receiver_count() > 0;
@@ -485,8 +518,13 @@ impl<S: Store> Tasks<S> {
             for (id, sub) in ids.iter().zip(stored.iter().flatten()) {
                 if let Some(procedure) = a.remove(id) {
                     if !sub.existing {
-                        let change =
-                            StatusChange { id: id.clone(), procedure, status: Some(Status::Pending), attempt: 0 };
+                        let change = StatusChange {
+                            id: id.clone(),
+                            procedure,
+                            status: Some(Status::Pending),
+                            attempt: 0,
+                            parent: parents.get(id).cloned(),
+                        };
                         let _ = self.inner.changes.send(change);
                     }
                 }
@@ -512,7 +550,50 @@ impl<S: Store> Tasks<S> {
             self.inner.submitted.send_modify(|n| *n = n.wrapping_add(1));
             let _ = self.inner.events.send(Event::Submitted(apps)).await;
         }
+        if !deadlines.is_empty() {
+            let _ = self.inner.events.send(Event::Deadlines(deadlines)).await;
+        }
         Ok(out)
+    }
+
+    /// Refuses the prepared tasks whose parent is unknown or finished (a killed task starts no
+    /// subtasks): they leave `tasks` and their slot in `out` gets the refusal.
+    async fn check_parents(
+        &self,
+        tasks: &mut Vec<NewTask>,
+        slots: &mut Vec<usize>,
+        out: &mut [Result<Submitted, SubmitError>],
+    ) -> Result<(), SubmitError> {
+        if tasks.iter().all(|t| t.parent.is_none()) {
+            return Ok(());
+        }
+        let now = UnixMs::now();
+        let mut verdicts: HashMap<TaskId, Option<String>> = HashMap::new();
+        for p in tasks.iter().filter_map(|t| t.parent.clone()) {
+            if verdicts.contains_key(&p) {
+                continue;
+            }
+            let why = match self.inner.store.get(p.clone(), now).await? {
+                None => Some(format!("no parent task {p} (unknown, deleted, or its result expired)")),
+                Some(t) if t.status.is_final() => {
+                    Some(format!("the parent task {p} is {}: a finished task starts no subtasks", t.status))
+                }
+                Some(_) => None,
+            };
+            verdicts.insert(p, why);
+        }
+        let mut kept = (Vec::with_capacity(tasks.len()), Vec::with_capacity(slots.len()));
+        for (t, slot) in tasks.drain(..).zip(slots.drain(..)) {
+            match t.parent.as_ref().and_then(|p| verdicts.get(p).cloned().flatten()) {
+                Some(why) => out[slot] = Err(SubmitError::Parent(why)),
+                None => {
+                    kept.0.push(t);
+                    kept.1.push(slot);
+                }
+            }
+        }
+        (*tasks, *slots) = kept;
+        Ok(())
     }
 
     /// Submits a task and waits for it to finish (a sync task): up to its timeout plus
@@ -600,13 +681,59 @@ impl<S: Store> Tasks<S> {
         self.inner.store.counts(UnixMs::now()).await
     }
 
-    /// Aborts a task: pending or running, it becomes interrupted (a running attempt's worker
-    /// session is cancelled). Returns its status before (`None`: unknown).
+    /// Aborts a task and its subtasks: pending or running, each becomes interrupted (a running
+    /// attempt's worker session is cancelled). Returns its status before (`None`: unknown).
     ///
     /// # Errors
     /// The store failed.
     pub async fn abort(&self, id: &TaskId) -> Result<Option<Status>, StoreError> {
-        self.signal(id, SignalStatus::Interrupted).await
+        Ok(self.kill(id).await?.map(|k| k.before))
+    }
+
+    /// Kills a task and, recursively, every subtask it started (the tasks naming it as their
+    /// parent, theirs, and so on): each pending or running one becomes interrupted (pending ones
+    /// never run, running attempts are cancelled), the task itself first, so a subtask it
+    /// submits meanwhile is refused. Returns the task's status before and the subtasks
+    /// interrupted (`None`: unknown task). At most [`MAX_KILLED_SUBTASKS`] subtasks are visited.
+    ///
+    /// # Errors
+    /// The store failed (what was interrupted before stays interrupted).
+    pub async fn kill(&self, id: &TaskId) -> Result<Option<Killed>, StoreError> {
+        let Some(before) = self.signal_one(id, SignalStatus::Interrupted).await? else { return Ok(None) };
+        let mut killed = Killed { before, subtasks: Vec::new() };
+        let mut queue = std::collections::VecDeque::from([id.clone()]);
+        let mut visited = 0usize;
+        while let Some(parent) = queue.pop_front() {
+            let mut after = None;
+            loop {
+                let filter = ListFilter {
+                    parent: Some(parent.clone()),
+                    after: after.clone(),
+                    limit: KILL_PAGE,
+                    ..ListFilter::default()
+                };
+                let page = self.inner.store.list(filter, UnixMs::now()).await?;
+                for child in &page {
+                    visited += 1;
+                    if visited > MAX_KILLED_SUBTASKS {
+                        tracing::warn!(task = %id, max = MAX_KILLED_SUBTASKS, "a kill reached too many subtasks; the rest keep running");
+                        return Ok(Some(killed));
+                    }
+                    if !child.status.is_final()
+                        && self.signal_one(&child.id, SignalStatus::Interrupted).await?.is_some()
+                    {
+                        killed.subtasks.push(child.id.clone());
+                    }
+                    // A finished subtask may have started subtasks that still run.
+                    queue.push_back(child.id.clone());
+                }
+                if page.len() < KILL_PAGE {
+                    break;
+                }
+                after = page.last().map(|t| t.id.clone());
+            }
+        }
+        Ok(Some(killed))
     }
 
     /// Applies a SIGNAL status (seed 004) to a task. Returns its status before (`None`:
@@ -621,6 +748,14 @@ impl<S: Store> Tasks<S> {
     /// # Errors
     /// The store failed.
     pub async fn signal(&self, id: &TaskId, status: SignalStatus) -> Result<Option<Status>, StoreError> {
+        match status {
+            SignalStatus::Interrupted => self.abort(id).await,
+            other => self.signal_one(id, other).await,
+        }
+    }
+
+    /// [`Tasks::signal`] on this task alone.
+    async fn signal_one(&self, id: &TaskId, status: SignalStatus) -> Result<Option<Status>, StoreError> {
         let now = UnixMs::now();
         let command = match status {
             SignalStatus::Accepted => return Ok(self.get(id).await?.map(|t| t.status)),
@@ -651,7 +786,13 @@ impl<S: Store> Tasks<S> {
             notify_waiters(&self.inner, id, finished);
             if self.inner.changes.receiver_count() > 0 {
                 let procedure: Arc<str> = Arc::from(found.procedure.as_str());
-                let change = StatusChange { id: id.clone(), procedure, status: new_status, attempt: found.attempt };
+                let change = StatusChange {
+                    id: id.clone(),
+                    procedure,
+                    status: new_status,
+                    attempt: found.attempt,
+                    parent: None,
+                };
                 let _ = self.inner.changes.send(change);
             }
         }
@@ -675,6 +816,7 @@ impl<S: Store> Tasks<S> {
             released: c.released.load(Ordering::Relaxed),
             stale: c.stale.load(Ordering::Relaxed),
             record_retries: c.record_retries.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
         }
     }
 
@@ -688,6 +830,41 @@ impl<S: Store> Tasks<S> {
         if self.inner.events.send(Event::Shutdown { grace, done: tx }).await.is_ok() {
             let _ = rx.await;
         }
+    }
+}
+
+/// Subtasks read per store operation when a kill looks for them.
+const KILL_PAGE: usize = 1000;
+/// Most subtasks one kill visits (finished ones included).
+pub const MAX_KILLED_SUBTASKS: usize = 100_000;
+
+/// What [`Tasks::kill`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Killed {
+    /// The task's status before the kill.
+    pub before: Status,
+    /// The subtasks (at any depth) it interrupted.
+    pub subtasks: Vec<TaskId>,
+}
+
+/// Tells watchers and waiters of the tasks the store finished as expired.
+fn announce_expired<S>(inner: &Inner<S>, expired: Vec<crate::store::Expired>) {
+    inner.counters.expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
+    let watching = inner.changes.receiver_count() > 0;
+    for x in expired {
+        tracing::debug!(task = %x.id, deadline = x.deadline.0, "task expired before it could start");
+        let error = crate::store::Expired::error(x.deadline);
+        if watching {
+            let change = StatusChange {
+                id: x.id.clone(),
+                procedure: Arc::from(x.procedure.as_str()),
+                status: Some(Status::Error),
+                attempt: x.attempt,
+                parent: None,
+            };
+            let _ = inner.changes.send(change);
+        }
+        notify_waiters(inner, &x.id, Some(Finished { status: Status::Error, result: None, error: Some(error) }));
     }
 }
 
@@ -770,6 +947,7 @@ fn announce_records<S>(inner: &Inner<S>, batch: Vec<Finish>, metas: Vec<Attempte
                 procedure: meta.procedure,
                 status: Some(status),
                 attempt: meta.attempt,
+                parent: None,
             };
             let _ = inner.changes.send(change);
         }
@@ -902,6 +1080,8 @@ impl<S: Store> Executor<S> {
             Event::Aborted(id) => {
                 self.sched.handle_abort(&id, now);
             }
+            Event::Deadlines(deadlines) => self.sched.handle_deadlines(deadlines),
+            Event::ExpireFull => self.sched.handle_expire_full(now),
             Event::WakeAll => {
                 for app in self.apps_running() {
                     self.sched.handle_submitted(&app, now);
@@ -960,6 +1140,21 @@ impl<S: Store> Executor<S> {
                         }
                     });
                 }
+                Output::Expire(now, max) => {
+                    let inner = self.inner.clone();
+                    tokio::spawn(async move {
+                        match inner.store.expire(now, max).await {
+                            Ok(expired) => {
+                                let full = expired.len() >= max;
+                                announce_expired(&inner, expired);
+                                if full {
+                                    let _ = inner.events.send(Event::ExpireFull).await;
+                                }
+                            }
+                            Err(e) => tracing::error!(error = %e, "finishing expired tasks failed"),
+                        }
+                    });
+                }
                 Output::Purge(now, max) => {
                     let inner = self.inner.clone();
                     tokio::spawn(async move {
@@ -1014,11 +1209,22 @@ impl<S: Store> Executor<S> {
             // under the lock the submitter takes to send it (so only one of them does).
             let mut announcing = self.inner.announcing.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(procedure) = announcing.remove(&c.id) {
-                let change = StatusChange { id: c.id.clone(), procedure, status: Some(Status::Pending), attempt: 0 };
+                let change = StatusChange {
+                    id: c.id.clone(),
+                    procedure,
+                    status: Some(Status::Pending),
+                    attempt: 0,
+                    parent: c.parent.clone(),
+                };
                 let _ = self.inner.changes.send(change);
             }
-            let change =
-                StatusChange { id: c.id.clone(), procedure, status: Some(Status::Running), attempt: c.attempt };
+            let change = StatusChange {
+                id: c.id.clone(),
+                procedure,
+                status: Some(Status::Running),
+                attempt: c.attempt,
+                parent: c.parent.clone(),
+            };
             let _ = self.inner.changes.send(change);
         }
         let (cancel_tx, cancel_rx) = oneshot::channel();

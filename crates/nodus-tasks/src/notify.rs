@@ -132,6 +132,7 @@ mod tests {
             procedure: "procs.add".into(),
             status: Some(crate::task::Status::Running),
             attempt: 2,
+            parent: None,
         };
         let v: serde_json::Value = serde_json::from_slice(&status_json(&c)).unwrap();
         assert_eq!(

@@ -20,7 +20,8 @@
 //! - An attempt that outlives its task's timeout is cancelled and recorded `TimedOut`; a late
 //!   answer from it is ignored here and fenced off by its lease in the store.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +57,17 @@ pub struct SchedConfig {
     pub purge_interval: Duration,
     /// See `purge_interval`.
     pub purge_batch: usize,
+    /// How often pending tasks whose deadline passed are looked for even when this node knows
+    /// of none (tasks submitted elsewhere, or before a restart). Deadlines of the tasks
+    /// submitted here are kept (up to [`MAX_KNOWN_DEADLINES`]) and met to the millisecond.
+    pub expire_interval: Duration,
+    /// Most tasks finished as expired by one store operation.
+    pub expire_batch: usize,
 }
+
+/// Most deadlines of submitted tasks the scheduler keeps to expire them on time; beyond, the
+/// periodic sweep (`expire_interval`) finds them.
+pub const MAX_KNOWN_DEADLINES: usize = 65_536;
 
 impl SchedConfig {
     /// Defaults for a node named `owner`.
@@ -73,6 +84,8 @@ impl SchedConfig {
             reap_interval: Duration::from_secs(5),
             purge_interval: Duration::from_secs(10),
             purge_batch: 10_000,
+            expire_interval: Duration::from_secs(1),
+            expire_batch: 10_000,
         }
     }
 }
@@ -114,6 +127,10 @@ pub enum Output {
     Reap(UnixMs),
     /// Purge up to this many results expired at this time.
     Purge(UnixMs, usize),
+    /// Finish up to this many pending tasks whose deadline is at or before this time
+    /// ([`crate::store::Store::expire`]); when the store finished that many, answer with
+    /// [`Scheduler::handle_expire_full`].
+    Expire(UnixMs, usize),
 }
 
 struct AppState {
@@ -154,6 +171,9 @@ pub struct Scheduler {
     next_poll: UnixMs,
     next_reap: UnixMs,
     next_purge: UnixMs,
+    next_expire: UnixMs,
+    /// Deadlines of pending tasks this node submitted, earliest first (bounded).
+    known_deadlines: BinaryHeap<Reverse<UnixMs>>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -173,6 +193,8 @@ impl Scheduler {
             next_poll: now.plus(config.poll_interval),
             next_reap: now.plus(config.reap_interval),
             next_purge: now.plus(config.purge_interval),
+            next_expire: now.plus(config.expire_interval),
+            known_deadlines: BinaryHeap::new(),
             config,
             seed,
             apps: HashMap::new(),
@@ -335,6 +357,24 @@ impl Scheduler {
         true
     }
 
+    /// Tasks with these deadlines were submitted: at each deadline the store is asked to finish
+    /// the expired ones ([`Output::Expire`]), so their waiters hear at once. Beyond
+    /// [`MAX_KNOWN_DEADLINES`] the periodic sweep finds them.
+    pub fn handle_deadlines(&mut self, deadlines: impl IntoIterator<Item = UnixMs>) {
+        for d in deadlines {
+            if self.known_deadlines.len() >= MAX_KNOWN_DEADLINES {
+                break;
+            }
+            self.known_deadlines.push(Reverse(d));
+        }
+    }
+
+    /// The store finished as many expired tasks as it was asked to: there may be more, so the
+    /// next tick asks again.
+    pub fn handle_expire_full(&mut self, now: UnixMs) {
+        self.next_expire = now;
+    }
+
     /// Time passed: timeouts, retries coming due, paused apps, periodic polls and chores.
     pub fn tick(&mut self, now: UnixMs) {
         while let Some((deadline, lease, id)) = self.deadlines.first().cloned() {
@@ -375,6 +415,15 @@ impl Scheduler {
             self.next_purge = now.plus(self.config.purge_interval);
             self.outputs.push_back(Output::Purge(now, self.config.purge_batch));
         }
+        let mut due = false;
+        while self.known_deadlines.peek().is_some_and(|Reverse(d)| *d <= now) {
+            self.known_deadlines.pop();
+            due = true;
+        }
+        if due || now >= self.next_expire {
+            self.next_expire = now.plus(self.config.expire_interval);
+            self.outputs.push_back(Output::Expire(now, self.config.expire_batch));
+        }
         self.plan(now);
     }
 
@@ -385,7 +434,10 @@ impl Scheduler {
 
     /// When [`Scheduler::tick`] must be called next.
     pub fn next_deadline(&self) -> Option<UnixMs> {
-        let mut next = [self.next_poll, self.next_reap, self.next_purge].into_iter().min();
+        let mut next = [self.next_poll, self.next_reap, self.next_purge, self.next_expire].into_iter().min();
+        if let Some(Reverse(d)) = self.known_deadlines.peek() {
+            next = next.map(|n| n.min(*d));
+        }
         if let Some((d, _, _)) = self.deadlines.first() {
             next = next.map(|n| n.min(*d));
         }
@@ -492,6 +544,8 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             lease: Lease(n * 10 + u64::from(attempt)),
             created_at: T0,
+            parent: None,
+            deadline: None,
         }
     }
 
@@ -515,6 +569,45 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn expiries(out: &[Output]) -> Vec<UnixMs> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Expire(now, _) => Some(*now),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn known_deadlines_are_met_to_the_millisecond_and_the_sweep_runs_anyway() {
+        let mut c = config();
+        c.expire_interval = Duration::from_millis(1_000);
+        let mut s = Scheduler::new(c, 7, T0);
+        s.handle_deadlines([at(300), at(120), at(120)]);
+        assert_eq!(s.next_deadline(), Some(at(120)), "the earliest deadline wakes the driver");
+        s.tick(at(119));
+        assert!(expiries(&drain(&mut s)).is_empty());
+        s.tick(at(120));
+        assert_eq!(expiries(&drain(&mut s)), vec![at(120)], "one sweep for every deadline due");
+        assert_eq!(s.next_deadline(), Some(at(300)));
+        s.tick(at(300));
+        assert_eq!(expiries(&drain(&mut s)), vec![at(300)]);
+        // No known deadline left: the periodic sweep (tasks submitted elsewhere) still runs.
+        assert_eq!(s.next_deadline(), Some(at(1_000)));
+        s.tick(at(999));
+        assert!(expiries(&drain(&mut s)).is_empty());
+        s.tick(at(1_300));
+        assert_eq!(expiries(&drain(&mut s)), vec![at(1_300)]);
+        // A sweep that hit its batch bound asks again at the next tick.
+        s.handle_expire_full(at(1_301));
+        assert_eq!(s.next_deadline(), Some(at(1_301)));
+        s.tick(at(1_301));
+        assert_eq!(expiries(&drain(&mut s)), vec![at(1_301)]);
+        // The kept deadlines are bounded.
+        s.handle_deadlines((0..MAX_KNOWN_DEADLINES as u64 + 10).map(|n| at(5_000 + n)));
+        assert_eq!(s.known_deadlines.len(), MAX_KNOWN_DEADLINES);
     }
 
     /// A scheduler with app `a` (limit 4) whose first claim is answered with tasks `ids`.

@@ -188,11 +188,15 @@ pub enum ErrorKind {
     /// A worker node could not start the attempt (its engine's queue was full, the app was
     /// stopped): it runs again elsewhere and the attempt does not count. Never stored.
     NotRun,
+    /// The task's deadline (the `expires_at` of its submission) passed before an attempt could
+    /// start: it never ran, and never will. Only the store writes it (a claim never hands out an
+    /// expired task); worker nodes never report it.
+    Expired,
 }
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::TimedOut,
         ErrorKind::RunningError,
         ErrorKind::WorkerFailed,
@@ -200,6 +204,7 @@ impl ErrorKind {
         ErrorKind::DownloadError,
         ErrorKind::WorkerLost,
         ErrorKind::NotRun,
+        ErrorKind::Expired,
     ];
 
     /// The name used in the store and on the wire.
@@ -212,6 +217,7 @@ impl ErrorKind {
             ErrorKind::DownloadError => "DownloadError",
             ErrorKind::WorkerLost => "WorkerLost",
             ErrorKind::NotRun => "NotRun",
+            ErrorKind::Expired => "Expired",
         }
     }
 }
@@ -284,12 +290,15 @@ pub struct NewTask {
     pub max_attempts: u32,
     /// Longest an attempt may run.
     pub timeout: Duration,
-    /// The task that submitted this one, if any.
+    /// The task that submitted this one, if any (its subtasks are killed with it).
     pub parent: Option<TaskId>,
     /// Client idempotency key: submitting the same key again returns the existing task.
     pub key: Option<String>,
     /// When it was submitted.
     pub created_at: UnixMs,
+    /// The latest time an attempt may start (the submission's `expires_at`); past it the task
+    /// is finished as [`ErrorKind::Expired`] without running. `None`: no deadline.
+    pub deadline: Option<UnixMs>,
 }
 
 /// What a submission became.
@@ -334,6 +343,11 @@ pub struct Claimed {
     pub lease: Lease,
     /// When the task was submitted.
     pub created_at: UnixMs,
+    /// The task that submitted this one, if any.
+    pub parent: Option<TaskId>,
+    /// The latest time the attempt may start (a worker node holding it in its queue past it
+    /// does not start it).
+    pub deadline: Option<UnixMs>,
 }
 
 /// A stored task, as reads return it.
@@ -374,6 +388,8 @@ pub struct Task {
     /// The error of a failed or interrupted task, or the last attempt's error of a task waiting
     /// to be retried.
     pub error: Option<TaskError>,
+    /// The latest time an attempt may start (see [`NewTask::deadline`]).
+    pub deadline: Option<UnixMs>,
 }
 
 #[cfg(test)]

@@ -110,13 +110,18 @@ async fn a_database_from_before_the_registry_is_migrated_and_a_newer_one_refused
         parent: None,
         key: None,
         created_at: UnixMs(1),
+        deadline: None,
     };
     store.submit(vec![task]).await.unwrap();
     store.close().await;
     // What the first release of the store left: its tables at user_version 1, no agents.
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE agents; PRAGMA user_version = 1;").unwrap();
+        conn.execute_batch(
+            "DROP TABLE agents; DROP INDEX tasks_deadline; DROP INDEX tasks_parent; \
+             ALTER TABLE tasks DROP COLUMN deadline; PRAGMA user_version = 1;",
+        )
+        .unwrap();
     }
     let store = SqliteStore::open(SqliteConfig::new(&path)).unwrap();
     assert!(store.get(id.clone(), UnixMs(2)).await.unwrap().is_some(), "tasks are kept");
@@ -126,9 +131,9 @@ async fn a_database_from_before_the_registry_is_migrated_and_a_newer_one_refused
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
         let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(v, 2);
-        conn.execute_batch("PRAGMA user_version = 3;").unwrap();
+        assert_eq!(v, 3, "every later migration ran too");
+        conn.execute_batch("PRAGMA user_version = 4;").unwrap();
     }
     let e = SqliteStore::open(SqliteConfig::new(&path)).unwrap_err().to_string();
-    assert!(e.contains("schema version 3") && e.contains("newer nodus"), "{e}");
+    assert!(e.contains("schema version 4") && e.contains("newer nodus"), "{e}");
 }

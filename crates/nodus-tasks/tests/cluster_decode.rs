@@ -49,8 +49,17 @@ fn package() -> impl Strategy<Value = AppPackage> {
 }
 
 fn spec() -> impl Strategy<Value = TaskSpec> {
-    (task_id(), lease(), 1u32..5, "[a-z]{1,8}", json_value(), 0u64..100_000, proptest::option::of(package())).prop_map(
-        |(id, lease, attempt, app, arg, timeout, package)| TaskSpec {
+    (
+        task_id(),
+        lease(),
+        1u32..5,
+        "[a-z]{1,8}",
+        json_value(),
+        0u64..100_000,
+        proptest::option::of(package()),
+        proptest::option::of(0u64..1 << 50),
+    )
+        .prop_map(|(id, lease, attempt, app, arg, timeout, package, deadline)| TaskSpec {
             id,
             lease,
             attempt,
@@ -59,8 +68,8 @@ fn spec() -> impl Strategy<Value = TaskSpec> {
             args: json(&format!("[{arg}]")).unwrap(),
             timeout: Duration::from_millis(timeout),
             package,
-        },
-    )
+            deadline: deadline.map(UnixMs),
+        })
 }
 
 fn kind() -> impl Strategy<Value = ErrorKind> {
@@ -347,6 +356,8 @@ impl Harness {
                                     timeout: Duration::from_secs(20),
                                     lease: Lease(100 + self.claimed),
                                     created_at: self.now,
+                                    parent: None,
+                                    deadline: None,
                                 }
                             })
                             .collect();

@@ -46,6 +46,8 @@ fn claimed(n: u64, lease: u64, attempt: u32, timeout_ms: u64) -> Claimed {
         timeout: Duration::from_millis(timeout_ms),
         lease: Lease(lease),
         created_at: T0,
+        parent: None,
+        deadline: None,
     }
 }
 
@@ -615,6 +617,7 @@ fn relationship_messages_from_strangers_are_answered_not_mine() {
         args: json("[]").unwrap(),
         timeout: Duration::from_secs(1),
         package: None,
+        deadline: None,
     };
     let to_worker = [
         Body::TasksExecute { tasks: vec![spec] },
@@ -710,6 +713,7 @@ fn tasks_execute_is_acked_or_refused_task_by_task() {
         args: json("[]").unwrap(),
         timeout: Duration::from_millis(timeout),
         package: None,
+        deadline: None,
     };
     // Full: refused Busy. A zero timeout: refused Invalid.
     let a = net.ask("m1", "w1", 900, Body::TasksExecute { tasks: vec![specs_of(3, 13, 1000), specs_of(4, 14, 0)] });
@@ -731,6 +735,27 @@ fn tasks_execute_is_acked_or_refused_task_by_task() {
     idle.paired();
     let a = idle.ask("m1", "w1", 904, Body::TasksExecute { tasks: vec![specs_of(6, 16, 0)] });
     assert!(matches!(a, Body::TasksRefused { tasks } if tasks[0].reason == RefuseReason::Invalid));
+}
+
+/// A task whose deadline passes while it waits in a worker node's queue is not started there:
+/// it goes back to the manager uncounted (whose store never claims it again, and expires it).
+#[test]
+fn a_task_past_its_deadline_in_a_workers_queue_is_not_started() {
+    let mut net = Net::new(&[("w1", m1(), specs(1, 1))]);
+    net.paired();
+    let mut late = claimed(2, 12, 1, 60_000);
+    late.deadline = Some(net.now.plus(Duration::from_millis(100)));
+    net.give("w1", vec![claimed(1, 11, 1, 60_000), late]);
+    assert_eq!(net.runs("w1").iter().map(|s| s.id.clone()).collect::<Vec<_>>(), vec![id(1)], "one runs, one waits");
+    net.advance(Duration::from_millis(200));
+    net.end("w1", 1, 11, AttemptEnd::Returned(json("1").unwrap()));
+    assert!(net.runs("w1").is_empty(), "the expired task is not started");
+    assert_eq!(net.records().iter().map(outcome).collect::<Vec<_>>(), vec!["done 1", "release"]);
+    // One still within its deadline runs.
+    let mut soon = claimed(3, 13, 1, 60_000);
+    soon.deadline = Some(net.now.plus(Duration::from_secs(60)));
+    net.give("w1", vec![soon]);
+    assert_eq!(net.runs("w1").iter().map(|s| s.id.clone()).collect::<Vec<_>>(), vec![id(3)]);
 }
 
 #[test]

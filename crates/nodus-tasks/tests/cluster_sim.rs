@@ -443,6 +443,7 @@ async fn run(seed: u64, tasks: usize, loss: f64) -> Report {
                     parent: None,
                     key: None,
                     created_at: T0,
+                    deadline: None,
                 }
             })
             .collect();

@@ -29,6 +29,7 @@ fn new_task(n: u64, app: &str) -> NewTask {
         parent: None,
         key: None,
         created_at: UnixMs(1_000 + n),
+        deadline: None,
     }
 }
 
@@ -226,7 +227,7 @@ async fn nodes_starting_at_once_migrate_once() {
         .await
         .unwrap();
     let versions: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(versions, vec![("tasks".to_string(), 1), ("tasks".to_string(), 2)]);
+    assert_eq!(versions, vec![("tasks".to_string(), 1), ("tasks".to_string(), 2), ("tasks".to_string(), 3)]);
 
     // A schema newer than this binary is refused with a clear message.
     client
@@ -327,7 +328,8 @@ fn agent(name: &str, state: AgentState) -> Agent {
 }
 
 /// The agent registry on PostgreSQL: saved, replaced by name, removed, listed by name, seen by
-/// every manager on the database, and added by migration 2 to a database left at version 1.
+/// every manager on the database, and added by migration 2 to a database left at version 1;
+/// migration 3 then adds task deadlines and parents' index, and tasks stored before keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_are_kept_in_postgres_and_shared_by_its_managers() {
     let Some(url) = pgtest::server() else { return };
@@ -347,18 +349,34 @@ async fn agents_are_kept_in_postgres_and_shared_by_its_managers() {
     a.close().await;
     b.close().await;
 
-    // A database migrated by a nodus that had no registry (version 1): the next one adds it.
+    // A database migrated by a nodus that had no registry nor deadlines (version 1), holding a
+    // task: the next one adds both.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
         .batch_execute(&format!(
-            "DROP TABLE {schema}.nodus_agents; DELETE FROM {schema}.nodus_schema_version WHERE version = 2"
+            "DROP TABLE {schema}.nodus_agents; DROP INDEX {schema}.nodus_tasks_deadline, {schema}.nodus_tasks_parent; \
+             ALTER TABLE {schema}.nodus_tasks DROP COLUMN deadline; \
+             DELETE FROM {schema}.nodus_schema_version WHERE version >= 2; \
+             INSERT INTO {schema}.nodus_tasks (id, procedure, app, args, status, attempt, max_attempts, timeout_ms, \
+                 lease, parent, created_at, run_after) \
+             VALUES ('old-1', 'p.work', 'p', '[]', 'pending', 0, 1, 1000, 0, 'old-0', 5, 5)"
         ))
         .await
         .unwrap();
     let spec: StoreSpec = format!("{url}?schema={schema}").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let any = AnyStore::open(&spec, dir.path(), Duration::from_secs(60)).await.unwrap();
+    let old = any.get("old-1".parse().unwrap(), UnixMs(10)).await.unwrap().expect("the old task is kept");
+    assert_eq!((old.deadline, old.parent.as_ref().map(|p| p.as_str())), (None, Some("old-0")));
+    let claim = nodus_tasks::store::Claim {
+        app: "p".into(),
+        owner: "n".into(),
+        max: 5,
+        now: UnixMs(10),
+        lease_grace: Duration::from_secs(1),
+    };
+    assert_eq!(any.claim(claim).await.unwrap().len(), 1, "a task without a deadline is claimed");
     assert!(any.agents().await.unwrap().is_empty());
     any.save_agent(banned.clone()).await.unwrap();
     assert_eq!(any.agents().await.unwrap(), vec![banned]);

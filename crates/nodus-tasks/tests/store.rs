@@ -25,6 +25,7 @@ fn new_task(n: u64, args: &str) -> NewTask {
         parent: None,
         key: None,
         created_at: UnixMs(1_000 + n),
+        deadline: None,
     }
 }
 
@@ -143,4 +144,55 @@ async fn a_database_that_is_not_a_task_store_is_refused() {
     std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
     let err = SqliteStore::open(SqliteConfig::new(&path)).unwrap_err();
     assert!(matches!(err, StoreError::Failed(_)), "{err:?}");
+}
+
+/// A database made by a nodus of schema version 2 (no deadlines): opening it migrates it to
+/// version 3, its tasks are kept and run, and new ones take deadlines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_database_is_migrated_and_keeps_its_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        // The version-2 schema as it shipped (tasks, meta, agents).
+        conn.execute_batch(
+            "CREATE TABLE tasks (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, procedure TEXT NOT NULL,
+                 app TEXT NOT NULL, args TEXT NOT NULL, status TEXT NOT NULL, attempt INTEGER NOT NULL,
+                 max_attempts INTEGER NOT NULL, timeout_ms INTEGER NOT NULL, lease INTEGER NOT NULL, owner TEXT,
+                 lease_until INTEGER, parent TEXT, key TEXT, created_at INTEGER NOT NULL, run_after INTEGER NOT NULL,
+                 started_at INTEGER, finished_at INTEGER, expires_at INTEGER, result TEXT, error_kind TEXT,
+                 error TEXT);
+             CREATE INDEX tasks_pending ON tasks(app, seq) WHERE status = 'pending';
+             CREATE INDEX tasks_running ON tasks(lease_until) WHERE status = 'running';
+             CREATE INDEX tasks_expiry ON tasks(expires_at) WHERE expires_at IS NOT NULL;
+             CREATE UNIQUE INDEX tasks_key ON tasks(key) WHERE key IS NOT NULL;
+             CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta (name, value) VALUES ('next_lease', 7);
+             CREATE TABLE agents (name TEXT PRIMARY KEY, id TEXT NOT NULL UNIQUE, ip TEXT NOT NULL, mac TEXT NOT NULL,
+                 cores INTEGER NOT NULL, memory INTEGER NOT NULL, concurrency INTEGER NOT NULL, queue INTEGER NOT NULL,
+                 first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, state TEXT NOT NULL,
+                 state_since INTEGER NOT NULL, banned INTEGER NOT NULL);
+             INSERT INTO tasks (id, procedure, app, args, status, attempt, max_attempts, timeout_ms, lease, parent,
+                 created_at, run_after) VALUES ('old-1', 'procs.add', 'procs', '[1]', 'pending', 0, 1, 1000, 0,
+                 'old-0', 5, 5);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(config(dir.path(), "v2.db")).unwrap();
+    let old = s.get("old-1".parse().unwrap(), UnixMs(10)).await.unwrap().expect("the old task is kept");
+    assert_eq!((old.deadline, old.parent.as_ref().map(TaskId::as_str)), (None, Some("old-0")));
+    let mut t = new_task(1, "[2]");
+    t.deadline = Some(UnixMs(2_000));
+    s.submit(vec![t.clone()]).await.unwrap();
+    assert_eq!(s.get(t.id.clone(), UnixMs(1_500)).await.unwrap().unwrap().deadline, Some(UnixMs(2_000)));
+    let claim = |now| Claim { app: "procs".into(), owner: "n".into(), max: 5, now, lease_grace: Duration::ZERO };
+    let got = s.claim(claim(UnixMs(2_000))).await.unwrap();
+    assert_eq!(got.len(), 1, "the old task is claimed, the new one's deadline has passed");
+    assert_eq!((got[0].id.as_str(), got[0].lease.0), ("old-1", 7), "leases go on from the stored counter");
+    assert_eq!(s.expire(UnixMs(2_000), 10).await.unwrap().len(), 1);
+    s.close().await;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 3);
 }

@@ -369,6 +369,13 @@ impl nodus_tasks::Store for LateAck {
     async fn reap(&self, now: nodus_tasks::UnixMs) -> Result<u64, nodus_tasks::StoreError> {
         self.inner.reap(now).await
     }
+    async fn expire(
+        &self,
+        now: nodus_tasks::UnixMs,
+        max: usize,
+    ) -> Result<Vec<nodus_tasks::store::Expired>, nodus_tasks::StoreError> {
+        self.inner.expire(now, max).await
+    }
     async fn purge(&self, now: nodus_tasks::UnixMs, max: usize) -> Result<u64, nodus_tasks::StoreError> {
         self.inner.purge(now, max).await
     }
@@ -474,5 +481,75 @@ async fn tasks_of_an_app_that_does_not_run_wait_in_the_store() {
         Waited::Finished(f) => assert_eq!(f.result.unwrap().get(), "10"),
         other => panic!("{other:?}"),
     }
+    node.stop().await;
+}
+
+/// Killing a task interrupts its subtasks at any depth, waiting ones included (they never run),
+/// tells their waiters, leaves unrelated tasks alone, and refuses new subtasks of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_task_interrupts_its_subtasks_at_any_depth() {
+    let node = Node::start(Setup::default()).await;
+    let procedures = common::procs_manifest().procedures;
+    // The app does not run: every task waits in the store.
+    node.tasks.set_app("procs", &procedures, None).await.unwrap();
+    let submit = |parent: Option<nodus_tasks::TaskId>| {
+        let tasks = node.tasks.clone();
+        async move { tasks.submit(Submission { parent, ..sub("procs.add", json!([1, 2])) }).await.unwrap().id }
+    };
+    let root = submit(None).await;
+    let child = submit(Some(root.clone())).await;
+    let grandchild = submit(Some(child.clone())).await;
+    let other = submit(None).await;
+    let waiter = {
+        let tasks = node.tasks.clone();
+        let id = grandchild.clone();
+        tokio::spawn(async move { tasks.wait(&id, WAIT).await })
+    };
+    let killed = node.tasks.kill(&root).await.unwrap().expect("known");
+    assert_eq!(killed.before, Status::Pending);
+    assert_eq!(killed.subtasks, vec![child.clone(), grandchild.clone()], "breadth first");
+    match waiter.await.unwrap().unwrap() {
+        Waited::Finished(f) => assert_eq!(f.status, Status::Interrupted),
+        other => panic!("the waiter was not told: {other:?}"),
+    }
+    // A killed task starts no subtasks; an unknown one neither.
+    let e = node.tasks.submit(Submission { parent: Some(root.clone()), ..sub("procs.noop", json!([])) }).await;
+    assert!(matches!(&e, Err(SubmitError::Parent(m)) if m.contains("interrupted")), "{e:?}");
+    let e = node.tasks.submit(Submission { parent: Some("nope".parse().unwrap()), ..sub("procs.noop", json!([])) });
+    assert!(matches!(e.await, Err(SubmitError::Parent(_))));
+    // The app runs now: only the unrelated task does.
+    node.tasks.set_app("procs", &procedures, Some(8)).await.unwrap();
+    assert!(matches!(node.tasks.wait(&other, WAIT).await.unwrap(), Waited::Finished(f) if f.status == Status::Done));
+    for id in [&root, &child, &grandchild] {
+        let t = node.tasks.get(id).await.unwrap().unwrap();
+        assert_eq!((t.status, t.attempt), (Status::Interrupted, 0), "{id} never ran");
+    }
+    assert_eq!(node.tasks.stats().started, 1);
+    node.stop().await;
+}
+
+/// A task whose deadline passes while it waits in the store is finished as expired at its
+/// deadline (its waiter told at once, not at a claim), never started, and counted; one already
+/// expired is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_past_its_deadline_is_expired_in_the_store_and_never_started() {
+    let node = Node::start(Setup::default()).await;
+    let procedures = common::procs_manifest().procedures;
+    node.tasks.set_app("procs", &procedures, None).await.unwrap();
+    let now = nodus_tasks::UnixMs::now();
+    let s = Submission { deadline: Some(now.plus(Duration::from_millis(300))), ..sub("procs.add", json!([1, 2])) };
+    let (id, waited) = tokio::time::timeout(WAIT, node.tasks.run(s)).await.unwrap().unwrap();
+    let Waited::Finished(f) = waited else { panic!("{waited:?}") };
+    assert_eq!(f.status, Status::Error);
+    assert_eq!(f.error.as_ref().unwrap().kind, ErrorKind::Expired);
+    let t = node.tasks.get(&id).await.unwrap().unwrap();
+    assert_eq!((t.status, t.attempt, t.deadline), (Status::Error, 0, Some(now.plus(Duration::from_millis(300)))));
+    assert_eq!(node.tasks.stats().expired, 1);
+    let e = node.tasks.submit(Submission { deadline: Some(now), ..sub("procs.add", json!([1, 2])) }).await;
+    assert!(matches!(&e, Err(SubmitError::Expired(m)) if m.contains("expired")), "{e:?}");
+    assert_eq!(e.unwrap_err().code(), nodus_tasks::arpcp::Code::Malformed);
+    node.tasks.set_app("procs", &procedures, Some(8)).await.unwrap();
+    assert_eq!(finished(&node, sub("procs.add", json!([2, 2]))).await.result.unwrap().get(), "4");
+    assert_eq!(node.tasks.stats().started, 1, "the expired task never started");
     node.stop().await;
 }

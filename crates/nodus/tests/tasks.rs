@@ -17,7 +17,7 @@ mod common;
 mod pgtest;
 
 use common::{free_port, NODUS};
-use nodus_client::admin::{TaskChange, TaskStatus};
+use nodus_client::admin::{TaskChange, TaskSpec, TaskStatus};
 use nodus_client::{Admin, Client, ClientConfig};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -316,6 +316,30 @@ async fn every_arpcp_code_through_the_nodes_listener() {
     assert!(admin.task_wait(&failing, WAIT).await.unwrap().status.is_final());
     let g = arpcp(addr, json!({"method": "get", "version": "1.0", "atask_id": failing})).await;
     assert!(code(&g) == 400 && g["description"].as_str().unwrap().contains("again"), "{g}");
+
+    // nodus's optional fields: a deadline already past is 200 (nothing stored); a parent that
+    // is unknown is 205; a known one is recorded, and a deadline ahead is kept.
+    let mut past = atask("procs.add", json!([1, 2]));
+    past["expires_at"] = json!(nodus_tasks::UnixMs::now().as_i64() - 1_000);
+    let a = arpcp(addr, past).await;
+    assert!(code(&a) == 200 && a["description"].as_str().unwrap().contains("expired"), "{a}");
+    let mut orphan = atask("procs.add", json!([1, 2]));
+    orphan["pid"] = json!("no-such-task");
+    expect(&arpcp(addr, orphan).await, 205, "an unknown parent");
+    let parent = arpcp(addr, atask("procs.sleep", json!([60000]))).await["data"].as_str().unwrap().to_string();
+    let mut child = atask("procs.add", json!([1, 2]));
+    child["pid"] = json!(parent);
+    let ahead = nodus_tasks::UnixMs::now().as_i64() + 600_000;
+    child["expires_at"] = json!(ahead);
+    let child = arpcp(addr, child).await["data"].as_str().unwrap().to_string();
+    let t = admin.task_get(&child).await.unwrap();
+    assert_eq!((t.parent.as_deref(), t.deadline), (Some(parent.as_str()), u64::try_from(ahead).ok()), "{t:?}");
+    // SIGNAL interrupted of the parent interrupts its subtask too (unless it already finished).
+    let s = json!({"method": "signal", "version": "1.0", "atask_id": parent, "atask_status": "interrupted"});
+    expect(&arpcp(addr, s).await, 100, "interrupted");
+    assert_eq!(admin.task_wait(&parent, WAIT).await.unwrap().status, TaskStatus::Interrupted);
+    let t = admin.task_wait(&child, WAIT).await.unwrap();
+    assert!(matches!(t.status, TaskStatus::Interrupted | TaskStatus::Done), "{t:?}");
     // (300 has tests of its own below: a store that is full, one that cannot be opened.)
 }
 
@@ -964,4 +988,177 @@ async fn a_running_task_is_in_the_tree_a_kill_aborts_it_and_a_store_failure_rais
         assert!(Instant::now() < deadline, "the store-failure flag stays up after the store opened");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The code of an error the node or the `tasks` service answered (`ERROR code=...`).
+fn error_code(e: &nodus_client::AdminError) -> String {
+    match e {
+        nodus_client::AdminError::Failed { code, .. } => code.clone(),
+        nodus_client::AdminError::Client(nodus_client::ClientError::Refused(r)) => {
+            r.code().unwrap_or_default().to_string()
+        }
+        other => format!("not a refusal: {other}"),
+    }
+}
+
+/// Polls `nodus task get ID` until the task has `status` (the node gives no event for a task
+/// that starts other than WATCH, which needs a service of its own).
+async fn until_status(admin: &Admin, id: &str, status: TaskStatus) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = admin.task_get(id).await.unwrap();
+        if t.status == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {id} never became {status:?}: {t:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One worker running one task at a time and one call waiting for it: the node claims two tasks
+/// of `procs` at a time, the others wait in the store.
+const ONE_AT_A_TIME: &str = "pool-limit = 1\nconcurrency = 1\nqueue-limit = 1\n";
+
+/// Runs `procs.noop` once, so the app's worker is up and idle (calls made while a worker starts
+/// wait in the app's queue, which these tests keep small).
+async fn warm_up(admin: &Admin) {
+    let t = admin.task_run(&TaskSpec::new("procs.noop", vec![]), WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Done, "{t:?}");
+}
+
+/// Issue 13 item 4 in the task store: a task whose deadline (`_expires_at` of its submission)
+/// passes while it waits behind a busy worker is never executed (its procedure would append to a
+/// file), it ends `error` with kind `Expired`, a sync caller waiting for it gets `ERROR
+/// code=expired`; a submission already expired is refused at once; once the worker is free, a
+/// task without a deadline runs and the expired ones still do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_deadline_passes_in_the_store_never_runs_and_its_sender_gets_the_error() {
+    let node = Node::start(Extra::default());
+    node.deploy_procs(Some(ONE_AT_A_TIME));
+    let admin = node.admin().await;
+    let file = node.path("ran.txt");
+    let path = file.to_str().unwrap();
+    warm_up(&admin).await;
+    // Busy for longer than the deadlines below: one task runs, one waits in the app's queue.
+    let busy = admin.task_submit(&TaskSpec::new("procs.sleep", vec![json!(3_000)])).await.unwrap();
+    until_status(&admin, &busy.id, TaskStatus::Running).await;
+    let queued = admin.task_submit(&TaskSpec::new("procs.sleep", vec![json!(10)])).await.unwrap();
+    until_status(&admin, &queued.id, TaskStatus::Running).await;
+
+    // Queued behind the busy worker with a short deadline.
+    let late = TaskSpec::new("procs.record", vec![json!(path), json!("async")]).expires_in(Duration::from_millis(600));
+    let late = admin.task_submit(&late).await.unwrap();
+    let info = admin.task_get(&late.id).await.unwrap();
+    assert_eq!(info.status, TaskStatus::Pending);
+    assert!(info.deadline.is_some(), "the deadline is stored: {info:?}");
+    // A sync caller: answered the expiry, not a result.
+    let sync = TaskSpec::new("procs.record", vec![json!(path), json!("sync")]).expires_in(Duration::from_millis(600));
+    let e = admin.task_run(&sync, WAIT).await.expect_err("an expired task has no result");
+    assert_eq!(error_code(&e), "expired", "{e}");
+    // The async one ends as expired (WAIT is answered when the store finishes it).
+    let t = admin.task_wait(&late.id, WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Error, "{t:?}");
+    let error = t.error.clone().expect("an error");
+    assert_eq!(error.kind, "Expired", "{error}");
+    assert!(error.message.contains("never ran"), "{error}");
+    assert_eq!((t.attempt, t.started_at), (0, None), "never started: {t:?}");
+    // Already expired on arrival: refused at once, nothing stored.
+    let mut gone = TaskSpec::new("procs.record", vec![json!(path), json!("gone")]);
+    gone.expires_at = Some(nodus_tasks::UnixMs::now().as_i64() - 1_000);
+    let e = admin.task_submit(&gone).await.expect_err("an expired submission is refused");
+    assert_eq!(error_code(&e), "expired", "{e}");
+    let stats = admin.task_stats().await.unwrap();
+    assert!(stats.submitted >= 3, "{stats:?}");
+
+    // The worker frees up: a task without a deadline runs; the expired ones never do.
+    assert_eq!(admin.task_wait(&busy.id, WAIT).await.unwrap().status, TaskStatus::Done);
+    assert_eq!(admin.task_wait(&queued.id, WAIT).await.unwrap().status, TaskStatus::Done);
+    let marker = TaskSpec::new("procs.record", vec![json!(path), json!("marker")]);
+    let t = admin.task_run(&marker, WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Done, "{t:?}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "\"marker\"\n", "only the task without a deadline ran");
+    let expired = admin.task_list(Some(TaskStatus::Error), Some("procs.record"), None, 10).await.unwrap().tasks;
+    assert_eq!(expired.len(), 2, "both expired tasks are kept as errors: {expired:?}");
+    assert!(expired.iter().all(|t| t.error.as_ref().is_some_and(|e| e.kind == "Expired")));
+}
+
+/// Issue 13 item 3 for tasks: a parent task with subtasks (one running, one claimed and waiting
+/// in the app's queue, one waiting in the store), the running one drawn under its parent in the
+/// tree; killing the parent interrupts all of them (the waiting ones never run: their procedure
+/// would append to a file), the parent reports to the node that started it, and a new subtask
+/// of the killed parent is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_task_kills_its_subtasks_running_or_waiting() {
+    let node = Node::start(Extra::default());
+    // Three at a time: the parent and its first subtask run, the second waits in the app's
+    // queue, the third in the store.
+    node.deploy_procs(Some("pool-limit = 1\nconcurrency = 2\nqueue-limit = 1\n"));
+    let admin = node.admin().await;
+    warm_up(&admin).await;
+    let file = node.path("ran.txt");
+    // Long enough to be killed while they run; a killed attempt's worker may finish its call
+    // (only the session is cancelled), so the test waits that long for the worker at the end.
+    const RUN_MS: u64 = 8_000;
+    let parent = admin.task_submit(&TaskSpec::new("procs.sleep", vec![json!(RUN_MS)])).await.unwrap().id;
+    until_status(&admin, &parent, TaskStatus::Running).await;
+    let sub = |spec: TaskSpec| TaskSpec { pid: Some(parent.clone()), ..spec };
+    let running = admin.task_submit(&sub(TaskSpec::new("procs.sleep", vec![json!(RUN_MS)]))).await.unwrap().id;
+    until_status(&admin, &running, TaskStatus::Running).await;
+    let record = |token: &str| sub(TaskSpec::new("procs.record", vec![json!(file.to_str().unwrap()), json!(token)]));
+    let queued = admin.task_submit(&record("queued")).await.unwrap().id;
+    until_status(&admin, &queued, TaskStatus::Running).await;
+    let waiting = admin.task_submit(&record("stored")).await.unwrap().id;
+    let w = admin.task_get(&waiting).await.unwrap();
+    assert_eq!(w.parent.as_deref(), Some(parent.as_str()));
+    let listed = admin.task_list(None, None, None, 10).await.unwrap().tasks;
+    assert_eq!(listed.iter().filter(|t| t.parent.as_deref() == Some(parent.as_str())).count(), 3);
+    // An unknown parent is refused.
+    let orphan = TaskSpec { pid: Some("no-such-task".into()), ..TaskSpec::new("procs.noop", vec![]) };
+    assert_eq!(error_code(&admin.task_submit(&orphan).await.unwrap_err()), "unknown_task");
+
+    // The tree: the running subtask under its parent, the parent under the node.
+    let tree = |node: &Node| -> Vec<Value> {
+        let out = node.cli(&["--json", "tree"]);
+        let v: Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        v["components"].as_array().cloned().unwrap_or_default()
+    };
+    let find = |cs: &[Value], id: &str| cs.iter().find(|c| c["name"].as_str().is_some_and(|n| n.contains(id))).cloned();
+    let deadline = Instant::now() + WAIT;
+    let (p, c) = loop {
+        let cs = tree(&node);
+        if let (Some(p), Some(c)) = (find(&cs, &parent), find(&cs, &running)) {
+            break (p, c);
+        }
+        assert!(Instant::now() < deadline, "the running tasks never joined the tree: {cs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((p["depth"].clone(), c["depth"].clone()), (json!(1), json!(2)), "{p} {c}");
+    assert_eq!(c["pid"], p["id"], "the subtask was started by its parent: {c}");
+
+    let pid = p["id"].as_str().map_or_else(|| p["id"].to_string(), str::to_string);
+    let out = node.cli(&["kill", &pid]);
+    assert!(out.status.success(), "{}", text(&out));
+    for id in [&parent, &running, &queued, &waiting] {
+        let t = admin.task_wait(id, WAIT).await.unwrap();
+        assert_eq!(t.status, TaskStatus::Interrupted, "{id}: {t:?}");
+    }
+    let deadline = Instant::now() + WAIT;
+    while tree(&node).iter().any(|c| c["kind"] == "task") {
+        assert!(Instant::now() < deadline, "killed tasks leave the tree");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The parent's own parent, the node, got its error report.
+    let deadline = Instant::now() + WAIT;
+    while !node.log().contains("a component this one started was killed") {
+        assert!(Instant::now() < deadline, "the node never got the report: {}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A killed task starts no subtasks.
+    let late = TaskSpec { pid: Some(parent.clone()), ..TaskSpec::new("procs.noop", vec![]) };
+    let e = admin.task_submit(&late).await.unwrap_err();
+    assert_eq!(error_code(&e), "unknown_task", "{e}");
+    // Nothing of the killed tree ran, even with the worker free again.
+    let t = admin.task_run(&TaskSpec::new("procs.noop", vec![]), WAIT).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Done);
+    assert!(!file.exists(), "the waiting subtasks never ran");
 }

@@ -68,7 +68,8 @@ impl std::str::FromStr for TaskStatus {
 /// Why a task failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFailure {
-    /// `RunningError` (the procedure failed), `TimedOut`, `WorkerFailed` or `Aborted`.
+    /// `RunningError` (the procedure failed), `TimedOut`, `WorkerFailed`, `Aborted` (killed), or
+    /// `Expired` (its deadline passed before it started: it never ran).
     pub kind: String,
     /// What happened (for `RunningError`, the worker's own message).
     pub message: String,
@@ -133,6 +134,9 @@ pub struct TaskInfo {
     /// Why it failed, or why its last attempt did.
     #[serde(default)]
     pub error: Option<TaskFailure>,
+    /// The latest time (Unix ms) it may start, when it has a deadline.
+    #[serde(default)]
+    pub deadline: Option<u64>,
 }
 
 impl TaskInfo {
@@ -158,12 +162,28 @@ pub struct TaskSpec {
     /// Most attempts when its worker fails (default: the node's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// The parent task (this one is its subtask: killing the parent kills it). A procedure
+    /// submitting subtasks passes its own task id here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<String>,
+    /// The task's deadline, Unix ms: not started by then, it never runs (it ends `error`, kind
+    /// `Expired`). Sent as the message's `_expires_at`; already past, the node refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 impl TaskSpec {
     /// `procedure` with `args` and the node's defaults.
     pub fn new(procedure: impl Into<String>, args: Vec<Value>) -> TaskSpec {
         TaskSpec { procedure: procedure.into(), args, ..TaskSpec::default() }
+    }
+
+    /// The same with a deadline `d` from now (this host's clock): not started by then, the task
+    /// never runs.
+    pub fn expires_in(mut self, d: Duration) -> TaskSpec {
+        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        self.expires_at = Some(crate::connection::now_ms().saturating_add(ms));
+        self
     }
 
     fn message(&self, command: &str) -> Message {
@@ -177,6 +197,12 @@ impl TaskSpec {
         }
         if let Some(n) = self.max_attempts {
             m = m.param("max_attempts", n);
+        }
+        if let Some(p) = &self.pid {
+            m = m.param("pid", p);
+        }
+        if let Some(e) = self.expires_at {
+            m.envelope.expires_at = e;
         }
         m
     }

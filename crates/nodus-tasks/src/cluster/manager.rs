@@ -947,7 +947,7 @@ impl Manager {
                 )),
                 None => Outcome::Failed(error),
             },
-            ErrorKind::TimedOut | ErrorKind::RunningError | ErrorKind::Aborted => {
+            ErrorKind::TimedOut | ErrorKind::RunningError | ErrorKind::Aborted | ErrorKind::Expired => {
                 if let Some(a) = &a {
                     self.grow(&a.worker);
                 }
@@ -1261,6 +1261,7 @@ impl Manager {
                 args: c.args,
                 timeout: c.timeout,
                 package: package.clone(),
+                deadline: c.deadline,
             });
         }
         if !batch.is_empty() {

@@ -148,6 +148,10 @@ pub struct TaskSpec {
     /// The app package the task needs, when the manager knows it: a worker node that lacks it
     /// fetches it first.
     pub package: Option<AppPackage>,
+    /// The latest time (the manager's clock) the attempt may start: a worker node still holding
+    /// it then does not start it (`deadline_ms` on the wire; absent from older managers, and
+    /// ignored by older workers, whose manager's claim is then the only check).
+    pub deadline: Option<UnixMs>,
 }
 
 impl PartialEq for TaskSpec {
@@ -160,6 +164,7 @@ impl PartialEq for TaskSpec {
             && self.args.get() == o.args.get()
             && self.timeout == o.timeout
             && self.package == o.package
+            && self.deadline == o.deadline
     }
 }
 
@@ -539,6 +544,8 @@ struct WireTask {
     timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     package: Option<AppPackage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -611,6 +618,7 @@ impl Packet {
                         args: t.args.clone(),
                         timeout_ms: u64::try_from(t.timeout.as_millis()).unwrap_or(u64::MAX),
                         package: t.package.clone(),
+                        deadline_ms: t.deadline.map(|d| d.0),
                     })
                     .collect();
                 m = m.with_payload(to_json(&wire));
@@ -865,6 +873,7 @@ impl Reader<'_> {
                         args: w.args,
                         timeout: Duration::from_millis(w.timeout_ms),
                         package: w.package.map(|p| self.package(p)).transpose()?,
+                        deadline: w.deadline_ms.map(UnixMs),
                     });
                 }
                 Body::TasksExecute { tasks }
@@ -999,6 +1008,7 @@ mod tests {
             args: json("[1, \"two\", {\"x\": null}]").unwrap(),
             timeout: Duration::from_millis(1500),
             package: Some(pkg()),
+            deadline: Some(UnixMs(1_700_000_000_123)),
         };
         vec![
             Body::NodeTypeRequest { node_type: NodeType::Worker },
@@ -1022,7 +1032,9 @@ mod tests {
             Body::ManagerPong,
             Body::NotMine,
             Body::Ack,
-            Body::TasksExecute { tasks: vec![spec.clone(), TaskSpec { package: None, id: id("t2"), ..spec }] },
+            Body::TasksExecute {
+                tasks: vec![spec.clone(), TaskSpec { package: None, id: id("t2"), deadline: None, ..spec }],
+            },
             Body::TasksExecute { tasks: vec![] },
             Body::TasksRefused {
                 tasks: vec![

@@ -724,6 +724,14 @@ impl WorkerNode {
             else {
                 continue;
             };
+            if let Some(d) = t.spec.deadline.filter(|d| *d <= now) {
+                // Its deadline passed while it waited here: it never starts. Given back
+                // uncounted, the manager's store never claims it again and finishes it expired.
+                let why =
+                    format!("the task's deadline ({}) passed while it waited on worker node {}", d.0, self.config.name);
+                self.finish(&id, Outcome::Failed(ErrorKind::NotRun, why), now);
+                continue;
+            }
             t.state = State::Running { since: now };
             t.started_unreported = true;
             self.running += 1;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, PgConfig, PgStore, SqliteConfig, SqliteStore, Store,
-    StoreError, Wake, WriterStats,
+    Claim, Command, Commanded, Counts, Expired, Fenced, Finish, ListFilter, PgConfig, PgStore, SqliteConfig,
+    SqliteStore, Store, StoreError, Wake, WriterStats,
 };
 use crate::cluster::registry::{Agent, AgentStore};
 use crate::task::{Claimed, NewTask, Submitted, Task, TaskId, UnixMs};
@@ -152,6 +152,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.reap(now).await,
             AnyStore::Postgres(s) => s.reap(now).await,
+        }
+    }
+
+    async fn expire(&self, now: UnixMs, max: usize) -> Result<Vec<Expired>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.expire(now, max).await,
+            AnyStore::Postgres(s) => s.expire(now, max).await,
         }
     }
 

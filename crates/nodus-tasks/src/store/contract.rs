@@ -37,6 +37,7 @@ fn task(n: u32, app: &str) -> NewTask {
         parent: None,
         key: None,
         created_at: at(u64::from(n)),
+        deadline: None,
     }
 }
 
@@ -67,6 +68,86 @@ where
     recover_and_reap_return_running_tasks(make().await).await;
     listing_counts_and_pending_apps(make().await).await;
     concurrent_submissions_are_all_stored(make().await).await;
+    deadlines_are_honoured_at_claim_and_expired_tasks_never_run(make().await).await;
+    subtasks_are_found_by_their_parent(make().await).await;
+}
+
+async fn deadlines_are_honoured_at_claim_and_expired_tasks_never_run<S: Store>(s: S) {
+    // 1: deadline at 50; 2: deadline at 500; 3: none; 4: deadline at 50 but another app.
+    let mut t1 = task(1, "a");
+    t1.deadline = Some(at(50));
+    let mut t2 = task(2, "a");
+    t2.deadline = Some(at(500));
+    let mut t4 = task(4, "b");
+    t4.deadline = Some(at(50));
+    s.submit(vec![t1, t2, task(3, "a"), t4]).await.expect("submit");
+    let got = s.get(id(1), at(10)).await.expect("get").expect("stored");
+    assert_eq!(got.deadline, Some(at(50)), "the deadline is stored");
+    assert_eq!(s.get(id(3), at(10)).await.expect("get").expect("stored").deadline, None);
+    // Nothing expired yet at 49.
+    assert!(s.expire(at(49), 100).await.expect("expire").is_empty());
+    // At 50 (the boundary: expired from the millisecond of the deadline) the claim skips task 1
+    // even though it is the oldest and due, in the same statement that claims.
+    let c = s.claim(claim("a", 10, at(50))).await.expect("claim");
+    assert_eq!(c.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![id(2), id(3)]);
+    assert_eq!((c[0].deadline, c[1].deadline), (Some(at(500)), None), "a claim carries the deadline on");
+    assert_eq!(s.get(id(1), at(50)).await.expect("get").expect("stored").status, Status::Pending);
+    // A claim of the other app never hands task 4 out either.
+    assert!(s.claim(claim("b", 10, at(60))).await.expect("claim").is_empty());
+    // The sweep finishes both expired pending tasks with the Expired error, oldest deadline
+    // first, bounded by `max`.
+    let x = s.expire(at(60), 1).await.expect("expire");
+    assert_eq!(x.len(), 1);
+    let rest = s.expire(at(60), 100).await.expect("expire");
+    let mut ids: Vec<TaskId> = x.iter().chain(&rest).map(|e| e.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, vec![id(1), id(4)]);
+    assert!(x.iter().chain(&rest).all(|e| e.deadline == at(50) && e.attempt == 0));
+    let t = s.get(id(1), at(60)).await.expect("get").expect("an expired task is still readable");
+    assert_eq!(t.status, Status::Error);
+    let e = t.error.expect("error");
+    assert_eq!(e.kind, ErrorKind::Expired);
+    assert_eq!(e, super::Expired::error(at(50)), "the store's message is the crate's");
+    assert_eq!((t.finished_at, t.started_at, t.attempt), (Some(at(60)), None, 0), "it never ran");
+    assert_eq!(t.expires_at, Some(at(60).plus(RESULT_TTL)), "its result is kept as any other");
+    // Running task 2 (deadline 500) is not touched: the deadline is about starting.
+    assert!(s.expire(at(600), 100).await.expect("expire").is_empty());
+    assert_eq!(s.get(id(2), at(600)).await.expect("get").expect("stored").status, Status::Running);
+    // Never claimed afterwards, never expired twice.
+    assert!(s.claim(claim("a", 10, at(70))).await.expect("claim").is_empty());
+    assert!(s.claim(claim("b", 10, at(70))).await.expect("claim").is_empty());
+    // A retried task whose deadline passes while it waits is not claimed again either.
+    let mut t5 = task(5, "c");
+    t5.deadline = Some(at(1_000));
+    s.submit(vec![t5]).await.expect("submit");
+    let c = s.claim(claim("c", 1, at(100))).await.expect("claim").remove(0);
+    let retry = Outcome::Retry { run_after: at(900), error: TaskError::new(ErrorKind::WorkerFailed, "crash") };
+    s.finish(vec![Finish { id: id(5), lease: c.lease, outcome: retry, now: at(200) }]).await.expect("finish");
+    assert!(s.claim(claim("c", 1, at(1_000))).await.expect("claim").is_empty());
+    let x = s.expire(at(1_000), 100).await.expect("expire");
+    assert_eq!((x.len(), x[0].attempt), (1, 1));
+    let c = s.counts(at(1_000)).await.expect("counts");
+    assert_eq!((c.error, c.running, c.pending), (3, 2, 0));
+}
+
+async fn subtasks_are_found_by_their_parent<S: Store>(s: S) {
+    let child = |n: u32, parent: u32| {
+        let mut t = task(n, "a");
+        t.parent = Some(id(parent));
+        t
+    };
+    s.submit(vec![task(1, "a"), child(2, 1), child(3, 1), child(4, 2), task(5, "a")]).await.expect("submit");
+    let c = s.claim(claim("a", 1, at(10))).await.expect("claim");
+    assert_eq!((c[0].id.clone(), c[0].parent.clone()), (id(1), None));
+    let c = s.claim(claim("a", 1, at(10))).await.expect("claim");
+    assert_eq!(c[0].parent, Some(id(1)), "a claim says whose subtask it hands out");
+    let of = |p: u32| ListFilter { parent: Some(id(p)), limit: 10, ..ListFilter::default() };
+    let ids = |l: Vec<crate::task::Task>| l.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list(of(1), at(10)).await.expect("list")), vec![id(2), id(3)]);
+    assert_eq!(ids(s.list(of(2), at(10)).await.expect("list")), vec![id(4)]);
+    assert!(s.list(of(5), at(10)).await.expect("list").is_empty());
+    let page = ListFilter { parent: Some(id(1)), after: Some(id(2)), limit: 10, ..ListFilter::default() };
+    assert_eq!(ids(s.list(page, at(10)).await.expect("list")), vec![id(3)], "pages within a parent");
 }
 
 async fn submitted_tasks_read_back<S: Store>(s: S) {

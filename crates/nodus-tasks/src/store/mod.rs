@@ -9,6 +9,10 @@
 //! - A [`Finish`] applies only when it carries the task's current lease and the task is still
 //!   running; otherwise it is [`Fenced::Stale`] and changes nothing. So a late answer from an
 //!   abandoned attempt never overwrites a newer one: **exactly one recorded completion per task**.
+//! - A task whose deadline (the `expires_at` of its submission) has passed is never claimed: the
+//!   claim checks it in the statement that claims. [`Store::expire`] finishes such pending tasks
+//!   as errors of kind [`ErrorKind::Expired`](crate::task::ErrorKind::Expired) (the same boundary
+//!   as everywhere in nodus: expired from the millisecond `deadline <= now`).
 //! - A finished task expires `result_ttl` after it finished: reads no longer see it, and a purge
 //!   deletes it (its idempotency key can then be used again).
 //! - Nothing reads a clock: `now` is always an argument, so expiry and leases are testable.
@@ -25,7 +29,7 @@ pub use any::{AnyStore, StoreSpec};
 pub use postgres::{redact, ClaimMode, PgConfig, PgStore};
 pub use sqlite::{SqliteConfig, SqliteStore, Synchronous, WriterStats};
 
-use crate::task::{Claimed, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
+use crate::task::{Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
 
 /// Why the store could not do something. Every variant is an internal error for clients (arpcp
 /// 300): the store is never silently bypassed.
@@ -137,11 +141,44 @@ pub struct ListFilter {
     pub status: Option<Status>,
     /// Only this procedure.
     pub procedure: Option<String>,
+    /// Only the subtasks of this task (the tasks that name it as their parent).
+    pub parent: Option<TaskId>,
     /// Only tasks whose id is after this one (paging: pass the last id of the previous page).
     pub after: Option<TaskId>,
     /// Most tasks returned.
     pub limit: usize,
 }
+
+/// A pending task [`Store::expire`] finished because its deadline passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// The task.
+    pub id: TaskId,
+    /// Its procedure.
+    pub procedure: String,
+    /// Attempts it had started (0 unless an earlier attempt was retried).
+    pub attempt: u32,
+    /// Its deadline.
+    pub deadline: UnixMs,
+}
+
+impl Expired {
+    /// The error such a task is finished with (the message says when its deadline was).
+    pub fn error(deadline: UnixMs) -> TaskError {
+        TaskError::new(ErrorKind::Expired, expired_message(deadline.as_i64()))
+    }
+}
+
+/// The message of an expired task's error (the SQL of the stores builds the same text).
+pub fn expired_message(deadline: i64) -> String {
+    format!("{EXPIRED_PREFIX}{deadline}{EXPIRED_SUFFIX}")
+}
+
+/// The start of [`expired_message`], up to the deadline.
+/// (No quote characters: the stores put it in SQL literals.)
+pub(crate) const EXPIRED_PREFIX: &str = "the task was not started before its deadline (expires_at=";
+/// The end of [`expired_message`], after the deadline.
+pub(crate) const EXPIRED_SUFFIX: &str = "); it never ran and never will";
 
 /// How many tasks the store holds, by status (expired ones excluded).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -204,7 +241,9 @@ pub trait Store: Send + Sync + 'static {
     fn submit(&self, tasks: Vec<NewTask>) -> impl Future<Output = Result<Vec<Submitted>, StoreError>> + Send;
 
     /// Claims up to `claim.max` pending tasks of `claim.app` that are due, oldest first: each
-    /// becomes running with `attempt + 1`, a new lease and `started_at = now`.
+    /// becomes running with `attempt + 1`, a new lease and `started_at = now`. A task whose
+    /// deadline is at or before `claim.now` is never claimed (checked by the claiming statement
+    /// itself); [`Store::expire`] finishes it.
     ///
     /// # Errors
     /// [`StoreError`]: nothing was claimed.
@@ -241,6 +280,14 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`].
     fn reap(&self, now: UnixMs) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Finishes up to `max` pending tasks whose deadline is at or before `now` as errors of kind
+    /// [`ErrorKind::Expired`] (they never run), and returns them, so their waiters can be told.
+    /// Other nodes sharing the store hear of them as finished.
+    ///
+    /// # Errors
+    /// [`StoreError`]: nothing was finished.
+    fn expire(&self, now: UnixMs, max: usize) -> impl Future<Output = Result<Vec<Expired>, StoreError>> + Send;
 
     /// Deletes up to `max` finished tasks that expired at or before `now`. Returns how many.
     ///

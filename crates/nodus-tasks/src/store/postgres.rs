@@ -49,7 +49,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{
-    Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError, Wake, WriterStats,
+    Claim, Command, Commanded, Counts, Expired, Fenced, Finish, ListFilter, Outcome, Store, StoreError, Wake,
+    WriterStats, EXPIRED_PREFIX, EXPIRED_SUFFIX,
 };
 use crate::cluster::registry::{Agent, AgentStore};
 use crate::task::{json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
@@ -241,6 +242,14 @@ CREATE TABLE nodus_agents (
 );
 ",
     ),
+    (
+        3,
+        "
+ALTER TABLE nodus_tasks ADD COLUMN deadline bigint;
+CREATE INDEX nodus_tasks_deadline ON nodus_tasks (deadline) WHERE status = 'pending' AND deadline IS NOT NULL;
+CREATE INDEX nodus_tasks_parent ON nodus_tasks (parent) WHERE parent IS NOT NULL;
+",
+    ),
 ];
 
 const AGENT_COLUMNS: &str =
@@ -251,21 +260,23 @@ const COMPONENT: &str = "tasks";
 
 const TASK_COLUMNS: &str =
     "id, procedure, args, status, attempt, max_attempts, timeout_ms, lease, owner, parent, key, \
-     created_at, started_at, finished_at, expires_at, result, error_kind, error";
+     created_at, started_at, finished_at, expires_at, result, error_kind, error, deadline";
 
 /// One batch: new tasks and completions, with the notifications, in one statement.
-/// `$1..$9` the new tasks, `$10..$20` the completions, `$21` the channel, `$22` this store.
+/// `$1..$9` and `$23` the new tasks, `$10..$20` the completions, `$21` the channel, `$22` this
+/// store.
 /// Finished ids are announced 50 per notification (a payload has at most 8000 bytes, an id at
 /// most 128).
 const APPLY: &str = "
 WITH new AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int8[], $7::text[],
-                         $8::text[], $9::int8[]) WITH ORDINALITY
-        AS n(id, procedure, app, args, max_attempts, timeout_ms, parent, key, created_at, ord)
+                         $8::text[], $9::int8[], $23::int8[]) WITH ORDINALITY
+        AS n(id, procedure, app, args, max_attempts, timeout_ms, parent, key, created_at, deadline, ord)
 ), ins AS (
     INSERT INTO nodus_tasks (id, procedure, app, args, status, attempt, max_attempts, timeout_ms, lease, parent,
-                             key, created_at, run_after)
-    SELECT id, procedure, app, args, 'pending', 0, max_attempts, timeout_ms, 0, parent, key, created_at, created_at
+                             key, created_at, run_after, deadline)
+    SELECT id, procedure, app, args, 'pending', 0, max_attempts, timeout_ms, 0, parent, key, created_at, created_at,
+           deadline
     FROM new ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, app
@@ -299,18 +310,20 @@ UNION ALL SELECT 2, NULL, (SELECT count(*) FROM woken) + (SELECT count(*) FROM e
 ";
 
 /// Claims with `FOR UPDATE SKIP LOCKED`. `$1` app, `$2` now, `$3` max, `$4` owner, `$5` grace.
+/// A task whose deadline is at or before now is not a candidate (never claimed).
 /// The locked rows are updated by their physical address (`ctid`: a locked row cannot move).
 const CLAIM_SKIP_LOCKED: &str = "
 WITH picked AS (
     SELECT ctid FROM nodus_tasks
-    WHERE status = 'pending' AND app = $1 AND run_after <= $2
+    WHERE status = 'pending' AND app = $1 AND run_after <= $2 AND (deadline IS NULL OR deadline > $2)
     ORDER BY seq LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
     owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
 FROM picked WHERE t.ctid = picked.ctid AND t.status = 'pending'
-RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at
+RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at, t.parent,
+    t.deadline
 ";
 
 /// Claims with one guarded `UPDATE` (no locks beforehand, no `ctid`: neither exists in every
@@ -319,13 +332,14 @@ RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout
 const CLAIM_GUARDED: &str = "
 WITH cand AS (
     SELECT id FROM nodus_tasks
-    WHERE status = 'pending' AND app = $1 AND run_after <= $2
+    WHERE status = 'pending' AND app = $1 AND run_after <= $2 AND (deadline IS NULL OR deadline > $2)
     ORDER BY seq LIMIT $3
 ), taken AS (
     UPDATE nodus_tasks t SET status = 'running', attempt = t.attempt + 1, lease = nextval('nodus_task_leases'),
         owner = $4, started_at = $2, lease_until = $2 + t.timeout_ms + $5
     WHERE t.id IN (SELECT id FROM cand) AND t.status = 'pending'
-    RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at
+    RETURNING t.seq, t.id, t.procedure, t.args, t.attempt, t.max_attempts, t.timeout_ms, t.lease, t.created_at, t.parent,
+    t.deadline
 )
 SELECT taken.*, c.n FROM (SELECT count(*) AS n FROM cand) c LEFT JOIN taken ON true
 ";
@@ -868,6 +882,7 @@ struct Arrays<'a> {
     parent: Vec<Option<&'a str>>,
     key: Vec<Option<&'a str>>,
     created_at: Vec<i64>,
+    deadline: Vec<Option<i64>>,
     f_id: Vec<&'a str>,
     f_lease: Vec<i64>,
     f_status: Vec<&'static str>,
@@ -992,6 +1007,7 @@ async fn run_ops(shared: &Shared, ops: &[WriteOp]) -> Result<Applied, OpError> {
                     a.parent.push(t.parent.as_ref().map(TaskId::as_str));
                     a.key.push(t.key.as_deref());
                     a.created_at.push(t.created_at.as_i64());
+                    a.deadline.push(t.deadline.map(UnixMs::as_i64));
                 }
             }
             WriteOp::Finish(batch, _) => {
@@ -1072,7 +1088,7 @@ async fn run_ops(shared: &Shared, ops: &[WriteOp]) -> Result<Applied, OpError> {
 }
 
 /// `APPLY`'s parameters.
-fn apply_params<'a>(a: &'a Arrays<'_>, shared: &'a Shared) -> [&'a (dyn ToSql + Sync); 22] {
+fn apply_params<'a>(a: &'a Arrays<'_>, shared: &'a Shared) -> [&'a (dyn ToSql + Sync); 23] {
     [
         &a.id,
         &a.procedure,
@@ -1096,6 +1112,7 @@ fn apply_params<'a>(a: &'a Arrays<'_>, shared: &'a Shared) -> [&'a (dyn ToSql + 
         &a.f_expires_at,
         &shared.channel,
         &shared.me,
+        &a.deadline,
     ]
 }
 
@@ -1260,6 +1277,7 @@ fn task_from_row(r: &Row) -> Result<Task, StoreError> {
         expires_at: r.try_get::<_, Option<i64>>(14).map_err(corrupt)?.map(UnixMs::from_i64),
         result: r.try_get::<_, Option<String>>(15).map_err(corrupt)?.map(stored_json).transpose()?,
         error,
+        deadline: r.try_get::<_, Option<i64>>(18).map_err(corrupt)?.map(UnixMs::from_i64),
     })
 }
 
@@ -1307,7 +1325,7 @@ impl Store for PgStore {
             let (mut candidates, mut taken) = (0, 0);
             for r in rows {
                 if guarded {
-                    candidates = r.try_get::<_, i64>(9).map_err(corrupt)?;
+                    candidates = r.try_get::<_, i64>(11).map_err(corrupt)?;
                 }
                 let Some(seq) = r.try_get::<_, Option<i64>>(0).map_err(corrupt)? else { continue };
                 let id: String = r.try_get(1).map_err(corrupt)?;
@@ -1322,6 +1340,8 @@ impl Store for PgStore {
                     timeout: duration_ms(r.try_get(6).map_err(corrupt)?),
                     lease: Lease(u64::try_from(lease).unwrap_or(0)),
                     created_at: UnixMs::from_i64(r.try_get(8).map_err(corrupt)?),
+                    parent: r.try_get::<_, Option<String>>(9).map_err(corrupt)?.map(|p| TaskId(p.into())),
+                    deadline: r.try_get::<_, Option<i64>>(10).map_err(corrupt)?.map(UnixMs::from_i64),
                 };
                 out.push((seq, claimed));
                 taken += 1;
@@ -1425,6 +1445,52 @@ impl Store for PgStore {
         Ok(u64::try_from(row.try_get::<_, i64>(0).map_err(corrupt)?).unwrap_or(0))
     }
 
+    async fn expire(&self, now: UnixMs, max: usize) -> Result<Vec<Expired>, StoreError> {
+        // Candidates are locked (skip-locked mode) or re-checked (guarded mode): a task a claim
+        // takes at the same time is either claimed or expired, never both. Waiters on other
+        // nodes hear of the expired tasks as finished (50 ids per notification, as `APPLY`).
+        let lock = match self.shared.claim {
+            ClaimMode::SkipLocked => "FOR UPDATE SKIP LOCKED",
+            ClaimMode::Guarded => "",
+        };
+        let sql = format!(
+            "WITH cand AS (
+                 SELECT id FROM nodus_tasks WHERE status = 'pending' AND deadline IS NOT NULL AND deadline <= $1
+                 ORDER BY deadline LIMIT $3 {lock}
+             ), x AS (
+                 UPDATE nodus_tasks t SET status = 'error', error_kind = '{kind}',
+                     error = '{EXPIRED_PREFIX}' || t.deadline || '{EXPIRED_SUFFIX}', finished_at = $1, expires_at = $2,
+                     owner = NULL, lease_until = NULL
+                 WHERE t.id IN (SELECT id FROM cand) AND t.status = 'pending'
+                 RETURNING t.id, t.procedure, t.attempt, t.deadline
+             ), ended AS (
+                 SELECT pg_notify($4, $5 || ' f ' || string_agg(id, ' ')) FROM (
+                     SELECT id, (row_number() OVER ()) / 50 AS chunk FROM x
+                 ) e GROUP BY chunk
+             )
+             SELECT x.*, (SELECT count(*) FROM ended) FROM x",
+            kind = ErrorKind::Expired.as_str()
+        );
+        let (shared, sql) = (&self.shared, &sql);
+        let (expires, max) = (shared.expires(now), i64::try_from(max).unwrap_or(i64::MAX));
+        let rows = shared
+            .with_retry(|conn| async move {
+                let s = conn.prepare_cached(sql).await?;
+                conn.query(&s, &[&now.as_i64(), &expires, &max, &shared.channel, &shared.me]).await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Expired {
+                    id: TaskId(r.try_get::<_, String>(0).map_err(corrupt)?.into()),
+                    procedure: r.try_get(1).map_err(corrupt)?,
+                    attempt: u32_of(r.try_get(2).map_err(corrupt)?),
+                    deadline: UnixMs::from_i64(r.try_get(3).map_err(corrupt)?),
+                })
+            })
+            .collect()
+    }
+
     async fn purge(&self, now: UnixMs, max: usize) -> Result<u64, StoreError> {
         let sql = match self.shared.claim {
             ClaimMode::SkipLocked => {
@@ -1469,6 +1535,11 @@ impl Store for PgStore {
         if let Some(p) = &f.procedure {
             params.push(p);
             sql.push_str(&format!(" AND procedure = ${}", params.len()));
+        }
+        let parent = f.parent.as_ref().map(TaskId::as_str);
+        if let Some(p) = &parent {
+            params.push(p);
+            sql.push_str(&format!(" AND parent = ${}", params.len()));
         }
         // Ids are time-ordered (UUIDv7) and the primary key: pages follow its index.
         if let Some(a) = &after {

@@ -19,7 +19,10 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Claim, Command, Commanded, Counts, Fenced, Finish, ListFilter, Outcome, Store, StoreError};
+use super::{
+    Claim, Command, Commanded, Counts, Expired, Fenced, Finish, ListFilter, Outcome, Store, StoreError, EXPIRED_PREFIX,
+    EXPIRED_SUFFIX,
+};
 use crate::cluster::registry::{Agent, AgentStore};
 use crate::task::{json, Claimed, ErrorKind, Json, Lease, NewTask, Status, Submitted, Task, TaskError, TaskId, UnixMs};
 
@@ -107,6 +110,7 @@ enum WriteOp {
     Command(TaskId, Command, UnixMs, Reply<Option<Commanded>>),
     Recover(String, UnixMs, Reply<u64>),
     Reap(UnixMs, Reply<u64>),
+    Expire(UnixMs, usize, Reply<Vec<Expired>>),
     Purge(UnixMs, usize, Reply<u64>),
     SaveAgent(Agent, Reply<()>),
     RemoveAgent(String, Reply<bool>),
@@ -215,10 +219,18 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 ";
 
+/// Version 3: a task's deadline (the `expires_at` of its submission: it never starts after it),
+/// and subtasks found by their parent (a kill cascades to them).
+const DEADLINES: &str = "
+ALTER TABLE tasks ADD COLUMN deadline INTEGER;
+CREATE INDEX IF NOT EXISTS tasks_deadline ON tasks(deadline) WHERE status = 'pending' AND deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent) WHERE parent IS NOT NULL;
+";
+
 /// The schema's migrations, in order: applying migration `n` brings a database from
-/// `user_version` `n` to `n + 1`. Each is idempotent (a version-1 database made before
-/// versions were counted has the tasks table already).
-const MIGRATIONS: [&str; 2] = [SCHEMA, AGENTS];
+/// `user_version` `n` to `n + 1`, in one transaction. The first is idempotent (a version-1
+/// database made before versions were counted has the tasks table already).
+const MIGRATIONS: [&str; 3] = [SCHEMA, AGENTS, DEADLINES];
 
 /// Brings the database to the latest schema, each migration in its own transaction.
 fn migrate(conn: &Connection, path: &std::path::Path) -> Result<(), StoreError> {
@@ -246,7 +258,7 @@ const AGENT_COLUMNS: &str =
 
 const TASK_COLUMNS: &str =
     "id, procedure, args, status, attempt, max_attempts, timeout_ms, lease, owner, parent, key, \
-     created_at, started_at, finished_at, expires_at, result, error_kind, error";
+     created_at, started_at, finished_at, expires_at, result, error_kind, error, deadline";
 
 fn sql_err(e: rusqlite::Error) -> StoreError {
     match &e {
@@ -396,6 +408,10 @@ impl Store for SqliteStore {
 
     async fn reap(&self, now: UnixMs) -> Result<u64, StoreError> {
         self.write(|r| WriteOp::Reap(now, r)).await
+    }
+
+    async fn expire(&self, now: UnixMs, max: usize) -> Result<Vec<Expired>, StoreError> {
+        self.write(|r| WriteOp::Expire(now, max, r)).await
     }
 
     async fn purge(&self, now: UnixMs, max: usize) -> Result<u64, StoreError> {
@@ -628,6 +644,7 @@ impl Writer {
                 WriteOp::Finish(_, r) => answer(r, Err(e.clone())),
                 WriteOp::Command(_, _, _, r) => answer(r, Err(e.clone())),
                 WriteOp::Recover(_, _, r) | WriteOp::Reap(_, r) | WriteOp::Purge(_, _, r) => answer(r, Err(e.clone())),
+                WriteOp::Expire(_, _, r) => answer(r, Err(e.clone())),
                 WriteOp::SaveAgent(_, r) => answer(r, Err(e.clone())),
                 WriteOp::RemoveAgent(_, r) => answer(r, Err(e.clone())),
                 WriteOp::Close(_) => Box::new(|_: Option<&StoreError>| {}),
@@ -681,6 +698,11 @@ impl Writer {
                 let err = res.as_ref().err().cloned();
                 (answer(r, res), err)
             }
+            WriteOp::Expire(now, max, r) => {
+                let res = self.expire(now, max);
+                let err = res.as_ref().err().cloned();
+                (answer(r, res), err)
+            }
             WriteOp::SaveAgent(agent, r) => {
                 let res = save_agent(&self.conn, &agent);
                 let err = res.as_ref().err().cloned();
@@ -729,7 +751,8 @@ impl Writer {
             .conn
             .prepare_cached(
                 "INSERT INTO tasks (id, procedure, app, args, status, attempt, max_attempts, timeout_ms, lease, \
-                 parent, key, created_at, run_after) VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, 0, ?7, ?8, ?9, ?9)",
+                 parent, key, created_at, run_after, deadline) \
+                 VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, 0, ?7, ?8, ?9, ?9, ?10)",
             )
             .map_err(sql_err)?;
         let mut by_key =
@@ -760,6 +783,7 @@ impl Writer {
                     t.parent.as_ref().map(TaskId::as_str),
                     t.key,
                     t.created_at.as_i64(),
+                    t.deadline.map(UnixMs::as_i64),
                 ])
                 .map_err(sql_err)?;
             out.push(Submitted { id: t.id, existing: false });
@@ -771,8 +795,10 @@ impl Writer {
         let mut select = self
             .conn
             .prepare_cached(
-                "SELECT seq, id, procedure, args, attempt, max_attempts, timeout_ms, created_at FROM tasks \
-                 WHERE status = 'pending' AND app = ?1 AND run_after <= ?2 ORDER BY seq LIMIT ?3",
+                "SELECT seq, id, procedure, args, attempt, max_attempts, timeout_ms, created_at, parent, deadline \
+                 FROM tasks \
+                 WHERE status = 'pending' AND app = ?1 AND run_after <= ?2 AND (deadline IS NULL OR deadline > ?2) \
+                 ORDER BY seq LIMIT ?3",
             )
             .map_err(sql_err)?;
         let rows: Vec<(i64, String, Claimed)> = select
@@ -789,6 +815,8 @@ impl Writer {
                     timeout: Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
                     lease: Lease(0),
                     created_at: UnixMs::from_i64(r.get(7)?),
+                    parent: r.get::<_, Option<String>>(8)?.map(|p| TaskId(p.into())),
+                    deadline: r.get::<_, Option<i64>>(9)?.map(UnixMs::from_i64),
                 };
                 Ok((r.get(0)?, r.get(3)?, claimed))
             })
@@ -814,6 +842,33 @@ impl Writer {
             out.push(claimed);
         }
         Ok(out)
+    }
+
+    /// Finishes pending tasks whose deadline passed (see [`Store::expire`]).
+    fn expire(&mut self, now: UnixMs, max: usize) -> Result<Vec<Expired>, StoreError> {
+        let mut s = self
+            .conn
+            .prepare_cached(&format!(
+                "UPDATE tasks SET status = 'error', error_kind = '{kind}', \
+                 error = '{EXPIRED_PREFIX}' || deadline || '{EXPIRED_SUFFIX}', finished_at = ?1, expires_at = ?2, \
+                 owner = NULL, lease_until = NULL \
+                 WHERE seq IN (SELECT seq FROM tasks WHERE status = 'pending' AND deadline IS NOT NULL \
+                               AND deadline <= ?1 ORDER BY deadline LIMIT ?3) \
+                 RETURNING id, procedure, attempt, deadline",
+                kind = ErrorKind::Expired.as_str()
+            ))
+            .map_err(sql_err)?;
+        let rows = s
+            .query_map(params![now.as_i64(), self.expires(now), i64::try_from(max).unwrap_or(i64::MAX)], |r| {
+                Ok(Expired {
+                    id: TaskId(r.get::<_, String>(0)?.into()),
+                    procedure: r.get(1)?,
+                    attempt: r.get(2)?,
+                    deadline: UnixMs::from_i64(r.get(3)?),
+                })
+            })
+            .map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)
     }
 
     fn finish(&mut self, batch: &[Finish]) -> Result<Vec<Fenced>, StoreError> {
@@ -910,6 +965,7 @@ fn fail(op: WriteOp, e: StoreError) {
         WriteOp::Finish(_, r) => answer(r, Err(e))(None),
         WriteOp::Command(_, _, _, r) => answer(r, Err(e))(None),
         WriteOp::Recover(_, _, r) | WriteOp::Reap(_, r) | WriteOp::Purge(_, _, r) => answer(r, Err(e))(None),
+        WriteOp::Expire(_, _, r) => answer(r, Err(e))(None),
         WriteOp::SaveAgent(_, r) => answer(r, Err(e))(None),
         WriteOp::RemoveAgent(_, r) => answer(r, Err(e))(None),
         WriteOp::Close(done) => {
@@ -949,6 +1005,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Task, StoreError>> {
     let result: Option<String> = r.get(15)?;
     let error_kind: Option<String> = r.get(16)?;
     let error: Option<String> = r.get(17)?;
+    let deadline: Option<i64> = r.get(18)?;
     Ok((|| {
         let error = match (error_kind, error) {
             (Some(k), msg) => Some(TaskError {
@@ -977,6 +1034,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Task, StoreError>> {
             expires_at: expires.map(UnixMs::from_i64),
             result: result.map(stored_json).transpose()?,
             error,
+            deadline: deadline.map(UnixMs::from_i64),
         })
     })())
 }
@@ -1059,6 +1117,10 @@ fn read_list(conn: &Connection, f: &ListFilter, now: UnixMs) -> Result<Vec<Task>
     if let Some(p) = &f.procedure {
         args.push(p.clone().into());
         sql.push_str(&format!(" AND procedure = ?{}", args.len()));
+    }
+    if let Some(parent) = &f.parent {
+        args.push(parent.as_str().to_string().into());
+        sql.push_str(&format!(" AND parent = ?{}", args.len()));
     }
     if let Some(after) = &f.after {
         args.push(after.as_str().to_string().into());

@@ -41,6 +41,12 @@ pub enum Command {
         /// The task's timeout (e.g. 30s, 5m) [default: the node's, 300 s].
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// Make it a subtask of this task: killing that one kills it.
+        #[arg(long, value_name = "TASK_ID")]
+        pid: Option<String>,
+        /// Its deadline, from now (e.g. 10s): not started by then, it never runs.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
     },
     /// Submit a task and print its id at once (`--from FILE`: many, one JSON object per line).
     Submit {
@@ -55,10 +61,17 @@ pub enum Command {
         /// The task's timeout (e.g. 30s, 5m) [default: the node's, 300 s].
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// Make it a subtask of this task: killing that one kills it.
+        #[arg(long, value_name = "TASK_ID")]
+        pid: Option<String>,
+        /// Its deadline, from now (e.g. 10s): not started by then, it never runs.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
         /// Submit every line of FILE ('-': standard input), each
-        /// {"procedure": "APP.EVENT", "args": [...], "key": "...", "timeout_ms": N}; prints one id
-        /// per line, in order (a refused line: its reason on stderr).
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["procedure", "key", "timeout"])]
+        /// {"procedure": "APP.EVENT", "args": [...], "key": "...", "timeout_ms": N, "pid": "...",
+        /// "expires_at": UNIX_MS}; prints one id per line, in order (a refused line: its reason on
+        /// stderr).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["procedure", "key", "timeout", "pid", "expires_in"])]
         from: Option<PathBuf>,
     },
     /// Show one task: status, attempts, times, result or error.
@@ -104,11 +117,24 @@ pub fn arg_value(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
 }
 
-fn spec(procedure: String, args: &[String], key: Option<String>, timeout: Option<Duration>) -> TaskSpec {
-    TaskSpec {
-        key,
-        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+/// What `run` and `submit` take besides the procedure and its arguments.
+struct Options {
+    key: Option<String>,
+    timeout: Option<Duration>,
+    pid: Option<String>,
+    expires_in: Option<Duration>,
+}
+
+fn spec(procedure: String, args: &[String], o: Options) -> TaskSpec {
+    let spec = TaskSpec {
+        key: o.key,
+        timeout_ms: o.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        pid: o.pid,
         ..TaskSpec::new(procedure, args.iter().map(|a| arg_value(a)).collect())
+    };
+    match o.expires_in {
+        Some(d) => spec.expires_in(d),
+        None => spec,
     }
 }
 
@@ -124,8 +150,8 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
     };
     let admin = client.admin();
     match c {
-        Command::Run { procedure, args, key, timeout } => {
-            let spec = spec(procedure, &args, key, timeout);
+        Command::Run { procedure, args, key, timeout, pid, expires_in } => {
+            let spec = spec(procedure, &args, Options { key, timeout, pid, expires_in });
             // The node answers at the task's timeout plus its grace at the latest.
             let wait = timeout.unwrap_or(Duration::from_secs(300)) + Duration::from_secs(60);
             let t = admin.task_run(&spec, wait).await?;
@@ -139,9 +165,9 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
             }
         }
         Command::Submit { from: Some(file), .. } => return submit_file(ctx, &admin, &file).await,
-        Command::Submit { procedure, args, key, timeout, from: None } => {
+        Command::Submit { procedure, args, key, timeout, pid, expires_in, from: None } => {
             let procedure = procedure.context("a procedure to submit, or --from FILE")?;
-            let s = admin.task_submit(&spec(procedure, &args, key, timeout)).await?;
+            let s = admin.task_submit(&spec(procedure, &args, Options { key, timeout, pid, expires_in })).await?;
             if ctx.json {
                 output::json(&serde_json::to_value(&s)?);
             } else {
