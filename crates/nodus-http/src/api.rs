@@ -588,7 +588,7 @@ fn task_json(t: &nodus_client::admin::TaskInfo) -> Value {
 }
 
 /// `POST /api/tasks`: the body is a task spec (`procedure`, `args`, `key`, `timeout_ms`,
-/// `max_attempts`).
+/// `max_attempts`, `pid`, `expires_at`).
 pub(crate) async fn submit_task(
     State(s): S,
     c: C,
@@ -603,15 +603,27 @@ pub(crate) async fn submit_task(
     if b.key.as_deref().is_some_and(|k| k.is_empty() || k.len() > 255 || !nodus_wire::valid_name(k)) {
         return Err(ApiError::invalid("key must be 1 to 255 of [A-Za-z0-9_.-]"));
     }
+    if let Some(pid) = b.pid.as_deref() {
+        task_id(pid)?;
+    }
     let spec = nodus_client::admin::TaskSpec {
         procedure: b.procedure,
         args: b.args,
         key: b.key,
         timeout_ms: b.timeout_ms,
         max_attempts: b.max_attempts,
-        ..nodus_client::admin::TaskSpec::default()
+        pid: b.pid,
+        expires_at: b.expires_at,
     };
-    let done = ctx.admin().task_submit(&spec).await.map_err(tasks_err)?;
+    let done = ctx.admin().task_submit(&spec).await.map_err(|e| {
+        let mut e = tasks_err(e);
+        if e.code == "expired" {
+            // The deadline is past (the node refuses it on arrival): the request's fault, not
+            // a gateway timeout.
+            e.status = StatusCode::BAD_REQUEST;
+        }
+        e
+    })?;
     let status = if done.existing { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(json!({"id": done.id, "existing": done.existing}))).into_response())
 }
@@ -629,6 +641,12 @@ pub(crate) struct TaskBody {
     timeout_ms: Option<u64>,
     #[serde(default)]
     max_attempts: Option<u32>,
+    /// The parent task: killing it kills this one.
+    #[serde(default)]
+    pid: Option<String>,
+    /// Deadline, Unix ms: not started by then, the task never runs.
+    #[serde(default)]
+    expires_at: Option<i64>,
 }
 
 /// The query of `GET /api/tasks`.

@@ -221,6 +221,25 @@ fn tasks_through_the_rest_api_with_the_task_apis_codes() {
     let snap = node.request("GET", "/api/snapshot", None, None).json();
     let recent = snap["tasks"]["recent"].as_array().unwrap();
     assert!(recent.iter().any(|t| t["id"] == id.as_str() && t["status"] == "done"), "{snap}");
+
+    // Deadlines and subtasks: a deadline already past is the request's fault; a parent must be
+    // a task still running or waiting; aborting a parent interrupts its subtask.
+    let late = submit(None, serde_json::json!({"procedure": "procs.add", "args": [1, 2], "expires_at": 1}));
+    assert_eq!((late.status, late.json()["error"].as_str()), (400, Some("expired")), "{late:?}");
+    let orphan = submit(None, serde_json::json!({"procedure": "procs.add", "args": [1, 2], "pid": "no-such-task"}));
+    assert_eq!((orphan.status, orphan.json()["error"].as_str()), (404, Some("unknown_task")), "{orphan:?}");
+    let finished = submit(None, serde_json::json!({"procedure": "procs.add", "args": [1, 2], "pid": id}));
+    assert_eq!((finished.status, finished.json()["error"].as_str()), (404, Some("unknown_task")), "{finished:?}");
+    let parent = submit(None, serde_json::json!({"procedure": "procs.sleep", "args": [60000]}));
+    assert_eq!(parent.status, 201, "{parent:?}");
+    let parent = parent.json()["id"].as_str().unwrap().to_string();
+    let child = submit(None, serde_json::json!({"procedure": "procs.sleep", "args": [60000], "pid": parent}));
+    assert_eq!(child.status, 201, "{child:?}");
+    let child = child.json()["id"].as_str().unwrap().to_string();
+    let aborted = node.request("POST", &format!("/api/tasks/{parent}/abort"), Some(&token), None);
+    assert_eq!(aborted.status, 200, "{aborted:?}");
+    let child = node.request("GET", &format!("/api/tasks/{child}"), None, None).json();
+    assert_eq!(child["status"], "interrupted", "{child}");
 }
 
 #[test]
