@@ -1278,6 +1278,7 @@ fn only_the_paired_managers_packages_are_fetched_and_installed() {
         args: json("[1]").unwrap(),
         timeout: Duration::from_secs(60),
         package: Some(package(&forged)),
+        deadline: None,
     };
     let answer = net.ask("m9", "w1", 7, Body::TasksExecute { tasks: vec![stranger] });
     assert_eq!(answer, Body::NotMine);
