@@ -433,15 +433,22 @@ fn gossip_without_the_right_mac_or_past_the_node_bound_changes_nothing_and_is_no
     let gossip = |records: BTreeMap<String, crate::topology::NodeRecord>| {
         LinkMsg::Gossip { records: rmp_serde::to_vec(&records).unwrap().into() }.to_message()
     };
+    // The known nodes are saved at the next tick, once, whatever changed since the last.
+    b.tick(0, &mut out);
+    assert_eq!(out.iter().filter(|a| matches!(a, Action::SaveNodes(_))).count(), 1, "the links are saved");
+    out.clear();
     // A huge incarnation for a real node, unsigned: refused.
     let mut takeover = record("a", None);
     takeover.incarnation = i64::MAX;
     b.handle(20, gossip(BTreeMap::from([("a".to_string(), takeover)])), 0, &mut out);
+    b.tick(1, &mut out);
     assert!(!out.iter().any(|a| matches!(a, Action::SaveNodes(_))));
     // Many signed fake nodes: only up to the bound, and only those are saved.
     let key = RecordKey::from_secret("s");
     let fakes: BTreeMap<String, _> = (0..4).map(|i| (format!("f{i}"), record(&format!("f{i}"), Some(&key)))).collect();
     b.handle(20, gossip(fakes), 0, &mut out);
+    assert!(!out.iter().any(|a| matches!(a, Action::SaveNodes(_))), "not on the path of the merge");
+    b.tick(2, &mut out);
     let saved: Vec<_> =
         out.iter().filter_map(|a| if let Action::SaveNodes(n) = a { Some(n.len()) } else { None }).collect();
     assert_eq!(saved.last(), Some(&3), "b, a and two more make four: {saved:?}");
