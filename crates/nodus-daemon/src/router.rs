@@ -9,6 +9,8 @@
 //! - a unit decoded: [`Router::handle`] for a message, [`Router::handle_invalid`] for garbage;
 //! - a connection closed (EOF, error, slow consumer cut, `Close` done): [`Router::disconnect`];
 //! - every tick (at most `heartbeat_ms`, ≤ 500 ms): [`Router::tick`] with the current time;
+//! - at [`Router::flush_at`], when it says: [`Router::flush`] (this node's rate-limited record
+//!   versions and paced floods; `tick` flushes too, so a late flush only delays them);
 //! - a built-in service attached: `connect` with [`Origin::Internal`], `REGISTER`, then
 //!   [`Router::declare_commands`];
 //! - the cache journal (when `durable_cache`): on [`Action::PersistCache`], take the ops with
