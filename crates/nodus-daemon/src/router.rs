@@ -450,7 +450,7 @@ pub struct Router {
     ticks: u64,
     /// When the last tick ran (how late this one is says how stalled this node was).
     last_tick: Option<i64>,
-    /// The latest time this router was told (calls without a `now` use it).
+    /// The time this router was last told (calls without a `now` use it).
     clock: i64,
     /// When this node last published a version of its own record.
     published_at: Option<i64>,
@@ -710,7 +710,7 @@ impl Router {
 
     /// A message from `conn`.
     pub fn handle(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
-        self.clock = self.clock.max(now);
+        self.clock = now;
         let start = out.len();
         self.handle_message(conn, msg, now, out);
         if !self.awaiting_durable.is_empty() {
@@ -1535,7 +1535,7 @@ impl Router {
     /// Time passes: expire cached messages and tracked requests, heartbeat links, close cluster
     /// connections whose handshake is late.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
-        self.clock = self.clock.max(now);
+        self.clock = now;
         self.cluster_tick(now, out);
         for t in self.cache.sweep(now) {
             self.expired_in_cache(t, now, out);

@@ -608,7 +608,8 @@ impl Router {
     fn originate(&mut self, out: &mut Vec<Action>) {
         let now = self.clock;
         match self.published_at {
-            Some(at) if now - at < MIN_RECORD_INTERVAL_MS => {
+            // A clock that went back does not hold the record up.
+            Some(at) if (0..MIN_RECORD_INTERVAL_MS).contains(&(now - at)) => {
                 self.publish_due.get_or_insert(at + MIN_RECORD_INTERVAL_MS);
             }
             _ => self.publish(now, out),
@@ -631,7 +632,7 @@ impl Router {
             return;
         }
         match self.flooded_at {
-            Some(at) if now - at < FLOOD_PACE_MS => {
+            Some(at) if (0..FLOOD_PACE_MS).contains(&(now - at)) => {
                 self.flood_due.get_or_insert(at + FLOOD_PACE_MS);
             }
             _ => self.flood(now, out),
@@ -663,13 +664,14 @@ impl Router {
     }
 
     /// What is due now: this node's coalesced record, the paced flood. The driver calls it at
-    /// [`Router::flush_at`] (the tick calls it too).
+    /// [`Router::flush_at`] (the tick calls it too). Something due further ahead than its
+    /// interval is due now: the clock went back.
     pub fn flush(&mut self, now: i64, out: &mut Vec<Action>) {
-        self.clock = self.clock.max(now);
-        if self.publish_due.is_some_and(|at| at <= now) {
+        self.clock = now;
+        if self.publish_due.is_some_and(|at| at <= now || at > now.saturating_add(MIN_RECORD_INTERVAL_MS)) {
             self.publish(now, out);
         }
-        if self.flood_due.is_some_and(|at| at <= now) {
+        if self.flood_due.is_some_and(|at| at <= now || at > now.saturating_add(FLOOD_PACE_MS)) {
             self.flood(now, out);
         }
     }
