@@ -14,7 +14,8 @@
 //! nothing the second time (records never go back in time, nothing is re-flooded or re-saved);
 //! this node's own record, as it gossips it, never goes back in `(incarnation, seq)`, keeps its
 //! incarnation unless a validly signed newer claim to be this node came in (and then moves past
-//! that claim), stays one its peers accept, and a local change still moves it forward.
+//! that claim), stays one its peers accept, and a local change still moves it forward (once the
+//! router is flushed at the time it asks for: versions are rate-limited, floods paced).
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use std::collections::BTreeMap;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use nodus_daemon::auth::Origin;
-use nodus_daemon::router::{Action, ConnId, Router};
+use nodus_daemon::router::{Action, ConnId, Router, FLOOD_PACE_MS, MIN_RECORD_INTERVAL_MS};
 use nodus_daemon::topology::{NodeRecord, Topology};
 use nodus_fuzz::cluster::{self, INCARNATION, LINK, ME, PEER};
 use nodus_fuzz::{alloc::peak_during, allocation_bound};
@@ -161,6 +162,15 @@ fuzz_target!(|data: &[u8]| {
     // to be it (a refutation is not sent back on the link the claim came from, the only one).
     out.clear();
     router.handle(CLIENT, Message::new("REGISTER").param("service", "fuzz").param("version", 1), NOW, &mut out);
+    // Versions of a node's record are at least `MIN_RECORD_INTERVAL_MS` apart and floods are
+    // paced: what is due goes out when the router is flushed after that.
+    for _ in 0..4 {
+        let Some(due) = router.flush_at() else { break };
+        let latest = NOW + MIN_RECORD_INTERVAL_MS + FLOOD_PACE_MS;
+        assert!(due <= latest, "something is due at {due}, past the interval and the pace");
+        router.flush(due, &mut out);
+    }
+    assert_eq!(router.flush_at(), None, "flushing at the times asked for leaves nothing due");
     let own = check_actions(&out).own;
     let Some(newest) = own.last() else { panic!("a local change was not gossiped") };
     let stamp = (newest.incarnation, newest.seq);

@@ -96,8 +96,8 @@ enum Command {
         /// Cluster sizes, one row each (the scale measurement).
         #[arg(long, value_delimiter = ',')]
         nodes: Vec<usize>,
-        /// Runs per size; the row shows their medians.
-        #[arg(long, default_value_t = 1)]
+        /// Runs per size (a new random graph each); the row shows their medians.
+        #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Each node dials this many others.
         #[arg(long, default_value_t = 2)]

@@ -110,7 +110,7 @@ pub async fn run(nodus: &Path, dir: &Path, load: &ScaleLoad) -> anyhow::Result<S
         let config = format!(
             "server_name = \"{name}\"\ndata_dir = {data:?}\nunix_socket = {socket:?}\ntcp_listen = \"\"\n\
              [cluster]\nlisten = \"127.0.0.1:{port}\"\nneighbors = [{}]\nsecret = \"bench-scale\"\n\
-             heartbeat_ms = {}\nudp_listen = \"\"\n[apps]\nenabled = false\n",
+             heartbeat_ms = {}\nudp_listen = \"\"\n[apps]\nenabled = false\n[http]\nlisten = \"\"\n",
             neighbors.join(","),
             load.heartbeat_ms,
         );

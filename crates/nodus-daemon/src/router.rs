@@ -9,6 +9,8 @@
 //! - a unit decoded: [`Router::handle`] for a message, [`Router::handle_invalid`] for garbage;
 //! - a connection closed (EOF, error, slow consumer cut, `Close` done): [`Router::disconnect`];
 //! - every tick (at most `heartbeat_ms`, ≤ 500 ms): [`Router::tick`] with the current time;
+//! - at [`Router::flush_at`], when it says: [`Router::flush`] (this node's rate-limited record
+//!   versions and paced floods; `tick` flushes too, so a late flush only delays them);
 //! - a built-in service attached: `connect` with [`Origin::Internal`], `REGISTER`, then
 //!   [`Router::declare_commands`];
 //! - the cache journal (when `durable_cache`): on [`Action::PersistCache`], take the ops with
@@ -63,6 +65,7 @@ use rand::SeedableRng;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
+pub use links::{FLOOD_PACE_MS, MIN_RECORD_INTERVAL_MS};
 pub use nodus_wire::node::NODE_SERVICE;
 pub use pressure::{Pressure, Queue, Verdict};
 pub use view::{LinkState, NodeState, OwnLink, RouterView, ServiceState};
@@ -447,6 +450,22 @@ pub struct Router {
     ticks: u64,
     /// When the last tick ran (how late this one is says how stalled this node was).
     last_tick: Option<i64>,
+    /// The time this router was last told (calls without a `now` use it).
+    clock: i64,
+    /// When this node last published a version of its own record.
+    published_at: Option<i64>,
+    /// When the coalesced next version of this node's record is due.
+    publish_due: Option<i64>,
+    /// Records to pass on at the next flood: name → the links that already hold its newest
+    /// version (it came from them: not sent back). Bounded by the nodes known (`max_nodes`)
+    /// and the links (`max_links`).
+    to_flood: BTreeMap<String, Vec<ConnId>>,
+    /// When the last flood went out.
+    flooded_at: Option<i64>,
+    /// When the paced next flood is due.
+    flood_due: Option<i64>,
+    /// The known nodes changed since they were last handed out to be saved.
+    nodes_dirty: bool,
     rng: rand::rngs::StdRng,
     durable_cache: bool,
     /// Cache ops not yet taken by the persistence task (bounded by the cache bounds).
@@ -498,6 +517,13 @@ impl Router {
             ntp: None,
             ticks: 0,
             last_tick: None,
+            clock: now,
+            published_at: None,
+            publish_due: None,
+            to_flood: BTreeMap::new(),
+            flooded_at: None,
+            flood_due: None,
+            nodes_dirty: false,
             rng: rand::rngs::StdRng::seed_from_u64(config.seed),
             durable_cache: config.durable_cache,
             journal: Vec::new(),
@@ -659,6 +685,9 @@ impl Router {
 
     /// Tells every connection the node is going away.
     pub fn farewell(&mut self, out: &mut Vec<Action>) {
+        if std::mem::take(&mut self.nodes_dirty) {
+            self.save_nodes(out);
+        }
         for (id, c) in &self.conns {
             let command = match c.role {
                 Role::Datagram => continue,
@@ -681,6 +710,7 @@ impl Router {
 
     /// A message from `conn`.
     pub fn handle(&mut self, conn: ConnId, msg: Message, now: i64, out: &mut Vec<Action>) {
+        self.clock = now;
         let start = out.len();
         self.handle_message(conn, msg, now, out);
         if !self.awaiting_durable.is_empty() {
@@ -1505,6 +1535,7 @@ impl Router {
     /// Time passes: expire cached messages and tracked requests, heartbeat links, close cluster
     /// connections whose handshake is late.
     pub fn tick(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.clock = now;
         self.cluster_tick(now, out);
         for t in self.cache.sweep(now) {
             self.expired_in_cache(t, now, out);

@@ -78,9 +78,16 @@ pub(crate) enum Outbound {
     Close,
 }
 
+/// Heartbeats (`LINK_PING`, `LINK_PONG`) waiting in a connection's own lane, written ahead of
+/// everything else queued (a heartbeat never waits behind gossip); past this, they queue with
+/// the rest.
+pub(crate) const HEARTBEAT_LANE: usize = 16;
+
 /// The driver's side of one connection.
 struct Handle {
     tx: mpsc::Sender<Outbound>,
+    /// The heartbeat lane of a socket connection ([`HEARTBEAT_LANE`]).
+    lane: Option<mpsc::Sender<Message>>,
     /// Closes the connection now, without writing what is queued.
     kill: CancellationToken,
     /// What a socket connection holds in memory; `None` for in-process services, whose queue is
@@ -93,6 +100,8 @@ struct Handle {
 struct State {
     router: Router,
     handles: crate::router::IdMap<ConnId, Handle>,
+    /// When the flusher was last told the router wants [`Router::flush`].
+    flush_told: Option<i64>,
 }
 
 /// The known nodes, as the router hands them out to be persisted.
@@ -106,6 +115,8 @@ pub(crate) struct Shared {
     /// Cancelled when the node starts shutting down: listeners stop accepting.
     stop: CancellationToken,
     idle: Notify,
+    /// Wakes the flusher: the router wants [`Router::flush`] at another time.
+    flush_wake: Notify,
     next_conn: AtomicU64,
     counters: Arc<Counters>,
     /// Backpressure marks of registered services' queues.
@@ -151,7 +162,7 @@ impl Shared {
     ) -> (ConnId, mpsc::Receiver<Outbound>) {
         let id = self.next_conn_id();
         let (tx, rx) = mpsc::channel(self.config.limits.max_outbound_messages);
-        let handle = Handle { tx, kill: CancellationToken::new(), meter: None, warned: false };
+        let handle = Handle { tx, lane: None, kill: CancellationToken::new(), meter: None, warned: false };
         let mut out = Vec::new();
         let mut st = self.lock();
         st.handles.insert(id, handle);
@@ -369,6 +380,15 @@ impl Shared {
                         if h.kill.is_cancelled() {
                             continue;
                         }
+                        let msg = match &h.lane {
+                            Some(lane) if matches!(msg.command.as_str(), "LINK_PING" | "LINK_PONG") => {
+                                match lane.try_send(msg) {
+                                    Ok(()) => continue,
+                                    Err(e) => e.into_inner(),
+                                }
+                            }
+                            _ => msg,
+                        };
                         let size = msg.approx_size();
                         let queued = meter.queued();
                         if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg, size)).is_err() {
@@ -477,6 +497,11 @@ impl Shared {
                 self.cut(state, conn);
                 state.router.disconnect(conn, actions);
             }
+        }
+        let due = state.router.flush_at();
+        if due.is_some() && due != state.flush_told {
+            state.flush_told = due;
+            self.flush_wake.notify_one();
         }
         budget.add(added);
         if state.router.is_quitting() && state.router.pending_len() == 0 {
@@ -711,7 +736,7 @@ impl Daemon {
             app_bridges: Mutex::default(),
             component_sources: Mutex::default(),
             engine,
-            state: Mutex::new(State { router, handles: Default::default() }),
+            state: Mutex::new(State { router, handles: Default::default(), flush_told: None }),
             counters: Arc::new(Counters::new(&config.limits)),
             pressure: Pressure::new(
                 config.limits.max_outbound_bytes,
@@ -723,6 +748,7 @@ impl Daemon {
             tls,
             stop: CancellationToken::new(),
             idle: Notify::new(),
+            flush_wake: Notify::new(),
             next_conn: AtomicU64::new(1),
             persist: Persist::new(move |nodes: &KnownNodes| persist::save_nodes(&nodes_dir, nodes)),
             locator: locator.as_ref().map(|l| l.handle()),
@@ -877,10 +903,12 @@ impl Daemon {
             tracker.spawn(dial::dialer(shared.clone(), addr));
         }
         let ticker = tokio::spawn(tick(shared.clone()));
+        let flusher = tokio::spawn(flusher(shared.clone()));
         Ok(Running {
             shared,
             tracker,
             ticker,
+            flusher,
             apps,
             tasks,
             flags,
@@ -900,6 +928,8 @@ struct Running {
     /// Accept loops, connections, dialers and the UDP port.
     tracker: TaskTracker,
     ticker: tokio::task::JoinHandle<()>,
+    /// Runs [`Router::flush`] when the router wants it.
+    flusher: tokio::task::JoinHandle<()>,
     apps: Option<crate::apps::Apps>,
     /// The HTTP listener.
     http: Option<crate::http::Mount>,
@@ -954,6 +984,7 @@ impl Running {
             http.finish().await;
         }
         self.ticker.abort();
+        self.flusher.abort();
         {
             let mut out = Vec::new();
             let mut st = shared.lock();
@@ -1027,6 +1058,32 @@ async fn tick(shared: Arc<Shared>) {
         let now = shared.clock.now_ms();
         shared.cut_stalled(&mut st, now, &mut out);
         st.router.tick(now, &mut out);
+        shared.apply(&mut st, &mut out);
+    }
+}
+
+/// Runs [`Router::flush`] when the router asks for it ([`Router::flush_at`]): this node's
+/// coalesced record and paced floods go out on time, not at the next tick.
+async fn flusher(shared: Arc<Shared>) {
+    let mut out = Vec::new();
+    loop {
+        let due = {
+            let mut st = shared.lock();
+            st.flush_told = st.router.flush_at();
+            st.flush_told
+        };
+        let Some(at) = due else {
+            shared.flush_wake.notified().await;
+            continue;
+        };
+        let wait = Duration::from_millis(u64::try_from(at - shared.clock.now_ms()).unwrap_or(0));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.flush_wake.notified() => continue,
+        }
+        let now = shared.clock.now_ms();
+        let mut st = shared.lock();
+        st.router.flush(now, &mut out);
         shared.apply(&mut st, &mut out);
     }
 }

@@ -162,6 +162,9 @@ pub struct Merged {
     pub updated: Vec<String>,
     /// The set of known nodes or an address changed (what the known-nodes file holds).
     pub known_changed: bool,
+    /// The nodes whose record came in at the version already held: the sender has it, so it
+    /// need not be passed back to it.
+    pub held: Vec<String>,
 }
 
 /// What merged records did to the links both ends report.
@@ -169,9 +172,12 @@ pub struct Merged {
 struct RouteChange {
     /// A link went away: routes are searched again from scratch.
     removed: bool,
-    /// New links (both ends report them).
-    added: Vec<(String, String)>,
+    /// New links (both ends report them), as node ids.
+    added: Vec<(u32, u32)>,
 }
+
+/// Distance and next hop of a node no route reaches.
+const UNREACHABLE: u32 = u32::MAX;
 
 /// Cluster health as `CLUSTER_STATUS` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,15 +200,38 @@ impl Health {
     }
 }
 
+/// This node's links, services and apps as they are now. Its record (what the other nodes hold)
+/// catches up at [`Topology::publish_local`], which the router rate-limits; routes use these
+/// links at once.
+#[derive(Debug, Default)]
+struct Own {
+    links: BTreeSet<String>,
+    services: BTreeSet<String>,
+    apps: BTreeMap<String, (String, u16)>,
+}
+
 /// Link-state database plus derived routes.
 #[derive(Debug)]
 pub struct Topology {
     me: String,
     records: BTreeMap<String, NodeRecord>,
+    own: Own,
     /// Every node ever learned (name → address), minus forgotten ones: the quorum's denominator.
     known: BTreeMap<String, String>,
-    next_hop: HashMap<String, String>,
-    distance: HashMap<String, usize>,
+    /// Dense ids of this node (0) and of every node with a record: route searches compare
+    /// integers, not names.
+    ids: HashMap<String, u32>,
+    /// Node id → name.
+    names: Vec<String>,
+    /// Node id → the ids of the nodes its links name that have a record (this node's: its links
+    /// as they are now).
+    adj: Vec<Vec<u32>>,
+    /// Node id → hops from this node ([`UNREACHABLE`] when no route reaches it).
+    distance: Vec<u32>,
+    /// Node id → the id of the direct neighbour on a shortest path to it.
+    next_hop: Vec<u32>,
+    /// Nodes a route reaches, this one included.
+    live: usize,
     key: RecordKey,
     max_nodes: usize,
 }
@@ -227,8 +256,13 @@ impl Topology {
             me: me.to_string(),
             records,
             known: BTreeMap::from([(me.to_string(), addr.to_string())]),
-            next_hop: HashMap::new(),
-            distance: HashMap::new(),
+            own: Own::default(),
+            ids: HashMap::from([(me.to_string(), 0)]),
+            names: vec![me.to_string()],
+            adj: vec![Vec::new()],
+            distance: vec![0],
+            next_hop: vec![UNREACHABLE],
+            live: 1,
             key,
             max_nodes: max_nodes.max(1),
         };
@@ -269,33 +303,60 @@ impl Topology {
         &self.records
     }
 
-    /// Replaces this node's links and services; returns whether anything changed.
+    /// Replaces this node's links and services and publishes them at once (a new version of
+    /// its record); returns whether anything changed.
     pub fn set_local(&mut self, links: BTreeSet<String>, services: BTreeSet<String>) -> bool {
-        let me = self.me.clone();
-        let rec = self.records.get_mut(&me).expect("own record always present");
-        if rec.links == links && rec.services == services {
-            return false;
-        }
-        let old = std::mem::replace(&mut rec.links, links);
-        rec.services = services;
-        rec.seq += 1;
-        self.key.sign(&me, rec);
-        let mut change = RouteChange::default();
-        self.links_changed(&me, &old, &mut change);
-        self.apply(change);
-        true
+        self.stage_local(links, services);
+        self.publish_local()
     }
 
-    /// Sets this node's app endpoints; returns whether they changed (then the record is newer).
+    /// Sets this node's app endpoints and publishes them; returns whether they changed (then
+    /// the record is newer).
     pub fn set_local_apps(&mut self, apps: BTreeMap<String, (String, u16)>) -> bool {
-        let me = self.me.clone();
-        let rec = self.records.get_mut(&me).expect("own record always present");
-        if rec.apps == apps {
+        self.stage_local_apps(apps);
+        self.publish_local()
+    }
+
+    /// Replaces this node's links and services as they are now: routes follow at once, its
+    /// record only at the next [`Topology::publish_local`]. Returns whether the record is now
+    /// behind (something to publish).
+    pub fn stage_local(&mut self, links: BTreeSet<String>, services: BTreeSet<String>) -> bool {
+        self.own.services = services;
+        if self.own.links != links {
+            let old = std::mem::replace(&mut self.own.links, links);
+            self.refresh_adj(0);
+            let mut change = RouteChange::default();
+            self.links_changed(0, &old, &mut change);
+            self.apply(change);
+        }
+        self.unpublished()
+    }
+
+    /// Sets this node's app endpoints as they are now (published with the rest). Returns
+    /// whether the record is now behind.
+    pub fn stage_local_apps(&mut self, apps: BTreeMap<String, (String, u16)>) -> bool {
+        self.own.apps = apps;
+        self.unpublished()
+    }
+
+    /// True when this node's record says something other than what is true now.
+    pub fn unpublished(&self) -> bool {
+        let rec = self.local();
+        rec.links != self.own.links || rec.services != self.own.services || rec.apps != self.own.apps
+    }
+
+    /// Makes this node's record say what is true now, as a new version (signed); returns
+    /// whether there was anything new to say.
+    pub fn publish_local(&mut self) -> bool {
+        if !self.unpublished() {
             return false;
         }
-        rec.apps = apps;
+        let rec = self.records.get_mut(&self.me).expect("own record always present");
+        rec.links.clone_from(&self.own.links);
+        rec.services.clone_from(&self.own.services);
+        rec.apps.clone_from(&self.own.apps);
         rec.seq += 1;
-        self.key.sign(&me, rec);
+        self.key.sign(&self.me, rec);
         true
     }
 
@@ -318,8 +379,13 @@ impl Topology {
             }
             // A version already held (the common case: flooding brings each record over every
             // link) is dropped before any cryptography.
-            if self.records.get(&name).is_some_and(|cur| !rec.newer_than(cur)) {
-                continue;
+            if let Some(cur) = self.records.get(&name) {
+                if !rec.newer_than(cur) {
+                    if (rec.incarnation, rec.seq) == (cur.incarnation, cur.seq) {
+                        m.held.push(name);
+                    }
+                    continue;
+                }
             }
             if rec.implausible(now, self.max_nodes).is_some() || !self.key.verify(&name, &rec) {
                 m.rejected += 1;
@@ -329,6 +395,10 @@ impl Topology {
                 let own = self.records.get_mut(&self.me).expect("own record");
                 own.incarnation = rec.incarnation;
                 own.seq = rec.seq + 1;
+                // The refutation says what is true now.
+                own.links.clone_from(&self.own.links);
+                own.services.clone_from(&self.own.services);
+                own.apps.clone_from(&self.own.apps);
                 self.key.sign(&self.me, own);
                 m.changed = true;
                 m.updated.push(name);
@@ -347,8 +417,10 @@ impl Topology {
                 self.known.insert(name.clone(), rec.addr.clone());
                 m.known_changed = true;
             }
+            let id = self.intern(&name);
             let old = self.records.insert(name.clone(), rec).map(|r| r.links).unwrap_or_default();
-            self.links_changed(&name, &old, &mut change);
+            self.refresh_adj(id);
+            self.links_changed(id, &old, &mut change);
             m.changed = true;
             m.updated.push(name);
         }
@@ -356,17 +428,50 @@ impl Topology {
         m
     }
 
-    /// Notes which links (reported by both ends) `name`'s new record added or removed, compared
-    /// with its `old` links.
-    fn links_changed(&self, name: &str, old: &BTreeSet<String>, change: &mut RouteChange) {
-        let Some(new) = self.records.get(name).map(|r| &r.links) else { return };
-        let reports = |peer: &str| self.records.get(peer).is_some_and(|r| r.links.contains(name));
+    /// The id of `name`, which has (or is getting) a record; a new one for a new node.
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.ids.insert(name.to_string(), id);
+        self.names.push(name.to_string());
+        self.adj.push(Vec::new());
+        self.distance.push(UNREACHABLE);
+        self.next_hop.push(UNREACHABLE);
+        id
+    }
+
+    /// Rebuilds `u`'s adjacency from its links; a node it names that names it back and does
+    /// not have it yet learns of it too (that node's record may have come when `u` had no id).
+    fn refresh_adj(&mut self, u: u32) {
+        let name = &self.names[u as usize];
+        let adj: Vec<u32> =
+            self.links_of(name).into_iter().flatten().filter_map(|p| self.ids.get(p).copied()).collect();
+        for &v in &adj {
+            if !self.adj[v as usize].contains(&u)
+                && self.links_of(&self.names[v as usize]).is_some_and(|l| l.contains(name))
+            {
+                self.adj[v as usize].push(u);
+            }
+        }
+        self.adj[u as usize] = adj;
+    }
+
+    /// Notes which links (reported by both ends) node `u`'s new links added or removed,
+    /// compared with its `old` links.
+    fn links_changed(&self, u: u32, old: &BTreeSet<String>, change: &mut RouteChange) {
+        let name = self.names[u as usize].as_str();
+        let Some(new) = self.links_of(name) else { return };
+        let reports = |peer: &str| self.links_of(peer).is_some_and(|l| l.contains(name));
         if old.difference(new).any(|p| reports(p)) {
             change.removed = true;
         }
         for p in new.difference(old) {
             if reports(p) {
-                change.added.push((name.to_string(), p.clone()));
+                if let Some(&v) = self.ids.get(p) {
+                    change.added.push((u, v));
+                }
             }
         }
     }
@@ -379,36 +484,37 @@ impl Topology {
         }
         let mut queue = VecDeque::new();
         for (a, b) in change.added {
-            for (u, v) in [(&a, &b), (&b, &a)] {
-                self.relax(u, v, &mut queue);
-            }
+            self.relax(a, b, &mut queue);
+            self.relax(b, a, &mut queue);
         }
-        while let Some(node) = queue.pop_front() {
-            let peers: Vec<String> =
-                self.records.get(&node).map(|r| r.links.iter().cloned().collect()).unwrap_or_default();
-            for peer in peers {
-                if self.linked(&node, &peer) {
-                    self.relax(&node, &peer, &mut queue);
+        while let Some(u) = queue.pop_front() {
+            for i in 0..self.adj[u as usize].len() {
+                let v = self.adj[u as usize][i];
+                if self.adj[v as usize].contains(&u) {
+                    self.relax(u, v, &mut queue);
                 }
             }
         }
     }
 
     /// `v` through `u` when that is shorter than what `v` has; `v` is queued to pass it on.
-    fn relax(&mut self, u: &str, v: &str, queue: &mut VecDeque<String>) {
-        let Some(&du) = self.distance.get(u) else { return };
-        if self.distance.get(v).is_some_and(|&dv| dv <= du + 1) {
+    fn relax(&mut self, u: u32, v: u32, queue: &mut VecDeque<u32>) {
+        let du = self.distance[u as usize];
+        if du == UNREACHABLE || self.distance[v as usize] <= du + 1 {
             return;
         }
-        let hop = if u == self.me { v.to_string() } else { self.next_hop[u].clone() };
-        self.distance.insert(v.to_string(), du + 1);
-        self.next_hop.insert(v.to_string(), hop);
-        queue.push_back(v.to_string());
+        if self.distance[v as usize] == UNREACHABLE {
+            self.live += 1;
+        }
+        self.distance[v as usize] = du + 1;
+        self.next_hop[v as usize] = if u == 0 { v } else { self.next_hop[u as usize] };
+        queue.push_back(v);
     }
 
-    /// The records of `names` that this node holds, for passing on what changed.
-    pub fn records_of<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, NodeRecord> {
-        names.into_iter().filter_map(|n| Some((n.clone(), self.records.get(n)?.clone()))).collect()
+    /// The records of `names` that this node holds, for passing on what changed (borrowed:
+    /// they encode as the owned map does).
+    pub fn records_of<'a>(&'a self, names: impl IntoIterator<Item = &'a String>) -> BTreeMap<&'a str, &'a NodeRecord> {
+        names.into_iter().filter_map(|n| Some((n.as_str(), self.records.get(n)?))).collect()
     }
 
     /// A digest of the version of every record held (FNV-1a over name, incarnation and
@@ -438,67 +544,99 @@ impl Topology {
         }
         let known = self.known.remove(name).is_some();
         let rec = self.records.remove(name).is_some();
-        self.recompute();
+        self.reindex();
         known || rec
     }
 
-    fn linked(&self, a: &str, b: &str) -> bool {
-        let has = |x: &str, y: &str| self.records.get(x).is_some_and(|r| r.links.contains(y));
-        has(a, b) && has(b, a)
+    /// Numbers the nodes with a record again from scratch (after one was forgotten).
+    fn reindex(&mut self) {
+        self.ids = HashMap::from([(self.me.clone(), 0)]);
+        self.names = vec![self.me.clone()];
+        let others: Vec<String> = self.records.keys().filter(|n| **n != self.me).cloned().collect();
+        for (i, n) in others.into_iter().enumerate() {
+            self.ids.insert(n.clone(), i as u32 + 1);
+            self.names.push(n);
+        }
+        let n = self.names.len();
+        self.adj = (0..n)
+            .map(|u| {
+                let links = self.links_of(&self.names[u]);
+                links.into_iter().flatten().filter_map(|p| self.ids.get(p).copied()).collect()
+            })
+            .collect();
+        self.recompute();
+    }
+
+    /// The links `node` has: this node's as they are now, the others' as their records say.
+    fn links_of(&self, node: &str) -> Option<&BTreeSet<String>> {
+        if node == self.me {
+            Some(&self.own.links)
+        } else {
+            self.records.get(node).map(|r| &r.links)
+        }
     }
 
     fn recompute(&mut self) {
-        self.next_hop.clear();
-        self.distance.clear();
-        self.distance.insert(self.me.clone(), 0);
-        let mut queue = VecDeque::from([self.me.clone()]);
-        while let Some(node) = queue.pop_front() {
-            let d = self.distance[&node];
-            let Some(rec) = self.records.get(&node) else { continue };
-            for peer in &rec.links {
-                if self.distance.contains_key(peer) || !self.linked(&node, peer) {
+        let n = self.names.len();
+        self.distance = vec![UNREACHABLE; n];
+        self.next_hop = vec![UNREACHABLE; n];
+        self.distance[0] = 0;
+        self.live = 1;
+        let mut queue = VecDeque::from([0u32]);
+        while let Some(u) = queue.pop_front() {
+            let du = self.distance[u as usize];
+            for &v in &self.adj[u as usize] {
+                if self.distance[v as usize] != UNREACHABLE || !self.adj[v as usize].contains(&u) {
                     continue;
                 }
-                let hop = if node == self.me { peer.clone() } else { self.next_hop[&node].clone() };
-                self.distance.insert(peer.clone(), d + 1);
-                self.next_hop.insert(peer.clone(), hop);
-                queue.push_back(peer.clone());
+                self.distance[v as usize] = du + 1;
+                self.next_hop[v as usize] = if u == 0 { v } else { self.next_hop[u as usize] };
+                self.live += 1;
+                queue.push_back(v);
             }
         }
     }
 
+    /// The id of a node a route reaches (this one included).
+    fn reached(&self, node: &str) -> Option<u32> {
+        self.ids.get(node).copied().filter(|&i| self.distance[i as usize] != UNREACHABLE)
+    }
+
     /// The direct neighbour to send to for `dest`, if reachable.
     pub fn next_hop(&self, dest: &str) -> Option<&str> {
-        self.next_hop.get(dest).map(String::as_str)
+        let hop = self.next_hop[self.reached(dest)? as usize];
+        (hop != UNREACHABLE).then(|| self.names[hop as usize].as_str())
     }
 
     /// True when `node` is this node or reachable from it.
     pub fn is_live(&self, node: &str) -> bool {
-        self.distance.contains_key(node)
+        self.reached(node).is_some()
     }
 
     /// Live nodes other than this one, nearest first.
     pub fn live_remotes(&self) -> Vec<String> {
-        let mut v: Vec<(&usize, &String)> =
-            self.distance.iter().filter(|(n, _)| **n != self.me).map(|(n, d)| (d, n)).collect();
+        let mut v: Vec<(u32, &String)> = (1..self.names.len())
+            .filter(|&i| self.distance[i] != UNREACHABLE)
+            .map(|i| (self.distance[i], &self.names[i]))
+            .collect();
         v.sort();
         v.into_iter().map(|(_, n)| n.clone()).collect()
     }
 
     /// The nearest live remote node that has `service` registered.
     pub fn nearest_with(&self, service: &str) -> Option<&str> {
-        self.distance
-            .iter()
-            .filter(|(n, _)| **n != self.me && self.records.get(*n).is_some_and(|r| r.services.contains(service)))
-            .min_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)))
-            .map(|(n, _)| n.as_str())
+        (1..self.names.len())
+            .filter(|&i| self.distance[i] != UNREACHABLE)
+            .filter(|&i| self.records.get(&self.names[i]).is_some_and(|r| r.services.contains(service)))
+            .min_by(|&a, &b| self.distance[a].cmp(&self.distance[b]).then(self.names[a].cmp(&self.names[b])))
+            .map(|i| self.names[i].as_str())
     }
 
     /// Live and known counts.
     pub fn health(&self) -> Health {
         // Every node with a record is known (merging a record learns its node), so the
         // reachable ones are the live known ones.
-        Health { live: self.distance.len(), known: self.known.len() }
+        Health { live: self.live, known: self.known.len() }
     }
 }
 
@@ -705,14 +843,25 @@ mod tests {
                 key().sign(&names[i], &mut r);
                 t.merge(BTreeMap::from([(names[i].clone(), r)]), NOW);
             }
-            let (distance, next_hop) = (t.distance.clone(), t.next_hop.clone());
+            let (distance, next_hop, live) = (t.distance.clone(), t.next_hop.clone(), t.live);
             t.recompute();
-            assert_eq!(distance, t.distance, "step {step}");
-            for (dest, hop) in &next_hop {
-                assert_eq!(t.distance[hop], 1, "step {step}: {dest} via {hop}");
-                assert!(t.linked("n0", hop));
+            assert_eq!((distance, live), (t.distance.clone(), t.live), "step {step}");
+            for (dest, &hop) in next_hop.iter().enumerate().skip(1) {
+                if hop == UNREACHABLE {
+                    continue;
+                }
+                assert_eq!(t.distance[hop as usize], 1, "step {step}: {dest} via {hop}");
+                let hop_name = &t.names[hop as usize];
+                assert!(t.own.links.contains(hop_name) && t.records[hop_name].links.contains("n0"));
             }
             assert_eq!(t.health().live, t.known().keys().filter(|n| t.is_live(n)).count());
+            // The same records numbered from scratch route the same way.
+            let names: Vec<String> = t.known().keys().cloned().collect();
+            let hops: Vec<Option<String>> = names.iter().map(|n| t.next_hop(n).map(str::to_string)).collect();
+            let live = t.live_remotes();
+            t.reindex();
+            assert_eq!(hops, names.iter().map(|n| t.next_hop(n).map(str::to_string)).collect::<Vec<_>>());
+            assert_eq!(live, t.live_remotes(), "step {step}");
         }
     }
 

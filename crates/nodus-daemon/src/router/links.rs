@@ -23,6 +23,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 /// A `SUMMARY` (digest of the records held) to every link every this many ticks (anti-entropy);
 /// records themselves travel only when they change, or to a peer whose digest differs.
 const SUMMARY_EVERY_TICKS: u64 = 20;
+/// Shortest time between two versions of this node's own record, ms (link-state protocols'
+/// minimum origination interval): the first change after a quiet spell is published at once,
+/// further changes within the interval (a flapping link, a burst of registrations) become one
+/// version at its end.
+pub const MIN_RECORD_INTERVAL_MS: i64 = 100;
+/// Pacing of floods, ms: records to pass on go out at once when no flood left in the last this
+/// many ms, else together, one message per link, when it has passed.
+pub const FLOOD_PACE_MS: i64 = 10;
 /// Smallest standard deviation the failure detector assumes, ms.
 const MIN_STD_MS: f64 = 100.0;
 /// Silence tolerated beyond the expected heartbeat, in heartbeat periods (the detector's
@@ -256,7 +264,7 @@ impl Router {
         self.send_gossip(conn, out);
         self.local_changed(out);
         self.notify("NEW_REMOTE_CONNECTION", &[("server", &peer)], out);
-        self.save_nodes(out);
+        self.nodes_dirty = true;
         self.health_changed(out);
     }
 
@@ -355,12 +363,22 @@ impl Router {
                         }
                         if merged.changed {
                             // Pass on what was new here, and only that: each version of a record
-                            // crosses each link at most once in each direction.
-                            self.flood_records(&merged.updated, Some(conn), out);
-                            if merged.known_changed {
-                                self.save_nodes(out);
+                            // crosses each link at most once in each direction (a version
+                            // superseded before its flood left is not passed on at all).
+                            for name in merged.updated {
+                                self.to_flood.insert(name, vec![conn]);
                             }
+                            self.pace_flood(now, out);
+                            self.nodes_dirty |= merged.known_changed;
                             self.health_changed(out);
+                        }
+                        // A version waiting to be passed on that this peer sent too: it has it.
+                        for name in &merged.held {
+                            if let Some(have) = self.to_flood.get_mut(name) {
+                                if !have.contains(&conn) {
+                                    have.push(conn);
+                                }
+                            }
                         }
                     }
                     _ => tracing::warn!(conn, "ignoring malformed GOSSIP"),
@@ -552,9 +570,8 @@ impl Router {
     /// This node's apps and the endpoints its locator gives for them; gossiped to every node so
     /// any locator in the cluster resolves them.
     pub fn set_app_endpoints(&mut self, apps: BTreeMap<String, (String, u16)>, out: &mut Vec<Action>) {
-        if self.topology.set_local_apps(apps) {
-            let me = [self.server.clone()];
-            self.flood_records(&me, None, out);
+        if self.topology.stage_local_apps(apps) {
+            self.originate(out);
         }
     }
 
@@ -575,17 +592,99 @@ impl Router {
         self.topology.app_elsewhere(app)
     }
 
-    /// Recomputes this node's own record; floods it when it changed.
+    /// Recomputes this node's links and services (routes follow at once); its record follows
+    /// as [`Router::originate`] allows.
     fn local_changed(&mut self, out: &mut Vec<Action>) {
         let links: BTreeSet<String> = self.links.keys().cloned().collect();
         let services: BTreeSet<String> = self.services.keys().cloned().collect();
-        if self.topology.set_local(links, services) {
-            let me = [self.server.clone()];
-            self.flood_records(&me, None, out);
+        if self.topology.stage_local(links, services) {
+            self.originate(out);
         }
     }
 
-    fn gossip_message(&self, records: &BTreeMap<String, NodeRecord>) -> Message {
+    /// This node's record is behind what is true: a new version now, unless one was published
+    /// less than [`MIN_RECORD_INTERVAL_MS`] ago; then one at the end of that interval, whatever
+    /// changes until then.
+    fn originate(&mut self, out: &mut Vec<Action>) {
+        let now = self.clock;
+        match self.published_at {
+            // A clock that went back does not hold the record up.
+            Some(at) if (0..MIN_RECORD_INTERVAL_MS).contains(&(now - at)) => {
+                self.publish_due.get_or_insert(at + MIN_RECORD_INTERVAL_MS);
+            }
+            _ => self.publish(now, out),
+        }
+    }
+
+    fn publish(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.publish_due = None;
+        if self.topology.publish_local() {
+            self.published_at = Some(now);
+            self.to_flood.insert(self.server.clone(), Vec::new());
+            self.pace_flood(now, out);
+        }
+    }
+
+    /// Floods what waits now, unless a flood left less than [`FLOOD_PACE_MS`] ago; then when
+    /// that has passed.
+    fn pace_flood(&mut self, now: i64, out: &mut Vec<Action>) {
+        if self.to_flood.is_empty() {
+            return;
+        }
+        match self.flooded_at {
+            Some(at) if (0..FLOOD_PACE_MS).contains(&(now - at)) => {
+                self.flood_due.get_or_insert(at + FLOOD_PACE_MS);
+            }
+            _ => self.flood(now, out),
+        }
+    }
+
+    /// The newest version of every record waiting to be passed on, one message per link, none
+    /// to a link that sent it.
+    fn flood(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.flood_due = None;
+        let waiting = std::mem::take(&mut self.to_flood);
+        if waiting.is_empty() {
+            return;
+        }
+        self.flooded_at = Some(now);
+        let mut all: Option<Message> = None;
+        for id in self.links.values() {
+            if waiting.values().any(|have| have.contains(id)) {
+                let names = waiting.iter().filter(|(_, have)| !have.contains(id)).map(|(n, _)| n);
+                let records = self.topology.records_of(names);
+                if !records.is_empty() {
+                    out.push(Action::Deliver(*id, self.gossip_message(&records)));
+                }
+            } else {
+                let m = all.get_or_insert_with(|| self.gossip_message(&self.topology.records_of(waiting.keys())));
+                out.push(Action::Deliver(*id, m.clone()));
+            }
+        }
+    }
+
+    /// What is due now: this node's coalesced record, the paced flood. The driver calls it at
+    /// [`Router::flush_at`] (the tick calls it too). Something due further ahead than its
+    /// interval is due now: the clock went back.
+    pub fn flush(&mut self, now: i64, out: &mut Vec<Action>) {
+        self.clock = now;
+        if self.publish_due.is_some_and(|at| at <= now || at > now.saturating_add(MIN_RECORD_INTERVAL_MS)) {
+            self.publish(now, out);
+        }
+        if self.flood_due.is_some_and(|at| at <= now || at > now.saturating_add(FLOOD_PACE_MS)) {
+            self.flood(now, out);
+        }
+    }
+
+    /// When [`Router::flush`] has something to do, if ever.
+    pub fn flush_at(&self) -> Option<i64> {
+        match (self.publish_due, self.flood_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn gossip_message(&self, records: &impl serde::Serialize) -> Message {
         let payload = rmp_serde::to_vec(records).unwrap_or_default();
         let mut m = LinkMsg::Gossip { records: payload.into() }.to_message();
         m.from = self.node_address();
@@ -597,20 +696,7 @@ impl Router {
         out.push(Action::Deliver(conn, self.gossip_message(self.topology.records())));
     }
 
-    /// The records of `names` (as held now) to every link but `except`, in one message.
-    fn flood_records(&self, names: &[String], except: Option<ConnId>, out: &mut Vec<Action>) {
-        if names.is_empty() || self.links.values().all(|id| Some(*id) == except) {
-            return;
-        }
-        let m = self.gossip_message(&self.topology.records_of(names));
-        for id in self.links.values() {
-            if Some(*id) != except {
-                out.push(Action::Deliver(*id, m.clone()));
-            }
-        }
-    }
-
-    fn save_nodes(&self, out: &mut Vec<Action>) {
+    pub(super) fn save_nodes(&self, out: &mut Vec<Action>) {
         let nodes = self
             .topology
             .known()
@@ -637,6 +723,7 @@ impl Router {
         if let Some(id) = self.links.get(name).copied() {
             out.push(Action::Close(id));
         }
+        self.to_flood.remove(name);
         self.save_nodes(out);
         self.health_changed(out);
         true
@@ -657,6 +744,11 @@ impl Router {
     /// Heartbeats, failure detection, periodic gossip, and handshakes past their deadline.
     pub(super) fn cluster_tick(&mut self, now: i64, out: &mut Vec<Action>) {
         self.ticks += 1;
+        self.flush(now, out);
+        // The known nodes are saved at most once a tick, off the path of every merge.
+        if std::mem::take(&mut self.nodes_dirty) {
+            self.save_nodes(out);
+        }
         // A tick much later than its period means this node was stalled (overloaded, stopped):
         // the peers' silence over that time is this node's, not theirs.
         let period = super::ms(self.policy.heartbeat.min(std::time::Duration::from_millis(500)));

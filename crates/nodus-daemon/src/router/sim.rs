@@ -174,6 +174,7 @@ pub struct Death {
 enum Work {
     Msg(ConnId, Box<Message>),
     Tick,
+    Flush,
     Accept(ConnId),
     Dialed(ConnId, usize),
     Closed(ConnId),
@@ -202,6 +203,8 @@ enum Ev {
     Arrive(usize, Packet),
     Process(usize),
     Tick(usize),
+    /// The router's flush timer ([`Router::flush_at`]) fires.
+    Flush(usize),
     Dial(usize, usize),
     /// A TCP connect completed (or failed: `None`) for a dialer.
     Connect(usize, usize, Option<(ConnId, usize)>),
@@ -264,6 +267,8 @@ struct Node {
     /// A `Process` event is pending.
     scheduled: bool,
     tick_queued: bool,
+    /// When the flush timer is set for, µs.
+    flush_timer: Option<i64>,
     /// Connection → the pipe this node writes to.
     conns: BTreeMap<ConnId, usize>,
     next_conn: ConnId,
@@ -325,6 +330,7 @@ impl Sim {
                 busy_until: 0,
                 scheduled: false,
                 tick_queued: false,
+                flush_timer: None,
                 conns: BTreeMap::new(),
                 next_conn: 1,
                 dialers,
@@ -494,6 +500,7 @@ impl Sim {
         node.inbox.clear();
         node.lane.clear();
         node.tick_queued = false;
+        node.flush_timer = None;
         for d in &mut node.dialers {
             d.state = DialState::Idle;
         }
@@ -532,6 +539,37 @@ impl Sim {
     pub fn restore(&mut self, a: usize, b: usize) {
         self.cuts.remove(&(a.min(b), a.max(b)));
         self.release();
+    }
+
+    /// Resets every connection between `a` and `b` (both ends see it close, as after an RST);
+    /// their dialers redial after their backoff, or at once with [`Sim::dial_now`].
+    pub fn reset(&mut self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            let conns: Vec<(ConnId, usize)> = self.nodes[x]
+                .conns
+                .iter()
+                .filter(|(_, &p)| self.pipes[p].to == y && self.pipes[p].open)
+                .map(|(&c, &p)| (c, p))
+                .collect();
+            for (conn, p) in conns {
+                self.send(p, Packet::Fin, self.now);
+                self.pipes[p].open = false;
+                self.enqueue(x, Work::Closed(conn));
+            }
+        }
+    }
+
+    /// Node `a` dials `b` now (it must have `b` among its dial targets and not be connected or
+    /// connecting to it), whatever its backoff says.
+    pub fn dial_now(&mut self, a: usize, b: usize) {
+        let d = self.nodes[a].dialers.iter().position(|d| d.target == b).expect("a dials b");
+        self.nodes[a].dialers[d].state = DialState::Idle;
+        self.dial(a, d);
+    }
+
+    /// Node `i`'s dial targets.
+    pub fn dials(&self, i: usize) -> Vec<usize> {
+        self.nodes[i].dialers.iter().map(|d| d.target).collect()
     }
 
     /// Ends every partition and cut.
@@ -678,6 +716,12 @@ impl Sim {
                 let period = self.tick_period();
                 self.schedule(self.now + period, Ev::Tick(i));
             }
+            Ev::Flush(i) => {
+                if self.nodes[i].flush_timer == Some(self.now) && self.nodes[i].status != Status::Crashed {
+                    self.nodes[i].flush_timer = None;
+                    self.enqueue(i, Work::Flush);
+                }
+            }
             Ev::Dial(i, d) => self.dial(i, d),
             Ev::Connect(i, d, result) => {
                 if self.nodes[i].status == Status::Crashed {
@@ -754,6 +798,7 @@ impl Sim {
                 router.tick(now_ms, &mut out);
                 convicted = before.into_iter().filter(|p| !router.links.contains_key(p)).collect();
             }
+            Work::Flush => router.flush(now_ms, &mut out),
             Work::Accept(conn) => {
                 let peer = "10.255.255.255:50000".parse().expect("a socket address");
                 router.connect(conn, Origin::Cluster { peer, tls: false });
@@ -805,7 +850,18 @@ impl Sim {
         self.nodes[i].busy_until = done;
         self.nodes[i].dirty = true;
         self.apply(i, out, done);
+        self.set_flush_timer(i);
         self.wake(i);
+    }
+
+    /// Sets node `i`'s flush timer for when its router wants it, as the driver does.
+    fn set_flush_timer(&mut self, i: usize) {
+        let Some(at_ms) = self.nodes[i].router.as_ref().and_then(Router::flush_at) else { return };
+        let at = ((at_ms - EPOCH_MS) * 1000).max(self.now);
+        if self.nodes[i].flush_timer.is_none_or(|t| at < t) {
+            self.nodes[i].flush_timer = Some(at);
+            self.schedule(at, Ev::Flush(i));
+        }
     }
 
     fn apply(&mut self, i: usize, out: Vec<Action>, at: i64) {

@@ -102,6 +102,7 @@ pub(super) async fn connection<R, W>(
         }
     };
     let (tx, rx) = mpsc::channel(shared.config.limits.max_outbound_messages);
+    let (lane_tx, lane) = mpsc::channel(super::HEARTBEAT_LANE);
     let meter = Arc::new(Meter::default());
     meter.progressed(shared.clock.now_ms());
     let kill = CancellationToken::new();
@@ -110,7 +111,7 @@ pub(super) async fn connection<R, W>(
         if st.router.is_quitting() {
             return;
         }
-        let handle = Handle { tx, kill: kill.clone(), meter: Some(meter.clone()), warned: false };
+        let handle = Handle { tx, lane: Some(lane_tx), kill: kill.clone(), meter: Some(meter.clone()), warned: false };
         st.handles.insert(id, handle);
         if dialed {
             let mut out = Vec::new();
@@ -122,7 +123,8 @@ pub(super) async fn connection<R, W>(
     }
     debug!(?form, "connection open");
     let clock = shared.clock.clone();
-    let writer = write_loop(id, kind, wr, rx, form, max_frame, meter.clone(), counters.clone(), kill.clone(), clock);
+    let writer =
+        write_loop(id, kind, wr, (rx, lane), form, max_frame, meter.clone(), counters.clone(), kill.clone(), clock);
     let writer = tokio::spawn(writer.in_current_span());
     let mut decoder = match form {
         Form::Text => Decoder::Text(text::LineDecoder::new(max_frame)),
@@ -248,7 +250,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     id: ConnId,
     kind: ListenerKind,
     mut wr: W,
-    mut rx: mpsc::Receiver<Outbound>,
+    (mut rx, mut lane): (mpsc::Receiver<Outbound>, mpsc::Receiver<Message>),
     form: Form,
     max_frame: usize,
     meter: Arc<Meter>,
@@ -270,9 +272,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     };
     loop {
+        // Heartbeats first: they wait in their own lane, never behind gossip or traffic.
         let first = tokio::select! {
             biased;
             _ = kill.cancelled() => break,
+            Some(m) = lane.recv() => Some(Outbound::Msg(m, 0)),
             m = rx.recv() => m,
         };
         let mut close = false;
@@ -282,6 +286,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         shares.clear();
         let mut next = first;
         loop {
+            while let Ok(m) = lane.try_recv() {
+                encode(m, &mut out);
+            }
             match next {
                 None | Some(Outbound::Close) => close = true,
                 Some(Outbound::Msg(m, size)) => {
@@ -332,4 +339,52 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     // Wake the reader in case the peer keeps the connection half open.
     kill.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::HEARTBEAT_LANE;
+
+    /// A heartbeat queued after a megabyte of gossip is written first: it never waits behind it.
+    #[tokio::test]
+    async fn heartbeats_are_written_ahead_of_gossip_queued_before_them() {
+        let (tx, rx) = mpsc::channel(64);
+        let (lane_tx, lane) = mpsc::channel(HEARTBEAT_LANE);
+        for _ in 0..10 {
+            let gossip = Message::new("GOSSIP").with_payload(vec![7u8; 100_000]);
+            tx.try_send(Outbound::Msg(gossip, 100_000)).expect("room in the queue");
+        }
+        lane_tx.try_send(Message::new("LINK_PING").param("t", 5)).expect("room in the lane");
+        drop((tx, lane_tx));
+        let (wr, mut rd) = tokio::io::duplex(64 * 1024);
+        let counters = Arc::new(Counters::new(&crate::config::Config::default().limits));
+        let max_frame = nodus_wire::DEFAULT_MAX_FRAME;
+        let meter = Arc::new(Meter::default());
+        let kill = CancellationToken::new();
+        let clock = crate::clock::Clock::system();
+        let writer = tokio::spawn(write_loop(
+            1,
+            ListenerKind::Cluster,
+            wr,
+            (rx, lane),
+            Form::Binary,
+            max_frame,
+            meter,
+            counters,
+            kill,
+            clock,
+        ));
+        let mut decoder = binary::FrameDecoder::new(max_frame);
+        let mut buf = BytesMut::new();
+        let mut commands = Vec::new();
+        while rd.read_buf(&mut buf).await.expect("read") > 0 {
+            while let Some(Decoded::Message(m)) = decoder.decode(&mut buf).expect("valid frames") {
+                commands.push(m.command);
+            }
+        }
+        writer.await.expect("the writer ends");
+        assert_eq!(commands.len(), 11, "{commands:?}");
+        assert_eq!(commands[0], "LINK_PING", "{commands:?}");
+    }
 }

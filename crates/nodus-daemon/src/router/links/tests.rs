@@ -433,15 +433,22 @@ fn gossip_without_the_right_mac_or_past_the_node_bound_changes_nothing_and_is_no
     let gossip = |records: BTreeMap<String, crate::topology::NodeRecord>| {
         LinkMsg::Gossip { records: rmp_serde::to_vec(&records).unwrap().into() }.to_message()
     };
+    // The known nodes are saved at the next tick, once, whatever changed since the last.
+    b.tick(0, &mut out);
+    assert_eq!(out.iter().filter(|a| matches!(a, Action::SaveNodes(_))).count(), 1, "the links are saved");
+    out.clear();
     // A huge incarnation for a real node, unsigned: refused.
     let mut takeover = record("a", None);
     takeover.incarnation = i64::MAX;
     b.handle(20, gossip(BTreeMap::from([("a".to_string(), takeover)])), 0, &mut out);
+    b.tick(1, &mut out);
     assert!(!out.iter().any(|a| matches!(a, Action::SaveNodes(_))));
     // Many signed fake nodes: only up to the bound, and only those are saved.
     let key = RecordKey::from_secret("s");
     let fakes: BTreeMap<String, _> = (0..4).map(|i| (format!("f{i}"), record(&format!("f{i}"), Some(&key)))).collect();
     b.handle(20, gossip(fakes), 0, &mut out);
+    assert!(!out.iter().any(|a| matches!(a, Action::SaveNodes(_))), "not on the path of the merge");
+    b.tick(2, &mut out);
     let saved: Vec<_> =
         out.iter().filter_map(|a| if let Action::SaveNodes(n) = a { Some(n.len()) } else { None }).collect();
     assert_eq!(saved.last(), Some(&3), "b, a and two more make four: {saved:?}");
@@ -523,4 +530,43 @@ fn a_message_that_expires_on_its_way_is_refused_at_the_hop_never_delivered_nor_p
     e.envelope.id = 0;
     b.handle(20, e, 2_000, &mut out);
     assert!(sent(&mut out, 20).is_empty() && sent(&mut out, 3).is_empty());
+}
+
+#[test]
+fn a_burst_of_local_changes_is_one_version_at_the_end_of_the_interval_and_a_clock_going_back_holds_nothing() {
+    let mut b = line();
+    let seq = b.topology.local().seq;
+    // b published when its first link came up at 0: changes until 100 (its second link, three
+    // services) wait, and become one version. What it passes on of others' records is paced.
+    let mut out = Vec::new();
+    assert_eq!(b.flush_at(), Some(FLOOD_PACE_MS));
+    b.flush(FLOOD_PACE_MS, &mut out);
+    out.clear();
+    for (conn, name) in [(3, "x"), (4, "y"), (5, "z")] {
+        b.connect(conn, Origin::Internal);
+        b.handle(conn, Message::new("REGISTER").param("service", name).param("version", 1), 20, &mut out);
+    }
+    assert!(sent(&mut out, 20).is_empty() && sent(&mut out, 30).is_empty(), "nothing before the interval");
+    assert_eq!(b.flush_at(), Some(MIN_RECORD_INTERVAL_MS));
+    b.flush(MIN_RECORD_INTERVAL_MS - 1, &mut out);
+    assert!(sent(&mut out, 20).is_empty());
+    b.flush(MIN_RECORD_INTERVAL_MS, &mut out);
+    for link in [20, 30] {
+        let gossip = sent(&mut out, link);
+        assert_eq!(gossip.len(), 1, "one message per link");
+        let LinkMsg::Gossip { records } = LinkMsg::try_from(&gossip[0]).unwrap() else { panic!("not gossip") };
+        let records: BTreeMap<String, crate::topology::NodeRecord> = rmp_serde::from_slice(&records).unwrap();
+        assert_eq!(records["b"].seq, seq + 1, "one version for four changes");
+        assert_eq!((records["b"].services.len(), records["b"].links.len()), (3, 2));
+    }
+    assert_eq!(b.flush_at(), None);
+    // A change right after, then the clock goes back an hour: it is published at once, not in
+    // an hour.
+    b.connect(6, Origin::Internal);
+    b.handle(6, Message::new("REGISTER").param("service", "w").param("version", 1), 150, &mut out);
+    assert!(b.flush_at().is_some());
+    b.tick(150 - 3_600_000, &mut out);
+    assert_eq!(sent(&mut out, 20).iter().filter(|m| m.command == "GOSSIP").count(), 1);
+    assert_eq!(b.topology.local().seq, seq + 2);
+    assert_eq!(b.flush_at(), None);
 }
