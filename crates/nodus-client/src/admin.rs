@@ -12,8 +12,8 @@ mod tasks;
 
 pub use agents::{AgentInfo, Agents};
 pub use tasks::{
-    ProcedureInfo, TaskChange, TaskCounts, TaskFailure, TaskInfo, TaskPage, TaskRefusal, TaskSpec, TaskStats,
-    TaskStatus, TaskSubmitted, TASKS_TIMEOUT,
+    ProcedureInfo, TaskChange, TaskCounts, TaskFailure, TaskInfo, TaskLatency, TaskPage, TaskRefusal, TaskSpec,
+    TaskStats, TaskStatus, TaskSubmitted, TASKS_TIMEOUT,
 };
 
 use crate::{Client, ClientError};

@@ -581,7 +581,11 @@ impl Driver {
             (Event::Claimed { owner, app, asked, result }, Role::Manager(m)) => {
                 if let Ok(claimed) = &result {
                     for c in claimed {
-                        let meta = Attempted { procedure: Arc::from(c.procedure.as_str()), attempt: c.attempt };
+                        let meta = Attempted {
+                            procedure: Arc::from(c.procedure.as_str()),
+                            attempt: c.attempt,
+                            created_at: c.created_at,
+                        };
                         self.assigned.insert(c.id.clone(), meta);
                     }
                 }
@@ -620,8 +624,11 @@ impl Driver {
                 });
             }
             ManagerAction::Record(f) => {
-                let meta =
-                    self.assigned.remove(&f.id).unwrap_or_else(|| Attempted { procedure: Arc::from(""), attempt: 0 });
+                let meta = self.assigned.remove(&f.id).unwrap_or_else(|| Attempted {
+                    procedure: Arc::from(""),
+                    attempt: 0,
+                    created_at: UnixMs(0),
+                });
                 let tasks = self.tasks.clone();
                 tokio::spawn(record(tasks, f, meta, events));
             }

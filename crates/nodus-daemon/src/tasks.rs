@@ -14,7 +14,8 @@
 //! `args=` or the payload, optional `key=`, `timeout_ms=`, `max_attempts=`, `pid=` the parent
 //! task; the message's `_expires_at` is the task's deadline), `SUBMIT_MANY` (JSON lines), `GET
 //! id=`, `WAIT id= [timeout_ms=]`, `LIST [status=] [procedure=] [parent=] [after=] [limit=]`, `COUNTS` (tasks in the store by status), `STATS` (what the service did since the
-//! node started), `PROCEDURES`, `ID`, `SIGNAL id= status=`, `ABORT id=`, `WATCH [ttl_ms=]`
+//! node started, with the latency histogram as `latency_le_ms=` bounds, `latency_counts=` per
+//! bucket and `latency_sum_ms=`), `PROCEDURES`, `ID`, `SIGNAL id= status=`, `ABORT id=`, `WATCH [ttl_ms=]`
 //! and `UNWATCH`. Replies carry `arpcp=<code>` (100, or the seed's code of the refusal); a refusal
 //! is `ERROR code=<word>;arpcp=<code>;message=...`.
 //!
@@ -703,6 +704,9 @@ impl Mount {
                     .param("stale", s.stale)
                     .param("record_retries", s.record_retries)
                     .param("expired", s.expired)
+                    .param("latency_le_ms", join(&nodus_tasks::executor::LATENCY_BUCKETS_MS))
+                    .param("latency_counts", join(&s.latency.counts))
+                    .param("latency_sum_ms", s.latency.sum_ms)
                     .param("arpcp", 100)
             }
             Command::Procedures => {
@@ -1499,6 +1503,10 @@ impl crate::control::ComponentSource for RunningTasks {
     }
 }
 
+/// Numbers as a comma-separated list (the histogram of `STATS`).
+fn join(ns: &[u64]) -> String {
+    ns.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,7 @@
 //! | `nodus_tasks` | gauge | `status` | tasks by status (on a node that runs tasks) |
 //! | `nodus_tasks_completed_total` | counter | | tasks finished (done or failed) since the node started (idem) |
 //! | `nodus_tasks_submitted_total`, `nodus_tasks_done_total`, `nodus_tasks_failed_total` | counter | | the task service's `STATS` (idem) |
+//! | `nodus_task_latency_seconds` | histogram | | from submission to the final record (done or failed), tasks this node recorded (idem) |
 //! | `nodus_flags_raised` | gauge | | flags raised (on a node that runs the flags service) |
 
 use std::sync::Mutex;
@@ -296,11 +297,51 @@ fn snapshot_registry(s: &Snapshot) -> Registry {
             c.inc_by(n);
             r.register(name, help, c);
         }
+        if let Some(h) = LatencyHistogram::of(&t.latency) {
+            r.register_with_unit(
+                "nodus_task_latency",
+                "Tasks from submission to their final record (done or failed)",
+                Unit::Seconds,
+                h,
+            );
+        }
     }
     if let Some(flags) = &s.flags {
         r.register("nodus_flags_raised", "Flags raised", gauge(flags.len() as i64));
     }
     r
+}
+
+/// A histogram already counted elsewhere (the task service's), encoded as one.
+#[derive(Debug)]
+struct LatencyHistogram {
+    /// `(upper bound in seconds, count in the bucket)`, the last bound infinite (`+Inf`).
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl LatencyHistogram {
+    /// The histogram of `l`, if it has one (a node of an older version sends none).
+    fn of(l: &crate::view::TaskLatency) -> Option<LatencyHistogram> {
+        if l.counts.len() != l.le_ms.len() + 1 {
+            return None;
+        }
+        let bounds = l.le_ms.iter().map(|ms| *ms as f64 / 1000.0).chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds.zip(l.counts.iter().copied()).collect();
+        let count = l.counts.iter().sum();
+        Some(LatencyHistogram { buckets, sum: l.sum_ms as f64 / 1000.0, count })
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +405,7 @@ mod tests {
         counts.completed_total = 9;
         counts.submitted_total = 12;
         counts.failed_total = 2;
+        counts.latency = crate::view::TaskLatency { le_ms: vec![1, 10, 100], counts: vec![2, 5, 0, 2], sum_ms: 1_234 };
         s.tasks = Some(counts);
         let text = Metrics::new().render(Some(&s));
         assert_eq!(value(&text, r#"nodus_cluster_nodes{state="live"}"#), Some(1.0));
@@ -375,6 +417,14 @@ mod tests {
         assert_eq!(value(&text, "nodus_tasks_completed_total"), Some(9.0));
         assert_eq!(value(&text, "nodus_tasks_submitted_total"), Some(12.0));
         assert_eq!(value(&text, "nodus_tasks_failed_total"), Some(2.0));
+        // The task service's histogram, cumulative as Prometheus has it.
+        assert!(text.contains("# TYPE nodus_task_latency_seconds histogram"), "{text}");
+        assert_eq!(value(&text, r#"nodus_task_latency_seconds_bucket{le="0.001"}"#), Some(2.0), "{text}");
+        assert_eq!(value(&text, r#"nodus_task_latency_seconds_bucket{le="0.01"}"#), Some(7.0), "{text}");
+        assert_eq!(value(&text, r#"nodus_task_latency_seconds_bucket{le="0.1"}"#), Some(7.0), "{text}");
+        assert_eq!(value(&text, r#"nodus_task_latency_seconds_bucket{le="+Inf"}"#), Some(9.0), "{text}");
+        assert_eq!(value(&text, "nodus_task_latency_seconds_count"), Some(9.0), "{text}");
+        assert_eq!(value(&text, "nodus_task_latency_seconds_sum"), Some(1.234), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
     }
 }

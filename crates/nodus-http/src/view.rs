@@ -191,9 +191,23 @@ pub struct TaskCounts {
     /// Tasks failed since the node started.
     #[serde(default)]
     pub failed_total: u64,
+    /// Submission to final record of the tasks done or failed since the node started.
+    #[serde(default)]
+    pub latency: TaskLatency,
     /// The tasks that changed last, latest first (bounded by the daemon).
     #[serde(default)]
     pub recent: Vec<TaskRow>,
+}
+
+/// A histogram of task latencies (from the task service's `STATS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLatency {
+    /// Upper bounds of the buckets, ms; one more bucket (no bound) holds the rest.
+    pub le_ms: Vec<u64>,
+    /// Tasks per bucket, not cumulative (`le_ms.len() + 1` of them, or none).
+    pub counts: Vec<u64>,
+    /// The sum of all latencies, ms.
+    pub sum_ms: u64,
 }
 
 /// One task as the dashboard lists it.

@@ -203,6 +203,21 @@ impl StatusChange {
     }
 }
 
+/// Upper bounds (ms) of the buckets of [`TaskLatency`]; one more bucket holds the rest.
+pub const LATENCY_BUCKETS_MS: [u64; 16] =
+    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000];
+
+/// How long tasks took from submission to their final record (done or failed), as a
+/// histogram: `counts[i]` tasks took at most `LATENCY_BUCKETS_MS[i]` ms and more than the bound
+/// before; the last count is of the slower ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskLatency {
+    /// Tasks per bucket (not cumulative).
+    pub counts: [u64; LATENCY_BUCKETS_MS.len() + 1],
+    /// The sum of all latencies, ms.
+    pub sum_ms: u64,
+}
+
 /// Counters since the service started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TaskStats {
@@ -224,6 +239,8 @@ pub struct TaskStats {
     pub record_retries: u64,
     /// Pending tasks finished as expired (their deadline passed before they could start).
     pub expired: u64,
+    /// Submission to final record, of the tasks this node recorded done or failed.
+    pub latency: TaskLatency,
 }
 
 #[derive(Default)]
@@ -237,6 +254,16 @@ struct Counters {
     released: AtomicU64,
     stale: AtomicU64,
     record_retries: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_ms: AtomicU64,
+}
+
+impl Counters {
+    fn observe_latency(&self, ms: u64) {
+        let bucket = LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
 }
 
 enum Event {
@@ -817,6 +844,10 @@ impl<S: Store> Tasks<S> {
             stale: c.stale.load(Ordering::Relaxed),
             record_retries: c.record_retries.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed),
+            latency: TaskLatency {
+                counts: std::array::from_fn(|i| c.latency[i].load(Ordering::Relaxed)),
+                sum_ms: c.latency_sum_ms.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -922,6 +953,9 @@ fn announce_records<S>(inner: &Inner<S>, batch: Vec<Finish>, metas: Vec<Attempte
             c.stale.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(task = %f.id, lease = %f.lease, "stale completion discarded");
             continue;
+        }
+        if matches!(f.outcome, Outcome::Done(_) | Outcome::Failed(_)) && meta.created_at.0 > 0 {
+            c.observe_latency(u64::try_from(f.now.since(meta.created_at).as_millis()).unwrap_or(u64::MAX));
         }
         let (status, finished) = match f.outcome {
             Outcome::Done(result) => {

@@ -110,6 +110,9 @@ pub struct Attempted {
     pub procedure: Arc<str>,
     /// The attempt's number.
     pub attempt: u32,
+    /// When its task was submitted (`UnixMs(0)` when not known): the task's latency is from
+    /// here to its record.
+    pub created_at: UnixMs,
 }
 
 /// What the driver must do.
@@ -158,6 +161,7 @@ struct Attempt {
     deadline: UnixMs,
     attempt: u32,
     max_attempts: u32,
+    created_at: UnixMs,
 }
 
 /// The scheduler of one node's executor.
@@ -285,6 +289,7 @@ impl Scheduler {
                             deadline,
                             attempt: c.attempt,
                             max_attempts: c.max_attempts,
+                            created_at: c.created_at,
                         },
                     );
                     self.outputs.push_back(Output::Dispatch(c));
@@ -341,7 +346,7 @@ impl Scheduler {
                 s.window = (s.window + 1).min(s.limit);
             }
         }
-        let meta = Attempted { procedure: a.procedure.clone(), attempt: a.attempt };
+        let meta = Attempted { procedure: a.procedure.clone(), attempt: a.attempt, created_at: a.created_at };
         self.outputs.push_back(Output::Record(Finish { id: id.clone(), lease, outcome, now }, meta));
         self.gc_app(&a.app);
         self.plan(now);
@@ -384,7 +389,7 @@ impl Scheduler {
             self.deadlines.pop_first();
             let Some(a) = self.running.get(&id).filter(|a| a.lease == lease) else { continue };
             let app = a.app.clone();
-            let meta = Attempted { procedure: a.procedure.clone(), attempt: a.attempt };
+            let meta = Attempted { procedure: a.procedure.clone(), attempt: a.attempt, created_at: a.created_at };
             self.take(&id);
             let error = TaskError::new(
                 ErrorKind::TimedOut,
@@ -514,7 +519,7 @@ impl Scheduler {
 }
 
 fn release(c: &Claimed, now: UnixMs) -> Output {
-    let meta = Attempted { procedure: Arc::from(c.procedure.as_str()), attempt: c.attempt };
+    let meta = Attempted { procedure: Arc::from(c.procedure.as_str()), attempt: c.attempt, created_at: c.created_at };
     Output::Record(Finish { id: c.id.clone(), lease: c.lease, outcome: Outcome::Release { run_after: now }, now }, meta)
 }
 

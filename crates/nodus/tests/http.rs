@@ -214,6 +214,11 @@ fn tasks_through_the_rest_api_with_the_task_apis_codes() {
     assert_eq!(sample(&metrics, "nodus_tasks_done_total"), 1.0, "{metrics}");
     assert!(samples(&metrics).contains(&("nodus_tasks_failed_total".to_string(), 0.0)), "{metrics}");
     assert_eq!(sample(&metrics, r#"nodus_tasks{status="interrupted"}"#), 1.0, "{metrics}");
+    // The one task done, in the latency histogram (the interrupted one was never recorded by a
+    // worker); the node's STATS carries it too.
+    assert_eq!(sample(&metrics, "nodus_task_latency_seconds_count"), 1.0, "{metrics}");
+    assert_eq!(sample(&metrics, r#"nodus_task_latency_seconds_bucket{le="+Inf"}"#), 1.0, "{metrics}");
+    assert_eq!(stats["latency"]["counts"].as_array().map(Vec::len), Some(17), "{stats}");
     eventually("the snapshot lists the aborted task first", || {
         let snap = node.request("GET", "/api/snapshot", None, None).json();
         snap["tasks"]["recent"][0]["id"] == slow.as_str() && snap["tasks"]["recent"][0]["status"] == "interrupted"

@@ -258,8 +258,19 @@ pub struct TaskCounts {
     pub interrupted: u64,
 }
 
+/// How long tasks took from submission to their final record, as a histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TaskLatency {
+    /// Upper bounds of the buckets, ms; one more bucket (no bound) holds the rest.
+    pub le_ms: Vec<u64>,
+    /// Tasks per bucket (not cumulative): `le_ms.len() + 1` counts, or none from an older node.
+    pub counts: Vec<u64>,
+    /// The sum of all latencies, ms.
+    pub sum_ms: u64,
+}
+
 /// What the node's task service did since the node started (counters; no store access).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TaskStats {
     /// Tasks stored.
     pub submitted: u64,
@@ -277,6 +288,12 @@ pub struct TaskStats {
     pub stale: u64,
     /// Records written again after a store failure.
     pub record_retries: u64,
+    /// Pending tasks finished as expired (their deadline passed before they started).
+    #[serde(default)]
+    pub expired: u64,
+    /// Submission to final record of the tasks this node recorded done or failed.
+    #[serde(default)]
+    pub latency: TaskLatency,
 }
 
 /// A page of tasks.
@@ -445,6 +462,8 @@ impl Admin {
             released: param(&m, "released")?,
             stale: param(&m, "stale")?,
             record_retries: param(&m, "record_retries")?,
+            expired: param(&m, "expired")?,
+            latency: latency(&m)?,
         })
     }
 
@@ -490,6 +509,30 @@ impl Admin {
     pub async fn task_unwatch(&self) -> Result<(), AdminError> {
         self.tasks(Message::new("UNWATCH"), "UNWATCHED", TASKS_TIMEOUT).await.map(drop)
     }
+}
+
+/// The histogram of a `STATS` answer (empty from a node that sends none).
+fn latency(m: &Message) -> Result<TaskLatency, AdminError> {
+    let list = |key: &str| -> Result<Vec<u64>, AdminError> {
+        let text = m.get(key).unwrap_or("");
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        text.split(',')
+            .map(|n| {
+                n.parse().map_err(|_| AdminError::Malformed(format!("STATS {key}={text:?} is not a list of numbers")))
+            })
+            .collect()
+    };
+    let (le_ms, counts) = (list("latency_le_ms")?, list("latency_counts")?);
+    if !counts.is_empty() && counts.len() != le_ms.len() + 1 {
+        return Err(AdminError::Malformed(format!(
+            "STATS has {} latency counts for {} bounds (one more count than bounds expected)",
+            counts.len(),
+            le_ms.len()
+        )));
+    }
+    Ok(TaskLatency { le_ms, counts, sum_ms: param(m, "latency_sum_ms")? })
 }
 
 #[cfg(test)]
