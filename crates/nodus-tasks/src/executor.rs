@@ -564,15 +564,20 @@ impl<S: Store> Tasks<S> {
         }
         let stored = stored?;
         let mut apps: Vec<String> = Vec::new();
+        let mut orphans: Vec<(TaskId, TaskId)> = Vec::new();
         for ((slot, sub), (app, _)) in slots.into_iter().zip(stored).zip(meta) {
             if !sub.existing {
                 self.inner.counters.submitted.fetch_add(1, Ordering::Relaxed);
                 if !apps.contains(&app) {
                     apps.push(app);
                 }
+                if let Some(parent) = parents.get(&sub.id) {
+                    orphans.push((sub.id.clone(), parent.clone()));
+                }
             }
             out[slot] = Ok(sub);
         }
+        self.kill_if_parent_killed(orphans).await;
         if !apps.is_empty() {
             self.inner.submitted.send_modify(|n| *n = n.wrapping_add(1));
             let _ = self.inner.events.send(Event::Submitted(apps)).await;
@@ -581,6 +586,29 @@ impl<S: Store> Tasks<S> {
             let _ = self.inner.events.send(Event::Deadlines(deadlines)).await;
         }
         Ok(out)
+    }
+
+    /// Kills the subtasks just stored whose parent was killed after [`Self::check_parents`]
+    /// let them through and before they were stored (the kill listed the parent's subtasks
+    /// without them): a killed task's subtasks never outlive it.
+    async fn kill_if_parent_killed(&self, children: Vec<(TaskId, TaskId)>) {
+        let now = UnixMs::now();
+        let mut killed: HashMap<TaskId, bool> = HashMap::new();
+        for (child, parent) in children {
+            let parent_killed = match killed.get(&parent) {
+                Some(k) => *k,
+                None => {
+                    let k = matches!(self.inner.store.get(parent.clone(), now).await, Ok(Some(t)) if t.status == Status::Interrupted);
+                    killed.insert(parent, k);
+                    k
+                }
+            };
+            if parent_killed {
+                if let Err(e) = self.kill(&child).await {
+                    tracing::warn!(task = %child, error = %e, "a subtask of a killed task could not be killed");
+                }
+            }
+        }
     }
 
     /// Refuses the prepared tasks whose parent is unknown or finished (a killed task starts no

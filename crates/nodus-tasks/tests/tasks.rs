@@ -321,13 +321,23 @@ async fn every_change_is_watched_in_order() {
     node.stop().await;
 }
 
-/// A store whose submissions are answered only once a claim handed a task out: the executor
-/// starts a task before its submitter hears that it is stored (what a loaded machine does now
-/// and then).
+/// A store that forces interleavings a loaded machine produces now and then. With `late_ack`,
+/// submissions are answered only once a claim handed a task out: the executor starts a task
+/// before its submitter hears that it is stored. With `interrupt_first` set, the next
+/// submission first interrupts that task: a kill of a parent landing between the executor's
+/// check of the parent and the insert of its subtask.
 #[derive(Clone)]
 struct LateAck {
     inner: nodus_tasks::SqliteStore,
     claimed: std::sync::Arc<tokio::sync::Notify>,
+    late_ack: bool,
+    interrupt_first: std::sync::Arc<std::sync::Mutex<Option<nodus_tasks::TaskId>>>,
+}
+
+impl LateAck {
+    fn new(inner: nodus_tasks::SqliteStore, late_ack: bool) -> LateAck {
+        LateAck { inner, claimed: Default::default(), late_ack, interrupt_first: Default::default() }
+    }
 }
 
 impl nodus_tasks::Store for LateAck {
@@ -335,8 +345,15 @@ impl nodus_tasks::Store for LateAck {
         &self,
         tasks: Vec<nodus_tasks::task::NewTask>,
     ) -> Result<Vec<nodus_tasks::task::Submitted>, nodus_tasks::StoreError> {
+        let first = self.interrupt_first.lock().unwrap().take();
+        if let Some(id) = first {
+            let now = nodus_tasks::UnixMs::now();
+            self.inner.command(id, nodus_tasks::store::Command::Interrupt, now).await?.expect("the task to interrupt");
+        }
         let stored = self.inner.submit(tasks).await;
-        tokio::time::timeout(WAIT, self.claimed.notified()).await.expect("a claim took the task");
+        if self.late_ack {
+            tokio::time::timeout(WAIT, self.claimed.notified()).await.expect("a claim took the task");
+        }
         stored
     }
     async fn claim(
@@ -415,7 +432,7 @@ async fn a_task_started_before_its_submitter_heard_it_is_stored_is_watched_pendi
     };
     engine.start(spec).await.unwrap();
     let inner = nodus_tasks::SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.db"))).unwrap();
-    let store = LateAck { inner: inner.clone(), claimed: Default::default() };
+    let store = LateAck::new(inner.clone(), true);
     // The executor polls every 200 ms: a poll claims the task while its submission waits.
     let tasks = nodus_tasks::Tasks::start(store, engine.clone(), setup.tasks).await.unwrap();
     tasks.set_app("procs", &manifest.procedures, Some(8)).await.unwrap();
@@ -427,6 +444,47 @@ async fn a_task_started_before_its_submitter_heard_it_is_stored_is_watched_pendi
     }
     let statuses: Vec<&str> = seen.iter().map(StatusChange::status_name).collect();
     assert_eq!(statuses, vec!["pending", "running", "done"]);
+    tasks.shutdown(Duration::from_secs(2)).await;
+    engine.shutdown().await;
+    inner.close().await;
+}
+
+/// A parent killed between the check of a subtask's parent and the subtask's insert (so the
+/// kill's search for subtasks did not find it) does not leave the subtask running: the
+/// submission looks at its parent again once stored and kills the subtask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subtask_stored_as_its_parent_is_killed_is_killed_too() {
+    let dir = tempfile::Builder::new().prefix("ntk").tempdir().unwrap();
+    let engine = nodus_engine::Engine::new(nodus_engine::EngineConfig::new(dir.path().join("run")));
+    let manifest = common::procs_manifest();
+    let setup = Setup::default();
+    let inner = nodus_tasks::SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.db"))).unwrap();
+    let store = LateAck::new(inner.clone(), false);
+    let tasks = nodus_tasks::Tasks::start(store.clone(), engine.clone(), setup.tasks).await.unwrap();
+    // The app does not run yet: the parent waits in the store, unfinished.
+    tasks.set_app("procs", &manifest.procedures, None).await.unwrap();
+    let parent = tasks.submit(sub("procs.add", json!([1, 2]))).await.unwrap().id;
+    *store.interrupt_first.lock().unwrap() = Some(parent.clone());
+    let child = tasks.submit(Submission { parent: Some(parent.clone()), ..sub("procs.add", json!([3, 4])) });
+    let child = child.await.expect("the parent was running when checked").id;
+    assert_eq!(tasks.get(&parent).await.unwrap().unwrap().status, Status::Interrupted);
+    assert_eq!(
+        tasks.get(&child).await.unwrap().unwrap().status,
+        Status::Interrupted,
+        "the subtask outlived its parent"
+    );
+    // Run the app: the killed subtask never does.
+    let spec = nodus_engine::AppSpec {
+        name: "procs".into(),
+        dir: dir.path().to_path_buf(),
+        manifest: manifest.clone(),
+        profile: setup.profile,
+    };
+    engine.start(spec).await.unwrap();
+    tasks.set_app("procs", &manifest.procedures, Some(8)).await.unwrap();
+    let other = tasks.submit(sub("procs.add", json!([5, 6]))).await.unwrap().id;
+    assert!(matches!(tasks.wait(&other, WAIT).await.unwrap(), Waited::Finished(_)));
+    assert_eq!(tasks.get(&child).await.unwrap().unwrap().status, Status::Interrupted);
     tasks.shutdown(Duration::from_secs(2)).await;
     engine.shutdown().await;
     inner.close().await;
