@@ -391,6 +391,7 @@ fn tasks_cluster() -> Vec<Vec<u8>> {
                 args: json("[1, 2]").expect("JSON"),
                 timeout: std::time::Duration::from_secs(30),
                 package: Some(package.clone()),
+                deadline: Some(UnixMs(1_800_000_000_000)),
             }],
         },
         Body::TasksRefused {
