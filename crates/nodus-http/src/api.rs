@@ -654,6 +654,7 @@ pub(crate) struct TaskBody {
 pub(crate) struct TaskQuery {
     status: Option<String>,
     procedure: Option<String>,
+    parent: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
 }
@@ -676,12 +677,18 @@ pub(crate) async fn tasks(
     if let Some(a) = q.after.as_deref() {
         task_id(a)?;
     }
+    if let Some(p) = q.parent.as_deref() {
+        task_id(p)?;
+    }
     let limit = q.limit.unwrap_or(DEFAULT_TASK_PAGE);
     if limit == 0 || limit > MAX_TASK_PAGE {
         return Err(ApiError::invalid(format!("limit must be 1 to {MAX_TASK_PAGE}")));
     }
-    let page =
-        ctx.admin().task_list(status, q.procedure.as_deref(), q.after.as_deref(), limit).await.map_err(tasks_err)?;
+    let page = ctx
+        .admin()
+        .task_list(status, q.procedure.as_deref(), q.parent.as_deref(), q.after.as_deref(), limit)
+        .await
+        .map_err(tasks_err)?;
     ok(json!({"tasks": page.tasks.iter().map(task_json).collect::<Vec<_>>(), "next": page.next}))
 }
 

@@ -241,6 +241,9 @@ fn tasks_through_the_rest_api_with_the_task_apis_codes() {
     let child = submit(None, serde_json::json!({"procedure": "procs.sleep", "args": [60000], "pid": parent}));
     assert_eq!(child.status, 201, "{child:?}");
     let child = child.json()["id"].as_str().unwrap().to_string();
+    let subtasks = node.request("GET", &format!("/api/tasks?parent={parent}"), None, None).json();
+    let subtasks = subtasks["tasks"].as_array().unwrap().clone();
+    assert_eq!(subtasks.iter().map(|t| t["id"].as_str().unwrap()).collect::<Vec<_>>(), vec![child.as_str()]);
     let aborted = node.request("POST", &format!("/api/tasks/{parent}/abort"), Some(&token), None);
     assert_eq!(aborted.status, 200, "{aborted:?}");
     let child = node.request("GET", &format!("/api/tasks/{child}"), None, None).json();

@@ -860,7 +860,8 @@ async fn kill_9_with_10000_tasks_in_flight_loses_nothing_and_completes_nothing_t
     let mut stored_done = HashSet::new();
     let mut after: Option<String> = None;
     loop {
-        let page = admin.task_list(Some(TaskStatus::Done), Some("procs.record"), after.as_deref(), 1000).await.unwrap();
+        let page =
+            admin.task_list(Some(TaskStatus::Done), Some("procs.record"), None, after.as_deref(), 1000).await.unwrap();
         stored_done.extend(page.tasks.iter().map(|t| t.id.clone()));
         match page.next {
             Some(n) => after = Some(n),
@@ -1077,7 +1078,7 @@ async fn a_task_whose_deadline_passes_in_the_store_never_runs_and_its_sender_get
     let t = admin.task_run(&marker, WAIT).await.unwrap();
     assert_eq!(t.status, TaskStatus::Done, "{t:?}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "\"marker\"\n", "only the task without a deadline ran");
-    let expired = admin.task_list(Some(TaskStatus::Error), Some("procs.record"), None, 10).await.unwrap().tasks;
+    let expired = admin.task_list(Some(TaskStatus::Error), Some("procs.record"), None, None, 10).await.unwrap().tasks;
     assert_eq!(expired.len(), 2, "both expired tasks are kept as errors: {expired:?}");
     assert!(expired.iter().all(|t| t.error.as_ref().is_some_and(|e| e.kind == "Expired")));
 }
@@ -1110,8 +1111,17 @@ async fn killing_a_task_kills_its_subtasks_running_or_waiting() {
     let waiting = admin.task_submit(&record("stored")).await.unwrap().id;
     let w = admin.task_get(&waiting).await.unwrap();
     assert_eq!(w.parent.as_deref(), Some(parent.as_str()));
-    let listed = admin.task_list(None, None, None, 10).await.unwrap().tasks;
+    let listed = admin.task_list(None, None, None, None, 10).await.unwrap().tasks;
     assert_eq!(listed.iter().filter(|t| t.parent.as_deref() == Some(parent.as_str())).count(), 3);
+    // The CLI lists a task's subtasks, and only them.
+    let out = node.cli(&["--json", "task", "list", "--parent", &parent]);
+    assert!(out.status.success(), "{}", text(&out));
+    let subtasks: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let mut ids: Vec<&str> = subtasks.iter().filter_map(|t| t["id"].as_str()).collect();
+    ids.sort_unstable();
+    let mut want = vec![running.as_str(), queued.as_str(), waiting.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want, "{subtasks:?}");
     // An unknown parent is refused.
     let orphan = TaskSpec { pid: Some("no-such-task".into()), ..TaskSpec::new("procs.noop", vec![]) };
     assert_eq!(error_code(&admin.task_submit(&orphan).await.unwrap_err()), "unknown_task");

@@ -210,7 +210,7 @@ async fn stored(admin: &Admin, procedure: &str) -> Vec<nodus_client::admin::Task
     let mut all = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let page = admin.task_list(None, Some(procedure), after.as_deref(), 1000).await.unwrap();
+        let page = admin.task_list(None, Some(procedure), None, after.as_deref(), 1000).await.unwrap();
         all.extend(page.tasks);
         match page.next {
             Some(n) => after = Some(n),
@@ -284,7 +284,7 @@ async fn a_manager_and_two_workers_lose_nothing_when_a_worker_and_the_manager_ar
     let sampler = {
         let (owners, admin) = (owners.clone(), m.admin().await);
         tokio::spawn(async move {
-            while let Ok(page) = admin.task_list(Some(TaskStatus::Running), None, None, 1000).await {
+            while let Ok(page) = admin.task_list(Some(TaskStatus::Running), None, None, None, 1000).await {
                 owners.lock().unwrap().extend(page.tasks.into_iter().filter_map(|t| t.owner));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -402,14 +402,15 @@ impl Admin {
         TaskInfo::from_reply(&self.tasks(req, "TASK", timeout + WAIT_MARGIN).await?)
     }
 
-    /// A page of tasks (oldest first), of one status or procedure when given; `after` is the
-    /// previous page's `next`; `limit` 1 to 1000.
+    /// A page of tasks (oldest first), of one status, procedure or parent task (the subtasks
+    /// of `parent`) when given; `after` is the previous page's `next`; `limit` 1 to 1000.
     ///
     /// Fails as described in the module docs.
     pub async fn task_list(
         &self,
         status: Option<TaskStatus>,
         procedure: Option<&str>,
+        parent: Option<&str>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<TaskPage, AdminError> {
@@ -419,6 +420,9 @@ impl Admin {
         }
         if let Some(p) = procedure {
             req = req.param("procedure", p);
+        }
+        if let Some(p) = parent {
+            req = req.param("parent", p);
         }
         if let Some(a) = after {
             req = req.param("after", a);

@@ -96,6 +96,9 @@ pub enum Command {
         /// Only tasks of this procedure.
         #[arg(long)]
         procedure: Option<String>,
+        /// Only the subtasks of this task.
+        #[arg(long, value_name = "ID")]
+        parent: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -186,11 +189,11 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
             }
         }
         Command::Wait { ids, timeout } => return wait(ctx, &admin, ids, timeout).await,
-        Command::List { status, procedure, limit } => {
+        Command::List { status, procedure, parent, limit } => {
             if !(1..=1000).contains(&limit) {
                 anyhow::bail!("--limit is 1 to 1000");
             }
-            let page = admin.task_list(status, procedure.as_deref(), None, limit).await?;
+            let page = admin.task_list(status, procedure.as_deref(), parent.as_deref(), None, limit).await?;
             if ctx.json {
                 let v: Vec<Value> = page.tasks.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
                 output::json(&json!(v));
