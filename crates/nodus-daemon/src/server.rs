@@ -83,6 +83,17 @@ pub(crate) enum Outbound {
 /// the rest.
 pub(crate) const HEARTBEAT_LANE: usize = 16;
 
+impl Handle {
+    /// Queues `msg` for a built-in service, which reads its queue in-process: no backpressure;
+    /// a full queue drops the message (warned about once).
+    fn send_in_process(&mut self, conn: ConnId, msg: Message) {
+        if self.tx.try_send(Outbound::Msg(msg, 0)).is_err() && !self.warned {
+            warn!(conn, "in-process service queue full: dropping messages for it");
+            self.warned = true;
+        }
+    }
+}
+
 /// The driver's side of one connection.
 struct Handle {
     tx: mpsc::Sender<Outbound>,
@@ -371,10 +382,7 @@ impl Shared {
                     Action::Deliver(conn, msg) => {
                         let Some(h) = state.handles.get_mut(&conn) else { continue };
                         let Some(meter) = &h.meter else {
-                            if h.tx.try_send(Outbound::Msg(msg, 0)).is_err() && !h.warned {
-                                warn!(conn, "in-process service queue full: dropping messages for it");
-                                h.warned = true;
-                            }
+                            h.send_in_process(conn, msg);
                             continue;
                         };
                         if h.kill.is_cancelled() {
@@ -392,36 +400,16 @@ impl Shared {
                         let size = msg.approx_size();
                         let queued = meter.queued();
                         if queued + size > max_bytes || h.tx.try_send(Outbound::Msg(msg, size)).is_err() {
-                            warn!(conn, queued, "slow consumer: outbound queue full, cutting it");
-                            self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
-                            h.kill.cancel();
-                            cuts.push(conn);
+                            self.cut_slow_consumer(h, conn, queued, &mut cuts);
                             continue;
                         }
                         added += meter.queue(size);
-                        if base + added <= budget.limit() {
-                            continue;
-                        }
-                        // Count what this call queued first, so every queue's share is known.
-                        budget.add(std::mem::take(&mut added));
-                        base = budget.used();
-                        while base > budget.limit() {
-                            let Some(victim) = biggest(&state.handles, Meter::queued) else { break };
-                            warn!(conn = victim, used = base, "output budget exceeded: cutting the biggest queue");
-                            budget.cuts.fetch_add(1, Ordering::Relaxed);
-                            self.cut(state, victim);
-                            cuts.push(victim);
-                            base = budget.used();
-                        }
+                        self.keep_output_budget(state, &mut base, &mut added, &mut cuts);
                     }
                     Action::Offer { to, from, msg } => {
                         let Some(h) = state.handles.get_mut(&to) else { continue };
                         let Some(meter) = &h.meter else {
-                            // A built-in service reads its queue in-process: no backpressure.
-                            if h.tx.try_send(Outbound::Msg(msg, 0)).is_err() && !h.warned {
-                                warn!(conn = to, "in-process service queue full: dropping messages for it");
-                                h.warned = true;
-                            }
+                            h.send_in_process(to, msg);
                             continue;
                         };
                         if h.kill.is_cancelled() {
@@ -447,10 +435,7 @@ impl Shared {
                             continue;
                         }
                         if h.tx.try_send(Outbound::Offered(msg, size, from)).is_err() {
-                            warn!(conn = to, queued = queue.bytes, "slow consumer: outbound queue full, cutting it");
-                            self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
-                            h.kill.cancel();
-                            cuts.push(to);
+                            self.cut_slow_consumer(h, to, queue.bytes, &mut cuts);
                             continue;
                         }
                         if queue.bytes == 0 {
@@ -458,19 +443,7 @@ impl Shared {
                         }
                         meter.add_share(from, size);
                         added += meter.queue(size);
-                        if base + added <= budget.limit() {
-                            continue;
-                        }
-                        budget.add(std::mem::take(&mut added));
-                        base = budget.used();
-                        while base > budget.limit() {
-                            let Some(victim) = biggest(&state.handles, Meter::queued) else { break };
-                            warn!(conn = victim, used = base, "output budget exceeded: cutting the biggest queue");
-                            budget.cuts.fetch_add(1, Ordering::Relaxed);
-                            self.cut(state, victim);
-                            cuts.push(victim);
-                            base = budget.used();
-                        }
+                        self.keep_output_budget(state, &mut base, &mut added, &mut cuts);
                     }
                     Action::Close(conn) => {
                         if let Some(h) = state.handles.get(&conn) {
@@ -506,6 +479,36 @@ impl Shared {
         budget.add(added);
         if state.router.is_quitting() && state.router.pending_len() == 0 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Marks a connection whose outbound queue is full (it reads too slowly) to be cut: its
+    /// tasks stop now, the router learns of it once this round of actions is applied.
+    fn cut_slow_consumer(&self, h: &Handle, conn: ConnId, queued: usize, cuts: &mut Vec<ConnId>) {
+        warn!(conn, queued, "slow consumer: outbound queue full, cutting it");
+        self.counters.slow_consumer_cuts.fetch_add(1, Ordering::Relaxed);
+        h.kill.cancel();
+        cuts.push(conn);
+    }
+
+    /// Keeps the node within its output budget after `added` more bytes were queued by this
+    /// call (`base` is what the budget held before them): once they would take it past the
+    /// limit, they are counted (so every queue's share is known) and the biggest queues are cut
+    /// until it is within the limit again.
+    fn keep_output_budget(&self, state: &mut State, base: &mut usize, added: &mut usize, cuts: &mut Vec<ConnId>) {
+        let budget = &self.counters.output;
+        if *base + *added <= budget.limit() {
+            return;
+        }
+        budget.add(std::mem::take(added));
+        *base = budget.used();
+        while *base > budget.limit() {
+            let Some(victim) = biggest(&state.handles, Meter::queued) else { break };
+            warn!(conn = victim, used = *base, "output budget exceeded: cutting the biggest queue");
+            budget.cuts.fetch_add(1, Ordering::Relaxed);
+            self.cut(state, victim);
+            cuts.push(victim);
+            *base = budget.used();
         }
     }
 
