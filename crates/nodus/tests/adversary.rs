@@ -216,6 +216,20 @@ impl Daemon {
         (field("VmHWM:"), field("VmRSS:"))
     }
 
+    /// How many MiB the daemon's RSS stays above `rss_before` (KiB) once it had time to give
+    /// memory back: waits until it is within 8 MiB of it, or for `WAIT`.
+    async fn rss_over_after_release(&self, rss_before: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let rss_after = loop {
+            let (_, rss) = self.memory_kib();
+            if rss <= rss_before + 8 * 1024 || tokio::time::Instant::now() > deadline {
+                break rss;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        rss_after.saturating_sub(rss_before) / 1024
+    }
+
     /// Fails the test when the daemon has exited.
     fn alive(&mut self, after: &str) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -693,15 +707,7 @@ async fn half_frames(node: &Daemon, owner: &mut Conn<UnixStream>, next: &mut imp
     assert_eq!(owner.request(Message::new("PING").with_id(next())).await.command, "PONG");
     // The senders go: the memory comes back (the node trims its heap after large releases).
     drop(senders);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let rss_after = loop {
-        let (_, rss) = node.memory_kib();
-        if rss <= rss_before + 8 * 1024 || tokio::time::Instant::now() > deadline {
-            break rss;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let back_mib = rss_after.saturating_sub(rss_before) / 1024;
+    let back_mib = node.rss_over_after_release(rss_before).await;
     assert!(back_mib <= 8, "the memory of closed connections comes back: still {back_mib} MiB over");
     report.line(format!(
         "half frames: {SENDERS} × {} KiB of 1 MiB frames ({sent_mib} MiB): {cut} cut by the input budget, RSS grew {held_mib} MiB, {back_mib} MiB once they closed",
@@ -958,15 +964,7 @@ async fn silent_sniffers(node: &Daemon, report: &mut Report) {
     assert_eq!(cut, SNIFFERS, "every sniffer that never read is cut");
     assert!(held_mib <= 2 * (OUTPUT_BUDGET / MIB), "the node held {held_mib} MiB of {offered_mib} MiB of copies");
     drop(sniffers);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let rss_after = loop {
-        let (_, rss) = node.memory_kib();
-        if rss <= rss_before + 8 * 1024 || tokio::time::Instant::now() > deadline {
-            break rss;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let back_mib = rss_after.saturating_sub(rss_before) / 1024;
+    let back_mib = node.rss_over_after_release(rss_before).await;
     assert!(back_mib <= 8, "the memory of cut sniffers comes back: still {back_mib} MiB over");
     report.line(format!(
         "silent sniffers: {SNIFFERS} that never read, {REQUESTS} requests of {} KiB past them ({offered_mib} MiB of copies): all answered, {cut} cut, RSS grew {held_mib} MiB, {back_mib} MiB after",
