@@ -35,18 +35,8 @@ pub enum Command {
         procedure: String,
         /// Its arguments: JSON values when they parse, else strings.
         args: Vec<String>,
-        /// Idempotency key: the same key again returns the existing task.
-        #[arg(long)]
-        key: Option<String>,
-        /// The task's timeout (e.g. 30s, 5m) [default: the node's, 300 s].
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
-        /// Make it a subtask of this task: killing that one kills it.
-        #[arg(long, value_name = "TASK_ID")]
-        pid: Option<String>,
-        /// Its deadline, from now (e.g. 10s): not started by then, it never runs.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        expires_in: Option<Duration>,
+        #[command(flatten)]
+        options: Options,
     },
     /// Submit a task and print its id at once (`--from FILE`: many, one JSON object per line).
     Submit {
@@ -55,18 +45,8 @@ pub enum Command {
         procedure: Option<String>,
         /// Its arguments: JSON values when they parse, else strings.
         args: Vec<String>,
-        /// Idempotency key: the same key again returns the existing task.
-        #[arg(long)]
-        key: Option<String>,
-        /// The task's timeout (e.g. 30s, 5m) [default: the node's, 300 s].
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
-        /// Make it a subtask of this task: killing that one kills it.
-        #[arg(long, value_name = "TASK_ID")]
-        pid: Option<String>,
-        /// Its deadline, from now (e.g. 10s): not started by then, it never runs.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        expires_in: Option<Duration>,
+        #[command(flatten)]
+        options: Options,
         /// Submit every line of FILE ('-': standard input), each
         /// {"procedure": "APP.EVENT", "args": [...], "key": "...", "timeout_ms": N, "pid": "...",
         /// "expires_at": UNIX_MS}; prints one id per line, in order (a refused line: its reason on
@@ -121,10 +101,19 @@ pub fn arg_value(s: &str) -> Value {
 }
 
 /// What `run` and `submit` take besides the procedure and its arguments.
-struct Options {
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Idempotency key: the same key again returns the existing task.
+    #[arg(long)]
     key: Option<String>,
+    /// The task's timeout (e.g. 30s, 5m) [default: the node's, 300 s].
+    #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// Make it a subtask of this task: killing that one kills it.
+    #[arg(long, value_name = "TASK_ID")]
     pid: Option<String>,
+    /// Its deadline, from now (e.g. 10s): not started by then, it never runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
     expires_in: Option<Duration>,
 }
 
@@ -153,10 +142,10 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
     };
     let admin = client.admin();
     match c {
-        Command::Run { procedure, args, key, timeout, pid, expires_in } => {
-            let spec = spec(procedure, &args, Options { key, timeout, pid, expires_in });
+        Command::Run { procedure, args, options } => {
             // The node answers at the task's timeout plus its grace at the latest.
-            let wait = timeout.unwrap_or(Duration::from_secs(300)) + Duration::from_secs(60);
+            let wait = options.timeout.unwrap_or(Duration::from_secs(300)) + Duration::from_secs(60);
+            let spec = spec(procedure, &args, options);
             let t = admin.task_run(&spec, wait).await?;
             if ctx.json {
                 output::json(&serde_json::to_value(&t)?);
@@ -168,9 +157,9 @@ pub async fn run(ctx: &Ctx, c: Command) -> anyhow::Result<u8> {
             }
         }
         Command::Submit { from: Some(file), .. } => return submit_file(ctx, &admin, &file).await,
-        Command::Submit { procedure, args, key, timeout, pid, expires_in, from: None } => {
+        Command::Submit { procedure, args, options, from: None } => {
             let procedure = procedure.context("a procedure to submit, or --from FILE")?;
-            let s = admin.task_submit(&spec(procedure, &args, Options { key, timeout, pid, expires_in })).await?;
+            let s = admin.task_submit(&spec(procedure, &args, options)).await?;
             if ctx.json {
                 output::json(&serde_json::to_value(&s)?);
             } else {
