@@ -382,16 +382,22 @@ async fn a_store_that_cannot_be_written_answers_300_and_the_node_keeps_running()
     assert!(node.cli(&["task", "get", &accepted[0]]).status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_cannot_be_opened_answers_300_until_it_can() {
-    let mut node = Node::start(Extra::default());
+/// Kills the node and puts a directory where its task database goes, so that SQLite cannot open
+/// it when the node runs again. Returns that directory: removing it lets the store open.
+fn block_task_store(node: &mut Node) -> PathBuf {
     node.kill9();
-    // A directory where the database file goes: SQLite cannot open it.
     let db = node.path("data/tasks.db");
     for f in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{f}", db.display()));
     }
     std::fs::create_dir_all(db.join("in-the-way")).unwrap();
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_opened_answers_300_until_it_can() {
+    let mut node = Node::start(Extra::default());
+    let db = block_task_store(&mut node);
     node.run();
     let a = arpcp(node.arpcp, json!({"method": "id", "version": "1.0"})).await;
     assert!(code(&a) == 300 && a["description"].as_str().unwrap().contains("cannot be opened"), "{a}");
@@ -970,12 +976,7 @@ async fn a_running_task_is_in_the_tree_a_kill_aborts_it_and_a_store_failure_rais
     }
 
     // The store cannot be opened: the flag is up; once it opens, down.
-    node.kill9();
-    let db = node.path("data/tasks.db");
-    for f in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{f}", db.display()));
-    }
-    std::fs::create_dir_all(db.join("in-the-way")).unwrap();
+    let db = block_task_store(&mut node);
     node.run();
     let raised = |node: &Node| stdout(&node.cli(&["flags", "list"])).contains("store-failure");
     let deadline = Instant::now() + WAIT;
