@@ -321,6 +321,18 @@ async fn every_change_is_watched_in_order() {
     node.stop().await;
 }
 
+/// Starts the Rust procedures app (`manifest`, in `dir`) on `engine`.
+async fn start_procs(
+    engine: &nodus_engine::Engine,
+    dir: &std::path::Path,
+    manifest: &nodus_engine::manifest::Manifest,
+    profile: nodus_engine::profile::Profile,
+) {
+    let spec =
+        nodus_engine::AppSpec { name: "procs".into(), dir: dir.to_path_buf(), manifest: manifest.clone(), profile };
+    engine.start(spec).await.unwrap();
+}
+
 /// A store that forces interleavings a loaded machine produces now and then. With `late_ack`,
 /// submissions are answered only once a claim handed a task out: the executor starts a task
 /// before its submitter hears that it is stored. With `interrupt_first` set, the next
@@ -424,13 +436,7 @@ async fn a_task_started_before_its_submitter_heard_it_is_stored_is_watched_pendi
     let engine = nodus_engine::Engine::new(nodus_engine::EngineConfig::new(dir.path().join("run")));
     let manifest = common::procs_manifest();
     let setup = Setup::default();
-    let spec = nodus_engine::AppSpec {
-        name: "procs".into(),
-        dir: dir.path().to_path_buf(),
-        manifest: manifest.clone(),
-        profile: setup.profile,
-    };
-    engine.start(spec).await.unwrap();
+    start_procs(&engine, dir.path(), &manifest, setup.profile).await;
     let inner = nodus_tasks::SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.db"))).unwrap();
     let store = LateAck::new(inner.clone(), true);
     // The executor polls every 200 ms: a poll claims the task while its submission waits.
@@ -474,13 +480,7 @@ async fn a_subtask_stored_as_its_parent_is_killed_is_killed_too() {
         "the subtask outlived its parent"
     );
     // Run the app: the killed subtask never does.
-    let spec = nodus_engine::AppSpec {
-        name: "procs".into(),
-        dir: dir.path().to_path_buf(),
-        manifest: manifest.clone(),
-        profile: setup.profile,
-    };
-    engine.start(spec).await.unwrap();
+    start_procs(&engine, dir.path(), &manifest, setup.profile).await;
     tasks.set_app("procs", &manifest.procedures, Some(8)).await.unwrap();
     let other = tasks.submit(sub("procs.add", json!([5, 6]))).await.unwrap().id;
     assert!(matches!(tasks.wait(&other, WAIT).await.unwrap(), Waited::Finished(_)));
