@@ -44,7 +44,7 @@ use nodus_client::admin::{Admin, TaskChange};
 use nodus_client::{Client, ClientConfig, Connector, Transport};
 use nodus_http::view::{
     AppRow, BoxFuture, ClockStatus, ClusterView, FlagRow, LinkRow, NodeRow, NodeStatus, Quorum, ServiceRow, TaskCounts,
-    TaskLatency, TaskRow, WorkerRow,
+    TaskRow, WorkerRow,
 };
 use nodus_http::{Http, HttpConfig, NodeView, Notice, NoticeKind, Snapshot};
 use nodus_wire::node::Permission;
@@ -529,7 +529,7 @@ impl DaemonView {
             t.done_total = s.done;
             t.failed_total = s.failed;
             t.completed_total = s.done + s.failed;
-            t.latency = TaskLatency { le_ms: s.latency.le_ms, counts: s.latency.counts, sum_ms: s.latency.sum_ms };
+            t.latency = s.latency;
         }
         t.recent = self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
         t

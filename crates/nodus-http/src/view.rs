@@ -199,16 +199,8 @@ pub struct TaskCounts {
     pub recent: Vec<TaskRow>,
 }
 
-/// A histogram of task latencies (from the task service's `STATS`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskLatency {
-    /// Upper bounds of the buckets, ms; one more bucket (no bound) holds the rest.
-    pub le_ms: Vec<u64>,
-    /// Tasks per bucket, not cumulative (`le_ms.len() + 1` of them, or none).
-    pub counts: Vec<u64>,
-    /// The sum of all latencies, ms.
-    pub sum_ms: u64,
-}
+/// A histogram of task latencies, as the task service's `STATS` gives it.
+pub use nodus_client::admin::TaskLatency;
 
 /// One task as the dashboard lists it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
