@@ -61,8 +61,18 @@ impl Node {
             cluster_extra: cluster_extra.into(),
             child: None,
         };
-        n.run();
-        n
+        // The ports were free a moment ago; another process may take one before the daemon
+        // binds it. Then the daemon exits at once: start again on other ports.
+        for _ in 0..3 {
+            match n.try_run() {
+                Ok(()) => return n,
+                Err(log) if log.contains("Address already in use") => {
+                    (n.cluster, n.tcp, n.locator) = (free_port(), free_port(), free_port());
+                }
+                Err(log) => panic!("{name} did not start: {log}"),
+            }
+        }
+        panic!("{name} did not start: its ports were taken three times");
     }
 
     fn socket(&self) -> PathBuf {
@@ -78,6 +88,14 @@ impl Node {
     }
 
     fn run(&mut self) {
+        if let Err(log) = self.try_run() {
+            panic!("{} did not start: {log}", self.name);
+        }
+    }
+
+    /// Starts the daemon and waits for its socket; `Err(log)` when it exited first or did not
+    /// come up in time.
+    fn try_run(&mut self) -> Result<(), String> {
         let neighbors: Vec<String> = self.neighbors.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
         let run_as = if nix_root() { "root" } else { "" };
         // Top-level keys of `extra` (before its first section) go first, its sections last.
@@ -104,13 +122,18 @@ impl Node {
         std::fs::write(&file, config).unwrap();
         let _ = std::fs::remove_file(self.socket());
         let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
-        let child = Command::new(NODUS).arg("daemon").arg("--config").arg(&file).stderr(log).spawn().unwrap();
-        self.child = Some(child);
+        let mut child = Command::new(NODUS).arg("daemon").arg("--config").arg(&file).stderr(log).spawn().unwrap();
         let deadline = Instant::now() + WAIT;
         while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
-            assert!(Instant::now() < deadline, "{} did not start: {}", self.name, self.log());
+            if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(self.log());
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
+        self.child = Some(child);
+        Ok(())
     }
 
     fn log(&self) -> String {
